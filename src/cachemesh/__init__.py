@@ -1,0 +1,45 @@
+"""cachemesh: take models out of container images and make them start fast.
+
+This module is the public Python API and nothing else. Heavy parts (torch, the
+server) are imported on first use, so ``import cachemesh`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "pull",
+    "Settings",
+    "CachemeshError",
+]
+
+from .config import Settings
+from .errors import CachemeshError
+
+# name -> module that defines it; imported lazily by __getattr__.
+_LAZY: dict[str, str] = {
+    "pull": "cachemesh.caches",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'cachemesh' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .caches import pull as pull

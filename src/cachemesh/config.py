@@ -1,0 +1,124 @@
+"""Every environment variable cachemesh reads, in one place.
+
+Nothing reads the environment at import time: :meth:`Settings.from_env` builds a
+typed, frozen object at start-up and it is passed down from there. Tests build
+their own ``Settings`` (see ``tests/conftest.py``).
+
+Variables of the ecosystem (``HF_ENDPOINT``, ``HF_TOKEN``, ``MODELSCOPE_DOMAIN``,
+``AWS_*``) are read by the sources that use them, through ``Settings.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import InvalidInputError
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ki": 1024,
+    "kib": 1024,
+    "mi": 1024**2,
+    "mib": 1024**2,
+    "gi": 1024**3,
+    "gib": 1024**3,
+    "ti": 1024**4,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int | float) -> int:
+    """Parse ``"20GiB"``, ``"1.5G"``, ``"512Mi"`` or a number of bytes into bytes."""
+    if isinstance(text, bool):
+        raise InvalidInputError(f"not a size: {text!r}")
+    if isinstance(text, int | float):
+        if text < 0:
+            raise InvalidInputError(f"a size cannot be negative: {text!r}")
+        return int(text)
+    match = _SIZE_RE.match(str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise InvalidInputError(
+            f"not a size: {text!r} (examples: 512MiB, 20GiB, 1.5G, 1000000)"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_size(n: int | float) -> str:
+    """Bytes as a short human string with binary units: ``1.5 GiB``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidInputError(f"{name} must be an integer, got {raw!r}") from None
+    if value < 1:
+        raise InvalidInputError(f"{name} must be at least 1, got {value}")
+    return value
+
+
+def default_home(environ: Mapping[str, str]) -> Path:
+    # CACHEMESH_HOME wins; else XDG_CACHE_HOME/cachemesh; else ~/.cache/cachemesh.
+    if environ.get("CACHEMESH_HOME"):
+        return Path(environ["CACHEMESH_HOME"]).expanduser()
+    xdg = environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "cachemesh"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # CACHEMESH_HOME: root of the store (blobs/, buckets/, hub/, meta.db).
+    home: Path
+    # CACHEMESH_MAX_SIZE: store-wide size limit ("500GiB"); None means only the disk limits it.
+    max_store_bytes: int | None = None
+    # CACHEMESH_FETCH_CONCURRENCY: files fetched at once by one pull.
+    fetch_concurrency: int = 8
+    # CACHEMESH_RANGE_CONCURRENCY: ranged reads at once within one large file.
+    range_concurrency: int = 8
+    # CACHEMESH_CHUNK_SIZE: size of one ranged read.
+    chunk_size: int = 16 * 1024 * 1024
+    # CACHEMESH_API_TOKEN: bearer token for the control API (None: no authentication).
+    api_token: str | None = field(default=None, repr=False)
+    # The environment the settings were read from, for sources that honour the
+    # ecosystem's own variables (HF_ENDPOINT, HF_TOKEN, AWS_*). Not printed.
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        env = dict(os.environ if environ is None else environ)
+        max_size = env.get("CACHEMESH_MAX_SIZE")
+        settings = cls(
+            home=default_home(env),
+            max_store_bytes=parse_size(max_size) if max_size else None,
+            fetch_concurrency=_int(env, "CACHEMESH_FETCH_CONCURRENCY", 8),
+            range_concurrency=_int(env, "CACHEMESH_RANGE_CONCURRENCY", 8),
+            chunk_size=_int(env, "CACHEMESH_CHUNK_SIZE", 16 * 1024 * 1024),
+            api_token=env.get("CACHEMESH_API_TOKEN") or None,
+            environ=env,
+        )
+        return replace(settings, **overrides) if overrides else settings
