@@ -1,0 +1,84 @@
+"""Shared helpers for benchmark scripts: tables, medians, and docs/benchmarks.md.
+
+Each benchmark owns one section of docs/benchmarks.md, between
+``<!-- BEGIN name -->`` and ``<!-- END name -->``; rerunning a benchmark
+replaces its own section and leaves the others alone.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+HEADER = """# Benchmarks
+
+Every table below was written by the script named in its section, with the exact
+command shown. cachemesh and its baselines run in the same session, alternated,
+and medians are reported. See DESIGN.md ("Benchmarks") for the rules.
+"""
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        out.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(out)
+
+
+def drop_page_cache() -> bool:
+    """Drop this machine's page cache (root only). Returns False if not permitted."""
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def machine() -> str:
+    cpus = os.cpu_count()
+    mem = ""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = f", {int(line.split()[1]) / 1024 / 1024:.0f} GiB RAM"
+    except OSError:
+        pass
+    return f"{platform.machine()}, {cpus} cores{mem}, Python {platform.python_version()}"
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
+def write_section(name: str, title: str, body: str) -> None:
+    """Replace (or append) this benchmark's section in docs/benchmarks.md."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    section = (
+        f"{begin}\n## {title}\n\nCommand: `{command_line()}`  \n"
+        f"Run: {stamp} on {machine()}\n\n{body.strip()}\n{end}"
+    )
+    text = DOC.read_text() if DOC.exists() else HEADER
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + section + tail
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(text)
+    print(f"wrote section {name!r} of {DOC}")
