@@ -1,0 +1,711 @@
+"""The DataCache lifecycle: declare, pull, report, use, evict, remove.
+
+A cache is a named set of files from one source, shown as a view directory
+``buckets/<bucket>/<path>``. Its status goes::
+
+    Pending --pull--> Loading --+--> Available
+                                +--> Failed  (the error says why; pull again to retry)
+
+A pull lists the source, filters it (include/exclude globs), checks limits
+(the cache's own, the store's, the disk), makes room by evicting least recently
+used caches that are neither pinned nor in use, then fetches files in parallel.
+Files already present (same blob, or same origin version from an interrupted
+pull) are linked without fetching again. Progress and timestamped events are
+written to the database as they happen, so any process (the CLI, the control
+API) can follow a pull that another process runs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .config import Settings
+from .errors import (
+    CacheNotFoundError,
+    CachemeshError,
+    CapacityError,
+    ConflictError,
+    InUseError,
+    IntegrityError,
+    InvalidInputError,
+    UnsafePathError,
+)
+from .sources import RemoteFile, Source, parse_source
+from .store import BlobRef, Problem, Store
+from .store.names import check_name, check_relpath, is_within
+from .store.quota import Candidate, plan_eviction
+
+PENDING, LOADING, AVAILABLE, FAILED, DELETING = (
+    "Pending", "Loading", "Available", "Failed", "Deleting",
+)
+GIB = 1024**3
+# Keep this much of the disk free when planning a pull (2% of it, at most 256 MiB).
+DISK_RESERVE_MAX = 256 * 1024**2
+DISK_RESERVE_SHARE = 0.02
+# How often progress is written to the database during a pull.
+PROGRESS_INTERVAL_S = 0.5
+
+
+class CacheSpec(BaseModel):
+    """What a user declares. Validated before anything touches the disk."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    source: str
+    bucket: str = "default"
+    path: str | None = None  # defaults to the name
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    size_limit_gib: float | None = Field(default=None, gt=0)
+    retention_days: float | None = Field(default=None, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v, "cache name")
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        return check_name(v, "bucket")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        return None if v is None else check_relpath(v, "cache path", absolute_ok=True)
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _globs(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            if not pattern or "\x00" in pattern:
+                raise ValueError(f"invalid glob {pattern!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _default_path(self) -> CacheSpec:
+        if self.path is None:
+            self.path = self.name
+        return self
+
+
+@dataclass
+class Progress:
+    bytes_done: int = 0
+    bytes_total: int = 0
+    files_done: int = 0
+    files_total: int = 0
+    rate: float = 0.0  # bytes per second over the pull so far
+
+
+@dataclass
+class Event:
+    id: int
+    ts: float
+    level: str
+    kind: str
+    message: str
+
+
+@dataclass
+class CacheInfo:
+    name: str
+    bucket: str
+    path: str
+    source: str
+    status: str
+    view: str
+    pinned: bool
+    in_use: bool
+    error: str | None
+    revision: str | None
+    progress: Progress
+    size_limit_gib: float | None
+    retention_days: float | None
+    created_at: float
+    updated_at: float
+    last_access: float
+    spec: dict[str, Any] = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PullResult:
+    view: Path
+    files_fetched: int = 0
+    files_reused: int = 0  # already present: same blob or same origin version
+    bytes_fetched: int = 0
+    evicted: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GcReport:
+    removed_caches: list[str] = field(default_factory=list)
+    blobs_removed: int = 0
+    bytes_freed: int = 0
+    tmp_bytes_freed: int = 0
+
+
+class _Tracker:
+    """Thread-safe pull progress, written to the DB and told to listeners."""
+
+    def __init__(self, caches: Caches, name: str, files_total: int, bytes_total: int,
+                 listener: Callable[[Progress], None] | None) -> None:
+        self.caches, self.name, self.listener = caches, name, listener
+        self.p = Progress(files_total=files_total, bytes_total=bytes_total)
+        self.fetched_bytes = 0
+        self._lock = threading.Lock()
+        self._started = time.monotonic()
+        self._last_write = 0.0
+
+    def add_bytes(self, n: int, *, fetched: bool = True) -> None:
+        with self._lock:
+            self.p.bytes_done += n
+            if fetched:
+                self.fetched_bytes += n
+        self._tick()
+
+    def file_done(self) -> None:
+        with self._lock:
+            self.p.files_done += 1
+        self._tick()
+
+    def _tick(self, force: bool = False) -> None:
+        now = time.monotonic()
+        elapsed = max(now - self._started, 1e-6)
+        with self._lock:
+            self.p.rate = self.fetched_bytes / elapsed
+            snapshot = Progress(**asdict(self.p))
+            due = force or now - self._last_write >= PROGRESS_INTERVAL_S
+            if due:
+                self._last_write = now
+        if due:
+            self.caches._write_progress(self.name, snapshot)
+        if self.listener is not None:
+            self.listener(snapshot)
+
+    def flush(self) -> None:
+        self._tick(force=True)
+
+
+def _matches(path: str, patterns: list[str]) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_files(files: list[RemoteFile], include: list[str], exclude: list[str]) -> list[RemoteFile]:
+    """Apply include/exclude globs (matched against the path and the file name)."""
+    chosen = [
+        f for f in files
+        if (not include or _matches(f.path, include)) and not (exclude and _matches(f.path, exclude))
+    ]
+    return chosen
+
+
+def check_listing(files: list[RemoteFile]) -> list[RemoteFile]:
+    """Refuse hostile or contradictory names from an origin before any write."""
+    seen: dict[str, RemoteFile] = {}
+    out = []
+    for f in files:
+        rel = check_relpath(f.path, "file path from the source")
+        if f.size < 0:
+            raise IntegrityError(f"the source lists {rel} with a negative size")
+        if rel in seen:
+            raise UnsafePathError(f"the source lists {rel!r} twice")
+        seen[rel] = f
+        out.append(f if rel == f.path else RemoteFile(**{**asdict(f), "path": rel}))
+    dirs = {"/".join(p.split("/")[:i]) for p in seen for i in range(1, p.count("/") + 1)}
+    clash = sorted(dirs & seen.keys())
+    if clash:
+        raise UnsafePathError(f"the source lists {clash[0]!r} both as a file and as a directory")
+    return out
+
+
+class Caches:
+    """The caches of one store. Safe to use from several threads and processes."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.store = Store(self.settings.home)
+        self.db = self.store.db
+
+    # -- reading -----------------------------------------------------------------
+
+    def _row(self, name: str) -> dict[str, Any]:
+        rows = self.db.query("SELECT * FROM caches WHERE name = ?", (check_name(name, "cache name"),))
+        if not rows:
+            raise CacheNotFoundError(name)
+        return dict(rows[0])
+
+    def _info(self, row: dict[str, Any]) -> CacheInfo:
+        spec = json.loads(row["spec"])
+        status = row["status"]
+        if status == LOADING and not self._pull_running(row["name"]):
+            # The process that ran the pull died; say so, and let a pull resume it.
+            status = FAILED
+            row["error"] = row["error"] or "the pull was interrupted; pull again to resume it"
+        return CacheInfo(
+            name=row["name"], bucket=row["bucket"], path=row["path"], source=row["source"],
+            status=status, view=str(self.store.views.dir(row["bucket"], row["path"])),
+            pinned=bool(row["pinned"]), in_use=self.store.in_use(row["name"]),
+            error=row["error"], revision=row["revision"],
+            progress=Progress(row["bytes_done"], row["bytes_total"], row["files_done"],
+                              row["files_total"], row["rate"]),
+            size_limit_gib=spec.get("size_limit_gib"), retention_days=spec.get("retention_days"),
+            created_at=row["created_at"], updated_at=row["updated_at"],
+            last_access=row["last_access"], spec=spec,
+        )
+
+    def get(self, name: str) -> CacheInfo:
+        return self._info(self._row(name))
+
+    def list(self, bucket: str | None = None) -> list[CacheInfo]:
+        if bucket is None:
+            rows = self.db.query("SELECT * FROM caches ORDER BY name")
+        else:
+            rows = self.db.query("SELECT * FROM caches WHERE bucket = ? ORDER BY name", (bucket,))
+        return [self._info(dict(r)) for r in rows if r["status"] != DELETING]
+
+    def events(self, name: str, after: int = 0, limit: int = 1000) -> list[Event]:
+        self._row(name)
+        rows = self.db.query(
+            "SELECT id, ts, level, kind, message FROM events WHERE cache = ? AND id > ?"
+            " ORDER BY id LIMIT ?",
+            (name, after, limit),
+        )
+        return [Event(**dict(r)) for r in rows]
+
+    def view(self, name: str) -> Path:
+        row = self._row(name)
+        return self.store.views.dir(row["bucket"], row["path"])
+
+    # -- writing -----------------------------------------------------------------
+
+    def _event(self, name: str, kind: str, message: str, level: str = "info") -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO events (cache, ts, level, kind, message) VALUES (?, ?, ?, ?, ?)",
+                (name, time.time(), level, kind, message),
+            )
+
+    def _update(self, name: str, **fields: Any) -> None:
+        fields["updated_at"] = time.time()
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        with self.db.transaction() as conn:
+            conn.execute(f"UPDATE caches SET {cols} WHERE name = ?", (*fields.values(), name))
+
+    def _write_progress(self, name: str, p: Progress) -> None:
+        self._update(name, bytes_done=p.bytes_done, bytes_total=p.bytes_total,
+                     files_done=p.files_done, files_total=p.files_total, rate=p.rate)
+
+    def _pull_running(self, name: str) -> bool:
+        from .store.locks import is_locked
+
+        return is_locked(self.store.locks_dir / "pull" / f"{name}.lock")
+
+    def create(self, spec: CacheSpec) -> CacheInfo:
+        """Declare a cache (status Pending). An identical declaration is a no-op."""
+        source = parse_source(spec.source, spec.options, self.settings)
+        canonical = spec.model_copy(update={"source": source.uri})
+        stored = json.loads(json.dumps(canonical.model_dump()))
+        now = time.time()
+        with self.db.transaction() as conn:
+            row = conn.execute("SELECT * FROM caches WHERE name = ?", (spec.name,)).fetchone()
+            if row is not None:
+                if json.loads(row["spec"]) != stored:
+                    raise ConflictError(
+                        f"cache {spec.name!r} exists with a different spec (source {row['source']});"
+                        " remove it first or choose another name"
+                    )
+                return self._info(dict(row))
+            for other in conn.execute(
+                "SELECT name, path FROM caches WHERE bucket = ?", (spec.bucket,)
+            ).fetchall():
+                if is_within(spec.path, other["path"]) or is_within(other["path"], spec.path):
+                    raise ConflictError(
+                        f"path {spec.path!r} in bucket {spec.bucket!r} overlaps cache"
+                        f" {other['name']!r} at {other['path']!r}"
+                    )
+            conn.execute(
+                "INSERT INTO caches (name, bucket, path, source, spec, status, created_at,"
+                " updated_at, last_access) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (spec.name, spec.bucket, spec.path, source.uri, json.dumps(stored), PENDING,
+                 now, now, now),
+            )
+            conn.execute(
+                "INSERT INTO events (cache, ts, level, kind, message) VALUES (?, ?, ?, ?, ?)",
+                (spec.name, now, "info", "created", f"cache created from {source.uri}"),
+            )
+        return self.get(spec.name)
+
+    def touch(self, name: str) -> None:
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE caches SET last_access = ? WHERE name = ?", (time.time(), name))
+
+    def pin(self, name: str, pinned: bool = True) -> CacheInfo:
+        self._row(name)
+        self._update(name, pinned=int(pinned))
+        self._event(name, "pinned" if pinned else "unpinned", "pinned" if pinned else "unpinned")
+        return self.get(name)
+
+    @contextmanager
+    def open(self, name: str) -> Iterator[Path]:
+        """Use an Available cache: gc, eviction and rm leave it alone until exit."""
+        with self.store.using(name):
+            info = self.get(name)
+            if info.status != AVAILABLE:
+                raise ConflictError(f"cache {name!r} is {info.status}, not Available")
+            self.touch(name)
+            yield Path(info.view)
+
+    # -- pulling -----------------------------------------------------------------
+
+    def ensure(
+        self,
+        spec: CacheSpec,
+        *,
+        refresh: bool = False,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> PullResult:
+        """Create the cache if needed and pull it: what ``cachemesh pull`` does.
+
+        If this call created the cache and the pull fails before any file
+        landed (a missing source, a limit), the cache is removed again: a
+        one-shot pull that fails leaves nothing behind.
+        """
+        existed = self.exists(spec.name)
+        self.create(spec)
+        try:
+            return self.pull(spec.name, refresh=refresh, on_progress=on_progress)
+        except CachemeshError:
+            if not existed and not self.store.file_rows(spec.name):
+                self.rm(spec.name, force=True)
+            raise
+
+    def exists(self, name: str) -> bool:
+        return bool(self.db.query("SELECT 1 FROM caches WHERE name = ?", (name,)))
+
+    def pull(
+        self,
+        name: str,
+        *,
+        refresh: bool = False,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> PullResult:
+        """Bring a declared cache to Available (waits for a pull another process runs)."""
+        info = self.get(name)
+        if info.status == AVAILABLE and not refresh:
+            self.touch(name)
+            return PullResult(view=Path(info.view))
+        with self.store.lock("pull", name):
+            info = self.get(name)  # it may have changed while we waited
+            if info.status == AVAILABLE and not refresh:
+                self.touch(name)
+                return PullResult(view=Path(info.view))
+            spec = CacheSpec.model_validate(info.spec)
+            self._update(name, status=LOADING, error=None)
+            self._event(name, "pull-started", f"pulling from {spec.source}")
+            try:
+                result = self._pull_locked(spec, on_progress)
+            except BaseException as exc:
+                message = str(exc) if isinstance(exc, CachemeshError) else f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, KeyboardInterrupt):
+                    message = "interrupted; pull again to resume"
+                self._update(name, status=FAILED, error=message)
+                self._event(name, "failed", message, level="error")
+                raise
+            self._update(name, status=AVAILABLE, error=None, last_access=time.time())
+            self._event(
+                name, "available",
+                f"{result.files_fetched} file(s) fetched ({result.bytes_fetched} bytes),"
+                f" {result.files_reused} already present",
+            )
+            return result
+
+    def _pull_locked(
+        self, spec: CacheSpec, on_progress: Callable[[Progress], None] | None
+    ) -> PullResult:
+        assert spec.path is not None
+        source = parse_source(spec.source, spec.options, self.settings)
+        listing = source.list_files()
+        for note in listing.notes:
+            self._event(spec.name, "warning", note, level="warning")
+        files = check_listing(select_files(listing.files, spec.include, spec.exclude))
+        if not files:
+            raise InvalidInputError(f"no files to pull from {spec.source} (check include/exclude)")
+        total = sum(f.size for f in files)
+        if spec.size_limit_gib is not None and total > spec.size_limit_gib * GIB:
+            raise CapacityError(
+                f"cache {spec.name!r} needs {total} bytes, over its size limit of"
+                f" {spec.size_limit_gib} GiB"
+            )
+        unverified = [f.path for f in files if f.checksum_kind == "size"]
+        if unverified and scheme_is_remote(spec.source):
+            self._event(spec.name, "verification",
+                        f"{len(unverified)} file(s) have no checksum at the origin; verified by size only",
+                        level="warning")
+        existing = self.store.file_rows(spec.name)
+        evicted = self._make_room(spec.name, files, existing)
+        self._update(spec.name, revision=listing.revision, files_total=len(files),
+                     bytes_total=total, files_done=0, bytes_done=0, rate=0.0)
+        # Files the origin no longer lists leave the view first.
+        listed = {f.path for f in files}
+        stale = sorted(existing.keys() - listed)
+        if stale:
+            self.store.forget_files(spec.name, stale)
+        self.store.views.prune(spec.bucket, spec.path, listed)
+
+        tracker = _Tracker(self, spec.name, len(files), total, on_progress)
+        result = PullResult(view=self.store.views.dir(spec.bucket, spec.path), evicted=evicted)
+        counts_lock = threading.Lock()
+
+        def pull_one(f: RemoteFile) -> None:
+            fetched = self._pull_file(spec, source, f, existing.get(f.path), tracker)
+            with counts_lock:
+                if fetched:
+                    result.files_fetched += 1
+                    result.bytes_fetched += f.size
+                else:
+                    result.files_reused += 1
+            tracker.file_done()
+
+        # Largest first, so the long transfers start early.
+        order = sorted(files, key=lambda f: -f.size)
+        with ThreadPoolExecutor(self.settings.fetch_concurrency, "cachemesh-pull") as pool:
+            futures = [pool.submit(pull_one, f) for f in order]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for fut in pending:
+                fut.cancel()
+            for fut in futures:
+                if fut.done() and not fut.cancelled() and fut.exception() is not None:
+                    wait(futures)  # let running transfers stop before reporting
+                    raise fut.exception()  # type: ignore[misc]
+        tracker.flush()
+        return result
+
+    def _pull_file(
+        self, spec: CacheSpec, source: Source, f: RemoteFile, row: dict | None, tracker: _Tracker
+    ) -> bool:
+        """Make one file present in the cache. Returns True if bytes were fetched."""
+        assert spec.path is not None
+        add = self.store.add_file
+        # Same origin version as an earlier, interrupted pull: relink, no fetch.
+        if row is not None and row["size"] == f.size and row["origin_tag"] == f.origin_tag \
+                and f.origin_tag is not None and (f.sha256 is None or row["sha256"] == f.sha256):
+            if add(spec.name, spec.bucket, spec.path, f.path,
+                   ref=BlobRef(row["sha256"], row["size"]), origin_tag=f.origin_tag):
+                tracker.add_bytes(f.size, fetched=False)
+                return False
+        # The origin published a checksum we already hold: dedup, no fetch.
+        if f.sha256 is not None and add(spec.name, spec.bucket, spec.path, f.path,
+                                        ref=BlobRef(f.sha256, f.size), origin_tag=f.origin_tag):
+            tracker.add_bytes(f.size, fetched=False)
+            return False
+        for _ in range(3):
+            ref = source.fetch(f, self.store, tracker.add_bytes)
+            if ref.size != f.size:
+                raise IntegrityError(f"{f.path}: the source listed {f.size} bytes, got {ref.size}")
+            if f.sha256 is not None and ref.sha256 != f.sha256:
+                raise IntegrityError(f"{f.path}: sha256 {ref.sha256} does not match {f.sha256}")
+            if add(spec.name, spec.bucket, spec.path, f.path, ref=ref, origin_tag=f.origin_tag):
+                return True
+            # gc removed the fresh blob before we linked it: fetch again.
+        raise ConflictError(f"{f.path}: the blob kept disappearing while being linked (gc running?)")
+
+    def _make_room(self, name: str, files: list[RemoteFile], existing: dict[str, dict]) -> list[str]:
+        """Evict LRU caches if the store limit or the disk cannot take the new bytes."""
+        have = {r["sha256"] for r in existing.values()}
+        need = sum(
+            f.size for f in files
+            if not (f.sha256 and (f.sha256 in have or self.store.blobs.has(f.sha256, f.size)))
+            and not (f.path in existing and existing[f.path]["origin_tag"] == f.origin_tag)
+        )
+        physical = self.store.physical_bytes()
+        disk = shutil.disk_usage(self.store.home)
+        free_disk = disk.free - min(DISK_RESERVE_MAX, int(disk.total * DISK_RESERVE_SHARE))
+        overflow = max(need - free_disk, 0)
+        limit = self.settings.max_store_bytes
+        if limit is not None:
+            overflow = max(overflow, physical + need - limit)
+        if overflow <= 0:
+            return []
+        plan = self._plan(exclude={name}, need=overflow, keep_blobs=have)
+        if plan is None:
+            where = f"the store limit of {limit} bytes" if limit is not None else "the free disk space"
+            raise CapacityError(
+                f"cache {name!r} needs {need} more bytes; {where} leaves no room even after"
+                " evicting every cache that is neither pinned nor in use"
+            )
+        victims, _ = plan
+        for victim in victims:
+            self._event(name, "evicted", f"evicted cache {victim!r} to make room")
+            self.rm(victim, reason=f"evicted to make room for {name!r}", collect=False)
+        self.store.collect_blobs()
+        return victims
+
+    def _plan(self, exclude: set[str], need: int, keep_blobs: set[str]) -> tuple[list[str], int] | None:
+        refs: dict[str, set[str]] = {}
+        for r in self.db.query("SELECT cache, sha256 FROM files"):
+            refs.setdefault(r["sha256"], set()).add(r["cache"])
+        sizes = {r["sha256"]: r["size"] for r in self.db.query("SELECT sha256, size FROM blobs")}
+        candidates = []
+        for info in self.list():
+            if info.name in exclude or info.pinned or info.in_use or self._pull_running(info.name):
+                continue
+            blobs = frozenset(b for b, owners in refs.items() if info.name in owners)
+            candidates.append(Candidate(info.name, info.last_access, blobs))
+        return plan_eviction(candidates, need, refs, sizes, keep_blobs)
+
+    # -- removing ------------------------------------------------------------------
+
+    def rm(self, name: str, *, force: bool = False, reason: str = "removed",
+           collect: bool = True) -> None:
+        """Remove a cache: its view, its rows, and blobs nobody else references."""
+        row = self._row(name)
+        if not force and self.store.in_use(name):
+            raise InUseError(f"cache {name!r} is in use by a running process (a loaded model?)")
+        lock = self.store.lock("pull", name)
+        if not lock.acquire(blocking=False):
+            raise InUseError(f"cache {name!r} is being pulled; try again when the pull ends")
+        try:
+            # Mark first: a crash mid-way leaves a Deleting row that gc finishes.
+            self._update(name, status=DELETING)
+            self.store.views.remove(row["bucket"], row["path"])
+            with self.db.transaction() as conn:
+                conn.execute("DELETE FROM caches WHERE name = ?", (name,))
+                conn.execute("DELETE FROM events WHERE cache = ?", (name,))
+        finally:
+            lock.release()
+        del reason
+        if collect:
+            self.store.collect_blobs()
+
+    def gc(self, *, max_bytes: int | None = None, tmp_age_s: float = 24 * 3600) -> GcReport:
+        """Finish interrupted removals, expire caches past retention, enforce the
+        store limit (LRU, skipping pinned and in-use caches), drop unreferenced blobs."""
+        report = GcReport()
+        now = time.time()
+        for r in self.db.query("SELECT name FROM caches WHERE status = ?", (DELETING,)):
+            self.rm(r["name"], force=True, collect=False)
+            report.removed_caches.append(r["name"])
+        for info in self.list():
+            days = info.retention_days
+            if days is None or info.pinned or info.in_use or self._pull_running(info.name):
+                continue
+            if now - info.last_access > days * 86400:
+                self.rm(info.name, collect=False)
+                report.removed_caches.append(info.name)
+        count, freed = self.store.collect_blobs()
+        report.blobs_removed += count
+        report.bytes_freed += freed
+        limit = max_bytes if max_bytes is not None else self.settings.max_store_bytes
+        if limit is not None:
+            overflow = self.store.physical_bytes() - limit
+            if overflow > 0:
+                plan = self._plan(exclude=set(), need=overflow, keep_blobs=set())
+                # Without a full plan, still evict what can go, least recently used first.
+                victims = plan[0] if plan else [c.name for c in sorted(
+                    self._candidates(), key=lambda c: c.last_access)]
+                for victim in victims:
+                    self.rm(victim, collect=False)
+                    report.removed_caches.append(victim)
+                count, freed = self.store.collect_blobs()
+                report.blobs_removed += count
+                report.bytes_freed += freed
+        report.tmp_bytes_freed = self.store.collect_tmp(tmp_age_s)
+        return report
+
+    def _candidates(self) -> list[CacheInfo]:
+        return [i for i in self.list()
+                if not (i.pinned or i.in_use or self._pull_running(i.name))]
+
+    # -- checking --------------------------------------------------------------------
+
+    def verify(self, name: str | None = None, *, rehash: bool = True) -> list[Problem]:
+        if name is None:
+            return self.store.verify(rehash=rehash)
+        row = self._row(name)
+        mine = {r["sha256"] for r in self.store.file_rows(name).values()}
+        return [p for p in self.store.verify([row], rehash=rehash)
+                if p.cache == name or (p.cache is None and p.subject in mine)]
+
+    def du(self) -> dict[str, Any]:
+        """Logical bytes (what the views show) against physical bytes (the blobs)."""
+        per_cache = []
+        refs: dict[str, int] = {}
+        for r in self.db.query("SELECT sha256, COUNT(DISTINCT cache) AS n FROM files GROUP BY sha256"):
+            refs[r["sha256"]] = r["n"]
+        for info in self.list():
+            rows = self.store.file_rows(info.name).values()
+            logical = sum(r["size"] for r in rows)
+            unique = {r["sha256"]: r["size"] for r in rows if refs.get(r["sha256"]) == 1}
+            per_cache.append({"name": info.name, "bucket": info.bucket, "files": len(rows),
+                              "logical_bytes": logical, "exclusive_bytes": sum(unique.values())})
+        logical = sum(c["logical_bytes"] for c in per_cache)
+        physical = self.store.physical_bytes()
+        return {
+            "caches": per_cache,
+            "logical_bytes": logical,
+            "physical_bytes": physical,
+            "saved_bytes": logical - physical,
+            "blobs": len(refs),
+            "home": str(self.store.home),
+        }
+
+
+def make_spec(**fields: Any) -> CacheSpec:
+    """Build a :class:`CacheSpec`, turning validation errors into one clear message."""
+    from pydantic import ValidationError
+
+    try:
+        return CacheSpec(**fields)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err["loc"]) or "spec"
+            msg = str(err.get("ctx", {}).get("error") or err["msg"])
+            problems.append(f"{where}: {msg}")
+        raise InvalidInputError("invalid cache spec: " + "; ".join(problems)) from None
+
+
+def scheme_is_remote(uri: str) -> bool:
+    from .sources import scheme_of
+
+    return scheme_of(uri) != "file"
+
+
+def pull(source: str, **options: Any) -> Path:
+    """Pull ``source`` into the local cache and return its view directory.
+
+    Options: ``name``, ``bucket``, ``path``, ``include``, ``exclude``,
+    ``size_limit_gib``, ``retention_days``, ``refresh``, ``on_progress``,
+    ``settings``, and source options (``endpoint_url``, ``sha256``,
+    ``follow_symlinks``, …). An existing cache of the same name and spec is
+    reused (and resumed if an earlier pull was interrupted).
+    """
+    settings = options.pop("settings", None) or Settings.from_env()
+    refresh = bool(options.pop("refresh", False))
+    on_progress = options.pop("on_progress", None)
+    spec_fields = {k: options.pop(k) for k in list(options) if k in CacheSpec.model_fields
+                   and k not in ("source", "options")}
+    caches = Caches(settings)
+    src = parse_source(source, options, settings)
+    spec_fields.setdefault("name", src.default_name())
+    spec = make_spec(source=source, options=options, **spec_fields)
+    return caches.ensure(spec, refresh=refresh, on_progress=on_progress).view

@@ -1,0 +1,190 @@
+"""The node-local metadata database: ``$CACHEMESH_HOME/meta.db``.
+
+SQLite in WAL mode: embedded, transactional and safe across processes (the CLI,
+the server and its workers open it at once). ``PRAGMA user_version`` holds the
+schema version; :data:`MIGRATIONS` brings an older store up to date when a newer
+cachemesh opens it, inside one transaction. A store written by a newer
+cachemesh is refused rather than guessed at.
+
+Schema (version 1)::
+
+    caches   one row per DataCache: its spec, status, progress, pin, last access
+      name TEXT PRIMARY KEY, bucket, path, source, spec (JSON), status,
+      pinned, error, revision, bytes_total, bytes_done, files_total,
+      files_done, rate, created_at, updated_at, last_access
+      UNIQUE(bucket, path)
+    files    the files of a cache, each pointing at one blob
+      cache -> caches.name ON DELETE CASCADE, path, sha256 -> blobs.sha256,
+      size, origin_tag (what identified the bytes at the origin: etag, oid,
+      mtime), added_at; PRIMARY KEY(cache, path)
+    blobs    one row per blob file under blobs/ (see store/blobs.py)
+      sha256 TEXT PRIMARY KEY, size, created_at
+    events   timestamped lifecycle events of a cache (progress, warnings, errors)
+      id, cache, ts, level, kind, message
+
+Rows are written after the files they describe (see store/blobs.py), so after
+a crash the database never points at a file that does not exist; the reverse
+(a blob file without a row) is harmless and collected by ``gc``.
+
+Rejected: one JSON file per cache. It cannot be updated atomically together
+with the blob references of other caches, and listing needs a scan.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import StoreError, StoreVersionError
+
+
+def _script(conn: sqlite3.Connection, sql: str) -> None:
+    # executescript() would COMMIT the migration's transaction; run statements one by one.
+    for statement in sql.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def _v1(conn: sqlite3.Connection) -> None:
+    _script(
+        conn,
+        """
+        CREATE TABLE caches (
+            name        TEXT PRIMARY KEY,
+            bucket      TEXT NOT NULL,
+            path        TEXT NOT NULL,
+            source      TEXT NOT NULL,
+            spec        TEXT NOT NULL,
+            status      TEXT NOT NULL,
+            pinned      INTEGER NOT NULL DEFAULT 0,
+            error       TEXT,
+            revision    TEXT,
+            bytes_total INTEGER NOT NULL DEFAULT 0,
+            bytes_done  INTEGER NOT NULL DEFAULT 0,
+            files_total INTEGER NOT NULL DEFAULT 0,
+            files_done  INTEGER NOT NULL DEFAULT 0,
+            rate        REAL NOT NULL DEFAULT 0,
+            created_at  REAL NOT NULL,
+            updated_at  REAL NOT NULL,
+            last_access REAL NOT NULL,
+            UNIQUE (bucket, path)
+        );
+        CREATE TABLE blobs (
+            sha256     TEXT PRIMARY KEY,
+            size       INTEGER NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE files (
+            cache      TEXT NOT NULL REFERENCES caches(name) ON DELETE CASCADE,
+            path       TEXT NOT NULL,
+            sha256     TEXT NOT NULL REFERENCES blobs(sha256),
+            size       INTEGER NOT NULL,
+            origin_tag TEXT,
+            added_at   REAL NOT NULL,
+            PRIMARY KEY (cache, path)
+        );
+        CREATE INDEX files_by_blob ON files(sha256);
+        CREATE TABLE events (
+            id      INTEGER PRIMARY KEY AUTOINCREMENT,
+            cache   TEXT NOT NULL,
+            ts      REAL NOT NULL,
+            level   TEXT NOT NULL,
+            kind    TEXT NOT NULL,
+            message TEXT NOT NULL
+        );
+        CREATE INDEX events_by_cache ON events(cache, id);
+        """
+    )
+
+
+# MIGRATIONS[i] takes a database at version i to version i + 1. Append only:
+# never edit a migration that has shipped.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# How long a writer waits for another process's transaction before giving up.
+BUSY_TIMEOUT_S = 30.0
+
+
+class Database:
+    """One SQLite file shared by threads (a connection each) and processes."""
+
+    def __init__(self, path: Path, *, busy_timeout: float = BUSY_TIMEOUT_S) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._migrate()
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=self.busy_timeout, isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the metadata database {self.path}: {exc}") from exc
+        return conn
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._open()
+        return conn
+
+    def _migrate(self) -> None:
+        with self.transaction() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreVersionError(
+                    f"the store at {self.path.parent} has schema version {version}, "
+                    f"newer than this cachemesh understands ({SCHEMA_VERSION}); upgrade cachemesh"
+                )
+            for step in range(version, SCHEMA_VERSION):
+                MIGRATIONS[step](conn)
+            if version != SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (BEGIN IMMEDIATE): commits on success, rolls back on error."""
+        conn = self.conn
+        started = time.monotonic()
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                # The busy handler already waited busy_timeout; say who is blocking.
+                if "locked" in str(exc) and time.monotonic() - started < self.busy_timeout:
+                    continue
+                raise StoreError(
+                    f"the metadata database {self.path} is locked by another process: {exc}"
+                ) from exc
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
+        try:
+            return self.conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"metadata database {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
