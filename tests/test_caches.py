@@ -15,8 +15,14 @@ import cachemesh
 from cachemesh.caches import AVAILABLE, FAILED, Caches, make_spec
 from cachemesh.config import Settings
 from cachemesh.errors import (
-    CapacityError, ConflictError, InUseError, IntegrityError, InvalidInputError, SourceError,
-    SourceNotFoundError, UnsafePathError,
+    CapacityError,
+    ConflictError,
+    IntegrityError,
+    InUseError,
+    InvalidInputError,
+    SourceError,
+    SourceNotFoundError,
+    UnsafePathError,
 )
 from tests import fakes
 from tests.conftest import model_files

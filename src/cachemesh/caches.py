@@ -33,12 +33,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .config import Settings
 from .errors import (
-    CacheNotFoundError,
     CachemeshError,
+    CacheNotFoundError,
     CapacityError,
     ConflictError,
-    InUseError,
     IntegrityError,
+    InUseError,
     InvalidInputError,
     UnsafePathError,
 )

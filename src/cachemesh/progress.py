@@ -23,7 +23,11 @@ class PullBar:
             return self
         from rich.console import Console
         from rich.progress import (
-            BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
             TransferSpeedColumn,
         )
 

@@ -18,8 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import unquote, urlparse
 
-from ..errors import AccessDeniedError, InvalidInputError, SourceError, SourceNotFoundError
-from ..errors import UnsafePathError
+from ..errors import (
+    AccessDeniedError,
+    InvalidInputError,
+    SourceError,
+    SourceNotFoundError,
+    UnsafePathError,
+)
 from ..store.names import check_relpath
 from .base import Listing, RemoteFile, Source, check_options
 
