@@ -304,7 +304,8 @@ class ServerThread:
         self.host, self.port = self._server.server_address[:2]
         scheme = "https" if tls is not None else "http"
         self.url = f"{scheme}://{self.host}:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name=f"emulator-{self.port}",
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        name=f"emulator-{self.port}",
                                         daemon=True)
 
     def start(self) -> ServerThread:

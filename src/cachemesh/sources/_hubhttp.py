@@ -109,6 +109,8 @@ def send(
             response = client.request(method, url, headers=dict(headers), params=params)
         except httpx.TransportError as exc:
             error = exc
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                break  # retrying will not make the certificate trusted
             continue
         if response.status_code in RETRY_STATUS and attempt < attempts - 1:
             error = None

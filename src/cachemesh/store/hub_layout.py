@@ -167,6 +167,22 @@ def _write_atomic(target: Path, data: bytes, staging: Path) -> None:
         raise
 
 
+def _link(blob: Path, target: Path, staging: Path) -> None:
+    """``target`` becomes a hardlink to ``blob``, atomically."""
+    if not target.is_symlink():
+        link_atomic(blob, target, staging)
+        return
+    # link_atomic takes a symlink to the blob for done; the view must hold the inode itself.
+    staging.mkdir(parents=True, exist_ok=True)
+    tmp = staging / f"{uuid.uuid4().hex}.link"
+    os.link(blob, tmp)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -271,7 +287,7 @@ class HubLayout:
         folder = _ensure_dirs(self.root.parent, [self.root.name, folder.name])
         blob_dir = _ensure_dirs(folder, ["blobs"])
         for etag, blob in sorted(blobs.items()):
-            link_atomic(blob, blob_dir / etag, self.staging)
+            _link(blob, blob_dir / etag, self.staging)
         for commit, files in sorted(snapshots.items()):
             snap = _ensure_dirs(folder, ["snapshots", commit])
             for path, f in sorted(files.items()):
@@ -279,7 +295,7 @@ class HubLayout:
                 target = _ensure_dirs(snap, parts[:-1]) / parts[-1]
                 if target.is_dir() and not target.is_symlink():
                     shutil.rmtree(target)
-                link_atomic(f.blob, target, self.staging)
+                _link(f.blob, target, self.staging)
         for commit, entries in sorted(trees.items()):
             if commit not in snapshots:
                 continue
