@@ -51,7 +51,7 @@ BUILD = textwrap.dedent("""
 LOAD = textwrap.dedent("""
     import json, os, sys, torch
     repo = sys.argv[1]
-    from huggingface_hub import snapshot_download, hf_hub_download
+    from huggingface_hub import hf_hub_download, scan_cache_dir, snapshot_download
     from transformers import AutoModelForCausalLM, AutoTokenizer
     snapshot = snapshot_download(repo)
     config = hf_hub_download(repo, "config.json")
@@ -66,7 +66,10 @@ LOAD = textwrap.dedent("""
     ids = tokenizer("a b c", return_tensors="pt").input_ids
     with torch.no_grad():
         logits = model.eval()(torch.tensor([[3, 4, 5]])).logits
+    scan = scan_cache_dir()
     print(json.dumps({
+        "scanned": [r.repo_id for r in scan.repos],
+        "scan_warnings": [str(w) for w in scan.warnings],
         "snapshot": snapshot, "config": config, "tagged": tagged, "writable": writable,
         "missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]),
         "ids": ids.tolist(), "logits": logits.flatten().tolist(),
@@ -128,6 +131,7 @@ def test_transformers_and_huggingface_hub_run_offline_from_a_read_only_mount(
     assert got["snapshot"] == got["tagged"] == f"{folder}/snapshots/{commit}"
     assert got["config"] == f"{folder}/snapshots/{commit}/config.json"
     assert got["missing"] == [] and got["unexpected"] == []
+    assert got["scanned"] == [repo_id] and got["scan_warnings"] == []  # `hf cache ls` reads it too
     assert got["ids"] == [[3, 4, 5]]
     assert got["logits"] == pytest.approx(expected_logits, abs=1e-5)
     if mounted:

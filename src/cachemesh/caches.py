@@ -13,9 +13,9 @@ Files already present (same blob, same git blob id, or same origin version from
 an interrupted pull) are linked without fetching again. Caches pulled from a
 Hugging Face hub are also shown in its cache layout under ``hub/`` (see
 ``store/hub_layout.py``): after every pull and every removal, the repo's folder
-is made to show exactly what the Available caches of that repo hold. Progress and timestamped events are
-written to the database as they happen, so any process (the CLI, the control
-API) can follow a pull that another process runs.
+is made to show exactly what the Available caches of that repo hold. Progress
+and timestamped events are written to the database as they happen, so any
+process (the CLI, the control API) can follow a pull that another process runs.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from .errors import (
 )
 from .sources import RemoteFile, Source, parse_source
 from .store import BlobRef, Problem, Store
-from .store.hub_layout import HubClaim, HubFile, HubLayout, HubRepo, TreeEntry, is_commit
+from .store.hub_layout import HubClaim, HubFile, HubLayout, HubRepo, is_commit
 from .store.names import check_name, check_relpath, is_within
 from .store.quota import Candidate, plan_eviction
 

@@ -389,7 +389,8 @@ class BlobOrigin:
         sha = path.rsplit("/", 1)[-1]
         content = self.blobs.get(sha)
         if content is None or path != self._path(sha):
-            h.send_body(404, b"<Error><Code>NoSuchKey</Code></Error>", content_type="application/xml")
+            h.send_body(404, b"<Error><Code>NoSuchKey</Code></Error>",
+                        content_type="application/xml")
             return
         expires = (query.get("Expires") or ["0"])[0]
         signature = (query.get("Signature") or [""])[0]

@@ -47,7 +47,8 @@ def repo_id(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def hf_env(hf_hub: HfHubEmulator, clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> HfHubEmulator:
+def hf_env(hf_hub: HfHubEmulator, clean_env: Path,
+           monkeypatch: pytest.MonkeyPatch) -> HfHubEmulator:
     """HF_ENDPOINT points at the emulator (no token unless a test sets HF_TOKEN)."""
     monkeypatch.setenv("HF_ENDPOINT", hf_hub.url)
     monkeypatch.setenv("HF_HOME", str(clean_env.parent / "hf-home"))  # no stray token file

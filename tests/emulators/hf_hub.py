@@ -141,7 +141,8 @@ class HfHubEmulator:
 
     def bytes_served(self, repo_id: str, path: str, content: bytes) -> int:
         """Bytes served for one file, by the hub itself or by the blob origin."""
-        return self.served[(repo_id, path)] + self.blob_origin.served[hashlib.sha256(content).hexdigest()]
+        sha = hashlib.sha256(content).hexdigest()
+        return self.served[(repo_id, path)] + self.blob_origin.served[sha]
 
     # -- HTTP --------------------------------------------------------------------
 

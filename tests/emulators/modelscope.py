@@ -15,7 +15,7 @@ What it speaks (the ``/api/v1`` surface the client downloads through)::
              cut at ``files_limit`` entries like the real service (3000)
     HEAD/GET /api/v1/models/{org}/{name}/repo?Revision=&FilePath=       200 (Range: 206), or
              302 to the blob origin (OSS-like, signed URL) for LFS files
-    GET      /api/v1/repos/internalAccelerationInfo                     404 (not inside Alibaba Cloud)
+    GET      /api/v1/repos/internalAccelerationInfo                     404 (not in Alibaba Cloud)
 
 The token is taken from ``Authorization: Bearer`` or the ``m_session_id``
 cookie. A private repo without one gets 401, with a token that cannot read it
@@ -223,9 +223,8 @@ class ModelScopeEmulator:
             h.send_json(404, _fail(404, f"file {path} not found at {revision}"))
             return
         if repo.is_lfs(path, content):
-            h.send_body(302, b"", {"Location": self.blob_origin.signed_url(content.sha256,
-                                                                           path.rsplit("/", 1)[-1])},
-                        content_type="text/plain")
+            location = self.blob_origin.signed_url(content.sha256, path.rsplit("/", 1)[-1])
+            h.send_body(302, b"", {"Location": location}, content_type="text/plain")
             return
 
         def count(n: int) -> None:

@@ -54,7 +54,8 @@ def test_pull_over_tls_verifies_sha256_and_pins_the_commit(hub_caches: Caches,
     assert ms_env.served[(repo_id, "config.json")] == len(files["config.json"])
     assert ms_env.url.startswith("https://")
     # Every file had a Sha256: no "size only" warning; ModelScope has no hub/ layout.
-    assert [e.kind for e in hub_caches.events(info.name)] == ["created", "pull-started", "available"]
+    kinds = [e.kind for e in hub_caches.events(info.name)]
+    assert kinds == ["created", "pull-started", "available"]
     assert not (hub_caches.settings.home / "hub").exists()
 
 

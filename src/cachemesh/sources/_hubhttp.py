@@ -172,7 +172,8 @@ def open_stream(
 class _ResponseReader(io.RawIOBase):
     """Raw reader over a streamed response; translates transport errors."""
 
-    def __init__(self, response: httpx.Response, what: str, size: int, git_sha1: str | None) -> None:
+    def __init__(self, response: httpx.Response, what: str, size: int,
+                 git_sha1: str | None) -> None:
         self._response = response
         self._chunks = response.iter_bytes(CHUNK)
         self._pending = memoryview(b"")
@@ -192,9 +193,8 @@ class _ResponseReader(io.RawIOBase):
                 self._finish()
                 return 0
             except httpx.HTTPError as exc:
-                raise SourceError(
-                    f"{self._what}: the connection broke after {self._read} bytes ({_describe(exc)})"
-                ) from exc
+                raise SourceError(f"{self._what}: the connection broke after {self._read}"
+                                  f" bytes ({_describe(exc)})") from exc
             self._pending = memoryview(chunk)
             if self._git is not None:
                 self._git.update(chunk)

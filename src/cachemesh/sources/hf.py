@@ -219,7 +219,8 @@ class HfSource(Source):
         return SourceError(f"{self.endpoint} answered {status} for {what}"
                            f"{': ' + message if message else ''}")
 
-    def _get_json(self, url: str, params: Mapping[str, str] | None = None) -> tuple[Any, httpx.Response]:
+    def _get_json(self, url: str,
+                  params: Mapping[str, str] | None = None) -> tuple[Any, httpx.Response]:
         response = _hubhttp.send(self.client, url, self._headers(), params=params,
                                  what=f"listing {self.uri}")
         if response.status_code != 200:

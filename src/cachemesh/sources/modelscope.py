@@ -165,8 +165,9 @@ class ModelScopeSource(Source):
             return AccessDeniedError(f"{self.endpoint} refused access to {what}{suffix}")
         if status == 404:
             if stage == "repo":
-                return SourceNotFoundError(f"model {self.repo_id} was not found at {self.endpoint}"
-                                           f"{'' if self._token else ' (if it is private, set MODELSCOPE_API_TOKEN)'}")
+                hint = "" if self._token else " (if it is private, set MODELSCOPE_API_TOKEN)"
+                return SourceNotFoundError(f"model {self.repo_id} was not found at"
+                                           f" {self.endpoint}{hint}")
             if stage == "files":
                 return SourceNotFoundError(f"model {self.repo_id} has no revision"
                                            f" {self.revision!r} at {self.endpoint}{suffix}")
