@@ -113,6 +113,34 @@ def test_names_that_could_escape_are_refused(tmp_path: Path, make):
         make(tmp_path)
 
 
+def test_concurrent_pulls_of_one_repo_leave_one_consistent_view(hub_caches: Caches,
+                                                                hf_env: HfHubEmulator, repo_id):
+    import threading
+
+    files = {f"shard-{i}.safetensors": os.urandom(20_000) for i in range(4)}
+    files["config.json"] = b"{}"
+    commit = hf_env.commit(repo_id, files)
+    errors: list[BaseException] = []
+
+    def pull(name: str, include: list[str]) -> None:
+        try:
+            cachemesh.pull(f"hf://{repo_id}", name=name, include=include,
+                           settings=hub_caches.settings)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=pull, args=(f"part{i}", [f"shard-{i}*", "*.json"]))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    snapshot = hub_caches.settings.home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    assert sorted(os.listdir(snapshot / "snapshots" / commit)) == sorted(files)
+    assert hub_caches.verify() == []
+
+
 def test_verify_gc_and_a_failed_refresh_keep_the_view_in_step(hub_caches: Caches,
                                                              hf_env: HfHubEmulator, repo_id):
     commit = hf_env.commit(repo_id, {"config.json": b"{}", "w.safetensors": b"W" * 4000})

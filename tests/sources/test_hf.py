@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import cachemesh
-from cachemesh.caches import AVAILABLE, Caches
+from cachemesh.caches import AVAILABLE, Caches, make_spec
 from cachemesh.config import Settings
 from cachemesh.errors import (
     AccessDeniedError,
@@ -195,8 +195,18 @@ def test_gated_repo_lists_but_does_not_download_without_access(hf_env: HfHubEmul
     with pytest.raises(AccessDeniedError, match="gated.*no HF_TOKEN is set"):
         cachemesh.pull(f"hf://{repo_id}", settings=Settings.from_env())
     monkeypatch.setenv("HF_TOKEN", HF_OTHER_TOKEN)
+    settings = Settings.from_env()
+    caches = Caches(settings)
+    caches.create(make_spec(name="gated", source=f"hf://{repo_id}"))
     with pytest.raises(AccessDeniedError, match="gated.*has not been granted"):
-        cachemesh.pull(f"hf://{repo_id}", settings=Settings.from_env())
+        caches.pull("gated")
+    # The failure is recorded (status, error, events) without the token in it.
+    info = caches.get("gated")
+    assert info.status == "Failed" and "gated" in (info.error or "")
+    grep = subprocess.run(["grep", "-rl", "--binary-files=text", HF_OTHER_TOKEN,
+                           str(settings.home)], capture_output=True, text=True)
+    assert grep.stdout == ""
+    caches.rm("gated")
     monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
     view = cachemesh.pull(f"hf://{repo_id}", settings=Settings.from_env())
     assert tree_of(view) == files
@@ -279,6 +289,29 @@ def test_include_exclude_and_the_tree_listing_of_the_whole_commit(hub_caches: Ca
     assert set(regular) == {"size", "blob_id"}
     assert regular["blob_id"] == hashlib.sha1(
         b"blob %d\0" % len(files["config.json"]) + files["config.json"]).hexdigest()
+
+
+def test_the_emulator_answers_ranges_and_signs_its_redirects(hf_env: HfHubEmulator, repo_id):
+    """What the shared fetcher relies on: HEAD for sizes, ranged GETs at the hub and the CDN."""
+    import httpx
+
+    weights = os.urandom(5000)
+    commit = hf_env.commit(repo_id, {"w.safetensors": weights, "c.json": b"0123456789"})
+    with httpx.Client() as http:
+        head = http.head(f"{hf_env.url}/{repo_id}/resolve/main/w.safetensors")
+        assert head.status_code == 302 and head.headers["X-Repo-Commit"] == commit
+        assert head.headers["X-Linked-Size"] == "5000"
+        assert head.headers["X-Linked-Etag"] == f'"{sha(weights)}"'
+        cdn = head.headers["Location"]
+        part = http.get(cdn, headers={"Range": "bytes=100-199"})
+        assert part.status_code == 206 and part.content == weights[100:200]
+        assert part.headers["Content-Range"] == "bytes 100-199/5000"
+        assert http.get(cdn, headers={"Range": "bytes=6000-"}).status_code == 416
+        assert http.get(cdn.replace("Signature=", "Signature=x")).status_code == 403
+        tail = http.get(f"{hf_env.url}/{repo_id}/resolve/{commit}/c.json",
+                        headers={"Range": "bytes=-3"})
+        assert tail.status_code == 206 and tail.content == b"789"
+        assert tail.headers["ETag"] == '"%s"' % hashlib.sha1(b"blob 10\0" + b"0123456789").hexdigest()
 
 
 def test_lfs_redirects_can_point_at_an_external_blob_origin(clean_env: Path, tmp_path: Path,

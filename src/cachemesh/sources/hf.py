@@ -125,9 +125,9 @@ class HfSource(Source):
         self.repo_type, self.repo_id, self.revision = repo_type, repo_id, revision
         self.settings = settings
         env = settings.environ
+        # Checked when the Hub is first asked (see client): identifying the repo, for
+        # the hub/ view of caches pulled earlier, must not depend on today's endpoint.
         self.endpoint = (env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).strip().rstrip("/")
-        if not self.endpoint.startswith(("http://", "https://")):
-            raise InvalidInputError(f"HF_ENDPOINT must be an http(s) URL, got {self.endpoint!r}")
         self._token = read_token(env)
         kind = "datasets/" if repo_type == "dataset" else ""
         self.uri = f"hf://{kind}{repo_id}@{revision}"
@@ -163,6 +163,9 @@ class HfSource(Source):
     def client(self) -> httpx.Client:
         with self._client_lock:
             if self._client is None:
+                if not self.endpoint.startswith(("http://", "https://")):
+                    raise InvalidInputError(
+                        f"HF_ENDPOINT must be an http(s) URL, got {self.endpoint!r}")
                 self._client = _hubhttp.new_client(self.settings)
             return self._client
 
