@@ -428,7 +428,12 @@ class Caches:
             self._update(name, status=LOADING, error=None)
             self._event(name, "pull-started", f"pulling from {spec.source}")
             try:
-                result = self._pull_locked(spec, on_progress)
+                result, hub = self._pull_locked(spec, on_progress)
+                self._update(name, status=AVAILABLE, error=None, last_access=time.time())
+                if hub is not None:
+                    # Available first: then a sync that another cache of the same repo
+                    # runs meanwhile keeps this cache's files too.
+                    self._sync_hub(hub[0], including=name, trees=hub[1])
             except BaseException as exc:
                 message = str(exc) if isinstance(exc, CachemeshError) else f"{type(exc).__name__}: {exc}"
                 if isinstance(exc, KeyboardInterrupt):
@@ -438,7 +443,6 @@ class Caches:
                 # The hub view shows Available caches only.
                 self._sync_hub_quietly(name, self._hub_repo_of(spec.source, spec.options))
                 raise
-            self._update(name, status=AVAILABLE, error=None, last_access=time.time())
             self._event(
                 name, "available",
                 f"{result.files_fetched} file(s) fetched ({result.bytes_fetched} bytes),"
@@ -448,7 +452,9 @@ class Caches:
 
     def _pull_locked(
         self, spec: CacheSpec, on_progress: Callable[[Progress], None] | None
-    ) -> PullResult:
+    ) -> tuple[PullResult, tuple[HubRepo, dict | None] | None]:
+        """Fetch and link every file; returns the result and, for a source shown
+        under hub/, its repo and the commit's tree listing."""
         assert spec.path is not None
         source = parse_source(spec.source, spec.options, self.settings)
         listing = source.list_files()
@@ -506,10 +512,9 @@ class Caches:
                     raise fut.exception()  # type: ignore[misc]
         tracker.flush()
         repo = source.hub_repo()
-        if repo is not None and listing.revision and is_commit(listing.revision):
-            trees = {listing.revision: listing.hub_tree} if listing.hub_tree else None
-            self._sync_hub(repo, including=spec.name, trees=trees)
-        return result
+        if repo is None or not listing.revision or not is_commit(listing.revision):
+            return result, None
+        return result, (repo, {listing.revision: listing.hub_tree} if listing.hub_tree else None)
 
     def _pull_file(
         self, spec: CacheSpec, source: Source, f: RemoteFile, row: dict | None, tracker: _Tracker
