@@ -23,9 +23,10 @@ cookie. A private repo without one gets 401, with a token that cannot read it
 branch is ``master``. Counters: ``served[(repo_id, path)]`` and
 ``blob_origin.served[sha256]``; ``corrupt(sha256)`` flips a byte.
 
-From a script::
+From a script (prints one JSON line with the endpoint, the domain and the CA file)::
 
     python -m tests.emulators.modelscope --repo org/name=/path/to/model --ca-out ca.pem
+        [--blob-origin-url https://… --export-blobs /srv/blobs]
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def _fail(code: int, message: str) -> dict:
 
 class ModelScopeEmulator:
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, blob_port: int = 0,
-                 files_limit: int = FILES_LIMIT, tokens: Iterable[str] = ()) -> None:
+                 blob_origin_url: str | None = None, files_limit: int = FILES_LIMIT,
+                 tokens: Iterable[str] = ()) -> None:
         self.ca = trustme.CA()
         cert = self.ca.issue_cert(host, "localhost", "127.0.0.1")
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -79,7 +81,8 @@ class ModelScopeEmulator:
         self.served: Counter[tuple[str, str]] = Counter()
         self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
-        self.blob_origin = BlobOrigin("modelscope-blobs", tls=tls, host=host, port=blob_port)
+        self.blob_origin = BlobOrigin("modelscope-blobs", tls=tls, host=host, port=blob_port,
+                                      external_url=blob_origin_url)
         self._server = ServerThread(self, host, port, tls)
         self.url = self._server.url
         self.domain = f"{host}:{self._server.port}"  # what MODELSCOPE_DOMAIN takes
@@ -242,8 +245,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--blob-port", type=int, default=0)
     parser.add_argument("--ca-out", type=Path, help="copy the test CA's PEM here")
+    parser.add_argument("--blob-origin-url", help="send LFS redirects to this origin instead")
+    parser.add_argument("--export-blobs", type=Path, help="write LFS blobs here, named by sha256")
     args = parser.parse_args(argv)
-    hub = ModelScopeEmulator(host=args.host, port=args.port, blob_port=args.blob_port)
+    hub = ModelScopeEmulator(host=args.host, port=args.port, blob_port=args.blob_port,
+                             blob_origin_url=args.blob_origin_url)
     for spec in args.repo:
         name, _, directory = spec.partition("=")
         root = Path(directory)
@@ -251,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         hub.commit(name, files, message="import")
     if args.ca_out:
         args.ca_out.write_bytes(hub.ca_file.read_bytes())
+    if args.export_blobs:
+        hub.blob_origin.export(args.export_blobs)
     hub.start()
     print(json.dumps({"endpoint": hub.url, "domain": hub.domain, "ca_file": str(args.ca_out or
                       hub.ca_file)}), flush=True)

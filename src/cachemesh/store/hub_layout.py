@@ -28,9 +28,9 @@ pulled from that repo claims its files at its commit, and its branch or tag);
 the caller (``cachemesh.caches``) builds the claims from the database after
 every pull and every removal, so removing one cache keeps what another cache
 of the same repo revision still shows, and ``cachemesh gc`` syncs every repo
-folder again (repairing what ``cachemesh cache verify`` reports as ``hub-*``). Anything else found in a repo folder
-(a ``.no_exist/`` marker, a file some other tool wrote) is removed by the next
-sync: ``hub/`` belongs to cachemesh.
+folder again (repairing what ``cachemesh cache verify`` reports as ``hub-*``).
+Anything else found in a repo folder (a ``.no_exist/`` marker, a file some
+other tool wrote) is removed by the next sync: ``hub/`` belongs to cachemesh.
 
 Order of writes, so that a crash cannot lie: blobs, then snapshot files, then
 ``trees/``, then ``refs/`` last, so that a branch name moves to a new commit
