@@ -18,6 +18,9 @@ from cachemesh.config import Settings
 from cachemesh.sources import SCHEMES
 from tests import fakes
 
+# The hub emulators' fixtures (hf_hub, ms_hub, hf_env, ms_env, hub_caches, repo_id).
+pytest_plugins = ["tests.emulators.fixtures"]
+
 _PREFIXES = ("CACHEMESH_", "HF_", "HUGGINGFACE_", "AWS_", "MODELSCOPE_", "TRANSFORMERS_")
 
 

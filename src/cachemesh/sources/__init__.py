@@ -24,6 +24,9 @@ __all__ = ["Listing", "RemoteFile", "Source", "parse_source", "SCHEMES"]
 # scheme -> "module:Class" (absolute), or the class itself
 SCHEMES: dict[str, str | type[Source]] = {
     "file": "cachemesh.sources.local:LocalSource",
+    "hf": "cachemesh.sources.hf:HfSource",
+    "ms": "cachemesh.sources.modelscope:ModelScopeSource",
+    "modelscope": "cachemesh.sources.modelscope:ModelScopeSource",
 }
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")

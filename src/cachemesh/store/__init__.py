@@ -5,7 +5,7 @@ Layout of ``$CACHEMESH_HOME`` (each part is documented where it is written)::
     meta.db, meta.db-wal       metadata (store/db.py)
     blobs/sha256/ab/abcd…      content-addressed, read-only blobs (store/blobs.py)
     buckets/<bucket>/<path>/…  hardlink views, one per cache (store/views.py)
-    hub/models--org--name/…    Hugging Face cache layout (sources/hf.py)
+    hub/models--org--name/…    Hugging Face cache layout (store/hub_layout.py)
     tmp/                       partial downloads and staging links
     locks/                     advisory locks (store/locks.py)
 
