@@ -640,14 +640,31 @@ class Caches:
         if collect:
             self.store.collect_blobs()
 
+    def recover(self) -> None:
+        """Repair what a crashed process left: adopt verified blob files that
+        lack their row, finish interrupted removals, and record interrupted
+        pulls as Failed (a pull resumes them). Run at server start and by gc."""
+        self.store.recover()
+        for r in self.db.query("SELECT name FROM caches WHERE status = ?", (DELETING,)):
+            self.rm(r["name"], force=True, collect=False)
+        for r in self.db.query("SELECT name FROM caches WHERE status = ?", (LOADING,)):
+            lock = self.store.lock("pull", r["name"])
+            if lock.acquire(blocking=False):  # nobody is pulling it: its puller died
+                try:
+                    self._update(r["name"], status=FAILED,
+                                 error="the pull was interrupted; pull again to resume it")
+                finally:
+                    lock.release()
+
     def gc(self, *, max_bytes: int | None = None, tmp_age_s: float = 24 * 3600) -> GcReport:
         """Finish interrupted removals, expire caches past retention, enforce the
         store limit (LRU, skipping pinned and in-use caches), drop unreferenced blobs."""
         report = GcReport()
         now = time.time()
-        for r in self.db.query("SELECT name FROM caches WHERE status = ?", (DELETING,)):
-            self.rm(r["name"], force=True, collect=False)
-            report.removed_caches.append(r["name"])
+        deleting = [r["name"] for r in self.db.query(
+            "SELECT name FROM caches WHERE status = ?", (DELETING,))]
+        self.recover()
+        report.removed_caches.extend(deleting)
         for info in self.list():
             days = info.retention_days
             if days is None or info.pinned or info.in_use or self._pull_running(info.name):
