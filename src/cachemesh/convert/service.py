@@ -48,6 +48,7 @@ from ..errors import (
 )
 from ..jobs import Job, JobRun, Jobs
 from ..sources import parse_source, scheme_of
+from ..store.locks import FileLock
 from .base import ConvertOptions, ModelInput, get_converter
 from .identity import identity_document, identity_of, read_manifest, write_manifest
 
@@ -55,6 +56,8 @@ BUCKET = "converted"
 JOB_KIND = "convert"
 # Share of a job's progress bar given to storing the result (the rest is the converter's).
 STORE_SHARE = 0.1
+# How long a waiter looks for the job that holds the lock before saying "another process".
+WAIT_NOTICE_S = 2.0
 
 
 @dataclass
@@ -186,10 +189,7 @@ class Conversions:
                 return ConvertResult(found[0], identity, name, True, None, found[1], input_cache)
 
             lock = self.store.lock("convert", identity)
-            if not lock.acquire(blocking=False):
-                if on_wait is not None:
-                    on_wait(self.jobs.running(JOB_KIND, identity))
-                lock.acquire()
+            self._acquire(lock, identity, on_wait)
             try:
                 found = self.lookup(name, identity)  # another process may have made it
                 if found is not None:
@@ -206,6 +206,19 @@ class Conversions:
                                      input_cache)
             finally:
                 lock.release()
+
+    def _acquire(self, lock: FileLock, identity: str,
+                 on_wait: Callable[[Job | None], None] | None) -> None:
+        """Take the identity's lock; while another process holds it, tell ``on_wait``
+        (once) which job is converting (None if it cannot be seen within a moment)."""
+        notified = on_wait is None
+        deadline = time.monotonic() + WAIT_NOTICE_S
+        while not lock.acquire(timeout=0.2):
+            if not notified:
+                job = self.jobs.running(JOB_KIND, identity)
+                if job is not None or time.monotonic() > deadline:
+                    on_wait(job)  # type: ignore[misc]
+                    notified = True
 
     def _run(self, converter: Any, model: ModelInput, options: ConvertOptions, facts: Any,
              document: dict[str, Any], identity: str, name: str,
