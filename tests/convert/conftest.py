@@ -42,7 +42,7 @@ class FakeConverter(Converter):
     fail_after_partial = False
     lock = threading.Lock()
 
-    def versions(self) -> dict[str, str]:
+    def versions(self, model: ModelInput) -> dict[str, str]:
         return {"fake": "1.0"}
 
     def check_options(self, options: ConvertOptions) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from cachemesh.caches import Caches
 from cachemesh.config import Settings
-from cachemesh.convert import BUCKET, Conversions, make_options, read_manifest
+from cachemesh.convert import BUCKET, Conversions, ModelInput, make_options, read_manifest
 from cachemesh.convert.identity import identity_document, identity_of
 from cachemesh.errors import ConversionError, InvalidInputError
 from cachemesh.jobs import FAILED, SUCCEEDED, Jobs
@@ -77,12 +77,13 @@ def test_identity_depends_on_input_bytes_options_and_converter(caches: Caches, m
     assert fake_converter.runs == 3
     # A new converter revision gives a new identity for the same input and options.
     files = {p: r["sha256"] for p, r in caches.store.file_rows("a").items()}
+    model = ModelInput("a", "", caches.view("a"), files)
     converter = fake_converter()
-    doc = identity_document(converter, make_options("fake"), files)
+    doc = identity_document(converter, make_options("fake"), model)
     assert identity_of(doc) == a.identity
     fake_converter.revision = 2
     try:
-        assert identity_of(identity_document(converter, make_options("fake"), files)) != a.identity
+        assert identity_of(identity_document(converter, make_options("fake"), model)) != a.identity
     finally:
         fake_converter.revision = 1
 
@@ -206,3 +207,40 @@ def test_invalid_input_is_refused_by_the_api_too(caches: Caches, make_tree):
         make_options("ct2", tp=-1)
     with pytest.raises(InvalidInputError, match="unknown conversion target"):
         Conversions(caches).convert(str(make_tree("m", model_files())), make_options("nope"))
+
+
+def test_cli_prints_the_view_last_and_a_second_run_is_a_hit(llama, clean_env):
+    origin, _, _ = llama
+    first = cm("convert", str(origin), "--to", "ct2", "--quantization", "int8")
+    assert first.returncode == 0, first.stderr
+    view = Path(first.stdout.strip().splitlines()[-1])
+    assert view.parent == clean_env / "buckets" / BUCKET and (view / "model.bin").is_file()
+    assert "converted by job" in first.stderr
+    second = cm("convert", str(origin), "--to", "ct2", "--quantization", "int8")
+    assert second.stdout.strip().splitlines()[-1] == str(view)
+    assert "already converted" in second.stderr
+    [job] = json.loads(cm("jobs", "ls", "--json").stdout)
+    assert job["status"] == "Succeeded" and job["result"]["view"] == str(view)
+    as_json = json.loads(cm("convert", str(origin), "--to", "ct2", "--quantization", "int8",
+                            "--json").stdout)
+    assert as_json["cached"] is True and as_json["view"] == str(view)
+    listed = {c["name"]: c for c in json.loads(cm("cache", "ls", "--json").stdout)}
+    assert listed[view.name]["bucket"] == BUCKET
+    assert json.loads(cm("cache", "verify", "--json").stdout)["ok"] is True
+
+
+def test_cli_a_converter_failure_exits_1_and_leaves_a_failed_job(make_tree, clean_env):
+    config = json.dumps({"model_type": "bert", "architectures": ["BertModel"],
+                         "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "intermediate_size": 16}).encode()
+    origin = make_tree("broken-bert", {"config.json": config,
+                                       "model.safetensors": b"not a safetensors file"})
+    proc = cm("convert", str(origin), "--to", "onnx")
+    assert proc.returncode == 1, proc.stderr
+    assert "error:" in proc.stderr and proc.stdout == ""
+    [job] = json.loads(cm("jobs", "ls", "--json").stdout)
+    assert job["status"] == "Failed" and job["error"]
+    logs = cm("jobs", "logs", job["id"])
+    assert "Traceback" in logs.stdout
+    assert not (clean_env / "buckets" / BUCKET).exists()
+    assert not any((clean_env / "tmp" / "convert").iterdir())

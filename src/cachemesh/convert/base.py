@@ -143,8 +143,9 @@ class Converter(ABC):
     revision: ClassVar[int] = 1
 
     @abstractmethod
-    def versions(self) -> dict[str, str]:
-        """Versions of the libraries that shape the output bytes (part of the identity)."""
+    def versions(self, model: ModelInput) -> dict[str, str]:
+        """Versions of the libraries that shape the output bytes for this input (part
+        of the identity). Cheap: read with :func:`dist_versions`, never by importing."""
 
     def check_options(self, options: ConvertOptions) -> None:
         """Refuse options this target does not take (before the input is pulled)."""
@@ -167,6 +168,20 @@ class Converter(ABC):
         Returns what a runtime needs to know to load it (the manifest's ``runtime``).
         Raise on failure; report progress and notes through ``run``.
         """
+
+
+def dist_versions(*distributions: str) -> dict[str, str]:
+    """Installed versions of these distributions, without importing them (a cache
+    hit must not pay for importing torch). Missing ones are left out."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in distributions:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
 
 
 def get_converter(target: str) -> Converter:

@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInputError
-from .base import Converter, ConvertOptions, ModelFacts, ModelInput, copy_side_files
+from .base import (
+    Converter,
+    ConvertOptions,
+    ModelFacts,
+    ModelInput,
+    copy_side_files,
+    dist_versions,
+)
 
 if TYPE_CHECKING:
     from ..jobs import JobRun
@@ -65,12 +72,9 @@ class CTranslate2Converter(Converter):
     name = "ctranslate2"
     revision = 1
 
-    def versions(self) -> dict[str, str]:
-        import ctranslate2
-        import transformers
-
+    def versions(self, model: ModelInput) -> dict[str, str]:
         # transformers loads the checkpoint for CTranslate2's converter.
-        return {"ctranslate2": ctranslate2.__version__, "transformers": transformers.__version__}
+        return dist_versions("ctranslate2", "transformers")
 
     def check_options(self, options: ConvertOptions) -> None:
         if options.tp is not None:

@@ -29,21 +29,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .base import Converter, ConvertOptions
+from .base import Converter, ConvertOptions, ModelInput
 
 FORMAT = "cachemesh-convert/1"
 MANIFEST = "cachemesh-convert.json"
 
 
 def identity_document(converter: Converter, options: ConvertOptions,
-                      inputs: dict[str, str]) -> dict[str, Any]:
+                      model: ModelInput) -> dict[str, Any]:
+    inputs = model.files
     return {
         "format": FORMAT,
         "target": options.target,
         "converter": {
             "name": converter.name,
             "revision": converter.revision,
-            "versions": dict(sorted(converter.versions().items())),
+            "versions": dict(sorted(converter.versions(model).items())),
         },
         "options": options.identity_fields(),
         "inputs": [[path, inputs[path]] for path in sorted(inputs)],

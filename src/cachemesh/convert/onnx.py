@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConversionError, InvalidInputError
-from .base import Converter, ConvertOptions, ModelFacts, ModelInput, copy_side_files
+from .base import (
+    Converter,
+    ConvertOptions,
+    ModelFacts,
+    ModelInput,
+    copy_side_files,
+    dist_versions,
+)
 
 if TYPE_CHECKING:
     from ..jobs import JobRun
@@ -62,16 +69,12 @@ class OnnxConverter(Converter):
     name = "onnx-export"
     revision = 1
 
-    def versions(self) -> dict[str, str]:
-        import onnx
-
-        out = {"onnx": onnx.__version__, "opset": str(OPSET)}
-        for module in ("torch", "transformers", "skl2onnx", "sklearn"):
-            try:
-                out[module] = __import__(module).__version__
-            except ImportError:
-                pass
-        return out
+    def versions(self, model: ModelInput) -> dict[str, str]:
+        if "config.json" in model.files:
+            found = dist_versions("onnx", "torch", "transformers")
+        else:
+            found = dist_versions("onnx", "skl2onnx", "scikit-learn")
+        return {**found, "opset": str(OPSET)}
 
     def check(self, model: ModelInput, options: ConvertOptions) -> ModelFacts:
         config = model.config()

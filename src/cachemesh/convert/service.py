@@ -7,12 +7,13 @@
    name is used as it is, anything else is pulled like ``cachemesh pull``;
    the input cache is held open (``Caches.open``) until the end, so gc and
    eviction leave it alone;
-3. let the converter refuse an input it cannot handle (reads config.json only);
-4. compute the identity (identity.py) from the input's sha256s, the converter
+3. compute the identity (identity.py) from the input's sha256s, the converter
+   (library versions read from package metadata: nothing heavy is imported)
    and the options;
-5. look the result up: cache ``<label>-<identity[:16]>`` in bucket
+4. look the result up: cache ``<label>-<identity[:16]>`` in bucket
    ``converted``, Available, whose manifest carries the full identity. Found:
    done, no job, no work;
+5. let the converter refuse an input it cannot handle (reads config.json only);
 6. otherwise take ``locks/convert/<identity>.lock`` (a second converter of the
    same identity, in any process, waits here and then finds the result),
    create a job, run the converter into ``tmp/convert/<identity>/``, write the
@@ -179,14 +180,15 @@ class Conversions:
             info = self.caches.get(input_cache)
             files = {rel: row["sha256"] for rel, row in self.store.file_rows(input_cache).items()}
             model = ModelInput(cache=input_cache, source=info.source, view=view, files=files)
-            facts = converter.check(model, options)
-            document = identity_document(converter, options, files)
+            document = identity_document(converter, options, model)
             identity = identity_of(document)
             name = result_name(options, identity)
 
+            # A hit needs no check: the result exists, so its input was accepted.
             found = self.lookup(name, identity)
             if found is not None:
                 return ConvertResult(found[0], identity, name, True, None, found[1], input_cache)
+            facts = converter.check(model, options)
 
             lock = self.store.lock("convert", identity)
             self._acquire(lock, identity, on_wait)
@@ -227,7 +229,7 @@ class Conversions:
         if stage.exists():
             shutil.rmtree(stage)  # left by a conversion that died; we hold its lock
         stage.parent.mkdir(parents=True, exist_ok=True)
-        versions = ", ".join(f"{k} {v}" for k, v in converter.versions().items())
+        versions = ", ".join(f"{k} {v}" for k, v in document["converter"]["versions"].items())
         run.log(f"input: cache {model.cache!r} ({model.source}), {len(model.files)} files")
         run.log(f"identity {identity}; converter {converter.name} revision {converter.revision}"
                 f" ({versions}); options {options.identity_fields() or '{}'}")

@@ -51,7 +51,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInputError
-from .base import TOKENIZER_FILES, Converter, ConvertOptions, ModelFacts, ModelInput, copy_side_files
+from .base import (
+    TOKENIZER_FILES,
+    Converter,
+    ConvertOptions,
+    ModelFacts,
+    ModelInput,
+    copy_side_files,
+    dist_versions,
+)
 
 if TYPE_CHECKING:
     from ..jobs import JobRun
@@ -188,10 +196,8 @@ class TensorParallelSplitter(Converter):
     name = "cachemesh-tp-split"
     revision = 1
 
-    def versions(self) -> dict[str, str]:
-        import safetensors
-
-        return {"safetensors": safetensors.__version__}
+    def versions(self, model: ModelInput) -> dict[str, str]:
+        return dist_versions("safetensors")
 
     def check_options(self, options: ConvertOptions) -> None:
         if options.quantization is not None:
