@@ -36,6 +36,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CachemeshError, InvalidInputError, JobNotFoundError
@@ -189,7 +190,7 @@ class Jobs:
 
     # -- reading -------------------------------------------------------------------
 
-    def _lock_path(self, job_id: str):  # noqa: ANN202
+    def _lock_path(self, job_id: str) -> Path:
         from .store.names import check_name
 
         return self.locks_dir / f"{check_name(job_id, 'job id')}.lock"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cachemesh.caches import Caches
+from cachemesh.caches import Caches, make_spec
 from cachemesh.config import Settings
 from cachemesh.convert import BUCKET, Conversions, ModelInput, make_options, read_manifest
 from cachemesh.convert.identity import identity_document, identity_of
@@ -55,8 +55,7 @@ def test_convert_stores_a_result_and_converting_again_is_a_lookup(caches: Caches
 def test_the_input_can_be_a_view_directory_or_a_cache_name(caches: Caches, make_tree,
                                                             fake_converter):
     origin = make_tree("m", model_files())
-    view = caches.ensure(__import__("cachemesh.caches").caches.make_spec(
-        name="mine", source=str(origin))).view
+    view = caches.ensure(make_spec(name="mine", source=str(origin))).view
     conversions = Conversions(caches)
     by_view = conversions.convert(str(view), make_options("fake"))
     by_name = conversions.convert("mine", make_options("fake"))

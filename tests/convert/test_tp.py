@@ -240,7 +240,7 @@ def test_llama_column_and_row_roles(caches: Caches, llama):
 
 
 def test_large_ranks_are_written_in_indexed_shards(caches: Caches, gpt2, monkeypatch):
-    origin, model, _ = gpt2
+    origin, _, _ = gpt2
     monkeypatch.setattr(tpmod, "SHARD_BYTES", 64 * 1024)
     result = Conversions(caches).convert(str(origin), make_options("safetensors", tp=2))
     rank0 = result.view / "rank-0"

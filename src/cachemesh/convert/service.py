@@ -149,16 +149,6 @@ class Conversions:
         self.caches.touch(name)
         return view, manifest
 
-    def find(self, identity: str) -> ConvertResult | None:
-        """Look a result up by its full identity (the API's ``GET`` by identity)."""
-        for info in self.caches.list(BUCKET):
-            if info.name.endswith(identity[:16]):
-                manifest = read_manifest(Path(info.view))
-                if info.status == AVAILABLE and manifest and manifest.get("identity") == identity:
-                    return ConvertResult(Path(info.view), identity, info.name, True, None,
-                                         manifest, "")
-        return None
-
     # -- converting ----------------------------------------------------------------
 
     def convert(
@@ -240,7 +230,7 @@ class Conversions:
             seconds = time.monotonic() - started
             if not stage.is_dir() or not any(stage.iterdir()):
                 raise ConversionError(f"{converter.name} wrote nothing for {model.source}")
-            manifest = write_manifest(stage, document, identity, facts.to_dict(), runtime)
+            write_manifest(stage, document, identity, facts.to_dict(), runtime)
             staged = _tree_bytes(stage)
             run.log(f"converted in {seconds:.1f} s: {staged} bytes in"
                     f" {sum(1 for p in stage.rglob('*') if p.is_file())} files")
@@ -293,4 +283,4 @@ def convert(source: str, *, to: str, quantization: str | None = None, tp: int | 
     return Conversions(caches).convert(source, make_options(to, quantization, tp), **kwargs)
 
 
-__all__ = ["BUCKET", "ConvertResult", "Conversions", "convert", "make_options", "result_name"]
+__all__ = ["BUCKET", "Conversions", "ConvertResult", "convert", "make_options", "result_name"]

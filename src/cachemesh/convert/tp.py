@@ -151,8 +151,8 @@ _BLOOM = Layout(
         (r"mlp\.dense_h_to_4h\.(weight|bias)$", Split(COLUMN, 0)),
         (r"mlp\.dense_4h_to_h\.weight$", Split(ROW, 1)),
         (r"mlp\.dense_4h_to_h\.bias$", _ROW_BIAS),
-        (r"layernorm\.(weight|bias)$|ln_f\.(weight|bias)$|word_embeddings\.weight$"
-         r"|lm_head\.weight$", _REPLICATE),
+        ((r"layernorm\.(weight|bias)$|ln_f\.(weight|bias)$|word_embeddings\.weight$"
+          r"|lm_head\.weight$"), _REPLICATE),
     ),
     divisible=(("attention heads", ("n_head", "num_attention_heads")),
                ("MLP inner size", ("*4hidden_size", "*4n_embed"))),
