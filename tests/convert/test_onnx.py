@@ -8,6 +8,7 @@ import torch
 
 from cachemesh.caches import Caches
 from cachemesh.convert import Conversions, make_options, read_manifest
+from cachemesh.errors import InvalidInputError
 
 from . import models
 
@@ -54,3 +55,43 @@ def test_sklearn_classifier_matches(caches: Caches, tmp_path):
     labels, scores = _session(result.view).run(None, {"input": x.astype(np.float32)})
     np.testing.assert_array_equal(labels, model.predict(x))
     assert scores.shape == (len(x), 10)
+
+
+def test_skops_classifier_with_probabilities_and_a_regressor(caches: Caches, tmp_path):
+    import joblib
+    import skops.io as sio
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LinearRegression, LogisticRegression
+
+    x, y = load_digits(return_X_y=True)
+    x = x / 16.0
+    classifier = LogisticRegression(max_iter=300).fit(x[:400], y[:400])
+    (tmp_path / "logreg").mkdir()
+    sio.dump(classifier, tmp_path / "logreg" / "model.skops")
+    regressor = LinearRegression().fit(x[:400], y[:400].astype(float))
+    (tmp_path / "linreg").mkdir()
+    joblib.dump(regressor, tmp_path / "linreg" / "model.pkl")
+    conversions = Conversions(caches)
+    sample = x[400:450].astype(np.float32)
+
+    result = conversions.convert(str(tmp_path / "logreg"), make_options("onnx"))
+    assert read_manifest(result.view)["model"]["task"] == "classification"
+    labels, probabilities = _session(result.view).run(None, {"input": sample})
+    np.testing.assert_array_equal(labels, classifier.predict(sample))
+    np.testing.assert_allclose(probabilities, classifier.predict_proba(sample), atol=1e-5)
+
+    result = conversions.convert(str(tmp_path / "linreg"), make_options("onnx"))
+    assert read_manifest(result.view)["model"]["task"] == "regression"
+    [predicted] = _session(result.view).run(None, {"input": sample})
+    np.testing.assert_allclose(predicted.ravel(), regressor.predict(sample), rtol=1e-4, atol=1e-4)
+
+
+def test_a_directory_with_two_estimators_is_refused(caches: Caches, tmp_path):
+    import joblib
+    from sklearn.dummy import DummyClassifier
+
+    (tmp_path / "two").mkdir()
+    for name in ("a.joblib", "b.joblib"):
+        joblib.dump(DummyClassifier().fit([[0.0]], [0]), tmp_path / "two" / name)
+    with pytest.raises(InvalidInputError, match="several scikit-learn model files"):
+        Conversions(caches).convert(str(tmp_path / "two"), make_options("onnx"))

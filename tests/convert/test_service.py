@@ -20,12 +20,25 @@ from cachemesh.jobs import FAILED, SUCCEEDED, Jobs
 from tests.conftest import model_files
 
 
-def cm(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
-    env = os.environ.copy()
-    if home is not None:
-        env["CACHEMESH_HOME"] = str(home)
+def cm(*args: str) -> subprocess.CompletedProcess:
+    """The command line in a new process, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "cachemesh", *args], capture_output=True,
-                          text=True, env=env, timeout=120)
+                          text=True, env=os.environ.copy(), timeout=120, check=False)
+
+
+class Ran:
+    def __init__(self, result) -> None:  # noqa: ANN001 - click's Result
+        self.returncode, self.stdout, self.stderr = result.exit_code, result.stdout, result.stderr
+
+
+def cli(*args: str) -> Ran:
+    """The command line in this process (click's runner): same code and exit codes,
+    without paying for a new interpreter importing torch."""
+    from click.testing import CliRunner
+
+    from cachemesh.cli import main
+
+    return Ran(CliRunner().invoke(main, list(args), catch_exceptions=False))
 
 
 def test_convert_stores_a_result_and_converting_again_is_a_lookup(caches: Caches, make_tree,
@@ -175,12 +188,12 @@ def test_a_broken_result_is_converted_again(caches: Caches, make_tree, fake_conv
 def test_bad_options_exit_2_with_a_clear_message_and_leave_nothing(llama, clean_env, args,
                                                                    message):
     origin, _, _ = llama
-    proc = cm("convert", str(origin), *args)
+    proc = cli("convert", str(origin), *args)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert proc.stdout == ""
     assert not (clean_env / "buckets" / BUCKET).exists()
-    jobs = json.loads(cm("jobs", "ls", "--json").stdout)
+    jobs = json.loads(cli("jobs", "ls", "--json").stdout)
     assert jobs == []
 
 
@@ -190,14 +203,14 @@ def test_an_unsupported_architecture_is_refused(make_tree, clean_env):
     origin = make_tree("odd", files)
     for target, message in (("ct2", "CTranslate2 cannot convert model_type 'mystery-net'"),
                             ("onnx", "not model_type 'mystery-net'")):
-        proc = cm("convert", str(origin), "--to", target)
+        proc = cli("convert", str(origin), "--to", target)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    proc = cm("convert", str(origin), "--tp", "2")
+    proc = cli("convert", str(origin), "--tp", "2")
     assert proc.returncode == 2 and "no tensor-parallel layout" in proc.stderr
     no_config = make_tree("plain", {"weights.bin": b"x"})
-    proc = cm("convert", str(no_config), "--to", "ct2")
+    proc = cli("convert", str(no_config), "--to", "ct2")
     assert proc.returncode == 2 and "has no config.json" in proc.stderr
-    assert json.loads(cm("jobs", "ls", "--json").stdout) == []
+    assert json.loads(cli("jobs", "ls", "--json").stdout) == []
     assert not (clean_env / "buckets" / BUCKET).exists()
 
 
@@ -210,7 +223,7 @@ def test_invalid_input_is_refused_by_the_api_too(caches: Caches, make_tree):
 
 def test_cli_prints_the_view_last_and_a_second_run_is_a_hit(llama, clean_env):
     origin, _, _ = llama
-    first = cm("convert", str(origin), "--to", "ct2", "--quantization", "int8")
+    first = cli("convert", str(origin), "--to", "ct2", "--quantization", "int8")
     assert first.returncode == 0, first.stderr
     view = Path(first.stdout.strip().splitlines()[-1])
     assert view.parent == clean_env / "buckets" / BUCKET and (view / "model.bin").is_file()
@@ -234,10 +247,10 @@ def test_cli_a_converter_failure_exits_1_and_leaves_a_failed_job(make_tree, clea
                          "num_attention_heads": 2, "intermediate_size": 16}).encode()
     origin = make_tree("broken-bert", {"config.json": config,
                                        "model.safetensors": b"not a safetensors file"})
-    proc = cm("convert", str(origin), "--to", "onnx")
+    proc = cli("convert", str(origin), "--to", "onnx")
     assert proc.returncode == 1, proc.stderr
     assert "error:" in proc.stderr and proc.stdout == ""
-    [job] = json.loads(cm("jobs", "ls", "--json").stdout)
+    [job] = json.loads(cli("jobs", "ls", "--json").stdout)
     assert job["status"] == "Failed" and job["error"]
     logs = cm("jobs", "logs", job["id"])
     assert "Traceback" in logs.stdout
