@@ -191,7 +191,7 @@ def batch_ct2(generator, tokenizer) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="Repetitions (default 3).")
     parser.add_argument("--no-write", action="store_true", help="Do not update docs/benchmarks.md.")
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -275,8 +275,12 @@ def main() -> None:
     rows = []
     for name in engines:
         tps, ttft, btp = med(single[name]["tps"]), med(single[name]["ttft"]), med(batch[name])
-        rows.append([name, f"{ttft * 1000:.0f}", f"{base_ttft / ttft:.2f}x", f"{tps:.1f}",
-                     f"{tps / base_tps:.2f}x", f"{limit[name]:.0f}", f"{btp:.1f}",
+        ttfts, tpss = single[name]["ttft"], single[name]["tps"]
+        rows.append([name, f"{ttft * 1000:.0f} ({min(ttfts) * 1000:.0f}–{max(ttfts) * 1000:.0f})",
+                     f"{base_ttft / ttft:.2f}x",
+                     f"{tps:.1f} ({min(tpss):.1f}–{max(tpss):.1f})", f"{tps / base_tps:.2f}x",
+                     f"{limit[name]:.0f}",
+                     f"{btp:.1f} ({min(batch[name]):.1f}–{max(batch[name]):.1f})",
                      f"{btp / base_batch:.2f}x"])
     params = sum(p.numel() for p in engines["transformers"].parameters())
     gen_table = _report.table(
@@ -321,6 +325,7 @@ Load times are the constructors' wall time with the files in the page cache:
 transformers 5 maps the safetensors file and reads pages as the first forward pass
 touches them (so part of its load lands in its first TTFT), CTranslate2 reads
 `model.bin` into its own buffers (float32: 4x the bytes of int8).
+Cells show the median and, in brackets, the range over all prompts and repetitions.
 The speed-up columns are against transformers in the same run. "limit" is the
 memory-bandwidth bound of batch-1 decoding for that engine's weight bytes.
 A conversion run again is a lookup by identity: no job and no converter run; its

@@ -28,6 +28,11 @@ deleted. Results are ordinary caches: listed by ``cache ls``, evicted by
 The result cache's recorded source is its staging directory, which is gone
 once the result is stored: refresh a converted model by converting again
 (``cachemesh convert``), not with ``pull --refresh``.
+
+Known cost (revisit with a store-level "adopt this directory"):
+storing copies the staged files into blobs through the local source, so a
+conversion needs the result's size twice on disk until the staging directory
+is removed.
 """
 
 from __future__ import annotations
