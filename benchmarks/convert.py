@@ -14,7 +14,8 @@ the `tokenizers` library on the Python standard library's source, all under
    time: transformers ``generate`` (time to first token through a streamer)
    against CTranslate2 ``generate_tokens`` (first token = first yielded), and
    a batch of all prompts (transformers ``generate`` with left padding against
-   ``generate_batch``). Engines alternate within each repetition; medians.
+   ``generate_batch``). Engines alternate prompt by prompt in a rotating
+   order (the machine is shared: its load drifts by the minute); medians.
 
 The physical limit: decoding one token reads every weight once, so memory
 bandwidth / weight bytes bounds tokens/s at batch 1; the bandwidth (a sum over
@@ -143,25 +144,27 @@ class FirstToken:
         pass
 
 
-def run_hf(model, tokenizer, prompt: str) -> tuple[float, float, int]:
+def run_hf(model, tokenizer, prompt: str,
+           new_tokens: int = NEW_TOKENS) -> tuple[float, float, int]:
     import torch
 
     ids = tokenizer(prompt, return_tensors="pt")
     streamer = FirstToken()
     t = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+        out = model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, streamer=streamer, pad_token_id=2)
     total = time.perf_counter() - t
     n = out.shape[1] - ids["input_ids"].shape[1]
     return streamer.first - t, total, n
 
 
-def run_ct2(generator, tokenizer, prompt: str) -> tuple[float, float, int]:
+def run_ct2(generator, tokenizer, prompt: str,
+            new_tokens: int = NEW_TOKENS) -> tuple[float, float, int]:
     tokens = tokenizer.convert_ids_to_tokens(tokenizer(prompt)["input_ids"])
     t = time.perf_counter()
     first, n = None, 0
-    for _ in generator.generate_tokens(tokens, max_length=NEW_TOKENS, min_length=NEW_TOKENS,
+    for _ in generator.generate_tokens(tokens, max_length=new_tokens, min_length=new_tokens,
                                        sampling_topk=1):
         if first is None:
             first = time.perf_counter()
@@ -191,7 +194,7 @@ def batch_ct2(generator, tokenizer) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="Repetitions (default 3).")
+    parser.add_argument("--repeats", type=int, default=5, help="Repetitions (default 5).")
     parser.add_argument("--no-write", action="store_true", help="Do not update docs/benchmarks.md.")
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -222,9 +225,13 @@ def main() -> None:
                                     **job_seconds(home, result["job"])}
     weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
-    # 2. load times (warm page cache: each is loaded once before timing)
+    # 2. load times (warm page cache: a first round, not counted, reads the files),
+    # and load + the first generated token: transformers maps its weights lazily,
+    # so its constructor alone would flatter it.
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    loads: dict[str, list[float]] = {"transformers": [], "ct2-int8": [], "ct2-float32": []}
+    names = ("transformers", "ct2-int8", "ct2-float32")
+    loads: dict[str, list[float]] = {k: [] for k in names}
+    ready: dict[str, list[float]] = {k: [] for k in names}
 
     def load_hf():
         return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -233,31 +240,36 @@ def main() -> None:
         return ctranslate2.Generator(conv[quant]["view"], device="cpu", compute_type=quant,
                                      intra_threads=THREADS, inter_threads=1)
 
-    for _ in range(args.repeats + 1):
-        for name, fn in (("transformers", load_hf), ("ct2-int8", lambda: load_ct2("int8")),
-                         ("ct2-float32", lambda: load_ct2("float32"))):
+    loaders = {"transformers": load_hf, "ct2-int8": lambda: load_ct2("int8"),
+               "ct2-float32": lambda: load_ct2("float32")}
+    for rep in range(args.repeats + 1):
+        for name in names if rep % 2 == 0 else reversed(names):
             t = time.perf_counter()
-            obj = fn()
-            loads[name].append(time.perf_counter() - t)
+            obj = loaders[name]()
+            loaded = time.perf_counter() - t
+            first = (run_hf if name == "transformers" else run_ct2)(obj, tokenizer, PROMPTS[0],
+                                                                     new_tokens=1)[0]
+            if rep:
+                loads[name].append(loaded)
+                ready[name].append(loaded + first)
             del obj
-    loads = {k: v[1:] for k, v in loads.items()}  # the first round warms the page cache
 
-    # 3. generation, engines alternating
-    engines = {"transformers": load_hf(), "ct2-int8": load_ct2("int8"),
-               "ct2-float32": load_ct2("float32")}
+    # 3. generation: engines alternate prompt by prompt, in a rotating order
+    engines = {name: loaders[name]() for name in names}
     single = {k: {"ttft": [], "tps": []} for k in engines}
     batch = {k: [] for k in engines}
     for rep in range(args.repeats):
-        order = list(engines) if rep % 2 == 0 else list(reversed(engines))
-        for name in order:
-            engine = engines[name]
-            run = run_hf if name == "transformers" else run_ct2
-            for prompt in PROMPTS:
-                ttft, total, n = run(engine, tokenizer, prompt)
+        for i, prompt in enumerate(PROMPTS):
+            shift = (rep * len(PROMPTS) + i) % len(names)
+            for name in names[shift:] + names[:shift]:
+                run = run_hf if name == "transformers" else run_ct2
+                ttft, total, n = run(engines[name], tokenizer, prompt)
                 assert n == NEW_TOKENS, (name, n)
                 single[name]["ttft"].append(ttft)
                 single[name]["tps"].append(n / total)
-            seconds, n = (batch_hf if name == "transformers" else batch_ct2)(engine, tokenizer)
+        for name in names if rep % 2 == 0 else reversed(names):
+            seconds, n = (batch_hf if name == "transformers" else batch_ct2)(engines[name],
+                                                                           tokenizer)
             assert n == NEW_TOKENS * len(PROMPTS), (name, n)
             batch[name].append(n / seconds)
         print(f"repetition {rep + 1}/{args.repeats} done", file=sys.stderr)
@@ -273,20 +285,27 @@ def main() -> None:
     limit = {"transformers": bandwidth / weights, "ct2-int8": bandwidth / int8_bytes,
              "ct2-float32": bandwidth / f32_bytes}
     rows = []
+    best_tps = max(single["transformers"]["tps"])
+    best_ttft = min(single["transformers"]["ttft"])
+    best_batch = max(batch["transformers"])
     for name in engines:
         tps, ttft, btp = med(single[name]["tps"]), med(single[name]["ttft"]), med(batch[name])
-        ttfts, tpss = single[name]["ttft"], single[name]["tps"]
-        rows.append([name, f"{ttft * 1000:.0f} ({min(ttfts) * 1000:.0f}–{max(ttfts) * 1000:.0f})",
-                     f"{base_ttft / ttft:.2f}x",
-                     f"{tps:.1f} ({min(tpss):.1f}–{max(tpss):.1f})", f"{tps / base_tps:.2f}x",
-                     f"{limit[name]:.0f}",
-                     f"{btp:.1f} ({min(batch[name]):.1f}–{max(batch[name]):.1f})",
-                     f"{btp / base_batch:.2f}x"])
+        ttfts, tpss, btps = single[name]["ttft"], single[name]["tps"], batch[name]
+        rows.append([
+            name,
+            f"{ttft * 1000:.0f} ({min(ttfts) * 1000:.0f}–{max(ttfts) * 1000:.0f})",
+            f"{base_ttft / ttft:.2f}x / {best_ttft / min(ttfts):.2f}x",
+            f"{tps:.1f} ({min(tpss):.1f}–{max(tpss):.1f})",
+            f"{tps / base_tps:.2f}x / {max(tpss) / best_tps:.2f}x",
+            f"{limit[name]:.0f}",
+            f"{btp:.1f} ({min(btps):.1f}–{max(btps):.1f})",
+            f"{btp / base_batch:.2f}x / {max(btps) / best_batch:.2f}x",
+        ])
     params = sum(p.numel() for p in engines["transformers"].parameters())
     gen_table = _report.table(
-        ["engine", "TTFT ms", "TTFT speed-up", "tokens/s (batch 1)", "speed-up",
-         "limit tokens/s (bandwidth / weights)", f"tokens/s (batch {len(PROMPTS)})",
-         "speed-up"], rows)
+        ["engine", "TTFT ms", "TTFT speed-up (median / best)", "tokens/s (batch 1)",
+         "speed-up (median / best)", "limit tokens/s (bandwidth / weights)",
+         f"tokens/s (batch {len(PROMPTS)})", "speed-up (median / best)"], rows)
     conv_rows = []
     for quant in ("int8", "float32"):
         c = conv[quant]
@@ -297,8 +316,8 @@ def main() -> None:
         ["conversion", "converter s", "job s (+ store)", "command s (incl. pull, start-up)",
          "again: lookup s (new process)", "result size"], conv_rows)
     load_table = _report.table(
-        ["model load (warm page cache)", "median s"],
-        [[k, f"{med(v):.2f}"] for k, v in loads.items()])
+        ["engine", "load s (warm page cache)", "load + first token s"],
+        [[k, f"{med(loads[k]):.2f}", f"{med(ready[k]):.2f}"] for k in names])
     body = f"""
 Model: Llama architecture, random weights, {params / 1e6:.0f}M parameters
 (hidden {CONFIG['hidden_size']}, {CONFIG['num_hidden_layers']} layers,
@@ -306,8 +325,8 @@ Model: Llama architecture, random weights, {params / 1e6:.0f}M parameters
 vocabulary {len(tokenizer)}: a BPE tokenizer trained offline on the Python standard
 library), float32 safetensors of {_report_size(weights)}. Greedy decoding of exactly
 {NEW_TOKENS} new tokens for each of {len(PROMPTS)} prompts, {THREADS} threads for both
-engines, {args.repeats} repetitions with the engines alternating; medians over all
-prompts and repetitions. transformers {transformers.__version__} / torch
+engines, {args.repeats} repetitions with the engines alternating prompt by prompt;
+medians over all prompts and repetitions. transformers {transformers.__version__} / torch
 {torch.__version__} (float32) against CTranslate2 {ctranslate2.__version__}
 (`generate_tokens` at batch 1, `generate_batch` for the batch).
 Memory read bandwidth measured in the same run: {bandwidth / 1e9:.1f} GB/s.
@@ -321,12 +340,16 @@ Load average (1, 5, 15 min) before: {load_before[0]:.2f} {load_before[1]:.2f}
 
 {load_table}
 
-Load times are the constructors' wall time with the files in the page cache:
-transformers 5 maps the safetensors file and reads pages as the first forward pass
-touches them (so part of its load lands in its first TTFT), CTranslate2 reads
-`model.bin` into its own buffers (float32: 4x the bytes of int8).
+Load times are the constructors' wall time with the files in the page cache;
+"load + first token" adds generating one token for the first prompt, since
+transformers 5 maps the safetensors file and reads pages only as the first
+forward pass touches them, while CTranslate2 reads `model.bin` into its own
+buffers up front (float32: 4x the bytes of int8).
 Cells show the median and, in brackets, the range over all prompts and repetitions.
-The speed-up columns are against transformers in the same run. "limit" is the
+Speed-ups are against transformers in the same run, as the ratio of medians and
+the ratio of best runs (fastest against fastest: the least disturbed by other
+processes on the machine; torch's threads suffer most from a busy CPU, so the
+median ratio overstates what a quiet machine would show). "limit" is the
 memory-bandwidth bound of batch-1 decoding for that engine's weight bytes.
 A conversion run again is a lookup by identity: no job and no converter run; its
 time is a new `cachemesh` process's start-up and hashing nothing.

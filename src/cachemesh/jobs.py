@@ -237,7 +237,8 @@ class Jobs:
     def logs(self, job_id: str, *, after: int = 0, limit: int = 10_000) -> list[LogLine]:
         self.get(job_id)
         rows = self.db.query(
-            "SELECT id, ts, level, message FROM job_logs WHERE job = ? AND id > ? ORDER BY id LIMIT ?",
+            "SELECT id, ts, level, message FROM job_logs WHERE job = ? AND id > ?"
+            " ORDER BY id LIMIT ?",
             (job_id, after, limit),
         )
         return [LogLine(**dict(r)) for r in rows]

@@ -68,7 +68,8 @@ def test_int8_conversion_stays_close_to_the_float_model(caches: Caches, llama):
             want = model(torch.tensor([ids])).logits[0].numpy()
         got = _logits_ct2(generator, tokenizer.convert_ids_to_tokens(ids))
         assert got.shape == want.shape
-        cosine = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+        norms = np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1)
+        cosine = (got * want).sum(-1) / norms
         assert cosine.min() > 0.99, (prompt, cosine)
         top5 = np.argsort(-got, axis=-1)[:, :5]
         assert all(w in t for w, t in zip(want.argmax(-1), top5, strict=True)), prompt

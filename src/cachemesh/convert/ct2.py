@@ -117,7 +117,8 @@ class CTranslate2Converter(Converter):
             cls, task = "Translator", "text2text-generation"
         else:
             cls, task = "Generator", "text-generation"
-        return ModelFacts(model_type=model_type, architectures=list(config.get("architectures") or []),
+        architectures = list(config.get("architectures") or [])
+        return ModelFacts(model_type=model_type, architectures=architectures,
                           task=task, extra={"ct2_class": cls})
 
     def convert(self, model: ModelInput, options: ConvertOptions, facts: ModelFacts,

@@ -13,7 +13,8 @@ Two kinds of input:
 - a scikit-learn estimator saved with joblib/pickle (``*.joblib``, ``*.pkl``)
   or skops (``*.skops``): converted with skl2onnx, one float input
   ``input [batch, n_features]``; classifiers give ``label`` and their
-  scores (``probabilities`` where the estimator has ``predict_proba``; no ZipMap). Loading a pickle runs code from the file:
+  scores (``probabilities`` where the estimator has ``predict_proba``; no
+  ZipMap). Loading a pickle runs code from the file:
   convert only models you would also serve.
 
 Every export is checked before it is accepted: onnxruntime runs the exported

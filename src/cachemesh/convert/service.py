@@ -253,7 +253,8 @@ class Conversions:
             result = self.caches.ensure(spec, on_progress=stored)
             found = self.lookup(name, identity)
             if found is None:
-                raise ConversionError(f"the stored result {name!r} does not carry identity {identity}")
+                raise ConversionError(
+                    f"the stored result {name!r} does not carry identity {identity}")
             run.succeed({"view": str(result.view), "cache": name, "identity": identity,
                          "bytes": staged, "convert_seconds": round(seconds, 3)})
             run.log(f"stored as cache {name!r} in bucket {BUCKET!r}: {result.view}")

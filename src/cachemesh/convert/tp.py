@@ -232,7 +232,8 @@ class TensorParallelSplitter(Converter):
             raise InvalidInputError(
                 f"{model.source}: --tp needs a safetensors checkpoint (no *.safetensors found)"
             )
-        return ModelFacts(model_type=model_type, architectures=list(config.get("architectures") or []),
+        architectures = list(config.get("architectures") or [])
+        return ModelFacts(model_type=model_type, architectures=architectures,
                           task=None, extra={"tp_family": layout.family})
 
     def convert(self, model: ModelInput, options: ConvertOptions, facts: ModelFacts,
