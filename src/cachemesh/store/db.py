@@ -22,6 +22,13 @@ Schema (version 1)::
     events   timestamped lifecycle events of a cache (progress, warnings, errors)
       id, cache, ts, level, kind, message
 
+Version 2 adds::
+
+    models   models deployed on the server at run time (POST /api/v1/models,
+             ``cachemesh models deploy``), so they survive a restart
+      name TEXT PRIMARY KEY, spec (JSON: source, runtime, version,
+      parameters, eager), created_at, updated_at
+
 Rows are written after the files they describe (see store/blobs.py), so after
 a crash the database never points at a file that does not exist; the reverse
 (a blob file without a row) is harmless and collected by ``gc``.
@@ -101,9 +108,23 @@ def _v1(conn: sqlite3.Connection) -> None:
     )
 
 
+def _v2(conn: sqlite3.Connection) -> None:
+    _script(
+        conn,
+        """
+        CREATE TABLE models (
+            name       TEXT PRIMARY KEY,
+            spec       TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        """
+    )
+
+
 # MIGRATIONS[i] takes a database at version i to version i + 1. Append only:
 # never edit a migration that has shipped.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # How long a writer waits for another process's transaction before giving up.

@@ -1,0 +1,171 @@
+"""KServe V2 over REST (Open Inference Protocol): a thin adapter over the service.
+
+Routes (``{v}`` paths address a version; a model without one has none)::
+
+    GET  /v2                                       server metadata
+    GET  /v2/health/live | /v2/health/ready        200, or 503 (warming up, draining)
+    GET  /v2/models/{m}[/versions/{v}]             model metadata
+    GET  /v2/models/{m}[/versions/{v}]/ready       200, or 400 when not loaded
+    POST /v2/models/{m}[/versions/{v}]/infer       inference (see v2_codec.py)
+    GET|POST /v2/repository/index                  every model and its state
+    POST /v2/repository/models/{m}/load | unload   repository extension
+
+These are plain Starlette routes, not FastAPI ones: the inference path reads
+the body itself and answers with orjson, with no validation models in between
+(it is the hot path; see docs/benchmarks.md, section "serve").
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .. import __version__
+from ..errors import InvalidInputError
+from .http_errors import message_of, status_of
+from .service import LOADING, PULLING, READY, UNLOADING, ModelService
+from .v2_codec import encode_response, parse_request
+
+JSON = "application/json"
+HEADER_LENGTH = "inference-header-content-length"
+EXTENSIONS = ["model_repository", "binary_tensor_data", "parameters"]
+TRITON_STATE = {READY: "READY", LOADING: "LOADING", PULLING: "LOADING", UNLOADING: "UNLOADING"}
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status, headers, media_type=JSON)
+
+
+def error_response(exc: BaseException) -> Response:
+    status, headers = status_of(exc)
+    return json_response({"error": message_of(exc)}, status, headers)
+
+
+def _service(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+async def _body(request: Request) -> bytes:
+    body = await request.body()
+    encoding = request.headers.get("content-encoding", "").lower()
+    if encoding in ("gzip", "deflate"):
+        try:
+            body = zlib.decompress(body, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise InvalidInputError(f"the body is not valid {encoding}: {exc}") from None
+    elif encoding not in ("", "identity"):
+        raise InvalidInputError(f"unsupported Content-Encoding {encoding!r}")
+    return body
+
+
+async def server_metadata(request: Request) -> Response:
+    return json_response({"name": "cachemesh", "version": __version__, "extensions": EXTENSIONS})
+
+
+async def live(request: Request) -> Response:
+    ok = _service(request).live
+    return json_response({"live": ok}, 200 if ok else 503)
+
+
+async def ready(request: Request) -> Response:
+    ok = _service(request).ready
+    return json_response({"ready": ok}, 200 if ok else 503)
+
+
+async def model_metadata(request: Request) -> Response:
+    p = request.path_params
+    try:
+        return json_response(await _service(request).metadata(p["model"], p.get("version")))
+    except Exception as exc:
+        return error_response(exc)
+
+
+async def model_ready(request: Request) -> Response:
+    p = request.path_params
+    try:
+        ok = _service(request).is_ready(p["model"], p.get("version"))
+    except Exception as exc:
+        return error_response(exc)
+    return json_response({"name": p["model"], "ready": ok}, 200 if ok else 400)
+
+
+async def infer(request: Request) -> Response:
+    p = request.path_params
+    try:
+        header = request.headers.get(HEADER_LENGTH)
+        try:
+            header_length = int(header) if header is not None else None
+        except ValueError:
+            raise InvalidInputError(f"Inference-Header-Content-Length {header!r} is not a number") from None
+        req, form = parse_request(await _body(request), header_length)
+        response = await _service(request).infer(p["model"], p.get("version"), req)
+        body, json_length = encode_response(response, form)
+    except Exception as exc:
+        return error_response(exc)
+    if json_length is None:
+        return Response(body, 200, media_type=JSON)
+    return Response(body, 200, {"Inference-Header-Content-Length": str(json_length)},
+                    media_type="application/octet-stream")
+
+
+async def repository_index(request: Request) -> Response:
+    ready_only = False
+    if request.method == "POST":
+        raw = await request.body()
+        if raw.strip():
+            try:
+                doc = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return error_response(InvalidInputError("the request body is not valid JSON"))
+            ready_only = bool(isinstance(doc, dict) and doc.get("ready"))
+    out = []
+    for s in _service(request).list_models():
+        if ready_only and s.state != READY:
+            continue
+        entry = {"name": s.name, "state": TRITON_STATE.get(s.state, "UNAVAILABLE")}
+        if s.version:
+            entry["version"] = s.version
+        if s.reason:
+            entry["reason"] = s.reason
+        out.append(entry)
+    return json_response(out)
+
+
+async def repository_load(request: Request) -> Response:
+    try:
+        await _service(request).load(request.path_params["model"])
+    except Exception as exc:
+        return error_response(exc)
+    return json_response({})
+
+
+async def repository_unload(request: Request) -> Response:
+    try:
+        await _service(request).unload(request.path_params["model"])
+    except Exception as exc:
+        return error_response(exc)
+    return json_response({})
+
+
+def routes() -> list[Route]:
+    r = []
+    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        r += [
+            Route(prefix, model_metadata, methods=["GET"]),
+            Route(prefix + "/ready", model_ready, methods=["GET"]),
+            Route(prefix + "/infer", infer, methods=["POST"]),
+        ]
+    return [
+        Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/v2/repository/index", repository_index, methods=["GET", "POST"]),
+        Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
+        *r,
+    ]
