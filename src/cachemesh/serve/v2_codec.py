@@ -104,7 +104,15 @@ def _numeric(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> np
             raise _fail(f"{where}: BOOL data must be true/false, got {raw.dtype} values")
     elif dtype.kind in "iu":
         if kind not in "iub":
-            raise _fail(f"{where}: {datatype} data must be integers, got {_kind(kind)}")
+            # Values past int64 (UINT64's upper half) make numpy guess float or object.
+            flat = _flatten(data)
+            if not all(type(v) is int for v in flat):
+                raise _fail(f"{where}: {datatype} data must be integers, got {_kind(kind)}")
+            try:
+                arr = np.array(flat, dtype=dtype)
+            except OverflowError:
+                raise _fail(f"{where}: a value is out of range for {datatype}") from None
+            return _reshape(arr, shape, where)
         lim = _INT_LIMITS[dtype]
         if raw.min() < lim.min or raw.max() > lim.max:
             raise _fail(f"{where}: a value is out of range for {datatype}")
