@@ -653,7 +653,6 @@ class ModelService:
                         worker = await self._ensure_loaded(model, REQUEST, deadline)
                     response: InferenceResponse = await worker.call(ipc.INFER, model.key, request)
             except TimeoutError:
-                outcome = "timeout"
                 raise RequestTimeoutError(
                     f"model {name!r} did not answer within {self.cfg.request_timeout_s:g}s"
                 ) from None
@@ -665,8 +664,14 @@ class ModelService:
         except (InvalidInputError, ModelNotFoundError):
             outcome = "client_error"
             raise
+        except RequestTimeoutError:
+            outcome = "timeout"
+            raise
         except UnavailableError:
             outcome = "unavailable"
+            raise
+        except ModelFailedError:
+            outcome = "failed"
             raise
         finally:
             gauge.dec()

@@ -5,7 +5,7 @@ them in the messages of ``ipc.py``. A worker:
 
 - answers predictions inline on its reading thread, in arrival order, and sends
   the replies to everything it read in one go in a single ``sendmsg`` (requests
-  that arrive together leave together);
+  that arrive together leave together, as long as that takes under 2 ms);
 - loads, unloads, ``generate`` and ``stream`` on a separate thread, so that a
   long load does not stall the models it already serves; loads run one at a
   time, which keeps the RSS measured around each load the load's own;
@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -35,6 +36,8 @@ from typing import Any
 from . import ipc
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+# Replies to requests read together leave together, unless predicting them takes longer.
+FLUSH_AFTER_S = 0.002
 
 
 def rss_bytes(pid: int | str = "self") -> int:
@@ -96,9 +99,16 @@ class Worker:
             if n == 0:
                 return  # the server closed the socket or died
             replies = []
+            since = time.perf_counter()
             for op, rid, key, payload in decoder.feed(view[:n]):
                 if op == ipc.INFER:
                     replies.append(self.infer(rid, key, payload))
+                    # Hold replies back only while predictions are quick: a slow one
+                    # must not delay the answers that are ready before it.
+                    now = time.perf_counter()
+                    if now - since > FLUSH_AFTER_S:
+                        self.send(*replies)
+                        replies, since = [], now
                 elif op == ipc.STREAM:
                     self._streams.submit(self.stream, rid, key, payload)
                 else:
