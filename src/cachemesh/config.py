@@ -141,8 +141,8 @@ class ServeSettings:
     request_timeout_s: float = 60.0
     # CACHEMESH_SERVE_DRAIN_TIMEOUT: seconds SIGTERM waits for requests in flight.
     drain_timeout_s: float = 30.0
-    # CACHEMESH_SERVE_MIN_RESIDENT: churn guard; a model loaded this recently is evicted last.
-    min_resident_s: float = 2.0
+    # CACHEMESH_SERVE_MIN_RESIDENT: a model loaded this recently is not evicted (loads wait).
+    min_resident_s: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ServeSettings:
@@ -162,7 +162,7 @@ class ServeSettings:
             max_inflight=_int(env, "CACHEMESH_SERVE_MAX_INFLIGHT", 1024),
             request_timeout_s=_float(env, "CACHEMESH_SERVE_REQUEST_TIMEOUT", 60.0),
             drain_timeout_s=_float(env, "CACHEMESH_SERVE_DRAIN_TIMEOUT", 30.0),
-            min_resident_s=_float(env, "CACHEMESH_SERVE_MIN_RESIDENT", 2.0),
+            min_resident_s=_float(env, "CACHEMESH_SERVE_MIN_RESIDENT", 0.0),
         )
 
     def worker_count(self) -> int:

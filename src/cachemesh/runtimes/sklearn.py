@@ -102,6 +102,18 @@ class SKLearnRuntime(Runtime):
             self.model = joblib.load(file)
         if not hasattr(self.model, "predict") and not hasattr(self.model, "transform"):
             raise ModelLoadError(f"{file.name} holds a {type(self.model).__name__}, not an estimator")
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        # sklearn's first call in a process pays for lazy imports and thread-pool
+        # inspection (tens of ms): pay it during the load, not in a request.
+        n = getattr(self.model, "n_features_in_", None)
+        method = getattr(self.model, "predict", None)
+        if isinstance(n, int) and method is not None:
+            try:
+                method(np.zeros((1, n)))
+            except Exception:  # a model that rejects zeros still serves real inputs
+                pass
 
     def unload(self) -> None:
         self.model = None

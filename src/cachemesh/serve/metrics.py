@@ -6,6 +6,8 @@ in one process, as in the tests, do not collide). Names::
     cachemesh_requests_total{model,outcome}         requests answered (ok, client_error, error, ...)
     cachemesh_request_duration_seconds{model}       latency of answered requests, load waits included
     cachemesh_inflight_requests{model}              requests in the server now
+    cachemesh_model_hits_total{model}               requests that found their model in memory
+    cachemesh_model_misses_total{model}             requests that waited for a load
     cachemesh_model_load_seconds{model}             cache misses: time to bring a model into memory
     cachemesh_load_queue_delay_seconds              time a load waited for a slot
     cachemesh_load_failures_total{model}            failed load attempts
@@ -38,6 +40,10 @@ class Metrics:
                                  "Latency of answered requests, load waits included.",
                                  ["model"], buckets=_LATENCY, registry=r)
         self.inflight = Gauge("cachemesh_inflight_requests", "Requests in the server now.",
+                              ["model"], registry=r)
+        self.hits = Counter("cachemesh_model_hits", "Requests that found their model in memory.",
+                            ["model"], registry=r)
+        self.misses = Counter("cachemesh_model_misses", "Requests that waited for a model load.",
                               ["model"], registry=r)
         self.load_time = Histogram("cachemesh_model_load_seconds",
                                    "Time to bring a model into memory (a cache miss).",

@@ -12,9 +12,15 @@ runtime that under-reports, or memory that an unload did not give back, still
 counts.
 
 Eviction is least recently used among idle models: a model with requests in
-flight is never evicted, nor one that is still loading. The churn guard: a model
-loaded less than ``min_resident_s`` ago is not evicted; when only such models
-(or busy ones) could make room, the load waits for capacity instead.
+flight is never evicted, nor one that is still loading. Two guards against
+churn, so that a stream of one-off requests for cold models does not flush the
+hot ones (segmented LRU, as caches such as Caffeine do):
+
+- idle models used fewer than ``protect_uses`` times recently (a use count that
+  halves every ``half_life_s``, kept by the service) go first, least recently
+  used first; the frequently used ones go only when those are not enough;
+- a model loaded less than ``min_resident_s`` ago is not evicted at all; when
+  only such models (or busy ones) could make room, the load waits instead.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class ModelView:
     last_used: float
     loaded_at: float
     loading: bool = False
+    uses: float = 0.0  # recent uses, decayed (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,7 @@ def held(w: WorkerView, models: Sequence[ModelView]) -> int:
 
 def place(need: int, workers: Sequence[WorkerView], models: Sequence[ModelView],
           budget: int, now: float, *, min_resident_s: float = 0.0,
-          avoid: frozenset[int] = frozenset()) -> Placement:
+          protect_uses: float = 2.0, avoid: frozenset[int] = frozenset()) -> Placement:
     """Choose a worker for a model of ``need`` bytes and the models to evict first."""
     alive = [w for w in workers if w.alive]
     if not alive:
@@ -80,7 +87,7 @@ def place(need: int, workers: Sequence[WorkerView], models: Sequence[ModelView],
     victims: list[ModelView] = []
     if need > free:
         idle = sorted((m for m in models if m.inflight == 0 and not m.loading),
-                      key=lambda m: m.last_used)
+                      key=lambda m: (m.uses >= protect_uses, m.last_used))
         settled = [m for m in idle if now - m.loaded_at >= min_resident_s]
         for m in settled:
             if need <= free:
@@ -88,8 +95,8 @@ def place(need: int, workers: Sequence[WorkerView], models: Sequence[ModelView],
             victims.append(m)
             free += m.size
             holding[m.worker] -= m.size
-            reasons.append(f"evict {m.name} (idle {now - m.last_used:.1f}s,"
-                           f" {format_size(m.size)})")
+            reasons.append(f"evict {m.name} (idle {now - m.last_used:.1f}s, {m.uses:.1f} recent"
+                           f" uses, {format_size(m.size)})")
         if need > free:
             busy = sum(1 for m in models if m.inflight or m.loading)
             young = len(idle) - len(settled)

@@ -64,6 +64,8 @@ log = logging.getLogger("cachemesh.serve")
 PULLING, UNLOADED, LOADING, READY, UNLOADING, FAILED = (
     "Pulling", "Unloaded", "Loading", "Ready", "Unloading", "Failed")
 MODEL_BUCKET = "models"
+CAPACITY_POLL_S = 0.05
+USES_HALF_LIFE_S = 30.0
 
 
 @dataclass
@@ -108,6 +110,7 @@ class Model:
     inflight: int = 0
     last_used: float = 0.0  # monotonic
     last_used_wall: float | None = None
+    uses: float = 0.0  # recent uses, halving every USES_HALF_LIFE_S (the churn guard)
     loaded_at: float = 0.0
     loads: int = 0
     evictions: int = 0
@@ -374,8 +377,10 @@ class ModelService:
         return WorkerView(w.id, w.alive, w.base_rss, w.rss(), on, reserved)
 
     def _model_views(self) -> list[ModelView]:
+        now = time.monotonic()
         return [ModelView(m.name, m.worker.id, m.size or m.predicted, m.inflight, m.last_used,
-                          m.loaded_at, loading=m.state != READY)
+                          m.loaded_at, loading=m.state != READY,
+                          uses=m.uses * 0.5 ** ((now - m.last_used) / USES_HALF_LIFE_S))
                 for m in self.models.values()
                 if m.worker is not None and m.state in (READY, UNLOADING)]
 
@@ -537,8 +542,10 @@ class ModelService:
                     f"no room to load model {model.name!r} in time: {'; '.join(plan.reasons)}")
             self._capacity_waiters += 1
             try:
-                await asyncio.wait_for(self._capacity.wait(),
-                                       min(remaining, 1.0) if remaining is not None else 1.0)
+                # Woken when a request ends, a load or unload finishes, a worker
+                # dies; polled too, for the churn guard's clock.
+                await asyncio.wait_for(self._capacity.wait(), min(
+                    remaining if remaining is not None else CAPACITY_POLL_S, CAPACITY_POLL_S))
             except TimeoutError:
                 pass
             finally:
@@ -630,6 +637,7 @@ class ModelService:
         self.inflight -= 1
         model.inflight -= 1
         now = time.monotonic()
+        model.uses = model.uses * 0.5 ** ((now - model.last_used) / USES_HALF_LIFE_S) + 1.0
         model.last_used = now
         model.last_used_wall = time.time()
         if model.inflight == 0:
@@ -650,7 +658,10 @@ class ModelService:
                 async with asyncio.timeout(self.cfg.request_timeout_s):
                     worker = model.worker
                     if model.state != READY or worker is None or not worker.alive:
+                        self.metrics.misses.labels(name).inc()
                         worker = await self._ensure_loaded(model, REQUEST, deadline)
+                    else:
+                        self.metrics.hits.labels(name).inc()
                     response: InferenceResponse = await worker.call(ipc.INFER, model.key, request)
             except TimeoutError:
                 raise RequestTimeoutError(

@@ -69,6 +69,7 @@ class Worker:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.models: dict[str, Any] = {}
+        self._preloaded: set[type] = set()
         self._send_lock = threading.Lock()
         self._slow = ThreadPoolExecutor(1, thread_name_prefix="cachemesh-load")
         self._streams = ThreadPoolExecutor(4, thread_name_prefix="cachemesh-stream")
@@ -90,6 +91,8 @@ class Worker:
     def serve(self) -> None:
         from ..runtimes import Runtime  # noqa: F401  (imports numpy once, before READY)
 
+        gc.collect()
+        gc.freeze()
         self.send((0, ipc.READY, {"pid": os.getpid(), "rss": rss_bytes()}))
         decoder = ipc.Decoder()
         buf = bytearray(1 << 20)
@@ -166,7 +169,13 @@ class Worker:
         if key in self.models:
             self.unload(key)
         cls = runtime_class(spec["runtime"])
-        cls.preload()
+        if cls not in self._preloaded:
+            cls.preload()
+            # What the framework allocated stays for the life of the worker: freeze it,
+            # so the collections below (and any later) no longer walk it.
+            gc.collect()
+            gc.freeze()
+            self._preloaded.add(cls)
         gc.collect()
         before = rss_bytes()
         model = cls(spec["settings"])
@@ -217,7 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # SIGTERM to the whole process group (a container runtime, a shell) is the server's:
+    # it drains, then closes our socket, and we exit on EOF.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.memory_limit:
         resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
     sock = socket.socket(fileno=args.fd)
