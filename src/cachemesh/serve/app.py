@@ -1,11 +1,19 @@
 """The ASGI app: one factory, one port, routers added to it.
 
-``create_app(service)`` mounts the V2 REST routes, the control API and
-``/metrics`` over one :class:`~.service.ModelService`, and starts and stops the
-service with the app's lifespan. Later adapters (the datacache control API,
-OpenAI, auth middleware) are passed as ``routers=`` or added to the returned
-app with ``app.include_router``; they reach the service as
-``request.app.state.service``.
+``create_app(service)`` serves, over one :class:`~.service.ModelService`:
+
+- the KServe V2 REST routes (``v2_rest.py``) and ``/metrics``, as plain
+  Starlette routes on the root app: the inference path crosses two middleware
+  layers, not FastAPI's eight (measured: docs/benchmarks.md, section "serve");
+- a FastAPI app mounted under them, holding the control API (``/api/v1/...``)
+  and its OpenAPI documentation (``/docs``).
+
+Later adapters (the datacache control API, OpenAI, ...) are FastAPI routers:
+pass them as ``routers=`` or add them with ``app.state.api.include_router``.
+Middleware that must see every request (authentication) goes on the root app
+(``app.add_middleware``). Handlers reach the service as
+``request.app.state.service`` (both apps carry it). The service starts and stops
+with the root app's lifespan.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.applications import Starlette
 from starlette.responses import Response
+from starlette.routing import Mount, Route
 
 from .. import __version__
 from ..errors import CachemeshError
@@ -27,11 +37,35 @@ from .registry import ModelSpec
 from .service import ModelService
 
 
+def create_api(service: ModelService, routers: Sequence[Any] = ()) -> FastAPI:
+    """The FastAPI part: control API routers, OpenAPI docs, error bodies."""
+    api = FastAPI(title="cachemesh", version=__version__,
+                  description="Control API of the cachemesh model server. Inference speaks"
+                  " KServe V2 (Open Inference Protocol) under /v2 on the same port.")
+    api.state.service = service
+    api.include_router(control.router)
+    for router in routers:
+        api.include_router(router)
+
+    @api.exception_handler(CachemeshError)
+    async def cachemesh_error(request: Request, exc: CachemeshError) -> Response:
+        return v2_rest.error_response(exc)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}"
+            for err in exc.errors())
+        return v2_rest.json_response({"error": f"invalid request: {problems}"}, 400)
+
+    return api
+
+
 def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
                routers: Sequence[Any] = (),
-               on_started: Callable[[], None] | None = None) -> FastAPI:
+               on_started: Callable[[], None] | None = None) -> Starlette:
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await service.start(list(specs))
         # Modules, routes and settings live as long as the server: keep the collector
         # from walking them again and again under load (long gen-2 pauses in p99).
@@ -44,28 +78,13 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
         finally:
             await service.stop()
 
-    app = FastAPI(title="cachemesh", version=__version__, lifespan=lifespan,
-                  description="KServe V2 inference, model control API and metrics.")
-    app.state.service = service
-    app.router.routes.extend(v2_rest.routes())
-    app.include_router(control.router)
-    for router in routers:
-        app.include_router(router)
-
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
         service.refresh_gauges()
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.exception_handler(CachemeshError)
-    async def cachemesh_error(request: Request, exc: CachemeshError) -> Response:
-        return v2_rest.error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
-        problems = "; ".join(
-            f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}"
-            for err in exc.errors())
-        return v2_rest.json_response({"error": f"invalid request: {problems}"}, 400)
-
+    api = create_api(service, routers)
+    app = Starlette(routes=[*v2_rest.routes(), Route("/metrics", metrics, methods=["GET"]),
+                            Mount("", app=api)], lifespan=lifespan)
+    app.state.service = service
+    app.state.api = api
     return app

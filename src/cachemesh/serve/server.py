@@ -72,7 +72,7 @@ def make_server(settings: Settings, specs: Sequence[ModelSpec] = (), *,
         loop="uvloop" if _has("uvloop") else "asyncio",
         http="httptools" if _has("httptools") else "h11",
         lifespan="on", timeout_graceful_shutdown=cfg.drain_timeout_s,
-        timeout_keep_alive=30, backlog=2048,
+        timeout_keep_alive=30, backlog=2048, proxy_headers=False,
     )
     return DrainingServer(config, service)
 

@@ -93,6 +93,15 @@ class ModelStatus:
         return asdict(self)
 
 
+@dataclass(slots=True)
+class _Series:
+    inflight: Any
+    hits: Any
+    misses: Any
+    ok: Any
+    latency: Any
+
+
 @dataclass(eq=False)
 class Model:
     spec: ModelSpec
@@ -123,6 +132,7 @@ class Model:
     ticket: list[Ticket | None] = field(default_factory=lambda: [None])
     hold: contextlib.ExitStack | None = None
     removed: bool = False
+    series: _Series | None = None  # its metric series, looked up once
 
     @property
     def name(self) -> str:
@@ -633,6 +643,12 @@ class ModelService:
         self._idle.clear()
         return model
 
+    def _series(self, model: Model) -> _Series:
+        m, name = self.metrics, model.name
+        model.series = _Series(m.inflight.labels(name), m.hits.labels(name), m.misses.labels(name),
+                               m.requests.labels(name, "ok"), m.latency.labels(name))
+        return model.series
+
     def _done(self, model: Model) -> None:
         self.inflight -= 1
         model.inflight -= 1
@@ -650,18 +666,18 @@ class ModelService:
         model = self._admit(name, version)
         started = time.perf_counter()
         outcome = "error"
-        gauge = self.metrics.inflight.labels(name)
-        gauge.inc()
+        series = model.series or self._series(model)
+        series.inflight.inc()
         try:
             deadline = time.monotonic() + self.cfg.request_timeout_s
             try:
                 async with asyncio.timeout(self.cfg.request_timeout_s):
                     worker = model.worker
                     if model.state != READY or worker is None or not worker.alive:
-                        self.metrics.misses.labels(name).inc()
+                        series.misses.inc()
                         worker = await self._ensure_loaded(model, REQUEST, deadline)
                     else:
-                        self.metrics.hits.labels(name).inc()
+                        series.hits.inc()
                     response: InferenceResponse = await worker.call(ipc.INFER, model.key, request)
             except TimeoutError:
                 raise RequestTimeoutError(
@@ -685,10 +701,10 @@ class ModelService:
             outcome = "failed"
             raise
         finally:
-            gauge.dec()
+            series.inflight.dec()
             self._done(model)
-            self.metrics.requests.labels(name, outcome).inc()
-            self.metrics.latency.labels(name).observe(time.perf_counter() - started)
+            (series.ok if outcome == "ok" else self.metrics.requests.labels(name, outcome)).inc()
+            series.latency.observe(time.perf_counter() - started)
 
     async def generate(self, name: str, payload: dict[str, Any]) -> dict[str, Any]:
         """The optional ``generate`` hook of a runtime (issue 7's OpenAI adapter calls this)."""
