@@ -122,3 +122,16 @@ def test_backpressure_429_with_retry_after_and_timeouts_504(tmp_path: Path):
         r = infer(s, "slower")
         assert r.status_code == 504 and "did not answer within 0.3s" in r.json()["error"]
         assert 'cachemesh_requests_total{model="slower",outcome="timeout"} 1.0' in s.client.get("/metrics").text
+
+
+@pytest.mark.slow
+def test_readiness_waits_for_eager_models_to_warm_up(tmp_path: Path):
+    specs = [toy_model(tmp_path / "m", "warm", eager=True, load_delay=1.5),
+             toy_model(tmp_path / "m", "lazy")]
+    with RunningServer(serve_settings(tmp_path / "home"), specs) as s:
+        assert s.client.get("/v2/health/live").status_code == 200
+        r = s.client.get("/v2/health/ready")
+        assert r.status_code == 503 and r.json() == {"ready": False}
+        assert states(s)["warm"] in ("Pulling", "Unloaded", "Loading")
+        s.wait_ready()
+        assert states(s) == {"warm": "Ready", "lazy": "Unloaded"}  # lazy ones load on demand
