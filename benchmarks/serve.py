@@ -351,6 +351,7 @@ def main() -> None:
     BENCH.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="serve-", dir=BENCH))
     started = time.monotonic()
+    load_before = os.getloadavg()
     if args.skip_throughput:
         table, figures = density(work, args.density_duration)
         print(table, figures)
@@ -389,7 +390,9 @@ throughput, p99 {'no worse' if med[best_cm]['p99'] <= med[best]['p99'] else 'wor
 Hit rate: requests that found their model in memory
 (`cachemesh_model_hits_total` / all). The workers' RSS (their own memory plus the models)
 was sampled every 100 ms from /proc during the run and compared with `--memory`.
-Took {time.monotonic() - started:.0f} s in all.
+Took {time.monotonic() - started:.0f} s in all. Load average (1, 5, 15 min) of the
+machine at the start: {", ".join(f"{x:.1f}" for x in load_before)}; at the end:
+{", ".join(f"{x:.1f}" for x in os.getloadavg())} (other work on the machine shows here).
 """
     if not args.no_write:
         _report.write_section("serve", "Model server: throughput and density", body)
