@@ -189,3 +189,28 @@ def test_serve_settings_from_the_environment():
     with pytest.raises(InvalidInputError):
         Settings.from_env({"CACHEMESH_SERVE_PORT": "http"})
     assert pickle.loads(pickle.dumps(s)) == s
+
+
+def test_batching_merges_alike_requests_and_splits_row_for_row():
+    from cachemesh.runtimes import InferenceRequest, RequestedOutput
+    from cachemesh.runtimes.batching import merge, split
+
+    def req(rows: int, outputs=("predict",), cols: int = 4):
+        data = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols) + rows
+        return InferenceRequest([Tensor("x", "FP32", data.shape, data)],
+                                [RequestedOutput(o) for o in outputs])
+
+    reqs = [req(1), req(3), req(2)]
+    merged, sizes = merge(reqs)
+    assert sizes == [1, 3, 2] and merged.inputs[0].data.shape == (6, 4)
+    answer = InferenceResponse([Tensor.of("predict", merged.inputs[0].data.sum(axis=1))],
+                               parameters={"p": 1})
+    parts = split(answer, sizes)
+    for r, part in zip(reqs, parts):
+        assert part.outputs[0].data.tolist() == r.inputs[0].data.sum(axis=1).tolist()
+        assert part.parameters == {"p": 1}
+    assert merge([req(1), req(1, outputs=("predict_proba",))]) is None  # other outputs
+    assert merge([req(1), req(1, cols=5)]) is None  # other features
+    one_d = InferenceRequest([Tensor("x", "FP32", (4,), np.zeros(4, dtype=np.float32))])
+    assert merge([one_d, one_d]) is None  # a 1-D input is one row; stacking would change it
+    assert split(InferenceResponse([Tensor.of("y", [1.0])]), sizes) is None  # rows do not line up

@@ -243,3 +243,31 @@ def test_generate_and_stream_hooks_reach_the_runtime(v2: RunningServer):
     text, chunks = asyncio.run_coroutine_threadsafe(both(), loop).result(30)
     assert text == {"text": "HELLO WORLD"}
     assert chunks == [{"token": "a"}, {"token": "b"}, {"token": "c"}]
+
+
+def test_concurrent_requests_each_get_their_own_answer(v2: RunningServer, digits_data):
+    """Requests that reach the worker together are predicted in one call (batching):
+    every answer must still be the one for its own rows, errors included."""
+    import asyncio
+
+    import httpx
+
+    x, y = digits_data
+
+    async def go():
+        async with httpx.AsyncClient(base_url=v2.url, timeout=30) as c:
+            async def one(i: int):
+                rows = 1 + i % 3
+                feats = 3 if i % 7 == 6 else 64  # some requests are wrong
+                data = x[i:i + rows, :feats].tolist()
+                r = await c.post("/v2/models/digits/infer", json={"inputs": [
+                    {"name": "x", "shape": [rows, feats], "datatype": "FP32", "data": data}]})
+                return i, rows, feats, r
+            return await asyncio.gather(*(one(i) for i in range(96)))
+
+    for i, rows, feats, r in asyncio.run(go()):
+        if feats == 3:
+            assert r.status_code == 400 and "3 features" in r.json()["error"]
+        else:
+            assert r.status_code == 200, r.text
+            assert r.json()["outputs"][0]["data"] == y[i:i + rows].tolist()

@@ -57,6 +57,9 @@ class Runtime:
 
     #: The name users give as ``runtime=``; also the entry-point name.
     name: ClassVar[str] = ""
+    #: Whether ``predict`` takes several requests stacked along the first dimension
+    #: of every input and answers row for row (see ``runtimes/batching.py``).
+    batchable: ClassVar[bool] = False
 
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings

@@ -87,6 +87,7 @@ class CustomRuntime(Runtime):
                 f"{target!r} does not subclass cachemesh.runtimes.Runtime"
             )
         self.inner: Runtime = cls(settings)
+        self.batchable = cls.batchable  # type: ignore[misc]
 
     def load(self) -> None:
         self.inner.load()

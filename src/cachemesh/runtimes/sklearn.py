@@ -58,6 +58,7 @@ def model_file(path: Path, uri: str | None = None) -> Path:
 
 class SKLearnRuntime(Runtime):
     name = "sklearn"
+    batchable = True  # estimators predict row by row
 
     def __init__(self, settings: Any) -> None:
         super().__init__(settings)

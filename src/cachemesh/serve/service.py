@@ -212,8 +212,14 @@ class ModelService:
     def _background(self, coro: Any) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Whoever awaited it got the error; this only marks it as seen.
+            log.debug("background task failed: %s", task.exception())
 
     @property
     def live(self) -> bool:
@@ -542,6 +548,7 @@ class ModelService:
                 if tasks:
                     log.info("loading %s: %s", model.name, "; ".join(plan.reasons))
                     await asyncio.gather(*(asyncio.shield(t) for t in tasks))
+                    continue  # plan again on what the workers hold now
                 worker = next(w for w in self.workers if w.id == plan.worker)
                 if worker.alive:
                     return worker

@@ -6,6 +6,8 @@ them in the messages of ``ipc.py``. A worker:
 - answers predictions inline on its reading thread, in arrival order, and sends
   the replies to everything it read in one go in a single ``sendmsg`` (requests
   that arrive together leave together, as long as that takes under 2 ms);
+  requests for one ``batchable`` model that arrive together are predicted in
+  one call (``runtimes/batching.py``);
 - loads, unloads, ``generate`` and ``stream`` on a separate thread, so that a
   long load does not stall the models it already serves; loads run one at a
   time, which keeps the RSS measured around each load the load's own;
@@ -33,6 +35,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..runtimes import batching
 from . import ipc
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -101,23 +104,48 @@ class Worker:
             n = self.sock.recv_into(view)
             if n == 0:
                 return  # the server closed the socket or died
-            replies = []
-            since = time.perf_counter()
+            replies: list[tuple] = []
+            infers: list[tuple] = []
             for op, rid, key, payload in decoder.feed(view[:n]):
                 if op == ipc.INFER:
-                    replies.append(self.infer(rid, key, payload))
-                    # Hold replies back only while predictions are quick: a slow one
-                    # must not delay the answers that are ready before it.
-                    now = time.perf_counter()
-                    if now - since > FLUSH_AFTER_S:
-                        self.send(*replies)
-                        replies, since = [], now
+                    infers.append((rid, key, payload))
                 elif op == ipc.STREAM:
                     self._streams.submit(self.stream, rid, key, payload)
                 else:
                     self._slow.submit(self.slow, op, rid, key, payload)
+            since = time.perf_counter()
+            i = 0
+            while i < len(infers):
+                key = infers[i][1]
+                j = i + 1
+                if getattr(self.models.get(key), "batchable", False):
+                    while j < len(infers) and infers[j][1] == key and j - i < batching.MAX_REQUESTS:
+                        j += 1
+                replies.extend(self.infer_group(infers[i:j]))
+                i = j
+                # Hold replies back only while predictions are quick: a slow one
+                # must not delay the answers that are ready before it.
+                now = time.perf_counter()
+                if now - since > FLUSH_AFTER_S:
+                    self.send(*replies)
+                    replies, since = [], now
             if replies:
                 self.send(*replies)
+
+    def infer_group(self, group: list[tuple]) -> list[tuple]:
+        """Requests for one model read together: one merged call when the runtime
+        allows it (see runtimes/batching.py), else one call each."""
+        if len(group) > 1:
+            merged = batching.merge([payload for _, _, payload in group])
+            if merged is not None:
+                request, sizes = merged
+                try:
+                    parts = batching.split(self.models[group[0][1]].predict(request), sizes)
+                except Exception:
+                    parts = None  # one by one, so each request gets its own error
+                if parts is not None:
+                    return [(rid, ipc.OK, part) for (rid, _, _), part in zip(group, parts)]
+        return [self.infer(rid, key, payload) for rid, key, payload in group]
 
     def infer(self, rid: int, key: str, request: Any) -> tuple:
         from ..errors import InvalidInputError
