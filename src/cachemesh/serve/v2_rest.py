@@ -10,9 +10,10 @@ Routes (``{v}`` paths address a version; a model without one has none)::
     GET|POST /v2/repository/index                  every model and its state
     POST /v2/repository/models/{m}/load | unload   repository extension
 
-These are plain Starlette routes, not FastAPI ones: the inference path reads
-the body itself and answers with orjson, with no validation models in between
-(it is the hot path; see docs/benchmarks.md, section "serve").
+These are plain Starlette routes, not FastAPI ones, and inference is a bare
+ASGI endpoint: it reads the body itself and answers with orjson, with no
+validation models or request objects in between (it is the hot path; see
+docs/benchmarks.md, section "serve").
 """
 
 from __future__ import annotations
@@ -50,19 +51,6 @@ def _service(request: Request) -> ModelService:
     return request.app.state.service
 
 
-async def _body(request: Request) -> bytes:
-    body = await request.body()
-    encoding = request.headers.get("content-encoding", "").lower()
-    if encoding in ("gzip", "deflate"):
-        try:
-            body = zlib.decompress(body, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise InvalidInputError(f"the body is not valid {encoding}: {exc}") from None
-    elif encoding not in ("", "identity"):
-        raise InvalidInputError(f"unsupported Content-Encoding {encoding!r}")
-    return body
-
-
 async def server_metadata(request: Request) -> Response:
     return json_response({"name": "cachemesh", "version": __version__, "extensions": EXTENSIONS})
 
@@ -94,23 +82,61 @@ async def model_ready(request: Request) -> Response:
     return json_response({"name": p["model"], "ready": ok}, 200 if ok else 400)
 
 
-async def infer(request: Request) -> Response:
-    p = request.path_params
-    try:
-        header = request.headers.get(HEADER_LENGTH)
+def _decompress(body: bytes, encoding: str) -> bytes:
+    if encoding in ("gzip", "deflate"):
         try:
-            header_length = int(header) if header is not None else None
-        except ValueError:
-            raise InvalidInputError(f"Inference-Header-Content-Length {header!r} is not a number") from None
-        req, form = parse_request(await _body(request), header_length)
-        response = await _service(request).infer(p["model"], p.get("version"), req)
-        body, json_length = encode_response(response, form)
-    except Exception as exc:
-        return error_response(exc)
-    if json_length is None:
-        return Response(body, 200, media_type=JSON)
-    return Response(body, 200, {"Inference-Header-Content-Length": str(json_length)},
-                    media_type="application/octet-stream")
+            return zlib.decompress(body, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise InvalidInputError(f"the body is not valid {encoding}: {exc}") from None
+    if encoding not in ("", "identity"):
+        raise InvalidInputError(f"unsupported Content-Encoding {encoding!r}")
+    return body
+
+
+class InferEndpoint:
+    """``POST .../infer`` as a bare ASGI app: the hot path makes no Request object and
+    crosses no per-request wrappers. Middleware on the root app still applies."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        headers = {}
+        for key, value in scope["headers"]:
+            if key in (b"inference-header-content-length", b"content-encoding"):
+                headers[key] = value.decode("latin-1")
+        p = scope["path_params"]
+        extra: list[tuple[bytes, bytes]] = []
+        try:
+            header = headers.get(b"inference-header-content-length")
+            try:
+                header_length = int(header) if header is not None else None
+            except ValueError:
+                raise InvalidInputError(
+                    f"Inference-Header-Content-Length {header!r} is not a number") from None
+            body = b"".join(chunks) if len(chunks) != 1 else chunks[0]
+            encoding = headers.get(b"content-encoding")
+            if encoding:
+                body = _decompress(body, encoding.lower())
+            req, form = parse_request(body, header_length)
+            response = await scope["app"].state.service.infer(p["model"], p.get("version"), req)
+            out, json_length = encode_response(response, form)
+            status, ctype = 200, b"application/json"
+            if json_length is not None:
+                ctype = b"application/octet-stream"
+                extra.append((b"inference-header-content-length", str(json_length).encode()))
+        except Exception as exc:
+            status, more = status_of(exc)
+            out, ctype = orjson.dumps({"error": message_of(exc)}), b"application/json"
+            extra.extend((k.lower().encode(), v.encode()) for k, v in more.items())
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", ctype), (b"content-length", str(len(out)).encode()), *extra]})
+        await send({"type": "http.response.body", "body": out})
 
 
 async def repository_index(request: Request) -> Response:
@@ -158,7 +184,7 @@ def routes() -> list[Route]:
         r += [
             Route(prefix, model_metadata, methods=["GET"]),
             Route(prefix + "/ready", model_ready, methods=["GET"]),
-            Route(prefix + "/infer", infer, methods=["POST"]),
+            Route(prefix + "/infer", InferEndpoint(), methods=["POST"]),
         ]
     return [
         Route("/v2", server_metadata, methods=["GET"]),
