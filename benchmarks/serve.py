@@ -108,6 +108,31 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def process_tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    hz = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[pid] = (int(fields[11]) + int(fields[12])) / hz
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
 def wrk(url: str, script: Path, duration: float, threads: int = 2) -> dict:
     out = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{CONNECTIONS}", f"-d{duration:g}s", "--latency",
@@ -186,14 +211,22 @@ def throughput(work: Path, duration: float, rounds: int, cm_workers: list[int],
                 check = httpx.post(f"{url}/v2/models/digits/infer", content=body).json()
                 assert check["outputs"][0]["data"] == [1], check
                 wrk(f"{url}/v2/models/digits/infer", script, 2)  # warm up
+                pids = process_tree(proc.pid)
+                before = cpu_seconds(pids)
                 res = wrk(f"{url}/v2/models/digits/infer", script, duration)
+                after = cpu_seconds(pids)
+                per = [1e6 * (after[p] - before[p]) / res["requests"] for p in pids
+                       if p in before and p in after]
+                res["cpu_main"] = per[0] if per else 0.0
+                res["cpu_rest"] = sum(per[1:])
             finally:
                 stop(proc)
             results[(system, workers)].append(res)
             print(f"round {r + 1} {system:<9} workers={workers}: {res['rate']:8.0f} req/s"
                   f"  p50 {res['p50']:6.2f} ms  p99 {res['p99']:6.2f} ms  non-2xx {res['non2xx']}",
                   flush=True)
-    med = {c: {k: _report.median([x[k] for x in v]) for k in ("rate", "p50", "p99")}
+    med = {c: {k: _report.median([x[k] for x in v])
+               for k in ("rate", "p50", "p99", "cpu_main", "cpu_rest")}
            for c, v in results.items()}
     best_ml = max((c for c in configs if c[0] == "mlserver"), key=lambda c: med[c]["rate"])
     rows = []
@@ -204,10 +237,65 @@ def throughput(work: Path, duration: float, rounds: int, cm_workers: list[int],
         rates = ", ".join(f"{x['rate']:.0f}" for x in results[c])
         rows.append([label, f"{m['rate']:.0f}", rates, f"{m['p50']:.2f}", f"{m['p99']:.2f}",
                      f"{m['rate'] / med[best_ml]['rate']:.2f}x",
+                     f"{m['cpu_main']:.0f} + {m['cpu_rest']:.0f}",
                      sum(x["non2xx"] for x in results[c])])
     table = _report.table(["server", "req/s (median)", "req/s per round", "p50 ms", "p99 ms",
-                           "vs best MLServer", "non-2xx"], rows)
+                           "vs best MLServer", "CPU us/request (main + workers)", "non-2xx"],
+                          rows)
     return table, {"median": med, "best_mlserver": best_ml}
+
+
+# -- IPC -------------------------------------------------------------------------------
+
+NOOP = """
+from cachemesh.runtimes import InferenceResponse, Runtime
+class Noop(Runtime):
+    def predict(self, request):
+        return InferenceResponse(request.inputs)
+"""
+
+
+def ipc_costs(work: Path) -> str:
+    """Round trips to one worker process through the socket and pickle 5 frames."""
+    import asyncio
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from cachemesh.runtimes import InferenceRequest, Tensor, resolve
+    from cachemesh.serve import ipc
+    from cachemesh.serve.workers import WorkerHandle
+
+    d = work / "noop"
+    d.mkdir(exist_ok=True)
+    (d / "noop.py").write_text(NOOP)
+
+    async def run() -> list[list[str]]:
+        w = WorkerHandle(1, lambda _: None)
+        await w.start(memory_limit=None, threads=1)
+        r = resolve(d, "custom", {"class": "noop:Noop"})
+        await w.call(ipc.LOAD, "noop", {"runtime": "custom", "settings": r.settings("noop", d)})
+        rows = []
+        for label, shape in (("[1, 64] FP32 (256 B)", (1, 64)),
+                             ("[1, 1048576] FP32 (4 MiB, out of band)", (1, 1 << 20))):
+            req = InferenceRequest([Tensor.of("x", np.ones(shape, dtype=np.float32))])
+            n = 2000 if shape[1] == 64 else 100
+            t = time.perf_counter()
+            for _ in range(n):
+                await w.call(ipc.INFER, "noop", req)
+            seq = (time.perf_counter() - t) / n
+            t = time.perf_counter()
+            for _ in range(n // 20):
+                await asyncio.gather(*(w.call(ipc.INFER, "noop", req) for _ in range(20)))
+            piped = (time.perf_counter() - t) / n
+            rows.append([label, f"{seq * 1e6:.0f}", f"{1 / piped:.0f}",
+                         f"{2 * np.prod(shape) * 4 / piped / 2**30:.2f}" if shape[1] > 64 else "-"])
+        await w.stop()
+        return rows
+
+    rows = asyncio.run(run())
+    return _report.table(["payload (request and reply)", "round trip us (one at a time)",
+                          "round trips/s (20 in flight)", "GiB/s both ways"], rows)
 
 
 # -- density -------------------------------------------------------------------------
@@ -352,6 +440,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="serve-", dir=BENCH))
     started = time.monotonic()
     load_before = os.getloadavg()
+    ipc_table = ipc_costs(work)
+    print(ipc_table)
     if args.skip_throughput:
         table, figures = density(work, args.density_duration)
         print(table, figures)
@@ -382,6 +472,20 @@ Best cachemesh (`--workers {best_cm[1]}`): {med[best_cm]['rate']:.0f} req/s, p99
 {med[best_cm]['p99']:.2f} ms; best MLServer (`parallel_workers={best[1]}`):
 {med[best]['rate']:.0f} req/s, p99 {med[best]['p99']:.2f} ms: **{ratio:.2f}x** the
 throughput, p99 {'no worse' if med[best_cm]['p99'] <= med[best]['p99'] else 'worse'}.
+
+CPU us/request: CPU time (user + system) of the server's processes during the
+measured run, divided by the requests it answered; for cachemesh the first number is
+the HTTP process and the second its worker processes, for MLServer the main process
+and its inference workers (with parallel_workers=0 MLServer predicts in its main
+process). wrk's own CPU is not in it.
+
+### IPC between the server and a worker process
+
+{ipc_table}
+
+A no-op custom runtime in one worker; the request and the reply each carry the
+tensor. Large tensors travel out of band (pickle protocol 5 buffers written with
+`sendmsg`, no copy into the pickle).
 
 ### Density: many models under one memory budget
 

@@ -55,37 +55,80 @@ def encode(obj: Any) -> list[bytes | memoryview]:
 
 
 class Decoder:
-    """Incremental reader: ``feed`` bytes as they come, iterate whole messages."""
+    """Incremental reader: ``feed`` bytes as they come, iterate whole messages.
+
+    Small frames collect in one buffer. A frame larger than :data:`BIG_FRAME`
+    gets a buffer of its exact size, filled in place as the bytes arrive, and its
+    out-of-band buffers are handed to pickle as views of it: each byte is copied
+    once, and never moved again.
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._big: bytearray | None = None
+        self._big_fill = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Any]:
+        data = memoryview(data).cast("B")
+        while len(data):
+            if self._big is not None:
+                take = min(len(data), len(self._big) - self._big_fill)
+                self._big[self._big_fill:self._big_fill + take] = data[:take]
+                self._big_fill += take
+                data = data[take:]
+                if self._big_fill == len(self._big):
+                    big, self._big = self._big, None
+                    yield _decode(big, 0, own=False)[0]
+                continue
+            self._buf += data
+            data = data[:0]
+            yield from self._drain()
+
+    def _drain(self) -> Iterator[Any]:
         buf = self._buf
-        buf += data
         pos = 0
-        n = len(buf)
-        while n - pos >= _HEAD.size:
+        while len(buf) - pos >= _HEAD.size:
             plen, nbufs = _HEAD.unpack_from(buf, pos)
             start = pos + _HEAD.size + 8 * nbufs
-            if n < start:
+            if len(buf) < start:
                 break
             lens = struct.unpack_from(f"<{nbufs}Q", buf, pos + _HEAD.size) if nbufs else ()
             end = start + plen + sum(lens)
-            if n < end:
+            if len(buf) < end and end - pos > BIG_FRAME:
+                # Move this frame into a buffer of its own size and fill it there.
+                self._big = bytearray(end - pos)
+                have = len(buf) - pos
+                self._big[:have] = memoryview(buf)[pos:]
+                self._big_fill = have
+                pos = len(buf)
                 break
-            payload = memoryview(buf)[start:start + plen]
-            if nbufs:
-                buffers = []
-                off = start + plen
-                for length in lens:
-                    buffers.append(bytearray(buf[off:off + length]))  # owned, writable
-                    off += length
-                obj = pickle.loads(payload, buffers=buffers)
-            else:
-                obj = pickle.loads(payload)
-            payload.release()
-            pos = end
+            if len(buf) < end:
+                break
+            obj, pos = _decode(buf, pos, own=True)
             yield obj
         if pos:
             del buf[:pos]
+
+
+BIG_FRAME = 1 << 20
+
+
+def _decode(buf: bytearray, pos: int, *, own: bool) -> tuple[Any, int]:
+    """The message framed at ``buf[pos:]``, and where the next one starts. With
+    ``own``, buffers are copied out (``buf`` is reused); else they are views of it."""
+    plen, nbufs = _HEAD.unpack_from(buf, pos)
+    start = pos + _HEAD.size + 8 * nbufs
+    lens = struct.unpack_from(f"<{nbufs}Q", buf, pos + _HEAD.size) if nbufs else ()
+    view = memoryview(buf)
+    payload = view[start:start + plen]
+    off = start + plen
+    buffers = []
+    for length in lens:
+        part = view[off:off + length]
+        buffers.append(bytearray(part) if own else part)  # writable either way
+        off += length
+    obj = pickle.loads(payload, buffers=buffers) if nbufs else pickle.loads(payload)
+    payload.release()
+    if own:
+        view.release()
+    return obj, off
