@@ -16,9 +16,9 @@ flight is never evicted, nor one that is still loading. Two guards against
 churn, so that a stream of one-off requests for cold models does not flush the
 hot ones (segmented LRU, as caches such as Caffeine do):
 
-- idle models used fewer than ``protect_uses`` times recently (a use count that
-  halves every ``half_life_s``, kept by the service) go first, least recently
-  used first; the frequently used ones go only when those are not enough;
+- the less used half of the idle models (by recent use: a count that halves
+  every 30 s, kept by the service) goes first, least recently used first; the
+  more used half goes only when that is not enough;
 - a model loaded less than ``min_resident_s`` ago is not evicted at all; when
   only such models (or busy ones) could make room, the load waits instead.
 """
@@ -69,7 +69,7 @@ def held(w: WorkerView, models: Sequence[ModelView]) -> int:
 
 def place(need: int, workers: Sequence[WorkerView], models: Sequence[ModelView],
           budget: int, now: float, *, min_resident_s: float = 0.0,
-          protect_uses: float = 2.0, avoid: frozenset[int] = frozenset()) -> Placement:
+          protect_share: float = 0.5, avoid: frozenset[int] = frozenset()) -> Placement:
     """Choose a worker for a model of ``need`` bytes and the models to evict first."""
     alive = [w for w in workers if w.alive]
     if not alive:
@@ -86,8 +86,10 @@ def place(need: int, workers: Sequence[WorkerView], models: Sequence[ModelView],
                f" {format_size(budget)} free"]
     victims: list[ModelView] = []
     if need > free:
-        idle = sorted((m for m in models if m.inflight == 0 and not m.loading),
-                      key=lambda m: (m.uses >= protect_uses, m.last_used))
+        idle = [m for m in models if m.inflight == 0 and not m.loading]
+        by_use = sorted(m.uses for m in idle)
+        cut = by_use[min(int(len(by_use) * (1 - protect_share)), len(by_use) - 1)] if idle else 0
+        idle.sort(key=lambda m: (m.uses >= cut and protect_share > 0, m.last_used))
         settled = [m for m in idle if now - m.loaded_at >= min_resident_s]
         for m in settled:
             if need <= free:
