@@ -208,7 +208,7 @@ def throughput(work: Path, duration: float, rounds: int, cm_workers: list[int],
             try:
                 url = f"http://127.0.0.1:{port}"
                 wait_ready(url, "digits", proc)
-                check = httpx.post(f"{url}/v2/models/digits/infer", content=body).json()
+                check = httpx.post(f"{url}/v2/models/digits/infer", content=body, timeout=60).json()
                 assert check["outputs"][0]["data"] == [1], check
                 wrk(f"{url}/v2/models/digits/infer", script, 2)  # warm up
                 pids = process_tree(proc.pid)
@@ -242,7 +242,9 @@ def throughput(work: Path, duration: float, rounds: int, cm_workers: list[int],
     table = _report.table(["server", "req/s (median)", "req/s per round", "p50 ms", "p99 ms",
                            "vs best MLServer", "CPU us/request (main + workers)", "non-2xx"],
                           rows)
-    return table, {"median": med, "best_mlserver": best_ml}
+    best_cm = max((c for c in configs if c[0] == "cachemesh"), key=lambda c: med[c]["rate"])
+    paired = [a["rate"] / b["rate"] for a, b in zip(results[best_cm], results[best_ml])]
+    return table, {"median": med, "best_mlserver": best_ml, "paired": paired}
 
 
 # -- IPC -------------------------------------------------------------------------------
@@ -375,8 +377,9 @@ def density(work: Path, duration: float, n: int = 50, hold: int = 10, workers: i
     proc, url = start("64GiB")
     try:
         for i in range(workers):  # one model per worker, so every worker imports sklearn
-            assert httpx.post(f"{url}/v2/models/m{i:02d}/infer", content=body).status_code == 200
-        info = httpx.get(f"{url}/api/v1/models").json()
+            r = httpx.post(f"{url}/v2/models/m{i:02d}/infer", content=body, timeout=120)
+            assert r.status_code == 200, r.text
+        info = httpx.get(f"{url}/api/v1/models", timeout=30).json()
     finally:
         stop(proc)
     sizes = [m["size_bytes"] for m in info["models"] if m["size_bytes"]]
@@ -397,8 +400,8 @@ def density(work: Path, duration: float, n: int = 50, hold: int = 10, workers: i
         res = wrk(url, script, duration)
         stop_event.set()
         sampler.join()
-        text = httpx.get(f"{url}/metrics").text
-        models = httpx.get(f"{url}/api/v1/models").json()
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        models = httpx.get(f"{url}/api/v1/models", timeout=30).json()
     finally:
         stop_event.set()
         stop(proc)
@@ -427,8 +430,8 @@ def density(work: Path, duration: float, n: int = 50, hold: int = 10, workers: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--density-duration", type=float, default=30.0)
     parser.add_argument("--cm-workers", default="1,2")
     parser.add_argument("--ml-workers", default="0,1,2,4")
@@ -471,7 +474,9 @@ with mlserver-sklearn, in its own virtual environment, same scikit-learn.
 Best cachemesh (`--workers {best_cm[1]}`): {med[best_cm]['rate']:.0f} req/s, p99
 {med[best_cm]['p99']:.2f} ms; best MLServer (`parallel_workers={best[1]}`):
 {med[best]['rate']:.0f} req/s, p99 {med[best]['p99']:.2f} ms: **{ratio:.2f}x** the
-throughput, p99 {'no worse' if med[best_cm]['p99'] <= med[best]['p99'] else 'worse'}.
+throughput, p99 {'no worse' if med[best_cm]['p99'] <= med[best]['p99'] else 'worse'}. The same
+ratio round by round (both ran in the same round, minutes apart):
+{", ".join(f"{x:.2f}x" for x in tp["paired"])}.
 
 CPU us/request: CPU time (user + system) of the server's processes during the
 measured run, divided by the requests it answered; for cachemesh the first number is
