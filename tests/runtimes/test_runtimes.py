@@ -184,3 +184,12 @@ def test_tensor_of_picks_datatypes():
     t = Tensor.of("s", np.array(["x", "yz"]))
     assert t.datatype == "BYTES" and t.data.tolist() == [b"x", b"yz"]
     assert Tensor.of("b", [True]).datatype == "BOOL"
+
+
+def test_public_names_of_runtimes_and_serve_exist():
+    import cachemesh.runtimes as runtimes
+    import cachemesh.serve as serve
+
+    for module in (runtimes, serve):
+        for name in module.__all__:
+            assert getattr(module, name) is not None, (module.__name__, name)
