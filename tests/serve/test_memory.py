@@ -111,7 +111,8 @@ def test_backpressure_429_with_retry_after_and_timeouts_504(tmp_path: Path):
     with RunningServer(settings, specs) as s:
         s.wait_ready()
         codes = sorted(r.status_code for r in asyncio.run(many(s, ["slow"] * 4)))
-        assert codes.count(429) >= 1 and codes.count(200) >= 1, codes
+        # two are admitted (200, or 504 on a starved machine), the others are turned away
+        assert codes.count(429) >= 1 and set(codes) <= {200, 429, 504}, codes
         r = next(r for r in asyncio.run(many(s, ["slow"] * 4)) if r.status_code == 429)
         assert r.headers["retry-after"] == "1" and "in flight" in r.json()["error"]
         # two queue in the single worker: the second waits 0.6 s, then 0.6 s more > 1 s
