@@ -435,10 +435,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int |
 @click.pass_context
 def models(ctx: click.Context, url: str | None) -> None:
     """List, deploy and remove the models of a running server (the control API)."""
-    import os
-
     ctx.ensure_object(dict)
-    ctx.obj["url"] = (url or os.environ.get("CACHEMESH_URL") or "http://127.0.0.1:8008").rstrip("/")
+    ctx.obj["url"] = (url or settings_of(ctx).serve.url).rstrip("/")
 
 
 def _api(ctx: click.Context, method: str, path: str, body: Any = None) -> Any:

@@ -143,6 +143,8 @@ class ServeSettings:
     drain_timeout_s: float = 30.0
     # CACHEMESH_SERVE_MIN_RESIDENT: a model loaded this recently is not evicted (loads wait).
     min_resident_s: float = 0.0
+    # CACHEMESH_URL: the server that `cachemesh models ...` talks to.
+    url: str = "http://127.0.0.1:8008"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ServeSettings:
@@ -163,6 +165,7 @@ class ServeSettings:
             request_timeout_s=_float(env, "CACHEMESH_SERVE_REQUEST_TIMEOUT", 60.0),
             drain_timeout_s=_float(env, "CACHEMESH_SERVE_DRAIN_TIMEOUT", 30.0),
             min_resident_s=_float(env, "CACHEMESH_SERVE_MIN_RESIDENT", 0.0),
+            url=(env.get("CACHEMESH_URL") or "http://127.0.0.1:8008").rstrip("/"),
         )
 
     def worker_count(self) -> int:
