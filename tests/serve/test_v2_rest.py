@@ -44,6 +44,9 @@ def test_server_metadata_health_and_model_metadata(v2: RunningServer):
     assert v2.client.get("/v2/models/digits-v/versions/8").status_code == 404
     assert v2.client.get("/v2/models/digits/versions/1/ready").status_code == 404
     assert v2.client.get("/v2/models/nope").json() == {"error": "no model named 'nope'"}
+    # the control API documents itself on the same port
+    assert "/api/v1/models" in v2.client.get("/openapi.json").json()["paths"]
+    assert v2.client.get("/docs").status_code == 200
 
 
 def test_digits_predictions_are_right(v2: RunningServer, digits_data):
