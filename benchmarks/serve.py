@@ -243,7 +243,7 @@ def throughput(work: Path, duration: float, rounds: int, cm_workers: list[int],
                            "vs best MLServer", "CPU us/request (main + workers)", "non-2xx"],
                           rows)
     best_cm = max((c for c in configs if c[0] == "cachemesh"), key=lambda c: med[c]["rate"])
-    paired = [a["rate"] / b["rate"] for a, b in zip(results[best_cm], results[best_ml])]
+    paired = [a["rate"] / b["rate"] for a, b in zip(results[best_cm], results[best_ml], strict=True)]
     return table, {"median": med, "best_mlserver": best_ml, "paired": paired}
 
 

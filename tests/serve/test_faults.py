@@ -8,7 +8,6 @@ from pathlib import Path
 import orjson
 import pytest
 
-from cachemesh.serve.registry import ModelSpec
 from tests.serve.conftest import RunningServer, serve_settings, toy_model
 
 BODY = orjson.dumps({"inputs": [{"name": "t", "shape": [1], "datatype": "FP32", "data": [1]}]})

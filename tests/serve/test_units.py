@@ -206,7 +206,7 @@ def test_batching_merges_alike_requests_and_splits_row_for_row():
     answer = InferenceResponse([Tensor.of("predict", merged.inputs[0].data.sum(axis=1))],
                                parameters={"p": 1})
     parts = split(answer, sizes)
-    for r, part in zip(reqs, parts):
+    for r, part in zip(reqs, parts, strict=True):
         assert part.outputs[0].data.tolist() == r.inputs[0].data.sum(axis=1).tolist()
         assert part.parameters == {"p": 1}
     assert merge([req(1), req(1, outputs=("predict_proba",))]) is None  # other outputs

@@ -73,7 +73,7 @@ def split(response: InferenceResponse, sizes: list[int]) -> list[InferenceRespon
         return None
     bounds = np.cumsum([0, *sizes])
     out = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         tensors = []
         for t in response.outputs:
             part = t.data[start:end]

@@ -56,7 +56,7 @@ from .loadqueue import BACKGROUND, REQUEST, LoadQueue, Ticket
 from .memory import default_budget
 from .metrics import Metrics
 from .placement import ModelView, Placement, WorkerView, held, place
-from .registry import MemoryModelRegistry, ModelRegistry, ModelSpec
+from .registry import ModelRegistry, ModelSpec
 from .workers import WorkerHandle
 
 log = logging.getLogger("cachemesh.serve")

@@ -144,7 +144,7 @@ class Worker:
                 except Exception:
                     parts = None  # one by one, so each request gets its own error
                 if parts is not None:
-                    return [(rid, ipc.OK, part) for (rid, _, _), part in zip(group, parts)]
+                    return [(rid, ipc.OK, part) for (rid, _, _), part in zip(group, parts, strict=True)]
         return [self.infer(rid, key, payload) for rid, key, payload in group]
 
     def infer(self, rid: int, key: str, request: Any) -> tuple:
