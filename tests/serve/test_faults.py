@@ -33,6 +33,7 @@ def test_crashing_loads_retry_on_other_workers_then_mark_failed(tmp_path: Path):
     log = tmp_path / "log"
     specs = [toy_model(tmp_path / "m", "segv", crash_on_load="segv", log=log / "segv"),
              toy_model(tmp_path / "m", "exits", crash_on_load="exit", log=log / "exits"),
+             toy_model(tmp_path / "m", "killed", crash_on_load="kill", log=log / "killed"),
              toy_model(tmp_path / "m", "raises", crash_on_load="raise", log=log / "raises"),
              toy_model(tmp_path / "m", "fine", log=log / "fine")]
     settings = serve_settings(tmp_path / "home", workers=2, failed_ttl_s=1.5)
@@ -40,6 +41,7 @@ def test_crashing_loads_retry_on_other_workers_then_mark_failed(tmp_path: Path):
         assert infer(s, "fine").status_code == 200
         pids = {w.pid for w in s.service.workers}
         for name, fragment in [("segv", "SIGSEGV"), ("exits", "exited with status 3"),
+                               ("killed", "SIGKILL (killed; out of memory?)"),
                                ("raises", "RuntimeError: the model refused to load")]:
             r = infer(s, name)
             assert r.status_code == 500, r.text
@@ -52,7 +54,7 @@ def test_crashing_loads_retry_on_other_workers_then_mark_failed(tmp_path: Path):
             assert r.status_code == 503 and "marked failed" in r.json()["error"]
             assert int(r.headers["retry-after"]) >= 1
             assert count(log / name, "load") == 3
-        # every crash (3 segfaults, 3 exits) took one worker down; each was replaced
+        # every crash (3 segfaults, 3 exits, 3 kills) took one worker down; each was replaced
         wait_workers(s, 2)
         assert {w.pid for w in s.service.workers} != pids
         # the other model keeps serving (reloaded if its worker died)
@@ -64,7 +66,7 @@ def test_crashing_loads_retry_on_other_workers_then_mark_failed(tmp_path: Path):
         assert count(log / "raises", "load") == 6
         metrics = s.client.get("/metrics").text
         assert 'cachemesh_load_failures_total{model="segv"} 3.0' in metrics
-        assert "cachemesh_worker_restarts_total 6.0" in metrics
+        assert "cachemesh_worker_restarts_total 9.0" in metrics
 
 
 @pytest.mark.slow
