@@ -59,6 +59,23 @@ def test_deploy_list_delete_and_survive_a_restart(tmp_path: Path, digits_dir: Pa
     assert SqliteModelRegistry(caches.db).list() == []
 
 
+def test_the_repository_extension_adds_and_removes_models_too(tmp_path: Path, digits_dir: Path):
+    settings = serve_settings(tmp_path / "home")
+    registry = SqliteModelRegistry(Caches(settings).db)
+    with RunningServer(settings, [], registry=registry) as s:
+        r = s.client.post("/v2/repository/models/svm/load", json={"parameters": {
+            "source": str(digits_dir), "version": "2", "config": {"trusted": "true"}}})
+        assert r.status_code == 200, r.text
+        assert s.client.get("/v2/models/svm/versions/2/ready").status_code == 200
+        assert [m.name for m in registry.list()] == ["svm"]  # kept across restarts
+        r = s.client.post("/v2/repository/models/other/load", json={"parameters": {}})
+        assert r.status_code == 404  # no source: only known models load
+        r = s.client.post("/v2/repository/models/svm/unload", json={"parameters": {"remove": True}})
+        assert r.status_code == 200
+        assert s.client.get("/v2/models/svm").status_code == 404
+        assert registry.list() == []
+
+
 def cm(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "CACHEMESH_HOME": str(home)}
     proc = subprocess.run([sys.executable, "-m", "cachemesh", *args], capture_output=True,

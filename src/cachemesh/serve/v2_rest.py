@@ -8,7 +8,10 @@ Routes (``{v}`` paths address a version; a model without one has none)::
     GET  /v2/models/{m}[/versions/{v}]/ready       200, or 400 when not loaded
     POST /v2/models/{m}[/versions/{v}]/infer       inference (see v2_codec.py)
     GET|POST /v2/repository/index                  every model and its state
-    POST /v2/repository/models/{m}/load | unload   repository extension
+    POST /v2/repository/models/{m}/load | unload   repository extension; a load with
+                                                   {"parameters": {"source": ...}} deploys a
+                                                   new model, an unload with
+                                                   {"parameters": {"remove": true}} forgets one
 
 These are plain Starlette routes, not FastAPI ones, and inference is a bare
 ASGI endpoint: it reads the body itself and answers with orjson, with no
@@ -29,6 +32,7 @@ from starlette.routing import Route
 from .. import __version__
 from ..errors import InvalidInputError
 from .http_errors import message_of, status_of
+from .registry import make_model_spec
 from .service import LOADING, PULLING, READY, UNLOADING, ModelService
 from .v2_codec import encode_response, parse_request
 
@@ -162,17 +166,50 @@ async def repository_index(request: Request) -> Response:
     return json_response(out)
 
 
-async def repository_load(request: Request) -> Response:
+async def _parameters(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
     try:
-        await _service(request).load(request.path_params["model"])
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidInputError("the request body is not valid JSON") from None
+    params = doc.get("parameters") if isinstance(doc, dict) else None
+    if params is not None and not isinstance(params, dict):
+        raise InvalidInputError("'parameters' must be an object")
+    return params or {}
+
+
+async def repository_load(request: Request) -> Response:
+    """Load a model. With ``{"parameters": {"source": ...}}`` (and optionally runtime,
+    version, and runtime parameters under ``"config"``), a model not yet known is
+    deployed first, as ``POST /api/v1/models`` would, and kept across restarts."""
+    name = request.path_params["model"]
+    service = _service(request)
+    try:
+        params = await _parameters(request)
+        if "source" in params and name not in {s.name for s in service.list_models()}:
+            config = params.get("config") or {}
+            if isinstance(config, str):
+                config = orjson.loads(config)
+            spec = make_model_spec({"name": name, "source": params["source"],
+                                    "runtime": params.get("runtime"),
+                                    "version": params.get("version"), "parameters": config})
+            await service.deploy(spec)
+        await service.load(name)
     except Exception as exc:
         return error_response(exc)
     return json_response({})
 
 
 async def repository_unload(request: Request) -> Response:
+    """Unload a model; with ``{"parameters": {"remove": true}}`` also forget it."""
     try:
-        await _service(request).unload(request.path_params["model"])
+        params = await _parameters(request)
+        if params.get("remove") is True:
+            await _service(request).remove(request.path_params["model"])
+        else:
+            await _service(request).unload(request.path_params["model"])
     except Exception as exc:
         return error_response(exc)
     return json_response({})
