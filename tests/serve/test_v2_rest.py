@@ -274,3 +274,19 @@ def test_concurrent_requests_each_get_their_own_answer(v2: RunningServer, digits
         else:
             assert r.status_code == 200, r.text
             assert r.json()["outputs"][0]["data"] == y[i:i + rows].tolist()
+
+
+def test_metrics_cover_requests_loads_memory_and_workers(v2: RunningServer):
+    body = {"inputs": [{"name": "t", "shape": [1], "datatype": "FP32", "data": [1]}]}
+    assert infer(v2, "echo", body).status_code == 200
+    text = v2.client.get("/metrics").text
+    for series in ('cachemesh_requests_total{model="echo",outcome="ok"}',
+                   'cachemesh_request_duration_seconds_bucket{le="0.005",model="echo"}',
+                   'cachemesh_inflight_requests{model="echo"} 0.0',
+                   'cachemesh_model_hits_total{model="echo"}',
+                   'cachemesh_model_load_seconds_count{model="echo"}',
+                   "cachemesh_load_queue_delay_seconds_count",
+                   "cachemesh_loaded_models", "cachemesh_memory_budget_bytes 4.294967296e+09",
+                   "cachemesh_memory_held_bytes", 'cachemesh_model_bytes{model="digits"}',
+                   'cachemesh_worker_rss_bytes{worker="1"}'):
+        assert series in text, series
