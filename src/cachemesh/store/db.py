@@ -149,6 +149,10 @@ def _jobs(conn: sqlite3.Connection) -> None:
             message TEXT NOT NULL
         );
         CREATE INDEX IF NOT EXISTS job_logs_by_job ON job_logs(job, id);
+        """
+    )
+
+
 def _models(conn: sqlite3.Connection) -> None:
     _script(
         conn,
