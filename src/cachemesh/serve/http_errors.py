@@ -14,10 +14,14 @@ import math
 from .. import errors as e
 
 log = logging.getLogger("cachemesh.serve")
+REALM = "cachemesh"
 
 # Most specific first.
 STATUS: list[tuple[type[BaseException], int]] = [
+    (e.RequestTooLargeError, 413),
     (e.InvalidInputError, 400),  # InferenceInputError, UnknownRuntimeError, UnsafePathError
+    (e.UnauthorizedError, 401),
+    (e.ForbiddenError, 403),
     (e.NotFoundError, 404),
     (e.ConflictError, 409),
     (e.OverloadedError, 429),
@@ -37,6 +41,13 @@ def status_of(exc: BaseException) -> tuple[int, dict[str, str]]:
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    # RFC 6750: the challenge says what was wrong, never what was sent.
+    if isinstance(exc, e.UnauthorizedError):
+        headers["WWW-Authenticate"] = (f'Bearer realm="{REALM}", error="invalid_token"'
+                                       if exc.invalid else f'Bearer realm="{REALM}"')
+    elif isinstance(exc, e.ForbiddenError) and exc.scope:
+        headers["WWW-Authenticate"] = (f'Bearer realm="{REALM}", error="insufficient_scope",'
+                                       f' scope="{exc.scope}"')
     for cls, code in STATUS:
         if isinstance(exc, cls):
             return code, headers
