@@ -42,15 +42,15 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import ForbiddenError, UnauthorizedError
+from .errors import ForbiddenError, InvalidInputError, UnauthorizedError
 
 if TYPE_CHECKING:
     from .config import Settings
     from .store.buckets import Buckets
 
 OPEN, INFERENCE, METRICS, CONTROL = "open", "inference", "metrics", "control"
-# A request carries at most this many tokens (Authorization plus bucket tokens);
-# more is refused rather than hashed one by one against every protected bucket.
+# A request's first tokens only (Authorization plus bucket tokens) are looked at;
+# more are ignored rather than hashed one by one against every protected bucket.
 MAX_TOKENS = 8
 MAX_TOKEN_BYTES = 4096
 
@@ -107,6 +107,10 @@ class Keyring:
 
     def __init__(self, control: str | None = None, inference: str | None = None,
                  metrics: str | None = None) -> None:
+        for token in (control, inference, metrics):
+            if token is not None and not 16 <= len(token) <= MAX_TOKEN_BYTES:
+                raise InvalidInputError(
+                    f"a server token must be 16 to {MAX_TOKEN_BYTES} characters long")
         grants = [(control, frozenset({CONTROL, INFERENCE, METRICS})),
                   (inference, frozenset({INFERENCE})), (metrics, frozenset({METRICS}))]
         self._grants = [(_hash(t), g) for t, g in grants if t]
@@ -149,17 +153,19 @@ class Keyring:
         Raises :class:`UnauthorizedError` when a token is needed and none, or none
         valid, was given, and :class:`ForbiddenError` for a valid token of the
         wrong scope. Tokens that match no server token are kept: they may open a
-        protected bucket.
+        protected bucket. An open endpoint (health) looks at no token at all, and
+        what cannot be a token (longer than :data:`MAX_TOKEN_BYTES`, or past the
+        first :data:`MAX_TOKENS`) is dropped unread, never hashed.
         """
-        tokens = tuple(bearer) + tuple(others)
-        if len(tokens) > MAX_TOKENS:
-            raise UnauthorizedError(f"more than {MAX_TOKENS} tokens in one request", invalid=True)
-        if any(len(t) > MAX_TOKEN_BYTES for t in tokens):
-            raise UnauthorizedError("a token is too long to be one of ours", invalid=True)
-        scopes: frozenset[str] = frozenset()
-        for token in bearer:
-            scopes |= self.scopes_of(token)
         needed = self.requires(access)
+        if access == OPEN:
+            return Principal()
+        usable = [t for t in bearer if len(t) <= MAX_TOKEN_BYTES][:MAX_TOKENS]
+        room = MAX_TOKENS - len(usable)
+        kept = [t for t in others if len(t) <= MAX_TOKEN_BYTES][:room]
+        scopes: frozenset[str] = frozenset()
+        for token in usable:
+            scopes |= self.scopes_of(token)
         if needed is not None and needed not in scopes:
             if not bearer:
                 raise UnauthorizedError(f"this {access} endpoint needs a bearer token"
@@ -168,4 +174,4 @@ class Keyring:
                 raise UnauthorizedError("the bearer token is not valid", invalid=True)
             raise ForbiddenError(f"the bearer token does not allow {access} requests",
                                  scope=needed)
-        return Principal(scopes=scopes, tokens=tokens)
+        return Principal(scopes=scopes, tokens=tuple(usable) + tuple(kept))

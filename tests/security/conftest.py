@@ -55,8 +55,11 @@ def toy(root: Path, name: str, cls: str = "Echo", bucket: str = "models", **kw) 
 
 def secured_settings(home: Path, roots: tuple[Path, ...] = (), **serve):
     settings = serve_settings(home, source_roots=roots, **serve)
+    # Hubs on a closed port: a fuzzed hf:// or ms:// source fails at once, offline.
+    environ = {**settings.environ, "HF_ENDPOINT": "http://127.0.0.1:9",
+               "MODELSCOPE_DOMAIN": "127.0.0.1:9"}
     return dataclasses.replace(settings, api_token=CONTROL_TOKEN, inference_token=INFERENCE_TOKEN,
-                               metrics_token=METRICS_TOKEN)
+                               metrics_token=METRICS_TOKEN, environ=environ)
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ from starlette.routing import Mount, Route
 from cachemesh.access import CONTROL, INFERENCE, METRICS, OPEN, Keyring, Principal
 from cachemesh.cli import main
 from cachemesh.config import Settings
-from cachemesh.errors import ForbiddenError, UnauthorizedError
+from cachemesh.errors import ForbiddenError, InvalidInputError, UnauthorizedError
 from cachemesh.serve.app import create_app
 from cachemesh.serve.auth import access_of, credentials
 from cachemesh.serve.registry import MemoryModelRegistry
@@ -102,18 +102,23 @@ def test_keyring_grants_and_refusals():
     principal = keys.authenticate(CONTROL, ["c" * 32], ["bucket-token"])
     assert principal.tokens == ("c" * 32, "bucket-token")
     assert "bucket-token" not in repr(principal) and "c" * 32 not in repr(principal)
-    # Too many tokens, or one longer than any token of ours, is refused outright.
-    with pytest.raises(UnauthorizedError):
-        keys.authenticate(OPEN, ["x"] * 5, ["y"] * 4)
-    with pytest.raises(UnauthorizedError):
-        keys.authenticate(OPEN, ["x" * 5000])
+    # Past the first eight tokens, or longer than any token of ours: not looked at.
+    assert len(keys.authenticate(CONTROL, ["c" * 32] + ["x"] * 9, ["y"] * 4).tokens) == 8
+    with pytest.raises(UnauthorizedError) as long:
+        keys.authenticate(CONTROL, ["c" * 5000])
+    assert long.value.invalid
+    assert keys.authenticate(CONTROL, ["x" * 5000, "c" * 32]).scopes >= {CONTROL}
+    # An open endpoint (health) looks at no token at all.
+    assert keys.authenticate(OPEN, ["x" * 9000] * 20, ["y"] * 20) == Principal()
+    with pytest.raises(InvalidInputError):
+        Keyring(control="short")
 
 
 def test_without_tokens_everything_is_open_and_metrics_follow_the_control_token():
     open_ring = Keyring()
     for access in (OPEN, INFERENCE, METRICS, CONTROL):
         assert open_ring.requires(access) is None
-        assert open_ring.authenticate(access, ["anything"]) == Principal()
+        assert open_ring.authenticate(access, ["anything"]).scopes == frozenset()
     control_only = Keyring(control="c" * 32)
     assert control_only.requires(INFERENCE) is None
     assert control_only.requires(METRICS) == METRICS  # names every model: not left open

@@ -29,6 +29,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.responses import Response
 from starlette.routing import Mount, Route
@@ -57,6 +58,13 @@ def create_api(service: ModelService, routers: Sequence[Any] = ()) -> FastAPI:
     @api.exception_handler(CachemeshError)
     async def cachemesh_error(request: Request, exc: CachemeshError) -> Response:
         return v2_rest.error_response(exc)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI's own refusals (an unparsable body, 404, 405) in the body every other
+        # error of the server has: {"error": ...}.
+        return v2_rest.json_response({"error": str(exc.detail)}, exc.status_code,
+                                     dict(exc.headers or {}))
 
     @api.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
