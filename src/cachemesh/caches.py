@@ -380,7 +380,10 @@ class Caches:
         root = getattr(source, "root", None)
         if not isinstance(root, Path):
             return  # not a local path
-        real = Path(os.path.realpath(root))
+        try:
+            real = Path(os.path.realpath(root))
+        except (OSError, ValueError) as exc:
+            raise UnsafePathError(f"local source {root!r}: {exc}") from None
         if roots and not any(real == r or r in real.parents
                              for r in (Path(os.path.realpath(x)) for x in roots)):
             raise UnsafePathError(

@@ -39,6 +39,7 @@ from ..access import CONTROL, Keyring
 from ..errors import CachemeshError
 from . import control, v2_rest
 from .auth import Authenticate, access_of
+from .http_errors import encodable
 from .limits import BodyLimit
 from .metrics import CONTENT_TYPE
 from .registry import ModelSpec
@@ -63,7 +64,7 @@ def create_api(service: ModelService, routers: Sequence[Any] = ()) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         # FastAPI's own refusals (an unparsable body, 404, 405) in the body every other
         # error of the server has: {"error": ...}.
-        return v2_rest.json_response({"error": str(exc.detail)}, exc.status_code,
+        return v2_rest.json_response({"error": encodable(str(exc.detail))}, exc.status_code,
                                      dict(exc.headers or {}))
 
     @api.exception_handler(RequestValidationError)
@@ -71,7 +72,7 @@ def create_api(service: ModelService, routers: Sequence[Any] = ()) -> FastAPI:
         problems = "; ".join(
             f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}"
             for err in exc.errors())
-        return v2_rest.json_response({"error": f"invalid request: {problems}"}, 400)
+        return v2_rest.json_response({"error": encodable(f"invalid request: {problems}")}, 400)
 
     return api
 

@@ -36,6 +36,7 @@ import orjson
 from ..access import CONTROL, INFERENCE, METRICS, OPEN, Keyring, acting_as, can_use
 from ..errors import CacheNotFoundError, ForbiddenError, UnauthorizedError
 from .http_errors import message_of, status_of
+from .limits import close_after_early_answer
 
 BUCKET_TOKEN_HEADER = "x-cachemesh-bucket-token"
 
@@ -117,17 +118,10 @@ async def _refuse(exc: BaseException, scope: Any, send: Any) -> None:
     headers = [(b"content-type", b"application/json"),
                (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
-    if _has_body(scope):
-        headers.append((b"connection", b"close"))  # do not read a body we will not use
+    if close_after_early_answer(scope["headers"]):
+        headers.append((b"connection", b"close"))  # a body not worth discarding (limits.py)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-def _has_body(scope: Any) -> bool:
-    for key, value in scope["headers"]:
-        if key == b"transfer-encoding" or (key == b"content-length" and value != b"0"):
-            return True
-    return False
 
 
 # -- for routers that handle caches (the datacache API) ---------------------------

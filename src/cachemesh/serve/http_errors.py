@@ -58,5 +58,16 @@ def status_of(exc: BaseException) -> tuple[int, dict[str, str]]:
 
 def message_of(exc: BaseException) -> str:
     if isinstance(exc, e.CachemeshError):
-        return str(exc)
-    return f"internal error: {type(exc).__name__}: {exc}"
+        return encodable(str(exc))
+    return encodable(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def encodable(text: str) -> str:
+    """``text`` as valid UTF-8: a message that quotes a client's input can hold a lone
+    surrogate (JSON allows ``"\\ud800"``), which no JSON encoder writes; it became a
+    500 (found by the fuzzer)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text

@@ -1,7 +1,7 @@
 """Request limits: body size as it streams in, and the shape of JSON documents.
 
 Body size (:class:`BodyLimit`, ASGI middleware on the root app). A body larger
-than its limit gets 413 with ``Connection: close``:
+than its limit gets 413:
 
 - a declared ``Content-Length`` over the limit is refused before a byte of the
   body is read, and the app never runs;
@@ -12,6 +12,13 @@ than its limit gets 413 with ``Connection: close``:
 - a declared length within the limit is passed through untouched: the HTTP
   server (h11 or httptools under uvicorn) never delivers more body than the
   declared length, so the inference hot path pays no per-message wrapper.
+
+After an early answer (413 here, 401/403 in ``auth.py``) uvicorn discards the
+rest of the body as it arrives and keeps the connection, so a client that is
+still sending gets to read the answer; closing at once would reset the
+connection under it and lose the answer. A body announced larger than
+:data:`DRAIN_MAX` is not worth discarding: that answer says ``Connection:
+close``. (Found by the fuzzer: clients saw "connection reset" instead of 413.)
 
 Control requests (``/api/...`` and everything else of class control, see
 ``serve/auth.py``) have a smaller limit than inference. A compressed body is
@@ -35,6 +42,16 @@ from ..errors import RequestTooLargeError
 
 MAX_JSON_DEPTH = 32
 MAX_JSON_ITEMS = 10_000
+# Past this announced length an early answer closes the connection (see above).
+DRAIN_MAX = 64 * 1024**2
+
+
+def close_after_early_answer(headers: Any) -> bool:
+    """Whether an answer sent before the body was read should close the connection."""
+    for key, value in headers:
+        if key == b"content-length":
+            return not value.isdigit() or int(value) > DRAIN_MAX
+    return False
 
 
 def check_json(value: Any, what: str, *, max_depth: int = MAX_JSON_DEPTH,
@@ -61,12 +78,14 @@ def check_json(value: Any, what: str, *, max_depth: int = MAX_JSON_DEPTH,
     return value
 
 
-def _reply(status: int, message: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+def _reply(status: int, message: bytes, close: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     body = b'{"error":"' + message + b'"}'
-    return ({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close")]},
-        {"type": "http.response.body", "body": body})
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    return ({"type": "http.response.start", "status": status, "headers": headers},
+            {"type": "http.response.body", "body": body})
 
 
 class BodyLimit:
@@ -91,12 +110,12 @@ class BodyLimit:
                 chunked = True
         if declared is not None and not chunked:
             if not declared.isdigit():
-                for message in _reply(400, b"Content-Length is not a number"):
+                for message in _reply(400, b"Content-Length is not a number", True):
                     await send(message)
                 return
             if int(declared) > limit:
                 for message in _reply(413, b"the request body is over the limit of %d bytes"
-                                      % limit):
+                                      % limit, int(declared) > DRAIN_MAX):
                     await send(message)
                 return
             await self.app(scope, receive, send)  # the server delivers no more than declared
@@ -116,7 +135,7 @@ class BodyLimit:
                     if not started and not answered:
                         answered = True
                         for reply in _reply(413, b"the request body is over the limit of %d"
-                                            b" bytes" % limit):
+                                            b" bytes" % limit, False):
                             await send(reply)
                     raise RequestTooLargeError(
                         f"the request body is over the limit of {limit} bytes", limit)
