@@ -42,6 +42,7 @@ from .format import SafetensorsHeader
 ALIGN = 4096
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 
+_FIRST_DIRECT_SPAN = 2 * 1024 * 1024
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
@@ -150,16 +151,26 @@ class FileReader:
         """
         counts = ReadCounts()
         pos = start
-        if self._direct and self._probe_cache:
-            pos = self._read_cached(pos, start, end, dst)
-            counts.page_cache = pos - start
-        if pos < end and self._direct:
-            got = self._read_direct(pos, start, end, dst)
-            counts.direct = got - pos
+        # After a page-cache miss, read this much directly, then ask the page
+        # cache again; doubling on every further miss, so a cold chunk costs a
+        # few large direct reads while a stray evicted page costs one small one.
+        span = _FIRST_DIRECT_SPAN
+        while pos < end:
+            if self._direct and self._probe_cache:
+                got = self._read_cached(pos, start, end, dst)
+                if got > pos:
+                    counts.page_cache += got - pos
+                    pos, span = got, _FIRST_DIRECT_SPAN
+                    continue
+            if not self._direct:
+                self._read_buffered(pos, start, end, dst)
+                counts.buffered += end - pos
+                break
+            stop = min(end, pos - pos % ALIGN + span) if self._probe_cache else end
+            got = self._read_direct(pos, start, stop, dst)
+            counts.direct += got - pos
             pos = got
-        if pos < end:
-            self._read_buffered(pos, start, end, dst)
-            counts.buffered = end - pos
+            span *= 2
         return counts
 
     def _read_cached(self, pos: int, start: int, end: int, dst: memoryview) -> int:
@@ -167,7 +178,9 @@ class FileReader:
             try:
                 n = os.preadv(self._fd, [dst[pos - start : end - start]], pos, _RWF_NOWAIT)
             except BlockingIOError:
-                break  # the next byte is not in the page cache
+                # Not in the page cache; or cached but carrying the kernel's
+                # readahead mark, which a no-wait read also refuses.
+                break
             except OSError as exc:
                 if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                     self._probe_cache = False
@@ -179,6 +192,7 @@ class FileReader:
         return pos
 
     def _read_direct(self, pos: int, start: int, end: int, dst: memoryview) -> int:
+        """Read [pos, end) with O_DIRECT; returns how far it got (``end`` unless it had to stop)."""
         pos -= pos % ALIGN  # re-reads a few cached bytes to stay block-aligned
         stop = round_up(end, ALIGN)
         while pos < end:
@@ -195,7 +209,8 @@ class FileReader:
                 raise self._truncated(pos, end)
             pos += n
             if pos % ALIGN and pos < end:
-                return pos  # a short, unaligned read: finish buffered
+                self._direct = False  # a short, unaligned read: the rest goes buffered
+                return pos
         return min(pos, end)
 
     def _read_buffered(self, pos: int, start: int, end: int, dst: memoryview) -> None:
