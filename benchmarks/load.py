@@ -309,6 +309,7 @@ def main() -> None:
     sizes = {name: tensor_bytes(path) for name, path in checkpoints}
     results: dict[tuple[str, str, str], list[dict]] = {}
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     for rnd in range(args.rounds):
         for name, path in checkpoints:
             tools = plan[name]
@@ -323,7 +324,8 @@ def main() -> None:
                     print(f"round {rnd + 1} {name:9} {mode} {tool:30} {r['seconds']:.3f} s "
                           f"{gbps(sizes[name], r['seconds']):6.2f} GB/s", flush=True)
     elapsed = time.perf_counter() - started
-    body = report(checkpoints, plan, sizes, results, args.rounds, elapsed)
+    load = (load_before, os.getloadavg()[0])
+    body = report(checkpoints, plan, sizes, results, args.rounds, elapsed, load)
     print(body)
     if not args.no_write:
         sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -332,7 +334,7 @@ def main() -> None:
         _report.write_section("load", "Loading safetensors", body)
 
 
-def report(checkpoints, plan, sizes, results, rounds, elapsed) -> str:
+def report(checkpoints, plan, sizes, results, rounds, elapsed, load) -> str:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import _report
 
@@ -340,7 +342,8 @@ def report(checkpoints, plan, sizes, results, rounds, elapsed) -> str:
         f"{rounds} rounds; medians; GB/s = 10^9 tensor bytes per second; cold = page cache dropped before "
         "each run; every worker touches and frees 2.5x the checkpoint first (see benchmarks/load.py: this VM "
         "hands free memory back to its host). x dd and x cachemesh compare medians of the same run. "
-        f"Whole run: {elapsed / 60:.1f} min.",
+        f"Whole run: {elapsed / 60:.1f} min; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after "
+        "(the machine's 2 cores are shared with other work).",
     ]
     for name, path in checkpoints:
         size = sizes[name]

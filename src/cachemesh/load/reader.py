@@ -87,9 +87,19 @@ class Chunk:
     end: int
 
 
+def chunk_step(chunk_bytes: int) -> int:
+    """The chunk grid's step: ``chunk_bytes`` rounded up to whole blocks."""
+    return round_up(max(chunk_bytes, ALIGN), ALIGN)
+
+
 def plan_chunks(file: int, layout: FileLayout, chunk_bytes: int) -> list[Chunk]:
-    """Chunks covering the file's tensor data, in file order, on a grid anchored at ``base``."""
-    step = round_up(max(chunk_bytes, ALIGN), ALIGN)
+    """Chunks covering the file's tensor data, in file order, on a grid anchored at ``base``.
+
+    For a block-aligned ``base`` every chunk starts on a block boundary and ends
+    at most one step later, so reading it rounded up to whole blocks stays
+    within the step (and within the buffer, whose size is rounded up too).
+    """
+    step = chunk_step(chunk_bytes)
     data_end = layout.header.data_end
     return [
         Chunk(file, start, min(start + step, data_end))

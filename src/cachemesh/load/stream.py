@@ -49,8 +49,8 @@ from .reader import (
     FileReader,
     ReadCounts,
     default_threads,
+    chunk_step,
     plan_chunks,
-    round_up,
 )
 from .stats import LoadStats
 from .tensors import CASTABLE, resolve_dtype, torch_dtype, torch_shape
@@ -85,11 +85,17 @@ class _HostSink:
 
 
 class _StagingSlot:
+    """One pinned host buffer of one chunk, and the event of the copy that last read it."""
+
     def __init__(self, nbytes: int) -> None:
-        pinned = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=True)
-        skip = -pinned.data_ptr() % ALIGN  # direct reads need a block-aligned address
-        self.tensor = pinned[skip : skip + nbytes]
-        self.view = memoryview(self.tensor.numpy())
+        pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        if pinned.data_ptr() % ALIGN:
+            # Direct reads need a block-aligned address; pinned blocks normally are.
+            pinned = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=True)
+            skip = -pinned.data_ptr() % ALIGN
+            pinned = pinned[skip : skip + nbytes]
+        self.tensor = pinned
+        self.view = memoryview(pinned.numpy())
         self.event: torch.cuda.Event | None = None
 
 
@@ -105,8 +111,9 @@ class _CudaSink:
         # Allocated on the consumer's current stream, which waits on every copy
         # before it sees a tensor, so the allocator's stream bookkeeping holds.
         self.buffers = [torch.empty(layout.size, dtype=torch.uint8, device=device) for layout in layouts]
-        # One chunk plus a block: a direct read of the last chunk rounds up.
-        slot_bytes = round_up(chunk_bytes, ALIGN) + ALIGN
+        # Chunks start block-aligned and span at most one step, so a direct read
+        # rounded up to the next block still fits in one step.
+        slot_bytes = chunk_step(chunk_bytes)
         self.free: queue.SimpleQueue[_StagingSlot] = queue.SimpleQueue()
         for _ in range(slots):
             self.free.put(_StagingSlot(slot_bytes))
