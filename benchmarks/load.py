@@ -256,7 +256,31 @@ def warm_up(path: Path) -> None:
                 pass
 
 
+def busy_cpus(seconds: float = 0.5) -> float:
+    """How many CPUs were busy (not idle, not waiting for I/O) over ``seconds``."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields[:8]) - idle, sum(fields[:8])
+
+    busy0, total0 = sample()
+    time.sleep(seconds)
+    busy1, total1 = sample()
+    return (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
+
+
+def wait_for_quiet(limit: float = 20.0) -> float:
+    """Wait (up to ``limit`` s) until other work leaves the CPUs nearly idle; returns busy CPUs seen last."""
+    deadline = time.monotonic() + limit
+    busy = busy_cpus()
+    while busy > 0.3 and time.monotonic() < deadline:
+        busy = busy_cpus()
+    return busy
+
+
 def measure(python: str, tool: str, path: Path, size: int, mode: str) -> dict:
+    busy = wait_for_quiet()
     if mode == "cold":
         drop_caches()
     else:
@@ -270,7 +294,7 @@ def measure(python: str, tool: str, path: Path, size: int, mode: str) -> dict:
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         raise SystemExit(f"{tool} on {path} failed:\n{done.stdout}\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    return dict(json.loads(lines[-1]), busy_before=busy)
 
 
 def gbps(size: int, seconds: float) -> float:
@@ -322,7 +346,8 @@ def main() -> None:
                         raise SystemExit(f"{tool} loaded {r['bytes']} bytes of {name}, expected {sizes[name]}")
                     results.setdefault((name, tool, mode), []).append(r)
                     print(f"round {rnd + 1} {name:9} {mode} {tool:30} {r['seconds']:.3f} s "
-                          f"{gbps(sizes[name], r['seconds']):6.2f} GB/s", flush=True)
+                          f"{gbps(sizes[name], r['seconds']):6.2f} GB/s  (other work before: "
+                          f"{r['busy_before']:.2f} CPUs)", flush=True)
     elapsed = time.perf_counter() - started
     load = (load_before, os.getloadavg()[0])
     body = report(checkpoints, plan, sizes, results, args.rounds, elapsed, load)
@@ -338,12 +363,16 @@ def report(checkpoints, plan, sizes, results, rounds, elapsed, load) -> str:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import _report
 
+    every = [r for runs in results.values() for r in runs]
+    quiet, total = sum(r["busy_before"] <= 0.3 for r in every), len(every)
     out = [
         f"{rounds} rounds; medians; GB/s = 10^9 tensor bytes per second; cold = page cache dropped before "
         "each run; every worker touches and frees 2.5x the checkpoint first (see benchmarks/load.py: this VM "
         "hands free memory back to its host). x dd and x cachemesh compare medians of the same run. "
-        f"Whole run: {elapsed / 60:.1f} min; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after "
-        "(the machine's 2 cores are shared with other work).",
+        f"Whole run: {elapsed / 60:.1f} min; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after. "
+        "The machine's 2 cores are shared with other work: before each measurement the script waits up to "
+        "20 s for the CPUs to be nearly idle (other work under 0.3 CPU); "
+        f"{quiet} of {total} measurements started that quiet.",
     ]
     for name, path in checkpoints:
         size = sizes[name]
