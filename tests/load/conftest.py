@@ -29,7 +29,7 @@ def evict(path: Path) -> None:
 
 
 def header_bytes(header: Mapping[str, object], pad_to: int | None = 8, extra: int = 0) -> bytes:
-    """JSON header padded with spaces to a multiple of ``pad_to`` (None: no padding), plus ``extra`` spaces."""
+    """JSON header, space-padded to a multiple of ``pad_to`` (None: none), plus ``extra`` spaces."""
     raw = json.dumps(header).encode()
     if pad_to:
         raw += b" " * (-len(raw) % pad_to)
@@ -61,7 +61,9 @@ def st_file(tmp_path: Path) -> Callable[..., Path]:
     """Write tensors with the official writer; returns the file's path."""
     from safetensors.torch import save_file
 
-    def make(tensors: Mapping[str, torch.Tensor], name: str = "model.safetensors", **kw: object) -> Path:
+    def make(
+        tensors: Mapping[str, torch.Tensor], name: str = "model.safetensors", **kw: object
+    ) -> Path:
         path = tmp_path / name
         save_file(dict(tensors), path, **kw)
         return path
@@ -74,15 +76,33 @@ def all_dtype_tensors() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     out: dict[str, torch.Tensor] = {}
     names = [
-        "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
-        "bool", "uint16", "uint32", "uint64", "complex64", "float8_e4m3fn", "float8_e5m2",
-        "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "bool",
+        "uint16",
+        "uint32",
+        "uint64",
+        "complex64",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "float8_e4m3fnuz",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
     ]
     for i, name in enumerate(names):
         dtype = getattr(torch, name, None)
         if dtype is None:
             continue
-        raw = torch.randint(0, 256, (7 * (i + 1) * dtype.itemsize * 3,), dtype=torch.uint8, generator=gen)
+        raw = torch.randint(
+            0, 256, (7 * (i + 1) * dtype.itemsize * 3,), dtype=torch.uint8, generator=gen
+        )
         if dtype == torch.bool:
             raw &= 1  # only 0 and 1 are bools
         out[f"t.{name}"] = raw.view(dtype).reshape(7 * (i + 1), 3)
@@ -98,15 +118,41 @@ def all_dtype_tensors() -> dict[str, torch.Tensor]:
 def _tiny_models() -> dict[str, tuple[object, type]]:
     import transformers as T
 
-    llama = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    llama = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return {
         "llama": (T.LlamaConfig(**llama), T.LlamaForCausalLM),
         "llama-tied": (T.LlamaConfig(**llama, tie_word_embeddings=True), T.LlamaForCausalLM),
-        "gpt2": (T.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                              bos_token_id=0, eos_token_id=0), T.GPT2LMHeadModel),
-        "bert": (T.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=64, max_position_embeddings=64), T.BertForMaskedLM),
+        "gpt2": (
+            T.GPT2Config(
+                vocab_size=96,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=64,
+                bos_token_id=0,
+                eos_token_id=0,
+            ),
+            T.GPT2LMHeadModel,
+        ),
+        "bert": (
+            T.BertConfig(
+                vocab_size=96,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                max_position_embeddings=64,
+            ),
+            T.BertForMaskedLM,
+        ),
     }
 
 

@@ -1,4 +1,4 @@
-"""Finding a checkpoint's files: single file, shard index, plain directory, and what can go wrong."""
+"""Finding a checkpoint's files: one file, a shard index, a plain directory, what goes wrong."""
 
 from __future__ import annotations
 
@@ -18,16 +18,26 @@ def shard(directory: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
     save_file(tensors, directory / name)
 
 
-def index(directory: Path, weight_map: dict[str, str], name: str = "model.safetensors.index.json") -> None:
-    (directory / name).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+def index(
+    directory: Path, weight_map: dict[str, str], name: str = "model.safetensors.index.json"
+) -> None:
+    (directory / name).write_text(
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map})
+    )
 
 
 def sharded(tmp_path: Path) -> Path:
     d = tmp_path / "ckpt"
     shard(d, "model-00002-of-00002.safetensors", {"b": torch.ones(3), "c": torch.full((2,), 7.0)})
     shard(d, "model-00001-of-00002.safetensors", {"a": torch.zeros(2, 2)})
-    index(d, {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors",
-              "c": "model-00002-of-00002.safetensors"})
+    index(
+        d,
+        {
+            "a": "model-00001-of-00002.safetensors",
+            "b": "model-00002-of-00002.safetensors",
+            "c": "model-00002-of-00002.safetensors",
+        },
+    )
     return d
 
 
@@ -35,7 +45,8 @@ def test_sharded_directory_follows_the_index(tmp_path: Path) -> None:
     d = sharded(tmp_path)
     ckpt = read_checkpoint(d)
     assert [h.path.name for h in ckpt.headers] == [
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
     ]
     assert ckpt.nbytes == 16 + 12 + 8
     sd = load_state_dict(d)

@@ -72,9 +72,13 @@ def test_load_pretrained_on_the_gpu(tiny_models) -> None:
     path = tiny_models["llama"]
     ours = load_pretrained(path, device="cuda")
     ref = transformers.AutoModelForCausalLM.from_pretrained(path).to("cuda")
-    for (name, a), (_, b) in zip(sorted(ours.state_dict().items()), sorted(ref.state_dict().items())):
+    for (name, a), (_, b) in zip(
+        sorted(ours.state_dict().items()), sorted(ref.state_dict().items()), strict=True
+    ):
         assert a.device.type == "cuda", name
         assert torch.equal(a, b), name
     ids = torch.arange(12, device="cuda").reshape(2, 6)
     with torch.no_grad():
-        assert torch.allclose(ours(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=0)
+        assert torch.allclose(
+            ours(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=0
+        )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +24,10 @@ def logits(model: torch.nn.Module, vocab: int = 96) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["llama", "llama-tied", "gpt2", "bert", "llama-sharded"])
 def test_same_logits_as_from_pretrained(tiny_models, name) -> None:
     path = tiny_models[name]
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path) if name != "bert" else (
-        transformers.BertForMaskedLM.from_pretrained(path)
+    ref = (
+        transformers.AutoModelForCausalLM.from_pretrained(path)
+        if name != "bert"
+        else (transformers.BertForMaskedLM.from_pretrained(path))
     )
     ours = load_pretrained(path)
     assert type(ours) is type(ref)
@@ -52,7 +53,11 @@ def test_rotary_buffers_are_recomputed_not_left_on_meta(tiny_models) -> None:
     inv_freq = model.model.rotary_emb.inv_freq
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
-    base = config.rope_parameters["rope_theta"] if hasattr(config, "rope_parameters") else config.rope_theta
+    base = (
+        config.rope_parameters["rope_theta"]
+        if hasattr(config, "rope_parameters")
+        else config.rope_theta
+    )
     expected = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     assert torch.allclose(inv_freq, expected)
 
@@ -68,7 +73,9 @@ def test_auto_class_and_dtype(tiny_models) -> None:
     ref_base = transformers.LlamaModel.from_pretrained(path)
     ids = torch.arange(6).reshape(1, 6)
     with torch.no_grad():
-        assert torch.equal(base(input_ids=ids).last_hidden_state, ref_base(input_ids=ids).last_hidden_state)
+        assert torch.equal(
+            base(input_ids=ids).last_hidden_state, ref_base(input_ids=ids).last_hidden_state
+        )
 
 
 def test_bf16_checkpoint_loads_in_its_own_dtype(tmp_path, tiny_models) -> None:
@@ -131,7 +138,11 @@ def test_parameters_on_meta_only_in_its_thread_and_block() -> None:
 def test_key_mapper_adds_or_strips_the_prefix() -> None:
     expected = {"model.a": 0, "model.b": 0, "lm_head.weight": 0}
     add = key_mapper(["a", "b", "lm_head.weight"], expected, "model")
-    assert [add(n) for n in ["a", "b", "lm_head.weight"]] == ["model.a", "model.b", "lm_head.weight"]
+    assert [add(n) for n in ["a", "b", "lm_head.weight"]] == [
+        "model.a",
+        "model.b",
+        "lm_head.weight",
+    ]
     strip = key_mapper(["model.a", "model.b"], {"a": 0, "b": 0}, "model")
     assert strip("model.a") == "a"
     same = key_mapper(["model.a"], expected, "model")

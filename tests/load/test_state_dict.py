@@ -46,7 +46,11 @@ def test_float4_is_packed_two_to_an_element(st_file) -> None:
 
 
 def test_float6_has_no_torch_dtype(tmp_path: Path) -> None:
-    path = write_raw(tmp_path / "f6.safetensors", {"w": {"dtype": "F6_E2M3", "shape": [4], "data_offsets": [0, 3]}}, bytes(3))
+    path = write_raw(
+        tmp_path / "f6.safetensors",
+        {"w": {"dtype": "F6_E2M3", "shape": [4], "data_offsets": [0, 3]}},
+        bytes(3),
+    )
     with pytest.raises(LoadError, match="F6_E2M3.*torch"):
         load_state_dict(path)
 
@@ -119,7 +123,12 @@ def test_misaligned_tensor_is_copied_and_counted(tmp_path: Path) -> None:
         "b": {"dtype": "F32", "shape": [3], "data_offsets": [3, 15]},
         "c": {"dtype": "I16", "shape": [2], "data_offsets": [16, 20]},
     }
-    data = b"\x01\x02\x03" + tensor_bytes(values) + b"\0" + tensor_bytes(torch.tensor([7, -7], dtype=torch.int16))
+    data = (
+        b"\x01\x02\x03"
+        + tensor_bytes(values)
+        + b"\0"
+        + tensor_bytes(torch.tensor([7, -7], dtype=torch.int16))
+    )
     path = write_raw(tmp_path / "odd.safetensors", header, data)
     sd = load_state_dict(path)
     assert sd["a"].tolist() == [1, 2, 3]
@@ -174,20 +183,49 @@ def test_bad_arguments(st_file) -> None:
     path = st_file({"w": torch.ones(2)})
     with pytest.raises(LoadError, match="threads"):
         load_state_dict(path, threads=-1)
-    with pytest.raises(LoadError, match="CUDA is not available") if not torch.cuda.is_available() else pytest.raises(
-        RuntimeError
+    with (
+        pytest.raises(LoadError, match="CUDA is not available")
+        if not torch.cuda.is_available()
+        else pytest.raises(RuntimeError)
     ):
         load_state_dict(path, device="cuda:99" if torch.cuda.is_available() else "cuda")
 
 
 # ---------------------------------------------------------------- property test
 
-DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "U16", "U32", "U64", "F8_E4M3", "F8_E5M2"]
+DTYPES = [
+    "F64",
+    "F32",
+    "F16",
+    "BF16",
+    "I64",
+    "I32",
+    "I16",
+    "I8",
+    "U8",
+    "BOOL",
+    "U16",
+    "U32",
+    "U64",
+    "F8_E4M3",
+    "F8_E5M2",
+]
 TORCH = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 tensor_spec = st.tuples(
@@ -197,7 +235,9 @@ tensor_spec = st.tuples(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     specs=st.lists(tensor_spec, min_size=1, max_size=8),
     header_extra=st.integers(0, 9),
@@ -205,7 +245,9 @@ tensor_spec = st.tuples(
     direct_io=st.sampled_from([None, True, False]),
     seed=st.integers(0, 2**16),
 )
-def test_random_files_load_bit_exact(tmp_path: Path, specs, header_extra, chunk_pages, direct_io, seed) -> None:
+def test_random_files_load_bit_exact(
+    tmp_path: Path, specs, header_extra, chunk_pages, direct_io, seed
+) -> None:
     gen = torch.Generator().manual_seed(seed)
     header: dict[str, object] = {}
     data = bytearray()

@@ -30,7 +30,9 @@ def test_yields_in_file_order_not_name_order(tmp_path: Path) -> None:
     }
     path = write_raw(tmp_path / "o.safetensors", header, b"\x05\x06\x00\x07")
     assert [(n, t.tolist()) for n, t in iter_tensors(path)] == [
-        ("z_first", [5, 6]), ("m_middle", []), ("a_last", [7])
+        ("z_first", [5, 6]),
+        ("m_middle", []),
+        ("a_last", [7]),
     ]
 
 
