@@ -150,12 +150,18 @@ def worker(tool: str, path: Path, size: int) -> None:
     if tool.startswith("runai"):
         os.environ["RUNAI_STREAMER_CONCURRENCY"] = tool.rsplit("=", 1)[1]
     if tool != "dd":
-        import torch  # noqa: F401  (imported before the timer, as every user has it loaded)
+        # Imported before the timer, as a server has them loaded already.
+        import torch  # noqa: F401
 
         if tool.startswith("cachemesh"):
-            import cachemesh.load.pretrained  # noqa: F401
-        elif "pretrained" in tool:
-            import transformers  # noqa: F401
+            import cachemesh.load.pretrained
+            import cachemesh.load.state_dict  # noqa: F401
+        if "pretrained" in tool:
+            # transformers imports lazily: its model code would otherwise load inside the timer.
+            import transformers
+            import transformers.models.llama.modeling_llama  # noqa: F401
+
+            transformers.logging.set_verbosity_error()
     _touch_and_free(int(size * PRELUDE_FACTOR))
     if tool == "dd":
         seconds = 0.0
