@@ -40,7 +40,6 @@ import ctypes
 import json
 import mmap
 import os
-import random
 import re
 import statistics
 import subprocess
@@ -181,7 +180,11 @@ def worker(tool: str, path: Path, size: int) -> None:
     count, nbytes = _run_tool(tool, path)
     seconds = time.perf_counter() - start
     peak = _status("VmHWM")
-    print(json.dumps({"seconds": seconds, "tensors": count, "bytes": nbytes, "peak": peak, "base": base}))
+    print(
+        json.dumps(
+            {"seconds": seconds, "tensors": count, "bytes": nbytes, "peak": peak, "base": base}
+        )
+    )
 
 
 # --------------------------------------------------------------------------- data
@@ -196,7 +199,9 @@ def make_synthetic(path: Path) -> None:
     for layer in range(18):
         p = f"model.layers.{layer}."
         for n in ("q", "k", "v", "o"):
-            tensors[p + f"self_attn.{n}_proj.weight"] = torch.empty(2048, 2048, dtype=torch.bfloat16)
+            tensors[p + f"self_attn.{n}_proj.weight"] = torch.empty(
+                2048, 2048, dtype=torch.bfloat16
+            )
         for n, shape in (("gate", (5632, 2048)), ("up", (5632, 2048)), ("down", (2048, 5632))):
             tensors[p + f"mlp.{n}_proj.weight"] = torch.empty(*shape, dtype=torch.bfloat16)
         tensors[p + "input_layernorm.weight"] = torch.empty(2048, dtype=torch.bfloat16)
@@ -278,7 +283,7 @@ def busy_cpus(seconds: float = 0.5) -> float:
 
 
 def wait_for_quiet(limit: float = 10.0) -> float:
-    """Wait (up to ``limit`` s) until other work leaves the CPUs nearly idle; returns busy CPUs seen last."""
+    """Wait up to ``limit`` s for other work to leave the CPUs nearly idle; returns busy CPUs."""
     deadline = time.monotonic() + limit
     busy = busy_cpus()
     while busy > 0.3 and time.monotonic() < deadline:
@@ -292,9 +297,23 @@ def measure(python: str, tool: str, path: Path, size: int, mode: str) -> dict:
         drop_caches()
     else:
         warm_up(path)
-    cmd = [python, str(Path(__file__).resolve()), "--worker", tool, "--path", str(path), "--size", str(size)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TRANSFORMERS_VERBOSITY="error",
-               HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    cmd = [
+        python,
+        str(Path(__file__).resolve()),
+        "--worker",
+        tool,
+        "--path",
+        str(path),
+        "--size",
+        str(size),
+    ]
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT / "src"),
+        TRANSFORMERS_VERBOSITY="error",
+        HF_HUB_OFFLINE="1",
+        TQDM_DISABLE="1",
+    )
     if not python.startswith(str(ROOT / ".venv")):
         env.pop("PYTHONPATH")
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -309,13 +328,20 @@ def gbps(size: int, seconds: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--peers", default=str(ROOT / ".bench" / "venv-load" / "bin" / "python"))
     parser.add_argument("--only", help="comma-separated checkpoint names (synthetic, llama)")
-    parser.add_argument("--no-write", action="store_true", help="print, do not update docs/benchmarks.md")
-    parser.add_argument("--report-only", action="store_true",
-                        help=f"rebuild the report from the last run's {RESULTS.name}, measuring nothing")
+    parser.add_argument(
+        "--no-write", action="store_true", help="print, do not update docs/benchmarks.md"
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help=f"rebuild the report from the last run's {RESULTS.name}, measuring nothing",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -343,7 +369,15 @@ def main() -> None:
     if args.report_only:
         saved = json.loads(RESULTS.read_text())
         results = {tuple(k.split("|")): v for k, v in saved["results"].items()}
-        body = report(checkpoints, plan, sizes, results, saved["rounds"], saved["elapsed"], tuple(saved["load"]))
+        body = report(
+            checkpoints,
+            plan,
+            sizes,
+            results,
+            saved["rounds"],
+            saved["elapsed"],
+            tuple(saved["load"]),
+        )
         finish(body, args.no_write)
         return
     results: dict[tuple[str, str, str], list[dict]] = {}
@@ -351,10 +385,16 @@ def main() -> None:
     load_before = os.getloadavg()[0]
 
     def save(elapsed: float, load: tuple[float, float]) -> None:
-        RESULTS.write_text(json.dumps({
-            "rounds": args.rounds, "elapsed": elapsed, "load": load,
-            "results": {"|".join(k): v for k, v in results.items()},
-        }))
+        RESULTS.write_text(
+            json.dumps(
+                {
+                    "rounds": args.rounds,
+                    "elapsed": elapsed,
+                    "load": load,
+                    "results": {"|".join(k): v for k, v in results.items()},
+                }
+            )
+        )
 
     for rnd in range(args.rounds):
         for name, path in checkpoints:
@@ -365,12 +405,17 @@ def main() -> None:
                 for tool, python in order:
                     r = measure(python, tool, path, sizes[name], mode)
                     if tool != "dd" and r["bytes"] != sizes[name]:
-                        raise SystemExit(f"{tool} loaded {r['bytes']} bytes of {name}, expected {sizes[name]}")
+                        raise SystemExit(
+                            f"{tool} loaded {r['bytes']} bytes of {name}, expected {sizes[name]}"
+                        )
                     results.setdefault((name, tool, mode), []).append(r)
                     save(time.perf_counter() - started, (load_before, os.getloadavg()[0]))
-                    print(f"round {rnd + 1} {name:9} {mode} {tool:30} {r['seconds']:.3f} s "
-                          f"{gbps(sizes[name], r['seconds']):6.2f} GB/s  (other work before: "
-                          f"{r['busy_before']:.2f} CPUs)", flush=True)
+                    print(
+                        f"round {rnd + 1} {name:9} {mode} {tool:30} {r['seconds']:.3f} s "
+                        f"{gbps(sizes[name], r['seconds']):6.2f} GB/s  (other work before: "
+                        f"{r['busy_before']:.2f} CPUs)",
+                        flush=True,
+                    )
     elapsed = time.perf_counter() - started
     load = (load_before, os.getloadavg()[0])
     save(elapsed, load)
@@ -394,13 +439,14 @@ def report(checkpoints, plan, sizes, results, rounds, elapsed, load) -> str:
     every = [r for runs in results.values() for r in runs]
     quiet, total = sum(r["busy_before"] <= 0.3 for r in every), len(every)
     out = [
-        f"{rounds} rounds; medians; GB/s = 10^9 tensor bytes per second; cold = page cache dropped before "
-        "each run; every worker touches and frees 2.5x the checkpoint first (see benchmarks/load.py: this VM "
-        "hands free memory back to its host). x dd and x cachemesh compare medians of the same run. "
-        f"Whole run: {elapsed / 60:.1f} min; 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after. "
-        "The machine's 2 cores are shared with other work: before each measurement the script waits up to "
-        "10 s for the CPUs to be nearly idle (other work under 0.3 CPU); "
-        f"{quiet} of {total} measurements started that quiet.",
+        f"{rounds} rounds; medians; GB/s = 10^9 tensor bytes per second; cold = page cache "
+        "dropped before each run; every worker touches and frees 2.5x the checkpoint first "
+        "(see benchmarks/load.py: this VM hands free memory back to its host). x dd and "
+        "cachemesh faster x compare medians of the same run. "
+        f"Whole run: {elapsed / 60:.1f} min; 1-minute load average {load[0]:.1f} before, "
+        f"{load[1]:.1f} after. The machine's 2 cores are shared with other work: before each "
+        "measurement the script waits up to 10 s for the CPUs to be nearly idle (other work "
+        f"under 0.3 CPU); {quiet} of {total} measurements started that quiet.",
     ]
     for name, path in checkpoints:
         size = sizes[name]
@@ -414,22 +460,49 @@ def report(checkpoints, plan, sizes, results, rounds, elapsed, load) -> str:
             row = [tool]
             for mode in ("cold", "warm"):
                 s = med[(tool, mode)]
-                row += [f"{s:.3f}", f"{gbps(size, s):.2f}", f"{med[('dd', mode)] / s:.2f}",
-                        f"{s / med[('cachemesh', mode)]:.2f}" if tool != "cachemesh" else "1"]
-            peaks = [r["peak"] for mode in ("cold", "warm") for r in results[(name, tool, mode)] if "peak" in r]
-            row.append(f"{statistics.median(peaks) / 1e9:.2f} ({statistics.median(peaks) / size:.2f}x)" if peaks else "")
+                row += [
+                    f"{s:.3f}",
+                    f"{gbps(size, s):.2f}",
+                    f"{med[('dd', mode)] / s:.2f}",
+                    f"{s / med[('cachemesh', mode)]:.2f}" if tool != "cachemesh" else "1",
+                ]
+            peaks = [
+                r["peak"]
+                for mode in ("cold", "warm")
+                for r in results[(name, tool, mode)]
+                if "peak" in r
+            ]
+            row.append(
+                f"{statistics.median(peaks) / 1e9:.2f} ({statistics.median(peaks) / size:.2f}x)"
+                if peaks
+                else ""
+            )
             rows.append(row)
         files = _files(path)
         out.append(f"\n### {name}: {size / 1e9:.2f} GB of tensors in {len(files)} file(s)\n")
-        out.append(_report.table(
-            ["tool", "cold s", "cold GB/s", "cold x dd", "cachemesh faster x", "warm s", "warm GB/s",
-             "warm x dd", "cachemesh faster x", "peak RSS GB (x size)"],
-            rows,
-        ))
+        out.append(
+            _report.table(
+                [
+                    "tool",
+                    "cold s",
+                    "cold GB/s",
+                    "cold x dd",
+                    "cachemesh faster x",
+                    "warm s",
+                    "warm GB/s",
+                    "warm x dd",
+                    "cachemesh faster x",
+                    "peak RSS GB (x size)",
+                ],
+                rows,
+            )
+        )
         dd_cold = [f"{r['seconds']:.3f}" for r in results[(name, "dd", "cold")]]
         ours = [f"{r['seconds']:.3f}" for r in results[(name, "cachemesh", "cold")]]
-        out.append(f"\ndd cold, each round (s): {', '.join(dd_cold)}  \n"
-                   f"cachemesh cold, each round (s): {', '.join(ours)}")
+        out.append(
+            f"\ndd cold, each round (s): {', '.join(dd_cold)}  \n"
+            f"cachemesh cold, each round (s): {', '.join(ours)}"
+        )
         out.append("\n" + goals(name, size, med, results))
     out.append(NOTES)
     return "\n".join(out)
@@ -444,22 +517,46 @@ def goals(name: str, size: int, med: dict, results: dict) -> str:
     rows = [
         ("cold >= 0.9x dd", med[("dd", "cold")] / med[("cachemesh", "cold")], 0.9),
         ("cold >= 1.2x best runai-model-streamer", runai / med[("cachemesh", "cold")], 1.2),
-        ("warm >= 3x safetensors load_file (default mmap backend)",
-         med[("safetensors mmap", "warm")] / med[("cachemesh", "warm")], 3.0),
-        ("warm >= 3x safetensors load_file (pread backend)",
-         med[("safetensors pread", "warm")] / med[("cachemesh", "warm")], 3.0),
+        (
+            "warm >= 3x safetensors load_file (default mmap backend)",
+            med[("safetensors mmap", "warm")] / med[("cachemesh", "warm")],
+            3.0,
+        ),
+        (
+            "warm >= 3x safetensors load_file (pread backend)",
+            med[("safetensors pread", "warm")] / med[("cachemesh", "warm")],
+            3.0,
+        ),
         ("warm >= 0.6x dd", med[("dd", "warm")] / med[("cachemesh", "warm")], 0.6),
     ]
     if ("cachemesh load_pretrained", "cold") in med:
         for mode in ("cold", "warm"):
-            rows.append((f"load_pretrained vs from_pretrained, {mode} (no goal set)",
-                         med[("transformers from_pretrained", mode)] / med[("cachemesh load_pretrained", mode)], 0))
-    table = [[goal, f"{value:.2f}x", ("met" if value >= bar else "missed") if bar else ""]
-             for goal, value, bar in rows]
-    table.append(["peak RSS <= 1.1x checkpoint (whole process)", f"{peak / size:.2f}x",
-                  "met" if peak / size <= 1.1 else "missed"])
-    table.append(["peak RSS above the process before loading", f"{above_base / size:.2f}x",
-                  "met" if above_base / size <= 1.1 else "missed"])
+            rows.append(
+                (
+                    f"load_pretrained vs from_pretrained, {mode} (no goal set)",
+                    med[("transformers from_pretrained", mode)]
+                    / med[("cachemesh load_pretrained", mode)],
+                    0,
+                )
+            )
+    table = [
+        [goal, f"{value:.2f}x", ("met" if value >= bar else "missed") if bar else ""]
+        for goal, value, bar in rows
+    ]
+    table.append(
+        [
+            "peak RSS <= 1.1x checkpoint (whole process)",
+            f"{peak / size:.2f}x",
+            "met" if peak / size <= 1.1 else "missed",
+        ]
+    )
+    table.append(
+        [
+            "peak RSS above the process before loading",
+            f"{above_base / size:.2f}x",
+            "met" if above_base / size <= 1.1 else "missed",
+        ]
+    )
     return _table(["goal (" + name + ")", "measured", ""], table)
 
 
@@ -473,16 +570,16 @@ def _table(headers, rows) -> str:
 NOTES = """
 Notes on the goals, from measurements on this machine:
 
-- safetensors 0.8's `load_file` (default mmap backend) no longer copies on the CPU: its tensors map the
-  file copy-on-write, so a warm "load" is page-table work over the page cache, and its peak RSS counts those
-  shared file pages. cachemesh reads into memory it owns (anonymous, huge pages), which costs the kernel
-  zeroing each page and then a copy; no copying loader can be 3x a zero-copy one. The pread backend is the
-  copying comparison.
-- dd warm copies the page cache into one 16 MiB buffer that stays in the CPU caches and never faults; a
-  loader fills 2 GB of fresh memory (fault, zero, copy), which is bounded by memory bandwidth, shared here
-  with other work on the host.
-- Peak RSS includes the interpreter and torch (about 0.22 GB before anything is loaded); the second RSS row
-  subtracts what the process held just before the load.
+- safetensors 0.8's `load_file` (default mmap backend) no longer copies on the CPU: its
+  tensors map the file copy-on-write, so a warm "load" is page-table work over the page
+  cache, and its peak RSS counts those shared file pages. cachemesh reads into memory it
+  owns (anonymous, huge pages), which costs the kernel zeroing each page and then a copy;
+  no copying loader can be 3x a zero-copy one. The pread backend is the copying comparison.
+- dd warm copies the page cache into one 16 MiB buffer that stays in the CPU caches and
+  never faults; a loader fills 2 GB of fresh memory (fault, zero, copy), which is bounded
+  by memory bandwidth, shared here with other work on the host.
+- Peak RSS includes the interpreter and torch (about 0.22 GB before anything is loaded);
+  the second RSS row subtracts what the process held just before the load.
 """
 
 

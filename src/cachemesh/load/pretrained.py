@@ -134,7 +134,9 @@ def load_pretrained(
             model = _build(transformers, auto_class, config, model_dtype, trust_remote_code, kwargs)
         expected = model.state_dict(keep_vars=True)
         rename = key_mapper(
-            [t.name for t in checkpoint.tensors()], expected, getattr(model, "base_model_prefix", "")
+            [t.name for t in checkpoint.tensors()],
+            expected,
+            getattr(model, "base_model_prefix", ""),
         )
         loaded: dict[str, torch.Tensor] = {}
         unexpected: list[str] = []
@@ -149,7 +151,11 @@ def load_pretrained(
                     f"{path}: tensor {name!r} has shape {list(tensor.shape)} but the model's "
                     f"{key!r} has {list(target.shape)}"
                 )
-            if tensor.dtype != target.dtype and tensor.dtype in CASTABLE and target.dtype in CASTABLE:
+            if (
+                tensor.dtype != target.dtype
+                and tensor.dtype in CASTABLE
+                and target.dtype in CASTABLE
+            ):
                 tensor = tensor.to(target.dtype)
             loaded[key] = tensor
 
@@ -272,7 +278,9 @@ def _load_generation_config(model: Any, path: Path) -> None:
 
 
 def _report_unexpected(model: Any, path: Path, unexpected: list[str]) -> None:
-    patterns = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    patterns = [
+        re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+    ]
     left = [
         n
         for n in unexpected

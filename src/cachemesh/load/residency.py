@@ -36,7 +36,12 @@ def _load_libc() -> ctypes.CDLL | None:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
             libc.mmap.restype = ctypes.c_void_p
             libc.mmap.argtypes = [
-                ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_long,
             ]
             libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
             libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
@@ -60,7 +65,10 @@ class Residency:
         self._size = size
 
     def pages(self, start: int, end: int) -> bytes | None:
-        """One byte per page from ``start // PAGE`` through the page holding ``end - 1``: 1 if cached."""
+        """One byte per page, from the page holding ``start`` to the one holding ``end - 1``.
+
+        A byte is 1 where the page is in the page cache, else 0; None if mincore failed.
+        """
         first = start - start % PAGE
         last = min(end, self._size)
         count = -(-(last - first) // PAGE)

@@ -41,7 +41,9 @@ def load_state_dict(
     tensor writes only that tensor (each view has a storage of its own).
     """
     checkpoint = (
-        path_or_source if isinstance(path_or_source, Checkpoint) else read_checkpoint(path_or_source)
+        path_or_source
+        if isinstance(path_or_source, Checkpoint)
+        else read_checkpoint(path_or_source)
     )
     result = LoadedStateDict()
     with iter_tensors(

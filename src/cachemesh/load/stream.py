@@ -48,8 +48,8 @@ from .reader import (
     FileLayout,
     FileReader,
     ReadCounts,
-    default_threads,
     chunk_step,
+    default_threads,
     plan_chunks,
 )
 from .stats import LoadStats
@@ -110,7 +110,9 @@ class _CudaSink:
         self.copy_stream = torch.cuda.Stream(device)
         # Allocated on the consumer's current stream, which waits on every copy
         # before it sees a tensor, so the allocator's stream bookkeeping holds.
-        self.buffers = [torch.empty(layout.size, dtype=torch.uint8, device=device) for layout in layouts]
+        self.buffers = [
+            torch.empty(layout.size, dtype=torch.uint8, device=device) for layout in layouts
+        ]
         # Chunks start block-aligned and span at most one step, so a direct read
         # rounded up to the next block still fits in one step.
         slot_bytes = chunk_step(chunk_bytes)
@@ -344,7 +346,9 @@ def iter_tensors(
     chooses how bytes not in the page cache are read (see ``reader.py``).
     """
     checkpoint = (
-        path_or_source if isinstance(path_or_source, Checkpoint) else read_checkpoint(path_or_source)
+        path_or_source
+        if isinstance(path_or_source, Checkpoint)
+        else read_checkpoint(path_or_source)
     )
     return TensorStream(
         checkpoint,
