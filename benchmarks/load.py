@@ -378,6 +378,12 @@ def main() -> None:
             saved["elapsed"],
             tuple(saved["load"]),
         )
+        # The section names the command that measured, with how it was written.
+        sys.argv = [sys.argv[0], "--rounds", str(saved["rounds"])]
+        body += (
+            "\n\n(Measured by the command above with `--no-write`; this table was then written "
+            "from its saved results with `--report-only`.)"
+        )
         finish(body, args.no_write)
         return
     results: dict[tuple[str, str, str], list[dict]] = {}
@@ -497,12 +503,12 @@ def report(checkpoints, plan, sizes, results, rounds, elapsed, load) -> str:
                 rows,
             )
         )
-        dd_cold = [f"{r['seconds']:.3f}" for r in results[(name, "dd", "cold")]]
-        ours = [f"{r['seconds']:.3f}" for r in results[(name, "cachemesh", "cold")]]
-        out.append(
-            f"\ndd cold, each round (s): {', '.join(dd_cold)}  \n"
-            f"cachemesh cold, each round (s): {', '.join(ours)}"
-        )
+        lines = []
+        for tool in ("dd", "cachemesh", "cachemesh buffered"):
+            for mode in ("cold", "warm"):
+                each = ", ".join(f"{r['seconds']:.3f}" for r in results[(name, tool, mode)])
+                lines.append(f"{tool} {mode}, each round (s): {each}")
+        out.append("\n" + "  \n".join(lines))
         out.append("\n" + goals(name, size, med, results))
     out.append(NOTES)
     return "\n".join(out)
@@ -578,6 +584,8 @@ Notes on the goals, from measurements on this machine:
 - dd warm copies the page cache into one 16 MiB buffer that stays in the CPU caches and
   never faults; a loader fills 2 GB of fresh memory (fault, zero, copy), which is bounded
   by memory bandwidth, shared here with other work on the host.
+- Warm runs are the noisiest: the same tool varied up to 3x between rounds while other
+  work held the CPUs (see each round above); compare within a round where in doubt.
 - Peak RSS includes the interpreter and torch (about 0.22 GB before anything is loaded);
   the second RSS row subtracts what the process held just before the load.
 """

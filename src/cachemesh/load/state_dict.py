@@ -35,10 +35,11 @@ def load_state_dict(
 ) -> LoadedStateDict:
     """Load every tensor of a safetensors checkpoint.
 
-    Arguments are those of :func:`cachemesh.load.iter_tensors`. On the CPU the
-    tensors are views into one buffer per file, so the memory of a file is
-    returned once all of its tensors are freed; ``torch.save`` of one such
-    tensor writes only that tensor (each view has a storage of its own).
+    Arguments are those of :func:`cachemesh.load.iter_tensors`. Tensors are
+    views into one buffer per file, so the memory of a file is returned once all
+    of its tensors are freed. On the CPU each view has a storage of its own
+    (``torch.save`` of one tensor writes only that tensor); on CUDA the tensors
+    of a file share one device storage.
     """
     checkpoint = (
         path_or_source
