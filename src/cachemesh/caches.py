@@ -345,12 +345,12 @@ class Caches:
             conn.execute(
                 "INSERT INTO caches (name, bucket, path, source, spec, status, created_at,"
                 " updated_at, last_access) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (spec.name, spec.bucket, spec.path, source.uri, json.dumps(stored), PENDING,
+                (spec.name, spec.bucket, spec.path, source.display_uri, json.dumps(stored), PENDING,
                  now, now, now),
             )
             conn.execute(
                 "INSERT INTO events (cache, ts, level, kind, message) VALUES (?, ?, ?, ?, ?)",
-                (spec.name, now, "info", "created", f"cache created from {source.uri}"),
+                (spec.name, now, "info", "created", f"cache created from {source.display_uri}"),
             )
         return self.get(spec.name)
 
@@ -420,7 +420,7 @@ class Caches:
                 return PullResult(view=Path(info.view))
             spec = CacheSpec.model_validate(info.spec)
             self._update(name, status=LOADING, error=None)
-            self._event(name, "pull-started", f"pulling from {spec.source}")
+            self._event(name, "pull-started", f"pulling from {info.source}")
             try:
                 result = self._pull_locked(spec, on_progress)
             except BaseException as exc:
@@ -441,25 +441,31 @@ class Caches:
     def _pull_locked(
         self, spec: CacheSpec, on_progress: Callable[[Progress], None] | None
     ) -> PullResult:
-        assert spec.path is not None
         source = parse_source(spec.source, spec.options, self.settings)
+        try:
+            return self._pull_from(spec, source, on_progress)
+        finally:
+            source.close()
+
+    def _pull_from(
+        self, spec: CacheSpec, source: Source, on_progress: Callable[[Progress], None] | None
+    ) -> PullResult:
+        assert spec.path is not None
         listing = source.list_files()
         for note in listing.notes:
             self._event(spec.name, "warning", note, level="warning")
         files = check_listing(select_files(listing.files, spec.include, spec.exclude))
         if not files:
-            raise InvalidInputError(f"no files to pull from {spec.source} (check include/exclude)")
+            raise InvalidInputError(
+                f"no files to pull from {source.display_uri} (check include/exclude)")
         total = sum(f.size for f in files)
         if spec.size_limit_gib is not None and total > spec.size_limit_gib * GIB:
             raise CapacityError(
                 f"cache {spec.name!r} needs {total} bytes, over its size limit of"
                 f" {spec.size_limit_gib} GiB"
             )
-        unverified = [f.path for f in files if f.checksum_kind == "size"]
-        if unverified and scheme_is_remote(spec.source):
-            self._event(spec.name, "verification",
-                        f"{len(unverified)} file(s) have no checksum at the origin; verified by size only",
-                        level="warning")
+        if scheme_is_remote(spec.source):
+            self._event_verification(spec.name, files)
         existing = self.store.file_rows(spec.name)
         evicted = self._make_room(spec.name, files, existing)
         self._update(spec.name, revision=listing.revision, files_total=len(files),
@@ -498,6 +504,21 @@ class Caches:
                     raise fut.exception()  # type: ignore[misc]
         tracker.flush()
         return result
+
+    def _event_verification(self, name: str, files: list[RemoteFile]) -> None:
+        """Say what each file's bytes are checked against before they become visible."""
+        kinds = {k: sum(1 for f in files if f.checksum_kind == k) for k in ("sha256", "md5", "size")}
+        parts = []
+        if kinds["sha256"]:
+            parts.append(f"{kinds['sha256']} file(s) verified against the sha256 the origin publishes")
+        if kinds["md5"]:
+            parts.append(f"{kinds['md5']} file(s) verified against the MD5 the origin publishes"
+                         " (its ETag)")
+        if kinds["size"]:
+            parts.append(f"{kinds['size']} file(s) have no checksum at the origin; verified by"
+                         " size only")
+        self._event(name, "verification", "; ".join(parts),
+                    level="warning" if kinds["size"] else "info")
 
     def _pull_file(
         self, spec: CacheSpec, source: Source, f: RemoteFile, row: dict | None, tracker: _Tracker
