@@ -72,9 +72,10 @@ class HttpOrigin:
             pass
 
         Handler.origin = origin
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True)
         self._thread.start()
         return self
 
@@ -108,6 +109,13 @@ class HttpOrigin:
         return False
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # clients closing connections early is what these tests do
+
+
 class _Handler(BaseHTTPRequestHandler):
     origin: HttpOrigin
     protocol_version = "HTTP/1.1"
@@ -127,7 +135,13 @@ class _Handler(BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         with o.lock:
             o.requests.append((self.command, self.path, rng))
+        # Faults are taken when the request arrives, before any byte of the
+        # response is sent (a test may change them as soon as it has a reply).
         status = o._take(o.errors, path)
+        cut = corrupt = None
+        if status is None and path in o.files and not head:
+            cut = o._take(o.cut_after, path)
+            corrupt = o._take_corrupt(path)
         if status is not None:
             body = f"injected {status}".encode()
             self.send_response(status)
@@ -172,23 +186,26 @@ class _Handler(BaseHTTPRequestHandler):
         if head:
             return
         body = bytearray(data[start:end])
-        if body and o._take_corrupt(path):
+        if body and corrupt:
             body[len(body) // 2] ^= 0xFF
-        cut = o._take(o.cut_after, path)
         limit = len(body) if cut is None else min(cut, len(body))
         pos = 0
         while pos < limit:
             if o.delay_s:
                 time.sleep(o.delay_s)
             piece = bytes(body[pos:min(pos + BLOCK, limit)])
+            # Counted before the write: once written, the client may finish (and
+            # the test look at the counter) before this thread runs again.
+            with o.lock:
+                o.served[path] += len(piece)
             try:
                 self.wfile.write(piece)
                 self.wfile.flush()
             except OSError:
+                with o.lock:
+                    o.served[path] -= len(piece)
                 return  # the client went away
             pos += len(piece)
-            with o.lock:
-                o.served[path] += len(piece)
         if cut is not None and limit < len(body):
             # Cut the connection mid-body: the client sees a short response.
             self.close_connection = True

@@ -67,7 +67,8 @@ class S3Origin:
                 pass
 
         self._server = make_server("127.0.0.1", 0, self, threaded=True, request_handler=Quiet)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
+                                        daemon=True)
         self._thread.start()
         return self
 
@@ -141,10 +142,12 @@ class S3Origin:
             if self.delay_s:
                 time.sleep(self.delay_s)
             piece = bytes(data[pos:min(pos + BLOCK, limit)])
-            yield piece
-            pos += len(piece)
+            # Counted before it is handed over: once written, the client may
+            # finish before this generator runs again.
             with self.lock:
                 self.served[key] += len(piece)
+            yield piece
+            pos += len(piece)
         if limit < len(data):
             sock = environ.get("werkzeug.socket")
             if sock is not None:

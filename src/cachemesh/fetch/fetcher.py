@@ -212,11 +212,13 @@ class Fetcher:
         files = PartialFiles(self.dir, request.key)
         progress = _Progress(on_bytes)
         lock = self.store.lock("fetch", request.identity)
-        since = time.time()
-        self._wait_turn(lock, files, request, progress)
+        before = _signature(files.state)
+        waited = self._wait_turn(lock, files, request, progress)
+        # An unversioned identity may only reuse a record written while we waited.
+        reusable = request.versioned or (waited and _signature(files.state) != before)
         try:
             for attempt in range(1, INTEGRITY_ATTEMPTS + 1):
-                ref = self._committed(files, request, None if request.versioned else since)
+                ref = self._committed(files, request) if reusable else None
                 if ref is not None:
                     progress.set(request.size)
                     return ref
@@ -235,32 +237,24 @@ class Fetcher:
 
     def _wait_turn(
         self, lock: object, files: PartialFiles, request: FetchRequest, progress: _Progress
-    ) -> None:
-        """Take the object's lock; while another fetch holds it, follow its progress."""
+    ) -> bool:
+        """Take the object's lock; while another fetch holds it, follow its progress.
+
+        Returns whether we had to wait.
+        """
         if lock.acquire(blocking=False):  # type: ignore[attr-defined]
-            return
+            return False
         while not lock.acquire(timeout=WAIT_POLL_S):  # type: ignore[attr-defined]
             state = files.read_state()
             if state is not None and state.size == request.size:
                 progress.set(request.size if state.sha256 else state.landed.total())
+        return True
 
-    def _committed(
-        self, files: PartialFiles, request: FetchRequest, since: float | None
-    ) -> BlobRef | None:
-        """The blob an earlier fetch of the same identity verified, if it is still there.
-
-        With ``since``, only a record written after that time counts (less a
-        second: file times come from the kernel's coarse clock).
-        """
+    def _committed(self, files: PartialFiles, request: FetchRequest) -> BlobRef | None:
+        """The blob an earlier fetch of the same identity verified, if it is still there."""
         state = files.read_state()
         if state is None or state.sha256 is None or state.size != request.size:
             return None
-        if since is not None:
-            try:
-                if files.state.stat().st_mtime < since - 1.0:
-                    return None
-            except OSError:
-                return None
         if request.sha256 is not None and state.sha256 != request.sha256:
             return None
         if not self.store.blobs.has(state.sha256, request.size):
@@ -544,6 +538,15 @@ class _Transfer:
                 o.landed(pos, pos + n)
         self.hasher.prefix(prefix)
         self.progress.advance(n)
+
+
+def _signature(path: Path) -> tuple[int, int] | None:
+    """Which version of a record file is there (records are replaced by rename)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _size_of(path: Path) -> int | None:
