@@ -71,6 +71,13 @@ _DENIED_CODES = {
 }
 
 
+# One boto3 session per profile for the process: a session loads botocore's
+# service models once (creating a client from a warm session takes ~10 ms
+# instead of ~200 ms). Credentials are given per client.
+_SESSIONS: dict[str | None, Any] = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
 @dataclass(frozen=True)
 class _Head:
     size: int
@@ -178,8 +185,6 @@ class S3Source(RemoteSource):
     def _make_client(self) -> Any:
         try:
             import boto3
-            import botocore
-            from botocore.config import Config
             from botocore.exceptions import BotoCoreError
         except ImportError:
             raise SourceError("s3:// sources need boto3: pip install 'cachemesh[s3]'") from None
@@ -190,21 +195,30 @@ class S3Source(RemoteSource):
             env.get("OSS_ACCESS_KEY_SECRET") if oss else None)
         token = env.get("AWS_SESSION_TOKEN") or (env.get("OSS_SESSION_TOKEN") if oss else None)
         region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
-        try:
-            if key and secret:
-                session = boto3.session.Session(aws_access_key_id=key,
-                                                aws_secret_access_key=secret,
-                                                aws_session_token=token or None,
-                                                region_name=region)
-                signed = True
-            else:
-                session = boto3.session.Session(profile_name=env.get("AWS_PROFILE") or None,
-                                                region_name=region)
-                signed = session.get_credentials() is not None
-        except BotoCoreError as exc:
-            raise InvalidInputError(f"{self.uri}: AWS configuration: {type(exc).__name__}") from exc
+        profile = None if key and secret else (env.get("AWS_PROFILE") or None)
+        with _SESSIONS_LOCK:  # boto3 sessions are not thread-safe; their clients are
+            try:
+                session = _SESSIONS.get(profile)
+                if session is None:
+                    session = _SESSIONS[profile] = boto3.session.Session(profile_name=profile)
+                signed = bool(key and secret) or session.get_credentials() is not None
+            except BotoCoreError as exc:
+                raise InvalidInputError(
+                    f"{self.uri}: AWS configuration: {type(exc).__name__}") from exc
+            return session.client(
+                "s3", endpoint_url=self.endpoint_url, region_name=region,
+                aws_access_key_id=key if key and secret else None,
+                aws_secret_access_key=secret if key and secret else None,
+                aws_session_token=(token or None) if key and secret else None,
+                config=self._config(signed, oss),
+            )
+
+    def _config(self, signed: bool, oss: bool) -> Any:
+        import botocore
+        from botocore.config import Config
+
         s = self.settings
-        config = Config(
+        return Config(
             signature_version=None if signed else botocore.UNSIGNED,
             max_pool_connections=s.range_concurrency + s.fetch_concurrency,
             connect_timeout=min(30.0, s.fetch_timeout_s),
@@ -214,7 +228,6 @@ class S3Source(RemoteSource):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        return session.client("s3", endpoint_url=self.endpoint_url, config=config)
 
     def close(self) -> None:
         with self._client_lock:
@@ -264,6 +277,9 @@ class S3Source(RemoteSource):
                 notes.append(f"skipped object {key!r}: {exc}")
                 continue
             wanted.append((rel, key))
+        if not wanted:
+            raise UnsafePathError(f"{where}: no object below the prefix has a safe name"
+                                  f" ({notes[0].removeprefix('skipped ')})")
         with ThreadPoolExecutor(max(2, self.settings.fetch_concurrency), "cachemesh-s3-head") as pool:
             heads = list(pool.map(lambda rk: self._head(rk[1]), wanted))
         files = [self._file(rel, key, head) for (rel, key), head in zip(wanted, heads, strict=True)]
