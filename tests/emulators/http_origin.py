@@ -44,6 +44,7 @@ class HttpOrigin:
         self.errors: dict[str, list[int]] = {}
         self.delay_s = 0.0
         self.served: Counter[str] = Counter()  # path -> body bytes sent
+        self.active = 0  # responses being sent now
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
         self.lock = threading.Lock()
         self._mtime = time.time() - 60
@@ -130,6 +131,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(head=False)
 
     def _serve(self, head: bool) -> None:
+        o = self.origin
+        with o.lock:
+            o.active += 1
+        try:
+            self._respond(head)
+        finally:
+            with o.lock:
+                o.active -= 1
+
+    def _respond(self, head: bool) -> None:
         o = self.origin
         path = self.path.split("?", 1)[0]
         rng = self.headers.get("Range")
