@@ -72,6 +72,8 @@ CHECKPOINT_INTERVAL_S = 1.0
 WAIT_POLL_S = 0.1
 # A transfer whose bytes fail verification is fetched this many times in all.
 INTEGRITY_ATTEMPTS = 2
+# Progress is told to ``on_bytes`` in steps of at least this much (and at the end).
+REPORT_BYTES = 4 * 1024 * 1024
 
 #: ``read(start, end)``: the bytes ``[start, end)`` of one object, as an iterator of chunks.
 RangeRead = Callable[[int, int], Iterator[bytes]]
@@ -133,7 +135,11 @@ def identity_key(identity: str) -> str:
 
 
 class _Progress:
-    """Reports each byte of one object once through ``on_bytes``, whatever retries happen."""
+    """Reports each byte of one object once through ``on_bytes``, whatever retries happen.
+
+    Reports are batched (at least REPORT_BYTES at a time, and at the end): the
+    cache's tracker does real work per call, and a network read is 64 KiB–1 MiB.
+    """
 
     def __init__(self, on_bytes: Callable[[int], None] | None) -> None:
         self._on_bytes = on_bytes
@@ -141,10 +147,10 @@ class _Progress:
         self._current = 0  # bytes of the object we hold now
         self._reported = 0  # high-water mark told to on_bytes
 
-    def _report(self) -> None:
+    def _report(self, at_least: int = 1) -> None:
         delta = 0
         with self._lock:
-            if self._current > self._reported:
+            if self._current - self._reported >= at_least:
                 delta = self._current - self._reported
                 self._reported = self._current
         if delta and self._on_bytes is not None:
@@ -153,11 +159,14 @@ class _Progress:
     def advance(self, n: int) -> None:
         with self._lock:
             self._current += n
-        self._report()
+        self._report(REPORT_BYTES)
 
     def set(self, total: int) -> None:
         with self._lock:
             self._current = total
+        self._report()
+
+    def flush(self) -> None:
         self._report()
 
     def restart(self) -> None:
@@ -373,7 +382,10 @@ class _Transfer:
             self._emit_started()
             gaps = list(self.landed.gaps(req.size))
             self._pending.extend(split(gaps, self.f.chunk_size) if req.ranged else gaps)
-            self._run_workers()
+            try:
+                self._run_workers()
+            finally:
+                self.progress.flush()
             sha, md5 = self.hasher.finish()
             if req.sha256 is not None and sha != req.sha256:
                 raise _Corrupt(f"{req.name}: the fetched bytes have sha256 {sha},"
