@@ -72,6 +72,8 @@ CHECKPOINT_INTERVAL_S = 1.0
 WAIT_POLL_S = 0.1
 # A transfer whose bytes fail verification is fetched this many times in all.
 INTEGRITY_ATTEMPTS = 2
+# How digests are computed: "stream" (while fetching) or "end" (see hashing.py).
+HASH_MODE = "stream"
 # Progress is told to ``on_bytes`` in steps of at least this much (and at the end).
 REPORT_BYTES = 4 * 1024 * 1024
 
@@ -183,7 +185,8 @@ class Fetcher:
 
     ``range_concurrency`` connection slots are shared by every fetch running
     on this fetcher: a single large file may use all of them, several files
-    share them. ``hash_mode`` is ``"stream"`` or ``"end"`` (see hashing.py).
+    share them. ``hash_mode`` is ``"stream"`` or ``"end"`` (see hashing.py; default
+    :data:`HASH_MODE`).
     """
 
     def __init__(
@@ -191,14 +194,14 @@ class Fetcher:
         store: Store,
         settings: Settings,
         *,
-        hash_mode: str = "stream",
+        hash_mode: str | None = None,
         checkpoint_s: float | None = None,
     ) -> None:
         self.store = store
         self.chunk_size = settings.chunk_size
         self.concurrency = settings.range_concurrency
         self.retry = RetryPolicy(settings.fetch_retries, settings.retry_backoff_s)
-        self.hash_mode = hash_mode
+        self.hash_mode = hash_mode or HASH_MODE
         self.checkpoint_s = CHECKPOINT_INTERVAL_S if checkpoint_s is None else checkpoint_s
         self.dir = store.blobs.tmp_dir / "fetch"
         self._slots = threading.BoundedSemaphore(self.concurrency)
