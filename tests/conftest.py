@@ -20,6 +20,9 @@ from tests import fakes
 from tests.emulators.http_origin import HttpOrigin
 from tests.emulators.s3_origin import S3Origin
 
+# The hub emulators' fixtures (hf_hub, ms_hub, hf_env, ms_env, hub_caches, repo_id).
+pytest_plugins = ["tests.emulators.fixtures"]
+
 _PREFIXES = ("CACHEMESH_", "HF_", "HUGGINGFACE_", "AWS_", "MODELSCOPE_", "TRANSFORMERS_")
 
 

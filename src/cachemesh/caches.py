@@ -9,15 +9,19 @@ A cache is a named set of files from one source, shown as a view directory
 A pull lists the source, filters it (include/exclude globs), checks limits
 (the cache's own, the store's, the disk), makes room by evicting least recently
 used caches that are neither pinned nor in use, then fetches files in parallel.
-Files already present (same blob, or same origin version from an interrupted
-pull) are linked without fetching again. Progress and timestamped events are
-written to the database as they happen, so any process (the CLI, the control
-API) can follow a pull that another process runs.
+Files already present (same blob, same git blob id, or same origin version from
+an interrupted pull) are linked without fetching again. Caches pulled from a
+Hugging Face hub are also shown in its cache layout under ``hub/`` (see
+``store/hub_layout.py``): after every pull and every removal, the repo's folder
+is made to show exactly what the Available caches of that repo hold. Progress
+and timestamped events are written to the database as they happen, so any
+process (the CLI, the control API) can follow a pull that another process runs.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import shutil
 import threading
@@ -44,6 +48,7 @@ from .errors import (
 )
 from .sources import RemoteFile, Source, parse_source
 from .store import BlobRef, Problem, Store
+from .store.hub_layout import HubClaim, HubFile, HubLayout, HubRepo, is_commit
 from .store.names import check_name, check_relpath, is_within
 from .store.quota import Candidate, plan_eviction
 
@@ -244,6 +249,7 @@ class Caches:
         self.settings = settings or Settings.from_env()
         self.store = Store(self.settings.home)
         self.db = self.store.db
+        self.hub = HubLayout(self.store.home)
 
     # -- reading -----------------------------------------------------------------
 
@@ -422,15 +428,21 @@ class Caches:
             self._update(name, status=LOADING, error=None)
             self._event(name, "pull-started", f"pulling from {info.source}")
             try:
-                result = self._pull_locked(spec, on_progress)
+                result, hub = self._pull_locked(spec, on_progress)
+                self._update(name, status=AVAILABLE, error=None, last_access=time.time())
+                if hub is not None:
+                    # Available first: then a sync that another cache of the same repo
+                    # runs meanwhile keeps this cache's files too.
+                    self._sync_hub(hub[0], including=name, trees=hub[1])
             except BaseException as exc:
                 message = str(exc) if isinstance(exc, CachemeshError) else f"{type(exc).__name__}: {exc}"
                 if isinstance(exc, KeyboardInterrupt):
                     message = "interrupted; pull again to resume"
                 self._update(name, status=FAILED, error=message)
                 self._event(name, "failed", message, level="error")
+                # The hub view shows Available caches only.
+                self._sync_hub_quietly(name, self._hub_repo_of(spec.source, spec.options))
                 raise
-            self._update(name, status=AVAILABLE, error=None, last_access=time.time())
             self._event(
                 name, "available",
                 f"{result.files_fetched} file(s) fetched ({result.bytes_fetched} bytes),"
@@ -440,7 +452,9 @@ class Caches:
 
     def _pull_locked(
         self, spec: CacheSpec, on_progress: Callable[[Progress], None] | None
-    ) -> PullResult:
+    ) -> tuple[PullResult, tuple[HubRepo, dict | None] | None]:
+        """Fetch and link every file; returns the result and, for a source shown
+        under hub/, its repo and the commit's tree listing."""
         source = parse_source(spec.source, spec.options, self.settings)
         try:
             return self._pull_from(spec, source, on_progress)
@@ -449,7 +463,7 @@ class Caches:
 
     def _pull_from(
         self, spec: CacheSpec, source: Source, on_progress: Callable[[Progress], None] | None
-    ) -> PullResult:
+    ) -> tuple[PullResult, tuple[HubRepo, dict | None] | None]:
         assert spec.path is not None
         listing = source.list_files()
         for note in listing.notes:
@@ -503,14 +517,21 @@ class Caches:
                     wait(futures)  # let running transfers stop before reporting
                     raise fut.exception()  # type: ignore[misc]
         tracker.flush()
-        return result
+        repo = source.hub_repo()
+        if repo is None or not listing.revision or not is_commit(listing.revision):
+            return result, None
+        return result, (repo, {listing.revision: listing.hub_tree} if listing.hub_tree else None)
 
     def _event_verification(self, name: str, files: list[RemoteFile]) -> None:
         """Say what each file's bytes are checked against before they become visible."""
-        kinds = {k: sum(1 for f in files if f.checksum_kind == k) for k in ("sha256", "md5", "size")}
+        kinds = {k: sum(1 for f in files if f.checksum_kind == k)
+                 for k in ("sha256", "git-sha1", "md5", "size")}
         parts = []
         if kinds["sha256"]:
             parts.append(f"{kinds['sha256']} file(s) verified against the sha256 the origin publishes")
+        if kinds["git-sha1"]:
+            parts.append(f"{kinds['git-sha1']} file(s) verified against the git blob id the"
+                         " origin publishes")
         if kinds["md5"]:
             parts.append(f"{kinds['md5']} file(s) verified against the MD5 the origin publishes"
                          " (its ETag)")
@@ -538,6 +559,12 @@ class Caches:
                                         ref=BlobRef(f.sha256, f.size), origin_tag=f.origin_tag):
             tracker.add_bytes(f.size, fetched=False)
             return False
+        # A git blob id names bytes too: reuse a blob fetched under the same id.
+        known = self._blob_for_git_sha1(f) if f.sha256 is None and f.git_sha1 else None
+        if known is not None and add(spec.name, spec.bucket, spec.path, f.path,
+                                     ref=known, origin_tag=f.origin_tag):
+            tracker.add_bytes(f.size, fetched=False)
+            return False
         for _ in range(3):
             ref = source.fetch(f, self.store, tracker.add_bytes)
             if ref.size != f.size:
@@ -548,6 +575,24 @@ class Caches:
                 return True
             # gc removed the fresh blob before we linked it: fetch again.
         raise ConflictError(f"{f.path}: the blob kept disappearing while being linked (gc running?)")
+
+    def _blob_for_git_sha1(self, f: RemoteFile) -> BlobRef | None:
+        """A stored blob whose git blob id is ``f.git_sha1`` (checked by hashing it)."""
+        rows = self.db.query(
+            "SELECT DISTINCT sha256 FROM files WHERE origin_tag = ? AND size = ?",
+            (f.git_sha1, f.size),
+        )
+        for row in rows:
+            digest = hashlib.sha1(b"blob %d\0" % f.size)
+            try:
+                with open(self.store.blobs.path(row["sha256"]), "rb") as blob:
+                    while chunk := blob.read(1024 * 1024):
+                        digest.update(chunk)
+            except OSError:
+                continue
+            if digest.hexdigest() == f.git_sha1:
+                return BlobRef(row["sha256"], f.size)
+        return None
 
     def _make_room(self, name: str, files: list[RemoteFile], existing: dict[str, dict]) -> list[str]:
         """Evict LRU caches if the store limit or the disk cannot take the new bytes."""
@@ -599,6 +644,7 @@ class Caches:
            collect: bool = True) -> None:
         """Remove a cache: its view, its rows, and blobs nobody else references."""
         row = self._row(name)
+        repo = self._hub_repo_of(row["source"], json.loads(row["spec"]).get("options"))
         if not force and self.store.in_use(name):
             raise InUseError(f"cache {name!r} is in use by a running process (a loaded model?)")
         lock = self.store.lock("pull", name)
@@ -614,17 +660,36 @@ class Caches:
         finally:
             lock.release()
         del reason
+        if repo is not None:
+            self._sync_hub(repo)
         if collect:
             self.store.collect_blobs()
+
+    def recover(self) -> None:
+        """Repair what a crashed process left: adopt verified blob files that
+        lack their row, finish interrupted removals, and record interrupted
+        pulls as Failed (a pull resumes them). Run at server start and by gc."""
+        self.store.recover()
+        for r in self.db.query("SELECT name FROM caches WHERE status = ?", (DELETING,)):
+            self.rm(r["name"], force=True, collect=False)
+        for r in self.db.query("SELECT name FROM caches WHERE status = ?", (LOADING,)):
+            lock = self.store.lock("pull", r["name"])
+            if lock.acquire(blocking=False):  # nobody is pulling it: its puller died
+                try:
+                    self._update(r["name"], status=FAILED,
+                                 error="the pull was interrupted; pull again to resume it")
+                finally:
+                    lock.release()
 
     def gc(self, *, max_bytes: int | None = None, tmp_age_s: float = 24 * 3600) -> GcReport:
         """Finish interrupted removals, expire caches past retention, enforce the
         store limit (LRU, skipping pinned and in-use caches), drop unreferenced blobs."""
         report = GcReport()
         now = time.time()
-        for r in self.db.query("SELECT name FROM caches WHERE status = ?", (DELETING,)):
-            self.rm(r["name"], force=True, collect=False)
-            report.removed_caches.append(r["name"])
+        deleting = [r["name"] for r in self.db.query(
+            "SELECT name FROM caches WHERE status = ?", (DELETING,))]
+        self.recover()
+        report.removed_caches.extend(deleting)
         for info in self.list():
             days = info.retention_days
             if days is None or info.pinned or info.in_use or self._pull_running(info.name):
@@ -649,6 +714,10 @@ class Caches:
                 count, freed = self.store.collect_blobs()
                 report.blobs_removed += count
                 report.bytes_freed += freed
+        # Bring every repo folder of hub/ in line (after a crash in the middle of a sync).
+        for repo in {*self._hub_repos().values(), *map(_repo_of_folder, self.hub.folders())}:
+            if repo is not None:
+                self._sync_hub(repo)
         report.tmp_bytes_freed = self.store.collect_tmp(tmp_age_s)
         return report
 
@@ -660,11 +729,75 @@ class Caches:
 
     def verify(self, name: str | None = None, *, rehash: bool = True) -> list[Problem]:
         if name is None:
-            return self.store.verify(rehash=rehash)
+            return self.store.verify(rehash=rehash) + self._verify_hub(None)
         row = self._row(name)
         mine = {r["sha256"] for r in self.store.file_rows(name).values()}
         return [p for p in self.store.verify([row], rehash=rehash)
-                if p.cache == name or (p.cache is None and p.subject in mine)]
+                if p.cache == name or (p.cache is None and p.subject in mine)
+                ] + self._verify_hub(name)
+
+    # -- the Hugging Face layout view (hub/) -------------------------------------
+
+    def _hub_repo_of(self, source: str, options: dict | None) -> HubRepo | None:
+        try:
+            return parse_source(source, options or {}, self.settings).hub_repo()
+        except CachemeshError:
+            return None
+
+    def _hub_repos(self, only: str | None = None) -> dict[str, HubRepo]:
+        """Available caches that show files under hub/ -> their repo (ref dropped)."""
+        repos: dict[str, HubRepo] = {}
+        for row in self.db.query("SELECT name, source, spec, status FROM caches"):
+            if row["status"] != AVAILABLE or (only is not None and row["name"] != only):
+                continue
+            repo = self._hub_repo_of(row["source"], json.loads(row["spec"]).get("options"))
+            if repo is not None:
+                repos[row["name"]] = HubRepo(repo.repo_type, repo.repo_id)
+        return repos
+
+    def _hub_claims(self, repo: HubRepo, including: str | None = None) -> list[HubClaim]:
+        """What each Available cache of ``repo`` (and ``including``) shows in its folder."""
+        claims = []
+        for row in self.db.query("SELECT name, source, spec, status, revision FROM caches"):
+            name = row["name"]
+            if (row["status"] != AVAILABLE and name != including) or not row["revision"]:
+                continue
+            mine = self._hub_repo_of(row["source"], json.loads(row["spec"]).get("options"))
+            if mine is None or (mine.repo_type, mine.repo_id) != (repo.repo_type, repo.repo_id):
+                continue
+            files = {path: HubFile(self.store.blobs.path(r["sha256"]), r["origin_tag"] or "")
+                     for path, r in self.store.file_rows(name).items()}
+            pulled = self.db.query(
+                "SELECT MAX(ts) AS ts FROM events WHERE cache = ? AND kind = 'available'", (name,))
+            pulled_at = time.time() if name == including else (pulled[0]["ts"] or 0.0)
+            claims.append(HubClaim(row["revision"], mine.ref, files, pulled_at))
+        return claims
+
+    def _sync_hub(self, repo: HubRepo, *, including: str | None = None,
+                  trees: dict[str, Any] | None = None) -> None:
+        with self.store.lock("hub", repo.folder), self.store.blob_lock(shared=True):
+            self.hub.sync(repo, self._hub_claims(repo, including), trees)
+
+    def _sync_hub_quietly(self, name: str, repo: HubRepo | None) -> None:
+        if repo is None:
+            return
+        try:
+            self._sync_hub(repo)
+        except CachemeshError as exc:
+            self._event(name, "warning", f"could not update the hub view: {exc}", level="warning")
+
+    def _verify_hub(self, name: str | None) -> list[Problem]:
+        repos = self._hub_repos(name)
+        problems: list[Problem] = []
+        for repo in {r.folder: r for r in repos.values()}.values():
+            problems.extend(self.hub.verify(repo, self._hub_claims(repo)))
+        if name is None:
+            claimed = {r.folder for r in repos.values()}
+            for folder in self.hub.folders():
+                if folder not in claimed:
+                    problems.append(Problem("hub-stray", f"hub/{folder}",
+                                            "repo folder that no cache claims"))
+        return problems
 
     def du(self) -> dict[str, Any]:
         """Logical bytes (what the views show) against physical bytes (the blobs)."""
@@ -688,6 +821,15 @@ class Caches:
             "blobs": len(refs),
             "home": str(self.store.home),
         }
+
+
+def _repo_of_folder(folder: str) -> HubRepo | None:
+    """``models--org--name`` -> the repo, or None for a name that is not a repo folder."""
+    kind, sep, rest = folder.partition("s--")
+    try:
+        return HubRepo(kind, rest.replace("--", "/")) if sep else None
+    except CachemeshError:
+        return None
 
 
 def make_spec(**fields: Any) -> CacheSpec:

@@ -2,7 +2,7 @@
 
 A thin adapter: it parses arguments, calls the core, prints, and maps
 :mod:`cachemesh.errors` to exit codes (2: bad input, 3: not found, 4: conflict
-or in use, 5: capacity, 1: anything else). Progress goes to stderr so that
+or in use, 5: capacity, 6: access denied, 1: anything else). Progress goes to stderr so that
 stdout carries only results (a path, or JSON with ``--json``).
 """
 
@@ -21,6 +21,7 @@ import click
 
 from .config import Settings, format_size, parse_size
 from .errors import (
+    AccessDeniedError,
     CachemeshError,
     CapacityError,
     ConflictError,
@@ -35,6 +36,7 @@ EXIT_CODES: list[tuple[type[CachemeshError], int]] = [
     (NotFoundError, 3),
     (ConflictError, 4),
     (CapacityError, 5),
+    (AccessDeniedError, 6),
 ]
 
 

@@ -5,7 +5,8 @@ typed, frozen object at start-up and it is passed down from there. Tests build
 their own ``Settings`` (see ``tests/conftest.py``).
 
 Variables of the ecosystem (``HF_ENDPOINT``, ``HF_TOKEN``, ``MODELSCOPE_DOMAIN``,
-``AWS_*``) are read by the sources that use them, through ``Settings.environ``.
+``AWS_*``) are read by the sources that use them, through ``Settings.environ``;
+each source's module docstring lists the ones it reads.
 """
 
 from __future__ import annotations
@@ -125,6 +126,10 @@ class Settings:
     fetch_timeout_s: float = 60.0
     # CACHEMESH_API_TOKEN: bearer token for the control API (None: no authentication).
     api_token: str | None = field(default=None, repr=False)
+    # CACHEMESH_CA_BUNDLE, else SSL_CERT_FILE, else REQUESTS_CA_BUNDLE: a PEM file of
+    # the certificate authorities trusted for HTTPS origins (a private mirror);
+    # None: the certifi bundle.
+    ca_bundle: str | None = None
     # The environment the settings were read from, for sources that honour the
     # ecosystem's own variables (HF_ENDPOINT, HF_TOKEN, AWS_*). Not printed.
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -143,6 +148,8 @@ class Settings:
             retry_backoff_s=_float(env, "CACHEMESH_RETRY_BACKOFF", 0.5),
             fetch_timeout_s=_float(env, "CACHEMESH_FETCH_TIMEOUT", 60.0),
             api_token=env.get("CACHEMESH_API_TOKEN") or None,
+            ca_bundle=(env.get("CACHEMESH_CA_BUNDLE") or env.get("SSL_CERT_FILE")
+                       or env.get("REQUESTS_CA_BUNDLE") or None),
             environ=env,
         )
         return replace(settings, **overrides) if overrides else settings

@@ -82,3 +82,16 @@ def test_full_disk_while_writing_leaves_nothing(store: Store, monkeypatch: pytes
     with pytest.raises(CapacityError, match="full"):
         store.blobs.write_stream(io.BufferedReader(Full()))
     assert not list(store.blobs.tmp_dir.glob("*.part"))
+
+
+def test_recover_adopts_a_verified_orphan_and_drops_a_bad_one(store: Store) -> None:
+    good = store.blobs.write_stream(io.BytesIO(b"kept bytes"))
+    with store.db.transaction() as conn:
+        conn.execute("DELETE FROM blobs")  # as if killed between link and row
+    bogus = store.blobs.root / "ab" / ("ab" + "0" * 62)
+    bogus.parent.mkdir(parents=True, exist_ok=True)
+    bogus.write_bytes(b"not what the name says")
+    assert store.recover() == (1, 1)
+    assert not bogus.exists()
+    assert store.blobs.has(good.sha256)
+    assert store.verify() == []

@@ -24,6 +24,9 @@ __all__ = ["Listing", "RemoteFile", "RemoteSource", "Source", "parse_source", "S
 # scheme -> "module:Class" (absolute), or the class itself
 SCHEMES: dict[str, str | type[Source]] = {
     "file": "cachemesh.sources.local:LocalSource",
+    "hf": "cachemesh.sources.hf:HfSource",
+    "ms": "cachemesh.sources.modelscope:ModelScopeSource",
+    "modelscope": "cachemesh.sources.modelscope:ModelScopeSource",
     "s3": "cachemesh.sources.s3:S3Source",
     "oss": "cachemesh.sources.s3:S3Source",
     "https": "cachemesh.sources.http:HttpSource",

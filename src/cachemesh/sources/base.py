@@ -13,6 +13,8 @@ origin is one small module:
         def list_files(self) -> Listing: ...
         def open(self, file) -> BinaryIO: ...       # a sequential reader, or
         def fetch(self, file, store, on_bytes): ... # a faster fetch of your own
+        def hub_repo(self) -> HubRepo | None: ...  # optional: also show the files in
+                                                    # the Hugging Face layout (hub/)
 
 Remote origins subclass :class:`RemoteSource` instead, and only say how to
 read a byte range of one object: the shared fetcher (``cachemesh.fetch``)
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from ..config import Settings
     from ..fetch import Fetcher, FetchRequest, RetryPolicy
     from ..store import BlobRef, Store
+    from ..store.hub_layout import HubRepo, TreeEntry
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,16 @@ class RemoteFile:
     md5: str | None = None  # e.g. the ETag of a single-part S3 upload
     origin_tag: str | None = None  # the version at the origin: ETag, git oid, mtime
     locator: str = ""  # whatever the source needs to read it (a path, a key, a URL)
+    # The git blob id (sha1 of b"blob <size>\0" + bytes), for files a git-backed hub
+    # publishes without a sha256. The source verifies it while fetching, and the
+    # cache reuses a blob already fetched under the same id.
+    git_sha1: str | None = None
 
     @property
     def checksum_kind(self) -> str:
-        return "sha256" if self.sha256 else "md5" if self.md5 else "size"
+        if self.sha256:
+            return "sha256"
+        return "git-sha1" if self.git_sha1 else "md5" if self.md5 else "size"
 
 
 @dataclass
@@ -59,6 +68,9 @@ class Listing:
     files: list[RemoteFile]
     revision: str | None = None  # what the origin's ref resolved to (a commit, a version)
     notes: list[str] = field(default_factory=list)  # warnings for the cache's events
+    # Every file of the commit as a Hugging Face-style hub lists it (also the ones
+    # include/exclude leave out): written to hub/<repo>/trees/<commit>.json.
+    hub_tree: Mapping[str, TreeEntry] | None = None
 
 
 class Source(ABC):
@@ -96,6 +108,11 @@ class Source(ABC):
                 hint=file.path.rsplit("/", 1)[-1],
                 on_bytes=on_bytes,
             )
+
+    def hub_repo(self) -> HubRepo | None:
+        """The Hugging Face repo (and branch or tag) whose cache layout under
+        ``hub/`` shows this source's files; None for origins that are not a hub."""
+        return None
 
     def default_name(self) -> str:
         """A cache name derived from the URI, when the user gives none."""

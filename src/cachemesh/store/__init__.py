@@ -5,7 +5,7 @@ Layout of ``$CACHEMESH_HOME`` (each part is documented where it is written)::
     meta.db, meta.db-wal       metadata (store/db.py)
     blobs/sha256/ab/abcd…      content-addressed, read-only blobs (store/blobs.py)
     buckets/<bucket>/<path>/…  hardlink views, one per cache (store/views.py)
-    hub/models--org--name/…    Hugging Face cache layout (sources/hf.py)
+    hub/models--org--name/…    Hugging Face cache layout (store/hub_layout.py)
     tmp/                       partial downloads and staging links
     locks/                     advisory locks (store/locks.py)
 
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import StoreError
+from ..errors import IntegrityError, StoreError
 from .blobs import BlobRef, BlobStore
 from .db import Database
 from .locks import FileLock, is_locked
@@ -50,9 +50,9 @@ class Store:
         except OSError as exc:
             raise StoreError(f"cannot create the store at {self.home}: {exc}") from exc
         self.db = Database(self.home / "meta.db")
-        self.blobs = BlobStore(self.home, self.db)
-        self.views = Views(self.home)
         self.locks_dir = self.home / "locks"
+        self.blobs = BlobStore(self.home, self.db, lambda: self.blob_lock(shared=True))
+        self.views = Views(self.home)
 
     # -- locks -----------------------------------------------------------------
 
@@ -150,6 +150,41 @@ class Store:
                     count += 1
                     freed += size
         return count, freed
+
+    def recover(self) -> tuple[int, int]:
+        """Repair what a crash can leave: returns (blobs adopted, blobs dropped).
+
+        A process killed between linking a blob and recording its row leaves
+        a blob file without a row. Its name was given only after its bytes were
+        verified, but the file is re-hashed anyway before it is adopted;
+        anything else in ``blobs/`` is dropped. Staging links that a crash left
+        under ``tmp/links`` go too.
+        """
+        adopted = dropped = 0
+        with self.blob_lock(shared=False):
+            known = {r[0] for r in self.db.query("SELECT sha256 FROM blobs")}
+            for sha, size in self.blobs.files_on_disk().items():
+                if sha in known:
+                    continue
+                path = self.blobs.root / sha[:2] / sha
+                try:
+                    good = self.blobs.rehash(sha) == sha
+                except (OSError, IntegrityError):
+                    good = False
+                if good:
+                    self.blobs.adopt(sha, size)
+                    adopted += 1
+                else:
+                    path.unlink(missing_ok=True)
+                    dropped += 1
+        cutoff = time.time() - 60
+        for link in (self.home / "tmp" / "links").glob("*.link"):
+            try:
+                if link.lstat().st_mtime < cutoff:
+                    link.unlink()
+            except FileNotFoundError:
+                pass
+        return adopted, dropped
 
     def physical_bytes(self) -> int:
         row = self.db.query("SELECT COALESCE(SUM(size), 0) AS n FROM blobs")[0]

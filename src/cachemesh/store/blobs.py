@@ -35,6 +35,7 @@ import stat
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -71,10 +72,18 @@ def disk_full(exc: OSError) -> bool:
 
 
 class BlobStore:
-    def __init__(self, home: Path, db: Database) -> None:
+    def __init__(
+        self,
+        home: Path,
+        db: Database,
+        shared_lock: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> None:
         self.root = home / "blobs" / "sha256"
         self.tmp_dir = home / "tmp"
         self.db = db
+        # Held from the link to the row, so that gc (which takes it exclusively)
+        # never sees a just-linked blob without its row and deletes it.
+        self._shared_lock = shared_lock
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
 
@@ -115,25 +124,39 @@ class BlobStore:
                 os.close(fd)
             os.chmod(tmp, 0o444)
             final.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(tmp, final)
-            except FileExistsError:
-                if final.stat().st_size != size:
-                    # A damaged blob from before; the verified bytes replace it.
-                    os.replace(tmp, final)
-            fsync_dir(final.parent)
         except OSError as exc:
+            tmp.unlink(missing_ok=True)
             if disk_full(exc):
                 raise CapacityError(f"the disk under {self.root} is full") from exc
             raise StoreError(f"cannot store blob {sha256[:12]}: {exc}") from exc
-        finally:
+        except BaseException:
             tmp.unlink(missing_ok=True)
+            raise
+        with self._shared_lock():
+            try:
+                try:
+                    os.link(tmp, final)
+                except FileExistsError:
+                    if final.stat().st_size != size:
+                        # A damaged blob from before; the verified bytes replace it.
+                        os.replace(tmp, final)
+                fsync_dir(final.parent)
+            except OSError as exc:
+                if disk_full(exc):
+                    raise CapacityError(f"the disk under {self.root} is full") from exc
+                raise StoreError(f"cannot store blob {sha256[:12]}: {exc}") from exc
+            finally:
+                tmp.unlink(missing_ok=True)
+            self.adopt(sha256, size)
+        return BlobRef(sha256, size)
+
+    def adopt(self, sha256: str, size: int) -> None:
+        """Record the row of a blob file that is in place (idempotent)."""
         with self.db.transaction() as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO blobs (sha256, size, created_at) VALUES (?, ?, ?)",
                 (sha256, size, time.time()),
             )
-        return BlobRef(sha256, size)
 
     def write_stream(
         self,

@@ -44,8 +44,9 @@ def _ensure_dirs(root: Path, rel_parts: list[str]) -> Path:
 def link_atomic(blob: Path, target: Path, staging: Path) -> None:
     """Make ``target`` a hardlink to ``blob``, replacing what was there atomically."""
     try:
-        if target.exists() and os.path.samefile(blob, target):
-            return
+        st, blob_st = os.lstat(target), os.stat(blob)
+        if (st.st_ino, st.st_dev) == (blob_st.st_ino, blob_st.st_dev):
+            return  # already this very hardlink (a symlink to the blob does not count)
     except OSError:
         pass
     staging.mkdir(parents=True, exist_ok=True)
