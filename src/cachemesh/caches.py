@@ -157,6 +157,7 @@ class PullResult:
     files_reused: int = 0  # already present: same blob or same origin version
     bytes_fetched: int = 0
     evicted: list[str] = field(default_factory=list)
+    verification: str = ""  # what the bytes were checked against, for the events
 
 
 @dataclass
@@ -446,7 +447,8 @@ class Caches:
             self._event(
                 name, "available",
                 f"{result.files_fetched} file(s) fetched ({result.bytes_fetched} bytes),"
-                f" {result.files_reused} already present",
+                f" {result.files_reused} already present"
+                + (f"; {result.verification}" if result.verification else ""),
             )
             return result
 
@@ -478,8 +480,7 @@ class Caches:
                 f"cache {spec.name!r} needs {total} bytes, over its size limit of"
                 f" {spec.size_limit_gib} GiB"
             )
-        if scheme_is_remote(spec.source):
-            self._event_verification(spec.name, files)
+        verification = self._verification(spec.name, files) if scheme_is_remote(spec.source) else ""
         existing = self.store.file_rows(spec.name)
         evicted = self._make_room(spec.name, files, existing)
         self._update(spec.name, revision=listing.revision, files_total=len(files),
@@ -492,7 +493,8 @@ class Caches:
         self.store.views.prune(spec.bucket, spec.path, listed)
 
         tracker = _Tracker(self, spec.name, len(files), total, on_progress)
-        result = PullResult(view=self.store.views.dir(spec.bucket, spec.path), evicted=evicted)
+        result = PullResult(view=self.store.views.dir(spec.bucket, spec.path), evicted=evicted,
+                            verification=verification)
         counts_lock = threading.Lock()
 
         def pull_one(f: RemoteFile) -> None:
@@ -522,24 +524,22 @@ class Caches:
             return result, None
         return result, (repo, {listing.revision: listing.hub_tree} if listing.hub_tree else None)
 
-    def _event_verification(self, name: str, files: list[RemoteFile]) -> None:
-        """Say what each file's bytes are checked against before they become visible."""
+    def _verification(self, name: str, files: list[RemoteFile]) -> str:
+        """What each file's bytes are checked against before they become visible.
+
+        Returned for the "available" event; files with nothing but a size to
+        check also get a warning event now.
+        """
         kinds = {k: sum(1 for f in files if f.checksum_kind == k)
                  for k in ("sha256", "git-sha1", "md5", "size")}
-        parts = []
-        if kinds["sha256"]:
-            parts.append(f"{kinds['sha256']} file(s) verified against the sha256 the origin publishes")
-        if kinds["git-sha1"]:
-            parts.append(f"{kinds['git-sha1']} file(s) verified against the git blob id the"
-                         " origin publishes")
-        if kinds["md5"]:
-            parts.append(f"{kinds['md5']} file(s) verified against the MD5 the origin publishes"
-                         " (its ETag)")
         if kinds["size"]:
-            parts.append(f"{kinds['size']} file(s) have no checksum at the origin; verified by"
-                         " size only")
-        self._event(name, "verification", "; ".join(parts),
-                    level="warning" if kinds["size"] else "info")
+            self._event(name, "verification",
+                        f"{kinds['size']} file(s) have no checksum at the origin; verified by"
+                        " size only", level="warning")
+        labels = {"sha256": "the sha256", "git-sha1": "the git blob id",
+                  "md5": "the MD5 (ETag)", "size": "the size only"}
+        parts = [f"{n} against {labels[k]}" for k, n in kinds.items() if n]
+        return "verified: " + ", ".join(parts)
 
     def _pull_file(
         self, spec: CacheSpec, source: Source, f: RemoteFile, row: dict | None, tracker: _Tracker

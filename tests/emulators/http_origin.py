@@ -29,6 +29,7 @@ from collections import Counter
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
+from typing import Self
 
 BLOCK = 64 * 1024
 
@@ -86,7 +87,7 @@ class HttpOrigin:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> HttpOrigin:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
@@ -121,7 +122,7 @@ class _Handler(BaseHTTPRequestHandler):
     origin: HttpOrigin
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
     def do_HEAD(self) -> None:

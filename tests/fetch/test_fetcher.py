@@ -61,13 +61,20 @@ def test_ranges_run_in_parallel_up_to_range_concurrency(store, fetch_settings):
     assert peak[0] == fetch_settings.range_concurrency
 
 
-def test_md5_is_verified_too(store, fetch_settings):
+@pytest.mark.parametrize("kind", ["md5", "git_sha1"])
+def test_md5_and_git_blob_ids_are_verified_too(store, fetch_settings, kind):
     obj = FakeObject(os.urandom(3 * CHUNK))
-    md5 = hashlib.md5(obj.data).hexdigest()
-    ref = Fetcher(store, fetch_settings).fetch(obj.request(md5=md5.upper()))
+    if kind == "md5":
+        digest = hashlib.md5(obj.data).hexdigest()
+    else:  # what `git hash-object` prints
+        digest = hashlib.sha1(b"blob %d\0" % len(obj.data) + obj.data).hexdigest()
+    request = obj.request(**{kind: digest.upper()})
+    assert request.verification == kind.replace("_", "-")
+    ref = Fetcher(store, fetch_settings).fetch(request)
     assert ref.sha256 == obj.sha256
-    with pytest.raises(IntegrityError, match="md5"):
-        Fetcher(store, fetch_settings).fetch(FakeObject(obj.data).request(md5="0" * 32))
+    with pytest.raises(IntegrityError, match=kind.replace("_", "-")):
+        Fetcher(store, fetch_settings).fetch(
+            FakeObject(obj.data).request(**{kind: "0" * len(digest)}))
 
 
 def test_a_cut_connection_resumes_at_the_byte_it_stopped(store, fetch_settings):
@@ -287,6 +294,6 @@ def test_an_observer_passed_to_fetch_hears_every_byte(store, fetch_settings):
 
 
 def test_a_flight_times_out_when_nothing_is_fetched(store, fetch_settings):
-    with Fetcher(store, fetch_settings).watch("nobody-fetches-this") as flight:
-        with pytest.raises(TimeoutError):
-            flight.wait(0, 1, timeout=0.05)
+    with (Fetcher(store, fetch_settings).watch("nobody-fetches-this") as flight,
+          pytest.raises(TimeoutError)):
+        flight.wait(0, 1, timeout=0.05)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 
 import pytest
 from hypothesis import given, settings
@@ -29,7 +30,7 @@ def test_range_set_matches_a_set_of_offsets(added, a, b):
     got = rs.intervals()
     assert as_bytes(got) == model
     # disjoint, sorted, merged (adjacent ranges join)
-    for (s1, e1), (s2, e2) in zip(got, got[1:]):
+    for (s1, e1), (s2, e2) in pairwise(got):
         assert s1 < e1 < s2 < e2
     assert rs.total() == len(model)
     start, end = min(a, b), max(a, b)

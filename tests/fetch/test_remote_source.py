@@ -74,7 +74,7 @@ def test_a_source_that_lists_and_reads_ranges_gets_everything_else(tinyhub, fcac
     assert (view / "model.safetensors").read_bytes() == shared
     assert len([r for r in READS if r[0] == "org/base"]) == 4  # 3 ranges + config
     text = " ".join(e.message for e in fcaches.events("base"))
-    assert "2 file(s) verified against the sha256" in text
+    assert "verified: 2 against the sha256" in text
     # Another repository publishing the same sha256: not fetched again.
     READS.clear()
     view = cachemesh.pull("tinyhub://org/tuned", settings=fetch_settings)

@@ -24,9 +24,9 @@ from .ranges import PartialState, RangeSet
 from .retry import RetryPolicy
 
 __all__ = [
-    "Fetcher",
     "FetchObserver",
     "FetchRequest",
+    "Fetcher",
     "Flight",
     "PartialState",
     "RangeRead",

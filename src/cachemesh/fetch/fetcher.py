@@ -18,7 +18,7 @@ What one :meth:`Fetcher.fetch` does::
           │                   hasher follows the contiguous prefix (hashing.py)
           │                   every second: fdatasync part, then write the record
           ▼
-    size, sha256 (or md5) checked against what the origin publishes ── mismatch:
+    size, sha256 (md5, git blob id) checked against what the origin publishes ── mismatch:
           │                   discard, fetch once more, then IntegrityError
           ▼
     blobs.commit: fsync, 0444, link into blobs/sha256/, row ── record "blob X" ── unlock
@@ -105,6 +105,7 @@ class FetchRequest:
     ranged: bool = True
     sha256: str | None = None  # published by the origin; verified before the blob is visible
     md5: str | None = None  # e.g. a single-part S3 ETag
+    git_sha1: str | None = None  # git's blob id: a Hub's non-LFS files
     name: str = "object"
     # False when the identity holds no version (a URL without ETag or
     # Last-Modified): a blob fetched earlier for it is then only reused by
@@ -116,20 +117,28 @@ class FetchRequest:
             raise IntegrityError(f"{self.name}: negative size {self.size}")
         if self.sha256 is not None:
             object.__setattr__(self, "sha256", check_sha256(self.sha256.lower()))
-        if self.md5 is not None:
-            md5 = self.md5.lower()
-            if len(md5) != 32 or not set(md5) <= set("0123456789abcdef"):
-                raise IntegrityError(f"{self.name}: not an md5 hex digest: {self.md5!r}")
-            object.__setattr__(self, "md5", md5)
+        for kind, length in (("md5", 32), ("git_sha1", 40)):
+            value = getattr(self, kind)
+            if value is not None:
+                value = value.lower()
+                if len(value) != length or not set(value) <= set("0123456789abcdef"):
+                    raise IntegrityError(f"{self.name}: not a {kind} hex digest: {value!r}")
+                object.__setattr__(self, kind, value)
 
     @property
     def key(self) -> str:
         return identity_key(self.identity)
 
     @property
+    def published(self) -> dict[str, str]:
+        """The digests the origin publishes, by kind (``sha256``, ``md5``, ``git-sha1``)."""
+        kinds = {"sha256": self.sha256, "md5": self.md5, "git-sha1": self.git_sha1}
+        return {k: v for k, v in kinds.items() if v is not None}
+
+    @property
     def verification(self) -> str:
-        """What the bytes are checked against: ``sha256``, ``md5`` or only ``size``."""
-        return "sha256" if self.sha256 else "md5" if self.md5 else "size"
+        """What the bytes are checked against: a digest kind, or only ``size``."""
+        return next(iter(self.published), "size")
 
 
 def identity_key(identity: str) -> str:
@@ -379,8 +388,9 @@ class _Transfer:
         try:
             self.progress.restart()
             self.progress.advance(self.landed.total())
-            self.hasher = PrefixHasher(self.fd, req.size, md5=req.md5 is not None,
-                                       mode=self.f.hash_mode)
+            published = req.published
+            self.hasher = PrefixHasher(self.fd, req.size, mode=self.f.hash_mode,
+                                       also=[k for k in published if k != "sha256"])
             self.hasher.prefix(self.landed.prefix_end())
             self._emit_started()
             gaps = list(self.landed.gaps(req.size))
@@ -389,13 +399,12 @@ class _Transfer:
                 self._run_workers()
             finally:
                 self.progress.flush()
-            sha, md5 = self.hasher.finish()
-            if req.sha256 is not None and sha != req.sha256:
-                raise _Corrupt(f"{req.name}: the fetched bytes have sha256 {sha},"
-                               f" the origin publishes {req.sha256}")
-            if req.md5 is not None and md5 != req.md5:
-                raise _Corrupt(f"{req.name}: the fetched bytes have md5 {md5},"
-                               f" the origin publishes {req.md5}")
+            digests = self.hasher.finish()
+            sha = digests["sha256"]
+            for kind, expected in published.items():
+                if digests[kind] != expected:
+                    raise _Corrupt(f"{req.name}: the fetched bytes have {kind} {digests[kind]},"
+                                   f" the origin publishes {expected}")
         except BaseException as exc:
             if self.hasher is not None:
                 self.hasher.close()
@@ -475,7 +484,7 @@ class _Transfer:
                     self._fetch_piece(start, end)
                 finally:
                     slots.release()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the coordinating thread
             with self.lock:
                 if self.error is None:
                     self.error = exc
@@ -583,6 +592,5 @@ def _keeps_partial(exc: BaseException, ranged: bool) -> bool:
         return False  # nothing to resume: the origin can only stream from the start
     if isinstance(exc, (TransientSourceError, AccessDeniedError, KeyboardInterrupt)):
         return True  # the origin (or the user) may be back; the bytes are good
-    if isinstance(exc, StoreError) and not isinstance(exc, CapacityError):
-        return True
-    return False  # a full disk, a changed or vanished object, bad bytes: start afresh
+    # A full disk, a changed or vanished object, bad bytes: start afresh.
+    return isinstance(exc, StoreError) and not isinstance(exc, CapacityError)

@@ -1,5 +1,5 @@
-"""The sha256 (and, where the origin publishes one, the md5) of an object whose
-bytes land out of order.
+"""The sha256 (and whatever other digest the origin publishes: an MD5 ETag, a
+git blob id) of an object whose bytes land out of order.
 
 A digest must see bytes in order, and parallel ranged reads deliver them out of
 order. Two ways were measured (``benchmarks/fetch.py --hash-mode``):
@@ -24,10 +24,20 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..errors import IntegrityError
 
 READ_BACK = 4 * 1024 * 1024
+
+# Digests besides the sha256, by the name FetchRequest gives them; each is
+# made for an object of a given size.
+_EXTRA: dict[str, Callable[[int], Any]] = {
+    "md5": lambda size: hashlib.md5(),
+    # git's blob id: sha1 over a "blob <size>\0" header, then the bytes.
+    "git-sha1": lambda size: hashlib.sha1(b"blob %d\0" % size),
+}
 
 
 class PrefixHasher:
@@ -39,10 +49,15 @@ class PrefixHasher:
     once everything landed.
     """
 
-    def __init__(self, fd: int, size: int, *, md5: bool = False, mode: str = "stream") -> None:
+    def __init__(self, fd: int, size: int, *, also: Sequence[str] = (),
+                 mode: str = "stream") -> None:
         if mode not in ("stream", "end"):
             raise ValueError(f"unknown hash mode {mode!r}")
-        self.fd, self.size, self.mode, self.with_md5 = fd, size, mode, md5
+        unknown = set(also) - set(_EXTRA)
+        if unknown:
+            raise ValueError(f"unknown digest(s) {sorted(unknown)}")
+        self.fd, self.size, self.mode = fd, size, mode
+        self.kinds = ["sha256", *also]
         self._cond = threading.Condition()
         self._hashed = 0
         self._prefix = 0
@@ -56,7 +71,7 @@ class PrefixHasher:
             self._thread.start()
 
     def _new_digests(self) -> None:
-        self._digests = [hashlib.sha256()] + ([hashlib.md5()] if self.with_md5 else [])
+        self._digests = [hashlib.sha256()] + [_EXTRA[k](self.size) for k in self.kinds[1:]]
 
     def _update(self, data: bytes | memoryview) -> None:
         for d in self._digests:
@@ -124,7 +139,7 @@ class PrefixHasher:
                         self._hashed += want
                         self._busy = False
                         self._cond.notify_all()
-        except BaseException as exc:  # surfaces in finish()
+        except BaseException as exc:  # noqa: BLE001 - surfaces in finish()
             with self._cond:
                 self._error = exc
                 self._busy = False
@@ -139,8 +154,8 @@ class PrefixHasher:
             got += n
         return view[:want]
 
-    def finish(self) -> tuple[str, str | None]:
-        """Wait for (or do) the remaining hashing; returns (sha256, md5 or None)."""
+    def finish(self) -> dict[str, str]:
+        """Wait for (or do) the remaining hashing; returns {"sha256": hex, <also>: hex}."""
         if self.mode == "end":
             buf = bytearray(READ_BACK)
             view = memoryview(buf)
@@ -162,9 +177,7 @@ class PrefixHasher:
                 raise self._error
         if self._hashed != self.size:
             raise IntegrityError(f"hashed {self._hashed} of {self.size} bytes")
-        sha = self._digests[0].hexdigest()
-        md5 = self._digests[1].hexdigest() if self.with_md5 else None
-        return sha, md5
+        return {k: d.hexdigest() for k, d in zip(self.kinds, self._digests, strict=True)}
 
     def close(self) -> None:
         """Stop the catch-up thread without a result (the fetch failed)."""

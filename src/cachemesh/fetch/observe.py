@@ -40,7 +40,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Self
 
 from .ranges import RangeSet
 
@@ -131,7 +131,7 @@ class Flight:
             undo()  # type: ignore[operator]
         self._unregister.clear()
 
-    def __enter__(self) -> Flight:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -140,7 +140,8 @@ class RemoteSource(Source):
     :meth:`list_files`
         Every file, as :class:`RemoteFile`: its ``path`` in the cache, ``size``,
         the checksum the origin publishes (``sha256``: Hugging Face and
-        ModelScope LFS files; ``md5``: a single-part S3 ETag), ``origin_tag``
+        ModelScope LFS files; ``git_sha1``: a Hub's other files; ``md5``: a
+        single-part S3 ETag), ``origin_tag``
         (the version: ETag, commit) and a ``locator`` (the URL or key to read).
     :meth:`read_range`
         The bytes ``[start, end)`` of one object, as an iterator of chunks,
@@ -179,6 +180,8 @@ class RemoteSource(Source):
         """
         if file.sha256:
             return f"sha256:{file.sha256.lower()}"
+        if file.git_sha1:
+            return f"git-sha1:{file.git_sha1.lower()}:{file.size}"
         return f"{self.schemes[0]}\n{file.locator}\n{file.origin_tag}\n{file.size}"
 
     def object_name(self, file: RemoteFile) -> str:
@@ -216,8 +219,9 @@ class RemoteSource(Source):
             ranged=self.accepts_ranges(file),
             sha256=file.sha256,
             md5=file.md5,
+            git_sha1=file.git_sha1,
             name=self.object_name(file),
-            versioned=bool(file.sha256 or file.origin_tag),
+            versioned=bool(file.sha256 or file.git_sha1 or file.origin_tag),
         )
 
     def fetch(
