@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -361,7 +362,7 @@ def _bench_hub_source():  # type: ignore[no-untyped-def]
         def identity(self, file: RemoteFile) -> str:
             return f"benchhub\n{file.locator}\n{file.size}"  # not the sha256: no dedup across runs
 
-        def read_range(self, file: RemoteFile, start: int, end: int):  # type: ignore[no-untyped-def]
+        def read_range(self, file: RemoteFile, start: int, end: int) -> Iterator[bytes]:
             return fetch_http.read_range(self.client, file.locator, start, end, size=file.size,
                                          ranged=True)
 
@@ -443,7 +444,8 @@ def main() -> None:
                 loads.append(os.getloadavg()[0])
                 run = tools[name](nginx, out)  # type: ignore[operator]
                 results[name].append(run)
-                print(f"round {r + 1}/{args.rounds}  {name:42s} {total / run.seconds / 1e6:7.0f} MB/s"
+                print(f"round {r + 1}/{args.rounds}  {name:42s}"
+                      f" {total / run.seconds / 1e6:7.0f} MB/s"
                       f"  {run.seconds:6.2f} s  cpu {run.cpu:5.2f} s  nginx {run.nginx_cpu:5.2f} s",
                       flush=True)
         shutil.rmtree(out, ignore_errors=True)
@@ -469,8 +471,8 @@ def report(args: argparse.Namespace, total: int, index: list[dict],
         reference = "(reference)" in name
         rows.append([
             name, f"{rate(runs) / 1e6:.0f}",
-            f"{min(total / r.seconds for r in runs) / 1e6:.0f}–"
-            f"{max(total / r.seconds for r in runs) / 1e6:.0f}",
+            (f"{min(total / r.seconds for r in runs) / 1e6:.0f}–"
+             f"{max(total / r.seconds for r in runs) / 1e6:.0f}"),
             f"{med([r.seconds for r in runs]):.2f}",
             "" if reference else f"{paired(runs):.2f}",
             f"{med([r.cpu for r in runs]) / gb:.2f}",
@@ -479,49 +481,58 @@ def report(args: argparse.Namespace, total: int, index: list[dict],
     cm = results["cachemesh"]
     end = results["cachemesh (hash at the end)"]
     d = {k: med([r.detail[k] for r in cm]) for k in
-         ("startup_s", "pull_s", "transfer_s", "hash_tail_s", "commit_s")}
+         ("pull_s", "transfer_s", "hash_tail_s", "commit_s")}
     d_end = {k: med([r.detail[k] for r in end]) for k in ("transfer_s", "hash_tail_s")}
     sha_cpu = med([r.cpu for r in results["sha256 of the bytes, 1 core (reference)"]]) / gb
     dd_rate = rate(results["dd write + fdatasync (reference)"])
     cm_cpu = med([r.cpu for r in cm]) / gb
     raw_cpu = med([r.cpu for r in raw_runs]) / gb
     cm_ngx = med([r.nginx_cpu for r in cm]) / gb
-    body = [
-        f"{gb:.2f} GB in {len(index)} files (a config, a tokenizer, {args.shards} shards of random"
-        f" bytes), nginx on loopback, {args.rounds} rounds, tools in a rotating order, medians."
-        " Page cache: " + (
-            "dropped before every run (the origin is read from disk)." if args.cold else
-            "the origin's files are read before every run, so every tool gets them from the page"
-            " cache (nginx sendfile); downloads are deleted and synced between runs, untimed."),
-        f"cachemesh: a full pull in a fresh process and `CACHEMESH_HOME` per run,"
-        f" `CACHEMESH_RANGE_CONCURRENCY={args.parallel}`, 16 MiB ranges, every byte hashed and"
-        f" checked against the published sha256 ({cm[0].detail['verification']}), fsynced,"
-        " linked into the view. The curl runs write the bytes and nothing else (no hash, no"
-        " fsync, ranges left as separate files).",
-        "",
-        _report.table(["tool", "MB/s", "min–max", "seconds", "x parallel curl (paired)",
-                       "own CPU s/GB", "nginx CPU s/GB"], rows),
-        "",
-        "\"x parallel curl\" is the median over rounds of the two tools' times in the same round."
-        " CPU is user + system time of the tool's processes (kernel accounting), per GB.",
-        "",
+    overhead = med([r.seconds - r.detail["pull_s"] for r in cm])
+    pull_rate = med([total / r.detail["pull_s"] for r in cm])
+    pull_paired = med([raw.seconds / r.detail["pull_s"] for r, raw in zip(cm, raw_runs,
+                                                                           strict=True)])
+    cache_state = (
+        "dropped before every run (the origin is read from disk)." if args.cold else
+        "the origin's files are read before every run, so every tool gets them from the page"
+        " cache (nginx sendfile); downloads are deleted and synced between runs, untimed.")
+    setup = (
+        f"{gb:.2f} GB in {len(index)} files (a config, a tokenizer, {args.shards} shards of"
+        f" random bytes), nginx on loopback, {args.rounds} rounds, tools in a rotating order,"
+        f" medians. Page cache: {cache_state} cachemesh: a full pull in a fresh process and"
+        f" `CACHEMESH_HOME` per run, `CACHEMESH_RANGE_CONCURRENCY={args.parallel}`, 16 MiB"
+        " ranges, every byte hashed and checked against the published sha256"
+        f" ({cm[0].detail['verification']}), fsynced, linked into the view. The curl runs"
+        " write the bytes and nothing else (no hash, no fsync, ranges left as separate files).")
+    legend = (
+        "\"x parallel curl\" is the median over rounds of the ratio of the two tools' times in"
+        " the same round. CPU is user + system time of the tool's processes (kernel"
+        " accounting), per GB.")
+    disk = (
+        f"The disk is not the limit: writing and fdatasync-ing the same bytes runs at"
+        f" {dd_rate / 1e6:.0f} MB/s (reference row)" if dd_rate > 1.5 * rate(cm) else
+        f"The disk is close to being a limit too: writing and fdatasync-ing the same bytes runs"
+        f" at {dd_rate / 1e6:.0f} MB/s (reference row), and curl does not fsync")
+    limits = (
         f"What limits cachemesh here: CPU. The machine has {os.cpu_count()} cores and the"
         f" median load average during the runs was {med(loads):.1f} (other sessions' tests and"
-        f" benchmarks share it). cachemesh spends {cm_cpu:.2f} CPU s/GB against"
-        f" {raw_cpu:.2f} for parallel curl; the difference is mostly the sha256 every byte"
-        f" needs ({sha_cpu:.2f} s/GB on one core with SHA-NI, the reference row) plus the"
-        " copies of a Python HTTP stack (h11 buffers bytes once more before they are written)."
-        f" nginx adds {cm_ngx:.2f} s/GB. The disk is not the limit: writing and fdatasync-ing"
-        f" the same bytes runs at {dd_rate / 1e6:.0f} MB/s (reference row), and the fetcher"
-        " fdatasyncs every second while it downloads, so the final fsync finds little left:"
-        f" {d['commit_s']:.2f} s for all files.",
-        f"Where a pull's time goes (medians): {d['startup_s']:.2f} s interpreter and imports,"
-        f" {d['pull_s']:.2f} s pulling. Hashing while fetching against hashing at the end:"
-        f" the files' transfers took {d['transfer_s']:.2f} s (summed over files) and their"
-        f" hashes {d['hash_tail_s']:.2f} s more after the last byte, against"
-        f" {d_end['transfer_s']:.2f} s + {d_end['hash_tail_s']:.2f} s when hashing at the end"
-        " (rows \"cachemesh\" and \"hash at the end\").",
-    ]
+        f" benchmarks share it). A pull spends {cm_cpu:.2f} CPU s/GB against {raw_cpu:.2f} for"
+        f" parallel curl: the sha256 of every byte ({sha_cpu:.2f} s/GB on one core with"
+        " SHA-NI, reference row), the interpreter's start and imports, and the copies of a"
+        " Python HTTP stack (h11 buffers the bytes once more before they are written);"
+        f" nginx adds {cm_ngx:.2f} s/GB. {disk}; the fetcher fdatasyncs every second while it"
+        f" downloads, so the final fsync of all files took {d['commit_s']:.2f} s.")
+    where = (
+        f"Where a pull's time goes (medians): {overhead:.2f} s starting the process (the"
+        f" interpreter, imports, opening the store), {d['pull_s']:.2f} s pulling; without the"
+        " start, the pull itself ran at"
+        f" {pull_rate / 1e6:.0f} MB/s ({pull_paired:.2f} x parallel curl). Hashing while"
+        f" fetching against hashing at the end: transfers took {d['transfer_s']:.2f} s (summed"
+        f" over files) and hashing {d['hash_tail_s']:.2f} s more after their last byte, against"
+        f" {d_end['transfer_s']:.2f} s + {d_end['hash_tail_s']:.2f} s when hashing at the end.")
+    table = _report.table(["tool", "MB/s", "min–max", "seconds", "x parallel curl (paired)",
+                           "own CPU s/GB", "nginx CPU s/GB"], rows)
+    body = [setup, "", table, "", legend, "", limits, "", where]
     text = "\n".join(body)
     print("\n" + text)
     if not args.no_write:

@@ -113,7 +113,8 @@ def test_a_cut_connection_resumes_and_only_missing_bytes_are_served(
     assert s3_origin.gets[f"{bucket}/w.bin"] == 6 + 2  # six ranges, two resumed
 
 
-def test_5xx_bursts_are_retried_and_corruption_is_caught(s3_origin, bucket, fcaches, fetch_settings):
+def test_5xx_bursts_are_retried_and_corruption_is_caught(
+        s3_origin, bucket, fcaches, fetch_settings):
     s3 = s3_origin.client()
     data = os.urandom(4 * CHUNK)
     put(s3, bucket, "a.bin", data)

@@ -11,8 +11,8 @@ What one :meth:`Fetcher.fetch` does::
     resume tmp/fetch/KEY.part if its record matches, else start it afresh
           │
           ▼
-    missing ranges ──split──▶ pieces of chunk_size ──▶ worker threads, each holding one
-          │                   of the fetcher's range_concurrency connection slots:
+    missing ranges ──split──▶ pieces of chunk_size ──▶ worker threads, each holding
+          │                   one of the fetcher's range_concurrency slots:
           │                   read piece (retry with backoff, resuming at the byte
           │                   where a cut connection stopped), pwrite at its offset
           │                   hasher follows the contiguous prefix (hashing.py)
@@ -320,8 +320,7 @@ class _Transfer:
             if self._started:
                 observer.started(self.files.part, self.req.size, self.landed.intervals())
             if self._outcome is not None:
-                kind, value = self._outcome
-                observer.finished(value) if kind == "finished" else observer.failed(value)  # type: ignore[arg-type]
+                _tell(observer, *self._outcome)
 
     def detach(self, observer: FetchObserver) -> None:
         with self.lock:
@@ -338,7 +337,7 @@ class _Transfer:
         with self.lock:
             self._outcome = (kind, value)
             for o in self.observers:
-                o.finished(value) if kind == "finished" else o.failed(value)  # type: ignore[arg-type]
+                _tell(o, kind, value)
 
     # -- the transfer ------------------------------------------------------------------
 
@@ -562,6 +561,13 @@ class _Transfer:
                 o.landed(pos, pos + n)
         self.hasher.prefix(prefix)
         self.progress.advance(n)
+
+
+def _tell(observer: FetchObserver, kind: str, value: object) -> None:
+    if kind == "finished":
+        observer.finished(value)  # type: ignore[arg-type]
+    else:
+        observer.failed(value)  # type: ignore[arg-type]
 
 
 def _signature(path: Path) -> tuple[int, int] | None:

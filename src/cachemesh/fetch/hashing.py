@@ -67,7 +67,8 @@ class PrefixHasher:
         self._new_digests()
         self._thread: threading.Thread | None = None
         if mode == "stream":
-            self._thread = threading.Thread(target=self._catch_up, name="cachemesh-hash", daemon=True)
+            self._thread = threading.Thread(target=self._catch_up, name="cachemesh-hash",
+                                            daemon=True)
             self._thread.start()
 
     def _new_digests(self) -> None:
@@ -150,7 +151,8 @@ class PrefixHasher:
         while got < want:
             n = os.preadv(self.fd, [view[got:want]], start + got)
             if n == 0:
-                raise IntegrityError(f"partial file ended at {start + got}, expected {self.size} bytes")
+                raise IntegrityError(
+                    f"partial file ended at {start + got}, expected {self.size} bytes")
             got += n
         return view[:want]
 

@@ -223,7 +223,8 @@ class S3Source(RemoteSource):
             max_pool_connections=s.range_concurrency + s.fetch_concurrency,
             connect_timeout=min(30.0, s.fetch_timeout_s),
             read_timeout=s.fetch_timeout_s,
-            retries={"mode": "standard", "total_max_attempts": 1},  # ours resume; see fetch/retry.py
+            # One attempt: our retries resume where a read stopped (fetch/retry.py).
+            retries={"mode": "standard", "total_max_attempts": 1},
             s3={"addressing_style": "virtual" if oss else "auto"},
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
@@ -280,7 +281,8 @@ class S3Source(RemoteSource):
         if not wanted:
             raise UnsafePathError(f"{where}: no object below the prefix has a safe name"
                                   f" ({notes[0].removeprefix('skipped ')})")
-        with ThreadPoolExecutor(max(2, self.settings.fetch_concurrency), "cachemesh-s3-head") as pool:
+        workers = max(2, self.settings.fetch_concurrency)
+        with ThreadPoolExecutor(workers, "cachemesh-s3-head") as pool:
             heads = list(pool.map(lambda rk: self._head(rk[1]), wanted))
         files = [self._file(rel, key, head) for (rel, key), head in zip(wanted, heads, strict=True)]
         files.sort(key=lambda f: f.path)
