@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -35,7 +36,8 @@ BLOCK = 64 * 1024
 
 
 class HttpOrigin:
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls  # a server context: serve https
         self.files: dict[str, bytes] = {}
         self.ranges = True
         self.send_etag = True
@@ -57,7 +59,8 @@ class HttpOrigin:
     def url(self, path: str) -> str:
         assert self._server is not None
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}{path}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{'localhost' if self.tls else host}:{port}{path}"
 
     def etag(self, path: str) -> str:
         return '"' + hashlib.md5(self.files[path]).hexdigest()[:16] + '"'
@@ -75,6 +78,9 @@ class HttpOrigin:
 
         Handler.origin = origin
         self._server = _Server(("127.0.0.1", 0), Handler)
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True,
+                                                       do_handshake_on_connect=False)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,),
                                         daemon=True)

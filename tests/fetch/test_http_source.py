@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import ssl
 from pathlib import Path
 
 import pytest
@@ -17,10 +19,12 @@ from cachemesh.errors import (
     IntegrityError,
     InvalidInputError,
     SourceChangedError,
+    SourceError,
     SourceNotFoundError,
     TransientSourceError,
 )
 from cachemesh.sources import parse_source
+from tests.emulators.http_origin import HttpOrigin
 from tests.fetch.conftest import CHUNK
 
 
@@ -169,3 +173,25 @@ def test_cli_pull_with_sha256(http_origin, fcaches, fetch_settings):
     assert result.exit_code == 0, result.output
     view = Path(result.stdout.strip().splitlines()[-1])
     assert (view / "cli.bin").read_bytes() == data
+
+
+def test_https_with_a_private_certificate_authority(fcaches, fetch_settings, tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server)
+    with HttpOrigin(tls=server) as origin:
+        data = os.urandom(3 * CHUNK)
+        origin.files["/m.bin"] = data
+        url = origin.url("/m.bin")
+        assert url.startswith("https://localhost:")
+        untrusting = dataclasses.replace(fetch_settings, ca_bundle=None)  # certifi's bundle
+        with pytest.raises(SourceError, match="not trusted") as failure:
+            cachemesh.pull(url, settings=untrusting)
+        assert not isinstance(failure.value, TransientSourceError)  # not retried
+        bundle = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(bundle))
+        trusting = dataclasses.replace(fetch_settings, ca_bundle=str(bundle))
+        view = cachemesh.pull(url, settings=trusting, sha256=hashlib.sha256(data).hexdigest())
+        assert (view / "m.bin").read_bytes() == data
+        assert origin.served["/m.bin"] == 1 + len(data)

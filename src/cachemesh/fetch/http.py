@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+import ssl
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -89,13 +90,27 @@ def _raise_read_size() -> None:
 
 
 def make_client(settings: Settings, headers: Mapping[str, str] | None = None) -> httpx.Client:
-    """A client for one source: enough pooled connections for all its reads."""
+    """A client for one source: enough pooled connections for all its reads.
+
+    Configured from the settings only (``trust_env=False``): certificates are
+    checked against ``Settings.ca_bundle`` (certifi's bundle by default).
+    Redirects are followed; httpx drops ``Authorization`` and ``Cookie`` when a
+    redirect leaves the origin, so a token never reaches a hub's CDN.
+    """
     _raise_read_size()
+    verify: ssl.SSLContext | bool = True
+    if settings.ca_bundle:
+        try:
+            verify = ssl.create_default_context(cafile=settings.ca_bundle)
+        except (OSError, ssl.SSLError) as exc:
+            raise SourceError(f"cannot load the CA bundle {settings.ca_bundle}: {exc}") from exc
     connections = settings.range_concurrency + settings.fetch_concurrency
     timeout = httpx.Timeout(connect=min(30.0, settings.fetch_timeout_s),
                             read=settings.fetch_timeout_s, write=settings.fetch_timeout_s,
                             pool=None)
     return httpx.Client(
+        verify=verify,
+        trust_env=False,
         follow_redirects=True,
         timeout=timeout,
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
@@ -162,6 +177,10 @@ def status_error(response: httpx.Response, what: str) -> SourceError:
 def transport_error(exc: httpx.HTTPError, what: str) -> SourceError:
     """Translate an httpx exception (never echoing the URL httpx may put in it)."""
     kind = type(exc).__name__
+    if _untrusted_certificate(exc):
+        # Not worth retrying: the same certificate comes back.
+        return SourceError(f"{what}: the server's TLS certificate is not trusted (set"
+                           " CACHEMESH_CA_BUNDLE for a private certificate authority)")
     if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
         return SourceError(f"{what}: {kind}")
     if isinstance(exc, httpx.TooManyRedirects):
@@ -169,6 +188,17 @@ def transport_error(exc: httpx.HTTPError, what: str) -> SourceError:
     if isinstance(exc, httpx.TransportError):
         return TransientSourceError(f"{what}: {kind} while talking to the server")
     return SourceError(f"{what}: {kind}")
+
+
+def _untrusted_certificate(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(8):  # httpx wraps httpcore, which wraps ssl
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _parse_content_range(value: str | None) -> tuple[int | None, int | None, int | None]:

@@ -12,8 +12,9 @@ Configuration comes from the environment the settings were built from
 (``Settings.environ``), as the AWS tools read it: ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``,
 ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL_S3`` /
-``AWS_ENDPOINT_URL``; for ``oss://`` also ``OSS_ACCESS_KEY_ID``,
-``OSS_ACCESS_KEY_SECRET``, ``OSS_SESSION_TOKEN``. Without keys or a profile,
+``AWS_ENDPOINT_URL``, ``AWS_CA_BUNDLE`` (else ``Settings.ca_bundle``); for
+``oss://`` also ``OSS_ACCESS_KEY_ID``, ``OSS_ACCESS_KEY_SECRET``,
+``OSS_SESSION_TOKEN``. Without keys or a profile,
 boto3's own chain (config files, instance roles) is asked, and without any
 credentials at all requests go unsigned (public buckets). Credentials never
 appear in the source URI, the cache's spec, events or messages.
@@ -207,6 +208,7 @@ class S3Source(RemoteSource):
                     f"{self.uri}: AWS configuration: {type(exc).__name__}") from exc
             return session.client(
                 "s3", endpoint_url=self.endpoint_url, region_name=region,
+                verify=env.get("AWS_CA_BUNDLE") or self.settings.ca_bundle or None,
                 aws_access_key_id=key if key and secret else None,
                 aws_secret_access_key=secret if key and secret else None,
                 aws_session_token=(token or None) if key and secret else None,
