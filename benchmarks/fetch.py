@@ -128,13 +128,33 @@ def free_port() -> int:
 
 
 class Nginx:
-    def __init__(self) -> None:
+    def __init__(self, tls: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="cachemesh-bench-nginx-"))
         self.port = free_port()
+        self.tls = tls
+        self.ca_file = self.dir / "ca.pem"
         self.proc: subprocess.Popen | None = None
+
+    def _listen(self) -> str:
+        if not self.tls:
+            return f"listen 127.0.0.1:{self.port};"
+        import trustme  # a test dependency: a throwaway CA and a certificate for localhost
+
+        ca = trustme.CA()
+        cert = ca.issue_cert("localhost")
+        ca.cert_pem.write_to_path(str(self.ca_file))
+        cert.private_key_pem.write_to_path(str(self.dir / "key.pem"))
+        cert.cert_chain_pems[0].write_to_path(str(self.dir / "cert.pem"))
+        return (f"listen 127.0.0.1:{self.port} ssl; ssl_certificate {self.dir}/cert.pem;"
+                f" ssl_certificate_key {self.dir}/key.pem; ssl_protocols TLSv1.3;")
+
+    @property
+    def base(self) -> str:
+        return f"https://localhost:{self.port}" if self.tls else f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> Self:
         origin = BENCH / "origin"
+        listen = self._listen()
         (self.dir / "nginx.conf").write_text(f"""
 worker_processes 2;
 daemon off;
@@ -148,7 +168,7 @@ http {{
   keepalive_requests 100000;
   default_type application/octet-stream;
   server {{
-    listen 127.0.0.1:{self.port};
+    {listen}
     root {origin};
     location = /{BUCKET} {{ default_type application/xml; alias {origin}/listing.xml; }}
   }}
@@ -189,7 +209,7 @@ http {{
         return [int(x) for x in text.split()]
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{path}"
+        return f"{self.base}/{path}"
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
@@ -226,8 +246,12 @@ def timed(nginx: Nginx, argv: list[str], *, env: dict | None = None, stdin: str 
     return Run(seconds, c1 - c0, n1 - n0), proc.stdout
 
 
+def curl_tls(nginx: Nginx) -> list[str]:
+    return ["--cacert", str(nginx.ca_file)] if nginx.tls else []
+
+
 def curl_single(nginx: Nginx, index: list[dict], out: Path) -> Run:
-    argv = ["curl", "-sS", "--fail"]
+    argv = ["curl", "-sS", "--fail", *curl_tls(nginx)]
     for f in index:
         argv += ["-o", str(out / f["path"]), nginx.url(f"{BUCKET}/{PREFIX}/{f['path']}")]
     return timed(nginx, argv)[0]
@@ -240,7 +264,7 @@ def curl_parallel(nginx: Nginx, index: list[dict], out: Path, parallel: int) -> 
             end = min(start + CHUNK, f["size"]) - 1
             lines.append(f"{start}-{end} {out / f['path']}.{start} "
                          f"{nginx.url(BUCKET + '/' + PREFIX + '/' + f['path'])}")
-    script = 'exec curl -sS --fail -r "$0" -o "$1" "$2"'
+    script = f'exec curl -sS --fail {" ".join(curl_tls(nginx))} -r "$0" -o "$1" "$2"'
     argv = ["xargs", "-P", str(parallel), "-L", "1", "sh", "-c", script]
     return timed(nginx, argv, stdin="\n".join(lines) + "\n")[0]
 
@@ -248,12 +272,16 @@ def curl_parallel(nginx: Nginx, index: list[dict], out: Path, parallel: int) -> 
 def cachemesh_run(nginx: Nginx, out: Path, variant: str, settings: dict[str, str]) -> Run:
     env = {**os.environ, "CACHEMESH_HOME": str(out / "home"), **settings}
     env.pop("PYTHONPATH", None)
+    if nginx.tls:
+        env.update(CACHEMESH_CA_BUNDLE=str(nginx.ca_file), AWS_CA_BUNDLE=str(nginx.ca_file))
     if variant == "s3":
         source = f"s3://{BUCKET}/{PREFIX}/"
         env.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                   AWS_ENDPOINT_URL=f"http://127.0.0.1:{nginx.port}")
+                   AWS_ENDPOINT_URL=nginx.base)
     else:
-        source = f"benchhub://127.0.0.1:{nginx.port}/{BUCKET}/{PREFIX}"
+        source = f"benchhub://{nginx.base.split('://')[1]}/{BUCKET}/{PREFIX}"
+        if nginx.tls:
+            source = source.replace("benchhub://", "benchhubs://")
     argv = [sys.executable, __file__, "--worker", variant, source]
     run, stdout = timed(nginx, argv, env=env)
     run.detail = json.loads(stdout.strip().splitlines()[-1])
@@ -291,7 +319,7 @@ def worker(variant: str, source: str) -> None:
     from cachemesh.config import Settings
     from cachemesh.sources import SCHEMES
 
-    hub = SCHEMES["benchhub"] = _bench_hub_source()
+    hub = SCHEMES["benchhub"] = SCHEMES["benchhubs"] = _bench_hub_source()
     if variant == "hash-at-end":
         fetcher_mod.HASH_MODE = "end"
     if variant == "64k-reads":
@@ -337,15 +365,17 @@ def _bench_hub_source():  # type: ignore[no-untyped-def]
     from cachemesh.sources.base import Listing, RemoteFile, RemoteSource
 
     class BenchHubSource(RemoteSource):
-        schemes = ("benchhub",)
+        schemes = ("benchhub", "benchhubs")
         publish_md5 = False
 
         def __init__(self, uri: str, settings) -> None:  # type: ignore[no-untyped-def]
             super().__init__(settings)
             self.uri = uri
-            host, _, path = uri.removeprefix("benchhub://").partition("/")
-            self.base = f"http://{host}/{path.rstrip('/')}"
-            self.index_url = f"http://{host}/index.json"
+            scheme, _, rest = uri.partition("://")
+            host, _, path = rest.partition("/")
+            web = "https" if scheme == "benchhubs" else "http"
+            self.base = f"{web}://{host}/{path.rstrip('/')}"
+            self.index_url = f"{web}://{host}/index.json"
             self.client = fetch_http.make_client(settings)
 
         @classmethod
@@ -393,6 +423,8 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true",
                         help="also run cachemesh with 64 KiB reads, and with an MD5 check")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each run")
+    parser.add_argument("--tls", action="store_true",
+                        help="serve https (TLS 1.3, a throwaway CA) instead of plain http")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -421,6 +453,8 @@ def main() -> None:
         tools["cachemesh (64 KiB reads)"] = lambda n, out: cachemesh_run(n, out, "64k-reads",
                                                                         settings)
         tools["cachemesh (+ MD5 check)"] = lambda n, out: cachemesh_run(n, out, "md5", settings)
+    if args.s3:
+        tools["cachemesh, s3:// (boto3)"] = lambda n, out: cachemesh_run(n, out, "s3", settings)
     tools["sha256 of the bytes, 1 core (reference)"] = lambda n, out: sha256_reference(index)
     tools["dd write + fdatasync (reference)"] = lambda n, out: dd_reference(n, total, out)
 
@@ -429,7 +463,7 @@ def main() -> None:
     results: dict[str, list[Run]] = {name: [] for name in tools}
     loads = []
     out = BENCH / "out"
-    with Nginx() as nginx:
+    with Nginx(tls=args.tls) as nginx:
         names = list(tools)
         for r in range(args.rounds):
             order = names[r % len(names):] + names[:r % len(names)]
@@ -498,7 +532,8 @@ def report(args: argparse.Namespace, total: int, index: list[dict],
         " cache (nginx sendfile); downloads are deleted and synced between runs, untimed.")
     setup = (
         f"{gb:.2f} GB in {len(index)} files (a config, a tokenizer, {args.shards} shards of"
-        f" random bytes), nginx on loopback, {args.rounds} rounds, tools in a rotating order,"
+        f" random bytes), nginx on loopback ({'https, TLS 1.3' if args.tls else 'plain http'}),"
+        f" {args.rounds} rounds, tools in a rotating order,"
         f" medians. Page cache: {cache_state} cachemesh: a full pull in a fresh process and"
         f" `CACHEMESH_HOME` per run, `CACHEMESH_RANGE_CONCURRENCY={args.parallel}`, 16 MiB"
         " ranges, every byte hashed and checked against the published sha256"
