@@ -65,6 +65,7 @@ from .retry import RetryPolicy
 if TYPE_CHECKING:
     from ..config import Settings
     from ..store import Store
+    from ..store.locks import FileLock
 
 # How often a running fetch makes its landed ranges durable (the most a crash loses).
 CHECKPOINT_INTERVAL_S = 1.0
@@ -257,15 +258,15 @@ class Fetcher:
             lock.release()
 
     def _wait_turn(
-        self, lock: object, files: PartialFiles, request: FetchRequest, progress: _Progress
+        self, lock: FileLock, files: PartialFiles, request: FetchRequest, progress: _Progress
     ) -> bool:
         """Take the object's lock; while another fetch holds it, follow its progress.
 
         Returns whether we had to wait.
         """
-        if lock.acquire(blocking=False):  # type: ignore[attr-defined]
+        if lock.acquire(blocking=False):
             return False
-        while not lock.acquire(timeout=WAIT_POLL_S):  # type: ignore[attr-defined]
+        while not lock.acquire(timeout=WAIT_POLL_S):
             state = files.read_state()
             if state is not None and state.size == request.size:
                 progress.set(request.size if state.sha256 else state.landed.total())
