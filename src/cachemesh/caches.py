@@ -352,8 +352,8 @@ class Caches:
             conn.execute(
                 "INSERT INTO caches (name, bucket, path, source, spec, status, created_at,"
                 " updated_at, last_access) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (spec.name, spec.bucket, spec.path, source.display_uri, json.dumps(stored), PENDING,
-                 now, now, now),
+                (spec.name, spec.bucket, spec.path, source.display_uri, json.dumps(stored),
+                 PENDING, now, now, now),
             )
             conn.execute(
                 "INSERT INTO events (cache, ts, level, kind, message) VALUES (?, ?, ?, ?, ?)",
