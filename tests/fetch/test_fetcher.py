@@ -258,7 +258,9 @@ def test_a_flight_sees_ranges_land_and_reads_them_from_the_partial(store, fetch_
     request = obj.request(sha256=obj.sha256)
     got = {}
 
-    with fetcher.watch(request.identity) as flight:
+    # The loader's own fetcher (same store) sees the pull's fetch: the registry
+    # is per process, keyed by the partial file.
+    with Fetcher(store, fetch_settings).watch(request.identity) as flight:
         worker = threading.Thread(target=lambda: got.setdefault("ref", fetcher.fetch(request)))
         worker.start()
         # The last chunk, while the fetch runs: read from the partial file.

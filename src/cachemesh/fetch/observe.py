@@ -29,10 +29,20 @@ the ready-made observer: it keeps the landed ranges and lets any thread
 ``wait`` for a byte range.
 
 Observers are attached per fetch (``Fetcher.fetch(..., observer=...)``) or by
-identity, before or during the fetch, with :func:`watch`. Only fetches run by
-this process are observed; a fetch that another process runs for the same
+identity, before or during the fetch, with ``Fetcher.watch``. Only fetches run
+by this process are observed; a fetch that another process runs for the same
 store is visible, coarsely, through its ``tmp/fetch/KEY.state`` record
-(see ``ranges.py``).
+(see ``ranges.py``). A loader streaming a file that a pull is fetching::
+
+    source = parse_source(uri, options, settings)         # its own instance is fine
+    file = next(f for f in source.list_files().files if f.path == "model.safetensors")
+    with source.fetcher(store).watch(source.identity(file)) as flight:
+        ...start the pull (Caches.ensure) in another thread...
+        path = flight.wait(0, 8)                          # the safetensors header length
+        header_len = int.from_bytes(read(path, 0, 8), "little")
+        path = flight.wait(8, 8 + header_len)             # then the header, then tensors
+        ...
+        flight.wait(0, file.size)                         # the blob: verified
 """
 
 from __future__ import annotations
