@@ -571,7 +571,10 @@ def report(args: argparse.Namespace, total: int, index: list[dict],
     text = "\n".join(body)
     print("\n" + text)
     if not args.no_write:
-        _report.write_section("fetch", "Fetch: cachemesh vs curl over loopback", text)
+        name = "fetch" + ("-tls" if args.tls else "") + ("-cold" if args.cold else "")
+        title = ("Fetch: cachemesh vs curl over loopback"
+                 + (", https" if args.tls else "") + (", cold page cache" if args.cold else ""))
+        _report.write_section(name, title, text)
 
 
 if __name__ == "__main__":
