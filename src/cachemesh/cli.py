@@ -354,6 +354,178 @@ def du(ctx: click.Context, as_json: bool) -> None:
                f" {format_size(report['saved_bytes'])} ({report['blobs']} blobs)")
 
 
+# -- convert and jobs ------------------------------------------------------------
+
+class _JobBar:
+    """Job progress on stderr: a bar on a terminal, one line per step otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress = None
+        self._task = None
+        self._step: str | None = None
+
+    def __enter__(self) -> _JobBar:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if self.enabled and console.is_terminal:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                      TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+                                      console=console)
+            self._progress.start()
+            self._task = self._progress.add_task("converting", total=1.0)
+        return self
+
+    def update(self, job: Any) -> None:
+        if not self.enabled:
+            return
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=job.progress,
+                                  description=job.step or job.status)
+        elif job.step and job.step != self._step:
+            click.echo(f"{job.id}: {job.step}", err=True)
+        self._step = job.step
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+@main.command()
+@click.argument("source")
+@click.option("--to", "target", default=None,
+              help="Target format: ct2 (CTranslate2), onnx, or safetensors (with --tp).")
+@click.option("--quantization", default=None,
+              help="ct2 weight type: int8, int8_float32, int8_float16, int8_bfloat16, int16,"
+                   " float16, bfloat16, float32 (default: the checkpoint's own).")
+@click.option("--tp", type=int, default=None,
+              help="Pre-split a safetensors checkpoint into N tensor-parallel shards.")
+@click.option("--input-name", default=None,
+              help="Name of the input cache when SOURCE is pulled (default: derived from it).")
+@click.option("--refresh", is_flag=True, help="Check the input's origin again before converting.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.pass_context
+@handle_errors
+def convert(ctx: click.Context, source: str, target: str | None, quantization: str | None,
+            tp: int | None, input_name: str | None, refresh: bool, as_json: bool,
+            quiet: bool) -> None:
+    """Convert SOURCE into an inference format; print the converted model's directory.
+
+    SOURCE is anything `pull` takes, a cache view directory or a cache name; it is
+    pulled through the cache first. The result is a cache in bucket "converted",
+    named by the conversion's identity: converting again is a lookup. The work runs
+    as a job (see `cachemesh jobs`).
+    """
+    import contextlib
+
+    from .convert import Conversions, make_options
+    from .progress import PullBar
+
+    if target is None:
+        if tp is None:
+            raise InvalidInputError("--to is required: ct2, onnx, or safetensors (with --tp N)")
+        target = "safetensors"
+    options = make_options(target, quantization, tp)
+    conversions = Conversions(_caches(ctx))
+    show = not quiet and not as_json
+
+    def waiting(job: Any) -> None:
+        if show:
+            who = f"job {job.id}" if job is not None else "another process"
+            click.echo(f"waiting for {who}, converting the same input with the same options",
+                       err=True)
+
+    with PullBar(f"input {source}", enabled=show) as pull_bar, _JobBar(show) as job_bar:
+        # Converters and the libraries under them may print; stdout carries only the result.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = conversions.convert(source, options, input_name=input_name, refresh=refresh,
+                                         on_pull=pull_bar.update, on_job=job_bar.update,
+                                         on_wait=waiting)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    if not quiet:
+        how = "already converted" if result.cached else f"converted by job {result.job}"
+        click.echo(f"{result.cache}: {how} (identity {result.identity})", err=True)
+    click.echo(str(result.view))
+
+
+@main.group()
+def jobs() -> None:
+    """List jobs (conversions) and show their logs."""
+
+
+def _jobs(ctx: click.Context):  # noqa: ANN202
+    from .jobs import Jobs
+
+    return Jobs(_caches(ctx).store)
+
+
+@jobs.command("ls")
+@click.option("--kind", default=None, help="Only jobs of this kind (convert).")
+@click.option("--status", default=None, help="Only jobs with this status (Running, Failed, …).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def jobs_ls(ctx: click.Context, kind: str | None, status: str | None, limit: int | None,
+            as_json: bool) -> None:
+    """List jobs, newest first."""
+    found = _jobs(ctx).list(kind=kind, status=status, limit=limit)
+    if as_json:
+        _print_json([j.to_dict() for j in found])
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None)
+    for col in ("ID", "KIND", "STATUS", "PROGRESS", "STEP", "CREATED", "DURATION", "DETAIL"):
+        table.add_column(col)
+    for j in found:
+        detail = j.error if j.error else (j.result or {}).get("view") or j.spec.get("source", "")
+        duration = f"{j.duration:.1f}s" if j.duration is not None else "-"
+        table.add_row(j.id, j.kind, j.status, f"{j.progress:.0%}", j.step or "",
+                      _when(j.created_at), duration, str(detail))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=220)
+    console.print(table)
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until the job ends.")
+@click.option("--json", "as_json", is_flag=True, help="The job and its log lines as JSON.")
+@click.pass_context
+@handle_errors
+def jobs_logs(ctx: click.Context, job_id: str, follow: bool, as_json: bool) -> None:
+    """Print a job's log."""
+    import time as _time
+
+    store = _jobs(ctx)
+    if as_json:
+        job = store.get(job_id)
+        _print_json({"job": job.to_dict(), "logs": [asdict(x) for x in store.logs(job_id)]})
+        return
+    last = 0
+    while True:
+        job = store.get(job_id)
+        for line in store.logs(job_id, after=last):
+            last = line.id
+            stamp = dt.datetime.fromtimestamp(line.ts).strftime("%H:%M:%S.%f")[:-3]
+            text = line.message.replace("\n", "\n" + " " * 22)
+            click.echo(f"{stamp}  {line.level:<7}  {text}")
+        if not follow or job.done:
+            break
+        _time.sleep(0.5)
+    if job.status == "Failed" and job.error:
+        click.echo(f"job {job.id} failed: {job.error}", err=True)
+
+
 @main.command()
 @click.option("--origin", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to generate the demo's origin folder.")

@@ -11,7 +11,8 @@ Credentials never appear in a message.
     │   ├── UnsafePathError        a name or path would escape the store
     │   └── UnknownSourceError     a source URI nobody understands
     ├── NotFoundError              a cache, model, job or blob does not exist
-    │   └── CacheNotFoundError
+    │   ├── CacheNotFoundError
+    │   └── JobNotFoundError
     ├── ConflictError              exists already, or is in use
     │   └── InUseError
     ├── CapacityError              a size limit or the disk would be exceeded
@@ -23,7 +24,8 @@ Credentials never appear in a message.
     │   └── SourceChangedError     the object changed at the origin during a pull
     ├── StoreError                 the store on disk is unusable
     │   └── StoreVersionError      written by a newer cachemesh
-    └── LoadError                  weights could not be read into memory
+    ├── LoadError                  weights could not be read into memory
+    └── ConversionError            a converter failed on an input it accepted
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ class CacheNotFoundError(NotFoundError):
     def __init__(self, name: str) -> None:
         super().__init__(f"no cache named {name!r}")
         self.name = name
+
+
+class JobNotFoundError(NotFoundError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}")
+        self.job_id = job_id
 
 
 class ConflictError(CachemeshError):
@@ -113,3 +121,8 @@ class StoreVersionError(StoreError):
 
 class LoadError(CachemeshError):
     """Weights could not be read into memory: truncated file, bad header, missing shard."""
+
+
+class ConversionError(CachemeshError):
+    """A converter (CTranslate2, the ONNX exporter, the tensor-parallel splitter)
+    failed on an input it had accepted. The job's log holds the details."""

@@ -22,6 +22,15 @@ Schema (version 1)::
     events   timestamped lifecycle events of a cache (progress, warnings, errors)
       id, cache, ts, level, kind, message
 
+Added by the jobs migration (long-running work such as conversions; see jobs.py)::
+
+    jobs      one row per job: id, kind, key (what the job produces, e.g. a
+              conversion identity), status, spec (JSON), result (JSON), error,
+              progress (0..1), step, pid, host, created_at, started_at,
+              finished_at, updated_at
+    job_logs  the log of a job, in order: id, job -> jobs.id ON DELETE CASCADE,
+              ts, level, message
+
 Rows are written after the files they describe (see store/blobs.py), so after
 a crash the database never points at a file that does not exist; the reverse
 (a blob file without a row) is harmless and collected by ``gc``.
@@ -101,9 +110,45 @@ def _v1(conn: sqlite3.Connection) -> None:
     )
 
 
+def _jobs(conn: sqlite3.Connection) -> None:
+    # Self-contained (IF NOT EXISTS): it does not depend on its position in MIGRATIONS.
+    _script(
+        conn,
+        """
+        CREATE TABLE IF NOT EXISTS jobs (
+            id          TEXT PRIMARY KEY,
+            kind        TEXT NOT NULL,
+            key         TEXT,
+            status      TEXT NOT NULL,
+            spec        TEXT NOT NULL,
+            result      TEXT,
+            error       TEXT,
+            progress    REAL NOT NULL DEFAULT 0,
+            step        TEXT,
+            pid         INTEGER,
+            host        TEXT,
+            created_at  REAL NOT NULL,
+            started_at  REAL,
+            finished_at REAL,
+            updated_at  REAL NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs(kind, key);
+        CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs(created_at);
+        CREATE TABLE IF NOT EXISTS job_logs (
+            id      INTEGER PRIMARY KEY AUTOINCREMENT,
+            job     TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+            ts      REAL NOT NULL,
+            level   TEXT NOT NULL,
+            message TEXT NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS job_logs_by_job ON job_logs(job, id);
+        """
+    )
+
+
 # MIGRATIONS[i] takes a database at version i to version i + 1. Append only:
 # never edit a migration that has shipped.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _jobs]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # How long a writer waits for another process's transaction before giving up.
