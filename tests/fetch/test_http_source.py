@@ -195,3 +195,18 @@ def test_https_with_a_private_certificate_authority(fcaches, fetch_settings, tmp
         view = cachemesh.pull(url, settings=trusting, sha256=hashlib.sha256(data).hexdigest())
         assert (view / "m.bin").read_bytes() == data
         assert origin.served["/m.bin"] == 1 + len(data)
+
+
+@pytest.mark.parametrize("path,name", [
+    ("/models/model.safetensors", "model.safetensors"),
+    ("/a/..%2F..%2Fetc%2Fpasswd", ".._.._etc_passwd"),  # decoded slashes cannot nest
+    ("/a/%2e%2e", "download"),
+    ("/a/x%00y%5Cz", "x_y_z"),  # NUL and backslash
+    ("/", "download"),
+])
+def test_file_names_from_urls_are_safe(path, name):
+    from cachemesh.sources.http import file_name
+    from cachemesh.store.names import check_relpath
+
+    assert file_name(f"https://h.example{path}?q=1") == name
+    assert check_relpath(name) == name
