@@ -141,8 +141,8 @@ class RemoteSource(Source):
         Every file, as :class:`RemoteFile`: its ``path`` in the cache, ``size``,
         the checksum the origin publishes (``sha256``: Hugging Face and
         ModelScope LFS files; ``git_sha1``: a Hub's other files; ``md5``: a
-        single-part S3 ETag), ``origin_tag``
-        (the version: ETag, commit) and a ``locator`` (the URL or key to read).
+        single-part S3 ETag), ``origin_tag`` (the version: ETag, commit) and a
+        ``locator`` (the URL or key to read).
     :meth:`read_range`
         The bytes ``[start, end)`` of one object, as an iterator of chunks,
         raising :class:`~cachemesh.errors.TransientSourceError` for what is
@@ -152,9 +152,19 @@ class RemoteSource(Source):
 
     and may override :meth:`accepts_ranges` (an origin that can only stream
     a whole object), :meth:`identity`, :meth:`object_name` and :meth:`close`.
-    Retries, resume, verification against ``sha256``/``md5`` (or the size
-    alone, which the cache reports in its events), single-flight and
-    progress are the fetcher's.
+    Parallel ranged reads, retries, resume, verification against the
+    published digests (or the size alone, which the cache reports in its
+    events), single-flight and progress are the fetcher's. A Hugging Face
+    source, for example, is its listing plus::
+
+        def read_range(self, file, start, end):
+            return fetch.http.read_range(self.client, file.locator, start, end,
+                                         size=file.size, ranged=True,
+                                         headers=self.auth_headers())
+
+    with ``self.client = fetch.http.make_client(settings)`` (it follows the
+    Hub's redirect to its CDN and drops the token when the redirect leaves
+    the Hub's host).
     """
 
     def __init__(self, settings: Settings) -> None:
