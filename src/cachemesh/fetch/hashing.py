@@ -96,7 +96,8 @@ class PrefixHasher:
             with self._cond:
                 self._hashed += len(data)
                 self._busy = False
-                self._cond.notify_all()
+                if self._prefix > self._hashed:  # wake the catch-up thread only for work
+                    self._cond.notify_all()
         return True
 
     def prefix(self, end: int) -> None:
@@ -104,14 +105,14 @@ class PrefixHasher:
         with self._cond:
             if end > self._prefix:
                 self._prefix = end
-                if end > self._hashed:
+                if end > self._hashed and not self._busy:
                     self._cond.notify_all()
 
     def reset(self) -> None:
         """Start over from byte 0 (a stream that cannot resume was restarted)."""
         with self._cond:
             while self._busy:
-                self._cond.wait()
+                self._cond.wait(0.01)  # nobody notifies for this rare case
             self._new_digests()
             self._hashed = self._prefix = 0
 
