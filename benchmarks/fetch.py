@@ -530,6 +530,13 @@ def report(args: argparse.Namespace, total: int, index: list[dict],
         "dropped before every run (the origin is read from disk)." if args.cold else
         "the origin's files are read before every run, so every tool gets them from the page"
         " cache (nginx sendfile); downloads are deleted and synced between runs, untimed.")
+    s3_note = (
+        " The s3:// row is boto3 talking to nginx, which answers ListObjectsV2 with a static"
+        " document and serves HEAD and ranged GETs (with If-Match) of the same files: moto"
+        " keeps objects in Python memory and serves them through werkzeug, so it would"
+        " measure moto. nginx ignores the signature and its ETags are not MD5s, so that path"
+        " checks sizes only (the sha256 is still computed)."
+        if "cachemesh, s3:// (boto3)" in results else "")
     setup = (
         f"{gb:.2f} GB in {len(index)} files (a config, a tokenizer, {args.shards} shards of"
         f" random bytes), nginx on loopback ({'https, TLS 1.3' if args.tls else 'plain http'}),"
@@ -538,7 +545,8 @@ def report(args: argparse.Namespace, total: int, index: list[dict],
         f" `CACHEMESH_HOME` per run, `CACHEMESH_RANGE_CONCURRENCY={args.parallel}`, 16 MiB"
         " ranges, every byte hashed and checked against the published sha256"
         f" ({cm[0].detail['verification']}), fsynced, linked into the view. The curl runs"
-        " write the bytes and nothing else (no hash, no fsync, ranges left as separate files).")
+        " write the bytes and nothing else (no hash, no fsync, ranges left as separate files)."
+        + s3_note)
     legend = (
         "\"x parallel curl\" is the median over rounds of the ratio of the two tools' times in"
         " the same round. CPU is user + system time of the tool's processes (kernel"

@@ -15,6 +15,7 @@ What one :meth:`Fetcher.fetch` does::
           │                   one of the fetcher's range_concurrency slots:
           │                   read piece (retry with backoff, resuming at the byte
           │                   where a cut connection stopped), pwrite at its offset
+          │                   (small reads joined into writes of up to 1 MiB);
           │                   hasher follows the contiguous prefix (hashing.py)
           │                   every second: fdatasync part, then write the record
           ▼
