@@ -529,13 +529,178 @@ def jobs_logs(ctx: click.Context, job_id: str, follow: bool, as_json: bool) -> N
 @main.command()
 @click.option("--origin", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to generate the demo's origin folder.")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Port to serve on (default 8008, or a free one if 8008 is taken).")
+@click.option("--serve/--no-serve", default=True, show_default=True,
+              help="Serve the demo model until Ctrl-C after pulling it.")
 @click.pass_context
 @handle_errors
-def demo(ctx: click.Context, origin: Path | None) -> None:
-    """Generate a demo model in a local origin folder, pull it, and show where it lives."""
-    from .demo import run_demo
+def demo(ctx: click.Context, origin: Path | None, port: int | None, serve: bool) -> None:
+    """Generate a demo model, pull it through the cache, and serve it over KServe V2."""
+    from .demo import run_demo, serve_demo
 
     run_demo(settings_of(ctx), origin)
+    if serve:
+        serve_demo(settings_of(ctx), origin, port)
+
+
+# -- serving ---------------------------------------------------------------------
+
+@main.command()
+@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1;"
+              " 0.0.0.0 in a container). $CACHEMESH_SERVE_HOST")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="HTTP port (default 8008). $CACHEMESH_SERVE_PORT")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes that hold the models (default: one per two cores).")
+@click.option("--memory", type=SIZE, default=None,
+              help="Memory budget for everything the workers hold, e.g. 8GiB (default: the"
+              " container's limit or the physical memory, less a buffer).")
+@click.option("--worker-memory-limit", type=SIZE, default=None,
+              help="Address-space limit of each worker (RLIMIT_AS); a load past it fails.")
+@click.option("--model", "models", multiple=True, metavar="NAME=SOURCE[,runtime=R][,version=V]",
+              help="Serve SOURCE (anything `cachemesh pull` takes) as NAME; repeatable. Other"
+              " KEY=VALUE options are runtime parameters (class=mod:Cls, trusted=false);"
+              " eager=true loads it at start.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True,
+              path_type=Path), default=None,
+              help="YAML file with a list of models (name, source, runtime, version,"
+              " parameters, eager); for sources that contain ',' or '='.")
+@click.pass_context
+@handle_errors
+def serve(ctx: click.Context, host: str | None, port: int | None, workers: int | None,
+          memory: int | None, worker_memory_limit: int | None, models: tuple[str, ...],
+          config_file: Path | None) -> None:
+    """Serve models over KServe V2 REST, with the control API and /metrics, on one port.
+
+    Models load on their first request (or at start with eager=true), in worker
+    processes, under one memory budget; idle ones are evicted least recently
+    used first. Models deployed at run time (POST /api/v1/models, `cachemesh
+    models deploy`) are served again after a restart. SIGTERM drains.
+    """
+    import dataclasses
+
+    from .serve.registry import parse_model_option, read_config
+    from .serve.server import run
+
+    settings = settings_of(ctx)
+    overrides = {k: v for k, v in {
+        "host": host, "port": port, "workers": workers, "memory": memory,
+        "worker_memory_limit": worker_memory_limit}.items() if v is not None}
+    settings = dataclasses.replace(settings, serve=dataclasses.replace(settings.serve, **overrides))
+    specs = list(read_config(config_file)) if config_file else []
+    specs += [parse_model_option(m) for m in models]
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InvalidInputError(f"model(s) declared twice: {', '.join(dupes)}")
+    cfg = settings.serve
+
+    def started() -> None:
+        click.echo(f"cachemesh serving {len(specs)} model(s) on http://{cfg.host}:{cfg.port}"
+                   f" ({cfg.worker_count()} worker(s)); Ctrl-C or SIGTERM to stop", err=True)
+
+    run(settings, specs, on_started=started)
+
+
+@main.group()
+@click.option("--url", default=None, help="Server URL (default $CACHEMESH_URL or"
+              " http://127.0.0.1:8008).")
+@click.pass_context
+def models(ctx: click.Context, url: str | None) -> None:
+    """List, deploy and remove the models of a running server (the control API)."""
+    ctx.ensure_object(dict)
+    ctx.obj["url"] = (url or settings_of(ctx).serve.url).rstrip("/")
+
+
+def _api(ctx: click.Context, method: str, path: str, body: Any = None) -> Any:
+    import httpx
+
+    from .errors import ConflictError as Conflict
+    from .errors import NotFoundError as Missing
+
+    url = ctx.obj["url"] + path
+    headers = {}
+    token = settings_of(ctx).api_token
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        r = httpx.request(method, url, json=body, headers=headers, timeout=120)
+    except httpx.HTTPError as exc:
+        raise CachemeshError(f"cannot reach the server at {ctx.obj['url']}: {exc}") from exc
+    if r.status_code >= 400:
+        try:
+            message = r.json().get("error") or r.text
+        except ValueError:
+            message = r.text
+        cls = {400: InvalidInputError, 404: Missing, 409: Conflict, 507: CapacityError}.get(
+            r.status_code, CachemeshError)
+        raise cls(f"{message} (HTTP {r.status_code})")
+    return r.json() if r.content else None
+
+
+@models.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def models_ls(ctx: click.Context, as_json: bool) -> None:
+    """List models: state, worker, measured size, requests in flight."""
+    data = _api(ctx, "GET", "/api/v1/models")
+    if as_json:
+        _print_json(data)
+        return
+    mem = data["memory"]
+    click.echo(f"{'NAME':<24} {'STATE':<10} {'RUNTIME':<8} {'WORKER':>6} {'SIZE':>10}"
+               f" {'INFLIGHT':>8}  SOURCE")
+    for m in data["models"]:
+        size = format_size(m["size_bytes"]) if m["size_bytes"] else "-"
+        click.echo(f"{m['name']:<24} {m['state']:<10} {m['runtime'] or '-':<8}"
+                   f" {m['worker'] or '-':>6} {size:>10} {m['inflight']:>8}  {m['source']}")
+        if m["reason"] and m["state"] != "Ready":
+            click.echo(f"{'':<24} {m['reason']}")
+    click.echo(f"memory: {format_size(mem['held_bytes'])} held of {format_size(mem['budget_bytes'])}"
+               f" by {sum(1 for w in mem['workers'] if w['alive'])} worker(s)")
+
+
+@models.command("deploy")
+@click.argument("name")
+@click.argument("source")
+@click.option("--runtime", default=None, help="sklearn, custom, ... (default: detected).")
+@click.option("--version", "model_version", default=None)
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Runtime parameter (class=mod:Cls, trusted=false); repeatable.")
+@click.option("--eager", is_flag=True, help="Load now rather than on the first request.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def models_deploy(ctx: click.Context, name: str, source: str, runtime: str | None,
+                  model_version: str | None, params: tuple[str, ...], eager: bool,
+                  as_json: bool) -> None:
+    """Deploy SOURCE as model NAME on the running server (kept across restarts)."""
+    parameters = {}
+    for p in params:
+        key, sep, value = p.partition("=")
+        if not sep or not key:
+            raise InvalidInputError(f"--param expects KEY=VALUE, got {p!r}")
+        parameters[key] = value
+    body = {"name": name, "source": source, "runtime": runtime, "version": model_version,
+            "parameters": parameters, "eager": eager}
+    data = _api(ctx, "POST", "/api/v1/models", body)
+    if as_json:
+        _print_json(data)
+    else:
+        click.echo(f"deployed {data['name']} ({data['state']})")
+
+
+@models.command("rm")
+@click.argument("names", nargs=-1, required=True)
+@click.pass_context
+@handle_errors
+def models_rm(ctx: click.Context, names: tuple[str, ...]) -> None:
+    """Unload and forget models on the running server."""
+    for name in names:
+        _api(ctx, "DELETE", f"/api/v1/models/{name}")
+        click.echo(f"removed {name}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -90,9 +90,21 @@ def _float(environ: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise InvalidInputError(f"{name} must be a number, got {raw!r}") from None
+    if value < 0:
+        raise InvalidInputError(f"{name} cannot be negative, got {value}")
+    return value
+
+
+def _positive(environ: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(environ, name, default)
     if not value > 0:
         raise InvalidInputError(f"{name} must be positive, got {value}")
     return value
+
+
+def _size(environ: Mapping[str, str], name: str) -> int | None:
+    raw = environ.get(name)
+    return parse_size(raw) if raw else None
 
 
 def default_home(environ: Mapping[str, str]) -> Path:
@@ -102,6 +114,72 @@ def default_home(environ: Mapping[str, str]) -> Path:
     xdg = environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "cachemesh"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Settings of ``cachemesh serve``. The command's flags override the variables."""
+
+    # CACHEMESH_SERVE_HOST: address to listen on; 0.0.0.0 in a container.
+    host: str = "127.0.0.1"
+    # CACHEMESH_SERVE_PORT: the one HTTP port (KServe V2, control API, /metrics).
+    port: int = 8008
+    # CACHEMESH_SERVE_WORKERS: worker processes that hold the models (None: one per two cores).
+    workers: int | None = None
+    # CACHEMESH_SERVE_MEMORY: budget for everything the workers hold ("8GiB"). None: the
+    # container's memory limit (cgroup) or the physical memory, less a buffer.
+    memory: int | None = None
+    # CACHEMESH_SERVE_MEMORY_FACTOR: predicted size of a model before it loads = bytes on disk x this.
+    memory_factor: float = 1.5
+    # CACHEMESH_SERVE_WORKER_MEMORY_LIMIT: per-worker address-space limit (RLIMIT_AS); None: none.
+    worker_memory_limit: int | None = None
+    # CACHEMESH_SERVE_WORKER_THREADS: BLAS/OpenMP threads per worker (several workers share the cores).
+    worker_threads: int = 1
+    # CACHEMESH_SERVE_LOAD_CONCURRENCY: model loads running at once.
+    load_concurrency: int = 2
+    # CACHEMESH_SERVE_LOAD_QUEUE: loads that may wait; more answer 503 with Retry-After.
+    load_queue: int = 256
+    # CACHEMESH_SERVE_LOAD_ATTEMPTS: failed loads before a model is marked failed.
+    load_attempts: int = 3
+    # CACHEMESH_SERVE_FAILED_TTL: seconds a failed mark lasts; then the next request tries again.
+    failed_ttl_s: float = 60.0
+    # CACHEMESH_SERVE_MAX_INFLIGHT: requests in the server at once; more answer 429.
+    max_inflight: int = 1024
+    # CACHEMESH_SERVE_REQUEST_TIMEOUT: seconds a request may take, waiting for its load included.
+    request_timeout_s: float = 60.0
+    # CACHEMESH_SERVE_DRAIN_TIMEOUT: seconds SIGTERM waits for requests in flight.
+    drain_timeout_s: float = 30.0
+    # CACHEMESH_SERVE_MIN_RESIDENT: a model loaded this recently is not evicted (loads wait).
+    min_resident_s: float = 0.0
+    # CACHEMESH_URL: the server that `cachemesh models ...` talks to.
+    url: str = "http://127.0.0.1:8008"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ServeSettings:
+        workers = env.get("CACHEMESH_SERVE_WORKERS")
+        return cls(
+            host=env.get("CACHEMESH_SERVE_HOST") or "127.0.0.1",
+            port=_int(env, "CACHEMESH_SERVE_PORT", 8008),
+            workers=_int(env, "CACHEMESH_SERVE_WORKERS", 1) if workers else None,
+            memory=_size(env, "CACHEMESH_SERVE_MEMORY"),
+            memory_factor=_float(env, "CACHEMESH_SERVE_MEMORY_FACTOR", 1.5),
+            worker_memory_limit=_size(env, "CACHEMESH_SERVE_WORKER_MEMORY_LIMIT"),
+            worker_threads=_int(env, "CACHEMESH_SERVE_WORKER_THREADS", 1),
+            load_concurrency=_int(env, "CACHEMESH_SERVE_LOAD_CONCURRENCY", 2),
+            load_queue=_int(env, "CACHEMESH_SERVE_LOAD_QUEUE", 256),
+            load_attempts=_int(env, "CACHEMESH_SERVE_LOAD_ATTEMPTS", 3),
+            failed_ttl_s=_float(env, "CACHEMESH_SERVE_FAILED_TTL", 60.0),
+            max_inflight=_int(env, "CACHEMESH_SERVE_MAX_INFLIGHT", 1024),
+            request_timeout_s=_float(env, "CACHEMESH_SERVE_REQUEST_TIMEOUT", 60.0),
+            drain_timeout_s=_float(env, "CACHEMESH_SERVE_DRAIN_TIMEOUT", 30.0),
+            min_resident_s=_float(env, "CACHEMESH_SERVE_MIN_RESIDENT", 0.0),
+            url=(env.get("CACHEMESH_URL") or "http://127.0.0.1:8008").rstrip("/"),
+        )
+
+    def worker_count(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        return max(1, (os.cpu_count() or 2) // 2)
 
 
 @dataclass(frozen=True)
@@ -130,6 +208,8 @@ class Settings:
     # the certificate authorities trusted for HTTPS origins (a private mirror);
     # None: the certifi bundle.
     ca_bundle: str | None = None
+    # Settings of the model server (CACHEMESH_SERVE_*).
+    serve: ServeSettings = field(default_factory=ServeSettings)
     # The environment the settings were read from, for sources that honour the
     # ecosystem's own variables (HF_ENDPOINT, HF_TOKEN, AWS_*). Not printed.
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -145,11 +225,12 @@ class Settings:
             range_concurrency=_int(env, "CACHEMESH_RANGE_CONCURRENCY", 8),
             chunk_size=_int(env, "CACHEMESH_CHUNK_SIZE", 16 * 1024 * 1024),
             fetch_retries=_int(env, "CACHEMESH_FETCH_RETRIES", 5),
-            retry_backoff_s=_float(env, "CACHEMESH_RETRY_BACKOFF", 0.5),
-            fetch_timeout_s=_float(env, "CACHEMESH_FETCH_TIMEOUT", 60.0),
+            retry_backoff_s=_positive(env, "CACHEMESH_RETRY_BACKOFF", 0.5),
+            fetch_timeout_s=_positive(env, "CACHEMESH_FETCH_TIMEOUT", 60.0),
             api_token=env.get("CACHEMESH_API_TOKEN") or None,
             ca_bundle=(env.get("CACHEMESH_CA_BUNDLE") or env.get("SSL_CERT_FILE")
                        or env.get("REQUESTS_CA_BUNDLE") or None),
+            serve=ServeSettings.from_env(env),
             environ=env,
         )
         return replace(settings, **overrides) if overrides else settings

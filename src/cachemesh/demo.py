@@ -1,9 +1,10 @@
 """``cachemesh demo``: the main job on an embedded default, end to end.
 
 It generates a small model in a local origin folder (never committed: it is
-trained here, on first run), pulls it through the cache, and shows where it
-lives and what the store holds. Later stages of the demo (serving it) build on
-the same pulled view.
+trained here, on first run), pulls it through the cache, shows where it lives
+and what the store holds, then serves it over KServe V2 REST (in a worker
+process, loaded before the server reports ready) and prints requests that work
+against it, until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -74,3 +75,77 @@ def run_demo(settings: Settings, origin: Path | None = None) -> Path:
     click.echo("mount it read-only into a container, e.g.:")
     click.echo(f"  docker run -v {result.view}:/models/{DEMO_NAME}:ro ...")
     return result.view
+
+
+def _free_port(preferred: int) -> int:
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free port")
+
+
+def write_demo_request(origin: Path) -> tuple[Path, int]:
+    """A V2 request body holding one real digit from sklearn's data set, and its label."""
+    from sklearn import datasets
+
+    digits = datasets.load_digits()
+    index = 1000
+    pixels = (digits.images[index].reshape(-1) / 16.0).round(4).tolist()
+    body = {"inputs": [{"name": "predict", "shape": [1, 64], "datatype": "FP32", "data": pixels}]}
+    path = origin / "request.json"
+    path.write_text(json.dumps(body) + "\n")
+    return path, int(digits.target[index])
+
+
+def serve_demo(settings: Settings, origin: Path | None = None, port: int | None = None) -> None:
+    """Serve the demo model until Ctrl-C, after printing example requests."""
+    import dataclasses
+
+    from .serve.registry import ModelSpec
+    from .serve.server import run
+
+    origin = origin or default_origin(settings)
+    model_dir = make_demo_model(origin)
+    request, label = write_demo_request(origin)
+    port = _free_port(8008) if port is None else port
+    settings = dataclasses.replace(settings, serve=dataclasses.replace(
+        settings.serve, host="127.0.0.1", port=port, workers=settings.serve.workers or 1))
+    url = f"http://127.0.0.1:{port}"
+    spec = ModelSpec(name=DEMO_NAME, source=str(model_dir), eager=True)
+
+    def started() -> None:
+        click.echo(f"""
+serving: {url}  (model {DEMO_NAME!r}: loads in a worker process; ready when /v2/health/ready says so)
+
+Try it from another terminal (the request holds a handwritten {label}; the answer says {label}):
+
+  curl -s {url}/v2/health/ready
+  curl -s {url}/v2/models/{DEMO_NAME}
+  curl -s -X POST {url}/v2/models/{DEMO_NAME}/infer -d @{request}
+  curl -s {url}/api/v1/models
+  curl -s {url}/metrics | grep cachemesh_requests
+
+From Python:
+
+  import json, httpx
+  body = json.load(open("{request}"))
+  r = httpx.post("{url}/v2/models/{DEMO_NAME}/infer", json=body)
+  print(r.json()["outputs"][0]["data"])      # [{label}]
+
+or with Triton's client, unchanged:
+
+  import numpy as np, tritonclient.http as th
+  c = th.InferenceServerClient("127.0.0.1:{port}")
+  x = th.InferInput("predict", [1, 64], "FP32")
+  x.set_data_from_numpy(np.array([body["inputs"][0]["data"]], dtype=np.float32))
+  print(c.infer("{DEMO_NAME}", [x]).as_numpy("predict"))
+
+Ctrl-C to stop.""")
+
+    run(settings, [spec], on_started=started)

@@ -9,13 +9,17 @@ Credentials never appear in a message.
     CachemeshError
     ├── InvalidInputError          the caller asked for something malformed
     │   ├── UnsafePathError        a name or path would escape the store
-    │   └── UnknownSourceError     a source URI nobody understands
+    │   ├── UnknownSourceError     a source URI nobody understands
+    │   ├── InferenceInputError    a request a model cannot take: shape, datatype, features
+    │   └── UnknownRuntimeError    a runtime name no installed runtime answers to
     ├── NotFoundError              a cache, model, job or blob does not exist
     │   ├── CacheNotFoundError
-    │   └── JobNotFoundError
+    │   ├── JobNotFoundError
+    │   └── ModelNotFoundError
     ├── ConflictError              exists already, or is in use
     │   └── InUseError
     ├── CapacityError              a size limit or the disk would be exceeded
+    │   └── ModelTooLargeError     a model larger than the whole memory budget
     ├── IntegrityError             bytes do not match their checksum or size
     ├── SourceError                the origin failed or refused
     │   ├── SourceNotFoundError    the origin has no such repo/object/revision
@@ -25,7 +29,16 @@ Credentials never appear in a message.
     ├── StoreError                 the store on disk is unusable
     │   └── StoreVersionError      written by a newer cachemesh
     ├── LoadError                  weights could not be read into memory
-    └── ConversionError            a converter failed on an input it accepted
+    ├── ConversionError            a converter failed on an input it accepted
+    ├── ModelError                 a model (or its worker) failed, not the request
+    │   ├── ModelLoadError         a load failed: exception, crash or out of memory
+    │   ├── ModelFailedError       a model is marked failed after repeated failed loads
+    │   ├── InferenceError         predict raised on a valid request
+    │   └── WorkerCrashedError     the worker process died under a request
+    └── UnavailableError           the server cannot take this request now (retry later)
+        ├── OverloadedError        a bounded queue is full
+        ├── DrainingError          the server is shutting down
+        └── RequestTimeoutError    the request waited longer than its deadline
 """
 
 from __future__ import annotations
@@ -126,3 +139,68 @@ class LoadError(CachemeshError):
 class ConversionError(CachemeshError):
     """A converter (CTranslate2, the ONNX exporter, the tensor-parallel splitter)
     failed on an input it had accepted. The job's log holds the details."""
+
+
+class InferenceInputError(InvalidInputError):
+    """A request a model cannot take: a bad shape, datatype, a missing input, or
+    what only the runtime detects (for example a wrong number of features)."""
+
+
+class UnknownRuntimeError(InvalidInputError):
+    """A runtime name that no built-in runtime or installed plugin answers to."""
+
+
+class ModelNotFoundError(NotFoundError):
+    def __init__(self, name: str, version: str | None = None) -> None:
+        what = f"{name!r} version {version!r}" if version else repr(name)
+        super().__init__(f"no model named {what}")
+        self.name = name
+        self.version = version
+
+
+class ModelTooLargeError(CapacityError):
+    """A model predicted or measured to be larger than the server's whole memory budget."""
+
+
+class ModelError(CachemeshError):
+    """A model or the worker that holds it failed; the request itself was fine."""
+
+
+class ModelLoadError(ModelError):
+    """One load of a model failed: it raised, its worker crashed, or it ran out of memory."""
+
+
+class ModelFailedError(ModelError):
+    """A model marked failed after repeated failed loads, until the mark expires."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class InferenceError(ModelError):
+    """The model raised while predicting on a request that was valid."""
+
+
+class WorkerCrashedError(ModelError):
+    """The worker process died while it held the request; the request is not replayed."""
+
+
+class UnavailableError(CachemeshError):
+    """The server cannot take the request now; ``retry_after`` says when to try again."""
+
+    def __init__(self, message: str, retry_after: float | None = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class OverloadedError(UnavailableError):
+    """A bounded queue (requests in flight, loads waiting) is full."""
+
+
+class DrainingError(UnavailableError):
+    """The server is draining before it exits and takes no new requests."""
+
+
+class RequestTimeoutError(UnavailableError):
+    """The request waited for a load, a slot or its model longer than its deadline."""

@@ -1,0 +1,42 @@
+"""The model server: many models on a few worker processes, KServe V2 over REST.
+
+    app.py          the ASGI app factory: routers over one service
+    v2_rest.py      KServe V2 REST adapter (v2_codec.py: bodies <-> messages)
+    control.py      /api/v1/models
+    http_errors.py  errors -> status codes (the only place)
+    service.py      the protocol-free core: models, loads, inference
+    placement.py    where a model loads and what is evicted (a pure function)
+    loadqueue.py    bounded, prioritised load queue
+    memory.py       the default memory budget (cgroup / physical memory)
+    registry.py     model specs and where run-time deployments are kept
+    workers.py      worker processes seen from the server
+    worker.py       the worker process itself; ipc.py: the messages between them
+    metrics.py      Prometheus metrics
+    server.py       uvicorn with a draining SIGTERM
+"""
+
+from __future__ import annotations
+
+__all__ = ["ModelService", "ModelSpec", "create_app", "make_server", "run"]
+
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ModelService":
+        from .service import ModelService
+
+        return ModelService
+    if name == "ModelSpec":
+        from .registry import ModelSpec
+
+        return ModelSpec
+    if name == "create_app":
+        from .app import create_app
+
+        return create_app
+    if name in ("make_server", "run"):
+        from . import server
+
+        return getattr(server, name)
+    raise AttributeError(name)

@@ -22,7 +22,7 @@ Schema (version 1)::
     events   timestamped lifecycle events of a cache (progress, warnings, errors)
       id, cache, ts, level, kind, message
 
-Added by the jobs migration (long-running work such as conversions; see jobs.py)::
+Version 2 adds jobs (long-running work such as conversions; see jobs.py)::
 
     jobs      one row per job: id, kind, key (what the job produces, e.g. a
               conversion identity), status, spec (JSON), result (JSON), error,
@@ -30,6 +30,13 @@ Added by the jobs migration (long-running work such as conversions; see jobs.py)
               finished_at, updated_at
     job_logs  the log of a job, in order: id, job -> jobs.id ON DELETE CASCADE,
               ts, level, message
+
+Version 3 adds::
+
+    models   models deployed on the server at run time (POST /api/v1/models,
+             ``cachemesh models deploy``), so they survive a restart
+      name TEXT PRIMARY KEY, spec (JSON: source, runtime, version,
+      parameters, eager), created_at, updated_at
 
 Rows are written after the files they describe (see store/blobs.py), so after
 a crash the database never points at a file that does not exist; the reverse
@@ -146,9 +153,23 @@ def _jobs(conn: sqlite3.Connection) -> None:
     )
 
 
+def _models(conn: sqlite3.Connection) -> None:
+    _script(
+        conn,
+        """
+        CREATE TABLE models (
+            name       TEXT PRIMARY KEY,
+            spec       TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        """
+    )
+
+
 # MIGRATIONS[i] takes a database at version i to version i + 1. Append only:
 # never edit a migration that has shipped.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _jobs]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _jobs, _models]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # How long a writer waits for another process's transaction before giving up.

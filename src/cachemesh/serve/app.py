@@ -1,0 +1,90 @@
+"""The ASGI app: one factory, one port, routers added to it.
+
+``create_app(service)`` serves, over one :class:`~.service.ModelService`:
+
+- the KServe V2 REST routes (``v2_rest.py``) and ``/metrics``, as plain
+  Starlette routes on the root app: the inference path crosses two middleware
+  layers, not FastAPI's eight (measured: docs/benchmarks.md, section "serve");
+- a FastAPI app mounted under them, holding the control API (``/api/v1/...``)
+  and its OpenAPI documentation (``/docs``).
+
+Later adapters (the datacache control API, OpenAI, ...) are FastAPI routers:
+pass them as ``routers=`` or add them with ``app.state.api.include_router``.
+Middleware that must see every request (authentication) goes on the root app
+(``app.add_middleware``). Handlers reach the service as
+``request.app.state.service`` (both apps carry it). The service starts and stops
+with the root app's lifespan.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Mount, Route
+
+from .. import __version__
+from ..errors import CachemeshError
+from . import control, v2_rest
+from .metrics import CONTENT_TYPE
+from .registry import ModelSpec
+from .service import ModelService
+
+
+def create_api(service: ModelService, routers: Sequence[Any] = ()) -> FastAPI:
+    """The FastAPI part: control API routers, OpenAPI docs, error bodies."""
+    api = FastAPI(title="cachemesh", version=__version__,
+                  description="Control API of the cachemesh model server. Inference speaks"
+                  " KServe V2 (Open Inference Protocol) under /v2 on the same port.")
+    api.state.service = service
+    api.include_router(control.router)
+    for router in routers:
+        api.include_router(router)
+
+    @api.exception_handler(CachemeshError)
+    async def cachemesh_error(request: Request, exc: CachemeshError) -> Response:
+        return v2_rest.error_response(exc)
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}"
+            for err in exc.errors())
+        return v2_rest.json_response({"error": f"invalid request: {problems}"}, 400)
+
+    return api
+
+
+def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
+               routers: Sequence[Any] = (),
+               on_started: Callable[[], None] | None = None) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await service.start(list(specs))
+        # Modules, routes and settings live as long as the server: keep the collector
+        # from walking them again and again under load (long gen-2 pauses in p99).
+        gc.collect()
+        gc.freeze()
+        if on_started is not None:
+            on_started()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    async def metrics(request: Request) -> Response:
+        service.refresh_gauges()
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    api = create_api(service, routers)
+    app = Starlette(routes=[*v2_rest.routes(), Route("/metrics", metrics, methods=["GET"]),
+                            Mount("", app=api)], lifespan=lifespan)
+    app.state.service = service
+    app.state.api = api
+    return app

@@ -1,0 +1,44 @@
+"""The control API for models: ``/api/v1/models`` (FastAPI, documented at /docs).
+
+    GET    /api/v1/models            every model, its state, size and worker; the memory summary
+    POST   /api/v1/models            deploy a model (body: ModelSpec); kept across restarts
+    GET    /api/v1/models/{name}     one model
+    DELETE /api/v1/models/{name}     unload it, forget it
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+
+from .registry import ModelSpec
+from .service import ModelService
+
+router = APIRouter(prefix="/api/v1", tags=["models"])
+
+
+def _service(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    service = _service(request)
+    return {"models": [s.to_dict() for s in service.list_models()], "memory": service.memory()}
+
+
+@router.post("/models", status_code=201)
+async def deploy_model(spec: ModelSpec, request: Request) -> dict[str, Any]:
+    return (await _service(request).deploy(spec)).to_dict()
+
+
+@router.get("/models/{name}")
+async def get_model(name: str, request: Request) -> dict[str, Any]:
+    return _service(request).status(name).to_dict()
+
+
+@router.delete("/models/{name}", status_code=204)
+async def delete_model(name: str, request: Request) -> Response:
+    await _service(request).remove(name)
+    return Response(status_code=204)

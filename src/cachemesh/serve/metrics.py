@@ -1,0 +1,70 @@
+"""Prometheus metrics of the server (``GET /metrics``).
+
+One :class:`Metrics` per service, on its own registry (so that several servers
+in one process, as in the tests, do not collide). Names::
+
+    cachemesh_requests_total{model,outcome}         requests answered (ok, client_error, error, ...)
+    cachemesh_request_duration_seconds{model}       latency of answered requests, load waits included
+    cachemesh_inflight_requests{model}              requests in the server now
+    cachemesh_model_hits_total{model}               requests that found their model in memory
+    cachemesh_model_misses_total{model}             requests that waited for a load
+    cachemesh_model_load_seconds{model}             cache misses: time to bring a model into memory
+    cachemesh_load_queue_delay_seconds              time a load waited for a slot
+    cachemesh_load_failures_total{model}            failed load attempts
+    cachemesh_evictions_total{model}                models evicted to make room
+    cachemesh_loaded_models                         models in memory
+    cachemesh_memory_budget_bytes                   the budget (--memory)
+    cachemesh_memory_held_bytes                     what the workers hold (max of RSS and accounted)
+    cachemesh_model_bytes{model}                    measured size of each loaded model
+    cachemesh_worker_rss_bytes{worker}              each worker's resident memory
+    cachemesh_worker_restarts_total                 workers replaced after they died
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_LOAD = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("cachemesh_requests", "Requests answered.",
+                                ["model", "outcome"], registry=r)
+        self.latency = Histogram("cachemesh_request_duration_seconds",
+                                 "Latency of answered requests, load waits included.",
+                                 ["model"], buckets=_LATENCY, registry=r)
+        self.inflight = Gauge("cachemesh_inflight_requests", "Requests in the server now.",
+                              ["model"], registry=r)
+        self.hits = Counter("cachemesh_model_hits", "Requests that found their model in memory.",
+                            ["model"], registry=r)
+        self.misses = Counter("cachemesh_model_misses", "Requests that waited for a model load.",
+                              ["model"], registry=r)
+        self.load_time = Histogram("cachemesh_model_load_seconds",
+                                   "Time to bring a model into memory (a cache miss).",
+                                   ["model"], buckets=_LOAD, registry=r)
+        self.queue_delay = Histogram("cachemesh_load_queue_delay_seconds",
+                                     "Time a load waited for a load slot.", buckets=_LOAD,
+                                     registry=r)
+        self.load_failures = Counter("cachemesh_load_failures", "Failed load attempts.",
+                                     ["model"], registry=r)
+        self.evictions = Counter("cachemesh_evictions", "Models evicted to make room.",
+                                 ["model"], registry=r)
+        self.loaded = Gauge("cachemesh_loaded_models", "Models in memory.", registry=r)
+        self.budget = Gauge("cachemesh_memory_budget_bytes", "The memory budget.", registry=r)
+        self.held = Gauge("cachemesh_memory_held_bytes",
+                          "Memory the workers hold (max of RSS and accounted).", registry=r)
+        self.model_bytes = Gauge("cachemesh_model_bytes", "Measured size of a loaded model.",
+                                 ["model"], registry=r)
+        self.worker_rss = Gauge("cachemesh_worker_rss_bytes", "Resident memory of a worker.",
+                                ["worker"], registry=r)
+        self.restarts = Counter("cachemesh_worker_restarts", "Workers replaced after they died.",
+                                registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

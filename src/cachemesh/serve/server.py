@@ -1,0 +1,84 @@
+"""Running the app: uvicorn on uvloop and httptools, with a draining SIGTERM.
+
+On SIGTERM (or Ctrl-C) the server drains: readiness turns false, new requests
+get 503 with Retry-After, requests in flight finish (up to ``drain_timeout_s``),
+then uvicorn stops and the workers exit. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from ..config import Settings
+from .app import create_app
+from .registry import ModelSpec
+from .service import ModelService
+
+log = logging.getLogger("cachemesh.serve")
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, service: ModelService) -> None:
+        super().__init__(config)
+        self.service = service
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self._loop is None:
+            return super().handle_exit(sig, frame)  # second signal: stop now
+        self._draining = True
+        log.warning("%s: draining (%d request(s) in flight)", signal.Signals(sig).name,
+                    self.service.inflight)
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self.service.begin_drain()
+        self._loop.create_task(self._drain())  # type: ignore[union-attr]
+
+    async def _drain(self) -> None:
+        done = await self.service.wait_idle(self.service.cfg.drain_timeout_s)
+        if not done:
+            log.warning("drain timeout: %d request(s) still in flight", self.service.inflight)
+        self.should_exit = True
+
+
+def make_server(settings: Settings, specs: Sequence[ModelSpec] = (), *,
+                service: ModelService | None = None, routers: Sequence[Any] = (),
+                on_started: Callable[[], None] | None = None,
+                log_level: str = "warning") -> DrainingServer:
+    service = service or ModelService(settings)
+    app = create_app(service, specs, routers=routers, on_started=on_started)
+    cfg = settings.serve
+    config = uvicorn.Config(
+        app, host=cfg.host, port=cfg.port, log_level=log_level, access_log=False,
+        loop="uvloop" if _has("uvloop") else "asyncio",
+        http="httptools" if _has("httptools") else "h11",
+        lifespan="on", timeout_graceful_shutdown=cfg.drain_timeout_s,
+        timeout_keep_alive=30, backlog=2048, proxy_headers=False,
+    )
+    return DrainingServer(config, service)
+
+
+def run(settings: Settings, specs: Sequence[ModelSpec] = (), *,
+        on_started: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM or Ctrl-C (what ``cachemesh serve`` runs)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    make_server(settings, specs, on_started=on_started).run()

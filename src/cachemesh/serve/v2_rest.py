@@ -1,0 +1,234 @@
+"""KServe V2 over REST (Open Inference Protocol): a thin adapter over the service.
+
+Routes (``{v}`` paths address a version; a model without one has none)::
+
+    GET  /v2                                       server metadata
+    GET  /v2/health/live | /v2/health/ready        200, or 503 (warming up, draining)
+    GET  /v2/models/{m}[/versions/{v}]             model metadata
+    GET  /v2/models/{m}[/versions/{v}]/ready       200, or 400 when not loaded
+    POST /v2/models/{m}[/versions/{v}]/infer       inference (see v2_codec.py)
+    GET|POST /v2/repository/index                  every model and its state
+    POST /v2/repository/models/{m}/load | unload   repository extension; a load with
+                                                   {"parameters": {"source": ...}} deploys a
+                                                   new model, an unload with
+                                                   {"parameters": {"remove": true}} forgets one
+
+These are plain Starlette routes, not FastAPI ones, and inference is a bare
+ASGI endpoint: it reads the body itself and answers with orjson, with no
+validation models or request objects in between (it is the hot path; see
+docs/benchmarks.md, section "serve").
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .. import __version__
+from ..errors import InvalidInputError
+from .http_errors import message_of, status_of
+from .registry import make_model_spec
+from .service import LOADING, PULLING, READY, UNLOADING, ModelService
+from .v2_codec import encode_response, parse_request
+
+JSON = "application/json"
+HEADER_LENGTH = "inference-header-content-length"
+EXTENSIONS = ["model_repository", "binary_tensor_data", "parameters"]
+TRITON_STATE = {READY: "READY", LOADING: "LOADING", PULLING: "LOADING", UNLOADING: "UNLOADING"}
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status, headers, media_type=JSON)
+
+
+def error_response(exc: BaseException) -> Response:
+    status, headers = status_of(exc)
+    return json_response({"error": message_of(exc)}, status, headers)
+
+
+def _service(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+async def server_metadata(request: Request) -> Response:
+    return json_response({"name": "cachemesh", "version": __version__, "extensions": EXTENSIONS})
+
+
+async def live(request: Request) -> Response:
+    ok = _service(request).live
+    return json_response({"live": ok}, 200 if ok else 503)
+
+
+async def ready(request: Request) -> Response:
+    ok = _service(request).ready
+    return json_response({"ready": ok}, 200 if ok else 503)
+
+
+async def model_metadata(request: Request) -> Response:
+    p = request.path_params
+    try:
+        return json_response(await _service(request).metadata(p["model"], p.get("version")))
+    except Exception as exc:
+        return error_response(exc)
+
+
+async def model_ready(request: Request) -> Response:
+    p = request.path_params
+    try:
+        ok = _service(request).is_ready(p["model"], p.get("version"))
+    except Exception as exc:
+        return error_response(exc)
+    return json_response({"name": p["model"], "ready": ok}, 200 if ok else 400)
+
+
+def _decompress(body: bytes, encoding: str) -> bytes:
+    if encoding in ("gzip", "deflate"):
+        try:
+            return zlib.decompress(body, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise InvalidInputError(f"the body is not valid {encoding}: {exc}") from None
+    if encoding not in ("", "identity"):
+        raise InvalidInputError(f"unsupported Content-Encoding {encoding!r}")
+    return body
+
+
+class InferEndpoint:
+    """``POST .../infer`` as a bare ASGI app: the hot path makes no Request object and
+    crosses no per-request wrappers. Middleware on the root app still applies."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        headers = {}
+        for key, value in scope["headers"]:
+            if key in (b"inference-header-content-length", b"content-encoding"):
+                headers[key] = value.decode("latin-1")
+        p = scope["path_params"]
+        extra: list[tuple[bytes, bytes]] = []
+        try:
+            header = headers.get(b"inference-header-content-length")
+            try:
+                header_length = int(header) if header is not None else None
+            except ValueError:
+                raise InvalidInputError(
+                    f"Inference-Header-Content-Length {header!r} is not a number") from None
+            body = b"".join(chunks) if len(chunks) != 1 else chunks[0]
+            encoding = headers.get(b"content-encoding")
+            if encoding:
+                body = _decompress(body, encoding.lower())
+            req, form = parse_request(body, header_length)
+            response = await scope["app"].state.service.infer(p["model"], p.get("version"), req)
+            out, json_length = encode_response(response, form)
+            status, ctype = 200, b"application/json"
+            if json_length is not None:
+                ctype = b"application/octet-stream"
+                extra.append((b"inference-header-content-length", str(json_length).encode()))
+        except Exception as exc:
+            status, more = status_of(exc)
+            out, ctype = orjson.dumps({"error": message_of(exc)}), b"application/json"
+            extra.extend((k.lower().encode(), v.encode()) for k, v in more.items())
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", ctype), (b"content-length", str(len(out)).encode()), *extra]})
+        await send({"type": "http.response.body", "body": out})
+
+
+async def repository_index(request: Request) -> Response:
+    ready_only = False
+    if request.method == "POST":
+        raw = await request.body()
+        if raw.strip():
+            try:
+                doc = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return error_response(InvalidInputError("the request body is not valid JSON"))
+            ready_only = bool(isinstance(doc, dict) and doc.get("ready"))
+    out = []
+    for s in _service(request).list_models():
+        if ready_only and s.state != READY:
+            continue
+        entry = {"name": s.name, "state": TRITON_STATE.get(s.state, "UNAVAILABLE")}
+        if s.version:
+            entry["version"] = s.version
+        if s.reason:
+            entry["reason"] = s.reason
+        out.append(entry)
+    return json_response(out)
+
+
+async def _parameters(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidInputError("the request body is not valid JSON") from None
+    params = doc.get("parameters") if isinstance(doc, dict) else None
+    if params is not None and not isinstance(params, dict):
+        raise InvalidInputError("'parameters' must be an object")
+    return params or {}
+
+
+async def repository_load(request: Request) -> Response:
+    """Load a model. With ``{"parameters": {"source": ...}}`` (and optionally runtime,
+    version, and runtime parameters under ``"config"``), a model not yet known is
+    deployed first, as ``POST /api/v1/models`` would, and kept across restarts."""
+    name = request.path_params["model"]
+    service = _service(request)
+    try:
+        params = await _parameters(request)
+        if "source" in params and name not in {s.name for s in service.list_models()}:
+            config = params.get("config") or {}
+            if isinstance(config, str):
+                config = orjson.loads(config)
+            spec = make_model_spec({"name": name, "source": params["source"],
+                                    "runtime": params.get("runtime"),
+                                    "version": params.get("version"), "parameters": config})
+            await service.deploy(spec)
+        await service.load(name)
+    except Exception as exc:
+        return error_response(exc)
+    return json_response({})
+
+
+async def repository_unload(request: Request) -> Response:
+    """Unload a model; with ``{"parameters": {"remove": true}}`` also forget it."""
+    try:
+        params = await _parameters(request)
+        if params.get("remove") is True:
+            await _service(request).remove(request.path_params["model"])
+        else:
+            await _service(request).unload(request.path_params["model"])
+    except Exception as exc:
+        return error_response(exc)
+    return json_response({})
+
+
+def routes() -> list[Route]:
+    r = []
+    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        r += [
+            Route(prefix, model_metadata, methods=["GET"]),
+            Route(prefix + "/ready", model_ready, methods=["GET"]),
+            Route(prefix + "/infer", InferEndpoint(), methods=["POST"]),
+        ]
+    return [
+        Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/v2/repository/index", repository_index, methods=["GET", "POST"]),
+        Route("/v2/repository/models/{model}/load", repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", repository_unload, methods=["POST"]),
+        *r,
+    ]

@@ -1,0 +1,274 @@
+"""The worker process: holds models and runs them (``python -m cachemesh.serve.worker``).
+
+The server spawns workers with one end of a socketpair (``--fd``) and talks to
+them in the messages of ``ipc.py``. A worker:
+
+- answers predictions inline on its reading thread, in arrival order, and sends
+  the replies to everything it read in one go in a single ``sendmsg`` (requests
+  that arrive together leave together, as long as that takes under 2 ms);
+  requests for one ``batchable`` model that arrive together are predicted in
+  one call (``runtimes/batching.py``);
+- loads, unloads, ``generate`` and ``stream`` on a separate thread, so that a
+  long load does not stall the models it already serves; loads run one at a
+  time, which keeps the RSS measured around each load the load's own;
+- measures a model's size as its RSS after ``load`` less its RSS before (after
+  the runtime's ``preload`` imported its framework), unless the runtime says;
+- dies with the server (``PR_SET_PDEATHSIG``), and exits when its socket closes.
+
+A crash here (segfault, kill, out of memory) is seen by the server as the
+socket closing; the server fails what was in flight and starts another worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import resource
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..runtimes import batching
+from . import ipc
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+# Replies to requests read together leave together, unless predicting them takes longer.
+FLUSH_AFTER_S = 0.002
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident set size of a process, from /proc (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _trim() -> None:
+    # Give freed heap pages back to the kernel, so RSS falls after an unload.
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class Worker:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.models: dict[str, Any] = {}
+        self._preloaded: set[type] = set()
+        self._send_lock = threading.Lock()
+        self._slow = ThreadPoolExecutor(1, thread_name_prefix="cachemesh-load")
+        self._streams = ThreadPoolExecutor(4, thread_name_prefix="cachemesh-stream")
+
+    def send(self, *messages: Any) -> None:
+        frames: list[bytes | memoryview] = []
+        for m in messages:
+            frames.extend(ipc.encode(m))
+        with self._send_lock:
+            while frames:
+                sent = self.sock.sendmsg(frames[:512])
+                # Drop what went out; sendmsg may write part of the list.
+                while frames and sent >= len(frames[0]):
+                    sent -= len(frames[0])
+                    frames.pop(0)
+                if sent:
+                    frames[0] = memoryview(frames[0])[sent:]
+
+    def serve(self) -> None:
+        from ..runtimes import Runtime  # noqa: F401  (imports numpy once, before READY)
+
+        gc.collect()
+        gc.freeze()
+        self.send((0, ipc.READY, {"pid": os.getpid(), "rss": rss_bytes()}))
+        decoder = ipc.Decoder()
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while True:
+            n = self.sock.recv_into(view)
+            if n == 0:
+                return  # the server closed the socket or died
+            replies: list[tuple] = []
+            infers: list[tuple] = []
+            for op, rid, key, payload in decoder.feed(view[:n]):
+                if op == ipc.INFER:
+                    infers.append((rid, key, payload))
+                elif op == ipc.STREAM:
+                    self._streams.submit(self.stream, rid, key, payload)
+                else:
+                    self._slow.submit(self.slow, op, rid, key, payload)
+            since = time.perf_counter()
+            i = 0
+            while i < len(infers):
+                key = infers[i][1]
+                j = i + 1
+                if getattr(self.models.get(key), "batchable", False):
+                    while j < len(infers) and infers[j][1] == key and j - i < batching.MAX_REQUESTS:
+                        j += 1
+                replies.extend(self.infer_group(infers[i:j]))
+                i = j
+                # Hold replies back only while predictions are quick: a slow one
+                # must not delay the answers that are ready before it.
+                now = time.perf_counter()
+                if now - since > FLUSH_AFTER_S:
+                    self.send(*replies)
+                    replies, since = [], now
+            if replies:
+                self.send(*replies)
+
+    def infer_group(self, group: list[tuple]) -> list[tuple]:
+        """Requests for one model read together: one merged call when the runtime
+        allows it (see runtimes/batching.py), else one call each."""
+        if len(group) > 1:
+            merged = batching.merge([payload for _, _, payload in group])
+            if merged is not None:
+                request, sizes = merged
+                try:
+                    parts = batching.split(self.models[group[0][1]].predict(request), sizes)
+                except Exception:
+                    parts = None  # one by one, so each request gets its own error
+                if parts is not None:
+                    return [(rid, ipc.OK, part) for (rid, _, _), part in zip(group, parts, strict=True)]
+        return [self.infer(rid, key, payload) for rid, key, payload in group]
+
+    def infer(self, rid: int, key: str, request: Any) -> tuple:
+        from ..errors import InvalidInputError
+
+        model = self.models.get(key)
+        if model is None:
+            return (rid, ipc.ERROR, (ipc.E_MISSING, f"model {key!r} is not loaded on this worker"))
+        try:
+            return (rid, ipc.OK, model.predict(request))
+        except InvalidInputError as exc:
+            return (rid, ipc.ERROR, (ipc.E_INPUT, str(exc)))
+        except Exception as exc:
+            return (rid, ipc.ERROR, (ipc.E_MODEL, f"{type(exc).__name__}: {exc}"))
+
+    def slow(self, op: int, rid: int, key: str, payload: Any) -> None:
+        try:
+            if op == ipc.LOAD:
+                reply = self.load(key, payload)
+            elif op == ipc.UNLOAD:
+                reply = self.unload(key)
+            elif op == ipc.GENERATE:
+                model = self.models.get(key)
+                if model is None:
+                    raise LookupError(f"model {key!r} is not loaded on this worker")
+                reply = model.generate(payload)
+            elif op == ipc.STATS:
+                reply = {"rss": rss_bytes(), "models": sorted(self.models)}
+            else:
+                raise ValueError(f"unknown operation {op}")
+        except BaseException as exc:  # noqa: BLE001 - everything goes back to the server
+            from ..errors import InvalidInputError
+
+            kind = ipc.E_LOAD if op == ipc.LOAD else (
+                ipc.E_INPUT if isinstance(exc, InvalidInputError) else ipc.E_MODEL)
+            detail = f"{type(exc).__name__}: {exc}"
+            if op == ipc.LOAD and not isinstance(exc, (MemoryError, InvalidInputError)):
+                tb = traceback.extract_tb(exc.__traceback__)
+                if tb:
+                    detail += f" (at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno})"
+            self.models.pop(key, None) if op == ipc.LOAD else None
+            gc.collect()
+            self.send((rid, ipc.ERROR, (kind, detail)))
+            return
+        self.send((rid, ipc.OK, reply))
+
+    def load(self, key: str, spec: dict[str, Any]) -> dict[str, Any]:
+        from ..runtimes import runtime_class
+
+        if key in self.models:
+            self.unload(key)
+        cls = runtime_class(spec["runtime"])
+        if cls not in self._preloaded:
+            cls.preload()
+            # What the framework allocated stays for the life of the worker: freeze it,
+            # so the collections below (and any later) no longer walk it.
+            gc.collect()
+            gc.freeze()
+            self._preloaded.add(cls)
+        gc.collect()
+        before = rss_bytes()
+        model = cls(spec["settings"])
+        model.load()
+        gc.collect()
+        after = rss_bytes()
+        size = model.memory_bytes()
+        measured = max(after - before, 0) if size is None else int(size)
+        self.models[key] = model
+        try:
+            metadata = model.metadata()
+        except Exception as exc:  # metadata is a courtesy; a model without it still serves
+            metadata = {"error": f"{type(exc).__name__}: {exc}"}
+        return {"size": measured, "rss_before": before, "rss": after, "metadata": metadata,
+                "generate": cls.supports("generate"), "stream": cls.supports("stream")}
+
+    def unload(self, key: str) -> dict[str, Any]:
+        model = self.models.pop(key, None)
+        if model is not None:
+            try:
+                model.unload()
+            finally:
+                del model
+                gc.collect()
+                _trim()
+        return {"rss": rss_bytes()}
+
+    def stream(self, rid: int, key: str, payload: Any) -> None:
+        model = self.models.get(key)
+        try:
+            if model is None:
+                raise LookupError(f"model {key!r} is not loaded on this worker")
+            for chunk in model.stream(payload):
+                self.send((rid, ipc.CHUNK, chunk))
+        except Exception as exc:
+            from ..errors import InvalidInputError
+
+            kind = ipc.E_INPUT if isinstance(exc, InvalidInputError) else ipc.E_MODEL
+            self.send((rid, ipc.ERROR, (kind, f"{type(exc).__name__}: {exc}")))
+            return
+        self.send((rid, ipc.END, None))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cachemesh.serve.worker")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--memory-limit", type=int, default=0)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    # SIGTERM to the whole process group (a container runtime, a shell) is the server's:
+    # it drains, then closes our socket, and we exit on EOF.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.memory_limit:
+        resource.setrlimit(resource.RLIMIT_AS, (args.memory_limit, args.memory_limit))
+    sock = socket.socket(fileno=args.fd)
+    sock.setblocking(True)
+    try:
+        Worker(sock).serve()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        sys.stdout.flush()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Worker processes, seen from the server: spawn, call, notice death, replace.
+
+Each :class:`WorkerHandle` owns one child process and the server's end of its
+socketpair, read by an asyncio protocol in the server's event loop. Calls are
+futures keyed by a request id; streams are queues. When the socket closes, the
+worker is dead: every call in flight fails with
+:class:`~cachemesh.errors.WorkerCrashedError` (or ``ModelLoadError`` for a
+load), naming how the process ended (its exit code, or the signal: SIGSEGV,
+SIGKILL from the OOM killer), and the pool's ``on_death`` callback lets the
+service forget the models it held and start a replacement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from ..errors import (
+    InferenceError,
+    InferenceInputError,
+    ModelLoadError,
+    UnavailableError,
+    WorkerCrashedError,
+)
+from . import ipc
+from .worker import rss_bytes
+
+START_TIMEOUT_S = 60.0
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "ended (exit status unknown)"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = {"SIGSEGV": " (segmentation fault)", "SIGKILL": " (killed; out of memory?)",
+                "SIGABRT": " (aborted)", "SIGBUS": " (bus error)"}.get(name, "")
+        return f"was killed by {name}{hint}"
+    return f"exited with status {code}"
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, handle: WorkerHandle) -> None:
+        self.handle = handle
+        self.decoder = ipc.Decoder()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.handle._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        for message in self.decoder.feed(data):
+            self.handle._on_message(message)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.handle._on_lost()
+
+
+class WorkerHandle:
+    """One worker process and the calls in flight to it."""
+
+    def __init__(self, wid: int, on_death: Callable[[WorkerHandle], None]) -> None:
+        self.id = wid
+        self.on_death = on_death
+        self.proc: subprocess.Popen | None = None
+        self.pid = 0
+        self.alive = False
+        self.exit_reason = ""
+        self.started = time.monotonic()
+        self.base_rss = 0  # RSS with no model loaded (frameworks imported so far included)
+        self._transport: asyncio.Transport | None = None
+        self._ids = itertools.count(1)
+        self._calls: dict[int, tuple[int, asyncio.Future | asyncio.Queue]] = {}
+        self._ready: asyncio.Future | None = None
+        self._reaper: asyncio.Task | None = None
+
+    def __repr__(self) -> str:
+        return f"<worker {self.id} pid {self.pid}{'' if self.alive else ' dead'}>"
+
+    async def start(self, *, memory_limit: int | None, threads: int) -> None:
+        loop = asyncio.get_running_loop()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for s in (parent, child):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        env = dict(os.environ)
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(threads)
+        cmd = [sys.executable, "-m", "cachemesh.serve.worker", "--fd", str(child.fileno())]
+        if memory_limit:
+            cmd += ["--memory-limit", str(memory_limit)]
+        try:
+            self.proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], env=env,
+                                         stdin=subprocess.DEVNULL)
+        finally:
+            child.close()
+        self.pid = self.proc.pid
+        self._ready = loop.create_future()
+        await loop.create_unix_connection(lambda: _Protocol(self), sock=parent)
+        try:
+            info = await asyncio.wait_for(asyncio.shield(self._ready), START_TIMEOUT_S)
+        except (TimeoutError, WorkerCrashedError) as exc:
+            self.kill()
+            raise UnavailableError(f"worker {self.id} did not start: {exc}") from exc
+        self.base_rss = info["rss"]
+        self.alive = True
+
+    def _on_message(self, message: tuple) -> None:
+        rid, status, payload = message
+        if status == ipc.READY:
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(payload)
+            return
+        entry = self._calls.get(rid)
+        if entry is None:
+            return  # the caller gave up (timeout); drop the late reply
+        op, sink = entry
+        if isinstance(sink, asyncio.Queue):
+            sink.put_nowait((status, payload))
+            if status in (ipc.END, ipc.ERROR):
+                del self._calls[rid]
+            return
+        del self._calls[rid]
+        if sink.done():
+            return
+        if status == ipc.OK:
+            sink.set_result(payload)
+        else:
+            sink.set_exception(_error(op, payload))
+
+    def _on_lost(self) -> None:
+        was_alive = self.alive or (self._ready is not None and not self._ready.done())
+        self.alive = False
+        self._transport = None
+        # Reap without blocking the event loop: the exit status names the crash.
+        self._reaper = asyncio.get_running_loop().create_task(self._reap(was_alive))
+
+    async def _reap(self, was_alive: bool) -> None:
+        code = None
+        if self.proc is not None:
+            deadline = time.monotonic() + 2.0
+            while (code := self.proc.poll()) is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            if code is None:
+                self.proc.kill()
+                code = await asyncio.to_thread(self.proc.wait)
+        self.exit_reason = f"worker {self.id} (pid {self.pid}) {describe_exit(code)}"
+        calls, self._calls = self._calls, {}
+        for op, sink in calls.values():
+            exc = (ModelLoadError if op == ipc.LOAD else WorkerCrashedError)(
+                f"{self.exit_reason} while {'loading' if op == ipc.LOAD else 'handling'} the request"
+                + ("" if op == ipc.LOAD else "; it is not replayed"))
+            if isinstance(sink, asyncio.Queue):
+                sink.put_nowait((ipc.ERROR, exc))
+            elif not sink.done():
+                sink.set_exception(exc)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(WorkerCrashedError(self.exit_reason))
+        if was_alive:
+            self.on_death(self)
+
+    def _send(self, op: int, key: str, payload: Any, sink: asyncio.Future | asyncio.Queue) -> int:
+        if self._transport is None or not self.alive:
+            raise WorkerCrashedError(f"worker {self.id} is not running ({self.exit_reason})")
+        rid = next(self._ids)
+        self._calls[rid] = (op, sink)
+        frames = ipc.encode((op, rid, key, payload))
+        if len(frames) == 1:
+            self._transport.write(frames[0])
+        else:
+            self._transport.writelines(frames)
+        return rid
+
+    def call(self, op: int, key: str, payload: Any = None) -> asyncio.Future:
+        """Send one request; the future gets the reply (or the translated error)."""
+        fut = asyncio.get_running_loop().create_future()
+        rid = self._send(op, key, payload, fut)
+        fut.add_done_callback(lambda f: self._calls.pop(rid, None) if f.cancelled() else None)
+        return fut
+
+    async def stream(self, key: str, payload: Any) -> AsyncIterator[Any]:
+        queue: asyncio.Queue = asyncio.Queue()
+        rid = self._send(ipc.STREAM, key, payload, queue)
+        try:
+            while True:
+                status, item = await queue.get()
+                if status == ipc.CHUNK:
+                    yield item
+                elif status == ipc.END:
+                    return
+                else:
+                    raise item if isinstance(item, BaseException) else _error(ipc.STREAM, item)
+        finally:
+            self._calls.pop(rid, None)
+
+    def rss(self) -> int:
+        return rss_bytes(self.pid) if self.alive else 0
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Close the socket (the worker exits on EOF); kill it if it lingers."""
+        self.alive = False
+        if self._transport is not None:
+            self._transport.close()
+        if self.proc is None:
+            return
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.proc.poll() is None:
+            self.kill()
+            self.proc.wait()
+
+
+def _error(op: int, payload: Any) -> Exception:
+    kind, message = payload
+    if kind == ipc.E_INPUT:
+        return InferenceInputError(message)
+    if kind == ipc.E_LOAD or op == ipc.LOAD:
+        return ModelLoadError(message)
+    if kind == ipc.E_MISSING:
+        return WorkerCrashedError(message)
+    return InferenceError(message)
