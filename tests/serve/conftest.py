@@ -38,6 +38,7 @@ def free_port() -> int:
 def serve_settings(home: Path, **serve: Any) -> Settings:
     base = Settings.from_env({"CACHEMESH_HOME": str(home)})
     serve.setdefault("port", free_port())
+    serve.setdefault("grpc_port", 0)  # off unless a test asks (test_grpc.py gives a free port)
     serve.setdefault("workers", 1)
     serve.setdefault("memory", 4 * 1024**3)
     return dataclasses.replace(base, serve=dataclasses.replace(base.serve, **serve))

@@ -16,7 +16,8 @@ or 403 before the body is read) and the body limit (``limits.py``: 413). A new
 route is covered by both with no code of its own; ``auth.RULES`` says which
 token its path needs (control, unless a rule says otherwise). Handlers reach the service as
 ``request.app.state.service`` (both apps carry it). The service starts and stops
-with the root app's lifespan.
+with the root app's lifespan, and so does KServe V2 over gRPC (``v2_grpc.py``) on
+``grpc_port`` when it is not 0, in the same event loop.
 """
 
 from __future__ import annotations
@@ -80,9 +81,20 @@ def create_api(service: ModelService, routers: Sequence[Any] = ()) -> FastAPI:
 def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
                routers: Sequence[Any] = (),
                on_started: Callable[[], None] | None = None) -> Starlette:
+    keyring = Keyring.from_settings(service.settings)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await service.start(list(specs))
+        grpc_server = None
+        try:
+            if service.cfg.grpc_port:
+                from .v2_grpc import start_grpc
+
+                grpc_server = await start_grpc(service, keyring)
+        except BaseException:
+            await service.stop()
+            raise
         # Modules, routes and settings live as long as the server: keep the collector
         # from walking them again and again under load (long gen-2 pauses in p99).
         gc.collect()
@@ -92,6 +104,8 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(service.cfg.drain_timeout_s)
             await service.stop()
 
     async def metrics(request: Request) -> Response:
@@ -107,8 +121,8 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
     api = create_api(service, routers)
     app = Starlette(routes=[*v2_rest.routes(), Route("/metrics", metrics, methods=["GET"]),
                             Mount("", app=api)], lifespan=lifespan,
-                    middleware=[Middleware(Authenticate, keyring=Keyring.from_settings(
-                        service.settings)), Middleware(BodyLimit, limit_of=body_limit)])
+                    middleware=[Middleware(Authenticate, keyring=keyring),
+                                Middleware(BodyLimit, limit_of=body_limit)])
     app.state.service = service
     app.state.api = api
     return app

@@ -21,7 +21,7 @@ request). Everything wrong with a body is an
 The tensor-level functions are shared with the gRPC adapter (``v2_grpc.py``),
 which reads protobuf messages instead of JSON: :func:`check_datatype`,
 :func:`check_shape`, :func:`unwrap_parameters`, :func:`decode_raw`,
-:func:`decode_contents` (request side) and :func:`encode_raw`,
+:func:`contents_field`, :func:`decode_contents` (request side) and :func:`encode_raw`,
 :func:`contents_values`, :func:`needs_raw_outputs` (answer side).
 """
 
@@ -204,7 +204,7 @@ def _contents(contents: Any, datatype: str, shape: tuple[int, ...], where: str) 
     """``contents`` of the gRPC message written as JSON."""
     if not isinstance(contents, dict):
         raise _fail(f"{where}: contents must be an object")
-    field = _contents_field(datatype, where)
+    field = contents_field(datatype, where)
     values = contents.get(field, contents.get(_CAMEL[field]))
     if values is None:
         present = ", ".join(contents) or "none"
@@ -224,7 +224,8 @@ def _contents(contents: Any, datatype: str, shape: tuple[int, ...], where: str) 
     return decode_contents(values, datatype, shape, where)
 
 
-def _contents_field(datatype: str, where: str) -> str:
+def contents_field(datatype: str, where: str) -> str:
+    """The gRPC ``contents`` field that holds ``datatype`` (none for FP16: raw only)."""
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
         raise _fail(f"{where}: {datatype} has no contents field; send it in raw_input_contents")
@@ -235,7 +236,7 @@ def decode_contents(values: Any, datatype: str, shape: tuple[int, ...],
                     where: str) -> np.ndarray:
     """A tensor from the typed values of its ``contents`` field (a list, or a protobuf
     repeated field): range-checked for the narrower integer types, reshaped."""
-    _contents_field(datatype, where)
+    contents_field(datatype, where)
     if datatype == "BYTES":
         return _bytes_array(list(values), shape, where)
     return _numeric(list(values), datatype, shape, where)
