@@ -16,6 +16,7 @@ from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
+from cachemesh.caches import Caches
 from cachemesh.serve import protos
 from cachemesh.serve.registry import ModelSpec
 from tests.serve.conftest import RunningServer, free_port, serve_settings, toy_model
@@ -23,6 +24,7 @@ from tests.serve.conftest import RunningServer, free_port, serve_settings, toy_m
 MAX_BODY = 2 * 1024**2
 INFERENCE_TOKEN = "grpc-inference-token-0123456789"
 CONTROL_TOKEN = "grpc-control-token-0123456789ab"
+BUCKET_TOKEN = "grpc-bucket-token-0123456789abcd"
 
 ALL_TYPES: dict[str, np.ndarray] = {
     "BOOL": np.array([True, False, True, True]),
@@ -50,10 +52,13 @@ class GrpcServer:
         return tg.InferenceServerClient(url=self.address)
 
 
-def _start(home: Path, specs: list[ModelSpec], **settings: Any) -> Iterator[GrpcServer]:
+def _start(home: Path, specs: list[ModelSpec], protect: dict[str, str] | None = None,
+           **settings: Any) -> Iterator[GrpcServer]:
     port = free_port()
     s = serve_settings(home, grpc_port=port, max_body=MAX_BODY)
     s = dataclasses.replace(s, **settings)
+    for bucket, token in (protect or {}).items():
+        Caches(s).protect_bucket(bucket, token)
     with RunningServer(s, specs) as server:
         server.wait_ready()
         yield GrpcServer(server, f"127.0.0.1:{port}")
@@ -294,8 +299,9 @@ def test_repository_index_unload_and_load(client: tg.InferenceServerClient):
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrpcServer]:
     root = tmp_path_factory.mktemp("grpc-secured-models")
+    secret = toy_model(root, "secret").model_copy(update={"bucket": "team-a"})
     yield from _start(tmp_path_factory.mktemp("grpc-secured-home"),
-                      [toy_model(root, "echo", eager=True)],
+                      [toy_model(root, "echo", eager=True), secret], protect={"team-a": BUCKET_TOKEN},
                       inference_token=INFERENCE_TOKEN, api_token=CONTROL_TOKEN)
 
 
@@ -321,3 +327,19 @@ def test_tokens_are_required_when_configured(secured: GrpcServer):
         control = {"authorization": f"Bearer {CONTROL_TOKEN}"}
         assert [m.name for m in c.get_model_repository_index(headers=control).models] == ["echo"]
         assert c.infer("echo", [inp], headers=control).as_numpy("x").tolist() == [1.0]
+
+
+def test_a_protected_bucket_needs_its_token(secured: GrpcServer):
+    inp = tg.InferInput("x", [1], "FP32")
+    inp.set_data_from_numpy(np.ones(1, np.float32))
+    bearer = {"authorization": f"Bearer {INFERENCE_TOKEN}"}
+    with secured.client() as c:
+        with pytest.raises(InferenceServerException) as exc:  # as if it did not exist
+            c.infer("secret", [inp], headers=bearer)
+        assert status(exc.value) == "StatusCode.NOT_FOUND"
+        with pytest.raises(InferenceServerException) as exc:
+            c.get_model_metadata("secret", headers=bearer)
+        assert status(exc.value) == "StatusCode.NOT_FOUND"
+        both = {**bearer, "x-cachemesh-bucket-token": BUCKET_TOKEN}
+        assert c.infer("secret", [inp], headers=both).as_numpy("x").tolist() == [1.0]
+        assert c.get_model_metadata("secret", headers=both).name == "secret"
