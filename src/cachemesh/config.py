@@ -71,19 +71,11 @@ def format_size(n: int | float) -> str:
 
 def _port(environ: Mapping[str, str], name: str, default: int) -> int:
     """A TCP port, 0 included (for the ports that 0 turns off)."""
-    raw = environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInputError(f"{name} must be a port number, got {raw!r}") from None
-    if not 0 <= value <= 65535:
-        raise InvalidInputError(f"{name} must be a port number (0 to 65535), got {value}")
-    return value
+    return _int(environ, name, default, minimum=0, maximum=65535)
 
 
-def _int(environ: Mapping[str, str], name: str, default: int) -> int:
+def _int(environ: Mapping[str, str], name: str, default: int, *, minimum: int = 1,
+         maximum: int | None = None) -> int:
     raw = environ.get(name)
     if raw is None or raw == "":
         return default
@@ -91,8 +83,10 @@ def _int(environ: Mapping[str, str], name: str, default: int) -> int:
         value = int(raw)
     except ValueError:
         raise InvalidInputError(f"{name} must be an integer, got {raw!r}") from None
-    if value < 1:
-        raise InvalidInputError(f"{name} must be at least 1, got {value}")
+    if value < minimum:
+        raise InvalidInputError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InvalidInputError(f"{name} must be at most {maximum}, got {value}")
     return value
 
 

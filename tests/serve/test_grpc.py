@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import queue
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,11 +16,18 @@ import pytest
 import tritonclient.grpc as tg
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
+from click.testing import CliRunner
 from tritonclient.utils import InferenceServerException
 
+from cachemesh.access import Keyring
 from cachemesh.caches import Caches
+from cachemesh.cli import main
+from cachemesh.config import Settings
+from cachemesh.errors import ConflictError, InvalidInputError
 from cachemesh.serve import protos
-from cachemesh.serve.registry import ModelSpec
+from cachemesh.serve.registry import MemoryModelRegistry, ModelSpec
+from cachemesh.serve.service import ModelService
+from cachemesh.serve.v2_grpc import start_grpc
 from tests.serve.conftest import RunningServer, free_port, serve_settings, toy_model
 
 MAX_BODY = 2 * 1024**2
@@ -343,3 +352,25 @@ def test_a_protected_bucket_needs_its_token(secured: GrpcServer):
         both = {**bearer, "x-cachemesh-bucket-token": BUCKET_TOKEN}
         assert c.infer("secret", [inp], headers=both).as_numpy("x").tolist() == [1.0]
         assert c.get_model_metadata("secret", headers=both).name == "secret"
+
+
+def test_a_taken_grpc_port_is_an_error_not_a_shared_port(tmp_path: Path):
+    with socket.socket() as taken:
+        # as another gRPC server holds it: grpcio would share such a port by default
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = serve_settings(tmp_path, grpc_port=taken.getsockname()[1])
+        service = ModelService(settings, registry=MemoryModelRegistry())
+        with pytest.raises(ConflictError, match="taken"):
+            asyncio.run(start_grpc(service, Keyring()))
+
+
+def test_the_grpc_port_setting():
+    assert Settings.from_env({}).serve.grpc_port == 8033
+    assert Settings.from_env({"CACHEMESH_SERVE_GRPC_PORT": "0"}).serve.grpc_port == 0  # off
+    for bad in ("70000", "-1", "grpc"):
+        with pytest.raises(InvalidInputError, match="CACHEMESH_SERVE_GRPC_PORT"):
+            Settings.from_env({"CACHEMESH_SERVE_GRPC_PORT": bad})
+    r = CliRunner().invoke(main, ["serve", "--grpc-port", "70000"])
+    assert r.exit_code == 2 and "--grpc-port" in r.output
