@@ -310,7 +310,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GrpcServer]:
     root = tmp_path_factory.mktemp("grpc-secured-models")
     secret = toy_model(root, "secret").model_copy(update={"bucket": "team-a"})
     yield from _start(tmp_path_factory.mktemp("grpc-secured-home"),
-                      [toy_model(root, "echo", eager=True), secret], protect={"team-a": BUCKET_TOKEN},
+                      [toy_model(root, "echo", eager=True), secret],
+                      protect={"team-a": BUCKET_TOKEN},
                       inference_token=INFERENCE_TOKEN, api_token=CONTROL_TOKEN)
 
 

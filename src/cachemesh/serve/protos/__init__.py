@@ -25,7 +25,7 @@ SERVICE_NAME = SERVICE.full_name  # "inference.GRPCInferenceService"
 
 
 def message(name: str) -> Any:
-    """The class of message ``name`` ("ModelInferRequest", "ModelInferResponse.InferOutputTensor")."""
+    """The class of a message: "ModelInferRequest", "ModelInferResponse.InferOutputTensor"."""
     return message_factory.GetMessageClass(POOL.FindMessageTypeByName(f"inference.{name}"))
 
 
