@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import queue
 import socket
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ import tritonclient.grpc as tg
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
 from cachemesh.access import Keyring
@@ -27,7 +30,7 @@ from cachemesh.errors import ConflictError, InvalidInputError
 from cachemesh.serve import protos
 from cachemesh.serve.registry import MemoryModelRegistry, ModelSpec
 from cachemesh.serve.service import ModelService
-from cachemesh.serve.v2_grpc import start_grpc
+from cachemesh.serve.v2_grpc import decode_request, start_grpc
 from tests.serve.conftest import RunningServer, free_port, serve_settings, toy_model
 
 MAX_BODY = 2 * 1024**2
@@ -375,3 +378,63 @@ def test_the_grpc_port_setting():
             Settings.from_env({"CACHEMESH_SERVE_GRPC_PORT": bad})
     r = CliRunner().invoke(main, ["serve", "--grpc-port", "70000"])
     assert r.exit_code == 2 and "--grpc-port" in r.output
+
+
+CONTENT_FIELDS = [f.name for f in protos.message("InferTensorContents").DESCRIPTOR.fields]
+
+
+def _raw_of(draw: st.DrawFn, datatype: str, shape: list[int]) -> bytes:
+    """Mostly well-formed raw contents for the tensor, now and then arbitrary bytes."""
+    n = math.prod(shape) if all(d >= 0 for d in shape) else 0
+    if draw(st.integers(0, 3)) == 0 or datatype.upper() not in ALL_TYPES:
+        return draw(st.binary(max_size=24))
+    if datatype.upper() == "BYTES":
+        items = draw(st.lists(st.binary(max_size=4), min_size=n, max_size=n))
+        return b"".join(len(b).to_bytes(4, "little") + b for b in items)
+    return draw(st.binary(min_size=n * ALL_TYPES[datatype.upper()].itemsize,
+                          max_size=n * ALL_TYPES[datatype.upper()].itemsize))
+
+
+@st.composite
+def infer_requests(draw: st.DrawFn) -> Any:
+    """Arbitrary ModelInferRequests: any datatype name, shape, contents field and raw bytes."""
+    req = protos.ModelInferRequest(model_name="echo", id=draw(st.text(max_size=8)))
+    raw = draw(st.booleans())
+    for i in range(draw(st.integers(0, 3))):
+        datatype = draw(st.sampled_from([*ALL_TYPES, "fp32", "FP8", ""]))
+        shape = draw(st.lists(st.integers(-1, 3), max_size=3))
+        t = req.inputs.add(name=draw(st.sampled_from(["", f"in{i}", f"in{i}"])),
+                           datatype=datatype, shape=shape)
+        if draw(st.booleans()):
+            t.parameters["p"].int64_param = draw(st.integers(-(2**63), 2**63 - 1))
+        if raw:
+            if draw(st.integers(0, 4)):  # now and then one short
+                req.raw_input_contents.append(_raw_of(draw, datatype, shape))
+        elif draw(st.booleans()):
+            field = draw(st.sampled_from(CONTENT_FIELDS))
+            values = {"bool_contents": st.booleans(), "bytes_contents": st.binary(max_size=4),
+                      "fp32_contents": st.floats(width=32), "fp64_contents": st.floats(),
+                      "int_contents": st.integers(-(2**31), 2**31 - 1),
+                      "uint_contents": st.integers(0, 2**32 - 1),
+                      "int64_contents": st.integers(-(2**63), 2**63 - 1),
+                      "uint64_contents": st.integers(0, 2**64 - 1)}[field]
+            getattr(t.contents, field).extend(draw(st.lists(values, max_size=6)))
+    if raw and draw(st.booleans()):
+        req.raw_input_contents.append(b"extra")
+    return req
+
+
+@settings(max_examples=300, deadline=None)
+@given(infer_requests())
+def test_any_request_decodes_or_is_invalid_input(req: Any):
+    """Whatever a client sends, the answer is a request for the model or INVALID_ARGUMENT,
+    never an internal error; what decodes keeps every input's shape and datatype."""
+    try:
+        decoded, raw = decode_request(req)
+    except InvalidInputError:
+        return
+    assert raw == bool(req.raw_input_contents)
+    assert not raw or len(req.raw_input_contents) == len(req.inputs)
+    for tensor, sent in zip(decoded.inputs, req.inputs, strict=True):
+        assert tensor.shape == tuple(sent.shape) and tensor.data.shape == tensor.shape
+        assert tensor.datatype == sent.datatype.upper()
