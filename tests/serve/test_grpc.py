@@ -235,7 +235,7 @@ def test_bad_requests_are_invalid_argument(stub, build, words):
     assert words in exc.value.details()
 
 
-def test_errors_map_to_status_codes(client: tg.InferenceServerClient, g: GrpcServer):
+def test_errors_map_to_status_codes(client: tg.InferenceServerClient, g: GrpcServer, stub):
     inp = tg.InferInput("x", [2, 2], "FP32")
     inp.set_data_from_numpy(np.zeros((2, 2), np.float32))
     with pytest.raises(InferenceServerException) as exc:
@@ -269,6 +269,11 @@ def test_errors_map_to_status_codes(client: tg.InferenceServerClient, g: GrpcSer
             client.infer("echo", [inp])
         assert status(exc.value) == "StatusCode.UNAVAILABLE"
         assert not client.is_server_ready() and client.is_server_live()
+        req = triton_pb2.ModelInferRequest(model_name="echo")
+        req.inputs.add(name="x", datatype="FP32", shape=[1]).contents.fp32_contents.append(1)
+        with pytest.raises(grpc.RpcError) as rpc:
+            stub.ModelInfer(req)
+        assert ("retry-after", "1") in rpc.value.trailing_metadata()
     finally:
         g.server.service.draining = False
     assert client.infer("echo", [inp]).as_numpy("x").shape == (2, 2)
