@@ -104,10 +104,12 @@ def _set_parameters(field: Any, params: dict[str, Any]) -> None:
         if isinstance(value, bool):
             p.bool_param = value
         elif isinstance(value, int):
-            if value > _INT64_MAX:
+            if -_INT64_MAX - 1 <= value <= _INT64_MAX:
+                p.int64_param = value
+            elif 0 < value < 2**64:
                 p.uint64_param = value
             else:
-                p.int64_param = value
+                p.string_param = str(value)  # past both 64-bit fields
         elif isinstance(value, float):
             p.double_param = value
         elif isinstance(value, str):
