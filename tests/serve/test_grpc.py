@@ -279,6 +279,19 @@ def test_errors_map_to_status_codes(client: tg.InferenceServerClient, g: GrpcSer
     assert client.infer("echo", [inp]).as_numpy("x").shape == (2, 2)
 
 
+def test_the_asyncio_client_too(g: GrpcServer):
+    import tritonclient.grpc.aio as tga
+
+    async def main() -> list:
+        async with tga.InferenceServerClient(g.address) as c:
+            inp = tga.InferInput("s", [2], "BYTES")
+            inp.set_data_from_numpy(np.array([b"x", b"yz"], dtype=np.object_))
+            results = await asyncio.gather(*(c.infer("echo", [inp]) for _ in range(4)))
+            return [r.as_numpy("s").tolist() for r in results]
+
+    assert asyncio.run(main()) == [[b"x", b"yz"]] * 4
+
+
 def test_stream_infer_answers_each_request(client: tg.InferenceServerClient):
     answers: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: answers.put((result, error)))
