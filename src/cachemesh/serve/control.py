@@ -1,17 +1,20 @@
 """The control API for models: ``/api/v1/models`` (FastAPI, documented at /docs).
 
-    GET    /api/v1/models            every model, its state, size and worker; the memory summary
+    GET    /api/v1/models            every model: document, versions, copies, workers; memory
     POST   /api/v1/models            deploy a model (body: ModelSpec); kept across restarts
-    GET    /api/v1/models/{name}     one model
+    GET    /api/v1/models/{name}     one model: its document (documents.py) and status
+    PUT    /api/v1/models/{name}     set its document: deploys a new model (201), or rolls
+                                     out a change (200, once the new versions serve)
     DELETE /api/v1/models/{name}     unload it, forget it
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Body, Request, Response
 
+from .documents import make_document
 from .registry import ModelSpec
 from .service import ModelService
 
@@ -36,6 +39,25 @@ async def deploy_model(spec: ModelSpec, request: Request) -> dict[str, Any]:
 @router.get("/models/{name}")
 async def get_model(name: str, request: Request) -> dict[str, Any]:
     return _service(request).status(name).to_dict()
+
+
+_EXAMPLE = {"versions": {"v1": {"source": "s3://models/digits/1", "runtime": "sklearn"},
+                         "v2": {"source": "s3://models/digits/2"}},
+            "traffic": {"v1": 90, "v2": 10},
+            "routes": [{"header": "x-model-version", "value": "v2", "version": "v2"}]}
+
+
+@router.put("/models/{name}")
+async def put_model(name: str, request: Request, response: Response,
+                    document: Annotated[dict[str, Any], Body(examples=[_EXAMPLE])]
+                    ) -> dict[str, Any]:
+    """Set the model's document: its versions, traffic shares and routes (or a simple
+    spec: ``source``, ``runtime``, ``version``). The versions it sends traffic to are
+    loaded before it takes effect; versions it drops are unloaded after."""
+    doc = make_document(document, name)
+    status, created = await _service(request).apply(doc)
+    response.status_code = 201 if created else 200
+    return status.to_dict()
 
 
 @router.delete("/models/{name}", status_code=204)
