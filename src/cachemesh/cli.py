@@ -644,22 +644,73 @@ def _api(ctx: click.Context, method: str, path: str, body: Any = None) -> Any:
 @click.pass_context
 @handle_errors
 def models_ls(ctx: click.Context, as_json: bool) -> None:
-    """List models: state, worker, measured size, requests in flight."""
+    """List models: each version's share of traffic, state, the workers holding its
+    copies, size, requests in flight and per second, last use; routes and errors."""
     data = _api(ctx, "GET", "/api/v1/models")
     if as_json:
         _print_json(data)
         return
     mem = data["memory"]
-    click.echo(f"{'NAME':<24} {'STATE':<10} {'RUNTIME':<8} {'WORKER':>6} {'SIZE':>10}"
-               f" {'INFLIGHT':>8}  SOURCE")
+    click.echo(f"{'NAME':<20} {'VERSION':<10} {'TRAFFIC':>7} {'STATE':<9} {'WORKERS':<8}"
+               f" {'SIZE':>9} {'INFLIGHT':>8} {'RATE':>7} {'LAST USED':>9}  SOURCE")
     for m in data["models"]:
-        size = format_size(m["size_bytes"]) if m["size_bytes"] else "-"
-        click.echo(f"{m['name']:<24} {m['state']:<10} {m['runtime'] or '-':<8}"
-                   f" {m['worker'] or '-':>6} {size:>10} {m['inflight']:>8}  {m['source']}")
-        if m["reason"] and m["state"] != "Ready":
-            click.echo(f"{'':<24} {m['reason']}")
+        for i, (label, v) in enumerate(m["versions"].items()):
+            st = v["status"]
+            workers = ",".join(str(c["worker"]) for c in st["copies"]) or "-"
+            size = format_size(st["size_bytes"]) if st["size_bytes"] else "-"
+            share = f"{m['traffic'].get(label, 0)}%"
+            click.echo(f"{m['name'] if i == 0 else '':<20} {label:<10} {share:>7}"
+                       f" {st['state']:<9} {workers:<8} {size:>9} {st['inflight']:>8}"
+                       f" {st['rate']:>5.1f}/s {_ago(st['last_used']):>9}  {v['source']}")
+            notes = ([st["reason"]] if st["reason"] and st["state"] != "Ready" else [])
+            notes += st["errors"][-1:]
+            for note in notes:
+                click.echo(f"{'':<20} {note}")
+        for route in m["routes"]:
+            test = (f"={route['value']}" if route["value"] is not None else
+                    f" starts with {route['prefix']!r}" if route["prefix"] is not None else
+                    f" matches {route['pattern']!r}")
+            what = f"header {route['header']}" if route["header"] else f"parameter {route['parameter']}"
+            click.echo(f"{'':<20} route: {what}{test} -> {route['version']}")
+        if m["aliases"]:
+            click.echo(f"{'':<20} aliases: " + ", ".join(f"{a} -> {t}" for a, t in m["aliases"].items()))
+        if m["rollout"]:
+            click.echo(f"{'':<20} {m['rollout']}")
     click.echo(f"memory: {format_size(mem['held_bytes'])} held of {format_size(mem['budget_bytes'])}"
                f" by {sum(1 for w in mem['workers'] if w['alive'])} worker(s)")
+
+
+def _ago(unix: float | None) -> str:
+    if not unix:
+        return "-"
+    seconds = max(dt.datetime.now().timestamp() - unix, 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+@models.command("apply")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def models_apply(ctx: click.Context, file: Path, as_json: bool) -> None:
+    """Set a model's document from FILE (YAML or JSON: name, versions, traffic, routes):
+    deploys it, or rolls it out and waits until the new versions serve (docs/mesh.md)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise InvalidInputError(f"{file}: not YAML or JSON: {exc}") from exc
+    if not isinstance(doc, dict) or not doc.get("name"):
+        raise InvalidInputError(f"{file}: expected a mapping with a 'name'")
+    data = _api(ctx, "PUT", f"/api/v1/models/{doc['name']}", doc)
+    if as_json:
+        _print_json(data)
+    else:
+        click.echo(f"{data['name']}: {data.get('rollout') or data['state']}")
 
 
 @models.command("deploy")
