@@ -59,6 +59,11 @@ def test_the_simple_forms_are_one_version_documents():
     d = doc_from_spec(parse_model_option("m=/x,version=3,eager=true,class=a:B"))
     assert list(d.versions) == ["3"] and d.eager and d.versions["3"].parameters == {"class": "a:B"}
     assert make_document({"versions": {"a": {"source": "/x"}}}, "m").traffic == {"a": 100}
+    d = doc_from_spec(parse_model_option("m=/x,copy_rate=10,max_copies=2,cooldown_s=5,k=v"))
+    assert (d.scaling.copy_rate, d.scaling.max_copies, d.scaling.cooldown_s) == (10, 2, 5)
+    assert d.versions["default"].parameters == {"k": "v"}
+    with pytest.raises(InvalidInputError, match="max_copies"):
+        parse_model_option("m=/x,max_copies=0")
     with pytest.raises(InvalidInputError, match="URL names 'm'"):
         make_document({"name": "other", "source": "/x"}, "m")
     with pytest.raises(InvalidInputError):

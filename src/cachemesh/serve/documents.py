@@ -270,7 +270,8 @@ def doc_from_spec(spec: Any) -> ModelDoc:
     """The one-version document of a simple spec (:class:`~.registry.ModelSpec`)."""
     label = spec.version or DEFAULT_VERSION
     try:
-        return ModelDoc(name=spec.name, eager=spec.eager, traffic={label: 100}, versions={
+        return ModelDoc(name=spec.name, eager=spec.eager, traffic={label: 100},
+                        scaling=spec.scaling, versions={
             label: VersionSpec(source=spec.source, runtime=spec.runtime,
                                parameters=dict(spec.parameters))})
     except ValidationError as exc:

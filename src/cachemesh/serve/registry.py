@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import InvalidInputError
 from ..store.names import check_name
-from .documents import ModelDoc, doc_from_spec, make_document
+from .documents import ModelDoc, Scaling, doc_from_spec, make_document
 
 
 class ModelSpec(BaseModel):
@@ -43,6 +43,8 @@ class ModelSpec(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict,
                                        description="runtime options, e.g. class, trusted")
     eager: bool = Field(default=False, description="load at start instead of on the first request")
+    scaling: Scaling = Field(default_factory=Scaling,
+                             description="extra copies: copy_rate, max_copies, cooldown_s")
 
     @field_validator("name")
     @classmethod
@@ -72,10 +74,11 @@ _TRUE = {"1", "true", "yes", "on"}
 
 
 def parse_model_option(text: str) -> ModelSpec:
-    """``NAME=SOURCE[,runtime=R][,version=V][,eager=true][,KEY=VALUE...]``.
+    """``NAME=SOURCE[,runtime=R][,version=V][,eager=true][,copy_rate=N][,max_copies=N]
+    [,cooldown_s=S][,KEY=VALUE...]``.
 
-    Keys other than runtime, version and eager are runtime parameters. A
-    source containing ',' or '=' is given through ``--config`` instead.
+    Other keys are runtime parameters. A source containing ',' or '=' is given
+    through ``--config`` instead.
     """
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
@@ -93,6 +96,8 @@ def parse_model_option(text: str) -> ModelSpec:
             data[key] = value
         elif key == "eager":
             data["eager"] = value.strip().lower() in _TRUE
+        elif key in Scaling.model_fields:
+            data.setdefault("scaling", {})[key] = value
         else:
             data["parameters"][key] = value
     return make_model_spec(data)

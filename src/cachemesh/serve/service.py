@@ -393,7 +393,7 @@ class ModelService:
                 self._background(self._retire(v, "its rollout failed"))
             raise
         # The switch: one assignment each, no await in between.
-        dep.doc, dep.router = doc, Router(doc)
+        dep.doc, dep.router, dep.origin = doc, Router(doc), "api"
         dep.policy = CopyPolicy.of(self.cfg, doc.scaling)
         dropped = [dep.versions.pop(label) for label in list(dep.versions)
                    if label not in doc.versions]

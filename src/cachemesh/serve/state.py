@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -211,7 +211,8 @@ class ModelStatus:
 
     def to_dict(self) -> dict[str, Any]:
         doc = self.document.to_json()
-        out = {k: v for k, v in asdict(self).items() if k not in ("document", "versions")}
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("document", "versions")}
         out["versions"] = {label: {**spec, "status": asdict(self.versions[label])}
                            for label, spec in doc["versions"].items()}
         for key in ("traffic", "routes", "aliases", "scaling"):
