@@ -335,3 +335,31 @@ def test_invalid_documents_get_a_4xx_and_change_nothing(tmp_path: Path):
         # the same document again is a no-op
         r = s.client.put("/api/v1/models/m", json=model(s))  # GET | PUT round-trips
         assert r.status_code == 200 and r.json()["traffic"] == {"v1": 50, "v2": 50}
+
+
+@pytest.mark.slow
+def test_a_request_routed_before_the_switch_finishes_on_the_old_version(tmp_path: Path):
+    """A request that reached v1 while v1 was not loaded waits for v1's load, even
+    though v2 takes over (and v1 is dropped) meanwhile: it is answered, by v1."""
+    v1 = {"versions": {"v1": version(tmp_path, "v1", load_delay=1.5)}}
+    v2 = {"versions": {"v2": version(tmp_path, "v2")}}
+    with RunningServer(serve_settings(tmp_path / "home", workers=2), []) as s:
+        assert s.client.put("/api/v1/models/m", json=v1).status_code == 201
+
+        async def race() -> tuple[Shot, httpx.Response, Shot, float]:
+            async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+                early = asyncio.create_task(shoot(c, "/v2/models/m/infer"))
+                await asyncio.sleep(0.5)  # it waits for v1's load now
+                put = asyncio.create_task(c.put("/api/v1/models/m", json=v2))
+                while (await c.get("/api/v1/models/m")).json()["traffic"] != {"v2": 100}:
+                    await asyncio.sleep(0.01)
+                switched = time.monotonic()
+                late = await shoot(c, "/v2/models/m/infer")
+                return await early, await put, late, switched
+
+        early, put, late, switched = asyncio.run(race())
+        assert put.status_code == 200, put.text
+        assert (early.status, early.tag) == (200, "v1")
+        assert (late.status, late.tag) == (200, "v2")
+        assert early.end > switched  # it was still waiting on v1 when v2 took over
+        assert list(model(s)["versions"]) == ["v2"]

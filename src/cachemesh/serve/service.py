@@ -406,9 +406,11 @@ class ModelService:
             dep.rollout_note = f"{note}; unloaded {gone}"
 
     async def _retire(self, v: Version, reason: str) -> None:
-        """Forget a version that no request can reach any more: wait for its loads,
-        let its copies finish what they have in flight, unload them."""
+        """Forget a version that no new request can reach: the requests routed to it
+        before finish on it (loading it if they must), then its copies are unloaded."""
         v.removed = True
+        while v.inflight:
+            await self._capacity_changed()
         for task in (v.load_task, v.copy_task):
             if task is not None:
                 with contextlib.suppress(CachemeshError, asyncio.CancelledError):
@@ -642,7 +644,9 @@ class ModelService:
             copy = self._ready_copy(v)
             if copy is not None:
                 return copy
-            if v.removed:
+            if v.removed and not v.inflight:
+                # (A request routed to it before it was dropped counts in inflight: it
+                # may still load it; _retire waits for it.)
                 raise ModelNotFoundError(v.model, v.label)
             if v.phase == FAILED and time.monotonic() < v.failed_until:
                 raise ModelFailedError(
@@ -743,8 +747,6 @@ class ModelService:
                      if c.worker is worker and c is not copy and c.state == READY)
         worker.base_rss = max(int(result["rss_before"]) - others, 0)
         self._update_bytes(v.model)
-        if v.removed:
-            await self._start_unload(copy, "removed")
         return copy
 
     async def _place(self, v: Version, need: int, avoid: frozenset[int],
@@ -797,6 +799,17 @@ class ModelService:
             finally:
                 self._capacity_waiters -= 1
 
+    async def _capacity_changed(self) -> None:
+        """Wait until a request ends, a load or unload finishes or a worker dies (or
+        CAPACITY_POLL_S passes)."""
+        self._capacity_waiters += 1
+        try:
+            await asyncio.wait_for(self._capacity.wait(), CAPACITY_POLL_S)
+        except TimeoutError:
+            pass
+        finally:
+            self._capacity_waiters -= 1
+
     def _take_hold(self, v: Version) -> None:
         if v.hold is not None:
             return
@@ -835,13 +848,7 @@ class ModelService:
         v = c.version
         try:
             while c.inflight and c.worker.alive:
-                self._capacity_waiters += 1
-                try:
-                    await asyncio.wait_for(self._capacity.wait(), CAPACITY_POLL_S)
-                except TimeoutError:
-                    pass
-                finally:
-                    self._capacity_waiters -= 1
+                await self._capacity_changed()
             if c.worker.alive:
                 await c.worker.call(ipc.UNLOAD, c.key)
         except CachemeshError as exc:
@@ -964,6 +971,8 @@ class ModelService:
         v.uses = v.uses * 0.5 ** ((now - v.last_used) / USES_HALF_LIFE_S) + 1.0
         v.last_used = now
         v.last_used_wall = time.time()
+        if v.inflight == 0 and v.removed:
+            self._notify_capacity()  # its retirement waits for this
         if self.inflight == 0:
             self._idle.set()
 
