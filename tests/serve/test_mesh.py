@@ -172,7 +172,7 @@ def test_rollout_under_load_then_a_failed_version_then_rollback(tmp_path: Path):
         assert "refuses to load" in r.json()["error"]
         assert failures(shots) == [] and {x.tag for x in shots} == {"v2"}
         doc = model(s)
-        assert list(doc["versions"]) == ["v2"] and "rollout failed" in doc["rollout"]
+        assert list(doc["versions"]) == ["v2"] and "rollout of model 'm' failed" in doc["rollout"]
         print(f"failed rollout to v3: {len(shots)} requests, {len(failures(shots))} failed")
 
         # rollback: point back at v1 (its files are in the cache already)

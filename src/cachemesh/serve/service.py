@@ -387,7 +387,9 @@ class ModelService:
                 raise ModelNotFoundError(doc.name)
             self.registry.put(doc)
         except BaseException as exc:
-            dep.rollout_note = f"rollout failed: {exc}"[:2000]
+            text = str(exc)
+            dep.rollout_note = (text if text.startswith("rollout") else
+                                f"rollout failed: {text or type(exc).__name__}")[:2000]
             for label, v in added.items():
                 dep.versions.pop(label, None)
                 self._background(self._retire(v, "its rollout failed"))
@@ -468,7 +470,10 @@ class ModelService:
 
     def _status(self, dep: Deployment) -> ModelStatus:
         now = time.monotonic()
-        versions = {label: self._version_status(v, now) for label, v in dep.versions.items()}
+        # The document's order first; then versions a rollout is loading.
+        order = [*dep.doc.versions, *(x for x in dep.versions if x not in dep.doc.versions)]
+        versions = {label: self._version_status(dep.versions[label], now) for label in order
+                    if label in dep.versions}
         label = dep.doc.primary()
         p, pv = dep.versions[label], versions[label]
         workers = sorted({c.worker for v in versions.values() for c in v.copies})

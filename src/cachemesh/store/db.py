@@ -38,6 +38,12 @@ Version 3 adds::
       name TEXT PRIMARY KEY, spec (JSON: source, runtime, version,
       parameters, eager), created_at, updated_at
 
+      ``spec`` now holds the model's whole document (versions, traffic,
+      routes, aliases, eager, scaling: serve/documents.py, PUT
+      /api/v1/models/{name}); a row from before documents holds the simple
+      spec above and is read as a one-version document. Same column, same
+      table: no migration.
+
 Rows are written after the files they describe (see store/blobs.py), so after
 a crash the database never points at a file that does not exist; the reverse
 (a blob file without a row) is harmless and collected by ``gc``.
