@@ -17,6 +17,8 @@ from cachemesh.caches import Caches
 from cachemesh.config import Settings
 from cachemesh.sources import SCHEMES
 from tests import fakes
+from tests.emulators.http_origin import HttpOrigin
+from tests.emulators.s3_origin import S3Origin
 
 # The hub emulators' fixtures (hf_hub, ms_hub, hf_env, ms_env, hub_caches, repo_id).
 pytest_plugins = ["tests.emulators.fixtures"]
@@ -65,6 +67,29 @@ def make_tree(tmp_path: Path) -> Callable[[str, dict[str, bytes]], Path]:
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Origin]:
+    """One S3-compatible server (moto, server mode) on loopback for the whole session."""
+    origin = S3Origin().start()
+    yield origin
+    origin.stop()
+
+
+@pytest.fixture
+def s3_origin(s3_server: S3Origin) -> Iterator[S3Origin]:
+    """The session's S3 server with counters and faults cleared for this test."""
+    s3_server.reset_faults()
+    yield s3_server
+    s3_server.reset_faults()
+
+
+@pytest.fixture
+def http_origin() -> Iterator[HttpOrigin]:
+    """A fresh HTTP origin on loopback (Range support, fault injection, byte counters)."""
+    with HttpOrigin() as origin:
+        yield origin
 
 
 def model_files(seed: int = 0, n: int = 3, size: int = 64 * 1024) -> dict[str, bytes]:

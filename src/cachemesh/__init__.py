@@ -13,6 +13,9 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "pull",
+    "load_state_dict",
+    "iter_tensors",
+    "load_pretrained",
     "Settings",
     "CachemeshError",
 ]
@@ -23,6 +26,9 @@ from .errors import CachemeshError
 # name -> module that defines it; imported lazily by __getattr__.
 _LAZY: dict[str, str] = {
     "pull": "cachemesh.caches",
+    "load_state_dict": "cachemesh.load",
+    "iter_tensors": "cachemesh.load",
+    "load_pretrained": "cachemesh.load",
 }
 
 
@@ -43,3 +49,6 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .caches import pull as pull
+    from .load import iter_tensors as iter_tensors
+    from .load import load_pretrained as load_pretrained
+    from .load import load_state_dict as load_state_dict

@@ -157,6 +157,7 @@ class PullResult:
     files_reused: int = 0  # already present: same blob or same origin version
     bytes_fetched: int = 0
     evicted: list[str] = field(default_factory=list)
+    verification: str = ""  # what the bytes were checked against, for the events
 
 
 @dataclass
@@ -351,12 +352,12 @@ class Caches:
             conn.execute(
                 "INSERT INTO caches (name, bucket, path, source, spec, status, created_at,"
                 " updated_at, last_access) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (spec.name, spec.bucket, spec.path, source.uri, json.dumps(stored), PENDING,
-                 now, now, now),
+                (spec.name, spec.bucket, spec.path, source.display_uri, json.dumps(stored),
+                 PENDING, now, now, now),
             )
             conn.execute(
                 "INSERT INTO events (cache, ts, level, kind, message) VALUES (?, ?, ?, ?, ?)",
-                (spec.name, now, "info", "created", f"cache created from {source.uri}"),
+                (spec.name, now, "info", "created", f"cache created from {source.display_uri}"),
             )
         return self.get(spec.name)
 
@@ -426,7 +427,7 @@ class Caches:
                 return PullResult(view=Path(info.view))
             spec = CacheSpec.model_validate(info.spec)
             self._update(name, status=LOADING, error=None)
-            self._event(name, "pull-started", f"pulling from {spec.source}")
+            self._event(name, "pull-started", f"pulling from {info.source}")
             try:
                 result, hub = self._pull_locked(spec, on_progress)
                 self._update(name, status=AVAILABLE, error=None, last_access=time.time())
@@ -446,7 +447,8 @@ class Caches:
             self._event(
                 name, "available",
                 f"{result.files_fetched} file(s) fetched ({result.bytes_fetched} bytes),"
-                f" {result.files_reused} already present",
+                f" {result.files_reused} already present"
+                + (f"; {result.verification}" if result.verification else ""),
             )
             return result
 
@@ -455,25 +457,30 @@ class Caches:
     ) -> tuple[PullResult, tuple[HubRepo, dict | None] | None]:
         """Fetch and link every file; returns the result and, for a source shown
         under hub/, its repo and the commit's tree listing."""
-        assert spec.path is not None
         source = parse_source(spec.source, spec.options, self.settings)
+        try:
+            return self._pull_from(spec, source, on_progress)
+        finally:
+            source.close()
+
+    def _pull_from(
+        self, spec: CacheSpec, source: Source, on_progress: Callable[[Progress], None] | None
+    ) -> tuple[PullResult, tuple[HubRepo, dict | None] | None]:
+        assert spec.path is not None
         listing = source.list_files()
         for note in listing.notes:
             self._event(spec.name, "warning", note, level="warning")
         files = check_listing(select_files(listing.files, spec.include, spec.exclude))
         if not files:
-            raise InvalidInputError(f"no files to pull from {spec.source} (check include/exclude)")
+            raise InvalidInputError(
+                f"no files to pull from {source.display_uri} (check include/exclude)")
         total = sum(f.size for f in files)
         if spec.size_limit_gib is not None and total > spec.size_limit_gib * GIB:
             raise CapacityError(
                 f"cache {spec.name!r} needs {total} bytes, over its size limit of"
                 f" {spec.size_limit_gib} GiB"
             )
-        unverified = [f.path for f in files if f.checksum_kind == "size"]
-        if unverified and scheme_is_remote(spec.source):
-            self._event(spec.name, "verification",
-                        f"{len(unverified)} file(s) have no checksum at the origin; verified by size only",
-                        level="warning")
+        verification = self._verification(spec.name, files) if scheme_is_remote(spec.source) else ""
         existing = self.store.file_rows(spec.name)
         evicted = self._make_room(spec.name, files, existing)
         self._update(spec.name, revision=listing.revision, files_total=len(files),
@@ -486,7 +493,8 @@ class Caches:
         self.store.views.prune(spec.bucket, spec.path, listed)
 
         tracker = _Tracker(self, spec.name, len(files), total, on_progress)
-        result = PullResult(view=self.store.views.dir(spec.bucket, spec.path), evicted=evicted)
+        result = PullResult(view=self.store.views.dir(spec.bucket, spec.path), evicted=evicted,
+                            verification=verification)
         counts_lock = threading.Lock()
 
         def pull_one(f: RemoteFile) -> None:
@@ -515,6 +523,23 @@ class Caches:
         if repo is None or not listing.revision or not is_commit(listing.revision):
             return result, None
         return result, (repo, {listing.revision: listing.hub_tree} if listing.hub_tree else None)
+
+    def _verification(self, name: str, files: list[RemoteFile]) -> str:
+        """What each file's bytes are checked against before they become visible.
+
+        Returned for the "available" event; files with nothing but a size to
+        check also get a warning event now.
+        """
+        kinds = {k: sum(1 for f in files if f.checksum_kind == k)
+                 for k in ("sha256", "git-sha1", "md5", "size")}
+        if kinds["size"]:
+            self._event(name, "verification",
+                        f"{kinds['size']} file(s) have no checksum at the origin; verified by"
+                        " size only", level="warning")
+        labels = {"sha256": "the sha256", "git-sha1": "the git blob id",
+                  "md5": "the MD5 (ETag)", "size": "the size only"}
+        parts = [f"{n} against {labels[k]}" for k, n in kinds.items() if n]
+        return "verified: " + ", ".join(parts)
 
     def _pull_file(
         self, spec: CacheSpec, source: Source, f: RemoteFile, row: dict | None, tracker: _Tracker

@@ -95,6 +95,13 @@ def _float(environ: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _positive(environ: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(environ, name, default)
+    if not value > 0:
+        raise InvalidInputError(f"{name} must be positive, got {value}")
+    return value
+
+
 def _size(environ: Mapping[str, str], name: str) -> int | None:
     raw = environ.get(name)
     return parse_size(raw) if raw else None
@@ -195,10 +202,18 @@ class Settings:
     max_store_bytes: int | None = None
     # CACHEMESH_FETCH_CONCURRENCY: files fetched at once by one pull.
     fetch_concurrency: int = 8
-    # CACHEMESH_RANGE_CONCURRENCY: ranged reads at once within one large file.
+    # CACHEMESH_RANGE_CONCURRENCY: ranged reads in flight at once, shared by the files of
+    # one pull (a single large file may use all of them).
     range_concurrency: int = 8
     # CACHEMESH_CHUNK_SIZE: size of one ranged read.
     chunk_size: int = 16 * 1024 * 1024
+    # CACHEMESH_FETCH_RETRIES: retries of one ranged read that makes no progress
+    # (cut connection, timeout, 5xx, throttling) before the file fails.
+    fetch_retries: int = 5
+    # CACHEMESH_RETRY_BACKOFF: first backoff in seconds; doubles per retry, with jitter, at most 30 s.
+    retry_backoff_s: float = 0.5
+    # CACHEMESH_FETCH_TIMEOUT: seconds without a byte from the origin before a read is retried.
+    fetch_timeout_s: float = 60.0
     # CACHEMESH_API_TOKEN: bearer token for the control API (None: no authentication).
     api_token: str | None = field(default=None, repr=False)
     # CACHEMESH_CA_BUNDLE, else SSL_CERT_FILE, else REQUESTS_CA_BUNDLE: a PEM file of
@@ -221,6 +236,9 @@ class Settings:
             fetch_concurrency=_int(env, "CACHEMESH_FETCH_CONCURRENCY", 8),
             range_concurrency=_int(env, "CACHEMESH_RANGE_CONCURRENCY", 8),
             chunk_size=_int(env, "CACHEMESH_CHUNK_SIZE", 16 * 1024 * 1024),
+            fetch_retries=_int(env, "CACHEMESH_FETCH_RETRIES", 5),
+            retry_backoff_s=_positive(env, "CACHEMESH_RETRY_BACKOFF", 0.5),
+            fetch_timeout_s=_positive(env, "CACHEMESH_FETCH_TIMEOUT", 60.0),
             api_token=env.get("CACHEMESH_API_TOKEN") or None,
             ca_bundle=(env.get("CACHEMESH_CA_BUNDLE") or env.get("SSL_CERT_FILE")
                        or env.get("REQUESTS_CA_BUNDLE") or None),

@@ -23,7 +23,9 @@ Credentials never appear in a message.
     ├── IntegrityError             bytes do not match their checksum or size
     ├── SourceError                the origin failed or refused
     │   ├── SourceNotFoundError    the origin has no such repo/object/revision
-    │   └── AccessDeniedError      the origin wants credentials we lack
+    │   ├── AccessDeniedError      the origin wants credentials we lack
+    │   ├── TransientSourceError   a cut connection, a timeout, a 5xx: worth retrying
+    │   └── SourceChangedError     the object changed at the origin during a pull
     ├── StoreError                 the store on disk is unusable
     │   └── StoreVersionError      written by a newer cachemesh
     ├── LoadError                  weights could not be read into memory
@@ -100,6 +102,26 @@ class SourceNotFoundError(SourceError, NotFoundError):
 
 class AccessDeniedError(SourceError):
     """The origin refused: private, gated, or missing credentials."""
+
+
+class TransientSourceError(SourceError):
+    """A failure worth retrying: a cut connection, a timeout, a 5xx, a throttle.
+
+    The fetcher retries these with backoff (and resumes where the bytes
+    stopped); ``retry_after`` is the origin's own hint in seconds, if it gave one.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SourceChangedError(SourceError):
+    """The object changed at the origin while it was being fetched (new ETag).
+
+    The bytes fetched so far belong to the old version and are discarded;
+    pulling again lists the new version.
+    """
 
 
 class StoreError(CachemeshError):

@@ -54,3 +54,32 @@ def test_failed_transaction_rolls_back(tmp_path: Path) -> None:
             conn.execute("INSERT INTO blobs (sha256, size, created_at) VALUES ('x', 1, 0)")
             raise RuntimeError("boom")
     assert db.query("SELECT COUNT(*) FROM blobs")[0][0] == 0
+
+
+def _open_and_write(path: str, i: int, start_at: float) -> int:
+    import time
+
+    time.sleep(max(0.0, start_at - time.time()))  # all processes open at the same moment
+    db = Database(Path(path))
+    with db.transaction() as conn:
+        conn.execute(
+            "INSERT INTO blobs (sha256, size, created_at) VALUES (?, ?, 0)", (f"{i:064x}", i)
+        )
+    return i
+
+
+def test_processes_creating_one_database_at_once_all_succeed(tmp_path: Path) -> None:
+    # Several processes opening a store that does not exist yet race to create the
+    # file and switch it to WAL; none may fail with "database is locked".
+    import multiprocessing
+
+    import time
+
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(8) as pool:
+        for round_ in range(5):
+            path = str(tmp_path / f"meta{round_}.db")
+            start_at = time.time() + 0.3
+            done = pool.starmap(_open_and_write, [(path, i, start_at) for i in range(8)])
+            assert sorted(done) == list(range(8))
+            assert Database(Path(path)).query("SELECT count(*) FROM blobs")[0][0] == 8

@@ -1,0 +1,36 @@
+"""The downloader shared by every remote source.
+
+Parallel ranged reads (within a file and across files), retries with backoff,
+resume after a cut connection or a crash, sha256 computed on the way in and
+checked against the origin's checksum before a blob is visible, single-flight
+across caches, threads and processes, exact progress, and a hook for loaders
+that read an object while it lands.
+
+A source does not use this module directly: it subclasses
+:class:`cachemesh.sources.base.RemoteSource`, which turns each listed file into
+a :class:`FetchRequest` for a :class:`Fetcher`. Modules:
+
+    fetcher.py   Fetcher, FetchRequest: locking, resume, workers, verify, commit
+    ranges.py    RangeSet and the partial file + state record (on-disk format)
+    hashing.py   digests of bytes that land out of order
+    retry.py     RetryPolicy: backoff with jitter
+    observe.py   FetchObserver, Flight: watching an object while it lands
+    http.py      httpx client, probe and ranged reads for HTTP(S) origins
+"""
+
+from .fetcher import Fetcher, FetchRequest, RangeRead, identity_key
+from .observe import FetchObserver, Flight
+from .ranges import PartialState, RangeSet
+from .retry import RetryPolicy
+
+__all__ = [
+    "FetchObserver",
+    "FetchRequest",
+    "Fetcher",
+    "Flight",
+    "PartialState",
+    "RangeRead",
+    "RangeSet",
+    "RetryPolicy",
+    "identity_key",
+]

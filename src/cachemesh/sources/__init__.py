@@ -14,12 +14,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UnknownSourceError
-from .base import Listing, RemoteFile, Source
+from .base import Listing, RemoteFile, RemoteSource, Source
 
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["Listing", "RemoteFile", "Source", "parse_source", "SCHEMES"]
+__all__ = ["Listing", "RemoteFile", "RemoteSource", "Source", "parse_source", "SCHEMES"]
 
 # scheme -> "module:Class" (absolute), or the class itself
 SCHEMES: dict[str, str | type[Source]] = {
@@ -27,6 +27,10 @@ SCHEMES: dict[str, str | type[Source]] = {
     "hf": "cachemesh.sources.hf:HfSource",
     "ms": "cachemesh.sources.modelscope:ModelScopeSource",
     "modelscope": "cachemesh.sources.modelscope:ModelScopeSource",
+    "s3": "cachemesh.sources.s3:S3Source",
+    "oss": "cachemesh.sources.s3:S3Source",
+    "https": "cachemesh.sources.http:HttpSource",
+    "http": "cachemesh.sources.http:HttpSource",
 }
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")

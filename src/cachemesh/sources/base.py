@@ -16,16 +16,19 @@ origin is one small module:
         def hub_repo(self) -> HubRepo | None: ...  # optional: also show the files in
                                                     # the Hugging Face layout (hub/)
 
-Remote sources override :meth:`Source.fetch` to use the shared parallel,
-resumable fetcher (``cachemesh.fetch``); local sources stream through
-:meth:`Source.open`. A fake beside the real ones lives in the tests.
+Remote origins subclass :class:`RemoteSource` instead, and only say how to
+read a byte range of one object: the shared fetcher (``cachemesh.fetch``)
+does the rest (parallel ranges, retries, resume, verification, single-flight).
+Local sources stream through :meth:`Source.open`. A fake beside the real ones
+lives in the tests.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
@@ -33,6 +36,7 @@ from ..errors import InvalidInputError
 
 if TYPE_CHECKING:
     from ..config import Settings
+    from ..fetch import Fetcher, FetchRequest, RetryPolicy
     from ..store import BlobRef, Store
     from ..store.hub_layout import HubRepo, TreeEntry
 
@@ -115,8 +119,125 @@ class Source(ABC):
         tail = self.uri.rstrip("/").rsplit("/", 1)[-1] or "cache"
         return safe_name(tail)
 
+    @property
+    def display_uri(self) -> str:
+        """The URI for events and messages (a presigned URL's query redacted)."""
+        return self.uri
+
+    def close(self) -> None:
+        """Release clients and connections; the cache calls it after a pull."""
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.uri!r})"
+        return f"{type(self).__name__}({self.display_uri!r})"
+
+
+class RemoteSource(Source):
+    """An origin reached over the network, fetched by the shared fetcher.
+
+    A new origin (Hugging Face, ModelScope, …) implements, besides
+    ``schemes``, ``options`` and ``from_uri``:
+
+    :meth:`list_files`
+        Every file, as :class:`RemoteFile`: its ``path`` in the cache, ``size``,
+        the checksum the origin publishes (``sha256``: Hugging Face and
+        ModelScope LFS files; ``git_sha1``: a Hub's other files; ``md5``: a
+        single-part S3 ETag), ``origin_tag`` (the version: ETag, commit) and a
+        ``locator`` (the URL or key to read).
+    :meth:`read_range`
+        The bytes ``[start, end)`` of one object, as an iterator of chunks,
+        raising :class:`~cachemesh.errors.TransientSourceError` for what is
+        worth retrying (a cut connection, a timeout, a 5xx) and other
+        :class:`~cachemesh.errors.SourceError` subclasses for the rest.
+        ``cachemesh.fetch.http.read_range`` does this for HTTP(S) URLs.
+
+    and may override :meth:`accepts_ranges` (an origin that can only stream
+    a whole object), :meth:`identity`, :meth:`object_name` and :meth:`close`.
+    Parallel ranged reads, retries, resume, verification against the
+    published digests (or the size alone, which the cache reports in its
+    events), single-flight and progress are the fetcher's. A Hugging Face
+    source, for example, is its listing plus::
+
+        def read_range(self, file, start, end):
+            return fetch.http.read_range(self.client, file.locator, start, end,
+                                         size=file.size, ranged=True,
+                                         headers=self.auth_headers())
+
+    with ``self.client = fetch.http.make_client(settings)`` (it follows the
+    Hub's redirect to its CDN and drops the token when the redirect leaves
+    the Hub's host).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._fetchers: dict[str, Fetcher] = {}
+        self._fetchers_lock = threading.Lock()
+
+    @abstractmethod
+    def read_range(self, file: RemoteFile, start: int, end: int) -> Iterator[bytes]:
+        """Bytes ``[start, end)`` of ``file`` (all of it, from 0, if ranges are not accepted)."""
+
+    def accepts_ranges(self, file: RemoteFile) -> bool:
+        """Whether the origin serves byte ranges of ``file`` (resume and parallel reads need it)."""
+        return True
+
+    def identity(self, file: RemoteFile) -> str:
+        """What names the bytes before they are hashed; equal identities, equal bytes.
+
+        Fetches of equal identities share one download (single-flight) and one
+        partial file. A published sha256 names the bytes whatever the origin;
+        otherwise the object's locator, its version and its size do, so the
+        locator should be absolute (a URL, an endpoint with bucket and key).
+        """
+        if file.sha256:
+            return f"sha256:{file.sha256.lower()}"
+        if file.git_sha1:
+            return f"git-sha1:{file.git_sha1.lower()}:{file.size}"
+        return f"{self.schemes[0]}\n{file.locator}\n{file.origin_tag}\n{file.size}"
+
+    def object_name(self, file: RemoteFile) -> str:
+        """The object for messages: no credentials, no query secrets."""
+        return f"{self.display_uri.rstrip('/')} ({file.path})"
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """The retry policy for listing and probing (reads are retried by the fetcher)."""
+        from ..fetch import RetryPolicy
+
+        return RetryPolicy(self.settings.fetch_retries, self.settings.retry_backoff_s)
+
+    def fetcher(self, store: Store) -> Fetcher:
+        """The fetcher of this source for ``store``, shared by the files of a pull."""
+        from ..fetch import Fetcher
+
+        key = str(store.home)
+        with self._fetchers_lock:
+            fetcher = self._fetchers.get(key)
+            if fetcher is None:
+                fetcher = self._fetchers[key] = Fetcher(store, self.settings)
+            return fetcher
+
+    def fetch_request(self, file: RemoteFile) -> FetchRequest:
+        from ..fetch import FetchRequest
+
+        def read(start: int, end: int) -> Iterator[bytes]:
+            return self.read_range(file, start, end)
+
+        return FetchRequest(
+            identity=self.identity(file),
+            size=file.size,
+            read=read,
+            ranged=self.accepts_ranges(file),
+            sha256=file.sha256,
+            md5=file.md5,
+            git_sha1=file.git_sha1,
+            name=self.object_name(file),
+            versioned=bool(file.sha256 or file.git_sha1 or file.origin_tag),
+        )
+
+    def fetch(
+        self, file: RemoteFile, store: Store, on_bytes: Callable[[int], None]
+    ) -> BlobRef:
+        return self.fetcher(store).fetch(self.fetch_request(file), on_bytes)
 
 
 def safe_name(text: str) -> str:

@@ -192,18 +192,30 @@ class Database:
         self._migrate()
 
     def _open(self) -> sqlite3.Connection:
-        try:
-            conn = sqlite3.connect(
-                self.path, timeout=self.busy_timeout, isolation_level=None,
-                check_same_thread=False,
-            )
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the metadata database {self.path}: {exc}") from exc
-        return conn
+        # Switching a new file to WAL takes an exclusive lock, and SQLite answers
+        # SQLITE_BUSY at once (without its busy handler) while another process is
+        # creating or recovering the same file: retry until busy_timeout.
+        started = time.monotonic()
+        while True:
+            conn = None
+            try:
+                conn = sqlite3.connect(
+                    self.path, timeout=self.busy_timeout, isolation_level=None,
+                    check_same_thread=False,
+                )
+                conn.row_factory = sqlite3.Row
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA foreign_keys=ON")
+                return conn
+            except sqlite3.Error as exc:
+                if conn is not None:
+                    conn.close()
+                busy = "locked" in str(exc) or "busy" in str(exc)
+                if busy and time.monotonic() - started < self.busy_timeout:
+                    time.sleep(0.02)
+                    continue
+                raise StoreError(f"cannot open the metadata database {self.path}: {exc}") from exc
 
     @property
     def conn(self) -> sqlite3.Connection:
