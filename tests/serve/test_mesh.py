@@ -274,6 +274,8 @@ def test_header_and_parameter_routes_the_cli_and_a_restart(tmp_path: Path):
             "v1": "Ready", "v2": "Ready", "v3": "Ready"}
         workers = {k: [c["worker"] for c in v["status"]["copies"]] for k, v in m["versions"].items()}
         assert all(len(w) == 1 for w in workers.values()), workers
+        placed = [c["placed"] for v in m["versions"].values() for c in v["status"]["copies"]]
+        assert all("not full: slot" in x for x in placed), placed
         assert m["routes"][1] == {"header": "X-User", "parameter": None, "value": None,
                                   "prefix": None, "pattern": "beta-[0-9]+", "version": "v3"}
         ls = cm(home, "models", "--url", s.url, "ls").stdout

@@ -492,7 +492,7 @@ class ModelService:
         state = v.state(now)
         copies = [CopyStatus(worker=c.worker.id, state=c.state, inflight=c.inflight,
                              size_bytes=c.size or None, last_used=wall(c.last_used, now),
-                             extra=c.extra)
+                             extra=c.extra, placed=c.placed)
                   for c in v.copies if c.state in (READY, UNLOADING) and c.worker.alive]
         return VersionStatus(
             state=state, reason=v.reason, runtime=v.resolved.runtime if v.resolved else
@@ -721,10 +721,11 @@ class ModelService:
         memory only (None when there is none); a first copy may evict."""
         assert v.resolved is not None and v.view is not None
         need = v.size() or v.predicted
-        worker = await self._place(v, need, avoid, deadline, evict=not extra)
-        if worker is None:
+        placed = await self._place(v, need, avoid, deadline, evict=not extra)
+        if placed is None:
             return None
-        copy = Copy(v, worker, key=f"{v.id}#{next(self._keys)}", extra=extra)
+        worker, why = placed
+        copy = Copy(v, worker, key=f"{v.id}#{next(self._keys)}", extra=extra, placed=why)
         v.copies.append(copy)
         if v.hold is None:
             await asyncio.to_thread(self._take_hold, v)
@@ -755,8 +756,11 @@ class ModelService:
         return copy
 
     async def _place(self, v: Version, need: int, avoid: frozenset[int],
-                     deadline: float | None, *, evict: bool = True) -> WorkerHandle | None:
-        """Find room (evicting idle copies) and a worker; wait while everything is busy."""
+                     deadline: float | None, *, evict: bool = True
+                     ) -> tuple[WorkerHandle, str] | None:
+        """Find room (evicting idle copies) and a worker; wait while everything is busy.
+        Returns the worker and the placement's reasons (evictions included)."""
+        evicted: list[str] = []
         while True:
             here = frozenset(c.worker.id for c in v.copies)
             plan: Placement = place(
@@ -778,11 +782,12 @@ class ModelService:
                          for c in victims]
                 if tasks:
                     log.info("loading %s: %s", v.display, "; ".join(plan.reasons))
+                    evicted += [x for x in plan.reasons if x.startswith("evict ")]
                     await asyncio.gather(*(asyncio.shield(t) for t in tasks))
                     continue  # plan again on what the workers hold now
                 worker = next(w for w in self.workers if w.id == plan.slot)
                 if worker.alive:
-                    return worker
+                    return worker, "; ".join([*evicted, *plan.reasons])
                 continue
             if not evict or not plan.wait:
                 if not evict:

@@ -62,6 +62,7 @@ class Copy:
     loaded_at: float = 0.0  # monotonic
     last_used: float = 0.0  # monotonic
     extra: bool = False  # added by the copy scaler
+    placed: str = ""  # why it is on this worker (placement.place's reasons)
     unload_task: asyncio.Task | None = None
 
     @property
@@ -159,6 +160,7 @@ class CopyStatus:
     size_bytes: int | None
     last_used: float | None  # unix time
     extra: bool
+    placed: str  # why this worker: the placement policy's reasons
 
 
 @dataclass
