@@ -123,7 +123,7 @@ def test_extra_copies_are_the_first_to_go_when_memory_is_needed(tmp_path: Path):
         # the copy says why it is where it is: the placement policy's reasons
         placed = copies(s, "new")[0]["placed"]
         assert "evict hot@v1#" in placed and "(extra copy" in placed, placed
-        assert "after eviction: slot" in placed and "cold" not in placed, placed
+        assert "not full: slot" in placed and "cold" not in placed, placed
         metrics = s.client.get("/metrics").text
         assert 'cachemesh_evictions_total{model="hot"} 1.0' in metrics
         assert 'cachemesh_evictions_total{model="cold"}' not in metrics

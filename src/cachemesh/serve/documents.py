@@ -17,6 +17,7 @@ the registry keeps it across restarts, and ``--config`` may list them::
       ],
       "aliases": {"canary": "v2", "stable": "v1"},       # more names for versions
       "eager": false,                                    # load at start, not on first use
+      "bucket": "models",                                # of every version's cache
       "scaling": {"copy_rate": 50, "max_copies": 3, "cooldown_s": 60}
     }
 
@@ -25,7 +26,10 @@ V2 request's ``parameters``, with exactly one of ``value`` (equal), ``prefix``
 or ``pattern`` (a regular expression that must match the whole value). A route
 or a path (``/v2/models/{m}/versions/{v}``) may name a version or an alias.
 ``traffic`` may be left out when there is one version. ``scaling`` overrides
-the server's ``CACHEMESH_SERVE_COPY_*`` settings for this model.
+the server's ``CACHEMESH_SERVE_COPY_*`` settings for this model. When ``bucket``
+is protected (``cachemesh bucket protect``), the model is listed, changed and
+called only by requests that carry that bucket's token; it does not change
+over a model's life (remove and deploy again to move it).
 
 The simple forms (``--model NAME=SOURCE,version=V``, ``POST /api/v1/models``,
 the V2 repository extension) are a document with one version, labelled by
@@ -44,8 +48,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import InvalidInputError
 from ..store.names import check_name
+from .limits import check_json
 
 DEFAULT_VERSION = "default"
+# The bucket a model's caches go to unless its document names another.
+DEFAULT_BUCKET = "models"
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HEADER = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP token (RFC 9110)
 
@@ -71,6 +78,11 @@ class VersionSpec(BaseModel):
     source: str = Field(description="anything `cachemesh pull` takes")
     runtime: str | None = Field(default=None, description="sklearn, custom, ...; detected if absent")
     parameters: dict[str, Any] = Field(default_factory=dict, description="runtime options")
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_json(v, "parameters")
 
     @field_validator("source")
     @classmethod
@@ -150,11 +162,17 @@ class ModelDoc(BaseModel):
     aliases: dict[str, str] = Field(default_factory=dict)
     eager: bool = False
     scaling: Scaling = Field(default_factory=Scaling)
+    bucket: str = DEFAULT_BUCKET
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v, "model name")
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        return check_name(v, "bucket")
 
     @model_validator(mode="before")
     @classmethod
@@ -271,7 +289,7 @@ def doc_from_spec(spec: Any) -> ModelDoc:
     label = spec.version or DEFAULT_VERSION
     try:
         return ModelDoc(name=spec.name, eager=spec.eager, traffic={label: 100},
-                        scaling=spec.scaling, versions={
+                        scaling=spec.scaling, bucket=spec.bucket, versions={
             label: VersionSpec(source=spec.source, runtime=spec.runtime,
                                parameters=dict(spec.parameters))})
     except ValidationError as exc:

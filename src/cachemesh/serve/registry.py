@@ -28,7 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import InvalidInputError
 from ..store.names import check_name
-from .documents import ModelDoc, Scaling, doc_from_spec, make_document
+from .documents import DEFAULT_BUCKET, ModelDoc, Scaling, doc_from_spec, make_document
+from .limits import check_json
+
+__all__ = ["DEFAULT_BUCKET", "ModelRegistry", "ModelSpec", "make_model_spec", "read_config"]
 
 
 class ModelSpec(BaseModel):
@@ -45,11 +48,24 @@ class ModelSpec(BaseModel):
     eager: bool = Field(default=False, description="load at start instead of on the first request")
     scaling: Scaling = Field(default_factory=Scaling,
                              description="extra copies: copy_rate, max_copies, cooldown_s")
+    bucket: str = Field(default=DEFAULT_BUCKET,
+                        description="bucket of the model's cache; when it is protected, the model"
+                        " is seen and called only with the bucket's token")
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v, "model name")
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        return check_name(v, "bucket")
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_json(v, "parameters")
 
     @field_validator("source")
     @classmethod
@@ -74,8 +90,8 @@ _TRUE = {"1", "true", "yes", "on"}
 
 
 def parse_model_option(text: str) -> ModelSpec:
-    """``NAME=SOURCE[,runtime=R][,version=V][,eager=true][,copy_rate=N][,max_copies=N]
-    [,cooldown_s=S][,KEY=VALUE...]``.
+    """``NAME=SOURCE[,runtime=R][,version=V][,bucket=B][,eager=true][,copy_rate=N]
+    [,max_copies=N][,cooldown_s=S][,KEY=VALUE...]``.
 
     Other keys are runtime parameters. A source containing ',' or '=' is given
     through ``--config`` instead.
@@ -92,7 +108,7 @@ def parse_model_option(text: str) -> ModelSpec:
             raise InvalidInputError(
                 f"--model {name}: option {option!r} is not KEY=VALUE (a source with ',' or '='"
                 " goes in --config)")
-        if key in ("runtime", "version"):
+        if key in ("runtime", "version", "bucket"):
             data[key] = value
         elif key == "eager":
             data["eager"] = value.strip().lower() in _TRUE

@@ -41,12 +41,14 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..access import can_use
 from ..config import Settings, format_size
 from ..errors import (
     CachemeshError,
     CacheNotFoundError,
     ConflictError,
     DrainingError,
+    ForbiddenError,
     InferenceInputError,
     InvalidInputError,
     ModelFailedError,
@@ -100,7 +102,6 @@ __all__ = [
     "ModelStatus",
 ]
 
-MODEL_BUCKET = "models"
 CAPACITY_POLL_S = 0.05
 USES_HALF_LIFE_S = 30.0
 SCALE_INTERVAL_S = 0.5
@@ -270,22 +271,29 @@ class ModelService:
         dep = Deployment(doc=doc, origin=origin, router=Router(doc),
                          policy=CopyPolicy.of(self.cfg, doc.scaling))
         for label, spec in doc.versions.items():
-            dep.versions[label] = self._new_version(doc.name, label, spec)
+            dep.versions[label] = self._new_version(doc, label, spec)
         self.deployments[doc.name] = dep
         return dep
 
-    def _new_version(self, name: str, label: str, spec: VersionSpec) -> Version:
-        v = Version(model=name, label=label, spec=spec, cache=cache_name(name, label))
+    def _new_version(self, doc: ModelDoc, label: str, spec: VersionSpec) -> Version:
+        v = Version(model=doc.name, label=label, spec=spec, cache=cache_name(doc.name, label),
+                    bucket=doc.bucket)
         v.prepare_task = self._background(self._prepare(v))
         return v
 
-    def _check_sources(self, doc: ModelDoc, known: Mapping[str, Version]) -> None:
+    def _check_sources(self, doc: ModelDoc, known: Mapping[str, Version], *,
+                       persist: bool = True) -> None:
         """Refuse, before anything changes, what would fail later: a source nobody
         understands (400), a changed version (409), a cache holding something else (409)."""
         from ..sources import parse_source
 
+        roots = tuple(self.cfg.source_roots) if persist else ()
         for label, spec in doc.versions.items():
-            uri = parse_source(spec.source, {}, self.settings).uri
+            # An unknown scheme, a path into the store, or one outside the deployable
+            # roots fails here, as 400, before anything is kept.
+            source = parse_source(spec.source, {}, self.settings)
+            self.caches.check_source(source, doc.bucket, roots)
+            uri = source.uri
             old = known.get(label)
             if old is not None:
                 if old.spec != spec:
@@ -298,22 +306,36 @@ class ModelService:
                 info = self.caches.get(cache_name(doc.name, label))
             except CacheNotFoundError:
                 continue
+            if info.bucket != doc.bucket:  # never serve another bucket's files
+                raise ConflictError(
+                    f"model {doc.name!r} version {label!r}: cache {info.name!r} is in another"
+                    " bucket; remove it or name the model differently")
             if info.source != uri:
                 raise ConflictError(
                     f"model {doc.name!r} version {label!r}: cache {info.name!r} already holds"
                     f" {info.source}, not {uri}; remove that cache or use another label")
+
+    def _check_access(self, doc: ModelDoc, existing: Deployment | None) -> None:
+        """The caller must hold the token of the document's bucket (403), and may not
+        touch a model it cannot see (409: the name is taken, nothing more is said)."""
+        if not can_use(self.caches.buckets, doc.bucket):
+            raise ForbiddenError(f"bucket {doc.bucket!r} is protected; the request does not"
+                                 " carry its token")
+        if existing is not None and not existing.removed and not self._visible(existing):
+            raise ConflictError(f"the name {doc.name!r} is taken")
 
     async def deploy(self, spec: ModelSpec, *, persist: bool = True) -> ModelStatus:
         """Add a model in its simple form (``POST /api/v1/models``), kept in the
         registry so it survives a restart. Its pull runs in the background."""
         doc = doc_from_spec(spec)
         existing = self.deployments.get(spec.name)
+        self._check_access(doc, existing)
         if existing is not None and not existing.removed:
             if existing.doc == doc:
                 return self.status(spec.name)
             raise ConflictError(f"model {spec.name!r} exists with another spec; remove it"
                                 " first, or PUT /api/v1/models/{name} to roll out a new version")
-        self._check_sources(doc, {})
+        self._check_sources(doc, {}, persist=persist)
         if persist:
             self.registry.put(doc)
         dep = self._add(doc, origin="api" if persist else "config")
@@ -336,6 +358,7 @@ class ModelService:
         the error is raised. One rollout per model at a time (409 otherwise).
         """
         dep = self.deployments.get(doc.name)
+        self._check_access(doc, dep)
         if dep is None or dep.removed:
             self._check_sources(doc, {})
             self.registry.put(doc)
@@ -344,6 +367,10 @@ class ModelService:
         if dep.rollout is not None:
             raise ConflictError(f"model {doc.name!r} is being rolled out already; try again"
                                 " when that finishes")
+        if doc.bucket != dep.doc.bucket:
+            raise ConflictError(
+                f"model {doc.name!r} is in bucket {dep.doc.bucket!r}; a model's bucket does"
+                " not change: remove the model and deploy it again")
         self._check_sources(doc, dep.versions)
         if dep.doc == doc:
             return self.status(doc.name), False
@@ -363,7 +390,7 @@ class ModelService:
 
     async def _roll(self, dep: Deployment, doc: ModelDoc) -> None:
         old = dep.doc
-        added = {label: self._new_version(doc.name, label, spec)
+        added = {label: self._new_version(doc, label, spec)
                  for label, spec in doc.versions.items() if label not in dep.versions}
         dep.versions.update(added)  # visible in status; requests reach them only after the switch
         what = ", ".join(f"{v} {p}%" for v, p in doc.traffic.items() if p) or "routes only"
@@ -440,9 +467,13 @@ class ModelService:
         with contextlib.suppress(KeyError):
             self.metrics.model_bytes.remove(name)
 
+    def _visible(self, dep: Deployment) -> bool:
+        """Whether the caller of the current request may see the model (access.py)."""
+        return can_use(self.caches.buckets, dep.doc.bucket)
+
     def _deployment(self, name: str, version: str | None = None) -> Deployment:
         dep = self.deployments.get(name)
-        if dep is None or dep.removed:
+        if dep is None or dep.removed or not self._visible(dep):
             raise ModelNotFoundError(name, version)
         return dep
 
@@ -466,7 +497,8 @@ class ModelService:
         return self._status(self._deployment(name))
 
     def list_models(self) -> list[ModelStatus]:
-        return [self._status(d) for _, d in sorted(self.deployments.items()) if not d.removed]
+        return [self._status(d) for _, d in sorted(self.deployments.items())
+                if not d.removed and self._visible(d)]
 
     def _status(self, dep: Deployment) -> ModelStatus:
         now = time.monotonic()
@@ -479,7 +511,7 @@ class ModelService:
         workers = sorted({c.worker for v in versions.values() for c in v.copies})
         return ModelStatus(
             name=dep.name, version=label, source=p.spec.source, runtime=pv.runtime,
-            state=pv.state, reason=pv.reason, eager=dep.doc.eager, origin=dep.origin,
+            state=pv.state, reason=pv.reason, eager=dep.doc.eager, origin=dep.origin, bucket=dep.doc.bucket,
             worker=pv.copies[0].worker if pv.copies else None, workers=workers,
             size_bytes=pv.size_bytes, predicted_bytes=pv.predicted_bytes,
             inflight=sum(v.inflight for v in versions.values()),
@@ -619,13 +651,17 @@ class ModelService:
         from ..sources import parse_source
 
         spec = v.spec
-        cache_spec = make_spec(name=v.cache, source=spec.source, bucket=MODEL_BUCKET)
+        cache_spec = make_spec(name=v.cache, source=spec.source, bucket=v.bucket)
         try:
             view = self.caches.ensure(cache_spec).view
         except ConflictError:
             # A cache of that name exists: reuse it when it holds the same source.
             info = self.caches.get(v.cache)
             wanted = parse_source(spec.source, {}, self.settings).uri
+            if info.bucket != v.bucket:  # never serve another bucket's files
+                raise ConflictError(
+                    f"model {v.display!r}: cache {v.cache!r} is in another bucket;"
+                    " remove it or name the model differently") from None
             if info.source != wanted:
                 raise ConflictError(
                     f"model {v.display!r}: cache {v.cache!r} already holds {info.source},"
@@ -778,8 +814,9 @@ class ModelService:
                 copies = {c.key: c for o in self._all_versions() for c in o.copies}
                 victims = [copies[key] for key in plan.evict if key in copies]
                 # Start the unloads before any await: no request may pick a victim now.
-                tasks = [self._start_unload(c, f"evicted for {v.display}", evicted=True)
-                         for c in victims]
+                # The reason names no model: the victim may be in another bucket.
+                tasks = [self._start_unload(c, "evicted to make room for another model",
+                                            evicted=True) for c in victims]
                 if tasks:
                     log.info("loading %s: %s", v.display, "; ".join(plan.reasons))
                     evicted += [x for x in plan.reasons if x.startswith("evict ")]

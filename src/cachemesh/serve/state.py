@@ -76,6 +76,7 @@ class Version:
     label: str
     spec: VersionSpec
     cache: str
+    bucket: str  # of its cache (the model's); a protected one hides the model
     phase: str = PULLING  # PULLING, UNLOADED, LOADING or FAILED; READY/UNLOADING come from copies
     reason: str | None = None
     view: Path | None = None
@@ -198,6 +199,7 @@ class ModelStatus:
     reason: str | None
     eager: bool
     origin: str
+    bucket: str  # of its caches; a protected bucket hides the model from callers without its token
     worker: int | None
     workers: list[int]
     size_bytes: int | None
