@@ -365,3 +365,41 @@ def test_a_request_routed_before_the_switch_finishes_on_the_old_version(tmp_path
         assert (late.status, late.tag) == (200, "v2")
         assert early.end > switched  # it was still waiting on v1 when v2 took over
         assert list(model(s)["versions"]) == ["v2"]
+
+
+@pytest.mark.parametrize("version", [3, 4])
+def test_stores_written_before_the_merge_open_with_their_models(tmp_path: Path, version: int):
+    """Version 3: a mesh store (a document, no bucket: it was always 'models');
+    version 4: a store of main with buckets (a simple spec naming its bucket).
+    Both open with the current migrations and their models come back as documents."""
+    import sqlite3
+
+    from cachemesh.store import db as dbmod
+
+    path = tmp_path / "meta.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN")
+    for step in dbmod.MIGRATIONS[:version]:
+        step(conn)
+    conn.execute(f"PRAGMA user_version = {version}")
+    rows = {
+        "doc": {"name": "doc", "versions": {"v1": {"source": "/m/1", "runtime": "sklearn"},
+                                            "v2": {"source": "/m/2"}},
+                "traffic": {"v1": 90, "v2": 10},
+                "routes": [{"header": "x-model-version", "value": "v2", "version": "v2"}]},
+        "simple": {"name": "simple", "source": "/m/s", "runtime": "sklearn", "version": None,
+                   "parameters": {}, "eager": True,
+                   **({"bucket": "team-a"} if version == 4 else {})},
+    }
+    for name, spec in rows.items():
+        conn.execute("INSERT INTO models VALUES (?, ?, 0, 0)", (name, orjson.dumps(spec)))
+    conn.execute("COMMIT")
+    conn.close()
+    db = dbmod.Database(path)
+    assert db.query("PRAGMA user_version")[0][0] == dbmod.SCHEMA_VERSION == 4
+    docs = {d.name: d for d in SqliteModelRegistry(db).list()}
+    assert docs["doc"].bucket == "models" and docs["doc"].traffic == {"v1": 90, "v2": 10}
+    assert docs["doc"].routes[0].version == "v2"
+    simple = docs["simple"]
+    assert simple.bucket == ("team-a" if version == 4 else "models") and simple.eager
+    assert simple.traffic == {"default": 100} and simple.versions["default"].source == "/m/s"
