@@ -638,13 +638,24 @@ def bucket_unprotect(ctx: click.Context, name: str) -> None:
 @click.option("--worker-memory-limit", type=SIZE, default=None,
               help="Address-space limit of each worker (RLIMIT_AS); a load past it fails.")
 @click.option("--model", "models", multiple=True, metavar="NAME=SOURCE[,runtime=R][,version=V]",
-              help="Serve SOURCE (anything `cachemesh pull` takes) as NAME; repeatable. Other"
-              " KEY=VALUE options are runtime parameters (class=mod:Cls, trusted=false);"
-              " eager=true loads it at start.")
+              help="Serve SOURCE (anything `cachemesh pull` takes) as NAME; repeatable."
+              " Options: runtime, version, bucket, eager=true (load at start), copy_rate,"
+              " max_copies, cooldown_s; other KEY=VALUE options are runtime parameters"
+              " (class=mod:Cls, trusted=false).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True,
               path_type=Path), default=None,
-              help="YAML file with a list of models (name, source, runtime, version, bucket,"
-              " parameters, eager); for sources that contain ',' or '='.")
+              help="YAML file with a list of models: simple ones (name, source, runtime,"
+              " version, bucket, parameters, eager) or documents with versions, traffic and"
+              " routes (docs/mesh.md); for sources that contain ',' or '='.")
+@click.option("--copy-rate", type=click.FloatRange(min=0), default=None,
+              help="Requests/s per copy above which a model gets another copy on another"
+              " worker (default 50; 0: one copy each). $CACHEMESH_SERVE_COPY_RATE")
+@click.option("--max-copies", type=click.IntRange(min=1), default=None,
+              help="Copies of one model at most (default: one per worker)."
+              " $CACHEMESH_SERVE_MAX_COPIES")
+@click.option("--copy-cooldown", type=click.FloatRange(min=0), default=None,
+              help="Seconds the rate must stay low before an extra copy goes (default 60)."
+              " $CACHEMESH_SERVE_COPY_COOLDOWN")
 @click.option("--api-token", default=None, metavar="TOKEN",
               help="Bearer token for the control API, the repository extension and /metrics."
               " Prefer $CACHEMESH_API_TOKEN: a flag shows in the process list.")
@@ -661,13 +672,15 @@ def bucket_unprotect(ctx: click.Context, name: str) -> None:
 def serve(ctx: click.Context, host: str | None, port: int | None, workers: int | None,
           memory: int | None, worker_memory_limit: int | None, models: tuple[str, ...],
           config_file: Path | None, api_token: str | None, inference_token: str | None,
-          metrics_token: str | None, max_body: int | None) -> None:
+          metrics_token: str | None, max_body: int | None, copy_rate: float | None,
+          max_copies: int | None, copy_cooldown: float | None) -> None:
     """Serve models over KServe V2 REST, with the control API and /metrics, on one port.
 
     Models load on their first request (or at start with eager=true), in worker
     processes, under one memory budget; idle ones are evicted least recently
     used first. Models deployed at run time (POST /api/v1/models, `cachemesh
-    models deploy`) are served again after a restart. SIGTERM drains.
+    models deploy`, PUT /api/v1/models/NAME) are served again after a restart.
+    A model requested faster than --copy-rate gets more copies. SIGTERM drains.
 
     With a control token, the control API needs it; with an inference token,
     inference does too; health probes stay open. See docs/security.md.
@@ -680,7 +693,9 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int |
     settings = settings_of(ctx)
     overrides = {k: v for k, v in {
         "host": host, "port": port, "workers": workers, "memory": memory,
-        "worker_memory_limit": worker_memory_limit, "max_body": max_body}.items()
+        "worker_memory_limit": worker_memory_limit, "max_body": max_body,
+        "copy_rate": copy_rate, "max_copies": max_copies, "copy_cooldown_s": copy_cooldown,
+    }.items()
         if v is not None}
     tokens = {k: v.strip() for k, v in {
         "api_token": api_token, "inference_token": inference_token,

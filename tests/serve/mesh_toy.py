@@ -2,7 +2,8 @@
 
 Copied into a model directory as ``toy.py`` (``class=toy:Tagged``). Parameters:
 ``tag`` (what it answers), ``delay`` (seconds per prediction), ``load_delay``,
-``fail_load`` (raise while loading), ``ballast_mb`` (memory it holds).
+``fail_load`` (raise while loading), ``ballast_mb`` (memory it holds). Its
+``generate`` and ``stream`` hooks answer the tag too (the routing of the hooks).
 """
 
 from __future__ import annotations
@@ -33,3 +34,9 @@ class Tagged(Runtime):
         return InferenceResponse(
             outputs=[Tensor("tag", "BYTES", (1,), np.array([tag.encode()], dtype=object))],
             parameters={"tag": tag, "pid": os.getpid()})
+
+    def generate(self, payload):
+        return {"text": self.settings.parameters.get("tag", "")}
+
+    def stream(self, payload):
+        yield {"text": self.settings.parameters.get("tag", "")}

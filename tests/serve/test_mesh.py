@@ -224,6 +224,32 @@ def test_canary_split_path_versions_and_metrics(tmp_path: Path):
         assert {(e["version"], e["state"]) for e in index} == {("v1", "READY"), ("v2", "READY")}
 
 
+def check_route_function(s: RunningServer) -> None:
+    """ModelService.route, the routing entry point of every adapter (OpenAI and gRPC
+    call it, or the hooks that call it), decides as the V2 REST path does."""
+    from cachemesh.errors import ModelNotFoundError
+
+    service = s.service
+    assert service.route("m").version == "v1"
+    d = service.route("m", headers={"x-model-version": "v2"})
+    assert (d.version, d.reason) == ("v2", "route 0: header x-model-version=v2")
+    assert service.route("m", parameters={"cohort": "exp-1"}).version == "v3"
+    assert service.route("m", "v3", headers={"x-model-version": "v2"}).reason == "path"
+    for name, version in (("m", "v9"), ("nosuch", None)):
+        with pytest.raises(ModelNotFoundError):
+            service.route(name, version)
+
+    async def hooks() -> list[Any]:
+        return [await service.generate("m", {"kind": "completion", "prompt": "x"},
+                                       headers={"x-user": "beta-1"}),
+                await service.generate("m", {}, parameters={"variant": "b"}),
+                [c async for c in service.stream("m", {}, headers={"x-model-version": "v2"})],
+                await service.generate("m", {}, version="v3")]
+
+    got = asyncio.run_coroutine_threadsafe(hooks(), s.server._loop).result(30)
+    assert got == [{"text": "v3"}, {"text": "v2"}, [{"text": "v2"}], {"text": "v3"}]
+
+
 @pytest.mark.slow
 def test_header_and_parameter_routes_the_cli_and_a_restart(tmp_path: Path):
     doc = {"versions": {"v1": version(tmp_path, "v1"), "v2": version(tmp_path, "v2"),
@@ -268,6 +294,7 @@ def test_header_and_parameter_routes_the_cli_and_a_restart(tmp_path: Path):
         r = s.client.put("/api/v1/models/m", json=doc)
         assert r.status_code == 201, r.text
         check_routes(s)
+        check_route_function(s)
         # status: versions, copies and where they are, from the API and the CLI
         m = model(s)
         assert {k: v["status"]["state"] for k, v in m["versions"].items()} == {

@@ -166,3 +166,30 @@ def test_failover_when_the_worker_holding_a_copy_dies(tmp_path: Path):
         assert len([x for x in after if x.status == 200]) > 20
         assert all(x.status == 200 for x in shots if x.start > killed_at + 1.0)
         assert 'cachemesh_worker_restarts_total 1.0' in s.client.get("/metrics").text
+
+
+def test_serve_flags_set_the_copy_thresholds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """--copy-rate, --max-copies and --copy-cooldown reach the server's settings; a
+    model's own scaling (here from --model) overrides them; bad values exit 2."""
+    from click.testing import CliRunner
+
+    from cachemesh.cli import main
+    from cachemesh.serve.copies import CopyPolicy
+    from cachemesh.serve.documents import doc_from_spec
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr("cachemesh.serve.server.run",
+                        lambda settings, specs, on_started=None: seen.update(
+                            cfg=settings.serve, specs=specs))
+    env = {"CACHEMESH_HOME": str(tmp_path / "home")}
+    r = CliRunner().invoke(main, ["serve", "--copy-rate", "7.5", "--max-copies", "3",
+                                  "--copy-cooldown", "12", "--model", "a=/models/a",
+                                  "--model", "b=/models/b,copy_rate=2,cooldown_s=0"], env=env)
+    assert r.exit_code == 0, r.output
+    cfg = seen["cfg"]
+    assert (cfg.copy_rate, cfg.max_copies, cfg.copy_cooldown_s) == (7.5, 3, 12.0)
+    a, b = (CopyPolicy.of(cfg, doc_from_spec(s).scaling) for s in seen["specs"])
+    assert a == CopyPolicy(7.5, 3, 12.0) and b == CopyPolicy(2.0, 3, 0.0)
+    for bad in (["--copy-rate", "-1"], ["--max-copies", "0"], ["--copy-cooldown", "x"]):
+        r = CliRunner().invoke(main, ["serve", *bad], env=env)
+        assert r.exit_code == 2, (bad, r.output)

@@ -9,7 +9,7 @@ In order (the first that applies decides):
 3. the ``traffic`` shares: a weighted draw (a canary's 10 %).
 
 Every protocol adapter (V2 REST, V2 gRPC, OpenAI) reaches this through
-:meth:`ModelService.resolve <cachemesh.serve.service.ModelService.resolve>`,
+:meth:`ModelService.route <cachemesh.serve.service.ModelService.route>`,
 so a route works the same whichever protocol the request came by. The draw is
 independent per request (as Istio's weighted routes are): a client that sends
 two requests may reach two versions.

@@ -9,10 +9,11 @@ What the service holds for it is drawn in ``state.py``. In short:
 
 - Deploy: each version's source is pulled through the cache (``Caches.ensure``)
   once, in the background; its files then live in a cache view.
-- Route: :meth:`ModelService.resolve` picks the version a request goes to
-  (path, then routes, then traffic; ``routing.py``). ``infer``, ``generate``
-  and ``stream`` call it; an adapter that must know the version before it
-  answers (to set a header) calls it first and passes the version it got.
+- Route: :meth:`ModelService.route` is the one place that picks the version a
+  request goes to (path, then routes, then traffic; ``routing.py``). ``infer``,
+  ``generate`` and ``stream`` call it; an adapter that must know the version
+  before it answers (to set a header) calls it first and passes the label it got
+  as ``version``.
 - Load: one on-demand load per version at a time (a single shared task that
   every request waiting on it awaits), through the load queue (bounded,
   ``load_concurrency`` at once, request-driven loads first). The placement
@@ -477,19 +478,30 @@ class ModelService:
             raise ModelNotFoundError(name, version)
         return dep
 
-    def resolve(self, name: str, version: str | None = None, *,
-                headers: Mapping[str, str] | None = None,
-                parameters: Mapping[str, Any] | None = None) -> Decision:
-        """The version a request goes to, and why (see ``routing.py``). ``headers``:
-        names in lower case; ``parameters``: the request's (V2) parameters."""
-        return self._deployment(name, version).router.choose(version, headers, parameters)
+    def route(self, name: str, version: str | None = None, *,
+              headers: Mapping[str, str] | None = None,
+              parameters: Mapping[str, Any] | None = None) -> Decision:
+        """The version of model ``name`` a request goes to, and why: the routing entry
+        point of every protocol (``routing.py`` decides).
 
-    def _version(self, name: str, version: str | None = None, *,
-                 headers: Mapping[str, str] | None = None,
-                 parameters: Mapping[str, Any] | None = None) -> tuple[Deployment, Version]:
+        ``version``: a label or alias the request names itself (the V2 path, gRPC's
+        ``model_version``); an unknown one raises :class:`ModelNotFoundError`.
+        ``headers``: HTTP headers or gRPC metadata, names in lower case. ``parameters``:
+        the V2 request's ``parameters`` (or whatever the protocol has like them).
+        A model the caller may not see (a protected bucket) is not found.
+
+        ``infer``, ``generate`` and ``stream`` route through this themselves. An
+        adapter that must name the version in its answer before it has one (the
+        OpenAI adapter's ``x-model-version`` header on a stream) calls it, then
+        passes ``decision.version`` as their ``version`` with no ``await`` between.
+        """
+        return self._route(name, version, headers, parameters)[0]
+
+    def _route(self, name: str, version: str | None, headers: Mapping[str, str] | None,
+               parameters: Mapping[str, Any] | None) -> tuple[Decision, Deployment, Version]:
         dep = self._deployment(name, version)
-        label = dep.router.choose(version, headers, parameters).version
-        return dep, dep.versions[label]
+        decision = dep.router.choose(version, headers, parameters)
+        return decision, dep, dep.versions[decision.version]
 
     # -- status ----------------------------------------------------------------------
 
@@ -994,7 +1006,7 @@ class ModelService:
             raise OverloadedError(
                 f"{self.inflight} requests in flight, the most this server takes"
                 " (CACHEMESH_SERVE_MAX_INFLIGHT)", retry_after=1.0)
-        dep, v = self._version(name, version, headers=headers, parameters=parameters)
+        _, dep, v = self._route(name, version, headers, parameters)
         self.inflight += 1
         v.inflight += 1
         self._idle.clear()
@@ -1093,10 +1105,11 @@ class ModelService:
             series.latency.observe(time.perf_counter() - started)
 
     async def generate(self, name: str, payload: dict[str, Any], *, version: str | None = None,
-                       headers: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """The optional ``generate`` hook of a runtime (issue 7's OpenAI adapter calls this)."""
-        params = payload.get("parameters") if isinstance(payload.get("parameters"), dict) else None
-        _, v = self._admit(name, version, headers, params)
+                       headers: Mapping[str, str] | None = None,
+                       parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The optional ``generate`` hook of a runtime (issue 7's OpenAI adapter calls this).
+        ``version``, ``headers`` and ``parameters`` choose the version as :meth:`route`."""
+        _, v = self._admit(name, version, headers, parameters)
         copy: Copy | None = None
         try:
             copy = await self._copy_for(v, None, time.monotonic() + self.cfg.request_timeout_s)
@@ -1110,10 +1123,11 @@ class ModelService:
             self._done(v)
 
     async def stream(self, name: str, payload: dict[str, Any], *, version: str | None = None,
-                     headers: Mapping[str, str] | None = None) -> AsyncIterator[Any]:
-        """The optional ``stream`` hook: chunks as the worker yields them."""
-        params = payload.get("parameters") if isinstance(payload.get("parameters"), dict) else None
-        _, v = self._admit(name, version, headers, params)
+                     headers: Mapping[str, str] | None = None,
+                     parameters: Mapping[str, Any] | None = None) -> AsyncIterator[Any]:
+        """The optional ``stream`` hook: chunks as the worker yields them. The version
+        is chosen (as :meth:`route`) when the first chunk is asked for."""
+        _, v = self._admit(name, version, headers, parameters)
         copy: Copy | None = None
         try:
             copy = await self._copy_for(v, None, time.monotonic() + self.cfg.request_timeout_s)
