@@ -193,3 +193,17 @@ def test_serve_flags_set_the_copy_thresholds(tmp_path: Path, monkeypatch: pytest
     for bad in (["--copy-rate", "-1"], ["--max-copies", "0"], ["--copy-cooldown", "x"]):
         r = CliRunner().invoke(main, ["serve", *bad], env=env)
         assert r.exit_code == 2, (bad, r.output)
+
+
+def test_a_copy_that_measures_less_than_half_its_files_is_counted_as_predicted(tmp_path: Path):
+    """A load whose RSS barely grows (here: 8 MiB of weights it never reads; in life,
+    a reload into memory its worker freed before) must not look free to placement."""
+    v = version(tmp_path, "v1")
+    (Path(v["source"]) / "weights.bin").write_bytes(b"\0" * (8 * MB))
+    with RunningServer(serve_settings(tmp_path / "home", workers=1), []) as s:
+        doc = {"versions": {"v1": v}, "eager": True}
+        assert s.client.put("/api/v1/models/m", json=doc).status_code == 201
+        wait_until(lambda: model(s)["state"] == "Ready")
+        st = model(s)["versions"]["v1"]["status"]
+        assert st["size_bytes"] == st["predicted_bytes"] > 8 * MB, st
+        assert st["copies"][0]["size_bytes"] == st["predicted_bytes"]

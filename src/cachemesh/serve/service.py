@@ -523,7 +523,8 @@ class ModelService:
         workers = sorted({c.worker for v in versions.values() for c in v.copies})
         return ModelStatus(
             name=dep.name, version=label, source=p.spec.source, runtime=pv.runtime,
-            state=pv.state, reason=pv.reason, eager=dep.doc.eager, origin=dep.origin, bucket=dep.doc.bucket,
+            state=pv.state, reason=pv.reason, eager=dep.doc.eager, origin=dep.origin,
+            bucket=dep.doc.bucket,
             worker=pv.copies[0].worker if pv.copies else None, workers=workers,
             size_bytes=pv.size_bytes, predicted_bytes=pv.predicted_bytes,
             inflight=sum(v.inflight for v in versions.values()),
@@ -788,7 +789,7 @@ class ModelService:
             self._forget_copy(copy, None)
             raise
         now = time.monotonic()
-        copy.size = max(int(result["size"]), 1)
+        copy.size = _copy_size(int(result["size"]), bool(result.get("reported")), v)
         v.metadata = result["metadata"]
         v.capabilities = {"generate": result["generate"], "stream": result["stream"]}
         copy.state, copy.loaded_at, copy.last_used = READY, now, now
@@ -1139,6 +1140,17 @@ class ModelService:
             if copy is not None:
                 self._release(copy)
             self._done(v)
+
+
+def _copy_size(measured: int, reported: bool, v: Version) -> int:
+    """What a loaded copy holds, for the memory accounting. RSS growth undercounts a
+    load into memory its worker freed before (the allocator reuses it: a version
+    reloaded after a rollback measured 1 byte), and an undercounted copy looks free
+    to the placement of the next one; below half its bytes on disk, the prediction
+    stands in. A size the runtime reports itself is taken as it is."""
+    if not reported and measured < v.disk_bytes // 2:
+        return max(v.predicted, measured, 1)
+    return max(measured, 1)
 
 
 def _shares(doc: ModelDoc) -> str:
