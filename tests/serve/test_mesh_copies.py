@@ -145,7 +145,8 @@ def test_failover_when_the_worker_holding_a_copy_dies(tmp_path: Path):
         wait_until(lambda: model(s)["state"] == "Ready")
         with Load(s, "/v2/models/m/infer") as load:
             two = wait_until(lambda: len(copies(s)) == 2 and copies(s), timeout=30)
-            victim = next(w for w in s.service.workers if w.id == two[0]["worker"])
+            first = next(c["worker"] for c in two if not c["extra"])  # the first copy's
+            victim = next(w for w in s.service.workers if w.id == first)
             pids = {w.pid for w in s.service.workers}
             killed_at = time.monotonic()
             os.kill(victim.pid, signal.SIGKILL)
@@ -154,6 +155,10 @@ def test_failover_when_the_worker_holding_a_copy_dies(tmp_path: Path):
             wait_workers(s, 2)
             assert {w.pid for w in s.service.workers} != pids
             wait_until(lambda: len(copies(s)) == 2, timeout=30)
+            # the copy that survived is the first one now; the new one is the extra
+            other = next(c["worker"] for c in two if c["extra"])
+            assert {(c["worker"] == other, c["extra"]) for c in copies(s)} == {
+                (True, False), (False, True)}
             shots = load.stop()
         after = [x for x in shots if x.start > killed_at]
         lost = failures(shots)

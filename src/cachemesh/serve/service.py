@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -888,6 +889,10 @@ class ModelService:
         if c in v.copies:
             v.copies.remove(c)
         c.state = UNLOADED
+        if v.copies and all(o.extra for o in v.copies):
+            # The first copy went (evicted, let go, or its worker died): the oldest
+            # of the others is the first one now, and not the first to go.
+            min(v.copies, key=lambda o: o.loaded_at or math.inf).extra = False
         if not v.copies:
             self._release_hold(v)
             if reason is not None:
