@@ -801,7 +801,7 @@ def models_ls(ctx: click.Context, as_json: bool) -> None:
             notes = ([st["reason"]] if st["reason"] and st["state"] != "Ready" else [])
             notes += st["errors"][-1:]
             for note in notes:
-                click.echo(f"{'':<20} {note}")
+                click.echo(f"{'':<20} {note if len(note) <= 160 else note[:159] + '…'}")
         for route in m["routes"]:
             test = (f"={route['value']}" if route["value"] is not None else
                     f" starts with {route['prefix']!r}" if route["prefix"] is not None else
@@ -810,8 +810,9 @@ def models_ls(ctx: click.Context, as_json: bool) -> None:
             click.echo(f"{'':<20} route: {what}{test} -> {route['version']}")
         if m["aliases"]:
             click.echo(f"{'':<20} aliases: " + ", ".join(f"{a} -> {t}" for a, t in m["aliases"].items()))
-        if m["rollout"]:
-            click.echo(f"{'':<20} {m['rollout']}")
+        if m["rollout"]:  # in full in --json and GET /api/v1/models/NAME
+            note = m["rollout"]
+            click.echo(f"{'':<20} {note if len(note) <= 160 else note[:159] + '…'}")
     click.echo(f"memory: {format_size(mem['held_bytes'])} held of {format_size(mem['budget_bytes'])}"
                f" by {sum(1 for w in mem['workers'] if w['alive'])} worker(s)")
 
