@@ -442,3 +442,29 @@ def test_a_model_document_in_a_protected_bucket_needs_its_token_everywhere(secur
         assert r.status_code == 200 and r.headers["x-model-version"] == "v2"
     finally:
         assert c.delete("/api/v1/models/meshed", headers=both).status_code == 204
+
+
+def test_a_rollout_checks_the_deploy_roots_for_new_versions_only(secured, digits_dir: Path):
+    """digits was declared on the command line, outside the deployable roots: a PUT
+    that keeps it and adds a version from inside them goes through; a new version
+    from outside them is refused (400) and nothing changes."""
+    c = secured.client
+    both = {**AS_CONTROL, **WITH_BUCKET}
+    before = c.get("/api/v1/models/digits", headers=both).json()
+    doc = {"versions": {label: {k: v[k] for k in ("source", "runtime", "parameters")}
+                        for label, v in before["versions"].items()},
+           "traffic": before["traffic"]}
+    inside = {k: v for k, v in toy(secured.models_root, "rooted").model_dump().items()
+              if k in ("source", "runtime", "parameters")}
+    try:
+        r = c.put("/api/v1/models/digits", headers=both,
+                  json={**doc, "versions": {**doc["versions"], "v2": inside}})
+        assert r.status_code == 200 and list(r.json()["versions"]) == ["default", "v2"], r.text
+        outside = {"source": str(digits_dir), "runtime": "sklearn"}
+        r = c.put("/api/v1/models/digits", headers=both,
+                  json={**doc, "versions": {**doc["versions"], "v3": outside}})
+        assert r.status_code == 400 and "outside the directories" in r.json()["error"], r.text
+        got = c.get("/api/v1/models/digits", headers=both).json()
+        assert list(got["versions"]) == ["default", "v2"]
+    finally:
+        assert c.put("/api/v1/models/digits", headers=both, json=doc).status_code == 200

@@ -291,11 +291,6 @@ class ModelService:
 
         roots = tuple(self.cfg.source_roots) if persist else ()
         for label, spec in doc.versions.items():
-            # An unknown scheme, a path into the store, or one outside the deployable
-            # roots fails here, as 400, before anything is kept.
-            source = parse_source(spec.source, {}, self.settings)
-            self.caches.check_source(source, doc.bucket, roots)
-            uri = source.uri
             old = known.get(label)
             if old is not None:
                 if old.spec != spec:
@@ -303,7 +298,12 @@ class ModelService:
                         f"model {doc.name!r} version {label!r} exists with another source,"
                         " runtime or parameters; versions do not change: publish the change"
                         " under a new version label")
-                continue
+                continue  # checked when it came (a --model one is outside the roots)
+            # An unknown scheme, a path into the store, or one outside the deployable
+            # roots fails here, as 400, before anything is kept.
+            source = parse_source(spec.source, {}, self.settings)
+            self.caches.check_source(source, doc.bucket, roots)
+            uri = source.uri
             try:
                 info = self.caches.get(cache_name(doc.name, label))
             except CacheNotFoundError:
