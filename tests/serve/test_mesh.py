@@ -343,12 +343,19 @@ def test_invalid_documents_get_a_4xx_and_change_nothing(tmp_path: Path):
              "versions do not change"),
             ({"name": "other", "versions": {"v1": v1}}, 400, "URL names 'm'"),
             ({"versions": {"v1": v1}, "trafic": {"v1": 100}}, 400, "trafic"),
-            ([1, 2], 400, "invalid request"),
+            ([1, 2], 400, "a model document is a JSON object"),
         ]
         for doc, status, fragment in bad:
             r = s.client.put("/api/v1/models/m", json=doc)
             assert r.status_code == status and fragment in r.json()["error"], (doc, r.text)
+        for raw in (b"", b"{not json", b"[" * 5000 + b"]" * 5000):
+            r = s.client.put("/api/v1/models/m", content=raw)
+            assert r.status_code == 400 and "not a JSON document" in r.json()["error"], r.text
         assert document(model(s)) == document(before)
+        # the body is JSON whatever its Content-Type says (curl -d sends a form type)
+        r = s.client.put("/api/v1/models/m", content=orjson.dumps(good),
+                         headers={"content-type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 200 and list(r.json()["versions"]) == ["v1"], r.text
         # one rollout at a time
         async def two() -> tuple[httpx.Response, httpx.Response]:
             async with httpx.AsyncClient(base_url=s.url, timeout=60) as c:

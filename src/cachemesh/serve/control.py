@@ -11,10 +11,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Body, Request, Response
+import orjson
+from fastapi import APIRouter, Request, Response
 
+from ..errors import InvalidInputError
 from .documents import make_document
 from .registry import ModelSpec
 from .service import ModelService
@@ -55,13 +57,22 @@ _EXAMPLE = {"versions": {"v1": {"source": "s3://models/digits/1", "runtime": "sk
             "routes": [{"header": "x-model-version", "value": "v2", "version": "v2"}]}
 
 
-@router.put("/models/{name}")
-async def put_model(name: str, request: Request, response: Response,
-                    document: Annotated[dict[str, Any], Body(examples=[_EXAMPLE])]
-                    ) -> dict[str, Any]:
+# The body is read as JSON whatever its Content-Type says (`curl -d @doc.json` sends
+# a form type), so it is described here rather than declared as a parameter.
+_DOCUMENT_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"type": "object", "additionalProperties": True}, "examples": {
+        "canary": {"value": _EXAMPLE}}}}}}
+
+
+@router.put("/models/{name}", openapi_extra=_DOCUMENT_BODY)
+async def put_model(name: str, request: Request, response: Response) -> dict[str, Any]:
     """Set the model's document: its versions, traffic shares and routes (or a simple
     spec: ``source``, ``runtime``, ``version``). The versions it sends traffic to are
     loaded before it takes effect; versions it drops are unloaded after."""
+    try:
+        document = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInputError(f"the body is not a JSON document: {exc}") from None
     doc = make_document(document, name)
     status, created = await _service(request).apply(doc)
     response.status_code = 201 if created else 200
