@@ -12,6 +12,12 @@ starts and stops it with the app's lifespan), on ``ServeSettings.grpc_port``
     RepositoryIndex,                   control token (when one is configured), as
     RepositoryModelLoad | Unload       /v2/repository is over REST
 
+A ``ModelInfer`` without ``model_version`` is routed as REST routes a request
+without a version in its path (``docs/mesh.md``): the model's routes read the
+call's metadata as headers (``x-model-version: v2``) and the request's
+parameters; the version that answered comes back in ``model_version`` and in
+the ``x-model-version`` initial metadata.
+
 Tensors come as typed ``contents`` or as ``raw_input_contents`` (what
 tritonclient sends); the answer uses ``raw_output_contents`` when the request
 used raw inputs, as Triton does, and typed ``contents`` otherwise (raw for all
@@ -43,6 +49,7 @@ from ..access import CONTROL, INFERENCE, OPEN, Keyring, Principal, acting_as
 from ..runtimes.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 from . import protos as pb
 from .auth import credentials
+from .documents import DEFAULT_VERSION
 from .http_errors import message_of, status_of
 from .service import READY, ModelService
 from .v2_codec import (
@@ -60,6 +67,7 @@ from .v2_rest import EXTENSIONS, TRITON_STATE, load_model, unload_model
 
 log = logging.getLogger("cachemesh.serve")
 S = grpc.StatusCode
+VERSION_METADATA = "x-model-version"  # initial metadata: the version that answered
 
 # Errors -> status codes, most specific first.
 STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
@@ -212,12 +220,28 @@ class InferenceServicer:
         return out
 
     async def ModelInfer(self, request: Any, context: aio.ServicerContext) -> Any:
+        response, raw = await self._infer(request, context)
+        if response.model_version:
+            # The version that answered (routing.py chose it), as REST's x-model-version.
+            await context.send_initial_metadata(((VERSION_METADATA, response.model_version),))
+        return self._encode(response, raw)
+
+    async def _infer(self, request: Any, context: aio.ServicerContext
+                     ) -> tuple[InferenceResponse, bool]:
         req, raw = decode_request(request)
-        # Mesh routing hook: when the service routes by request headers, pass the
-        # call's metadata here as those headers (see _metadata).
+        # Without a model_version, the model's routes and traffic choose one, from the
+        # call's metadata (as REST's headers) and the request's parameters.
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in _metadata(context)}
         response = await self.service.infer(request.model_name, request.model_version or None,
-                                            req)
-        return encode_response(response, raw)
+                                            req, headers=headers)
+        return response, raw
+
+    @staticmethod
+    def _encode(response: InferenceResponse, raw: bool) -> Any:
+        out = encode_response(response, raw)
+        if response.model_version == DEFAULT_VERSION:
+            out.model_version = ""  # a model without versions (the simple forms)
+        return out
 
     async def ModelStreamInfer(self, requests: AsyncIterator[Any],
                                context: aio.ServicerContext) -> AsyncIterator[Any]:
@@ -225,7 +249,7 @@ class InferenceServicer:
         stream goes on (as Triton's decoupled-free streaming does)."""
         async for request in requests:
             try:
-                out = await self.ModelInfer(request, context)
+                out = self._encode(*await self._infer(request, context))
             except Exception as exc:
                 if not isinstance(exc, e.CachemeshError):
                     log.exception("unexpected error", exc_info=exc)
@@ -236,10 +260,12 @@ class InferenceServicer:
     async def RepositoryIndex(self, request: Any, context: aio.ServicerContext) -> Any:
         out = pb.RepositoryIndexResponse()
         for s in self.service.list_models():
-            if request.ready and s.state != READY:
-                continue
-            out.models.add(name=s.name, version=s.version or "",
-                           state=TRITON_STATE.get(s.state, "UNAVAILABLE"), reason=s.reason or "")
+            for label, v in s.versions.items():  # one entry per version, as Triton lists them
+                if request.ready and v.state != READY:
+                    continue
+                out.models.add(name=s.name, version="" if label == DEFAULT_VERSION else label,
+                               state=TRITON_STATE.get(v.state, "UNAVAILABLE"),
+                               reason=v.reason or "")
         return out
 
     async def RepositoryModelLoad(self, request: Any, context: aio.ServicerContext) -> Any:
