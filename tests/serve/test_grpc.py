@@ -292,6 +292,36 @@ def test_the_asyncio_client_too(g: GrpcServer):
     assert asyncio.run(main()) == [[b"x", b"yz"]] * 4
 
 
+def test_routes_read_the_calls_metadata(g: GrpcServer, client: tg.InferenceServerClient,
+                                        stub, tmp_path_factory: pytest.TempPathFactory):
+    """A model with two versions (docs/mesh.md): its routes read gRPC metadata as
+    REST's headers; the version that answered comes back in the body and metadata."""
+    root = tmp_path_factory.mktemp("grpc-ab")
+    v1, v2 = toy_model(root, "ab1"), toy_model(root, "ab2")
+    doc = {"versions": {label: {"source": s.source, "runtime": "custom", "parameters": s.parameters}
+                        for label, s in (("v1", v1), ("v2", v2))},
+           "traffic": {"v1": 100, "v2": 0},
+           "routes": [{"header": "x-model-version", "value": "v2", "version": "v2"}]}
+    r = g.server.client.put("/api/v1/models/ab", json=doc)
+    assert r.status_code == 201, r.text
+    inp = tg.InferInput("x", [1], "FP32")
+    inp.set_data_from_numpy(np.ones(1, np.float32))
+    assert client.infer("ab", [inp]).get_response().model_version == "v1"
+    routed = client.infer("ab", [inp], headers={"x-model-version": "v2"})
+    assert routed.get_response().model_version == "v2"
+    named = client.infer("ab", [inp], model_version="v1", headers={"x-model-version": "v2"})
+    assert named.get_response().model_version == "v1"  # what the request names wins
+    req = triton_pb2.ModelInferRequest(model_name="ab")
+    req.inputs.add(name="x", datatype="FP32", shape=[1]).contents.fp32_contents.append(1)
+    _, call = stub.ModelInfer.with_call(req, metadata=(("x-model-version", "v2"),))
+    assert ("x-model-version", "v2") in call.initial_metadata()
+    index = [(m.name, m.version) for m in client.get_model_repository_index().models]
+    assert ("ab", "v1") in index and ("ab", "v2") in index
+    # one version, declared without a label: no version in the answer
+    assert client.infer("echo", [inp]).get_response().model_version == ""
+    assert g.server.client.delete("/api/v1/models/ab").status_code in (200, 204)
+
+
 def test_stream_infer_answers_each_request(client: tg.InferenceServerClient):
     answers: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: answers.put((result, error)))
