@@ -31,7 +31,7 @@ from starlette.routing import Mount, Route
 
 from .. import __version__
 from ..errors import CachemeshError
-from . import control, v2_rest
+from . import control, datacaches, v2_rest
 from .metrics import CONTENT_TYPE
 from .registry import ModelSpec
 from .service import ModelService
@@ -44,6 +44,7 @@ def create_api(service: ModelService, routers: Sequence[Any] = ()) -> FastAPI:
                   " KServe V2 (Open Inference Protocol) under /v2 on the same port.")
     api.state.service = service
     api.include_router(control.router)
+    api.include_router(datacaches.router)
     for router in routers:
         api.include_router(router)
 

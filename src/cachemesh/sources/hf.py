@@ -42,7 +42,7 @@ import re
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 import httpx
@@ -58,7 +58,7 @@ from ..errors import (
 from ..store.hub_layout import HubRepo, TreeEntry, check_repo_id, is_commit
 from . import _hubhttp
 from ._hubhttp import HttpRequest, redact
-from .base import Listing, RemoteFile, Source, check_options, safe_name
+from .base import Listing, RemoteFile, RemoteSource, check_options, safe_name
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -117,13 +117,13 @@ def parse_hf_uri(uri: str) -> tuple[str, str, str]:
     return repo_type, repo_id, revision
 
 
-class HfSource(Source):
+class HfSource(RemoteSource):
     schemes = ("hf",)
     options = ()
 
     def __init__(self, repo_type: str, repo_id: str, revision: str, settings: Settings) -> None:
+        super().__init__(settings)
         self.repo_type, self.repo_id, self.revision = repo_type, repo_id, revision
-        self.settings = settings
         env = settings.environ
         # Checked when the Hub is first asked (see client): identifying the repo, for
         # the hub/ view of caches pulled earlier, must not depend on today's endpoint.
@@ -134,6 +134,7 @@ class HfSource(Source):
         self._url_prefix = f"{self.endpoint}/{kind}{repo_id}"
         self._api = f"{self.endpoint}/api/{repo_type}s/{repo_id}"
         self._client: httpx.Client | None = None
+        self._reader: _hubhttp.RangeReader | None = None
         self._client_lock = threading.Lock()
 
     @classmethod
@@ -185,7 +186,7 @@ class HfSource(Source):
         if cdn:
             return SourceError(
                 f"{what}: the storage the Hub redirected to ({redact(str(response.url))})"
-                f" answered {status}; if a signed URL expired, pull again"
+                f" answered {status}, also with a freshly signed URL"
             )
         if code == "GatedRepo":
             how = ("the account of HF_TOKEN has not been granted access" if self._token
@@ -298,15 +299,23 @@ class HfSource(Source):
         the pinned commit; the Hub redirects LFS files to its CDN."""
         return HttpRequest(file.locator, self._headers())
 
-    def open(self, file: RemoteFile) -> BinaryIO:
-        return _hubhttp.open_stream(
-            self.client,
-            self.request_for(file),
+    def read_range(self, file: RemoteFile, start: int, end: int) -> Iterator[bytes]:
+        client = self.client
+        with self._client_lock:
+            if self._reader is None or self._reader.client is not client:
+                self._reader = _hubhttp.RangeReader(client)
+            reader = self._reader
+        return reader.read(
+            self.request_for(file), start, end, size=file.size,
             what=f"{file.path} of {self.uri}",
             on_error=lambda resp, cdn: self._error(resp, path=file.path, cdn=cdn),
-            size=file.size,
-            git_sha1=file.git_sha1,
         )
+
+    def close(self) -> None:
+        with self._client_lock:
+            client, self._client, self._reader = self._client, None, None
+        if client is not None:
+            client.close()
 
     def __del__(self) -> None:
         client = getattr(self, "_client", None)

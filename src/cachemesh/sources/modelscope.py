@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, BinaryIO
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote_plus, unquote
 
 import httpx
@@ -49,7 +49,7 @@ from ..errors import (
 from ..store.hub_layout import check_repo_id
 from . import _hubhttp
 from ._hubhttp import HttpRequest, redact
-from .base import Listing, RemoteFile, Source, check_options, safe_name
+from .base import Listing, RemoteFile, RemoteSource, check_options, safe_name
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -94,17 +94,19 @@ def parse_ms_uri(uri: str) -> tuple[str, str]:
     return repo_id, revision
 
 
-class ModelScopeSource(Source):
+class ModelScopeSource(RemoteSource):
     schemes = ("ms", "modelscope")
     options = ()
 
     def __init__(self, repo_id: str, revision: str, settings: Settings) -> None:
-        self.repo_id, self.revision, self.settings = repo_id, revision, settings
+        super().__init__(settings)
+        self.repo_id, self.revision = repo_id, revision
         self.endpoint = modelscope_endpoint(settings.environ)
         self._token = (settings.environ.get("MODELSCOPE_API_TOKEN") or "").strip() or None
         self.uri = f"ms://{repo_id}@{revision}"
         self._api = f"{self.endpoint}/api/v1/models/{repo_id}"
         self._client: httpx.Client | None = None
+        self._reader: _hubhttp.RangeReader | None = None
         self._client_lock = threading.Lock()
 
     @classmethod
@@ -274,14 +276,23 @@ class ModelScopeSource(Source):
         redirected to OSS, where the credentials must not be sent."""
         return HttpRequest(file.locator, self._headers())
 
-    def open(self, file: RemoteFile) -> BinaryIO:
-        return _hubhttp.open_stream(
-            self.client,
-            self.request_for(file),
+    def read_range(self, file: RemoteFile, start: int, end: int) -> Iterator[bytes]:
+        client = self.client
+        with self._client_lock:
+            if self._reader is None or self._reader.client is not client:
+                self._reader = _hubhttp.RangeReader(client)
+            reader = self._reader
+        return reader.read(
+            self.request_for(file), start, end, size=file.size,
             what=f"{file.path} of {self.uri}",
             on_error=lambda resp, cdn: self._error(resp, stage="file", path=file.path, cdn=cdn),
-            size=file.size,
         )
+
+    def close(self) -> None:
+        with self._client_lock:
+            client, self._client, self._reader = self._client, None, None
+        if client is not None:
+            client.close()
 
     def __del__(self) -> None:
         client = getattr(self, "_client", None)
