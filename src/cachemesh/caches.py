@@ -13,7 +13,9 @@ Files already present (same blob, same git blob id, or same origin version from
 an interrupted pull) are linked without fetching again. Caches pulled from a
 Hugging Face hub are also shown in its cache layout under ``hub/`` (see
 ``store/hub_layout.py``): after every pull and every removal, the repo's folder
-is made to show exactly what the Available caches of that repo hold. Progress
+is made to show exactly what the Available caches of that repo hold (caches in
+a protected bucket never appear there: ``hub/`` is readable by every local
+user; see ``store/buckets.py``). Progress
 and timestamped events are written to the database as they happen, so any
 process (the CLI, the control API) can follow a pull that another process runs.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 import shutil
 import threading
 import time
@@ -251,6 +254,9 @@ class Caches:
         self.store = Store(self.settings.home)
         self.db = self.store.db
         self.hub = HubLayout(self.store.home)
+        self.buckets = self.store.buckets
+        # Cheap and idempotent: repairs modes that a crash or an older cachemesh left open.
+        self.buckets.secure()
 
     # -- reading -----------------------------------------------------------------
 
@@ -329,6 +335,7 @@ class Caches:
     def create(self, spec: CacheSpec) -> CacheInfo:
         """Declare a cache (status Pending). An identical declaration is a no-op."""
         source = parse_source(spec.source, spec.options, self.settings)
+        self.check_source(source, spec.bucket)
         canonical = spec.model_copy(update={"source": source.uri})
         stored = json.loads(json.dumps(canonical.model_dump()))
         now = time.time()
@@ -360,6 +367,82 @@ class Caches:
                 (spec.name, now, "info", "created", f"cache created from {source.display_uri}"),
             )
         return self.get(spec.name)
+
+    def check_source(self, source: Source, bucket: str,
+                     roots: tuple[Path, ...] = ()) -> None:
+        """Refuse a local source that would copy the store's own files, or a protected
+        bucket's files into another bucket; with ``roots``, one outside them.
+
+        Symlinks are resolved first, so a link that points into the store is judged
+        by where it leads. A view (``buckets/<bucket>/...``) or ``hub/`` may be a
+        source: they hold what users read anyway; so may a conversion's staging
+        folder. Everything else there (blobs/, tmp/, meta.db, the whole store) may not.
+        """
+        root = getattr(source, "root", None)
+        if not isinstance(root, Path):
+            return  # not a local path
+        try:
+            real = Path(os.path.realpath(root))
+        except (OSError, ValueError) as exc:
+            raise UnsafePathError(f"local source {root!r}: {exc}") from None
+        if roots and not any(real == r or r in real.parents
+                             for r in (Path(os.path.realpath(x)) for x in roots)):
+            raise UnsafePathError(
+                f"local source {root} is outside the directories this server deploys from"
+                " (CACHEMESH_SERVE_SOURCE_ROOTS)")
+        home = Path(os.path.realpath(self.store.home))
+        if real != home and home not in real.parents:
+            return
+        parts = real.relative_to(home).parts
+        if len(parts) >= 2 and parts[0] == "hub":
+            return
+        if len(parts) >= 3 and parts[:2] == ("tmp", "convert"):
+            return  # a conversion's staged output (convert/service.py)
+        if len(parts) >= 2 and parts[0] == "buckets":
+            if self.buckets.is_protected(parts[1]) and parts[1] != bucket:
+                raise UnsafePathError(
+                    f"local source {root} lies in protected bucket {parts[1]!r}; a cache of"
+                    " its files must be in that bucket too")
+            return
+        raise UnsafePathError(
+            f"local source {root} lies in the store's own files; only views"
+            " (buckets/<bucket>/...) and hub/ may be a source")
+
+    # -- protected buckets (store/buckets.py) --------------------------------------
+
+    def protect_bucket(self, bucket: str, token: str | None = None) -> str:
+        """Protect ``bucket``: its folder private, its caches out of ``hub/``, a token
+        to see them over the API. Returns the token (made here unless given)."""
+
+        def hide_from_hub() -> None:  # before the row: the disk is never more open
+            for repo in self._hub_repos_of_bucket(bucket):
+                self._sync_hub(repo, hide=frozenset({bucket}))
+
+        return self.buckets.protect(bucket, token, before_commit=hide_from_hub)
+
+    def rotate_bucket_token(self, bucket: str, token: str | None = None) -> str:
+        return self.buckets.rotate(bucket, token)
+
+    def unprotect_bucket(self, bucket: str) -> None:
+        self.buckets.unprotect(bucket)
+        for repo in self._hub_repos_of_bucket(bucket):
+            self._sync_hub(repo)
+
+    def bucket_list(self) -> list[dict[str, Any]]:
+        """Every bucket that holds caches or is protected: name, protected, caches."""
+        counts = {r["bucket"]: r["n"] for r in self.db.query(
+            "SELECT bucket, COUNT(*) AS n FROM caches GROUP BY bucket")}
+        protected = self.buckets.protected()
+        return [{"name": b, "protected": b in protected, "caches": counts.get(b, 0)}
+                for b in sorted(counts.keys() | protected)]
+
+    def _hub_repos_of_bucket(self, bucket: str) -> list[HubRepo]:
+        repos: dict[str, HubRepo] = {}
+        for row in self.db.query("SELECT source, spec FROM caches WHERE bucket = ?", (bucket,)):
+            repo = self._hub_repo_of(row["source"], json.loads(row["spec"]).get("options"))
+            if repo is not None:
+                repos[repo.folder] = HubRepo(repo.repo_type, repo.repo_id)
+        return list(repos.values())
 
     def touch(self, name: str) -> None:
         with self.db.transaction() as conn:
@@ -747,20 +830,29 @@ class Caches:
     def _hub_repos(self, only: str | None = None) -> dict[str, HubRepo]:
         """Available caches that show files under hub/ -> their repo (ref dropped)."""
         repos: dict[str, HubRepo] = {}
-        for row in self.db.query("SELECT name, source, spec, status FROM caches"):
+        protected = self.buckets.protected()
+        for row in self.db.query("SELECT name, bucket, source, spec, status FROM caches"):
             if row["status"] != AVAILABLE or (only is not None and row["name"] != only):
+                continue
+            if row["bucket"] in protected:
                 continue
             repo = self._hub_repo_of(row["source"], json.loads(row["spec"]).get("options"))
             if repo is not None:
                 repos[row["name"]] = HubRepo(repo.repo_type, repo.repo_id)
         return repos
 
-    def _hub_claims(self, repo: HubRepo, including: str | None = None) -> list[HubClaim]:
-        """What each Available cache of ``repo`` (and ``including``) shows in its folder."""
+    def _hub_claims(self, repo: HubRepo, including: str | None = None,
+                    hide: frozenset[str] = frozenset()) -> list[HubClaim]:
+        """What each Available cache of ``repo`` (and ``including``) shows in its folder;
+        caches of protected buckets (and of ``hide``) show nothing."""
         claims = []
-        for row in self.db.query("SELECT name, source, spec, status, revision FROM caches"):
+        hidden = self.buckets.protected() | hide
+        for row in self.db.query(
+                "SELECT name, bucket, source, spec, status, revision FROM caches"):
             name = row["name"]
             if (row["status"] != AVAILABLE and name != including) or not row["revision"]:
+                continue
+            if row["bucket"] in hidden:
                 continue
             mine = self._hub_repo_of(row["source"], json.loads(row["spec"]).get("options"))
             if mine is None or (mine.repo_type, mine.repo_id) != (repo.repo_type, repo.repo_id):
@@ -774,9 +866,9 @@ class Caches:
         return claims
 
     def _sync_hub(self, repo: HubRepo, *, including: str | None = None,
-                  trees: dict[str, Any] | None = None) -> None:
+                  trees: dict[str, Any] | None = None, hide: frozenset[str] = frozenset()) -> None:
         with self.store.lock("hub", repo.folder), self.store.blob_lock(shared=True):
-            self.hub.sync(repo, self._hub_claims(repo, including), trees)
+            self.hub.sync(repo, self._hub_claims(repo, including, hide), trees)
 
     def _sync_hub_quietly(self, name: str, repo: HubRepo | None) -> None:
         if repo is None:

@@ -2,7 +2,8 @@
 
 A thin adapter: it parses arguments, calls the core, prints, and maps
 :mod:`cachemesh.errors` to exit codes (2: bad input, 3: not found, 4: conflict
-or in use, 5: capacity, 6: access denied, 1: anything else). Progress goes to stderr so that
+or in use, 5: capacity, 6: access denied (by an origin, or by the server's
+tokens), 1: anything else). Progress goes to stderr so that
 stdout carries only results (a path, or JSON with ``--json``).
 """
 
@@ -25,8 +26,11 @@ from .errors import (
     CachemeshError,
     CapacityError,
     ConflictError,
+    ForbiddenError,
     InvalidInputError,
     NotFoundError,
+    RequestTooLargeError,
+    UnauthorizedError,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,6 +41,8 @@ EXIT_CODES: list[tuple[type[CachemeshError], int]] = [
     (ConflictError, 4),
     (CapacityError, 5),
     (AccessDeniedError, 6),
+    (UnauthorizedError, 6),
+    (ForbiddenError, 6),
 ]
 
 
@@ -544,6 +550,79 @@ def demo(ctx: click.Context, origin: Path | None, port: int | None, serve: bool)
         serve_demo(settings_of(ctx), origin, port)
 
 
+# -- buckets ---------------------------------------------------------------------
+
+@main.group()
+def bucket() -> None:
+    """Protect buckets with a token of their own (see docs/security.md)."""
+
+
+def _read_token(from_stdin: bool) -> str | None:
+    if not from_stdin:
+        return None
+    token = sys.stdin.readline().strip()
+    if not token:
+        raise InvalidInputError("--token-stdin: no token on the first line of stdin")
+    return token
+
+
+@bucket.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def bucket_ls(ctx: click.Context, as_json: bool) -> None:
+    """List buckets: whether each is protected, and how many caches it holds."""
+    rows = _caches(ctx).bucket_list()
+    if as_json:
+        _print_json(rows)
+        return
+    click.echo(f"{'BUCKET':<32} {'PROTECTED':<10} CACHES")
+    for row in rows:
+        click.echo(f"{row['name']:<32} {'yes' if row['protected'] else '':<10} {row['caches']}")
+
+
+@bucket.command("protect")
+@click.argument("name")
+@click.option("--token-stdin", is_flag=True,
+              help="Use the token on the first line of stdin instead of making one.")
+@click.pass_context
+@handle_errors
+def bucket_protect(ctx: click.Context, name: str, token_stdin: bool) -> None:
+    """Protect bucket NAME and print its token (shown once; only a digest is kept).
+
+    Its folder becomes private to the store's owner, its caches leave hub/, and
+    the server shows and serves its caches and models only to requests that
+    carry the token (X-Cachemesh-Bucket-Token, or Authorization: Bearer).
+    """
+    token = _caches(ctx).protect_bucket(name, _read_token(token_stdin))
+    if not token_stdin:
+        click.echo(token)
+    click.echo(f"bucket {name} is protected", err=True)
+
+
+@bucket.command("rotate")
+@click.argument("name")
+@click.option("--token-stdin", is_flag=True,
+              help="Use the token on the first line of stdin instead of making one.")
+@click.pass_context
+@handle_errors
+def bucket_rotate(ctx: click.Context, name: str, token_stdin: bool) -> None:
+    """Give protected bucket NAME a new token and print it; the old one stops working."""
+    token = _caches(ctx).rotate_bucket_token(name, _read_token(token_stdin))
+    if not token_stdin:
+        click.echo(token)
+
+
+@bucket.command("unprotect")
+@click.argument("name")
+@click.pass_context
+@handle_errors
+def bucket_unprotect(ctx: click.Context, name: str) -> None:
+    """Open bucket NAME again: its folder readable, its caches back in hub/."""
+    _caches(ctx).unprotect_bucket(name)
+    click.echo(f"bucket {name} is open", err=True)
+
+
 # -- serving ---------------------------------------------------------------------
 
 @main.command()
@@ -564,19 +643,34 @@ def demo(ctx: click.Context, origin: Path | None, port: int | None, serve: bool)
               " eager=true loads it at start.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True,
               path_type=Path), default=None,
-              help="YAML file with a list of models (name, source, runtime, version,"
+              help="YAML file with a list of models (name, source, runtime, version, bucket,"
               " parameters, eager); for sources that contain ',' or '='.")
+@click.option("--api-token", default=None, metavar="TOKEN",
+              help="Bearer token for the control API, the repository extension and /metrics."
+              " Prefer $CACHEMESH_API_TOKEN: a flag shows in the process list.")
+@click.option("--inference-token", default=None, metavar="TOKEN",
+              help="Bearer token for inference (default: inference is open)."
+              " Prefer $CACHEMESH_INFERENCE_TOKEN.")
+@click.option("--metrics-token", default=None, metavar="TOKEN",
+              help="Read-only bearer token for /metrics. Prefer $CACHEMESH_METRICS_TOKEN.")
+@click.option("--max-body", type=SIZE, default=None,
+              help="Largest inference request body, e.g. 256MiB (default 64MiB); more is 413."
+              " $CACHEMESH_SERVE_MAX_BODY")
 @click.pass_context
 @handle_errors
 def serve(ctx: click.Context, host: str | None, port: int | None, workers: int | None,
           memory: int | None, worker_memory_limit: int | None, models: tuple[str, ...],
-          config_file: Path | None) -> None:
+          config_file: Path | None, api_token: str | None, inference_token: str | None,
+          metrics_token: str | None, max_body: int | None) -> None:
     """Serve models over KServe V2 REST, with the control API and /metrics, on one port.
 
     Models load on their first request (or at start with eager=true), in worker
     processes, under one memory budget; idle ones are evicted least recently
     used first. Models deployed at run time (POST /api/v1/models, `cachemesh
     models deploy`) are served again after a restart. SIGTERM drains.
+
+    With a control token, the control API needs it; with an inference token,
+    inference does too; health probes stay open. See docs/security.md.
     """
     import dataclasses
 
@@ -586,8 +680,13 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int |
     settings = settings_of(ctx)
     overrides = {k: v for k, v in {
         "host": host, "port": port, "workers": workers, "memory": memory,
-        "worker_memory_limit": worker_memory_limit}.items() if v is not None}
-    settings = dataclasses.replace(settings, serve=dataclasses.replace(settings.serve, **overrides))
+        "worker_memory_limit": worker_memory_limit, "max_body": max_body}.items()
+        if v is not None}
+    tokens = {k: v.strip() for k, v in {
+        "api_token": api_token, "inference_token": inference_token,
+        "metrics_token": metrics_token}.items() if v is not None and v.strip()}
+    settings = dataclasses.replace(settings, serve=dataclasses.replace(settings.serve, **overrides),
+                                   **tokens)
     specs = list(read_config(config_file)) if config_file else []
     specs += [parse_model_option(m) for m in models]
     names = [s.name for s in specs]
@@ -608,33 +707,55 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int |
               " http://127.0.0.1:8008).")
 @click.pass_context
 def models(ctx: click.Context, url: str | None) -> None:
-    """List, deploy and remove the models of a running server (the control API)."""
+    """List, deploy and remove the models of a running server (the control API).
+
+    Sends $CACHEMESH_API_TOKEN as the bearer token and $CACHEMESH_BUCKET_TOKEN
+    (','-separated) as the tokens of protected buckets.
+    """
     ctx.ensure_object(dict)
     ctx.obj["url"] = (url or settings_of(ctx).serve.url).rstrip("/")
 
 
+def _without_userinfo(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 def _api(ctx: click.Context, method: str, path: str, body: Any = None) -> Any:
+    """Call the control API with the tokens of the settings: CACHEMESH_API_TOKEN as the
+    bearer, CACHEMESH_BUCKET_TOKEN as the tokens of protected buckets."""
     import httpx
 
     from .errors import ConflictError as Conflict
     from .errors import NotFoundError as Missing
 
     url = ctx.obj["url"] + path
+    settings = settings_of(ctx)
     headers = {}
-    token = settings_of(ctx).api_token
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
+    if settings.api_token:
+        headers["Authorization"] = f"Bearer {settings.api_token}"
+    if settings.bucket_tokens:
+        headers["X-Cachemesh-Bucket-Token"] = ", ".join(settings.bucket_tokens)
     try:
         r = httpx.request(method, url, json=body, headers=headers, timeout=120)
     except httpx.HTTPError as exc:
-        raise CachemeshError(f"cannot reach the server at {ctx.obj['url']}: {exc}") from exc
+        raise CachemeshError(
+            f"cannot reach the server at {_without_userinfo(ctx.obj['url'])}:"
+            f" {type(exc).__name__}") from None
     if r.status_code >= 400:
         try:
             message = r.json().get("error") or r.text
         except ValueError:
             message = r.text
-        cls = {400: InvalidInputError, 404: Missing, 409: Conflict, 507: CapacityError}.get(
-            r.status_code, CachemeshError)
+        if r.status_code == 401:
+            message += " (set CACHEMESH_API_TOKEN)"
+        cls = {400: InvalidInputError, 401: UnauthorizedError, 403: ForbiddenError,
+               404: Missing, 409: Conflict, 413: RequestTooLargeError,
+               507: CapacityError}.get(r.status_code, CachemeshError)
         raise cls(f"{message} (HTTP {r.status_code})")
     return r.json() if r.content else None
 
@@ -670,12 +791,14 @@ def models_ls(ctx: click.Context, as_json: bool) -> None:
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Runtime parameter (class=mod:Cls, trusted=false); repeatable.")
 @click.option("--eager", is_flag=True, help="Load now rather than on the first request.")
+@click.option("--bucket", default=None, help="Bucket of the model's cache (default: models)."
+              " A protected bucket needs its token in $CACHEMESH_BUCKET_TOKEN.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @handle_errors
 def models_deploy(ctx: click.Context, name: str, source: str, runtime: str | None,
                   model_version: str | None, params: tuple[str, ...], eager: bool,
-                  as_json: bool) -> None:
+                  bucket: str | None, as_json: bool) -> None:
     """Deploy SOURCE as model NAME on the running server (kept across restarts)."""
     parameters = {}
     for p in params:
@@ -685,6 +808,8 @@ def models_deploy(ctx: click.Context, name: str, source: str, runtime: str | Non
         parameters[key] = value
     body = {"name": name, "source": source, "runtime": runtime, "version": model_version,
             "parameters": parameters, "eager": eager}
+    if bucket is not None:
+        body["bucket"] = bucket
     data = _api(ctx, "POST", "/api/v1/models", body)
     if as_json:
         _print_json(data)
@@ -698,8 +823,11 @@ def models_deploy(ctx: click.Context, name: str, source: str, runtime: str | Non
 @handle_errors
 def models_rm(ctx: click.Context, names: tuple[str, ...]) -> None:
     """Unload and forget models on the running server."""
+    from .store.names import check_name
+
     for name in names:
-        _api(ctx, "DELETE", f"/api/v1/models/{name}")
+        # Checked here too: a name like '..' would be resolved into another URL path.
+        _api(ctx, "DELETE", f"/api/v1/models/{check_name(name, 'model name')}")
         click.echo(f"removed {name}", err=True)
 
 

@@ -107,6 +107,12 @@ def _size(environ: Mapping[str, str], name: str) -> int | None:
     return parse_size(raw) if raw else None
 
 
+def _secret(environ: Mapping[str, str], name: str) -> str | None:
+    # Surrounding whitespace is a pasting accident (a trailing newline from a file).
+    raw = (environ.get(name) or "").strip()
+    return raw or None
+
+
 def default_home(environ: Mapping[str, str]) -> Path:
     # CACHEMESH_HOME wins; else XDG_CACHE_HOME/cachemesh; else ~/.cache/cachemesh.
     if environ.get("CACHEMESH_HOME"):
@@ -153,6 +159,16 @@ class ServeSettings:
     min_resident_s: float = 0.0
     # CACHEMESH_URL: the server that `cachemesh models ...` talks to.
     url: str = "http://127.0.0.1:8008"
+    # CACHEMESH_SERVE_MAX_BODY: largest request body (inference), counted as it streams in
+    # and again once decompressed; more answers 413. Raise it for large binary tensors.
+    max_body: int = 64 * 1024**2
+    # CACHEMESH_SERVE_MAX_CONTROL_BODY: largest body of a control request (/api/...).
+    max_control_body: int = 1024**2
+    # CACHEMESH_SERVE_SOURCE_ROOTS: directories (':'-separated) that a local-path source
+    # deployed at run time (control API, repository extension) must lie in, symlinks
+    # resolved. Empty: any path the server can read. Models given on the command line
+    # or in --config are not checked: the operator wrote them.
+    source_roots: tuple[Path, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ServeSettings:
@@ -174,6 +190,10 @@ class ServeSettings:
             drain_timeout_s=_float(env, "CACHEMESH_SERVE_DRAIN_TIMEOUT", 30.0),
             min_resident_s=_float(env, "CACHEMESH_SERVE_MIN_RESIDENT", 0.0),
             url=(env.get("CACHEMESH_URL") or "http://127.0.0.1:8008").rstrip("/"),
+            max_body=_size(env, "CACHEMESH_SERVE_MAX_BODY") or 64 * 1024**2,
+            max_control_body=_size(env, "CACHEMESH_SERVE_MAX_CONTROL_BODY") or 1024**2,
+            source_roots=tuple(Path(p).expanduser() for p in
+                               (env.get("CACHEMESH_SERVE_SOURCE_ROOTS") or "").split(":") if p),
         )
 
     def worker_count(self) -> int:
@@ -202,8 +222,19 @@ class Settings:
     retry_backoff_s: float = 0.5
     # CACHEMESH_FETCH_TIMEOUT: seconds without a byte from the origin before a read is retried.
     fetch_timeout_s: float = 60.0
-    # CACHEMESH_API_TOKEN: bearer token for the control API (None: no authentication).
+    # CACHEMESH_API_TOKEN: bearer token for the control API, the repository extension
+    # and /metrics; it is also accepted wherever the inference token is (None: the
+    # control API is open). See docs/security.md.
     api_token: str | None = field(default=None, repr=False)
+    # CACHEMESH_INFERENCE_TOKEN: bearer token for inference (/v2/models/..., /v1/...);
+    # None: inference is open. Health endpoints stay open either way.
+    inference_token: str | None = field(default=None, repr=False)
+    # CACHEMESH_METRICS_TOKEN: read-only bearer token for /metrics (for a scraper).
+    # /metrics needs it, or the control token, as soon as either is set.
+    metrics_token: str | None = field(default=None, repr=False)
+    # CACHEMESH_BUCKET_TOKEN: tokens of protected buckets (','-separated) that
+    # `cachemesh models ...` sends; the server reads bucket tokens from the store.
+    bucket_tokens: tuple[str, ...] = field(default=(), repr=False)
     # CACHEMESH_CA_BUNDLE, else SSL_CERT_FILE, else REQUESTS_CA_BUNDLE: a PEM file of
     # the certificate authorities trusted for HTTPS origins (a private mirror);
     # None: the certifi bundle.
@@ -227,7 +258,11 @@ class Settings:
             fetch_retries=_int(env, "CACHEMESH_FETCH_RETRIES", 5),
             retry_backoff_s=_positive(env, "CACHEMESH_RETRY_BACKOFF", 0.5),
             fetch_timeout_s=_positive(env, "CACHEMESH_FETCH_TIMEOUT", 60.0),
-            api_token=env.get("CACHEMESH_API_TOKEN") or None,
+            api_token=_secret(env, "CACHEMESH_API_TOKEN"),
+            inference_token=_secret(env, "CACHEMESH_INFERENCE_TOKEN"),
+            metrics_token=_secret(env, "CACHEMESH_METRICS_TOKEN"),
+            bucket_tokens=tuple(t.strip() for t in (env.get("CACHEMESH_BUCKET_TOKEN") or "")
+                                .split(",") if t.strip()),
             ca_bundle=(env.get("CACHEMESH_CA_BUNDLE") or env.get("SSL_CERT_FILE")
                        or env.get("REQUESTS_CA_BUNDLE") or None),
             serve=ServeSettings.from_env(env),

@@ -11,7 +11,10 @@ Credentials never appear in a message.
     │   ├── UnsafePathError        a name or path would escape the store
     │   ├── UnknownSourceError     a source URI nobody understands
     │   ├── InferenceInputError    a request a model cannot take: shape, datatype, features
-    │   └── UnknownRuntimeError    a runtime name no installed runtime answers to
+    │   ├── UnknownRuntimeError    a runtime name no installed runtime answers to
+    │   └── RequestTooLargeError   a body, decompressed body or JSON document over a limit
+    ├── UnauthorizedError          no credentials, or credentials nobody issued
+    ├── ForbiddenError             valid credentials that do not allow this
     ├── NotFoundError              a cache, model, job or blob does not exist
     │   ├── CacheNotFoundError
     │   ├── JobNotFoundError
@@ -58,6 +61,36 @@ class UnsafePathError(InvalidInputError):
 
 class UnknownSourceError(InvalidInputError):
     """A source URI with a scheme no source handles."""
+
+
+class RequestTooLargeError(InvalidInputError):
+    """A request over a configured limit: its body, its body once decompressed, or the
+    nesting or size of a JSON document in it. ``limit`` is the limit, in its unit."""
+
+    def __init__(self, message: str, limit: int | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class UnauthorizedError(CachemeshError):
+    """The caller sent no credentials, or credentials that match none issued.
+
+    ``invalid`` tells the two apart (a client retries with a token in one case and
+    should fetch a new one in the other). The message never holds the credential.
+    """
+
+    def __init__(self, message: str, *, invalid: bool = False) -> None:
+        super().__init__(message)
+        self.invalid = invalid
+
+
+class ForbiddenError(CachemeshError):
+    """Valid credentials that do not allow this: a token of another scope, or a write
+    into a protected bucket without that bucket's token. ``scope`` names what is missing."""
+
+    def __init__(self, message: str, scope: str | None = None) -> None:
+        super().__init__(message)
+        self.scope = scope
 
 
 class NotFoundError(CachemeshError, LookupError):

@@ -10,8 +10,11 @@
 
 Later adapters (the datacache control API, OpenAI, ...) are FastAPI routers:
 pass them as ``routers=`` or add them with ``app.state.api.include_router``.
-Middleware that must see every request (authentication) goes on the root app
-(``app.add_middleware``). Handlers reach the service as
+Two middleware layers on the root app see every request, outermost first:
+authentication (``auth.py``: the path's access class, the caller's tokens, 401
+or 403 before the body is read) and the body limit (``limits.py``: 413). A new
+route is covered by both with no code of its own; ``auth.RULES`` says which
+token its path needs (control, unless a rule says otherwise). Handlers reach the service as
 ``request.app.state.service`` (both apps carry it). The service starts and stops
 with the root app's lifespan.
 """
@@ -26,12 +29,18 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from .. import __version__
+from ..access import CONTROL, Keyring
 from ..errors import CachemeshError
 from . import control, datacaches, v2_rest
+from .auth import Authenticate, access_of
+from .http_errors import encodable
+from .limits import BodyLimit
 from .metrics import CONTENT_TYPE
 from .registry import ModelSpec
 from .service import ModelService
@@ -52,12 +61,19 @@ def create_api(service: ModelService, routers: Sequence[Any] = ()) -> FastAPI:
     async def cachemesh_error(request: Request, exc: CachemeshError) -> Response:
         return v2_rest.error_response(exc)
 
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI's own refusals (an unparsable body, 404, 405) in the body every other
+        # error of the server has: {"error": ...}.
+        return v2_rest.json_response({"error": encodable(str(exc.detail))}, exc.status_code,
+                                     dict(exc.headers or {}))
+
     @api.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
         problems = "; ".join(
             f"{'.'.join(str(x) for x in err['loc'][1:]) or 'body'}: {err['msg']}"
             for err in exc.errors())
-        return v2_rest.json_response({"error": f"invalid request: {problems}"}, 400)
+        return v2_rest.json_response({"error": encodable(f"invalid request: {problems}")}, 400)
 
     return api
 
@@ -83,9 +99,17 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
         service.refresh_gauges()
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
+    cfg = service.cfg
+
+    def body_limit(scope: dict[str, Any]) -> int:
+        access = scope.get("cachemesh.access") or access_of(scope["method"], scope["path"])
+        return cfg.max_control_body if access == CONTROL else cfg.max_body
+
     api = create_api(service, routers)
     app = Starlette(routes=[*v2_rest.routes(), Route("/metrics", metrics, methods=["GET"]),
-                            Mount("", app=api)], lifespan=lifespan)
+                            Mount("", app=api)], lifespan=lifespan,
+                    middleware=[Middleware(Authenticate, keyring=Keyring.from_settings(
+                        service.settings)), Middleware(BodyLimit, limit_of=body_limit)])
     app.state.service = service
     app.state.api = api
     return app

@@ -1,6 +1,7 @@
 """The control API for models: ``/api/v1/models`` (FastAPI, documented at /docs).
 
     GET    /api/v1/models            every model, its state, size and worker; the memory summary
+                                     (models of a protected bucket only with its token)
     POST   /api/v1/models            deploy a model (body: ModelSpec); kept across restarts
     GET    /api/v1/models/{name}     one model
     DELETE /api/v1/models/{name}     unload it, forget it
@@ -25,7 +26,12 @@ def _service(request: Request) -> ModelService:
 @router.get("/models")
 async def list_models(request: Request) -> dict[str, Any]:
     service = _service(request)
-    return {"models": [s.to_dict() for s in service.list_models()], "memory": service.memory()}
+    models = service.list_models()  # only those the caller may see (protected buckets)
+    memory = service.memory()
+    shown = {s.name for s in models}
+    for worker in memory["workers"]:
+        worker["models"] = [name for name in worker["models"] if name in shown]
+    return {"models": [s.to_dict() for s in models], "memory": memory}
 
 
 @router.post("/models", status_code=201)

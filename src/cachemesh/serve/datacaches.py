@@ -38,8 +38,12 @@ fields and, always (whatever shape created the cache), the ECI-named ones
 (``DataCacheId``, ``Name``, ``Status``, ``LastMatchedTime``, ...), so a client
 written for either shape reads the answer without asking for a format.
 
-Who sees which cache goes through one function, :func:`visible`, so that
-access control (protected buckets) hooks in at one place.
+Access: the whole API is control class (``CACHEMESH_API_TOKEN`` when set;
+serve/auth.py). A protected bucket's caches are listed, described, watched and
+deleted only by a caller that presents that bucket's token
+(``X-Cachemesh-Bucket-Token``); for anyone else they do not exist (404). Creating
+a cache in a protected bucket needs its token too (403), and a local source
+must lie in ``CACHEMESH_SERVE_SOURCE_ROOTS`` when that is set.
 """
 
 from __future__ import annotations
@@ -58,8 +62,17 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from ..caches import AVAILABLE, FAILED, CacheInfo, Caches, make_spec
-from ..errors import CacheNotFoundError, CachemeshError, InvalidInputError
+from ..access import can_use
+from ..caches import AVAILABLE, FAILED, CacheInfo, Caches, CacheSpec, make_spec
+from ..errors import (
+    CacheNotFoundError,
+    CachemeshError,
+    ConflictError,
+    ForbiddenError,
+    InvalidInputError,
+)
+from ..sources import parse_source
+from .auth import get_visible_cache, visible_caches
 
 router = APIRouter(prefix="/api/v1", tags=["datacaches"])
 
@@ -276,22 +289,30 @@ _PULLER_LOCK = threading.Lock()
 
 
 # -- who sees what -------------------------------------------------------------------------
+# Protected buckets (access.py): a cache of a bucket whose token the caller did not
+# present is not listed, and is "not found" when described, watched or deleted, exactly
+# as a cache that does not exist (auth.visible_caches, auth.get_visible_cache).
 
 
-def visible(request: Request, infos: list[CacheInfo]) -> list[CacheInfo]:
-    """The caches the caller of ``request`` may see (list, describe, watch, delete).
+def _check_create(caches: Caches, spec: CacheSpec, roots: tuple[Path, ...]) -> None:
+    """Refuse, before anything is written, what this caller may not create.
 
-    Every cache for now; access control (protected buckets) filters here.
+    A protected bucket needs its token (403, as deploying a model there). A name
+    taken by a cache the caller cannot see is a 409 that says nothing of it. A
+    local source (a path, file://, NAS) must lie in the server's deployable roots
+    (CACHEMESH_SERVE_SOURCE_ROOTS), as for models deployed over the API.
     """
-    return infos
-
-
-def _one(request: Request, name: str) -> CacheInfo:
-    """One cache the caller may see; a hidden cache is reported as missing."""
-    found = visible(request, [_caches(request).get(name)])
-    if not found:
-        raise CacheNotFoundError(name)
-    return found[0]
+    if not can_use(caches.buckets, spec.bucket):
+        raise ForbiddenError(f"bucket {spec.bucket!r} is protected; the request does not"
+                             " carry its token")
+    try:
+        existing = caches.get(spec.name)
+    except CacheNotFoundError:
+        existing = None
+    if existing is not None and not can_use(caches.buckets, existing.bucket):
+        raise ConflictError(f"the name {spec.name!r} is taken")
+    caches.check_source(parse_source(spec.source, spec.options, caches.settings), spec.bucket,
+                        roots)
 
 
 # -- descriptions ----------------------------------------------------------------------
@@ -362,6 +383,7 @@ def create_datacache(body: CreateBody, request: Request, response: Response) -> 
                   "options": body.options}
     spec = make_spec(**fields)
     caches = _caches(request)
+    _check_create(caches, spec, request.app.state.service.cfg.source_roots)
     info = caches.create(spec)  # validates the source; writes nothing when it refuses
     if info.status != AVAILABLE:
         _puller(request).submit(info.name)
@@ -372,19 +394,19 @@ def create_datacache(body: CreateBody, request: Request, response: Response) -> 
 @router.get("/datacaches")
 def list_datacaches(request: Request,
                     bucket: Annotated[str | None, Query()] = None) -> dict[str, Any]:
-    infos = visible(request, _caches(request).list(bucket))
+    infos = visible_caches(_caches(request), bucket)
     return {"datacaches": [describe(i) for i in infos], "TotalCount": len(infos)}
 
 
 @router.get("/datacaches/{name}")
 def get_datacache(name: str, request: Request) -> dict[str, Any]:
-    info = _one(request, name)
+    info = get_visible_cache(_caches(request), name)
     return describe(info, _events(_caches(request), info.name))
 
 
 @router.delete("/datacaches/{name}", status_code=204)
 def delete_datacache(name: str, request: Request) -> Response:
-    info = _one(request, name)
+    info = get_visible_cache(_caches(request), name)
     _caches(request).rm(info.name)
     return Response(status_code=204)
 
@@ -397,7 +419,7 @@ async def stream_datacache_events(name: str, request: Request) -> StreamingRespo
     ``Last-Event-ID`` resumes), its progress while it changes (``event: progress``)
     and its status (``event: status``); the stream ends once the status is final."""
     caches = _caches(request)
-    info = await asyncio.to_thread(_one, request, name)
+    info = await asyncio.to_thread(get_visible_cache, caches, name)
     try:
         after = int(request.headers.get("Last-Event-ID", "0"))
     except ValueError:

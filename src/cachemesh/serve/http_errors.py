@@ -14,10 +14,14 @@ import math
 from .. import errors as e
 
 log = logging.getLogger("cachemesh.serve")
+REALM = "cachemesh"
 
 # Most specific first.
 STATUS: list[tuple[type[BaseException], int]] = [
+    (e.RequestTooLargeError, 413),
     (e.InvalidInputError, 400),  # InferenceInputError, UnknownRuntimeError, UnsafePathError
+    (e.UnauthorizedError, 401),
+    (e.ForbiddenError, 403),
     (e.NotFoundError, 404),
     (e.ConflictError, 409),
     (e.OverloadedError, 429),
@@ -37,6 +41,13 @@ def status_of(exc: BaseException) -> tuple[int, dict[str, str]]:
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    # RFC 6750: the challenge says what was wrong, never what was sent.
+    if isinstance(exc, e.UnauthorizedError):
+        headers["WWW-Authenticate"] = (f'Bearer realm="{REALM}", error="invalid_token"'
+                                       if exc.invalid else f'Bearer realm="{REALM}"')
+    elif isinstance(exc, e.ForbiddenError) and exc.scope:
+        headers["WWW-Authenticate"] = (f'Bearer realm="{REALM}", error="insufficient_scope",'
+                                       f' scope="{exc.scope}"')
     for cls, code in STATUS:
         if isinstance(exc, cls):
             return code, headers
@@ -47,5 +58,16 @@ def status_of(exc: BaseException) -> tuple[int, dict[str, str]]:
 
 def message_of(exc: BaseException) -> str:
     if isinstance(exc, e.CachemeshError):
-        return str(exc)
-    return f"internal error: {type(exc).__name__}: {exc}"
+        return encodable(str(exc))
+    return encodable(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def encodable(text: str) -> str:
+    """``text`` as valid UTF-8: a message that quotes a client's input can hold a lone
+    surrogate (JSON allows ``"\\ud800"``), which no JSON encoder writes; it became a
+    500 (found by the fuzzer)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text

@@ -21,6 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import InvalidInputError
 from ..store.names import check_name
+from .limits import check_json
+
+# The bucket a model's cache goes to unless its spec names another.
+DEFAULT_BUCKET = "models"
 
 
 class ModelSpec(BaseModel):
@@ -35,11 +39,24 @@ class ModelSpec(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict,
                                        description="runtime options, e.g. class, trusted")
     eager: bool = Field(default=False, description="load at start instead of on the first request")
+    bucket: str = Field(default=DEFAULT_BUCKET,
+                        description="bucket of the model's cache; when it is protected, the model"
+                        " is seen and called only with the bucket's token")
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v, "model name")
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        return check_name(v, "bucket")
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_json(v, "parameters")
 
     @field_validator("source")
     @classmethod
@@ -64,9 +81,9 @@ _TRUE = {"1", "true", "yes", "on"}
 
 
 def parse_model_option(text: str) -> ModelSpec:
-    """``NAME=SOURCE[,runtime=R][,version=V][,eager=true][,KEY=VALUE...]``.
+    """``NAME=SOURCE[,runtime=R][,version=V][,bucket=B][,eager=true][,KEY=VALUE...]``.
 
-    Keys other than runtime, version and eager are runtime parameters. A
+    Keys other than runtime, version, bucket and eager are runtime parameters. A
     source containing ',' or '=' is given through ``--config`` instead.
     """
     name, sep, rest = text.partition("=")
@@ -81,7 +98,7 @@ def parse_model_option(text: str) -> ModelSpec:
             raise InvalidInputError(
                 f"--model {name}: option {option!r} is not KEY=VALUE (a source with ',' or '='"
                 " goes in --config)")
-        if key in ("runtime", "version"):
+        if key in ("runtime", "version", "bucket"):
             data[key] = value
         elif key == "eager":
             data["eager"] = value.strip().lower() in _TRUE

@@ -34,11 +34,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..access import can_use
 from ..config import Settings, format_size
 from ..errors import (
     CachemeshError,
     ConflictError,
     DrainingError,
+    ForbiddenError,
     InferenceInputError,
     InvalidInputError,
     ModelFailedError,
@@ -56,14 +58,14 @@ from .loadqueue import BACKGROUND, REQUEST, LoadQueue, Ticket
 from .memory import default_budget
 from .metrics import Metrics
 from .placement import ModelView, Placement, WorkerView, held, place
-from .registry import ModelRegistry, ModelSpec
+from .registry import DEFAULT_BUCKET, ModelRegistry, ModelSpec
 from .workers import WorkerHandle
 
 log = logging.getLogger("cachemesh.serve")
 
 PULLING, UNLOADED, LOADING, READY, UNLOADING, FAILED = (
     "Pulling", "Unloaded", "Loading", "Ready", "Unloading", "Failed")
-MODEL_BUCKET = "models"
+MODEL_BUCKET = DEFAULT_BUCKET
 CAPACITY_POLL_S = 0.05
 USES_HALF_LIFE_S = 30.0
 
@@ -80,6 +82,7 @@ class ModelStatus:
     reason: str | None
     eager: bool
     origin: str  # "config": the command line or --config; "api": deployed at run time
+    bucket: str  # of its cache; a protected bucket hides the model from callers without its token
     worker: int | None
     size_bytes: int | None  # measured after the last load
     predicted_bytes: int | None
@@ -286,8 +289,16 @@ class ModelService:
         Its source is checked now; the pull runs in the background."""
         from ..sources import parse_source
 
-        parse_source(spec.source, {}, self.settings)  # an unknown scheme fails here, as 400
+        # An unknown scheme, a path into the store, or one outside the deployable
+        # roots fails here, as 400, before anything is kept.
+        source = parse_source(spec.source, {}, self.settings)
+        self.caches.check_source(source, spec.bucket, self.cfg.source_roots if persist else ())
+        if not can_use(self.caches.buckets, spec.bucket):
+            raise ForbiddenError(f"bucket {spec.bucket!r} is protected; the request does not"
+                                 " carry its token")
         existing = self.models.get(spec.name)
+        if existing is not None and not self._visible(existing):
+            raise ConflictError(f"the name {spec.name!r} is taken")
         if existing is not None:
             if existing.spec == spec:
                 return self.status(spec.name)
@@ -312,9 +323,13 @@ class ModelService:
         if model.prepare_task is not None:
             model.prepare_task.cancel()
 
+    def _visible(self, model: Model) -> bool:
+        """Whether the caller of the current request may see the model (access.py)."""
+        return can_use(self.caches.buckets, model.spec.bucket)
+
     def _get(self, name: str, version: str | None = None) -> Model:
         model = self.models.get(name)
-        if model is None or model.removed:
+        if model is None or model.removed or not self._visible(model):
             raise ModelNotFoundError(name, version)
         if version and version != (model.spec.version or model.resolved and model.resolved.version):
             raise ModelNotFoundError(name, version)
@@ -324,7 +339,8 @@ class ModelService:
         return self._status(self._get(name))
 
     def list_models(self) -> list[ModelStatus]:
-        return [self._status(m) for _, m in sorted(self.models.items()) if not m.removed]
+        return [self._status(m) for _, m in sorted(self.models.items())
+                if not m.removed and self._visible(m)]
 
     def _status(self, m: Model) -> ModelStatus:
         state = m.state
@@ -333,7 +349,7 @@ class ModelService:
         return ModelStatus(
             name=m.name, version=self.version_of(m), source=m.spec.source,
             runtime=m.resolved.runtime if m.resolved else m.spec.runtime, state=state,
-            reason=m.reason, eager=m.spec.eager, origin=m.origin,
+            reason=m.reason, eager=m.spec.eager, origin=m.origin, bucket=m.spec.bucket,
             worker=m.worker.id if m.worker is not None and state == READY else None,
             size_bytes=m.size or None, predicted_bytes=m.predicted or None,
             inflight=m.inflight, loads=m.loads, evictions=m.evictions,
@@ -425,13 +441,17 @@ class ModelService:
         from ..caches import make_spec
         from ..sources import parse_source
 
-        cache_spec = make_spec(name=spec.name, source=spec.source, bucket=MODEL_BUCKET)
+        cache_spec = make_spec(name=spec.name, source=spec.source, bucket=spec.bucket)
         try:
             view = self.caches.ensure(cache_spec).view
         except ConflictError:
             # A cache of that name exists: reuse it when it holds the same source.
             info = self.caches.get(spec.name)
             wanted = parse_source(spec.source, {}, self.settings).uri
+            if info.bucket != spec.bucket:  # never serve another bucket's files
+                raise ConflictError(
+                    f"model {spec.name!r}: a cache of that name is in another bucket;"
+                    " remove it or name the model differently")
             if info.source != wanted:
                 raise ConflictError(
                     f"model {spec.name!r}: cache {spec.name!r} already holds {info.source},"
@@ -543,8 +563,9 @@ class ModelService:
             if plan.worker is not None:
                 victims = [self.models[name] for name in plan.evict]
                 # Start the unloads before any await: no request may pick a victim now.
-                tasks = [self._start_unload(v, f"evicted for {model.name}", evicted=True)
-                         for v in victims]
+                # The reason names no model: the victim may be in another bucket.
+                tasks = [self._start_unload(v, "evicted to make room for another model",
+                                            evicted=True) for v in victims]
                 if tasks:
                     log.info("loading %s: %s", model.name, "; ".join(plan.reasons))
                     await asyncio.gather(*(asyncio.shield(t) for t in tasks))

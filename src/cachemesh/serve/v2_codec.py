@@ -32,6 +32,7 @@ import orjson
 
 from ..errors import InferenceInputError
 from ..runtimes.types import DATATYPES, InferenceRequest, InferenceResponse, RequestedOutput, Tensor
+from .limits import check_json
 
 # gRPC InferTensorContents field for each datatype (FP16 has none: raw only).
 CONTENTS_FIELD = {
@@ -65,6 +66,7 @@ def _unwrap_params(params: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(params, dict):
         raise _fail(f"{where}: parameters must be an object")
+    check_json(params, f"{where}: parameters")  # kept and passed on to the model (limits.py)
     out = {}
     for key, value in params.items():
         if isinstance(value, dict) and len(value) == 1:
@@ -73,7 +75,11 @@ def _unwrap_params(params: Any, where: str) -> dict[str, Any]:
                      "doubleParam"):
                 value = v
             elif k in ("int64_param", "int64Param", "uint64_param", "uint64Param"):
-                value = int(v)
+                try:
+                    value = int(v)  # protobuf JSON writes 64-bit integers as strings
+                except (TypeError, ValueError):  # found by the fuzzer: was a 500
+                    raise _fail(f"{where}: parameter {key!r}: {k} {v!r} is not an integer"
+                                ) from None
         out[key] = value
     return out
 
@@ -114,7 +120,9 @@ def _numeric(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> np
                 raise _fail(f"{where}: a value is out of range for {datatype}") from None
             return _reshape(arr, shape, where)
         lim = _INT_LIMITS[dtype]
-        if raw.min() < lim.min or raw.max() > lim.max:
+        # As Python ints: numpy refused to compare a bool array's min with 2**64 - 1
+        # (OverflowError, a 500; found by the fuzzer).
+        if kind != "b" and (int(raw.min()) < lim.min or int(raw.max()) > lim.max):
             raise _fail(f"{where}: a value is out of range for {datatype}")
     elif kind not in "iufb":
         raise _fail(f"{where}: {datatype} data must be numbers, got {_kind(kind)}")

@@ -30,7 +30,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .. import __version__
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, RequestTooLargeError
 from .http_errors import message_of, status_of
 from .registry import make_model_spec
 from .service import LOADING, PULLING, READY, UNLOADING, ModelService
@@ -86,12 +86,21 @@ async def model_ready(request: Request) -> Response:
     return json_response({"name": p["model"], "ready": ok}, 200 if ok else 400)
 
 
-def _decompress(body: bytes, encoding: str) -> bytes:
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """The inflated body, held to the body limit (``limits.py``): a few kilobytes
+    of gzip can inflate to gigabytes."""
     if encoding in ("gzip", "deflate"):
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
         try:
-            return zlib.decompress(body, 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+            out = inflater.decompress(body, limit + 1)
         except zlib.error as exc:
             raise InvalidInputError(f"the body is not valid {encoding}: {exc}") from None
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise RequestTooLargeError(
+                f"the {encoding} body inflates past the limit of {limit} bytes", limit)
+        if not inflater.eof:
+            raise InvalidInputError(f"the body is not valid {encoding}: it is truncated")
+        return out
     if encoding not in ("", "identity"):
         raise InvalidInputError(f"unsupported Content-Encoding {encoding!r}")
     return body
@@ -126,7 +135,7 @@ class InferEndpoint:
             body = b"".join(chunks) if len(chunks) != 1 else chunks[0]
             encoding = headers.get(b"content-encoding")
             if encoding:
-                body = _decompress(body, encoding.lower())
+                body = _decompress(body, encoding.lower(), scope["app"].state.service.cfg.max_body)
             req, form = parse_request(body, header_length)
             response = await scope["app"].state.service.infer(p["model"], p.get("version"), req)
             out, json_length = encode_response(response, form)

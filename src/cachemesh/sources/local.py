@@ -57,6 +57,8 @@ class LocalSource(Source):
             raw = uri
         if not raw:
             raise InvalidInputError("empty local path")
+        if "\x00" in raw:  # found by the fuzzer: os.stat raised ValueError, a 500
+            raise InvalidInputError("a local path cannot contain a NUL character")
         root = Path(os.path.abspath(os.path.expanduser(raw)))
         return cls(root, follow_symlinks=bool(options.get("follow_symlinks")))
 

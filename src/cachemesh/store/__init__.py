@@ -4,7 +4,8 @@ Layout of ``$CACHEMESH_HOME`` (each part is documented where it is written)::
 
     meta.db, meta.db-wal       metadata (store/db.py)
     blobs/sha256/ab/abcd…      content-addressed, read-only blobs (store/blobs.py)
-    buckets/<bucket>/<path>/…  hardlink views, one per cache (store/views.py)
+    buckets/<bucket>/<path>/…  hardlink views, one per cache (store/views.py); a
+                               protected bucket's folder is private (store/buckets.py)
     hub/models--org--name/…    Hugging Face cache layout (store/hub_layout.py)
     tmp/                       partial downloads and staging links
     locks/                     advisory locks (store/locks.py)
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from ..errors import IntegrityError, StoreError
 from .blobs import BlobRef, BlobStore
+from .buckets import Buckets
 from .db import Database
 from .locks import FileLock, is_locked
 from .names import check_name
@@ -52,7 +54,8 @@ class Store:
         self.db = Database(self.home / "meta.db")
         self.locks_dir = self.home / "locks"
         self.blobs = BlobStore(self.home, self.db, lambda: self.blob_lock(shared=True))
-        self.views = Views(self.home)
+        self.buckets = Buckets(self.home, self.db)
+        self.views = Views(self.home, bucket_mode=self.buckets.mode)
 
     # -- locks -----------------------------------------------------------------
 

@@ -38,6 +38,12 @@ Version 3 adds::
       name TEXT PRIMARY KEY, spec (JSON: source, runtime, version,
       parameters, eager), created_at, updated_at
 
+Version 4 adds::
+
+    buckets  protected buckets (store/buckets.py); a bucket without a row is open
+      name TEXT PRIMARY KEY, salt (hex), digest (hex sha256 of salt + token:
+      the token itself is never stored), created_at, updated_at
+
 Rows are written after the files they describe (see store/blobs.py), so after
 a crash the database never points at a file that does not exist; the reverse
 (a blob file without a row) is harmless and collected by ``gc``.
@@ -167,9 +173,24 @@ def _models(conn: sqlite3.Connection) -> None:
     )
 
 
+def _buckets(conn: sqlite3.Connection) -> None:
+    _script(
+        conn,
+        """
+        CREATE TABLE IF NOT EXISTS buckets (
+            name       TEXT PRIMARY KEY,
+            salt       TEXT NOT NULL,
+            digest     TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        """
+    )
+
+
 # MIGRATIONS[i] takes a database at version i to version i + 1. Append only:
 # never edit a migration that has shipped.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _jobs, _models]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _jobs, _models, _buckets]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # How long a writer waits for another process's transaction before giving up.

@@ -4,6 +4,8 @@ On disk, under ``$CACHEMESH_HOME``::
 
     buckets/<bucket>/<path>/<file>   one hardlink per file of a cache, pointing
                                      at its blob (same inode, mode 0444)
+    buckets/<bucket>/                0755, or 0700 when the bucket is protected
+                                     (store/buckets.py says why that is enough)
 
 A view can be bind-mounted read-only into a container (a Kubernetes hostPath)
 and read like any local directory: there is no symlink to resolve, so nothing
@@ -19,20 +21,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import StoreError, UnsafePathError
 from .names import check_name, check_relpath
 
 
-def _ensure_dirs(root: Path, rel_parts: list[str]) -> Path:
+def _ensure_dirs(root: Path, rel_parts: list[str], mode: int = 0o755) -> Path:
     """Create ``root/a/b/...`` refusing to walk through a symlink or a file."""
     current = root
     for part in rel_parts:
         current = current / part
         try:
-            os.mkdir(current, 0o755)
+            os.mkdir(current, mode)
         except FileExistsError:
             if current.is_symlink() or not current.is_dir():
                 raise UnsafePathError(
@@ -60,10 +64,19 @@ def link_atomic(blob: Path, target: Path, staging: Path) -> None:
 
 
 class Views:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, bucket_mode: Callable[[str], int] | None = None) -> None:
         self.root = home / "buckets"
         self.staging = home / "tmp" / "links"
         self.root.mkdir(parents=True, exist_ok=True)
+        # The mode of a bucket's own folder: 0700 for a protected bucket (store/buckets.py).
+        self._bucket_mode = bucket_mode or (lambda bucket: 0o755)
+
+    def _bucket_dir(self, bucket: str) -> Path:
+        mode = self._bucket_mode(check_name(bucket, "bucket"))
+        path = _ensure_dirs(self.root, [bucket], mode)
+        if mode != 0o755 and stat.S_IMODE(os.lstat(path).st_mode) & ~mode:
+            os.chmod(path, mode)  # protected after the folder was made, by another process
+        return path
 
     def dir(self, bucket: str, path: str) -> Path:
         return self.root / check_name(bucket, "bucket") / check_relpath(path, absolute_ok=True)
@@ -71,7 +84,7 @@ class Views:
     def place(self, bucket: str, path: str, relpath: str, blob: Path) -> Path:
         """Link one file of a cache into its view."""
         parts = check_relpath(relpath, "file path").split("/")
-        bucket_dir = _ensure_dirs(self.root, [check_name(bucket, "bucket")])
+        bucket_dir = self._bucket_dir(bucket)
         view = _ensure_dirs(bucket_dir, check_relpath(path, absolute_ok=True).split("/"))
         parent = _ensure_dirs(view, parts[:-1])
         target = parent / parts[-1]

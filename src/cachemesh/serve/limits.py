@@ -1,0 +1,156 @@
+"""Request limits: body size as it streams in, and the shape of JSON documents.
+
+Body size (:class:`BodyLimit`, ASGI middleware on the root app). A body larger
+than its limit gets 413:
+
+- a declared ``Content-Length`` over the limit is refused before a byte of the
+  body is read, and the app never runs;
+- a chunked body (no length declared) is counted as it arrives; the message that
+  crosses the limit answers 413 at once, and the app, still reading, gets a
+  :class:`~cachemesh.errors.RequestTooLargeError` from ``receive()`` (whatever it
+  answers after that is dropped);
+- a declared length within the limit is passed through untouched: the HTTP
+  server (h11 or httptools under uvicorn) never delivers more body than the
+  declared length, so the inference hot path pays no per-message wrapper.
+
+After an early answer (413 here, 401/403 in ``auth.py``) uvicorn discards the
+rest of the body as it arrives and keeps the connection, so a client that is
+still sending gets to read the answer; closing at once would reset the
+connection under it and lose the answer. A body announced larger than
+:data:`DRAIN_MAX` is not worth discarding: that answer says ``Connection:
+close``. (Found by the fuzzer: clients saw "connection reset" instead of 413.)
+
+Control requests (``/api/...`` and everything else of class control, see
+``serve/auth.py``) have a smaller limit than inference. A compressed body is
+held to the same limit once inflated (``v2_rest.py``), so a small gzip bomb
+does not become gigabytes.
+
+JSON shape (:func:`check_json`). orjson, the stdlib and pydantic all refuse
+nesting deeper than about a thousand levels, but a document just under that
+still reaches code that recurses (pickle on the way to a worker, deep copies,
+comparisons). Values that are kept or passed on as Python objects (the
+parameters of a model spec and of an inference request) are held to
+:data:`MAX_JSON_DEPTH` levels and :data:`MAX_JSON_ITEMS` values. Tensor data is
+not walked: it becomes a numpy array at once (at most 32 dimensions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import RequestTooLargeError
+
+MAX_JSON_DEPTH = 32
+MAX_JSON_ITEMS = 10_000
+# Past this announced length an early answer closes the connection (see above).
+DRAIN_MAX = 64 * 1024**2
+
+
+def close_after_early_answer(headers: Any) -> bool:
+    """Whether an answer sent before the body was read should close the connection."""
+    for key, value in headers:
+        if key == b"content-length":
+            return not value.isdigit() or int(value) > DRAIN_MAX
+    return False
+
+
+def check_json(value: Any, what: str, *, max_depth: int = MAX_JSON_DEPTH,
+               max_items: int = MAX_JSON_ITEMS) -> Any:
+    """``value`` unchanged, or :class:`RequestTooLargeError` when it nests deeper than
+    ``max_depth`` or holds more than ``max_items`` values. Iterative: a hostile
+    document cannot exhaust the stack here."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    items = 0
+    while stack:
+        node, depth = stack.pop()
+        items += 1
+        if items > max_items:
+            raise RequestTooLargeError(f"{what} holds more than {max_items} values", max_items)
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list | tuple):
+            children = node
+        else:
+            continue
+        if depth > max_depth:
+            raise RequestTooLargeError(f"{what} nests deeper than {max_depth} levels", max_depth)
+        stack.extend((child, depth + 1) for child in children)
+    return value
+
+
+def _reply(status: int, message: bytes, close: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    body = b'{"error":"' + message + b'"}'
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    return ({"type": "http.response.start", "status": status, "headers": headers},
+            {"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """413 for a body over its limit, declared or chunked. ``limit_of(scope)`` gives
+    the limit of one request in bytes."""
+
+    def __init__(self, app: Any, limit_of: Any) -> None:
+        self.app = app
+        self.limit_of = limit_of
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit: int = self.limit_of(scope)
+        declared = None
+        chunked = False
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                declared = value
+            elif key == b"transfer-encoding":
+                chunked = True
+        if declared is not None and not chunked:
+            if not declared.isdigit():
+                for message in _reply(400, b"Content-Length is not a number", True):
+                    await send(message)
+                return
+            if int(declared) > limit:
+                for message in _reply(413, b"the request body is over the limit of %d bytes"
+                                      % limit, int(declared) > DRAIN_MAX):
+                    await send(message)
+                return
+            await self.app(scope, receive, send)  # the server delivers no more than declared
+            return
+        await self._counted(scope, receive, send, limit)
+
+    async def _counted(self, scope: Any, receive: Any, send: Any, limit: int) -> None:
+        received = 0
+        started = answered = False
+
+        async def counted_receive() -> dict[str, Any]:
+            nonlocal received, answered
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    if not started and not answered:
+                        answered = True
+                        for reply in _reply(413, b"the request body is over the limit of %d"
+                                            b" bytes" % limit, False):
+                            await send(reply)
+                    raise RequestTooLargeError(
+                        f"the request body is over the limit of {limit} bytes", limit)
+            return message
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            if answered:
+                return  # the 413 went out already
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except RequestTooLargeError:
+            if not answered:
+                raise  # a response had started before the body ran over: cut the connection
