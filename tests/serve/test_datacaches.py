@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,11 @@ import pytest
 
 from cachemesh.caches import Caches
 from cachemesh.config import Settings
+from cachemesh.errors import CacheNotFoundError, InvalidInputError
+from cachemesh.serve.datacaches import _nas_path
 from tests.emulators.hf_hub import HfHubEmulator
+from tests.emulators.modelscope import ModelScopeEmulator
+from tests.emulators.s3_origin import S3Origin
 from tests.serve.conftest import RunningServer, free_port
 
 FILES = {
@@ -26,10 +31,14 @@ FILES = {
 
 
 @pytest.fixture(scope="module")
-def server(hf_hub: HfHubEmulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def server(hf_hub: HfHubEmulator, ms_hub: ModelScopeEmulator, s3_server: S3Origin,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     home = tmp_path_factory.mktemp("dc-home")
     env = {"CACHEMESH_HOME": str(home), "HF_ENDPOINT": hf_hub.url,
-           "HF_HOME": str(home.parent / "hf-home"), "HOME": str(home.parent)}
+           "HF_HOME": str(home.parent / "hf-home"), "HOME": str(home.parent),
+           "MODELSCOPE_DOMAIN": ms_hub.domain, "CACHEMESH_CA_BUNDLE": str(ms_hub.ca_file),
+           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1"}
     base = Settings.from_env(env, fetch_concurrency=4, range_concurrency=4)
     settings = dataclasses.replace(base, serve=dataclasses.replace(
         base.serve, port=free_port(), workers=1, memory=1024**3))
@@ -178,11 +187,16 @@ def test_a_pull_over_its_size_fails_clearly(server: RunningServer, hf_hub: HfHub
     {"name": "x", "source": "/tmp", "surprise": True},
 ], ids=lambda b: json.dumps(b)[:60])
 def test_an_invalid_body_is_refused_and_creates_nothing(server: RunningServer, body: dict):
+    caches = Caches(server.settings)
     before = server.client.get("/api/v1/datacaches").json()["datacaches"]
+    stored = [(i.name, i.status) for i in caches.list()]
     r = server.client.post("/api/v1/datacaches", json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]
     assert server.client.get("/api/v1/datacaches").json()["datacaches"] == before
+    assert [(i.name, i.status) for i in caches.list()] == stored  # the store itself
+    with pytest.raises(CacheNotFoundError):
+        caches.get("x")
     assert not (server.settings.home / "buckets" / "default" / "x").exists()
 
 
@@ -205,3 +219,82 @@ def test_openapi_documents_the_routes_and_both_request_shapes(server: RunningSer
     schemas = spec["components"]["schemas"]
     assert {"DataCacheRequest", "EciCreateDataCache", "EciDataSource"} <= set(schemas)
     assert server.client.get("/docs").status_code == 200
+
+
+def test_eci_modelscope_repo(server: RunningServer, ms_hub: ModelScopeEmulator):
+    repo = f"org/ms-{uuid.uuid4().hex[:8]}"
+    ms_hub.commit(repo, FILES)
+    name = f"ms-{uuid.uuid4().hex[:6]}"
+    body = {"Name": name, "Bucket": "default", "Path": f"/ms/{name}", "Size": 1,
+            "DataSource": {"Type": "URL", "Options": {"repoSource": "ModelScope/Model",
+                                                      "repoId": repo, "revision": "master"}}}
+    r = server.client.post("/api/v1/datacaches", json=body)
+    assert r.status_code == 202, r.text
+    assert r.json()["source"] == f"ms://{repo}@master"
+    assert watch(server, name)[-1][1]["status"] == "Available"
+    d = server.client.get(f"/api/v1/datacaches/{name}").json()
+    assert d["Status"] == "Available" and d["Path"] == f"/ms/{name}"
+    assert tree(Path(d["view"])) == FILES
+    assert server.client.delete(f"/api/v1/datacaches/{name}").status_code == 204
+
+
+def test_eci_oss_prefix_from_an_s3_compatible_endpoint(server: RunningServer, s3_server: S3Origin):
+    bucket = f"oss-{uuid.uuid4().hex[:8]}"
+    client = s3_server.client()
+    client.create_bucket(Bucket=bucket)
+    for rel, data in FILES.items():
+        client.put_object(Bucket=bucket, Key=f"models/bert/{rel}", Body=data)
+    client.put_object(Bucket=bucket, Key="other/ignored.bin", Body=b"not in the prefix")
+    name = f"oss-{uuid.uuid4().hex[:6]}"
+    body = {"Name": name, "DataSource": {"Type": "OSS", "Options": {
+        "bucket": bucket, "path": "/models/bert/", "url": s3_server.endpoint_url}}}
+    r = server.client.post("/api/v1/datacaches", json=body)
+    assert r.status_code == 202, r.text
+    assert r.json()["source"] == f"s3://{bucket}/models/bert"
+    assert watch(server, name)[-1][1]["status"] == "Available"
+    d = server.client.get(f"/api/v1/datacaches/{name}").json()
+    assert tree(Path(d["view"])) == FILES
+    assert d["Size"] == 20  # ECI's default quota, in GiB
+    assert server.client.delete(f"/api/v1/datacaches/{name}").status_code == 204
+
+
+def test_nas_share_is_found_where_this_node_mounted_it(tmp_path: Path):
+    """A remote share is read where /proc/self/mounts says it is mounted (here a
+    mounts file in that format: mounting NFS needs privileges a test does not have)."""
+    mnt = tmp_path / "mnt" / "nas one"
+    (mnt / "models" / "bert").mkdir(parents=True)
+    mounts = tmp_path / "mounts"
+    escaped = str(mnt).replace(" ", "\\040")  # how the kernel writes a space there
+    mounts.write_text(
+        "proc /proc proc rw 0 0\n"
+        "nas.example:/export /elsewhere nfs4 rw,vers=4.1 0 0\n"
+        f"nas.example:/export/team {escaped} nfs4 rw,vers=4.1 0 0\n"
+        "other.example:/export/team/models /wrong-server nfs rw 0 0\n")
+    assert _nas_path("nas.example", "/export/team/models/bert", str(mounts)) == mnt / "models/bert"
+    assert _nas_path("nas.example", "/export/team/", str(mounts)) == mnt
+    with pytest.raises(InvalidInputError, match="not mounted"):
+        _nas_path("third.example", "/export/team", str(mounts))
+    with pytest.raises(InvalidInputError, match="not a directory"):
+        _nas_path("nas.example", "/export/team/none", str(mounts))
+    with pytest.raises(InvalidInputError, match="absolute"):
+        _nas_path("nas.example", "export/team", str(mounts))
+
+
+def test_last_access_time_follows_use(server: RunningServer, tmp_path: Path):
+    share = tmp_path / "used"
+    share.mkdir()
+    (share / "config.json").write_bytes(FILES["config.json"])
+    name = f"used-{uuid.uuid4().hex[:6]}"
+    assert server.client.post("/api/v1/datacaches",
+                              json={"name": name, "source": str(share)}).status_code == 202
+    assert watch(server, name)[-1][1]["status"] == "Available"
+    before = server.client.get(f"/api/v1/datacaches/{name}").json()
+    caches = Caches(server.settings)
+    time.sleep(1.1)  # the ISO times have whole seconds
+    with caches.open(name):
+        pass
+    after = server.client.get(f"/api/v1/datacaches/{name}").json()
+    assert after["last_access"] > before["last_access"]
+    assert after["LastMatchedTime"] > before["LastMatchedTime"]
+    assert after["last_access_time"] == after["LastMatchedTime"]
+    assert server.client.delete(f"/api/v1/datacaches/{name}").status_code == 204
