@@ -173,7 +173,8 @@ def cachemesh_pull(nginx: Nginx, hub: Hub, out: Path, total: int) -> Run:
 def snapshot_download(nginx: Nginx, hub: Hub, out: Path, total: int) -> Run:
     run, _ = fetch.timed(nginx, [sys.executable, "-c", SNAPSHOT, BASE, str(out / "hf")],
                          env=env_for(hub, out))
-    assert bytes_under(out / "hf") == total, "snapshot_download: wrong number of bytes"
+    blobs = out / "hf" / f"models--{BASE.replace('/', '--')}" / "blobs"
+    assert bytes_under(blobs) == total, "snapshot_download: wrong number of bytes"
     return run
 
 
