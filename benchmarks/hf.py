@@ -31,7 +31,7 @@ Then, once, deduplication: into one fresh store, ``bench/base``, a fine-tune
 a second cache of ``bench/base`` (another name and bucket). ``cachemesh du``
 reports logical bytes (what the views show) against physical bytes (blobs),
 cross-checked with GNU ``du`` over the whole store (which counts a hardlinked
-inode once).
+inode once); each pull's own event says how many bytes it downloaded.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -214,9 +215,16 @@ def dedup(hub: Hub, index: dict[str, list[dict]]) -> dict:
     env = env_for(hub, out)
     pulls = [[f"hf://{BASE}"], [f"hf://{FINETUNE}"],
              [f"hf://{BASE}", "--name", "base-again", "--bucket", "team-b"]]
+    fetched: dict[str, int] = {}  # bytes each pull downloaded (its "available" event)
     for argv in pulls:
-        subprocess.run([CACHEMESH, "pull", "-q", *argv], env=env, check=True,
-                       stdout=subprocess.DEVNULL)
+        status = json.loads(subprocess.run([CACHEMESH, "pull", "-q", "--json", *argv], env=env,
+                                           check=True, capture_output=True, text=True).stdout)
+        events = json.loads(subprocess.run(
+            [CACHEMESH, "cache", "status", status["name"], "--json"], env=env, check=True,
+            capture_output=True, text=True).stdout)["events"]
+        found = [re.search(r"fetched \((\d+) bytes\)", e["message"]) for e in events
+                 if e["kind"] == "available"]
+        fetched[status["name"]] = int(found[-1].group(1)) if found and found[-1] else -1
     du = json.loads(subprocess.run([CACHEMESH, "du", "--json"], env=env, check=True,
                                    capture_output=True, text=True).stdout)
     gnu = int(subprocess.run(["du", "-sb", str(out / "home")], check=True, capture_output=True,
@@ -224,7 +232,8 @@ def dedup(hub: Hub, index: dict[str, list[dict]]) -> dict:
     unique = {f["sha256"]: f["size"] for repo in index.values() for f in repo}
     shared = sum(f["size"] for f in index[BASE] if f["path"].endswith(".json"))
     shutil.rmtree(out, ignore_errors=True)
-    return {"du": du, "gnu_du": gnu, "unique": sum(unique.values()), "shared": shared}
+    return {"du": du, "gnu_du": gnu, "unique": sum(unique.values()), "shared": shared,
+            "fetched": fetched}
 
 
 # -- the benchmark -----------------------------------------------------------------------------
@@ -341,8 +350,11 @@ def report(args: argparse.Namespace, total: int, index: dict[str, list[dict]],
             " are not what an idle machine gives.")
     du = deduped["du"]
     logical, physical = du["logical_bytes"], du["physical_bytes"]
+    fetched = deduped["fetched"]
     dedup_rows = [[c["name"], f"{c['logical_bytes'] / 1e6:.1f}", c["files"],
-                   f"{c['exclusive_bytes'] / 1e6:.1f}"] for c in du["caches"]]
+                   f"{c['exclusive_bytes'] / 1e6:.1f}",
+                   f"{fetched.get(c['name'], -1) / 1e6:.1f}"]
+                  for c in sorted(du["caches"], key=lambda c: list(fetched).index(c["name"]))]
     dedup_text = (
         f"Deduplication (`cachemesh du --json` after pulling `{BASE}`, the fine-tune"
         f" `{FINETUNE}` whose configs and tokenizer ({deduped['shared'] / 1e6:.1f} MB) are the"
@@ -353,7 +365,9 @@ def report(args: argparse.Namespace, total: int, index: dict[str, list[dict]],
         f" (blobs, views, hub/ layout, database) says {deduped['gnu_du'] / 1e6:.1f} MB.")
     table = _report.table(["tool", "MB/s", "min–max", "seconds", "x snapshot_download (paired)",
                            "x parallel curl (paired)", "own CPU s/GB"], rows)
-    dedup_table = _report.table(["cache", "logical MB", "files", "exclusive MB"], dedup_rows)
+    dedup_table = _report.table(["cache (in pull order: base, fine-tune, base again)",
+                                 "logical MB", "files", "exclusive MB", "downloaded MB"],
+                                dedup_rows)
     text = "\n".join([setup, "", load, "", table, "", goals, "", fixed_text, "", dedup_text, "",
                       dedup_table])
     print("\n" + text)
