@@ -44,9 +44,9 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _report
@@ -126,7 +126,7 @@ class Hub:
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
-    def __enter__(self) -> Hub:
+    def __enter__(self) -> Self:
         argv = [sys.executable, "-m", "tests.emulators.hf_hub", "--blob-origin-url",
                 self.blob_origin, "--export-blobs", str(self.blobs)]
         for repo in (BASE, FINETUNE):

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 from collections.abc import AsyncIterator
@@ -65,8 +66,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 from ..access import can_use
 from ..caches import AVAILABLE, FAILED, CacheInfo, Caches, CacheSpec, make_spec
 from ..errors import (
-    CacheNotFoundError,
     CachemeshError,
+    CacheNotFoundError,
     ConflictError,
     ForbiddenError,
     InvalidInputError,
@@ -75,6 +76,7 @@ from ..sources import parse_source
 from .auth import get_visible_cache, visible_caches
 
 router = APIRouter(prefix="/api/v1", tags=["datacaches"])
+log = logging.getLogger(__name__)
 
 #: Pulls the server runs at once (each is itself parallel across files and ranges).
 MAX_PULLS = 2
@@ -263,10 +265,8 @@ class Puller:
             self.caches.pull(name)
         except CachemeshError:
             pass  # recorded: status Failed, the error and an event
-        except Exception as exc:  # noqa: BLE001 - a bug must not kill the pool's thread silently
-            import logging
-
-            logging.getLogger(__name__).exception("pull of %s failed: %s", name, exc)
+        except Exception:  # a bug: logged with its traceback, the pool's thread lives on
+            log.exception("pull of %s failed", name)
         finally:
             with self._lock:
                 self._queued.discard(name)

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
@@ -91,6 +91,50 @@ def new_client(settings: Settings) -> httpx.Client:
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
         headers={"User-Agent": f"cachemesh/{__version__}"},
     )
+
+
+class HubConnection:
+    """The HTTP client of one hub source and the :class:`RangeReader` over it, made on
+    first use (after ``check``, which may refuse the endpoint) and closed with the
+    source. Thread-safe: the fetcher reads ranges from many threads at once."""
+
+    def __init__(self, settings: Settings, check: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self._check = check
+        self._client: httpx.Client | None = None
+        self._reader: RangeReader | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> httpx.Client:
+        with self._lock:
+            if self._client is None:
+                if self._check is not None:
+                    self._check()
+                self._client = new_client(self.settings)
+            return self._client
+
+    @property
+    def reader(self) -> RangeReader:
+        client = self.client
+        with self._lock:
+            if self._reader is None or self._reader.client is not client:
+                self._reader = RangeReader(client)
+            return self._reader
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client, self._reader = self._client, None, None
+        if client is not None:
+            client.close()
+
+    def __del__(self) -> None:
+        client = getattr(self, "_client", None)
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001, S110 - at interpreter exit anything may fail
+                pass
 
 
 def send(

@@ -39,7 +39,6 @@ Besides the cache's view, the files are shown in the Hugging Face cache layout
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,7 +95,7 @@ def read_token(environ: Mapping[str, str]) -> str | None:
 
 def parse_hf_uri(uri: str) -> tuple[str, str, str]:
     """``hf://[datasets/]org/name[@rev]`` -> (repo_type, repo_id, revision)."""
-    rest = uri[len("hf://"):] if uri.startswith("hf://") else uri
+    rest = uri.removeprefix("hf://")
     repo_type = "model"
     for prefix, kind in (("datasets/", "dataset"), ("models/", "model")):
         if rest.startswith(prefix):
@@ -133,9 +132,7 @@ class HfSource(RemoteSource):
         self.uri = f"hf://{kind}{repo_id}@{revision}"
         self._url_prefix = f"{self.endpoint}/{kind}{repo_id}"
         self._api = f"{self.endpoint}/api/{repo_type}s/{repo_id}"
-        self._client: httpx.Client | None = None
-        self._reader: _hubhttp.RangeReader | None = None
-        self._client_lock = threading.Lock()
+        self._http = _hubhttp.HubConnection(settings, check=self._check_endpoint)
 
     @classmethod
     def from_uri(cls, uri: str, options: Mapping[str, Any], settings: Settings) -> HfSource:
@@ -162,13 +159,11 @@ class HfSource(RemoteSource):
 
     @property
     def client(self) -> httpx.Client:
-        with self._client_lock:
-            if self._client is None:
-                if not self.endpoint.startswith(("http://", "https://")):
-                    raise InvalidInputError(
-                        f"HF_ENDPOINT must be an http(s) URL, got {self.endpoint!r}")
-                self._client = _hubhttp.new_client(self.settings)
-            return self._client
+        return self._http.client
+
+    def _check_endpoint(self) -> None:
+        if not self.endpoint.startswith(("http://", "https://")):
+            raise InvalidInputError(f"HF_ENDPOINT must be an http(s) URL, got {self.endpoint!r}")
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept-Encoding": "identity"}
@@ -300,28 +295,12 @@ class HfSource(RemoteSource):
         return HttpRequest(file.locator, self._headers())
 
     def read_range(self, file: RemoteFile, start: int, end: int) -> Iterator[bytes]:
-        client = self.client
-        with self._client_lock:
-            if self._reader is None or self._reader.client is not client:
-                self._reader = _hubhttp.RangeReader(client)
-            reader = self._reader
-        return reader.read(
+        return self._http.reader.read(
             self.request_for(file), start, end, size=file.size,
             what=f"{file.path} of {self.uri}",
             on_error=lambda resp, cdn: self._error(resp, path=file.path, cdn=cdn),
         )
 
     def close(self) -> None:
-        with self._client_lock:
-            client, self._client, self._reader = self._client, None, None
-        if client is not None:
-            client.close()
-
-    def __del__(self) -> None:
-        client = getattr(self, "_client", None)
-        if client is not None:
-            try:
-                client.close()
-            except Exception:
-                pass
+        self._http.close()
 

@@ -31,7 +31,6 @@ HTTPS certificates are checked against ``Settings.ca_bundle`` (certifi by defaul
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote_plus, unquote
@@ -105,9 +104,7 @@ class ModelScopeSource(RemoteSource):
         self._token = (settings.environ.get("MODELSCOPE_API_TOKEN") or "").strip() or None
         self.uri = f"ms://{repo_id}@{revision}"
         self._api = f"{self.endpoint}/api/v1/models/{repo_id}"
-        self._client: httpx.Client | None = None
-        self._reader: _hubhttp.RangeReader | None = None
-        self._client_lock = threading.Lock()
+        self._http = _hubhttp.HubConnection(settings)
 
     @classmethod
     def from_uri(cls, uri: str, options: Mapping[str, Any], settings: Settings) -> ModelScopeSource:
@@ -126,10 +123,7 @@ class ModelScopeSource(RemoteSource):
 
     @property
     def client(self) -> httpx.Client:
-        with self._client_lock:
-            if self._client is None:
-                self._client = _hubhttp.new_client(self.settings)
-            return self._client
+        return self._http.client
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept-Encoding": "identity"}
@@ -277,30 +271,14 @@ class ModelScopeSource(RemoteSource):
         return HttpRequest(file.locator, self._headers())
 
     def read_range(self, file: RemoteFile, start: int, end: int) -> Iterator[bytes]:
-        client = self.client
-        with self._client_lock:
-            if self._reader is None or self._reader.client is not client:
-                self._reader = _hubhttp.RangeReader(client)
-            reader = self._reader
-        return reader.read(
+        return self._http.reader.read(
             self.request_for(file), start, end, size=file.size,
             what=f"{file.path} of {self.uri}",
             on_error=lambda resp, cdn: self._error(resp, stage="file", path=file.path, cdn=cdn),
         )
 
     def close(self) -> None:
-        with self._client_lock:
-            client, self._client, self._reader = self._client, None, None
-        if client is not None:
-            client.close()
-
-    def __del__(self) -> None:
-        client = getattr(self, "_client", None)
-        if client is not None:
-            try:
-                client.close()
-            except Exception:
-                pass
+        self._http.close()
 
 
 def _path(entry: dict) -> str:
