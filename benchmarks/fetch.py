@@ -473,24 +473,21 @@ def main() -> None:
     loads = []
     out = BENCH / "out"
     with Nginx(tls=args.tls) as nginx:
-        names = list(tools)
-        for r in range(args.rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for name in order:
-                shutil.rmtree(out, ignore_errors=True)
-                out.mkdir(parents=True)
-                subprocess.run(["sync"], check=True)
-                if args.cold:
-                    _report.drop_page_cache()
-                else:
-                    warm(index)
-                loads.append(os.getloadavg()[0])
-                run = tools[name](nginx, out)  # type: ignore[operator]
-                results[name].append(run)
-                print(f"round {r + 1}/{args.rounds}  {name:42s}"
-                      f" {total / run.seconds / 1e6:7.0f} MB/s"
-                      f"  {run.seconds:6.2f} s  cpu {run.cpu:5.2f} s  nginx {run.nginx_cpu:5.2f} s",
-                      flush=True)
+        for r, name in _report.rotating(list(tools), args.rounds):
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            subprocess.run(["sync"], check=True)
+            if args.cold:
+                _report.drop_page_cache()
+            else:
+                warm(index)
+            loads.append(os.getloadavg()[0])
+            run = tools[name](nginx, out)  # type: ignore[operator]
+            results[name].append(run)
+            print(f"round {r + 1}/{args.rounds}  {name:42s}"
+                  f" {total / run.seconds / 1e6:7.0f} MB/s"
+                  f"  {run.seconds:6.2f} s  cpu {run.cpu:5.2f} s  nginx {run.nginx_cpu:5.2f} s",
+                  flush=True)
         shutil.rmtree(out, ignore_errors=True)
     report(args, total, index, results, loads)
 

@@ -273,19 +273,16 @@ def main() -> None:
     loads: list[float] = []
     out = BENCH / "out"
     with Hub(nginx.base, blobs) as hub, nginx:
-        names = list(tools)
-        for r in range(args.rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for name in order:
-                shutil.rmtree(out, ignore_errors=True)
-                out.mkdir(parents=True)
-                subprocess.run(["sync"], check=True)
-                warm(blobs)
-                loads.append(os.getloadavg()[0])
-                run = tools[name](out)
-                results[name].append(run)
-                print(f"round {r + 1}/{args.rounds}  {name:40s} {total / run.seconds / 1e6:7.0f}"
-                      f" MB/s  {run.seconds:6.2f} s  cpu {run.cpu:5.2f} s", flush=True)
+        for r, name in _report.rotating(list(tools), args.rounds):
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            subprocess.run(["sync"], check=True)
+            warm(blobs)
+            loads.append(os.getloadavg()[0])
+            run = tools[name](out)
+            results[name].append(run)
+            print(f"round {r + 1}/{args.rounds}  {name:48s} {run.seconds:6.2f} s"
+                  f"  cpu {run.cpu:5.2f} s", flush=True)
         shutil.rmtree(out, ignore_errors=True)
         print("deduplication: base, fine-tune, base again", flush=True)
         deduped = dedup(hub, index)
