@@ -298,3 +298,25 @@ def test_last_access_time_follows_use(server: RunningServer, tmp_path: Path):
     assert after["LastMatchedTime"] > before["LastMatchedTime"]
     assert after["last_access_time"] == after["LastMatchedTime"]
     assert server.client.delete(f"/api/v1/datacaches/{name}").status_code == 204
+
+
+def test_event_stream_resumes_after_last_event_id(server: RunningServer, tmp_path: Path):
+    share = tmp_path / "resume"
+    share.mkdir()
+    (share / "config.json").write_bytes(FILES["config.json"])
+    name = f"resume-{uuid.uuid4().hex[:6]}"
+    assert server.client.post("/api/v1/datacaches",
+                              json={"name": name, "source": str(share)}).status_code == 202
+    first = [d for k, d in watch(server, name) if k == "event"]
+    assert len(first) >= 3 and first[-1]["kind"] == "available"
+
+    def events_after(last_id: str) -> list[dict[str, Any]]:
+        with server.client.stream("GET", f"/api/v1/datacaches/{name}/events", timeout=60,
+                                  headers={"Last-Event-ID": last_id}) as r:
+            assert r.status_code == 200
+            return [d for k, d in sse(r) if k == "event"]
+
+    assert events_after(str(first[0]["id"])) == first[1:]
+    assert events_after(str(first[-1]["id"])) == []
+    assert events_after("not-a-number") == first  # from the start
+    assert server.client.delete(f"/api/v1/datacaches/{name}").status_code == 204
