@@ -424,6 +424,8 @@ async def stream_datacache_events(name: str, request: Request) -> StreamingRespo
         after = int(request.headers.get("Last-Event-ID", "0"))
     except ValueError:
         after = 0
+    if not 0 <= after < 2**63:  # event ids are SQLite integers
+        after = 0
 
     async def stream() -> AsyncIterator[str]:
         nonlocal after
