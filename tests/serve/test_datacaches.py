@@ -184,6 +184,10 @@ def test_a_pull_over_its_size_fails_clearly(server: RunningServer, hf_hub: HfHub
     {"name": "x"},
     {"name": "x", "source": "/tmp", "bucket": "a/b"},
     {"name": "x", "source": "/tmp", "retention_days": 0},
+    {"name": "x", "source": "/tmp", "retention_days": 1e308},
+    {"name": "x", "source": "/tmp", "size_gib": 1e308},
+    {"Name": "x", "RetentionDays": 1e300, "DataSource": {"Type": "OSS", "Options": {"bucket": "b"}}},
+    {"Name": "x", "Size": 1e300, "DataSource": {"Type": "OSS", "Options": {"bucket": "b"}}},
     {"name": "x", "source": "/tmp", "surprise": True},
 ], ids=lambda b: json.dumps(b)[:60])
 def test_an_invalid_body_is_refused_and_creates_nothing(server: RunningServer, body: dict):

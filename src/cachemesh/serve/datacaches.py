@@ -64,7 +64,16 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from ..access import can_use
-from ..caches import AVAILABLE, FAILED, CacheInfo, Caches, CacheSpec, make_spec
+from ..caches import (
+    AVAILABLE,
+    FAILED,
+    MAX_RETENTION_DAYS,
+    MAX_SIZE_LIMIT_GIB,
+    CacheInfo,
+    Caches,
+    CacheSpec,
+    make_spec,
+)
 from ..errors import (
     CachemeshError,
     CacheNotFoundError,
@@ -104,8 +113,9 @@ class DataCacheRequest(BaseModel):
     path: str | None = Field(default=None, description="view path inside the bucket; default: name")
     include: list[str] = Field(default_factory=list, description="globs of files to pull")
     exclude: list[str] = Field(default_factory=list, description="globs of files to leave out")
-    size_gib: float | None = Field(default=None, gt=0, description="quota: the pull fails above it")
-    retention_days: float | None = Field(default=None, gt=0,
+    size_gib: float | None = Field(default=None, gt=0, le=MAX_SIZE_LIMIT_GIB,
+                                   description="quota: the pull fails above it")
+    retention_days: float | None = Field(default=None, gt=0, le=MAX_RETENTION_DAYS,
                                          description="gc removes the cache after this long unused")
     options: dict[str, str | bool | int] = Field(
         default_factory=dict, description="source options: endpoint_url (s3), sha256 (https),"
@@ -128,8 +138,9 @@ class EciCreateDataCache(BaseModel):
     DataSource: EciDataSource
     Bucket: str = "default"
     Path: str | None = None
-    Size: float = Field(default=ECI_DEFAULT_SIZE_GIB, gt=0, description="GiB; the cache's quota")
-    RetentionDays: float | None = Field(default=None, gt=0)
+    Size: float = Field(default=ECI_DEFAULT_SIZE_GIB, gt=0, le=MAX_SIZE_LIMIT_GIB,
+                        description="GiB; the cache's quota")
+    RetentionDays: float | None = Field(default=None, gt=0, le=MAX_RETENTION_DAYS)
     # Accepted for compatibility, without meaning on a single node.
     RegionId: str | None = None
     SecurityGroupId: str | None = None
@@ -319,7 +330,12 @@ def _check_create(caches: Caches, spec: CacheSpec, roots: tuple[Path, ...]) -> N
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if not ts else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if not ts:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):  # a date no calendar holds: none
+        return None
 
 
 def _percent(info: CacheInfo) -> int:
