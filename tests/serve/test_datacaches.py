@@ -176,6 +176,8 @@ def test_a_pull_over_its_size_fails_clearly(server: RunningServer, hf_hub: HfHub
                                                             "path": "/share"}}},
     {"Name": "x", "DataSource": {"Type": "OSS", "Options": {"bucket": "b", "akSecret": "s"}}},
     {"Name": "x", "Size": -1, "DataSource": {"Type": "OSS", "Options": {"bucket": "b"}}},
+    {"Name": "x", "DataSource": {"Type": "OSS", "Options": {"bucket": "bucket",
+                                                            "path": "models/../.."}}},
     {"Name": "../x", "DataSource": {"Type": "OSS", "Options": {"bucket": "b"}}},
     {"Name": "x", "Path": "/../../etc", "DataSource": {"Type": "OSS", "Options": {"bucket": "b"}}},
     {"Name": "x", "Colour": "red", "DataSource": {"Type": "OSS", "Options": {"bucket": "b"}}},

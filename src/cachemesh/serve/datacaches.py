@@ -239,6 +239,9 @@ def eci_to_spec_fields(body: EciCreateDataCache) -> dict[str, Any]:
     else:  # OSS
         bucket = _option(opts, "bucket")
         prefix_path = (_option(opts, "path", required=False) or "").strip("/")
+        if any(part in (".", "..") for part in prefix_path.split("/")):
+            raise InvalidInputError(f"DataSource.Options.path {prefix_path!r}: an OSS prefix"
+                                    " has no '.' or '..' segments")
         endpoint = _option(opts, "url", required=False) or _option(opts, "endpoint", required=False)
         source = f"s3://{bucket}/{prefix_path}".rstrip("/")
         if endpoint:
