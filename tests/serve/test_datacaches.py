@@ -19,6 +19,7 @@ from cachemesh.config import Settings
 from cachemesh.errors import CacheNotFoundError, InvalidInputError
 from cachemesh.serve.datacaches import _nas_path
 from tests.emulators.hf_hub import HfHubEmulator
+from tests.emulators.http_origin import HttpOrigin
 from tests.emulators.modelscope import ModelScopeEmulator
 from tests.emulators.s3_origin import S3Origin
 from tests.serve.conftest import RunningServer, free_port
@@ -327,3 +328,38 @@ def test_event_stream_resumes_after_last_event_id(server: RunningServer, tmp_pat
     for bad in ("not-a-number", "-3", "9" * 30):  # from the start
         assert events_after(bad) == first
     assert server.client.delete(f"/api/v1/datacaches/{name}").status_code == 204
+
+
+@pytest.mark.slow
+def test_a_server_that_stops_stops_its_pulls_and_the_next_one_resumes(
+        http_origin: HttpOrigin, tmp_path: Path):
+    """Pulls run in child processes: stopping the server stops them at once (a
+    thread would have gone on pulling, and kept a stopped server from exiting)."""
+    size = 8 * 1024 * 1024
+    http_origin.files["/big.bin"] = random.Random(3).randbytes(size)
+    http_origin.delay_s = 0.05  # 64 KiB each: about 6 s for the whole file
+    base = Settings.from_env({"CACHEMESH_HOME": str(tmp_path / "home")},
+                             fetch_retries=1, retry_backoff_s=0.01)
+    settings = dataclasses.replace(base, serve=dataclasses.replace(
+        base.serve, port=free_port(), workers=1, memory=1024**3))
+    body = {"name": "big", "source": http_origin.url("/big.bin")}
+    caches = Caches(settings)
+    with RunningServer(settings, []) as running:
+        assert running.client.post("/api/v1/datacaches", json=body).status_code == 202
+        deadline = time.monotonic() + 30
+        while caches.get("big").progress.bytes_done == 0:  # some bytes are on disk
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    stopped = caches.get("big")
+    assert stopped.status == "Failed" and "interrupted" in stopped.error
+    served = http_origin.served["/big.bin"]
+    time.sleep(0.5)
+    assert http_origin.served["/big.bin"] - served < 256 * 1024  # nobody is pulling any more
+    assert caches.get("big").status == "Failed"
+
+    http_origin.delay_s = 0.0
+    with RunningServer(settings, []) as running:
+        assert running.client.post("/api/v1/datacaches", json=body).status_code == 202
+        assert watch(running, "big")[-1][1]["status"] == "Available"
+    assert (Path(caches.get("big").view) / "big.bin").read_bytes() == http_origin.files["/big.bin"]
+    assert http_origin.served["/big.bin"] < 1.5 * size  # resumed, not fetched again

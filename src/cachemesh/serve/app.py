@@ -94,6 +94,7 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
             yield
         finally:
             await service.stop()
+            datacaches.stop_pulls(api)  # background pulls: stopped, resumable
 
     async def metrics(request: Request) -> Response:
         service.refresh_gauges()

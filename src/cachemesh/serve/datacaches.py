@@ -32,7 +32,8 @@ its own).
 
 A POST validates everything (names, paths, source, options) before anything
 is written, answers 202 with the description, and queues the pull: at most
-:data:`MAX_PULLS` pulls run at once, in threads of the server. Statuses are
+:data:`MAX_PULLS` pulls run at once, each in a child process (:class:`Puller`),
+stopped with the server. Statuses are
 ECI's: Pending, Loading, Available, Failed. Every description carries our
 fields and, always (whatever shape created the cache), the ECI-named ones
 (``DataCacheId``, ``Name``, ``Status``, ``LastMatchedTime``, ...), so a client
@@ -49,9 +50,13 @@ must lie in ``CACHEMESH_SERVE_SOURCE_ROOTS`` when that is set.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
+import pickle
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +72,7 @@ from ..access import can_use
 from ..caches import (
     AVAILABLE,
     FAILED,
+    PENDING,
     MAX_RETENTION_DAYS,
     MAX_SIZE_LIMIT_GIB,
     CacheInfo,
@@ -259,35 +265,103 @@ def eci_to_spec_fields(body: EciCreateDataCache) -> dict[str, Any]:
 
 
 class Puller:
-    """Runs pulls in threads of the server, :data:`MAX_PULLS` at a time."""
+    """Runs pulls in child processes of the server, :data:`MAX_PULLS` at a time.
+
+    A process, not a thread of the server: hashing and writing gigabytes would
+    take the server's GIL from its requests, and a process can be stopped at once
+    when the server stops (a thread cannot: the server would wait for every pull
+    to finish before exiting). Stopping one is a crash that the store is built
+    for: the pull lock goes with the process, the cache then reads as Failed
+    ("the pull was interrupted; pull again to resume it"), and what was verified
+    or partly downloaded stays for the next pull, which POSTing the same
+    declaration again starts. The child gets the server's settings (pickled on
+    its stdin) and writes progress and events to the store, where the API reads
+    them.
+    """
 
     def __init__(self, caches: Caches, max_pulls: int = MAX_PULLS) -> None:
-        self.caches = caches
+        self.settings = caches.settings
         self._pool = ThreadPoolExecutor(max_pulls, thread_name_prefix="cachemesh-datacache")
         self._queued: set[str] = set()
+        self._children: dict[str, subprocess.Popen] = {}
+        self._stopping = False
         self._lock = threading.Lock()
 
     def submit(self, name: str) -> None:
         with self._lock:
-            if name in self._queued:
+            if self._stopping or name in self._queued:
                 return
             self._queued.add(name)
         self._pool.submit(self._run, name)
 
     def _run(self, name: str) -> None:
         try:
-            self.caches.pull(name)
-        except CachemeshError:
-            pass  # recorded: status Failed, the error and an event
+            with self._lock:
+                if self._stopping:
+                    return
+                child = subprocess.Popen([sys.executable, "-c", _PULL_CHILD],
+                                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+                self._children[name] = child
+            child.communicate(pickle.dumps((self.settings, name)))
+            if child.returncode not in (0, _PULL_FAILED) and not self._stopping:
+                # A crash of the child (its traceback is on stderr); the store says
+                # the pull was interrupted.
+                log.warning("pull of %s: the pull process exited with %s", name,
+                            child.returncode)
         except Exception:  # a bug: logged with its traceback, the pool's thread lives on
             log.exception("pull of %s failed", name)
         finally:
             with self._lock:
+                self._children.pop(name, None)
                 self._queued.discard(name)
+
+    def queued(self, name: str) -> bool:
+        """Whether a pull of ``name`` is queued or running here."""
+        with self._lock:
+            return name in self._queued
+
+    def stop(self) -> None:
+        """Stop every pull now (the caches read as interrupted) and start no other."""
+        with self._lock:
+            self._stopping = True
+            children = list(self._children.values())
+        for child in children:
+            child.kill()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+_PULL_FAILED = 3  # the child's exit status for a failure the store recorded
+_PULL_CHILD = f"""
+import pickle, sys
+from cachemesh.caches import Caches
+from cachemesh.errors import CachemeshError
+settings, name = pickle.load(sys.stdin.buffer)
+try:
+    Caches(settings).pull(name)
+except CachemeshError:
+    sys.exit({_PULL_FAILED})  # recorded: status Failed, the error and an event
+"""
+
+
+def stop_pulls(api: Any) -> None:
+    """Stop the background pulls of ``api`` (the FastAPI app), when the server stops."""
+    with _PULLER_LOCK:
+        puller = getattr(api.state, "datacache_puller", None)
+    if puller is not None:
+        puller.stop()
 
 
 def _caches(request: Request) -> Caches:
     return request.app.state.service.caches
+
+
+def _as_seen(request: Request, info: CacheInfo) -> CacheInfo:
+    """``info`` as the API reports it: a Failed cache that this server has queued a
+    pull of again is Pending (its child process has not started yet)."""
+    puller = getattr(request.app.state, "datacache_puller", None)
+    if info.status == FAILED and puller is not None and puller.queued(info.name):
+        return dataclasses.replace(info, status=PENDING, error=None)
+    return info
 
 
 def _puller(request: Request) -> Puller:
@@ -407,19 +481,20 @@ def create_datacache(body: CreateBody, request: Request, response: Response) -> 
     if info.status != AVAILABLE:
         _puller(request).submit(info.name)
     response.headers["Location"] = f"/api/v1/datacaches/{info.name}"
-    return describe(caches.get(info.name))
+    return describe(_as_seen(request, caches.get(info.name)))
 
 
 @router.get("/datacaches")
 def list_datacaches(request: Request,
                     bucket: Annotated[str | None, Query()] = None) -> dict[str, Any]:
     infos = visible_caches(_caches(request), bucket)
-    return {"datacaches": [describe(i) for i in infos], "TotalCount": len(infos)}
+    return {"datacaches": [describe(_as_seen(request, i)) for i in infos],
+            "TotalCount": len(infos)}
 
 
 @router.get("/datacaches/{name}")
 def get_datacache(name: str, request: Request) -> dict[str, Any]:
-    info = get_visible_cache(_caches(request), name)
+    info = _as_seen(request, get_visible_cache(_caches(request), name))
     return describe(info, _events(_caches(request), info.name))
 
 
@@ -451,7 +526,7 @@ async def stream_datacache_events(name: str, request: Request) -> StreamingRespo
         last_progress: tuple | None = None
         last_status = None
         while True:
-            current = await asyncio.to_thread(caches.get, info.name)
+            current = _as_seen(request, await asyncio.to_thread(caches.get, info.name))
             news = await asyncio.to_thread(_events, caches, info.name, after)
             for event in news:
                 after = event["id"]
