@@ -72,16 +72,15 @@ from ..access import can_use
 from ..caches import (
     AVAILABLE,
     FAILED,
-    PENDING,
     MAX_RETENTION_DAYS,
     MAX_SIZE_LIMIT_GIB,
+    PENDING,
     CacheInfo,
     Caches,
     CacheSpec,
     make_spec,
 )
 from ..errors import (
-    CachemeshError,
     CacheNotFoundError,
     ConflictError,
     ForbiddenError,
