@@ -287,14 +287,19 @@ def test_nas_share_is_found_where_this_node_mounted_it(tmp_path: Path):
         _nas_path("nas.example", "export/team", str(mounts))
 
 
-def test_last_access_time_follows_use(server: RunningServer, tmp_path: Path):
-    share = tmp_path / "used"
-    share.mkdir()
-    (share / "config.json").write_bytes(FILES["config.json"])
-    name = f"used-{uuid.uuid4().hex[:6]}"
+def small_cache(server: RunningServer, folder: Path) -> tuple[str, list[tuple[str, dict]]]:
+    """A cache of one small file, POSTed in our shape: its name and every event of its pull."""
+    folder.mkdir()
+    (folder / "config.json").write_bytes(FILES["config.json"])
+    name = f"{folder.name}-{uuid.uuid4().hex[:6]}"
     assert server.client.post("/api/v1/datacaches",
-                              json={"name": name, "source": str(share)}).status_code == 202
-    assert watch(server, name)[-1][1]["status"] == "Available"
+                              json={"name": name, "source": str(folder)}).status_code == 202
+    return name, watch(server, name)
+
+
+def test_last_access_time_follows_use(server: RunningServer, tmp_path: Path):
+    name, events = small_cache(server, tmp_path / "used")
+    assert events[-1][1]["status"] == "Available"
     before = server.client.get(f"/api/v1/datacaches/{name}").json()
     caches = Caches(server.settings)
     time.sleep(1.1)  # the ISO times have whole seconds
@@ -308,13 +313,8 @@ def test_last_access_time_follows_use(server: RunningServer, tmp_path: Path):
 
 
 def test_event_stream_resumes_after_last_event_id(server: RunningServer, tmp_path: Path):
-    share = tmp_path / "resume"
-    share.mkdir()
-    (share / "config.json").write_bytes(FILES["config.json"])
-    name = f"resume-{uuid.uuid4().hex[:6]}"
-    assert server.client.post("/api/v1/datacaches",
-                              json={"name": name, "source": str(share)}).status_code == 202
-    first = [d for k, d in watch(server, name) if k == "event"]
+    name, events = small_cache(server, tmp_path / "resume")
+    first = [d for k, d in events if k == "event"]
     assert len(first) >= 3 and first[-1]["kind"] == "available"
 
     def events_after(last_id: str) -> list[dict[str, Any]]:
