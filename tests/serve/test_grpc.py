@@ -71,7 +71,7 @@ def _start(home: Path, specs: list[ModelSpec], protect: dict[str, str] | None = 
     s = dataclasses.replace(s, **settings)
     for bucket, token in (protect or {}).items():
         Caches(s).protect_bucket(bucket, token)
-    with RunningServer(s, specs) as server:
+    with RunningServer(s, specs, grpc=True) as server:
         server.wait_ready()
         yield GrpcServer(server, f"127.0.0.1:{port}")
 
