@@ -246,7 +246,7 @@ class InferenceServicer:
     async def ModelStreamInfer(self, requests: AsyncIterator[Any],
                                context: aio.ServicerContext) -> AsyncIterator[Any]:
         """Each request in turn; a failed one answers with its error_message and the
-        stream goes on (as Triton's decoupled-free streaming does)."""
+        stream goes on, as Triton streams a model that answers each request once."""
         async for request in requests:
             try:
                 out = self._encode(*await self._infer(request, context))
