@@ -1,0 +1,324 @@
+"""Decoder language models converted to CTranslate2, generating text (CPU by default).
+
+Serves what ``cachemesh convert SRC --to ct2`` writes (``convert/ct2.py``)::
+
+    model.bin, config.json, vocabulary.json    CTranslate2's model
+    tokenizer.json, tokenizer_config.json, …   the source model's tokenizer files
+    chat_template.jinja, generation_config.json
+    cachemesh-convert.json                     the manifest: runtime.class, quantization
+
+and any directory CTranslate2's own converters wrote, given the tokenizer
+files beside it. Only ``Generator`` models (decoder-only) are served here;
+a ``Translator`` or ``Encoder`` conversion is refused at load with a message
+that says so.
+
+Text goes through the generation contract (``runtimes/generation.py``):
+``generate`` answers one :class:`~.generation.GenerateResult`, ``stream``
+yields text deltas and then a last chunk with ``finish_reason`` and the token
+counts; both run the same token loop (``Generator.generate_tokens``), so a
+streamed answer is, token for token, the answer ``generate`` gives. The
+prompt of a ``completion`` is tokenized as the tokenizer does by default
+(with its BOS where it adds one); a ``chat`` is rendered with the model's chat
+template (``add_generation_prompt``) and tokenized without adding special
+tokens again. Generation ends at the model's end tokens (the tokenizer's EOS
+and every ``eos_token_id`` of generation_config.json), after ``max_tokens``
+(``finish_reason: "length"``) or at a stop string (not part of the text).
+``temperature: 0`` is greedy; otherwise CTranslate2 samples from the whole
+vocabulary at that temperature, cut to ``top_p``.
+
+``seed`` is accepted and has no effect: CTranslate2 seeds the sampler of each
+of its threads once, the first time that thread samples
+(``ctranslate2/random.cc``: a ``thread_local`` generator), so a seed set per
+request would reach some requests and not others. Greedy decoding is
+deterministic.
+
+V2 ``predict`` serves the same model to V2 clients: one BYTES input (prompts,
+``text_input`` by convention), one BYTES output ``text_output`` of the same
+shape; ``max_tokens``, ``temperature``, ``top_p`` and ``stop`` come from the
+request's parameters.
+
+Parameters: ``device`` (``cpu``; ``cuda`` where CTranslate2 was built with
+it), ``compute_type`` (default ``default``: the type the conversion chose,
+``--quantization``, or the checkpoint's own, converted by CTranslate2 to one
+the device supports; ``auto`` picks the fastest the device supports, which may
+quantize a float model), ``threads`` (CTranslate2's intra_threads; 0 lets it
+pick), ``inter_threads`` (generations that run at once, default 1; more queue
+behind them), ``context_length`` (prompt + completion limit; default: what
+the conversion recorded from the source config, else none).
+
+Memory: on CPU CTranslate2 holds the weights in its own allocations, so the
+worker's RSS measurement is the model's size (``memory_bytes`` says None); on
+a GPU the weights are not in RSS, and the size of model.bin stands for them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InferenceInputError, InvalidInputError, ModelLoadError
+from .base import ModelSettings, Runtime
+from .generation import GenerateResult, StreamChunk
+from .textgen import IncrementalDecoder, StopStrings, TextRequest, parse_generate_request
+from .types import InferenceRequest, InferenceResponse, Tensor
+
+MANIFEST = "cachemesh-convert.json"  # convert/identity.py
+VOCABULARIES = ("vocabulary.json", "vocabulary.txt", "shared_vocabulary.json",
+                "shared_vocabulary.txt")
+OUTPUT = "text_output"
+
+
+def _read_json(file: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _int_param(params: dict[str, Any], key: str, default: int | None,
+               minimum: int = 0) -> int | None:
+    value = params.get(key)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"parameter {key} must be an integer, got {value!r}") from None
+    if number < minimum:
+        raise InvalidInputError(f"parameter {key} must be >= {minimum}, got {number}")
+    return number
+
+
+class CTranslate2Runtime(Runtime):
+    name = "ctranslate2"
+
+    def __init__(self, settings: ModelSettings) -> None:
+        super().__init__(settings)
+        self.generator: Any = None
+        self.tokenizer: Any = None
+        self.end_ids: list[int] = []
+        self.context_length: int | None = None
+        self.device = "cpu"
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @classmethod
+    def detect(cls, path: Path) -> int:
+        if not path.is_dir():
+            return 0
+        manifest = _read_json(path / MANIFEST)
+        if manifest and (manifest.get("runtime") or {}).get("engine") == "ctranslate2":
+            return 95
+        if (path / "model.bin").is_file() and (path / "config.json").is_file() and any(
+                (path / v).is_file() for v in VOCABULARIES):
+            return 80
+        return 0
+
+    @classmethod
+    def preload(cls) -> None:
+        try:
+            import ctranslate2  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            pass  # load() says what to install
+
+    def load(self) -> None:
+        try:
+            import ctranslate2
+            from transformers import AutoTokenizer
+        except ImportError as exc:
+            raise ModelLoadError(
+                "the ctranslate2 runtime needs ctranslate2 and transformers: install cachemesh[ct2]"
+            ) from exc
+        path = Path(self.settings.path)
+        params = self.settings.parameters
+        runtime = (_read_json(path / MANIFEST) or {}).get("runtime") or {}
+        kind = runtime.get("class", "Generator")
+        if kind != "Generator":
+            raise ModelLoadError(
+                f"{path} holds a CTranslate2 {kind}; the ctranslate2 runtime serves decoder"
+                " language models (Generator) only"
+            )
+        self.device = str(params.get("device") or "cpu")
+        compute_type = str(params.get("compute_type") or "default")
+        try:
+            self.generator = ctranslate2.Generator(
+                str(path), device=self.device, compute_type=compute_type,
+                intra_threads=_int_param(params, "threads", 0),
+                inter_threads=_int_param(params, "inter_threads", 1, minimum=1),
+            )
+        except (RuntimeError, ValueError) as exc:
+            raise ModelLoadError(f"CTranslate2 cannot load {path}: {exc}") from exc
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except Exception as exc:  # transformers raises OSError, ValueError, KeyError, …
+            raise ModelLoadError(
+                f"no usable tokenizer in {path} ({type(exc).__name__}: {exc}); the directory"
+                " needs the source model's tokenizer files (tokenizer.json, …)"
+            ) from exc
+        self.end_ids = self._end_ids(path)
+        self.context_length = _int_param(params, "context_length", None, minimum=1)
+        if self.context_length is None and isinstance(runtime.get("context_length"), int):
+            self.context_length = runtime["context_length"]
+
+    def _end_ids(self, path: Path) -> list[int]:
+        ids: list[int] = []
+        eos = (_read_json(path / "generation_config.json") or {}).get("eos_token_id")
+        for value in (eos if isinstance(eos, list) else [eos]) + [self.tokenizer.eos_token_id]:
+            if isinstance(value, int) and value not in ids:
+                ids.append(value)
+        return ids
+
+    def unload(self) -> None:
+        self.generator = None
+        self.tokenizer = None
+
+    def memory_bytes(self) -> int | None:
+        if self.device == "cpu":
+            return None
+        weights = Path(self.settings.path) / "model.bin"
+        return weights.stat().st_size if weights.is_file() else None
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "platform": "ctranslate2",
+            "inputs": self.settings.inputs or [
+                {"name": "text_input", "datatype": "BYTES", "shape": [-1]}],
+            "outputs": self.settings.outputs or [
+                {"name": OUTPUT, "datatype": "BYTES", "shape": [-1]}],
+        }
+
+    # -- generation ----------------------------------------------------------------
+
+    def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
+        parts: list[str] = []
+        last: dict[str, Any] = {}
+        for chunk in self.stream(payload):
+            parts.append(chunk["text"])
+            last = chunk
+        result: GenerateResult = {
+            "text": "".join(parts), "finish_reason": last["finish_reason"],
+            "prompt_tokens": last["prompt_tokens"],
+            "completion_tokens": last["completion_tokens"],
+        }
+        return dict(result)
+
+    def stream(self, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        request = parse_generate_request(payload)
+        if request.kind == "embedding":
+            raise InferenceInputError(
+                f"model {self.settings.name!r} generates text; it does not compute embeddings"
+            )
+        # Check and tokenize before the first chunk, so that a bad request fails the
+        # call rather than a stream that already started.
+        prompt_ids = self._prompt_ids(request)
+        max_new = self._budget(request, len(prompt_ids))
+        return self._tokens(request, prompt_ids, max_new)
+
+    def _prompt_ids(self, request: TextRequest) -> list[int]:
+        tokenizer = self.tokenizer
+        if request.kind == "chat":
+            if not getattr(tokenizer, "chat_template", None):
+                raise InferenceInputError(
+                    f"model {self.settings.name!r} has no chat template; use completions"
+                )
+            try:
+                text = tokenizer.apply_chat_template(request.messages, tokenize=False,
+                                                     add_generation_prompt=True)
+            except Exception as exc:  # jinja2's TemplateError: the template refused the chat
+                raise InferenceInputError(
+                    f"model {self.settings.name!r}: the chat template refused these messages:"
+                    f" {exc}"
+                ) from exc
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(request.prompt)["input_ids"]
+        if not ids:
+            if tokenizer.bos_token_id is None:
+                raise InferenceInputError("the prompt is empty and the model has no BOS token")
+            ids = [tokenizer.bos_token_id]
+        return list(ids)
+
+    def _budget(self, request: TextRequest, prompt_tokens: int) -> int:
+        limit = self.context_length
+        if limit is None:
+            return request.max_tokens
+        if prompt_tokens >= limit:
+            raise InferenceInputError(
+                f"the prompt is {prompt_tokens} tokens; model {self.settings.name!r} takes at"
+                f" most {limit} tokens of prompt and completion together"
+            )
+        return min(request.max_tokens, limit - prompt_tokens)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _tokens(self, request: TextRequest, prompt_ids: list[int],
+                max_new: int) -> Iterator[dict[str, Any]]:
+        greedy = request.greedy
+        steps = self.generator.generate_tokens(
+            self.tokenizer.convert_ids_to_tokens(prompt_ids),
+            max_length=max_new,
+            sampling_topk=1 if greedy else 0,  # 0: the whole vocabulary
+            sampling_topp=1.0 if greedy else request.top_p,
+            sampling_temperature=1.0 if greedy else request.temperature,
+            end_token=self.end_ids or None,
+        )
+        decoder = IncrementalDecoder(self._decode, prompt_ids)
+        stops = StopStrings(request.stop)
+        generated = 0
+        try:
+            for step in steps:
+                generated += 1
+                text = stops.feed(decoder.push(step.token_id))
+                if text:
+                    yield StreamChunk(text=text)
+                if stops.stopped:
+                    break
+        finally:
+            steps.close()  # stops CTranslate2 when the consumer went away, too
+        if stops.stopped:
+            reason = "stop"
+        else:
+            # Fewer tokens than allowed: an end token stopped it (it is not yielded).
+            reason = "length" if generated >= max_new else "stop"
+            tail = stops.feed(decoder.flush())
+            tail += stops.flush()
+            if stops.stopped:
+                reason = "stop"
+            if tail:
+                yield StreamChunk(text=tail)
+        yield StreamChunk(text="", finish_reason=reason,
+                          prompt_tokens=len(prompt_ids), completion_tokens=generated)
+
+    # -- KServe V2 -----------------------------------------------------------------
+
+    def predict(self, request: InferenceRequest) -> InferenceResponse:
+        texts = [t for t in request.inputs if t.datatype == "BYTES"]
+        if len(request.inputs) != 1 or len(texts) != 1:
+            raise InferenceInputError(
+                f"model {self.settings.name!r} takes one BYTES input of prompts (text_input)"
+            )
+        for name in request.wants():
+            if name != OUTPUT:
+                raise InferenceInputError(
+                    f"model {self.settings.name!r} has no output {name!r} (it has {OUTPUT})"
+                )
+        [prompts] = texts
+        params = {k: request.parameters[k] for k in ("max_tokens", "temperature", "top_p",
+                                                     "stop", "seed") if k in request.parameters}
+        answers = np.empty(prompts.data.shape, dtype=object)
+        flat = answers.reshape(-1)
+        for i, raw in enumerate(prompts.data.reshape(-1)):
+            try:
+                prompt = raw.decode() if isinstance(raw, bytes) else str(raw)
+            except UnicodeDecodeError:
+                raise InferenceInputError(f"prompt {i} is not UTF-8 text") from None
+            flat[i] = self.generate({"kind": "completion", "prompt": prompt, **params})[
+                "text"].encode()
+        return InferenceResponse(outputs=[Tensor(OUTPUT, "BYTES", answers.shape, answers)])
