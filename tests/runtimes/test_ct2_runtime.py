@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -283,26 +284,72 @@ def test_stop_strings_across_chunks():
     assert StopStrings(["cd", "b"]).feed("abcd") == "a"
 
 
-# -- KServe V2 through a real server ------------------------------------------------------
+# -- through a real server: KServe V2, and OpenAI -------------------------------------------
 
 
-def test_v2_text_input_through_a_server(ct2_llama: Converted, loaded_ct2, tmp_path: Path):
+@pytest.fixture(scope="module")
+def llm_server(tmp_path_factory: pytest.TempPathFactory,
+               ct2_llama: Converted) -> Iterator[RunningServer]:
     spec = ModelSpec(name="llama", source=str(ct2_llama.view), eager=True)
-    with RunningServer(serve_settings(tmp_path / "home"), [spec]) as server:
+    with RunningServer(serve_settings(tmp_path_factory.mktemp("home")), [spec]) as server:
         server.wait_ready()
-        meta = server.client.get("/v2/models/llama").json()
-        assert meta["platform"] == "ctranslate2"
-        body = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [2],
-                            "data": PROMPTS[:2]}],
-                "parameters": {"max_tokens": 5, "temperature": 0}}
-        r = server.client.post("/v2/models/llama/infer", content=orjson.dumps(body))
-        assert r.status_code == 200, r.text
-        [out] = r.json()["outputs"]
-        assert out["name"] == "text_output" and out["shape"] == [2]
-        assert out["data"] == [
-            loaded_ct2.generate({"kind": "completion", "prompt": p, "max_tokens": 5,
-                                 "temperature": 0})["text"] for p in PROMPTS[:2]]
-        body["inputs"][0]["datatype"] = "FP32"
-        body["inputs"][0]["data"] = [1.0, 2.0]
-        r = server.client.post("/v2/models/llama/infer", content=orjson.dumps(body))
-        assert r.status_code == 400 and "BYTES input" in r.text
+        yield server
+
+
+def test_v2_text_input_through_a_server(llm_server: RunningServer, loaded_ct2):
+    server = llm_server
+    meta = server.client.get("/v2/models/llama").json()
+    assert meta["platform"] == "ctranslate2"
+    body = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [2],
+                        "data": PROMPTS[:2]}],
+            "parameters": {"max_tokens": 5, "temperature": 0}}
+    r = server.client.post("/v2/models/llama/infer", content=orjson.dumps(body))
+    assert r.status_code == 200, r.text
+    [out] = r.json()["outputs"]
+    assert out["name"] == "text_output" and out["shape"] == [2]
+    assert out["data"] == [
+        loaded_ct2.generate({"kind": "completion", "prompt": p, "max_tokens": 5,
+                             "temperature": 0})["text"] for p in PROMPTS[:2]]
+    body["inputs"][0]["datatype"] = "FP32"
+    body["inputs"][0]["data"] = [1.0, 2.0]
+    r = server.client.post("/v2/models/llama/infer", content=orjson.dumps(body))
+    assert r.status_code == 400 and "BYTES input" in r.text
+
+
+def test_openai_client_end_to_end(llm_server: RunningServer, loaded_ct2):
+    """The OpenAI endpoints (serve/openai.py) serve this runtime unchanged."""
+    pytest.importorskip("cachemesh.serve.openai", reason="the OpenAI endpoints have not landed")
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{llm_server.url}/v1", api_key="unused", max_retries=0)
+    assert "llama" in [m.id for m in client.models.list()]
+
+    prompt = PROMPTS[0]
+    want = loaded_ct2.generate({"kind": "completion", "prompt": prompt, "max_tokens": 8,
+                                "temperature": 0})
+    answer = client.completions.create(model="llama", prompt=prompt, max_tokens=8,
+                                       temperature=0)
+    assert answer.choices[0].text == want["text"]
+    assert answer.choices[0].finish_reason == want["finish_reason"]
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == \
+        (want["prompt_tokens"], want["completion_tokens"])
+    stream = client.completions.create(model="llama", prompt=prompt, max_tokens=8,
+                                       temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == want["text"]
+
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    want = loaded_ct2.generate({"kind": "chat", "messages": messages, "max_tokens": 8,
+                                "temperature": 0})
+    chat = client.chat.completions.create(model="llama", messages=messages, max_tokens=8,
+                                          temperature=0)
+    assert chat.choices[0].message.content == want["text"]
+    assert chat.usage.completion_tokens == want["completion_tokens"]
+    stream = client.chat.completions.create(model="llama", messages=messages, max_tokens=8,
+                                            temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == \
+        want["text"]
+    assert len(want["text"]) >= 4, want
+    stop = want["text"][2:4]
+    cut = client.chat.completions.create(model="llama", messages=messages, max_tokens=8,
+                                         temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == want["text"][:want["text"].index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
