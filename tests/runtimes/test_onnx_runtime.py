@@ -54,7 +54,7 @@ def test_converted_directories_are_detected(onnx_svm: Converted, onnx_bert: Conv
     assert resolve(onnx_svm.origin).runtime == "sklearn"
 
 
-def test_metadata_comes_from_the_graph(triton, onnx_svm: Converted):
+def test_metadata_comes_from_the_graph(triton, server: RunningServer):
     meta = triton.get_model_metadata("svm")
     assert meta["platform"] == "onnxruntime_onnx"
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
@@ -65,6 +65,10 @@ def test_metadata_comes_from_the_graph(triton, onnx_svm: Converted):
     assert bert["inputs"] == [{"name": n, "datatype": "INT64", "shape": [-1, -1]}
                               for n in ("input_ids", "attention_mask", "token_type_ids")]
     assert bert["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 3]}]
+    # Measured sizes are the models', not onnxruntime's (imported before the load).
+    for name in ("svm", "bert"):
+        size = server.client.get(f"/api/v1/models/{name}").json()["size_bytes"]
+        assert 0 < size < 50 * 2**20, (name, size)
 
 
 def test_svm_answers_like_sklearn_and_onnxruntime(triton, onnx_svm: Converted):

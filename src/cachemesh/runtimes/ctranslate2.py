@@ -53,45 +53,22 @@ a GPU the weights are not in RSS, and the size of model.bin stands for them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import InferenceInputError, InvalidInputError, ModelLoadError
+from ..errors import InferenceInputError, ModelLoadError
 from .base import ModelSettings, Runtime
+from .files import conversion_runtime, int_param, read_json_object
 from .generation import GenerateResult, StreamChunk
 from .textgen import IncrementalDecoder, StopStrings, TextRequest, parse_generate_request
 from .types import InferenceRequest, InferenceResponse, Tensor
 
-MANIFEST = "cachemesh-convert.json"  # convert/identity.py
 VOCABULARIES = ("vocabulary.json", "vocabulary.txt", "shared_vocabulary.json",
                 "shared_vocabulary.txt")
 OUTPUT = "text_output"
-
-
-def _read_json(file: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _int_param(params: dict[str, Any], key: str, default: int | None,
-               minimum: int = 0) -> int | None:
-    value = params.get(key)
-    if value is None or value == "":
-        return default
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"parameter {key} must be an integer, got {value!r}") from None
-    if number < minimum:
-        raise InvalidInputError(f"parameter {key} must be >= {minimum}, got {number}")
-    return number
 
 
 def _load_tokenizer(path: Path) -> Any:
@@ -135,8 +112,7 @@ class CTranslate2Runtime(Runtime):
     def detect(cls, path: Path) -> int:
         if not path.is_dir():
             return 0
-        manifest = _read_json(path / MANIFEST)
-        if manifest and (manifest.get("runtime") or {}).get("engine") == "ctranslate2":
+        if conversion_runtime(path).get("engine") == "ctranslate2":
             return 95
         if (path / "model.bin").is_file() and (path / "config.json").is_file() and any(
                 (path / v).is_file() for v in VOCABULARIES):
@@ -162,7 +138,7 @@ class CTranslate2Runtime(Runtime):
             ) from exc
         path = Path(self.settings.path)
         params = self.settings.parameters
-        runtime = (_read_json(path / MANIFEST) or {}).get("runtime") or {}
+        runtime = conversion_runtime(path)
         kind = runtime.get("class", "Generator")
         if kind != "Generator":
             raise ModelLoadError(
@@ -174,20 +150,20 @@ class CTranslate2Runtime(Runtime):
         try:
             self.generator = ctranslate2.Generator(
                 str(path), device=self.device, compute_type=compute_type,
-                intra_threads=_int_param(params, "threads", 0),
-                inter_threads=_int_param(params, "inter_threads", 1, minimum=1),
+                intra_threads=int_param(params, "threads", 0),
+                inter_threads=int_param(params, "inter_threads", 1, minimum=1),
             )
         except (RuntimeError, ValueError) as exc:
             raise ModelLoadError(f"CTranslate2 cannot load {path}: {exc}") from exc
         self.tokenizer = _load_tokenizer(path)
         self.end_ids = self._end_ids(path)
-        self.context_length = _int_param(params, "context_length", None, minimum=1)
+        self.context_length = int_param(params, "context_length", None, minimum=1)
         if self.context_length is None and isinstance(runtime.get("context_length"), int):
             self.context_length = runtime["context_length"]
 
     def _end_ids(self, path: Path) -> list[int]:
         ids: list[int] = []
-        eos = (_read_json(path / "generation_config.json") or {}).get("eos_token_id")
+        eos = (read_json_object(path / "generation_config.json") or {}).get("eos_token_id")
         for value in (eos if isinstance(eos, list) else [eos]) + [self.tokenizer.eos_token_id]:
             if isinstance(value, int) and value not in ids:
                 ids.append(value)

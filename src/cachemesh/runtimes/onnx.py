@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InferenceInputError, InvalidInputError, ModelLoadError
+from ..errors import InferenceInputError, ModelLoadError
 from .base import ModelSettings, Runtime
+from .files import conversion_runtime, flag, int_param, uri_file
 from .types import DATATYPES, InferenceRequest, InferenceResponse, Tensor, as_bytes_array
 
-MANIFEST = "cachemesh-convert.json"  # convert/identity.py; read here without importing convert
 # onnxruntime's element type names -> KServe V2 datatypes.
 ORT_TO_V2 = {
     "tensor(bool)": "BOOL",
@@ -48,29 +48,13 @@ ORT_TO_V2 = {
 _BATCH_NAMES = ("batch", "n", "none")
 
 
-def _read_manifest(path: Path) -> dict[str, Any] | None:
-    import json
-
-    try:
-        data = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def model_file(path: Path, uri: str | None = None) -> Path:
     """The ONNX file to load from a model directory (or the file itself)."""
     if path.is_file():
         return path
     if uri:
-        candidate = (path / uri).resolve()
-        if not candidate.is_relative_to(path.resolve()):
-            raise InvalidInputError(f"model uri {uri!r} points outside the model directory {path}")
-        if not candidate.is_file():
-            raise ModelLoadError(f"model file {uri!r} not found in {path}")
-        return candidate
-    manifest = _read_manifest(path) or {}
-    named = (manifest.get("runtime") or {}).get("file")
+        return uri_file(path, uri)
+    named = conversion_runtime(path).get("file")
     if isinstance(named, str) and "/" not in named and (path / named).is_file():
         return path / named
     if (path / "model.onnx").is_file():
@@ -85,27 +69,10 @@ def model_file(path: Path, uri: str | None = None) -> Path:
     )
 
 
-def _int_param(params: dict[str, Any], key: str, default: int) -> int:
-    value = params.get(key, default)
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"parameter {key} must be an integer, got {value!r}") from None
-    if number < 0:
-        raise InvalidInputError(f"parameter {key} must be >= 0, got {number}")
-    return number
-
-
-def _flag(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() not in ("0", "false", "no", "off", "")
-    return bool(value)
-
-
 class _Spec:
     """One graph tensor: its name, V2 datatype and shape (None for a dynamic dim)."""
 
-    __slots__ = ("name", "datatype", "dims", "dim_names")
+    __slots__ = ("datatype", "dim_names", "dims", "name")
 
     def __init__(self, node: Any) -> None:
         self.name: str = node.name
@@ -140,8 +107,7 @@ class OnnxRuntime(Runtime):
     def detect(cls, path: Path) -> int:
         if path.is_file():
             return 80 if path.suffix == ".onnx" else 0
-        manifest = _read_manifest(path)
-        if manifest and (manifest.get("runtime") or {}).get("engine") == "onnxruntime":
+        if conversion_runtime(path).get("engine") == "onnxruntime":
             return 95
         if (path / "model.onnx").is_file():
             return 80
@@ -163,7 +129,7 @@ class OnnxRuntime(Runtime):
         params = self.settings.parameters
         self.file = model_file(Path(self.settings.path), params.get("uri"))
         options = ort.SessionOptions()
-        options.intra_op_num_threads = _int_param(params, "threads", 0)
+        options.intra_op_num_threads = int_param(params, "threads", 0)
         options.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(str(self.file), sess_options=options,
@@ -182,7 +148,7 @@ class OnnxRuntime(Runtime):
             raise ModelLoadError(f"{self.file.name}: no tensor outputs (sequences and maps, such"
                                  " as skl2onnx's ZipMap, are not served; convert without them)")
         if "batchable" in params:
-            self.batchable = _flag(params["batchable"])  # type: ignore[misc]
+            self.batchable = flag(params["batchable"])  # type: ignore[misc]
         else:
             self.batchable = all(s.batch_first() for s in self.inputs + self.outputs  # type: ignore[misc]
                                  if s.datatype)
