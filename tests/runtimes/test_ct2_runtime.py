@@ -299,6 +299,7 @@ def llm_server(tmp_path_factory: pytest.TempPathFactory,
         yield server
 
 
+@pytest.mark.slow
 def test_v2_text_input_through_a_server(llm_server: RunningServer, loaded_ct2):
     server = llm_server
     meta = server.client.get("/v2/models/llama").json()
@@ -323,6 +324,7 @@ def test_v2_text_input_through_a_server(llm_server: RunningServer, loaded_ct2):
     assert r.status_code == 400 and "BYTES input" in r.text
 
 
+@pytest.mark.slow
 def test_openai_client_end_to_end(llm_server: RunningServer, loaded_ct2):
     """The OpenAI endpoints (serve/openai.py) serve this runtime unchanged."""
     pytest.importorskip("cachemesh.serve.openai", reason="the OpenAI endpoints have not landed")

@@ -6,6 +6,7 @@ the source models (the digits SVM in scikit-learn, a tiny BERT in torch).
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,13 +24,41 @@ from tests.serve.conftest import RunningServer, serve_settings
 
 pytest.importorskip("onnxruntime")
 th = pytest.importorskip("tritonclient.http")
+from tritonclient.utils import InferenceServerException
+
+
+def handmade_graphs(root: Path) -> dict[str, Path]:
+    """Two graphs built node by node: strings in and out, and a fixed batch of 2."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def save(name: str, node, inputs, outputs) -> Path:
+        graph = helper.make_graph([node], name, inputs, outputs)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        (root / name).mkdir(parents=True)
+        onnx.save(model, root / name / "model.onnx")
+        return root / name
+
+    return {
+        # (StringNormalizer would be nicer, but it needs the en_US.UTF-8 locale installed.)
+        "strings": save("strings", helper.make_node("Identity", ["text"], ["same"]),
+                        [helper.make_tensor_value_info("text", TensorProto.STRING, ["n"])],
+                        [helper.make_tensor_value_info("same", TensorProto.STRING, ["n"])]),
+        "fixed": save("fixed", helper.make_node("Relu", ["x"], ["y"]),
+                      [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 3])],
+                      [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2, 3])]),
+    }
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, onnx_svm: Converted,
            onnx_bert: Converted) -> Iterator[RunningServer]:
+    graphs = handmade_graphs(tmp_path_factory.mktemp("graphs"))
     specs = [ModelSpec(name="svm", source=str(onnx_svm.view), eager=True),
-             ModelSpec(name="bert", source=str(onnx_bert.view), eager=True)]
+             ModelSpec(name="bert", source=str(onnx_bert.view), eager=True),
+             *(ModelSpec(name=name, source=str(path), eager=True) for name, path in graphs.items())]
     with RunningServer(serve_settings(tmp_path_factory.mktemp("home")), specs) as running:
         running.wait_ready()
         yield running
@@ -46,6 +75,7 @@ def infer(server: RunningServer, model: str, body: dict):
     return server.client.post(f"/v2/models/{model}/infer", content=orjson.dumps(body))
 
 
+@pytest.mark.slow
 def test_converted_directories_are_detected(onnx_svm: Converted, onnx_bert: Converted):
     for converted in (onnx_svm, onnx_bert):
         resolved = resolve(converted.view)
@@ -54,6 +84,7 @@ def test_converted_directories_are_detected(onnx_svm: Converted, onnx_bert: Conv
     assert resolve(onnx_svm.origin).runtime == "sklearn"
 
 
+@pytest.mark.slow
 def test_metadata_comes_from_the_graph(triton, server: RunningServer):
     meta = triton.get_model_metadata("svm")
     assert meta["platform"] == "onnxruntime_onnx"
@@ -71,6 +102,7 @@ def test_metadata_comes_from_the_graph(triton, server: RunningServer):
         assert 0 < size < 50 * 2**20, (name, size)
 
 
+@pytest.mark.slow
 def test_svm_answers_like_sklearn_and_onnxruntime(triton, onnx_svm: Converted):
     x = onnx_svm.extra.astype(np.float32)
     inp = th.InferInput("input", list(x.shape), "FP32")
@@ -86,6 +118,7 @@ def test_svm_answers_like_sklearn_and_onnxruntime(triton, onnx_svm: Converted):
     assert [o["name"] for o in result.get_response()["outputs"]] == ["label"]
 
 
+@pytest.mark.slow
 def test_bert_answers_like_torch_with_padding(triton, onnx_bert: Converted):
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(3)
@@ -104,6 +137,34 @@ def test_bert_answers_like_torch_with_padding(triton, onnx_bert: Converted):
     np.testing.assert_allclose(logits, want.numpy(), atol=1e-4)
 
 
+@pytest.mark.slow
+def test_strings_and_fixed_shapes(triton, server: RunningServer):
+    meta = triton.get_model_metadata("strings")
+    assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    assert meta["outputs"] == [{"name": "same", "datatype": "BYTES", "shape": [-1]}]
+    text = np.array(["Caf\u00e9 \U0001f642", "", "abc"], dtype=object)
+    inp = th.InferInput("text", [3], "BYTES")
+    inp.set_data_from_numpy(text, binary_data=True)
+    got = triton.infer("strings", [inp]).as_numpy("same")
+    assert [v.decode() for v in got] == list(text)
+    body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["\u00e9t\u00e9"]}]}
+    assert infer(server, "strings", body).json()["outputs"][0]["data"] == ["\u00e9t\u00e9"]
+    inp.set_data_from_numpy(np.array([b"ok", b"\xff\xfe", b""], dtype=object))
+    with pytest.raises(InferenceServerException, match="element 1 is not UTF-8"):
+        triton.infer("strings", [inp])
+
+    assert triton.get_model_metadata("fixed")["inputs"] == [
+        {"name": "x", "datatype": "FP64", "shape": [2, 3]}]
+    x = [[-1.0, 2.0, -3.0], [4.0, -5.0, 6.0]]
+    body = {"inputs": [{"name": "x", "datatype": "FP64", "shape": [2, 3], "data": x}]}
+    r = infer(server, "fixed", body)
+    assert r.json()["outputs"][0]["data"] == [0.0, 2.0, 0.0, 4.0, 0.0, 6.0]
+    body["inputs"][0].update(shape=[1, 3], data=x[0])
+    r = infer(server, "fixed", body)
+    assert r.status_code == 400 and "the model takes [2, 3]" in r.json()["error"]
+
+
+@pytest.mark.slow
 def test_concurrent_requests_each_get_their_own_rows(server: RunningServer, onnx_svm: Converted):
     x = onnx_svm.extra.astype(np.float32)
     want = onnx_svm.model.predict(x)
@@ -121,6 +182,7 @@ def test_concurrent_requests_each_get_their_own_rows(server: RunningServer, onnx
     assert [v for a in answers for v in a] == want[:2 * len(answers)].tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inputs, outputs, message", [
     ([{"name": "x", "datatype": "FP32", "shape": [1, 64]}], None,
      "missing input 'input'; unknown input 'x'"),
@@ -138,14 +200,13 @@ def test_bad_inputs_are_the_clients_fault(server: RunningServer, inputs, outputs
     body = {"inputs": inputs, **({"outputs": outputs} if outputs else {})}
     r = infer(server, "svm", body)
     assert r.status_code == 400, r.text
-    import re
-
     assert re.search(message, r.json()["error"]), r.json()["error"]
     # and the model still answers
     ok = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
     assert infer(server, "svm", ok).status_code == 200
 
 
+@pytest.mark.slow
 def test_bert_missing_input_names_what_it_takes(server: RunningServer):
     body = {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 4],
                         "data": [1, 2, 3, 4]}]}
@@ -166,6 +227,8 @@ def test_model_files_and_parameters(onnx_svm: Converted, tmp_path: Path):
     assert resolve(plain).runtime == "onnx"
     runtime = load(plain, threads="1")
     assert runtime.batchable  # a dynamic first dimension everywhere
+    fixed = handmade_graphs(tmp_path / "graphs")["fixed"]
+    assert not load(fixed).batchable  # a batch of 2, always
     assert not load(plain, batchable="false").batchable
     shutil.copy(onnx_svm.view / "model.onnx", plain / "other.onnx")
     with pytest.raises(ModelLoadError, match="several ONNX files"):
