@@ -64,19 +64,21 @@ def test_greedy_text_is_transformers_text_streamed_or_not(loaded_ct2, ct2_llama:
     ids = ct2_llama.extra(prompt)["input_ids"]
     want = hf_greedy(ct2_llama, ids)
     payload = {"kind": "completion", "prompt": prompt, "max_tokens": NEW, "temperature": 0}
+    ended = len(want) < NEW  # an end token came first; it counts as a completion token
     result = loaded_ct2.generate(payload)
     assert result == {
         "text": text_of(ct2_llama, want),
-        "finish_reason": "length" if len(want) == NEW else "stop",
+        "finish_reason": "stop" if ended else "length",
         "prompt_tokens": len(ids),
-        "completion_tokens": len(want),
+        "completion_tokens": len(want) + ended,
     }
     text, chunks = collect(loaded_ct2, payload)
     assert text == result["text"]
-    *deltas, last = chunks
+    first, *deltas, last = chunks
+    assert first == {"text": ""}  # accepted: sent before the first token
     assert all(set(c) == {"text"} and c["text"] for c in deltas)
     assert last == {"text": "", "finish_reason": result["finish_reason"],
-                    "prompt_tokens": len(ids), "completion_tokens": len(want)}
+                    "prompt_tokens": len(ids), "completion_tokens": len(want) + ended}
 
 
 def test_max_tokens_and_finish_reason(loaded_ct2, ct2_llama: Converted):
@@ -85,12 +87,37 @@ def test_max_tokens_and_finish_reason(loaded_ct2, ct2_llama: Converted):
     want = hf_greedy(ct2_llama, ids, new=3)
     result = loaded_ct2.generate({"kind": "completion", "prompt": prompt, "max_tokens": 3,
                                   "temperature": 0.0})
-    assert result["completion_tokens"] == len(want) <= 3
+    assert result["completion_tokens"] == 3
     assert result["text"] == text_of(ct2_llama, want)
     assert result["finish_reason"] == ("length" if len(want) == 3 else "stop")
     # No max_tokens: OpenAI's default of 16.
     default = loaded_ct2.generate({"kind": "completion", "prompt": prompt, "temperature": 0})
-    assert default["completion_tokens"] == len(hf_greedy(ct2_llama, ids, new=16))
+    assert default["text"] == text_of(ct2_llama, hf_greedy(ct2_llama, ids, new=16))
+    assert default["completion_tokens"] == 16
+
+
+def test_end_tokens_of_generation_config_end_the_text(ct2_llama: Converted, tmp_path: Path):
+    prompt = PROMPTS[0]
+    ids = ct2_llama.extra(prompt)["input_ids"]
+    want = hf_greedy(ct2_llama, ids)
+    end = want[4]
+    assert end not in want[:4]
+    # Another end token beside </s>, as Llama 3's generation_config.json lists several.
+    copy = tmp_path / "ends"
+    shutil.copytree(ct2_llama.view, copy)
+    config = orjson.loads((copy / "generation_config.json").read_bytes())
+    config["eos_token_id"] = [ct2_llama.extra.eos_token_id, end]
+    (copy / "generation_config.json").write_bytes(orjson.dumps(config))
+    runtime = runtime_class("ctranslate2")(ModelSettings(name="ends", path=copy))
+    runtime.load()
+    try:
+        payload = {"kind": "completion", "prompt": prompt, "max_tokens": NEW, "temperature": 0}
+        result = runtime.generate(payload)
+        assert result == {"text": text_of(ct2_llama, want[:4]), "finish_reason": "stop",
+                          "prompt_tokens": len(ids), "completion_tokens": 5}
+        assert collect(runtime, payload)[1][-1]["completion_tokens"] == 5
+    finally:
+        runtime.unload()
 
 
 def test_stop_strings_end_the_text_before_them(loaded_ct2, ct2_llama: Converted):
@@ -218,8 +245,9 @@ def test_closing_a_stream_stops_generation(ct2_llama: Converted):
     try:
         stream = runtime.stream({"kind": "completion", "prompt": PROMPTS[0],
                                  "max_tokens": 100_000, "temperature": 0})
+        assert next(stream) == {"text": ""}
         first = next(stream)
-        assert "finish_reason" not in first
+        assert first["text"] and "finish_reason" not in first
         assert runtime.generator.num_active_batches == 1
         started = time.monotonic()
         stream.close()
@@ -230,6 +258,9 @@ def test_closing_a_stream_stops_generation(ct2_llama: Converted):
         assert runtime.generator.num_active_batches == 0
         # and the model still answers
         assert runtime.generate({"kind": "completion", "prompt": "a", "max_tokens": 2})
+        stats = runtime.stats()
+        assert stats["cancelled_streams"] == 1
+        assert 3 <= stats["generated_tokens"] < 1000
     finally:
         runtime.unload()
 

@@ -14,15 +14,19 @@ that says so.
 
 Text goes through the generation contract (``runtimes/generation.py``):
 ``generate`` answers one :class:`~.generation.GenerateResult`, ``stream``
-yields text deltas and then a last chunk with ``finish_reason`` and the token
+yields an empty chunk as soon as the request is accepted (before the prompt is
+processed), text deltas, and a last chunk with ``finish_reason`` and the token
 counts; both run the same token loop (``Generator.generate_tokens``), so a
-streamed answer is, token for token, the answer ``generate`` gives. The
+streamed answer is, token for token, the answer ``generate`` gives. Closing
+the stream stops CTranslate2 within a token. The
 prompt of a ``completion`` is tokenized as the tokenizer does by default
 (with its BOS where it adds one); a ``chat`` is rendered with the model's chat
 template (``add_generation_prompt``) and tokenized without adding special
 tokens again. Generation ends at the model's end tokens (the tokenizer's EOS
 and every ``eos_token_id`` of generation_config.json), after ``max_tokens``
-(``finish_reason: "length"``) or at a stop string (not part of the text).
+(``finish_reason: "length"``) or at a stop string (not part of the text). An
+end token counts as a completion token and is not part of the text.
+``stats`` counts generated tokens and streams closed before their end.
 ``temperature: 0`` is greedy; otherwise CTranslate2 samples from the whole
 vocabulary at that temperature, cut to ``top_p``.
 
@@ -53,6 +57,7 @@ a GPU the weights are not in RSS, and the size of model.bin stands for them.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,6 +110,8 @@ class CTranslate2Runtime(Runtime):
         self.end_ids: list[int] = []
         self.context_length: int | None = None
         self.device = "cpu"
+        self._stats_lock = threading.Lock()
+        self._stats = {"generated_tokens": 0, "cancelled_streams": 0}
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -256,6 +263,10 @@ class CTranslate2Runtime(Runtime):
     def _tokens(self, request: TextRequest, prompt_ids: list[int],
                 max_new: int) -> Iterator[dict[str, Any]]:
         greedy = request.greedy
+        decoder = IncrementalDecoder(self._decode, prompt_ids)
+        stops = StopStrings(request.stop)
+        generated, ended, finished = 0, False, False
+        end_ids = set(self.end_ids)
         steps = self.generator.generate_tokens(
             self.tokenizer.convert_ids_to_tokens(prompt_ids),
             max_length=max_new,
@@ -264,32 +275,46 @@ class CTranslate2Runtime(Runtime):
             sampling_temperature=1.0 if greedy else request.temperature,
             end_token=self.end_ids or None,
         )
-        decoder = IncrementalDecoder(self._decode, prompt_ids)
-        stops = StopStrings(request.stop)
-        generated = 0
         try:
+            # The request is accepted: an empty first chunk lets the adapter answer
+            # (and send its headers) before the prompt is even processed.
+            yield StreamChunk(text="")
             for step in steps:
                 generated += 1
+                self._count("generated_tokens")
+                if step.token_id in end_ids:  # yielded, counted, not part of the text
+                    ended = True
+                    break
                 text = stops.feed(decoder.push(step.token_id))
                 if text:
                     yield StreamChunk(text=text)
                 if stops.stopped:
                     break
-        finally:
-            steps.close()  # stops CTranslate2 when the consumer went away, too
-        if stops.stopped:
-            reason = "stop"
-        else:
-            # Fewer tokens than allowed: an end token stopped it (it is not yielded).
-            reason = "length" if generated >= max_new else "stop"
-            tail = stops.feed(decoder.flush())
-            tail += stops.flush()
-            if stops.stopped:
-                reason = "stop"
+            steps.close()  # stops CTranslate2 at a stop string
+            reason = "stop" if stops.stopped or ended else "length"
+            tail = ""
+            if not stops.stopped:
+                tail = stops.feed(decoder.flush())
+                tail += stops.flush()
+                reason = "stop" if stops.stopped else reason
             if tail:
                 yield StreamChunk(text=tail)
-        yield StreamChunk(text="", finish_reason=reason,
-                          prompt_tokens=len(prompt_ids), completion_tokens=generated)
+            finished = True
+            yield StreamChunk(text="", finish_reason=reason,
+                              prompt_tokens=len(prompt_ids), completion_tokens=generated)
+        finally:
+            steps.close()  # the consumer went away: stop CTranslate2 within a token
+            if not finished:
+                self._count("cancelled_streams")
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self._stats[name] += n
+
+    def stats(self) -> dict[str, float]:
+        """Running counts: tokens generated, streams their consumer closed early."""
+        with self._stats_lock:
+            return dict(self._stats)
 
     # -- KServe V2 -----------------------------------------------------------------
 
