@@ -18,9 +18,8 @@ import pytest
 
 from cachemesh.errors import InferenceInputError, ModelLoadError
 from cachemesh.runtimes import ModelSettings, resolve, runtime_class
-from cachemesh.runtimes.textgen import REPLACEMENT, IncrementalDecoder, StopStrings
 from cachemesh.serve.registry import ModelSpec
-from tests.convert.models import PROMPTS, train_tokenizer
+from tests.convert.models import PROMPTS
 from tests.runtimes.conftest import Converted
 from tests.serve.conftest import RunningServer, serve_settings
 
@@ -279,43 +278,6 @@ def test_a_translator_or_a_directory_without_tokenizer_fails_to_load(ct2_llama: 
         '{"runtime": {"engine": "ctranslate2", "class": "Translator"}}')
     with pytest.raises(ModelLoadError, match="Translator"):
         runtime_class("ctranslate2")(ModelSettings(name="x", path=bare)).load()
-
-
-# -- incremental decoding and stop strings, on their own ---------------------------------
-
-
-def test_characters_split_across_byte_tokens_are_never_torn():
-    tokenizer = train_tokenizer()  # byte-level BPE learned on ASCII: non-ASCII stays bytes
-    text = "the caf\u00e9 \u4e16\u754c \U0001f642 shards split \u00fc"
-    ids = tokenizer(text)["input_ids"]
-    assert any(REPLACEMENT in tokenizer.decode([i]) for i in ids), "no multi-token character"
-
-    def decode(x):
-        return tokenizer.decode(x, skip_special_tokens=True)
-
-    decoder = IncrementalDecoder(decode, context=tokenizer("a model")["input_ids"])
-    deltas = [decoder.push(i) for i in ids] + [decoder.flush()]
-    assert all(REPLACEMENT not in d for d in deltas), deltas
-    assert "".join(deltas) == text
-    # A character that never completes is flushed as what the tokenizer makes of it.
-    decoder = IncrementalDecoder(decode)
-    partial = tokenizer("\u4e16")["input_ids"][:-1]
-    assert "".join(decoder.push(i) for i in partial) == ""
-    assert decoder.flush() == decode(partial)
-
-
-def test_stop_strings_across_chunks():
-    stops = StopStrings(["o w", "xyz"])
-    out = [stops.feed(t) for t in ("hel", "lo", " ", "wo", "rld")]
-    assert "".join(out) == "hell" and stops.stopped
-    assert out[1] == "l"  # "o" is held back: it may start "o w"
-    assert stops.flush() == ""
-    stops = StopStrings(["xyz"])
-    assert stops.feed("abcx") == "abc"
-    assert stops.feed("y") == ""
-    assert stops.flush() == "xy"  # generation ended: the held text was not a stop
-    # The earliest stop wins, whichever is listed first.
-    assert StopStrings(["cd", "b"]).feed("abcd") == "a"
 
 
 # -- through a real server: KServe V2, and OpenAI -------------------------------------------
