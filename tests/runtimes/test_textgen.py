@@ -7,6 +7,8 @@ part of a stop string, however the text is cut into chunks.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -108,7 +110,7 @@ def test_chunking_never_changes_where_the_text_stops(text, stops, cuts):
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     matcher = StopStrings(stops)
     out = []
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         piece = matcher.feed(text[a:b])
         out.append(piece)
         assert want.startswith("".join(out))  # nothing sent is ever taken back
