@@ -215,7 +215,8 @@ def test_bert_missing_input_names_what_it_takes(server: RunningServer):
     assert "missing inputs 'attention_mask', 'token_type_ids'" in r.json()["error"]
 
 
-def test_model_files_and_parameters(onnx_svm: Converted, tmp_path: Path):
+def test_model_files_and_parameters(onnx_svm: Converted, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch):
     def load(path: Path, **params):
         runtime = runtime_class("onnx")(ModelSettings(name="m", path=path, parameters=params))
         runtime.load()
@@ -225,8 +226,12 @@ def test_model_files_and_parameters(onnx_svm: Converted, tmp_path: Path):
     plain.mkdir()
     shutil.copy(onnx_svm.view / "model.onnx", plain / "digits.onnx")  # no manifest, other name
     assert resolve(plain).runtime == "onnx"
-    runtime = load(plain, threads="1")
+    runtime = load(plain, threads="3")
+    assert runtime.session.get_session_options().intra_op_num_threads == 3
     assert runtime.batchable  # a dynamic first dimension everywhere
+    # Without a threads parameter: the worker's budget (the server sets OMP_NUM_THREADS).
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert load(plain).session.get_session_options().intra_op_num_threads == 2
     fixed = handmade_graphs(tmp_path / "graphs")["fixed"]
     assert not load(fixed).batchable  # a batch of 2, always
     assert not load(plain, batchable="false").batchable

@@ -45,10 +45,11 @@ Parameters: ``device`` (``cpu``; ``cuda`` where CTranslate2 was built with
 it), ``compute_type`` (default ``default``: the type the conversion chose,
 ``--quantization``, or the checkpoint's own, converted by CTranslate2 to one
 the device supports; ``auto`` picks the fastest the device supports, which may
-quantize a float model), ``threads`` (CTranslate2's intra_threads; 0 lets it
+quantize a float model), ``threads`` (CTranslate2's intra_threads; default:
+the worker's thread budget, ``CACHEMESH_SERVE_WORKER_THREADS``; 0 lets it
 pick), ``inter_threads`` (generations that run at once, default 1; more queue
-behind them), ``context_length`` (prompt + completion limit; default: what
-the conversion recorded from the source config, else none).
+behind them), ``context_length`` (prompt + completion limit; default: what the
+conversion recorded from the source config, else none).
 
 Memory: on CPU CTranslate2 holds the weights in its own allocations, so the
 worker's RSS measurement is the model's size (``memory_bytes`` says None); on
@@ -66,7 +67,7 @@ import numpy as np
 
 from ..errors import InferenceInputError, ModelLoadError
 from .base import ModelSettings, Runtime
-from .files import conversion_runtime, int_param, read_json_object
+from .files import conversion_runtime, int_param, read_json_object, worker_threads
 from .generation import GenerateResult, StreamChunk
 from .textgen import IncrementalDecoder, StopStrings, TextRequest, parse_generate_request
 from .types import InferenceRequest, InferenceResponse, Tensor
@@ -157,7 +158,7 @@ class CTranslate2Runtime(Runtime):
         try:
             self.generator = ctranslate2.Generator(
                 str(path), device=self.device, compute_type=compute_type,
-                intra_threads=int_param(params, "threads", 0),
+                intra_threads=int_param(params, "threads", worker_threads()),
                 inter_threads=int_param(params, "inter_threads", 1, minimum=1),
             )
         except (RuntimeError, ValueError) as exc:

@@ -14,10 +14,11 @@ datatype is converted silently: a float64 array sent to a float32 input is
 refused, as Triton refuses it. Outputs are all the graph's tensor outputs, or
 those the request names.
 
-Parameters: ``threads`` (onnxruntime's intra-op threads; 0, the default, lets
-onnxruntime pick), ``batchable`` (whether requests that arrive together may be
-stacked into one run; by default, when every input and output has a dynamic
-first dimension that is unnamed or named like a batch).
+Parameters: ``threads`` (onnxruntime's intra-op threads; default: the
+worker's thread budget, ``CACHEMESH_SERVE_WORKER_THREADS``; 0 lets onnxruntime
+pick), ``batchable`` (whether requests that arrive together may be stacked
+into one run; by default, when every input and output has a dynamic first
+dimension that is unnamed or named like a batch).
 
 Memory: onnxruntime copies the weights into its own arena, so the worker's
 RSS measurement (``memory_bytes`` returns None) is the model's true size.
@@ -32,7 +33,7 @@ import numpy as np
 
 from ..errors import InferenceInputError, ModelLoadError
 from .base import ModelSettings, Runtime
-from .files import conversion_runtime, flag, int_param, uri_file
+from .files import conversion_runtime, flag, int_param, uri_file, worker_threads
 from .types import DATATYPES, InferenceRequest, InferenceResponse, Tensor, as_bytes_array
 
 # onnxruntime's element type names -> KServe V2 datatypes.
@@ -129,7 +130,7 @@ class OnnxRuntime(Runtime):
         params = self.settings.parameters
         self.file = model_file(Path(self.settings.path), params.get("uri"))
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int_param(params, "threads", 0)
+        options.intra_op_num_threads = int_param(params, "threads", worker_threads())
         options.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(str(self.file), sess_options=options,
