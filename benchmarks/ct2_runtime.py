@@ -21,6 +21,7 @@ Run it alone on the machine: ``flock /tmp/cachemesh-bench.lock python benchmarks
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -144,7 +145,7 @@ def main() -> None:
     for name in names:
         rate = _report.median([n / total for _, total, n in results[name]])
         per_token = _report.median([total / n for _, total, n in results[name]])
-        ttfts = [f for f, _, _ in results[name] if f == f]
+        ttfts = [f for f, _, _ in results[name] if not math.isnan(f)]
         rows.append([name, f"{_report.median(ttfts) * 1000:.1f}" if ttfts else "-",
                      f"{rate:.1f}", f"{rate / base:.2f}x",
                      f"{(per_token - base_total) * 1e6:+.0f}"])
