@@ -49,6 +49,12 @@ def handmade_graphs(root: Path) -> dict[str, Path]:
         "fixed": save("fixed", helper.make_node("Relu", ["x"], ["y"]),
                       [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 3])],
                       [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2, 3])]),
+        # time first, as recurrent models have it: rows of two requests must not be stacked
+        "sequence": save("sequence", helper.make_node("Relu", ["x"], ["y"]),
+                         [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                        ["sequence", "batch_size", 3])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                        ["sequence", "batch_size", 3])]),
     }
 
 
@@ -58,7 +64,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, onnx_svm: Converted,
     graphs = handmade_graphs(tmp_path_factory.mktemp("graphs"))
     specs = [ModelSpec(name="svm", source=str(onnx_svm.view), eager=True),
              ModelSpec(name="bert", source=str(onnx_bert.view), eager=True),
-             *(ModelSpec(name=name, source=str(path), eager=True) for name, path in graphs.items())]
+             *(ModelSpec(name=name, source=str(graphs[name]), eager=True)
+               for name in ("strings", "fixed"))]
     with RunningServer(serve_settings(tmp_path_factory.mktemp("home")), specs) as running:
         running.wait_ready()
         yield running
@@ -232,8 +239,10 @@ def test_model_files_and_parameters(onnx_svm: Converted, tmp_path: Path,
     # Without a threads parameter: the worker's budget (the server sets OMP_NUM_THREADS).
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert load(plain).session.get_session_options().intra_op_num_threads == 2
-    fixed = handmade_graphs(tmp_path / "graphs")["fixed"]
-    assert not load(fixed).batchable  # a batch of 2, always
+    graphs = handmade_graphs(tmp_path / "graphs")
+    assert not load(graphs["fixed"]).batchable  # a batch of 2, always
+    assert not load(graphs["sequence"]).batchable
+    assert load(graphs["strings"]).batchable  # a first dimension named "n"
     assert not load(plain, batchable="false").batchable
     shutil.copy(onnx_svm.view / "model.onnx", plain / "other.onnx")
     with pytest.raises(ModelLoadError, match="several ONNX files"):

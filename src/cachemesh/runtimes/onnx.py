@@ -46,7 +46,8 @@ ORT_TO_V2 = {
     "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
     "tensor(string)": "BYTES",
 }
-_BATCH_NAMES = ("batch", "n", "none")
+# Names of a dynamic first dimension that say "rows" ("unk__…": an exporter's unnamed dim).
+_ROW_NAMES = ("n", "none", "rows")
 
 
 def model_file(path: Path, uri: str | None = None) -> Path:
@@ -91,7 +92,8 @@ class _Spec:
         if not self.dims or self.dims[0] is not None:
             return False
         label = (self.dim_names[0] or "").lower()
-        return not label or any(word in label for word in _BATCH_NAMES)
+        return (not label or "batch" in label or label in _ROW_NAMES
+                or label.startswith("unk__"))
 
 
 class OnnxRuntime(Runtime):
