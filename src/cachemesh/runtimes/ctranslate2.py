@@ -153,6 +153,7 @@ class CTranslate2Runtime(Runtime):
                 f"{path} holds a CTranslate2 {kind}; the ctranslate2 runtime serves decoder"
                 " language models (Generator) only"
             )
+        self.tokenizer = _load_tokenizer(path)  # cheap, and a reason to stop before the weights
         self.device = str(params.get("device") or "cpu")
         compute_type = str(params.get("compute_type") or "default")
         try:
@@ -163,7 +164,6 @@ class CTranslate2Runtime(Runtime):
             )
         except (RuntimeError, ValueError) as exc:
             raise ModelLoadError(f"CTranslate2 cannot load {path}: {exc}") from exc
-        self.tokenizer = _load_tokenizer(path)
         self.end_ids = self._end_ids(path)
         self.context_length = int_param(params, "context_length", None, minimum=1)
         if self.context_length is None and isinstance(runtime.get("context_length"), int):
