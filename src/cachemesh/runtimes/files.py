@@ -29,6 +29,22 @@ def uri_file(path: Path, uri: str) -> Path:
     return candidate
 
 
+def single_file(path: Path, suffixes: tuple[str, ...], kind: str,
+                defaults: tuple[str, ...]) -> Path:
+    """The only file of ``path`` with one of ``suffixes``; a clear error for none or several.
+
+    ``kind`` names what is looked for ("model file"), ``defaults`` the names that
+    would have been taken first (for the message)."""
+    found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in suffixes)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ModelLoadError(f"no {kind} ({', '.join(defaults)}) in {path}")
+    raise ModelLoadError(
+        f"several {kind}s in {path} ({', '.join(p.name for p in found)}); set parameter uri"
+    )
+
+
 def read_json_object(file: Path) -> dict[str, Any] | None:
     """A JSON object from ``file``; None if it is missing, unreadable or not an object."""
     try:

@@ -33,7 +33,14 @@ import numpy as np
 
 from ..errors import InferenceInputError, ModelLoadError
 from .base import ModelSettings, Runtime
-from .files import conversion_runtime, flag, int_param, uri_file, worker_threads
+from .files import (
+    conversion_runtime,
+    flag,
+    int_param,
+    single_file,
+    uri_file,
+    worker_threads,
+)
 from .types import DATATYPES, InferenceRequest, InferenceResponse, Tensor, as_bytes_array
 
 # onnxruntime's element type names -> KServe V2 datatypes.
@@ -61,14 +68,7 @@ def model_file(path: Path, uri: str | None = None) -> Path:
         return path / named
     if (path / "model.onnx").is_file():
         return path / "model.onnx"
-    found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix == ".onnx")
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise ModelLoadError(f"no ONNX file (model.onnx) in {path}")
-    raise ModelLoadError(
-        f"several ONNX files in {path} ({', '.join(p.name for p in found)}); set parameter uri"
-    )
+    return single_file(path, (".onnx",), "ONNX file", ("model.onnx",))
 
 
 class _Spec:

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import InferenceInputError, ModelLoadError
 from .base import Runtime
-from .files import flag, uri_file
+from .files import flag, single_file, uri_file
 from .types import InferenceRequest, InferenceResponse, Tensor, datatype_of
 
 SUFFIXES = (".joblib", ".pkl", ".pickle", ".skops")
@@ -42,14 +42,7 @@ def model_file(path: Path, uri: str | None = None) -> Path:
     for name in DEFAULT_FILES:
         if (path / name).is_file():
             return path / name
-    found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SUFFIXES)
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise ModelLoadError(f"no model file ({', '.join(DEFAULT_FILES)}) in {path}")
-    raise ModelLoadError(
-        f"several model files in {path} ({', '.join(p.name for p in found)}); set parameter uri"
-    )
+    return single_file(path, SUFFIXES, "model file", DEFAULT_FILES)
 
 
 class SKLearnRuntime(Runtime):
