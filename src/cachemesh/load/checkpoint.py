@@ -109,8 +109,17 @@ def _find_index(directory: Path) -> Path | None:
 
 def _read_index(index: Path) -> dict[str, str]:
     try:
-        doc = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raw = index.read_bytes()
+    except OSError as exc:
+        raise LoadError(f"{index}: unreadable shard index: {exc}") from exc
+    return parse_index(raw, index)
+
+
+def parse_index(raw: bytes, index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index's bytes (``index`` names it in errors)."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
         raise LoadError(f"{index}: unreadable shard index: {exc}") from exc
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(

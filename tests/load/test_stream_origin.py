@@ -1,0 +1,269 @@
+"""Loading from an origin while the cache fetches it (load/origin.py), against real
+origins on loopback: the HTTP origin and the S3 server (moto) with byte counters,
+throttling and corruption.
+
+Each test fails when streaming is off (``stream_origin=False`` pulls first):
+the throttled ones check that tensors came while the origin was still sending.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save
+
+import cachemesh
+from cachemesh.caches import AVAILABLE, Caches
+from cachemesh.config import Settings
+from cachemesh.errors import IntegrityError
+from cachemesh.fetch import Flight
+from cachemesh.load.origin import RefetchedError
+from cachemesh.sources import parse_source
+from cachemesh.store import Store
+from tests.emulators.http_origin import HttpOrigin
+from tests.emulators.s3_origin import S3Origin
+from tests.load.conftest import assert_same
+
+KIB = 1024
+
+
+def weights(n: int, seed: int, rows: int = 128) -> dict[str, torch.Tensor]:
+    """``n`` float32 tensors of ``rows`` x 128 (64 KiB each at 128 rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {f"layer.{i:03d}.weight": torch.randn(rows, 128, generator=gen) for i in range(n)}
+
+
+@pytest.fixture
+def env(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Small fetch pieces and two connections, so a small file lands in many steps."""
+    for key, value in {
+        "CACHEMESH_CHUNK_SIZE": str(128 * KIB),
+        "CACHEMESH_RANGE_CONCURRENCY": "2",
+        "CACHEMESH_FETCH_CONCURRENCY": "2",
+        "CACHEMESH_RETRY_BACKOFF": "0.01",
+        "CACHEMESH_FETCH_TIMEOUT": "20",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    return clean_env
+
+
+@pytest.fixture
+def s3(s3_origin: S3Origin, env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Origin]:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_origin.endpoint_url)
+    yield s3_origin
+
+
+@pytest.fixture
+def bucket(s3: S3Origin) -> str:
+    name = f"st-{uuid.uuid4().hex[:12]}"
+    s3.client().create_bucket(Bucket=name)
+    return name
+
+
+class TimedFlight(Flight):
+    """A Flight that notes when the fetch it watches committed its blob."""
+
+    finished_at: float | None = None
+
+    def finished(self, blob: Path) -> None:
+        self.finished_at = time.monotonic()
+        super().finished(blob)
+
+
+def watch_fetch(uri: str) -> TimedFlight:
+    """Watch (in this process) the fetch of the single file of ``uri``."""
+    from cachemesh.fetch.observe import REGISTRY
+
+    settings = Settings.from_env()
+    source = parse_source(uri, {}, settings)
+    try:
+        (file,) = source.list_files().files
+        partial = source.fetcher(Store(settings.home)).partial_path(source.identity(file))
+    finally:
+        source.close()
+    flight = TimedFlight()
+    REGISTRY.watch(partial, flight)
+    flight._unregister.append(lambda: REGISTRY.unwatch(partial, flight))
+    return flight
+
+
+def quiet(origin: HttpOrigin) -> None:
+    """Wait until the origin has answered every request (a probe's byte is counted late)."""
+    deadline = time.monotonic() + 10
+    while origin.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def check_cache(name: str) -> None:
+    caches = Caches(Settings.from_env())
+    assert caches.get(name).status == AVAILABLE
+    assert caches.verify() == []
+
+
+def test_first_tensor_comes_while_a_throttled_origin_is_still_sending(env: Path) -> None:
+    """(a) early first tensor, (b) every byte served once, (c) equal tensors, verified cache."""
+    original = weights(48, seed=1)
+    data = save(original)
+    with HttpOrigin() as origin:
+        origin.files["/m/model.safetensors"] = data
+        origin.delay_s = 0.02  # per 64 KiB: ~0.5 s for the 3 MiB on two connections
+        uri = origin.url("/m/model.safetensors")
+        with watch_fetch(uri) as fetch:
+            quiet(origin)
+            origin.reset_counters()
+            got: dict[str, torch.Tensor] = {}
+            first_at = served_at_first = None
+            with cachemesh.iter_tensors(uri) as stream:
+                for name, tensor in stream:
+                    if first_at is None:
+                        first_at = time.monotonic()
+                        served_at_first = origin.served["/m/model.safetensors"]
+                    got[name] = tensor.clone()
+            ended_at = time.monotonic()
+        probes = sum(1 for method, _, rng in origin.requests if method == "GET" and rng == "bytes=0-0")
+        served = origin.served["/m/model.safetensors"]
+    assert first_at is not None and served_at_first is not None and fetch.finished_at is not None
+    # Tensors came while most of the file was still at the origin, well before the fetch ended.
+    assert served_at_first < len(data) // 2, (served_at_first, len(data))
+    assert first_at < fetch.finished_at <= ended_at
+    # One read of the origin served both the cache and the loader (besides the 1-byte probes).
+    assert served - probes == len(data)
+    assert_same(got, original)
+    check_cache("model.safetensors")
+
+
+def test_load_state_dict_from_s3_streams_a_sharded_checkpoint(
+        s3: S3Origin, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(d) load_state_dict("s3://...") with an index and shards: bytes once, early, verified."""
+    shards = {"model-00001-of-00002.safetensors": weights(16, seed=2),
+              "model-00002-of-00002.safetensors": weights(16, seed=3, rows=64)}
+    shards["model-00002-of-00002.safetensors"] = {
+        k.replace("layer.", "head."): v for k, v in shards["model-00002-of-00002.safetensors"].items()}
+    index = {"metadata": {"total_size": 0},
+             "weight_map": {k: f for f, ts in shards.items() for k in ts}}
+    client = s3.client()
+    keys = {}
+    for fname, ts in shards.items():
+        keys[fname] = save(ts, metadata={"format": "pt"})
+        client.put_object(Bucket=bucket, Key=f"llm/{fname}", Body=keys[fname])
+    client.put_object(Bucket=bucket, Key="llm/model.safetensors.index.json",
+                      Body=json.dumps(index).encode())
+    client.put_object(Bucket=bucket, Key="llm/config.json", Body=b'{"model_type": "tiny"}')
+    s3.reset_faults()
+    s3.delay_s = 0.02
+    first = f"{bucket}/llm/model-00001-of-00002.safetensors"
+    seen: dict[str, int] = {}
+
+    class Watch(dict):  # notes what the origin had sent when the first tensor arrived
+        def __setitem__(self, key: str, value: torch.Tensor) -> None:
+            if not self:
+                seen.update(s3.served)
+            super().__setitem__(key, value)
+
+    from cachemesh.load import state_dict as sd
+
+    monkeypatch.setattr(sd, "LoadedStateDict", type("Seen", (Watch, sd.LoadedStateDict), {}))
+    result = cachemesh.load_state_dict(f"s3://{bucket}/llm", chunk_bytes=128 * KIB)
+    expected = {k: v for ts in shards.values() for k, v in ts.items()}
+    assert_same(result, expected)
+    assert result.metadata == {"format": "pt"}
+    assert seen.get(first, 0) < len(keys["model-00001-of-00002.safetensors"]) // 2, seen
+    for fname, body in keys.items():
+        assert s3.served[f"{bucket}/llm/{fname}"] == len(body), fname
+        assert s3.gets[f"{bucket}/llm/{fname}"] >= 2  # ranged reads, not one GET
+    check_cache("llm")
+
+
+def test_a_corrupt_origin_raises_and_leaves_no_visible_blob(
+        s3: S3Origin, bucket: str, env: Path) -> None:
+    """(e) the tensors already yielded are disowned by the error; nothing becomes visible."""
+    data = save(weights(24, seed=4))
+    key = f"{bucket}/bad/model.safetensors"
+    s3.client().put_object(Bucket=bucket, Key="bad/model.safetensors", Body=data)  # md5 ETag
+    s3.reset_faults()
+    s3.corrupt[key] = 1000  # every GET flips a byte
+    s3.delay_s = 0.01
+    yielded = 0
+    with pytest.raises(IntegrityError) as info:
+        for _ in cachemesh.iter_tensors(f"s3://{bucket}/bad/model.safetensors"):
+            yielded += 1
+    assert yielded > 0  # streamed before verification...
+    assert "discard them" in "\n".join(getattr(info.value, "__notes__", []))  # ...and disowned
+    with pytest.raises(IntegrityError):
+        cachemesh.load_state_dict(f"s3://{bucket}/bad/model.safetensors")
+    store = Store(Settings.from_env().home)
+    assert not [p for p in store.blobs.root.rglob("*") if p.is_file()]
+    caches = Caches(Settings.from_env())
+    assert all(c.status != AVAILABLE for c in caches.list())
+    assert not list((store.home / "buckets").rglob("*.safetensors"))
+
+
+def test_bytes_fetched_again_after_a_failed_verification_are_not_trusted(
+        s3: S3Origin, bucket: str) -> None:
+    """One corrupt response: the fetcher refetches the file. iter_tensors says its tensors
+    may be wrong; load_state_dict returns the verified ones."""
+    original = weights(24, seed=5)
+    data = save(original)
+    s3.client().put_object(Bucket=bucket, Key="once/model.safetensors", Body=data)
+    uri = f"s3://{bucket}/once/model.safetensors"
+    s3.reset_faults()
+    s3.corrupt[f"{bucket}/once/model.safetensors"] = 1
+    s3.delay_s = 0.01
+    yielded = 0
+    with pytest.raises(RefetchedError):
+        for _ in cachemesh.iter_tensors(uri):
+            yielded += 1
+    assert yielded > 0
+    check_cache("model.safetensors")  # the second fetch was verified
+
+    Caches(Settings.from_env()).rm("model.safetensors", force=True)
+    Caches(Settings.from_env()).gc(tmp_age_s=0)
+    s3.reset_faults()
+    s3.corrupt[f"{bucket}/once/model.safetensors"] = 1
+    s3.delay_s = 0.01
+    result = cachemesh.load_state_dict(uri)
+    assert_same(result, original)
+    assert s3.served[f"{bucket}/once/model.safetensors"] == 2 * len(data)  # fetched twice, once each
+    check_cache("model.safetensors")
+
+
+def test_two_streams_of_one_source_share_one_fetch(env: Path) -> None:
+    """Single-flight: a second loader of the same source follows the same partial file."""
+    original = weights(32, seed=6)
+    data = save(original)
+    with HttpOrigin() as origin:
+        origin.files["/two/model.safetensors"] = data
+        origin.delay_s = 0.02
+        uri = origin.url("/two/model.safetensors")
+        results: list[dict[str, torch.Tensor]] = []
+        errors: list[BaseException] = []
+
+        def load() -> None:
+            try:
+                results.append(dict(cachemesh.load_state_dict(uri)))
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=load) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        probes = sum(1 for method, _, rng in origin.requests if method == "GET" and rng == "bytes=0-0")
+        served = origin.served["/two/model.safetensors"]
+    assert not errors, errors
+    assert len(results) == 2
+    for r in results:
+        assert_same(r, original)
+    assert served - probes == len(data)
+    check_cache("model.safetensors")
