@@ -9,6 +9,9 @@ the throttled ones check that tensors came while the origin was still sending.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -237,20 +240,33 @@ def test_bytes_fetched_again_after_a_failed_verification_are_not_trusted(
     check_cache("model.safetensors")
 
 
+def stream_into(uri: str, origin: HttpOrigin, path: str) -> tuple[dict[str, torch.Tensor], int]:
+    """Every tensor of ``uri`` (copied), and what the origin had sent of ``path`` at the first."""
+    got: dict[str, torch.Tensor] = {}
+    served_at_first = -1
+    with cachemesh.iter_tensors(uri) as stream:
+        for name, tensor in stream:
+            if served_at_first < 0:
+                served_at_first = origin.served[path]
+            got[name] = tensor.clone()
+    return got, served_at_first
+
+
 def test_two_streams_of_one_source_share_one_fetch(env: Path) -> None:
-    """Single-flight: a second loader of the same source follows the same partial file."""
-    original = weights(32, seed=6)
+    """Single-flight in a process: a second loader follows the same partial file."""
+    original = weights(48, seed=6)
     data = save(original)
+    path = "/two/model.safetensors"
     with HttpOrigin() as origin:
-        origin.files["/two/model.safetensors"] = data
+        origin.files[path] = data
         origin.delay_s = 0.02
-        uri = origin.url("/two/model.safetensors")
-        results: list[dict[str, torch.Tensor]] = []
+        uri = origin.url(path)
+        results: list[tuple[dict[str, torch.Tensor], int]] = []
         errors: list[BaseException] = []
 
         def load() -> None:
             try:
-                results.append(dict(cachemesh.load_state_dict(uri)))
+                results.append(stream_into(uri, origin, path))
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)
 
@@ -260,10 +276,47 @@ def test_two_streams_of_one_source_share_one_fetch(env: Path) -> None:
         for t in threads:
             t.join(60)
         probes = sum(1 for method, _, rng in origin.requests if method == "GET" and rng == "bytes=0-0")
-        served = origin.served["/two/model.safetensors"]
+        served = origin.served[path]
     assert not errors, errors
     assert len(results) == 2
-    for r in results:
-        assert_same(r, original)
+    for got, served_at_first in results:
+        assert_same(got, original)
+        assert 0 <= served_at_first < len(data), served_at_first
+    assert served - probes == len(data)
+    check_cache("model.safetensors")
+
+
+@pytest.mark.slow
+def test_a_fetch_run_by_another_process_is_followed_not_repeated(env: Path) -> None:
+    """Single-flight across processes: the stream reads the other process's partial file
+    through its state record, and the origin serves the file once."""
+    original = weights(64, seed=7)
+    data = save(original)
+    path = "/other/model.safetensors"
+    with HttpOrigin() as origin:
+        origin.files[path] = data
+        origin.delay_s = 0.08  # ~2.6 s on two connections: the record is written every second
+        uri = origin.url(path)
+        other = subprocess.Popen(
+            [sys.executable, "-c", "import sys, cachemesh; cachemesh.pull(sys.argv[1])", uri],
+            env=os.environ.copy())
+        try:
+            fetch_dir = env / "tmp" / "fetch"
+            deadline = time.monotonic() + 30
+            while not any(
+                    json.loads(p.read_text() or "{}").get("landed")
+                    for p in (fetch_dir.glob("*.state") if fetch_dir.is_dir() else [])):
+                assert other.poll() is None and time.monotonic() < deadline, "no record appeared"
+                time.sleep(0.02)
+            got, served_at_first = stream_into(uri, origin, path)
+            assert other.wait(30) == 0
+        finally:
+            if other.poll() is None:
+                other.kill()
+                other.wait()
+        probes = sum(1 for method, _, rng in origin.requests if method == "GET" and rng == "bytes=0-0")
+        served = origin.served[path]
+    assert_same(got, original)
+    assert 0 <= served_at_first < len(data), served_at_first
     assert served - probes == len(data)
     check_cache("model.safetensors")
