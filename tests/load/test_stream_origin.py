@@ -8,6 +8,7 @@ the throttled ones check that tensors came while the origin was still sending.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -320,3 +321,47 @@ def test_a_fetch_run_by_another_process_is_followed_not_repeated(env: Path) -> N
     assert 0 <= served_at_first < len(data), served_at_first
     assert served - probes == len(data)
     check_cache("model.safetensors")
+
+
+def test_a_blob_already_stored_is_read_without_the_origin(s3: S3Origin, bucket: str) -> None:
+    """A second source with the same weights (same published sha256) streams from the
+    stored blob while its pull links it; the origin sends none of its bytes."""
+    from cachemesh.load.origin import OriginStream
+
+    original = weights(16, seed=8)
+    data = save(original)
+    client = s3.client()
+    for prefix in ("a", "b"):
+        client.put_object(Bucket=bucket, Key=f"{prefix}/model.safetensors", Body=data,
+                          ChecksumAlgorithm="SHA256")
+    assert_same(cachemesh.load_state_dict(f"s3://{bucket}/a/model.safetensors"), original)
+    s3.reset_faults()
+    stream = cachemesh.iter_tensors(f"s3://{bucket}/b/")
+    assert isinstance(stream, OriginStream)
+    with stream:
+        assert_same({k: v.clone() for k, v in stream}, original)
+    assert s3.served[f"{bucket}/b/model.safetensors"] == 0
+    check_cache("b")
+
+
+def _hf_uses_the_fetcher() -> bool:
+    from cachemesh.sources import RemoteSource, source_class
+
+    return issubclass(source_class("hf"), RemoteSource)
+
+
+@pytest.mark.skipif(not _hf_uses_the_fetcher(),
+                    reason="hf:// does not use the shared fetcher on this branch: it pulls first")
+def test_hf_source_streams(env: Path, hf_env, repo_id: str) -> None:
+    """hf:// (LFS file, verified by its sha256) streams like s3:// and https://."""
+    from cachemesh.load.origin import OriginStream
+
+    original = weights(16, seed=9)
+    data = save(original)
+    hf_env.commit(repo_id, {"model.safetensors": data, "config.json": b'{"model_type": "x"}'})
+    stream = cachemesh.iter_tensors(f"hf://{repo_id}")
+    assert isinstance(stream, OriginStream)
+    with stream:
+        assert_same({k: v.clone() for k, v in stream}, original)
+    assert hf_env.blob_origin.served[hashlib.sha256(data).hexdigest()] == len(data)
+    check_cache(repo_id.split("/")[1])
