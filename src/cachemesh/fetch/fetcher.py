@@ -17,6 +17,8 @@ What one :meth:`Fetcher.fetch` does::
           │                   where a cut connection stopped), pwrite at its offset
           │                   (small reads joined into writes of up to 1 MiB);
           │                   hasher follows the contiguous prefix (hashing.py)
+          │                   (a watched fetch starts with small pieces that double:
+          │                   its head lands first, for a streaming loader)
           │                   every second: fdatasync part, then write the record
           ▼
     size, sha256 (md5, git blob id) checked against what the origin publishes ── mismatch:
@@ -78,6 +80,8 @@ INTEGRITY_ATTEMPTS = 2
 HASH_MODE = "stream"
 # Small network reads are joined into writes of up to this much (see _Coalescer).
 COALESCE_BYTES = 1024 * 1024
+# A watched fetch (observe.py) starts with a piece this long; pieces double up to chunk_size.
+WATCHED_FIRST_PIECE = 256 * 1024
 # Progress is told to ``on_bytes`` in steps of at least this much (and at the end).
 REPORT_BYTES = 4 * 1024 * 1024
 
@@ -397,7 +401,9 @@ class _Transfer:
             self.hasher.prefix(self.landed.prefix_end())
             self._emit_started()
             gaps = list(self.landed.gaps(req.size))
-            self._pending.extend(split(gaps, self.f.chunk_size) if req.ranged else gaps)
+            # Someone reads this object while it lands (a streaming loader): its head first.
+            ramp = WATCHED_FIRST_PIECE if self.observers else 0
+            self._pending.extend(split(gaps, self.f.chunk_size, ramp) if req.ranged else gaps)
             try:
                 self._run_workers()
             finally:
