@@ -218,6 +218,8 @@ def report(args: argparse.Namespace, size: int, rate: int, results: dict[str, li
             f"{min(o['total'] for o in runs):.2f}–{max(o['total'] for o in runs):.2f}",
             f"{size / total / 1e6:.0f}",
         ])
+    smoke = (" A smoke run at a small size: the default is `--size 2GB`."
+             if size < 1e9 else "")
     origin = (f"nginx on loopback, `limit_rate {rate / 1e6:.0f} MB/s` per connection"
               if rate else "nginx on loopback, no rate limit")
     body = f"""
@@ -232,7 +234,16 @@ size; the sha256 is computed in every case, it names the blob) and committed. "f
 {_report.table(["tool", "first tensor s", "first / pull", "total s", "min–max", "MB/s"], rows)}
 
 Load average during the runs: median {med(loads):.1f} on {os.cpu_count()} cores (other sessions
-share this machine; timings are noisy).
+share this machine; timings are noisy).{smoke}
+
+What bounds the first tensor: a tensor is handed out once every byte of it landed. The
+fetcher cuts the head of an object that a loader watches into pieces of 256 KiB, doubling up
+to its 16 MiB chunk, so the header and the first tensors arrive first even with
+{args.parallel} connections in flight; with a per-connection rate limit the piece that ends
+the first 8 MiB tensor (4 MiB) still takes 4 MiB / rate. What bounds the total: the
+download. The loader copies what the fetcher just wrote out of the page cache (the origin
+serves every byte once, `tests/load/test_stream_origin.py` counts them), and the stream ends
+only after the fetcher verified and committed the file, as a pull does.
 """
     print(body)
     if not args.no_write:
