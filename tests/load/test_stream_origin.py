@@ -253,6 +253,28 @@ def stream_into(uri: str, origin: HttpOrigin, path: str) -> tuple[dict[str, torc
     return got, served_at_first
 
 
+def test_a_header_from_bytes_that_fail_verification_is_read_again_verified(
+        s3: S3Origin, bucket: str) -> None:
+    """The first response flips a byte inside the header: parsing it fails, the stream
+    waits for the fetcher's second, verified fetch and reads the file from it, without
+    an error, since no tensor of the file had been handed out."""
+    from cachemesh.load.origin import OriginStream
+
+    original = {f"t.{i:04d}": torch.full((2,), float(i)) for i in range(1500)}
+    data = save(original)
+    assert int.from_bytes(data[:8], "little") > len(data) // 2  # the flipped byte is in it
+    s3.client().put_object(Bucket=bucket, Key="hdr/model.safetensors", Body=data)
+    s3.reset_faults()
+    s3.corrupt[f"{bucket}/hdr/model.safetensors"] = 1
+    stream = cachemesh.iter_tensors(f"s3://{bucket}/hdr/model.safetensors")
+    assert isinstance(stream, OriginStream)
+    with stream:
+        got = {k: v.clone() for k, v in stream}
+    assert_same(got, original)
+    assert s3.served[f"{bucket}/hdr/model.safetensors"] == 2 * len(data)
+    check_cache("model.safetensors")
+
+
 def test_two_streams_of_one_source_share_one_fetch(env: Path) -> None:
     """Single-flight in a process: a second loader follows the same partial file."""
     original = weights(48, seed=6)

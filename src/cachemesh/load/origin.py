@@ -62,7 +62,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -144,14 +144,38 @@ class _Feed:
     """
 
     def __init__(self, file: RemoteFile, final: Path, flight: Flight, partial: PartialFiles,
-                 blob: Path | None, pull: _Pull, cancelled: threading.Event) -> None:
+                 blob_path: Callable[[str], Path], pull: _Pull,
+                 cancelled: threading.Event) -> None:
         self.file = file
         self.final = final  # the file in the cache's view, once the pull is done
         self.flight = flight
         self.partial = partial
-        self.blob = blob  # where a blob with the published sha256 lives
+        self.blob_path = blob_path  # sha256 -> where that blob lives
+        self.blob = blob_path(file.sha256) if file.sha256 else None  # the published one's
         self.pull = pull
         self.cancelled = cancelled
+
+    def wait_verified(self) -> Path:
+        """A path of the file's verified bytes (a blob, or the view): for small files that
+        are read whole before anything else (the shard index)."""
+        size = self.file.size
+        while True:
+            if self.cancelled.is_set():
+                raise LoadError(f"{self.final}: the stream was closed")
+            if self.flight.blob is not None:
+                return self.flight.blob
+            if self.pull.done:
+                self.pull.wait()
+                return self.final
+            if self.flight.partial is None:
+                if self.blob is not None and _size_of(self.blob) == size:
+                    return self.blob
+                state = self.partial.read_state()
+                if state is not None and state.sha256 is not None and state.size == size:
+                    blob = self.blob_path(state.sha256)
+                    if _size_of(blob) == size:
+                        return blob
+            time.sleep(POLL_S)
 
     def wait(self, start: int, end: int) -> Path:
         while True:
@@ -345,6 +369,8 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
         self._readers: list[_LandingReader] = []
         self._flights: list[Flight] = []
         self._yielded = 0
+        self._file: RemoteFile | None = None  # the file being read
+        self._file_yielded = 0  # tensors handed out of it
         index, shards = _plan(files)
         self.view = caches.store.views.dir(spec.bucket, spec.path or spec.name)
         fetcher = source.fetcher(caches.store)
@@ -355,14 +381,11 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
         self._feeds = {}
         for f, flight in zip(wanted, self._flights, strict=True):
             partial = PartialFiles(fetcher.dir, identity_key(source.identity(f)))
-            blob = caches.store.blobs.path(f.sha256) if f.sha256 else None
-            self._feeds[f.path] = _Feed(f, self.view / f.path, flight, partial, blob, self._pull,
+            self._feeds[f.path] = _Feed(f, self.view / f.path, flight, partial,
+                                        caches.store.blobs.path, self._pull,
                                         self._cancelled)
         try:
-            try:
-                self._weight_map = self._read_index(index) if index is not None else None
-            except _Replaced:
-                raise self._outcome() from None
+            self._weight_map = self._read_index(index) if index is not None else None
             if self._weight_map is not None:
                 by_name = {f.path: f for f in shards}
                 order = list(dict.fromkeys(self._weight_map.values()))
@@ -384,25 +407,40 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
         return Checkpoint(self.view, tuple(self._headers))
 
     def _read_index(self, index: RemoteFile) -> dict[str, str]:
-        reader = self._reader(index)
-        raw = bytearray(index.size)
-        reader.read_into(0, index.size, memoryview(raw))
-        return parse_index(bytes(raw), self.view / index.path)
-
-    def _reader(self, file: RemoteFile) -> _LandingReader:
-        reader = _LandingReader(self._feeds[file.path])
-        self._readers.append(reader)
-        return reader
+        # Small, and it decides what is read: parsed only once verified.
+        path = self._feeds[index.path].wait_verified()
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise LoadError(f"{self.view / index.path}: unreadable shard index: {exc}") from exc
+        return parse_index(raw, self.view / index.path)
 
     def _open_next(self) -> TensorStream:
-        file = self._todo.pop(0)
+        self._file = self._todo.pop(0)
+        self._file_yielded = 0
+        return self._open(self._file)
+
+    def _open(self, file: RemoteFile, *, verified: bool = False) -> TensorStream:
+        """A stream of one file's tensors, its header read as soon as it landed.
+
+        Bytes that turn out to be a failed attempt's before any tensor of the file
+        was handed out cost nothing but a wait: the file is opened again from its
+        verified bytes once the pull is over (``verified``).
+        """
         where = self.view / file.path
-        reader = self._reader(file)
-        header = _read_header(reader, where, file.size)
+        reader = _LandingReader(self._feeds[file.path])
+        try:
+            header = _read_header(reader, where, file.size)
+        except (_Replaced, LoadError):
+            reader.release()
+            if verified:
+                raise
+            self._pull.wait()  # its error, if the bytes were bad
+            return self._open(file, verified=True)
         for t in header.tensors:
-            if t.name in self._names:
-                raise LoadError(f"{where}: tensor {t.name!r} is also defined in"
-                                f" {self._names[t.name]}")
+            other = self._names.get(t.name)
+            if other is not None and other != where:
+                raise LoadError(f"{where}: tensor {t.name!r} is also defined in {other}")
             self._names[t.name] = where
         if self._weight_map is not None:
             have = {t.name for t in header.tensors}
@@ -410,7 +448,9 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
                 if shard == file.path and tensor not in have:
                     raise LoadError(f"{where}: has no tensor {tensor!r}, which the index"
                                     " says it holds")
-        self._headers.append(header)
+        self._readers = [r for r in self._readers if r.feed is not reader.feed]
+        self._readers.append(reader)
+        self._headers = [h for h in self._headers if h.path != where] + [header]
         return TensorStream(Checkpoint(self.view, (header,)), open_reader=lambda _: reader,
                             **self._options)
 
@@ -429,7 +469,17 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
                         self._add_stats(self._current.stats)
                         self._current = None
                         continue
+                    except _Replaced:
+                        if self._file_yielded:
+                            raise
+                        # Nothing of this file was handed out: read it from its verified bytes.
+                        self._current = None
+                        self._pull.wait()
+                        assert self._file is not None
+                        self._current = self._open(self._file, verified=True)
+                        continue
                     self._yielded += 1
+                    self._file_yielded += 1
                     self.stats.seconds = time.perf_counter() - self._t0
                     return item
                 if not self._todo:
