@@ -12,7 +12,8 @@ A checkpoint is one of:
   another ``*.safetensors.index.json`` is used when it is the only index there;
 - a directory without an index: every ``*.safetensors`` in it, by name;
 - a cache source such as ``hf://org/name@rev``: pulled into the local cache first
-  (anything containing ``://``).
+  (anything containing ``://``). ``iter_tensors`` and ``load_state_dict`` stream
+  a remote source that is not cached yet instead (``origin.py``).
 
 Every header is read and validated before a byte of tensor data is, so a missing
 shard, a shard that lacks a tensor the index promises, or a name that two files

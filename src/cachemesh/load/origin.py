@@ -11,7 +11,7 @@ the rest is still on the wire, and the origin serves every byte once::
     list the source; watch the partial of    list, plan, fetch: the fetcher writes each file's
     the shard index and each *.safetensors   ranges in file order into KEY.part and tells the
                                              Flight of every landed range (fetch/observe.py)
-    index: wait for all of it, parse
+    index: wait until verified, parse
     shard: wait [0, 8), then the header,     ──▶ landed(start, end) wakes the waiting reader
            parse; a TensorStream whose
            readers wait for each chunk's
@@ -32,11 +32,14 @@ What a caller may rely on (the same outcome as pulling first, only earlier):
   discarded. Nothing half-written becomes visible: that is the fetcher's rule
   (``fetch/fetcher.py``), which streaming does not change.
 - If a file's bytes failed verification and the fetcher fetched it again while
-  the stream was reading it, the stream raises :class:`RefetchedError` (a
-  :class:`LoadError`) once the pull is over: tensors yielded from that file
-  may be wrong. ``load_state_dict`` handles it by loading again from the now
-  verified cache; it returns only after verification passed, so a dict it
-  returns never holds unverified bytes.
+  the stream was reading it: before any tensor of the file was handed out (a
+  header that does not parse, say), the stream waits for the pull and reads
+  the file from its verified bytes, and nobody notices but the clock; after,
+  the stream raises :class:`RefetchedError` (a :class:`LoadError`) once the
+  pull is over: tensors yielded from that file may be wrong.
+  ``load_state_dict`` handles that by loading again from the now verified
+  cache; it returns only after verification passed, so a dict it returns
+  never holds unverified bytes.
 - Breaking out of the stream (``close()``) leaves the pull running in its
   thread: the cache still fills, and the next load reads it.
 - Another process already fetching the same object (single-flight): this
