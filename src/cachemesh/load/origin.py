@@ -11,7 +11,7 @@ the rest is still on the wire, and the origin serves every byte once::
     list the source; watch the partial of    list, plan, fetch: the fetcher writes each file's
     the shard index and each *.safetensors   ranges in file order into KEY.part and tells the
                                              Flight of every landed range (fetch/observe.py)
-    index: wait until verified, parse
+    index: wait for all of it, parse
     shard: wait [0, 8), then the header,     ──▶ landed(start, end) wakes the waiting reader
            parse; a TensorStream whose
            readers wait for each chunk's
@@ -388,15 +388,9 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
                                         caches.store.blobs.path, self._pull,
                                         self._cancelled)
         try:
-            self._weight_map = self._read_index(index) if index is not None else None
-            if self._weight_map is not None:
-                by_name = {f.path: f for f in shards}
-                order = list(dict.fromkeys(self._weight_map.values()))
-                missing = [name for name in order if name not in by_name]
-                if missing:
-                    raise LoadError(f"{self.view / missing[0]}: shard listed in {index.path}"
-                                    f" is missing at {uri}")
-                shards = [by_name[name] for name in order]
+            self._weight_map: dict[str, str] | None = None
+            if index is not None:
+                shards = self._read_index(index, shards)
             if not shards:
                 raise LoadError(f"{uri}: no *.safetensors files and no {INDEX_NAME}")
             self._todo = list(shards)
@@ -409,14 +403,40 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(self.view, tuple(self._headers))
 
-    def _read_index(self, index: RemoteFile) -> dict[str, str]:
-        # Small, and it decides what is read: parsed only once verified.
-        path = self._feeds[index.path].wait_verified()
+    def _read_index(self, index: RemoteFile, shards: list[RemoteFile]) -> list[RemoteFile]:
+        """The shards in the order the index names them, and its weight map kept.
+
+        Parsed from its landed bytes, like a header; if they do not parse or name
+        shards the source lacks, it is read again once verified (bad bytes in
+        transit, or a bad index: the verified bytes tell which).
+        """
+        where = self.view / index.path
+        feed = self._feeds[index.path]
+        reader = _LandingReader(feed)
+        raw = bytearray(index.size)
         try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise LoadError(f"{self.view / index.path}: unreadable shard index: {exc}") from exc
-        return parse_index(raw, self.view / index.path)
+            reader.read_into(0, index.size, memoryview(raw))
+            order = self._shards_of(parse_index(bytes(raw), where), shards, index)
+        except (_Replaced, LoadError):
+            reader.release()
+            try:
+                raw = bytearray(feed.wait_verified().read_bytes())
+            except OSError as exc:
+                raise LoadError(f"{where}: unreadable shard index: {exc}") from exc
+            return self._shards_of(parse_index(bytes(raw), where), shards, index)
+        self._readers.append(reader)  # its bytes are checked at the end like a shard's
+        return order
+
+    def _shards_of(self, weight_map: dict[str, str], shards: list[RemoteFile],
+                   index: RemoteFile) -> list[RemoteFile]:
+        by_name = {f.path: f for f in shards}
+        order = list(dict.fromkeys(weight_map.values()))
+        missing = [name for name in order if name not in by_name]
+        if missing:
+            raise LoadError(f"{self.view / missing[0]}: shard listed in {index.path}"
+                            f" is missing at {self.uri}")
+        self._weight_map = weight_map
+        return [by_name[name] for name in order]
 
     def _open_next(self) -> TensorStream:
         self._file = self._todo.pop(0)
