@@ -388,3 +388,21 @@ def test_hf_source_streams(env: Path, hf_env, repo_id: str) -> None:
         assert_same({k: v.clone() for k, v in stream}, original)
     assert hf_env.blob_origin.served[hashlib.sha256(data).hexdigest()] == len(data)
     check_cache(repo_id.split("/")[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streaming_onto_a_cuda_device(env: Path) -> None:
+    """The CUDA path (pinned staging buffers) reads from the partial file too."""
+    from cachemesh.load.origin import OriginStream
+
+    original = weights(24, seed=10)
+    with HttpOrigin() as origin:
+        origin.files["/gpu/model.safetensors"] = save(original)
+        origin.delay_s = 0.01
+        stream = cachemesh.iter_tensors(origin.url("/gpu/model.safetensors"), device="cuda")
+        assert isinstance(stream, OriginStream)
+        with stream:
+            got = {k: v.clone() for k, v in stream}
+    assert all(t.is_cuda for t in got.values())
+    assert_same(got, original)
+    check_cache("model.safetensors")
