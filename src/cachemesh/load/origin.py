@@ -81,10 +81,9 @@ from .stream import TensorStream
 
 if TYPE_CHECKING:
     from ..caches import Caches, CacheSpec
-    from ..config import Settings
     from ..fetch import Flight
     from ..fetch.ranges import PartialFiles
-    from ..sources import RemoteFile
+    from ..sources import RemoteFile, RemoteSource
 
 # How often a reader waiting for bytes looks beyond this process's fetch: the
 # pull's outcome, a blob that was already there, another process's record.
@@ -228,7 +227,6 @@ class _LandingReader:
         self._fd = -1
         self._inode: tuple[int, int] | None = None
         self._generation = 0
-        self.bytes_read = 0
 
     def _fd_for(self, path: Path) -> int | None:
         """Our descriptor, if ``path`` is the inode we read; None if it vanished meanwhile."""
@@ -247,7 +245,8 @@ class _LandingReader:
                     return None
                 except OSError as exc:
                     raise LoadError(f"{self.feed.final}: cannot read {path}: {exc}") from exc
-                if (os.fstat(self._fd).st_dev, os.fstat(self._fd).st_ino) != inode:
+                opened = os.fstat(self._fd)
+                if (opened.st_dev, opened.st_ino) != inode:  # replaced between stat and open
                     os.close(self._fd)
                     self._fd = -1
                     return None
@@ -274,8 +273,6 @@ class _LandingReader:
             if n <= 0:
                 raise LoadError(f"{self.feed.final}: the file ended at byte {pos}")
             pos += n
-        with self._lock:
-            self.bytes_read += end - start
 
     # -- the ChunkReader of TensorStream -------------------------------------------
 
@@ -355,8 +352,8 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
     ``checkpoint`` holds every header read (complete once exhausted).
     """
 
-    def __init__(self, uri: str, settings: Settings, caches: Caches, spec: CacheSpec,
-                 source: Any, files: list[RemoteFile], load_options: dict[str, Any]) -> None:
+    def __init__(self, uri: str, caches: Caches, spec: CacheSpec, source: RemoteSource,
+                 files: list[RemoteFile], load_options: dict[str, Any]) -> None:
         from ..fetch.fetcher import identity_key
         from ..fetch.ranges import PartialFiles
 
@@ -381,7 +378,7 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
         # Watch before the pull starts, so no landed range goes unseen.
         self._flights = [fetcher.watch(source.identity(f)) for f in wanted]
         self._pull = _Pull(caches, spec, [f.path for f in wanted])
-        self._feeds = {}
+        self._feeds: dict[str, _Feed] = {}
         for f, flight in zip(wanted, self._flights, strict=True):
             partial = PartialFiles(fetcher.dir, identity_key(source.identity(f)))
             self._feeds[f.path] = _Feed(f, self.view / f.path, flight, partial,
@@ -548,7 +545,7 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
             f" them and load again (the cache at {self.view} now holds verified bytes)")
 
     def _note(self, exc: BaseException) -> None:
-        if self._yielded and hasattr(exc, "add_note"):
+        if self._yielded:
             exc.add_note(f"{self._yielded} tensor(s) were already yielded from unverified bytes"
                          f" of {self.uri}: discard them")
 
@@ -609,7 +606,7 @@ def open_origin_stream(uri: str, load_options: dict[str, Any]) -> OriginStream |
         index, shards = _plan(files)
         if index is None and not shards:
             return None  # nothing to stream; pulling first says why it cannot load
-        return OriginStream(uri, settings, caches, spec, source, files, load_options)
+        return OriginStream(uri, caches, spec, source, files, load_options)
     finally:
         source.close()  # the pull has a source of its own; ours only listed and named paths
 
