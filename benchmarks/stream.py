@@ -1,7 +1,7 @@
 """Streaming from the origin: time to the first tensor and to the last, against pulling first.
 
-    .venv/bin/python benchmarks/stream.py                          # 2 GB, plain loopback, 5 rounds
-    .venv/bin/python benchmarks/stream.py --rate 25MB              # each connection capped at 25 MB/s
+    .venv/bin/python benchmarks/stream.py                          # 2 GB, loopback, 5 rounds
+    .venv/bin/python benchmarks/stream.py --rate 25MB              # 25 MB/s per connection
     .venv/bin/python benchmarks/stream.py --size 128MB --rounds 2  # smoke run
 
 One safetensors file of bf16 tensors of 8 MiB each (``--size`` in all) is made
@@ -228,8 +228,8 @@ opens {args.parallel} ranged connections. {args.rounds} round(s), tools in a rot
 each in a fresh process and a fresh `CACHEMESH_HOME`; medians. The origin's file is in the
 page cache. Times run from the call (imports done) to the first tensor and to the end of the
 iteration; every tool ends after the file was checked (plain http publishes no checksum: the
-size; the sha256 is computed in every case, it names the blob) and committed. "first / pull" is the time to the first tensor over the download alone
-(`pull only`, the reference).
+size; the sha256 is computed in every case, it names the blob) and committed. "first / pull"
+is the time to the first tensor over the download alone (`pull only`, the reference).
 
 {_report.table(["tool", "first tensor s", "first / pull", "total s", "min–max", "MB/s"], rows)}
 

@@ -101,6 +101,11 @@ def watch_fetch(uri: str) -> TimedFlight:
     return flight
 
 
+def probe_count(origin: HttpOrigin) -> int:
+    """Ranged GETs of the first byte (a source probing size and range support)."""
+    return sum(1 for method, _, rng in origin.requests if method == "GET" and rng == "bytes=0-0")
+
+
 def quiet(origin: HttpOrigin) -> None:
     """Wait until the origin has answered every request (a probe's byte is counted late)."""
     deadline = time.monotonic() + 10
@@ -134,7 +139,7 @@ def test_first_tensor_comes_while_a_throttled_origin_is_still_sending(env: Path)
                         served_at_first = origin.served["/m/model.safetensors"]
                     got[name] = tensor.clone()
             ended_at = time.monotonic()
-        probes = sum(1 for method, _, rng in origin.requests if method == "GET" and rng == "bytes=0-0")
+        probes = probe_count(origin)
         served = origin.served["/m/model.safetensors"]
     assert first_at is not None and served_at_first is not None and fetch.finished_at is not None
     # Tensors came while most of the file was still at the origin, well before the fetch ended.
@@ -151,8 +156,9 @@ def test_load_state_dict_from_s3_streams_a_sharded_checkpoint(
     """(d) load_state_dict("s3://...") with an index and shards: bytes once, early, verified."""
     shards = {"model-00001-of-00002.safetensors": weights(32, seed=2),
               "model-00002-of-00002.safetensors": weights(16, seed=3, rows=64)}
+    second = shards["model-00002-of-00002.safetensors"]
     shards["model-00002-of-00002.safetensors"] = {
-        k.replace("layer.", "head."): v for k, v in shards["model-00002-of-00002.safetensors"].items()}
+        k.replace("layer.", "head."): v for k, v in second.items()}
     index = {"metadata": {"total_size": 0},
              "weight_map": {k: f for f, ts in shards.items() for k in ts}}
     client = s3.client()
@@ -238,7 +244,8 @@ def test_bytes_fetched_again_after_a_failed_verification_are_not_trusted(
     s3.delay_s = 0.01
     result = cachemesh.load_state_dict(uri)
     assert_same(result, original)
-    assert s3.served[f"{bucket}/once/model.safetensors"] == 2 * len(data)  # fetched twice, once each
+    # Fetched twice (the first copy failed verification), each time once.
+    assert s3.served[f"{bucket}/once/model.safetensors"] == 2 * len(data)
     check_cache("model.safetensors")
 
 
@@ -299,7 +306,7 @@ def test_two_streams_of_one_source_share_one_fetch(env: Path) -> None:
             t.start()
         for t in threads:
             t.join(60)
-        probes = sum(1 for method, _, rng in origin.requests if method == "GET" and rng == "bytes=0-0")
+        probes = probe_count(origin)
         served = origin.served[path]
     assert not errors, errors
     assert len(results) == 2
@@ -338,7 +345,7 @@ def test_a_fetch_run_by_another_process_is_followed_not_repeated(env: Path) -> N
             if other.poll() is None:
                 other.kill()
                 other.wait()
-        probes = sum(1 for method, _, rng in origin.requests if method == "GET" and rng == "bytes=0-0")
+        probes = probe_count(origin)
         served = origin.served[path]
     assert_same(got, original)
     assert 0 <= served_at_first < len(data), served_at_first
