@@ -121,11 +121,11 @@ def check_cache(name: str) -> None:
 
 def test_first_tensor_comes_while_a_throttled_origin_is_still_sending(env: Path) -> None:
     """(a) early first tensor, (b) every byte served once, (c) equal tensors, verified cache."""
-    original = weights(48, seed=1)
+    original = weights(96, seed=1)
     data = save(original)
     with HttpOrigin() as origin:
         origin.files["/m/model.safetensors"] = data
-        origin.delay_s = 0.02  # per 64 KiB: ~0.5 s for the 3 MiB on two connections
+        origin.delay_s = 0.01  # per 64 KiB: ~0.5 s for the 6 MiB on two connections
         uri = origin.url("/m/model.safetensors")
         with watch_fetch(uri) as fetch:
             quiet(origin)
