@@ -26,9 +26,8 @@ from safetensors.torch import save
 import cachemesh
 from cachemesh.caches import AVAILABLE, Caches
 from cachemesh.config import Settings
-from cachemesh.errors import IntegrityError
+from cachemesh.errors import IntegrityError, RefetchedError
 from cachemesh.fetch import Flight
-from cachemesh.load.origin import RefetchedError
 from cachemesh.sources import parse_source
 from cachemesh.store import Store
 from tests.emulators.http_origin import HttpOrigin

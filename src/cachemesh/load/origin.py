@@ -72,7 +72,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import LoadError
+from ..errors import LoadError, RefetchedError
 from .checkpoint import INDEX_NAME, Checkpoint, parse_index
 from .format import SafetensorsHeader, check_header_size, parse_header
 from .reader import ReadCounts
@@ -91,11 +91,6 @@ POLL_S = 0.05
 # One read of the stream when the caller names no chunk size: small, so that a
 # tensor is handed out soon after its bytes land, not after a 16 MiB chunk.
 STREAM_CHUNK_BYTES = 1024 * 1024
-
-
-class RefetchedError(LoadError):
-    """Bytes already streamed were replaced: the fetcher fetched the file again after
-    its bytes failed verification. Tensors yielded from it may be wrong."""
 
 
 class _Replaced(Exception):
@@ -611,4 +606,4 @@ def open_origin_stream(uri: str, load_options: dict[str, Any]) -> OriginStream |
         source.close()  # the pull has a source of its own; ours only listed and named paths
 
 
-__all__ = ["OriginStream", "RefetchedError", "open_origin_stream"]
+__all__ = ["OriginStream", "open_origin_stream"]

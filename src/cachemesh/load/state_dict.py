@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
+from ..errors import RefetchedError
 from .checkpoint import Checkpoint, read_checkpoint
+from .origin import OriginStream
 from .stats import LoadStats
-from .origin import OriginStream, RefetchedError
 from .stream import TensorStream, iter_tensors
 
 
