@@ -66,6 +66,12 @@ DISK_RESERVE_SHARE = 0.02
 PROGRESS_INTERVAL_S = 0.5
 
 
+# Bounds of a spec's numbers: past them a date or a byte count stops being a number
+# (an expiry date past year 9999, a quota past any disk).
+MAX_RETENTION_DAYS = 36_500.0
+MAX_SIZE_LIMIT_GIB = float(1024**3)  # 1 EiB
+
+
 class CacheSpec(BaseModel):
     """What a user declares. Validated before anything touches the disk."""
 
@@ -77,8 +83,8 @@ class CacheSpec(BaseModel):
     path: str | None = None  # defaults to the name
     include: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
-    size_limit_gib: float | None = Field(default=None, gt=0)
-    retention_days: float | None = Field(default=None, gt=0)
+    size_limit_gib: float | None = Field(default=None, gt=0, le=MAX_SIZE_LIMIT_GIB)
+    retention_days: float | None = Field(default=None, gt=0, le=MAX_RETENTION_DAYS)
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")

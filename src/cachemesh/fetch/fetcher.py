@@ -86,6 +86,9 @@ WATCHED_FIRST_PIECE = 256 * 1024
 # Progress is told to ``on_bytes`` in steps of at least this much (and at the end).
 REPORT_BYTES = 4 * 1024 * 1024
 
+# How messages name each digest kind.
+_DIGEST_NAMES = {"git-sha1": "git blob id", "md5": "MD5"}
+
 #: ``read(start, end)``: the bytes ``[start, end)`` of one object, as an iterator of chunks.
 RangeRead = Callable[[int, int], Iterator[bytes]]
 
@@ -413,7 +416,8 @@ class _Transfer:
             sha = digests["sha256"]
             for kind, expected in published.items():
                 if digests[kind] != expected:
-                    raise _Corrupt(f"{req.name}: the fetched bytes have {kind} {digests[kind]},"
+                    label = _DIGEST_NAMES.get(kind, kind)
+                    raise _Corrupt(f"{req.name}: the fetched bytes have {label} {digests[kind]},"
                                    f" the origin publishes {expected}")
         except BaseException as exc:
             if self.hasher is not None:
