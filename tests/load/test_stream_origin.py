@@ -373,14 +373,6 @@ def test_a_blob_already_stored_is_read_without_the_origin(s3: S3Origin, bucket: 
     check_cache("b")
 
 
-def _hf_uses_the_fetcher() -> bool:
-    from cachemesh.sources import RemoteSource, source_class
-
-    return issubclass(source_class("hf"), RemoteSource)
-
-
-@pytest.mark.skipif(not _hf_uses_the_fetcher(),
-                    reason="hf:// does not use the shared fetcher on this branch: it pulls first")
 def test_hf_source_streams(env: Path, hf_env, repo_id: str) -> None:
     """hf:// (LFS file, verified by its sha256) streams like s3:// and https://."""
     from cachemesh.load.origin import OriginStream
