@@ -388,6 +388,7 @@ def test_hf_source_streams(env: Path, hf_env, repo_id: str) -> None:
     check_cache(repo_id.split("/")[1])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_streaming_onto_a_cuda_device(env: Path) -> None:
     """The CUDA path (pinned staging buffers) reads from the partial file too."""
