@@ -418,6 +418,18 @@ def test_a_taken_grpc_port_is_an_error_not_a_shared_port(tmp_path: Path):
             asyncio.run(start_grpc(service, Keyring()))
 
 
+def test_a_max_body_past_2_gib_still_serves(tmp_path: Path):
+    """gRPC's message limit is a C int: --max-body 8GiB was an OverflowError at start."""
+    settings = serve_settings(tmp_path, grpc_port=free_port(), max_body=8 * 1024**3)
+    service = ModelService(settings, registry=MemoryModelRegistry())
+
+    async def start_and_stop() -> None:
+        server = await start_grpc(service, Keyring())
+        await server.stop(0)
+
+    asyncio.run(start_and_stop())
+
+
 def test_the_grpc_port_setting():
     assert Settings.from_env({}).serve.grpc_port == 8033
     assert Settings.from_env({"CACHEMESH_SERVE_GRPC_PORT": "0"}).serve.grpc_port == 0  # off

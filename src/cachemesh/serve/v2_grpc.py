@@ -365,7 +365,8 @@ async def start_grpc(service: ModelService, keyring: Keyring) -> aio.Server:
     """Serve gRPC on ``grpc_port`` of the REST host, in the running event loop."""
     cfg = service.cfg
     server = aio.server(options=[
-        ("grpc.max_receive_message_length", cfg.max_body),
+        # gRPC counts in a C int: a --max-body past 2 GiB is 2 GiB here.
+        ("grpc.max_receive_message_length", min(cfg.max_body, 2**31 - 1)),
         ("grpc.max_send_message_length", -1),
         # A port another process holds must fail here, not be shared with it.
         ("grpc.so_reuseport", 0),
