@@ -1,0 +1,123 @@
+"""SIGKILL of ``cachemesh serve`` in the middle of a pull and of a model load.
+
+After each kill: the workers die with the server (none is left holding memory
+or files), nothing half-written is visible in the cache's view, and a restart
+on the same store brings the model up, the cache Available and ``cachemesh
+cache verify`` clean.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.faults.conftest import (
+    ServeProcess,
+    assert_verify_ok,
+    cli,
+    infer,
+    toy_model_dir,
+    toy_option,
+    wait_for,
+)
+
+MIB = 1024 * 1024
+
+
+def cache_status(home: Path, name: str) -> dict:
+    out = cli(home, "cache", "status", name, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def assert_gone(procs: list[psutil.Process], timeout: float = 10) -> None:
+    """Every process in ``procs`` has exited (workers die with their server)."""
+    def gone() -> bool:
+        return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
+
+    wait_for(gone, timeout, "the workers of the killed server to exit")
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_pull_then_restart_resumes_it(home: Path, tmp_path: Path, servers):
+    origin = toy_model_dir(tmp_path / "origin", "big", shards=12, shard_bytes=MIB)
+    originals = {p.name: p.read_bytes() for p in origin.iterdir()}
+    view = home / "buckets/models/big"  # models are pulled into bucket "models"
+    server = ServeProcess(home, [toy_option("big", origin)], slow_read=0.1)
+    servers.append(server)
+    server.wait_live()
+    # Kill once a few files are in and another is half-way in tmp/.
+    wait_for(lambda: view.is_dir() and len(list(view.iterdir())) >= 3, 60, "files to land")
+    wait_for(lambda: any((home / "tmp").rglob("*.part")), 30, "a partial file")
+    workers = server.kill()
+    assert workers, "the server had no workers"
+    assert_gone(workers)
+
+    landed = {p.name: p.read_bytes() for p in view.iterdir()}
+    assert 3 <= len(landed) < len(originals)
+    assert all(data == originals[name] for name, data in landed.items())  # whole or absent
+    status = cache_status(home, "big")
+    assert status["status"] == "Failed" and "interrupted" in status["error"]
+
+    # Restart: the deploy pulls again (resuming), the model loads and answers.
+    with ServeProcess(home, [toy_option("big", origin)]) as again:
+        servers.append(again)
+        r = infer(again, "big")
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"][0]["data"] == [1.0, 2.0]
+    assert {p.name: p.read_bytes() for p in view.iterdir()} == originals
+    status = cache_status(home, "big")
+    assert status["status"] == "Available"
+    assert status["progress"]["files_done"] == len(originals)
+    assert_verify_ok(home)
+    assert not list((home / "tmp").rglob("*.part"))  # the resumed pull used it up
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_model_load_then_restart_loads_it(home: Path, tmp_path: Path, servers):
+    origin = toy_model_dir(tmp_path / "origin", "slowload", shards=2, shard_bytes=MIB)
+    log = tmp_path / "log"
+    option = toy_option("slowload", origin, load_delay=30, log=log)
+    server = ServeProcess(home, [option])
+    servers.append(server)
+    server.wait_live()
+    # A request starts the load; the worker sits in load() when the server dies.
+    pending: list = []
+    thread = threading.Thread(target=lambda: pending.append(_safe_infer(server, "slowload")))
+    thread.start()
+    wait_for(lambda: log.exists() and any(log.glob("load-*")), 60, "the load to start")
+    loading_pid = int(next(log.glob("load-*")).name.split("-")[1])
+    workers = server.kill()
+    assert loading_pid in {w.pid for w in workers}
+    assert_gone(workers)  # PR_SET_PDEATHSIG: no orphan keeps the half-loaded model
+    thread.join(30)
+    assert pending and pending[0] is None  # the client saw the connection drop
+
+    # Nothing holds the cache open any more: it can be verified, and even removed.
+    status = cache_status(home, "slowload")
+    assert status["status"] == "Available" and not status["in_use"]
+    assert_verify_ok(home)
+
+    with ServeProcess(home, [toy_option("slowload", origin, log=log)]) as again:
+        servers.append(again)
+        r = infer(again, "slowload")
+        assert r.status_code == 200, r.text
+        model = again.client.get("/api/v1/models/slowload").json()
+        assert model["state"] == "Ready"
+    assert_verify_ok(home)
+    rm = cli(home, "cache", "rm", "slowload")
+    assert rm.returncode == 0, rm.stderr  # not left "in use" by a dead process
+    assert_verify_ok(home)
+
+
+def _safe_infer(server: ServeProcess, model: str):
+    import httpx
+
+    try:
+        return infer(server, model, timeout=60)
+    except httpx.HTTPError:
+        return None
