@@ -111,6 +111,7 @@ class ServeProcess:
         self.proc = subprocess.Popen([sys.executable, "-c", CLI, *args], env=full,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         self.client = httpx.Client(base_url=self.url, timeout=60)
+        self.orphans: list[psutil.Process] = []
 
     def wait_live(self, timeout: float = 60) -> ServeProcess:
         def live() -> bool:
@@ -136,6 +137,7 @@ class ServeProcess:
     def kill(self) -> list[psutil.Process]:
         """SIGKILL the server process only; returns the workers it had."""
         workers = self.workers()
+        self.orphans = workers  # the fixture kills any that outlive the test
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
         return workers
@@ -179,3 +181,6 @@ def servers() -> Iterator[list[ServeProcess]]:
     for s in started:
         if s.proc.poll() is None:
             s.stop()
+        for p in s.orphans:  # a broken build may leave workers behind: not our next test's
+            if p.is_running():
+                p.kill()
