@@ -522,10 +522,18 @@ class Caches:
                 message = str(exc) if isinstance(exc, CachemeshError) else f"{type(exc).__name__}: {exc}"
                 if isinstance(exc, KeyboardInterrupt):
                     message = "interrupted; pull again to resume"
-                self._update(name, status=FAILED, error=message)
-                self._event(name, "failed", message, level="error")
-                # The hub view shows Available caches only.
-                self._sync_hub_quietly(name, self._hub_repo_of(spec.source, spec.options))
+                if isinstance(exc, CapacityError) and repr(name) not in message:
+                    message = f"cache {name!r}: {message}"  # a full disk names the path only
+                try:
+                    self._update(name, status=FAILED, error=message)
+                    self._event(name, "failed", message, level="error")
+                    # The hub view shows Available caches only.
+                    self._sync_hub_quietly(name, self._hub_repo_of(spec.source, spec.options))
+                except CachemeshError:
+                    pass  # a full disk or a locked database: the row still says Loading,
+                    # which reads as Failed ("interrupted") once this pull's lock is gone
+                if isinstance(exc, CapacityError) and message != str(exc):
+                    raise CapacityError(message) from exc
                 raise
             self._event(
                 name, "available",

@@ -184,3 +184,30 @@ def servers() -> Iterator[list[ServeProcess]]:
         for p in s.orphans:  # a broken build may leave workers behind: not our next test's
             if p.is_running():
                 p.kill()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 20 MiB tmpfs to put a store on (needs root; skipped where mounting is refused)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write zeros to ``path`` until the disk under it is full."""
+    block = b"\0" * 65536
+    try:
+        with open(path, "wb") as f:
+            while True:
+                f.write(block)
+                f.flush()
+    except OSError:
+        pass
