@@ -251,7 +251,7 @@ class Caches:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings.from_env()
-        self.store = Store(self.settings.home)
+        self.store = Store(self.settings.home, busy_timeout=self.settings.db_busy_timeout_s)
         self.db = self.store.db
         self.hub = HubLayout(self.store.home)
         self.buckets = self.store.buckets
