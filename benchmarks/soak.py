@@ -65,7 +65,7 @@ def free_port() -> int:
 
 
 def make_models(root: Path, n: int) -> list[Path]:
-    """``n`` KNN classifiers (1000-3000 samples x 16 features: 0.1-0.4 MiB each)."""
+    """``n`` KNN classifiers (8000-24000 samples x 16 features: 1-3 MiB each)."""
     import joblib
     import numpy as np
     from sklearn.neighbors import KNeighborsClassifier
@@ -78,7 +78,7 @@ def make_models(root: Path, n: int) -> list[Path]:
             continue
         d.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(i)
-        rows = 1000 + 2000 * (i % 3) // 2
+        rows = 8000 * (1 + i % 3)
         clf = KNeighborsClassifier(n_neighbors=3, algorithm="brute").fit(
             rng.random((rows, 16)), rng.integers(0, 10, rows))
         joblib.dump(clf, d / "model.joblib.tmp")
@@ -160,9 +160,10 @@ def calibrate_budget(work: Path, models: list[Path], workers: int, hold: int) ->
         info = server.client.get("/api/v1/models").json()
     finally:
         server.stop()
-    size = max(m["size_bytes"] or 0 for m in info["models"])
+    # A load is admitted on its predicted size (bytes on disk x 1.5), not what it measures.
+    predicted = 1.5 * max((d / "model.joblib").stat().st_size for d in models)
     bases = sum(w["base_bytes"] for w in info["memory"]["workers"] if w["alive"])
-    return bases + int((hold + 0.5) * max(size, MIB // 4))
+    return int(bases * 1.1 + (hold + 0.5) * predicted)
 
 
 @dataclass
@@ -279,6 +280,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     churn_log: list[dict] = []
     stop = threading.Event()
     try:
+        for name in list(traffic.active):  # warm: every model loaded once (and evictions begun)
+            server.client.post(f"/v2/models/{name}/infer", content=BODY)
         capacity = measure_capacity(server.url, traffic, args.calibrate, args.concurrency)
         rate = capacity * 0.8 if args.rate == "auto" else float(args.rate)
         duration = args.minutes * 60
