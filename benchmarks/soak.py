@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/soak.py [--minutes 5] [--models 40] [--rate auto]
         [--workers 2] [--memory auto] [--json out.json] [--write-doc]
 
-1. Models: ``--models`` small scikit-learn models (KNN on random data, ~1 MiB
+1. Models: ``--models`` small scikit-learn models (KNN on random data, 4-12 MiB
    each, so a worker's memory grows with what it holds), generated under
    ``--work``. Three quarters are served from the start (``--config``); the
    rest are deployed at run time, and served ones removed, through the control
@@ -65,7 +65,7 @@ def free_port() -> int:
 
 
 def make_models(root: Path, n: int) -> list[Path]:
-    """``n`` KNN classifiers (8000-24000 samples x 16 features: 1-3 MiB each)."""
+    """``n`` KNN classifiers (32000-96000 samples x 16 features: 4-12 MiB each)."""
     import joblib
     import numpy as np
     from sklearn.neighbors import KNeighborsClassifier
@@ -78,7 +78,7 @@ def make_models(root: Path, n: int) -> list[Path]:
             continue
         d.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(i)
-        rows = 8000 * (1 + i % 3)
+        rows = 32000 * (1 + i % 3)
         clf = KNeighborsClassifier(n_neighbors=3, algorithm="brute").fit(
             rng.random((rows, 16)), rng.integers(0, 10, rows))
         joblib.dump(clf, d / "model.joblib.tmp")
@@ -163,7 +163,7 @@ def calibrate_budget(work: Path, models: list[Path], workers: int, hold: int) ->
     # A load is admitted on its predicted size (bytes on disk x 1.5), not what it measures.
     predicted = 1.5 * max((d / "model.joblib").stat().st_size for d in models)
     bases = sum(w["base_bytes"] for w in info["memory"]["workers"] if w["alive"])
-    return int(bases * 1.1 + (hold + 0.5) * predicted)
+    return int(bases + 8 * MIB + (hold + 0.5) * predicted)
 
 
 @dataclass
@@ -348,6 +348,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "minutes": args.minutes, "models": args.models, "workers": args.workers,
         "memory_budget_mib": round(int(memory) / MIB, 1) if str(memory).isdigit() else memory,
         "capacity_rps": round(capacity, 1), "target_rps": round(rate, 1),
+        "achieved_rps": round(len(records) / duration, 1),
         "requests": len(records), "errors": sum(errors.values()), "errors_by_kind": dict(errors),
         "client_skipped": sum(backlog.values()), "loads": loads, "evictions": evictions,
         "churn": churn_log, "intervals": intervals,
@@ -362,7 +363,8 @@ def render(result: dict[str, Any]) -> str:
     head = (f"{result['models']} models ({result['models_at_end']} at the end),"
             f" {result['workers']} workers, budget {result['memory_budget_mib']} MiB;"
             f" capacity {result['capacity_rps']} req/s (closed loop), target"
-            f" {result['target_rps']} req/s; {result['requests']} requests,"
+            f" {result['target_rps']} req/s, achieved {result['achieved_rps']} req/s;"
+            f" {result['requests']} requests,"
             f" {result['errors']} errors {result['errors_by_kind'] or ''};"
             f" {result['loads']:.0f} loads, {result['evictions']:.0f} evictions,"
             f" {len(result['churn'])} deploy+remove rounds;"

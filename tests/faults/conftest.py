@@ -211,3 +211,20 @@ def fill(path: Path) -> None:
                 f.flush()
     except OSError:
         pass
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest) -> Iterator[dict]:
+    """What a fault test measured (seconds, counts). With ``CACHEMESH_FAULT_FIGURES=PATH``
+    they are added to that JSON file under the test's name (docs/reliability.md)."""
+    found: dict = {}
+    yield found
+    path = os.environ.get("CACHEMESH_FAULT_FIGURES")
+    if path and found:
+        import json
+
+        p = Path(path)
+        data = json.loads(p.read_text()) if p.exists() else {}
+        data[request.node.name] = {k: round(v, 3) if isinstance(v, float) else v
+                                   for k, v in found.items()}
+        p.write_text(json.dumps(data, indent=2) + "\n")

@@ -46,12 +46,14 @@ def origin(tmp_path: Path) -> Path:
     return d
 
 
-def test_a_pull_waits_for_the_lock_then_succeeds(home: Path, origin: Path):
+def test_a_pull_waits_for_the_lock_then_succeeds(home: Path, origin: Path, figures: dict):
     assert cli(home, "cache", "ls").returncode == 0  # the store exists
     locker = hold_lock(home, 2.0)
     started = time.monotonic()
     out = cli(home, "pull", str(origin), "--name", "m")
     waited = time.monotonic() - started
+    figures["lock_held_s"] = 2.0
+    figures["pull_took_s"] = waited
     locker.wait(10)
     assert out.returncode == 0, out.stderr
     assert waited >= 1.5  # it waited for the lock rather than failing
@@ -61,11 +63,14 @@ def test_a_pull_waits_for_the_lock_then_succeeds(home: Path, origin: Path):
     assert verify.returncode == 0 and "ok" in verify.stderr, verify.stdout
 
 
-def test_past_the_busy_timeout_a_clear_error_and_nothing_half_done(home: Path, origin: Path):
+def test_past_the_busy_timeout_a_clear_error_and_nothing_half_done(home: Path, origin: Path,
+                                                                  figures: dict):
     assert cli(home, "cache", "ls").returncode == 0
     locker = hold_lock(home, 4.0)
     started = time.monotonic()
     out = cli(home, "pull", str(origin), "--name", "m", env={"CACHEMESH_DB_BUSY_TIMEOUT": "1"})
+    figures["failed_after_s"] = time.monotonic() - started
+    figures["error"] = out.stderr.strip().splitlines()[-1][:160]
     assert time.monotonic() - started < 3.5  # gave up after its timeout, not the lock's end
     assert out.returncode == 1, out.stderr
     assert "Traceback" not in out.stderr

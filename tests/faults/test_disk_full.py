@@ -10,10 +10,12 @@ freed a new process resumes it (reusing what landed) and ``verify`` passes.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,8 @@ MIB = 1024 * 1024
 
 @pytest.mark.mount
 @pytest.mark.slow
-def test_disk_full_mid_pull_fails_cleanly_and_resumes(small_disk: Path, tmp_path: Path):
+def test_disk_full_mid_pull_fails_cleanly_and_resumes(small_disk: Path, tmp_path: Path,
+                                                      figures: dict):
     home = small_disk / "home"
     origin = tmp_path / "origin"
     origin.mkdir()
@@ -41,7 +44,9 @@ def test_disk_full_mid_pull_fails_cleanly_and_resumes(small_disk: Path, tmp_path
     wait_for(lambda: view.is_dir() and any(view.iterdir()), 60, "the first file")
     filler = threading.Thread(target=fill, args=(small_disk / "filler",))
     filler.start()
+    filling = time.monotonic()
     _, err = pull.communicate(timeout=60)
+    figures["error_after_disk_filled_s"] = time.monotonic() - filling
     filler.join()
 
     assert pull.returncode == 5, err  # CapacityError
@@ -49,6 +54,8 @@ def test_disk_full_mid_pull_fails_cleanly_and_resumes(small_disk: Path, tmp_path
     assert "cache 'm'" in err and "is full" in err, err
     landed = {p.name: p.read_bytes() for p in view.iterdir()}
     assert 1 <= len(landed) < len(files)
+    figures["files_landed"] = f"{len(landed)}/{len(files)}"
+    figures["error"] = err.strip().splitlines()[-1][:160]
     assert all(files[name] == data for name, data in landed.items())  # whole or absent
     assert not list((home / "tmp").rglob("*.part"))  # the partial file went with the error
     status = cli(home, "cache", "status", "m")
@@ -63,6 +70,8 @@ def test_disk_full_mid_pull_fails_cleanly_and_resumes(small_disk: Path, tmp_path
     assert verify.returncode == 0 and "ok" in verify.stderr, verify.stdout
     status = cli(home, "cache", "status", "m", "--json")
     assert '"status": "Available"' in status.stdout
+    figures["resume"] = [e["message"] for e in json.loads(status.stdout)["events"]
+                         if e["kind"] == "available"][-1]
 
 
 @pytest.mark.mount

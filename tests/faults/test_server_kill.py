@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -43,7 +44,8 @@ def assert_gone(procs: list[psutil.Process], timeout: float = 10) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_during_a_pull_then_restart_resumes_it(home: Path, tmp_path: Path, servers):
+def test_sigkill_during_a_pull_then_restart_resumes_it(home: Path, tmp_path: Path, servers,
+                                                       figures: dict):
     origin = toy_model_dir(tmp_path / "origin", "big", shards=12, shard_bytes=MIB)
     originals = {p.name: p.read_bytes() for p in origin.iterdir()}
     view = home / "buckets/models/big"  # models are pulled into bucket "models"
@@ -58,19 +60,23 @@ def test_sigkill_during_a_pull_then_restart_resumes_it(home: Path, tmp_path: Pat
     assert_gone(workers)
 
     landed = {p.name: p.read_bytes() for p in view.iterdir()}
+    figures["files_landed_at_kill"] = f"{len(landed)}/{len(originals)}"
     assert 3 <= len(landed) < len(originals)
     assert all(data == originals[name] for name, data in landed.items())  # whole or absent
     status = cache_status(home, "big")
     assert status["status"] == "Failed" and "interrupted" in status["error"]
 
     # Restart: the deploy pulls again (resuming), the model loads and answers.
+    restarted = time.monotonic()
     with ServeProcess(home, [toy_option("big", origin)]) as again:
         servers.append(again)
         r = infer(again, "big")
+        figures["restart_to_first_answer_s"] = time.monotonic() - restarted
         assert r.status_code == 200, r.text
         assert r.json()["outputs"][0]["data"] == [1.0, 2.0]
     assert {p.name: p.read_bytes() for p in view.iterdir()} == originals
     status = cache_status(home, "big")
+    figures["resume"] = [e["message"] for e in status["events"] if e["kind"] == "available"][-1]
     assert status["status"] == "Available"
     assert status["progress"]["files_done"] == len(originals)
     assert_verify_ok(home)
@@ -81,7 +87,8 @@ def test_sigkill_during_a_pull_then_restart_resumes_it(home: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_sigkill_during_a_model_load_then_restart_loads_it(home: Path, tmp_path: Path, servers):
+def test_sigkill_during_a_model_load_then_restart_loads_it(home: Path, tmp_path: Path, servers,
+                                                          figures: dict):
     origin = toy_model_dir(tmp_path / "origin", "slowload", shards=2, shard_bytes=MIB)
     log = tmp_path / "log"
     option = toy_option("slowload", origin, load_delay=30, log=log)
@@ -94,9 +101,11 @@ def test_sigkill_during_a_model_load_then_restart_loads_it(home: Path, tmp_path:
     thread.start()
     wait_for(lambda: log.exists() and any(log.glob("load-*")), 60, "the load to start")
     loading_pid = int(next(log.glob("load-*")).name.split("-")[1])
+    killed = time.monotonic()
     workers = server.kill()
     assert loading_pid in {w.pid for w in workers}
     assert_gone(workers)  # PR_SET_PDEATHSIG: no orphan keeps the half-loaded model
+    figures["workers_gone_after_kill_s"] = time.monotonic() - killed
     thread.join(30)
     assert pending and pending[0] is None  # the client saw the connection drop
 
@@ -105,9 +114,11 @@ def test_sigkill_during_a_model_load_then_restart_loads_it(home: Path, tmp_path:
     assert status["status"] == "Available" and not status["in_use"]
     assert_verify_ok(home)
 
+    restarted = time.monotonic()
     with ServeProcess(home, [toy_option("slowload", origin, log=log)]) as again:
         servers.append(again)
         r = infer(again, "slowload")
+        figures["restart_to_first_answer_s"] = time.monotonic() - restarted
         assert r.status_code == 200, r.text
         model = again.client.get("/api/v1/models/slowload").json()
         assert model["state"] == "Ready"

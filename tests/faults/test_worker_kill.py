@@ -44,7 +44,7 @@ def _infer_in_thread(server: ServeProcess, model: str, out: dict) -> threading.T
 
 
 @pytest.mark.slow
-def test_worker_sigkilled_mid_request(home: Path, tmp_path: Path, servers):
+def test_worker_sigkilled_mid_request(home: Path, tmp_path: Path, servers, figures: dict):
     log = tmp_path / "log"
     slow = toy_model_dir(tmp_path / "origin", "slow")
     quick = toy_model_dir(tmp_path / "origin", "quick")
@@ -65,8 +65,10 @@ def test_worker_sigkilled_mid_request(home: Path, tmp_path: Path, servers):
     pid = int(next((log / "slow").glob("predict-*")).name.split("-")[1])
     assert pid in {w.pid for w in server.workers()}
     os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
     a.join(30)
     b.join(30)
+    figures["held_requests_failed_after_s"] = time.monotonic() - killed
 
     for held in (held_slow, held_quick):
         r = held["response"]
@@ -79,8 +81,11 @@ def test_worker_sigkilled_mid_request(home: Path, tmp_path: Path, servers):
     # A fresh worker takes over; both models load again on their next request.
     wait_for(lambda: len(server.workers()) == 1 and pid not in {w.pid for w in server.workers()},
              30, "a replacement worker")
+    figures["replacement_worker_after_s"] = time.monotonic() - killed
+    reload = time.monotonic()
     assert infer(server, "quick").status_code == 200
     assert infer(server, "slow").status_code == 200
+    figures["both_models_reloaded_in_s"] = time.monotonic() - reload
     assert len(list((log / "slow").glob("predict-*"))) == 2  # the killed one was not replayed
     assert len(list((log / "slow").glob("load-*"))) == 2
     metrics = server.client.get("/metrics").text
