@@ -215,11 +215,11 @@ def fill(path: Path) -> None:
 
 @pytest.fixture
 def figures(request: pytest.FixtureRequest) -> Iterator[dict]:
-    """What a fault test measured (seconds, counts). With ``CACHEMESH_FAULT_FIGURES=PATH``
+    """What a fault test measured (seconds, counts). With ``FAULT_FIGURES=PATH``
     they are added to that JSON file under the test's name (docs/reliability.md)."""
     found: dict = {}
     yield found
-    path = os.environ.get("CACHEMESH_FAULT_FIGURES")
+    path = os.environ.get("FAULT_FIGURES")
     if path and found:
         import json
 
