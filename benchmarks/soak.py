@@ -295,7 +295,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         threads = [threading.Thread(target=sample, daemon=True),
                    threading.Thread(target=churn, daemon=True, args=(
-                       server, traffic, list(spare), {d.name: d for d in models}, args.churn_every, stop, churn_log, t0))]
+                       server, traffic, list(spare), {d.name: d for d in models},
+                       args.churn_every, stop, churn_log, t0))]
         for t in threads:
             t.start()
         loads0 = server.metric("cachemesh_model_load_seconds_count")
@@ -377,7 +378,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--models", type=int, default=40)
-    p.add_argument("--rate", default="auto", help="requests/s, or auto: 80%% of the measured capacity")
+    p.add_argument("--rate", default="auto",
+                   help="requests/s, or auto: 80%% of the measured capacity")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--memory", default="auto", help="budget in bytes or with a unit, or auto")
     p.add_argument("--concurrency", type=int, default=8, help="clients of the capacity run")
@@ -386,7 +388,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--interval", type=float, default=0.0, help="seconds per row (default: 10 rows)")
     p.add_argument("--work", default=str(ROOT / ".bench" / "soak"))
     p.add_argument("--json", default=None, help="write the result here")
-    p.add_argument("--write-doc", action="store_true", help="write the table to docs/reliability.md")
+    p.add_argument("--write-doc", action="store_true",
+                   help="write the table to docs/reliability.md")
     args = p.parse_args(argv)
     if args.rate != "auto" and not float(args.rate) > 0:
         p.error("--rate must be positive or auto")

@@ -8,7 +8,10 @@ cache verify`` clean.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -135,3 +138,35 @@ def _safe_infer(server: ServeProcess, model: str):
         return infer(server, model, timeout=60)
     except httpx.HTTPError:
         return None
+
+
+@pytest.mark.slow
+def test_a_restarted_server_repairs_what_a_crash_left_in_the_store(home: Path, tmp_path: Path,
+                                                                    servers):
+    """A crash in the middle of ``cache rm`` leaves a Deleting row and a half-removed
+    view (rm marks first, then removes); a crash between linking a blob and writing
+    its row leaves a blob file without a row. ``verify`` reports both until the
+    store is repaired; starting the server repairs it."""
+    kept = toy_model_dir(tmp_path / "origin", "kept", shards=1, shard_bytes=MIB)
+    gone = toy_model_dir(tmp_path / "origin", "gone", shards=2, shard_bytes=MIB)
+    for d in (kept, gone):
+        assert cli(home, "pull", str(d), "--name", d.name, "-q").returncode == 0
+    # The crash, reproduced: rm's first step done, half of the view removed.
+    with sqlite3.connect(home / "meta.db") as conn:
+        conn.execute("UPDATE caches SET status = 'Deleting' WHERE name = 'gone'")
+    next((home / "buckets/default/gone").glob("shard-*")).unlink()
+    # And a verified blob file whose row was never committed.
+    orphan = os.urandom(4096)
+    sha = hashlib.sha256(orphan).hexdigest()
+    (home / "blobs/sha256" / sha[:2]).mkdir(parents=True, exist_ok=True)
+    (home / "blobs/sha256" / sha[:2] / sha).write_bytes(orphan)
+    before = cli(home, "cache", "verify")
+    assert before.returncode == 1 and "orphan-blob" in before.stdout, before.stdout
+
+    with ServeProcess(home, [toy_option("kept", kept)]) as server:
+        servers.append(server)
+        assert infer(server, "kept").status_code == 200
+    assert_verify_ok(home)
+    ls = cli(home, "cache", "ls", "--json")
+    assert [c["name"] for c in json.loads(ls.stdout)] == ["kept"]
+    assert not (home / "buckets/default/gone").exists()

@@ -48,8 +48,9 @@ def test_worker_sigkilled_mid_request(home: Path, tmp_path: Path, servers, figur
     log = tmp_path / "log"
     slow = toy_model_dir(tmp_path / "origin", "slow")
     quick = toy_model_dir(tmp_path / "origin", "quick")
-    server = ServeProcess(home, [toy_option("slow", slow, delay=1.5, eager="true", log=log / "slow"),
-                                 toy_option("quick", quick, eager="true", log=log / "quick")])
+    server = ServeProcess(home, [
+        toy_option("slow", slow, delay=1.5, eager="true", log=log / "slow"),
+        toy_option("quick", quick, eager="true", log=log / "quick")])
     servers.append(server)
     server.wait_live()
     wait_for(lambda: server.client.get("/v2/health/ready").status_code == 200, 60, "ready")

@@ -290,7 +290,8 @@ class Database:
         """sqlite3's errors as ours (2026-11: a full disk escaped as a raw
         ``sqlite3.OperationalError`` from a pull's progress update)."""
         text = str(exc)
-        if full or getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "is full" in text:
+        code = getattr(exc, "sqlite_errorcode", None)
+        if full or code == sqlite3.SQLITE_FULL or "is full" in text:
             return CapacityError(f"the disk under {self.path.parent} is full: cannot write"
                                  f" the metadata database {self.path.name}")
         if "locked" in text or "busy" in text:
