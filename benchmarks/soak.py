@@ -41,6 +41,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _report  # noqa: E402
+import _report
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "reliability.md"
@@ -129,7 +130,7 @@ class Server:
 
     def metric(self, name: str) -> float:
         text = self.client.get("/metrics").text
-        return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([\d.e+]+)$", text, re.M))
+        return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? ([\d.e+]+)$", text, re.MULTILINE))
 
     def stop(self) -> None:
         self.client.close()
@@ -333,7 +334,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     edges = [i * interval for i in range(int(duration // interval) + 1)]
     if edges[-1] < duration:
         edges.append(duration)
-    for lo, hi in zip(edges, edges[1:], strict=False):
+    for lo, hi in pairwise(edges):
         lat = [s for t, s, k in records if lo <= t < hi and k == "ok"]
         errs = sum(1 for t, _, k in records if lo <= t < hi and k != "ok")
         mem = [(sv, wk) for t, sv, wk in samples if lo <= t < hi]

@@ -19,6 +19,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Self
 
 import httpx
 import psutil
@@ -66,7 +67,7 @@ def cli(home: Path, *args: str, timeout: float = 120,
     """``cachemesh ARGS`` in a fresh process on store ``home``."""
     full = {**os.environ, "CACHEMESH_HOME": str(home), **(env or {})}
     return subprocess.run([sys.executable, "-c", CLI, *args], env=full, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
 
 
 def assert_verify_ok(home: Path) -> None:
@@ -154,7 +155,7 @@ class ServeProcess:
                 self.proc.wait(10)
         self._log.close()
 
-    def __enter__(self) -> ServeProcess:
+    def __enter__(self) -> Self:
         return self.wait_live()
 
     def __exit__(self, *exc: object) -> None:
@@ -192,7 +193,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "small"
     mnt.mkdir()
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     try:
