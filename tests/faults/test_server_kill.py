@@ -163,10 +163,11 @@ def test_a_restarted_server_repairs_what_a_crash_left_in_the_store(home: Path, t
     before = cli(home, "cache", "verify")
     assert before.returncode == 1 and "orphan-blob" in before.stdout, before.stdout
 
-    with ServeProcess(home, [toy_option("kept", kept)]) as server:
+    served = toy_model_dir(tmp_path / "origin", "served")
+    with ServeProcess(home, [toy_option("served", served)]) as server:
         servers.append(server)
-        assert infer(server, "kept").status_code == 200
+        assert infer(server, "served").status_code == 200
     assert_verify_ok(home)
     ls = cli(home, "cache", "ls", "--json")
-    assert [c["name"] for c in json.loads(ls.stdout)] == ["kept"]
+    assert sorted(c["name"] for c in json.loads(ls.stdout)) == ["kept", "served"]
     assert not (home / "buckets/default/gone").exists()
