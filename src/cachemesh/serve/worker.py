@@ -217,7 +217,8 @@ class Worker:
             metadata = model.metadata()
         except Exception as exc:  # metadata is a courtesy; a model without it still serves
             metadata = {"error": f"{type(exc).__name__}: {exc}"}
-        return {"size": measured, "rss_before": before, "rss": after, "metadata": metadata,
+        return {"size": measured, "reported": size is not None, "rss_before": before,
+                "rss": after, "metadata": metadata,
                 "generate": cls.supports("generate"), "stream": cls.supports("stream")}
 
     def unload(self, key: str) -> dict[str, Any]:
