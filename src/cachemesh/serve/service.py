@@ -154,7 +154,15 @@ class ModelService:
 
     async def start(self, specs: list[ModelSpec | ModelDoc] = ()) -> None:  # type: ignore[assignment]
         """Start the workers, declare the models, and warm up in the background:
-        readiness turns true once every eager model has loaded (or failed)."""
+        readiness turns true once every eager model has loaded (or failed).
+
+        First, the store is repaired after a crash of an earlier server (or a pull):
+        removals finished, interrupted pulls marked Failed, blob files whose row
+        was never written adopted (``Caches.recover``, as its docstring promised)."""
+        try:
+            await asyncio.to_thread(self.caches.recover)
+        except CachemeshError as exc:  # a locked database: serve anyway, gc repairs later
+            log.warning("store recovery at start failed: %s", exc)
         n = self.cfg.worker_count()
         self.workers = list(await asyncio.gather(*(self._spawn() for _ in range(n))))
         self.started = True
