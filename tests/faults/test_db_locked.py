@@ -120,9 +120,6 @@ def test_locked_mid_pull_past_the_timeout_leaves_it_resumable(home: Path, origin
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known, not fixed here: ModelService.deploy writes the"
-                   " registry (meta.db) on the event loop, so while the database is locked every"
-                   " request of the server waits with it (docs/reliability.md)")
 def test_a_deploy_waiting_on_a_locked_database_does_not_stall_the_server(home: Path,
                                                                          tmp_path: Path, servers):
     served = toy_model_dir(tmp_path / "origin", "served")
