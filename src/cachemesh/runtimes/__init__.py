@@ -1,6 +1,6 @@
 """Runtimes: how each kind of model is loaded and asked (see ``base.py``).
 
-Runtimes are named. The built-in ones (``sklearn``, ``custom``) and any that
+Runtimes are named. The built-in ones (``sklearn``, ``custom``, ``transformers``) and any that
 installed packages declare under the entry-point group ``cachemesh.runtimes``
 are listed by :func:`available`; an installed plugin may not take a built-in
 name. :func:`resolve` decides which runtime serves a model directory:
@@ -52,6 +52,7 @@ ENTRY_POINT_GROUP = "cachemesh.runtimes"
 BUILTIN: dict[str, str] = {
     "sklearn": "cachemesh.runtimes.sklearn:SKLearnRuntime",
     "custom": "cachemesh.runtimes.custom:CustomRuntime",
+    "transformers": "cachemesh.runtimes.transformers:TransformersRuntime",
 }
 # MLServer implementations and what serves them here (None: no runtime yet).
 MLSERVER_IMPLEMENTATIONS: dict[str, str | None] = {

@@ -14,7 +14,8 @@ predictions on its own threads, and the server never calls a runtime directly.
         def unload(self): ...                 # optional: free what load took
 
 Optional hooks: ``generate`` (one JSON-like payload in, one out) and ``stream``
-(an iterator of chunks) for generative models; ``metadata`` for V2 model
+(an iterator of chunks) for generative models (payloads: ``generation.py``; a
+stream is closed when its client goes away); ``stats`` for running counts; ``metadata`` for V2 model
 metadata; ``memory_bytes`` when the runtime knows its size better than the
 worker's RSS does (memory mapped or GPU weights).
 
@@ -103,3 +104,12 @@ class Runtime:
     def supports(cls, hook: str) -> bool:
         """Whether a subclass implements the optional ``generate`` or ``stream`` hook."""
         return getattr(cls, hook, None) is not getattr(Runtime, hook)
+
+    def capabilities(self) -> dict[str, bool]:
+        """Which optional hooks this model answers (a wrapper asks what it wraps)."""
+        return {hook: type(self).supports(hook) for hook in ("generate", "stream")}
+
+    def stats(self) -> dict[str, float]:
+        """Running counts a runtime keeps (tokens generated, streams cancelled); the
+        worker's STATS reply carries them per model."""
+        return {}

@@ -8,9 +8,13 @@ them in the messages of ``ipc.py``. A worker:
   that arrive together leave together, as long as that takes under 2 ms);
   requests for one ``batchable`` model that arrive together are predicted in
   one call (``runtimes/batching.py``);
-- loads, unloads, ``generate`` and ``stream`` on a separate thread, so that a
-  long load does not stall the models it already serves; loads run one at a
-  time, which keeps the RSS measured around each load the load's own;
+- loads and unloads on a separate thread, so that a long load does not stall
+  the models it already serves; loads run one at a time, which keeps the RSS
+  measured around each load the load's own;
+- ``generate`` and ``stream`` on a small pool of their own, so a long
+  generation holds up neither loads nor other generations; a CANCEL for a
+  stream closes the runtime's generator before its next chunk (the HTTP
+  client went away: generation stops);
 - measures a model's size as its RSS after ``load`` less its RSS before (after
   the runtime's ``preload`` imported its framework), unless the runtime says;
 - dies with the server (``PR_SET_PDEATHSIG``), and exits when its socket closes.
@@ -76,6 +80,9 @@ class Worker:
         self._send_lock = threading.Lock()
         self._slow = ThreadPoolExecutor(1, thread_name_prefix="cachemesh-load")
         self._streams = ThreadPoolExecutor(4, thread_name_prefix="cachemesh-stream")
+        # Streams under way: request id -> set when the server cancels it. Touched only
+        # on the reading thread (add, set) and by the stream's own thread (pop).
+        self._active: dict[int, threading.Event] = {}
 
     def send(self, *messages: Any) -> None:
         frames: list[bytes | memoryview] = []
@@ -110,7 +117,14 @@ class Worker:
                 if op == ipc.INFER:
                     infers.append((rid, key, payload))
                 elif op == ipc.STREAM:
+                    self._active[rid] = threading.Event()
                     self._streams.submit(self.stream, rid, key, payload)
+                elif op == ipc.CANCEL:
+                    cancel = self._active.get(rid)
+                    if cancel is not None:
+                        cancel.set()
+                elif op == ipc.GENERATE:
+                    self._streams.submit(self.slow, op, rid, key, payload)
                 else:
                     self._slow.submit(self.slow, op, rid, key, payload)
             since = time.perf_counter()
@@ -172,7 +186,8 @@ class Worker:
                     raise LookupError(f"model {key!r} is not loaded on this worker")
                 reply = model.generate(payload)
             elif op == ipc.STATS:
-                reply = {"rss": rss_bytes(), "models": sorted(self.models)}
+                reply = {"rss": rss_bytes(), "models": sorted(self.models),
+                         "stats": {k: _stats(m) for k, m in list(self.models.items())}}
             else:
                 raise ValueError(f"unknown operation {op}")
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the server
@@ -217,8 +232,9 @@ class Worker:
             metadata = model.metadata()
         except Exception as exc:  # metadata is a courtesy; a model without it still serves
             metadata = {"error": f"{type(exc).__name__}: {exc}"}
+        hooks = model.capabilities()
         return {"size": measured, "rss_before": before, "rss": after, "metadata": metadata,
-                "generate": cls.supports("generate"), "stream": cls.supports("stream")}
+                "generate": hooks.get("generate", False), "stream": hooks.get("stream", False)}
 
     def unload(self, key: str) -> dict[str, Any]:
         model = self.models.pop(key, None)
@@ -233,10 +249,15 @@ class Worker:
 
     def stream(self, rid: int, key: str, payload: Any) -> None:
         model = self.models.get(key)
+        cancel = self._active.get(rid) or threading.Event()
+        chunks = None
         try:
             if model is None:
                 raise LookupError(f"model {key!r} is not loaded on this worker")
-            for chunk in model.stream(payload):
+            chunks = model.stream(payload)
+            for chunk in chunks:
+                if cancel.is_set():
+                    return  # nobody reads the rest; closing the generator stops it
                 self.send((rid, ipc.CHUNK, chunk))
         except Exception as exc:
             from ..errors import InvalidInputError
@@ -244,7 +265,19 @@ class Worker:
             kind = ipc.E_INPUT if isinstance(exc, InvalidInputError) else ipc.E_MODEL
             self.send((rid, ipc.ERROR, (kind, f"{type(exc).__name__}: {exc}")))
             return
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+            self._active.pop(rid, None)
         self.send((rid, ipc.END, None))
+
+
+def _stats(model: Any) -> dict[str, float]:
+    try:
+        return dict(model.stats())
+    except Exception:  # a courtesy, like metadata
+        return {}
 
 
 def main(argv: list[str] | None = None) -> None:

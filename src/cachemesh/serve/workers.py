@@ -191,17 +191,23 @@ class WorkerHandle:
     async def stream(self, key: str, payload: Any) -> AsyncIterator[Any]:
         queue: asyncio.Queue = asyncio.Queue()
         rid = self._send(ipc.STREAM, key, payload, queue)
+        ended = False
         try:
             while True:
                 status, item = await queue.get()
                 if status == ipc.CHUNK:
                     yield item
                 elif status == ipc.END:
+                    ended = True
                     return
                 else:
+                    ended = True
                     raise item if isinstance(item, BaseException) else _error(ipc.STREAM, item)
         finally:
             self._calls.pop(rid, None)
+            if not ended and self._transport is not None and self.alive:
+                # The consumer went away (a client disconnected): stop the generation.
+                self._transport.write(ipc.encode((ipc.CANCEL, rid, key, None))[0])
 
     def rss(self) -> int:
         return rss_bytes(self.pid) if self.alive else 0
