@@ -103,10 +103,17 @@ class TextDeltas:
         return self._take(len(text) - self._held_back(text))
 
     def finish(self) -> str:
-        """What is left once generation ended (the held-back tail, if no stop string came)."""
+        """What is left once generation ended: the held-back tail and any incomplete
+        character at the end (as the decoder shows it), unless a stop string came."""
         if self.stopped:
             return ""
-        return self._take(len(self._text))
+        text = self._decode(self._ids)
+        cut = self._find_stop(text)
+        if cut is not None:
+            self.stopped = True
+            text = text[:cut]
+        self._text = text
+        return self._take(len(text))
 
     @property
     def text(self) -> str:

@@ -37,7 +37,7 @@ from starlette.routing import Mount, Route
 from .. import __version__
 from ..access import CONTROL, Keyring
 from ..errors import CachemeshError
-from . import control, v2_rest
+from . import control, openai, v2_rest
 from .auth import Authenticate, access_of
 from .http_errors import encodable
 from .limits import BodyLimit
@@ -53,6 +53,7 @@ def create_api(service: ModelService, routers: Sequence[Any] = ()) -> FastAPI:
                   " KServe V2 (Open Inference Protocol) under /v2 on the same port.")
     api.state.service = service
     api.include_router(control.router)
+    api.include_router(openai.router)
     for router in routers:
         api.include_router(router)
 

@@ -251,7 +251,9 @@ class ModelService:
         self._next_worker_id += 1
         worker = WorkerHandle(self._next_worker_id, self._on_worker_death)
         await worker.start(memory_limit=self.cfg.worker_memory_limit,
-                           threads=self.cfg.worker_threads)
+                           threads=self.cfg.worker_threads,
+                           environ={**self.settings.environ,
+                                    "CACHEMESH_HOME": str(self.settings.home)})
         return worker
 
     def _on_worker_death(self, worker: WorkerHandle) -> None:
