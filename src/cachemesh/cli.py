@@ -662,7 +662,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int |
           memory: int | None, worker_memory_limit: int | None, models: tuple[str, ...],
           config_file: Path | None, api_token: str | None, inference_token: str | None,
           metrics_token: str | None, max_body: int | None) -> None:
-    """Serve models over KServe V2 REST, with the control API and /metrics, on one port.
+    """Serve models over KServe V2 REST and the OpenAI API (/v1), with the control API
+    and /metrics, on one port.
 
     Models load on their first request (or at start with eager=true), in worker
     processes, under one memory budget; idle ones are evicted least recently
