@@ -250,3 +250,15 @@ def test_adapters_from_their_own_caches_share_one_base(client: openai.OpenAI,
     assert greedy("lora-b") == b
     assert model_stats(llm_server, "lora-b")["base_loads"] == 1
     assert greedy("lora-a") == a  # loads again over the same base
+
+
+def test_runtime_stats_over_the_control_api(llm_server: RunningServer):
+    c = llm_server.client
+    c.post("/v1/completions", json={"model": "chatty", "prompt": PROMPT, "max_tokens": 2})
+    r = c.get("/api/v1/models/chatty/stats")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["loaded"] is True
+    assert body["stats"]["generated_tokens"] >= 2
+    assert body["stats"]["weights_s"] > 0 and "imports_s" in body["stats"]
+    assert c.get("/api/v1/models/nope/stats").status_code == 404

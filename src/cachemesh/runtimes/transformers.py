@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -76,6 +77,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 class TransformersRuntime(Runtime):
     name = "transformers"
+    #: Seconds the worker spent importing torch and transformers (``preload``).
+    preload_s: ClassVar[float] = 0.0
 
     def __init__(self, settings: Any) -> None:
         super().__init__(settings)
@@ -90,6 +93,7 @@ class TransformersRuntime(Runtime):
         self.adapter = ""
         self.generated_tokens = Counter()
         self.cancelled = Counter()
+        self.timings: dict[str, float] = {}  # load phases, in seconds
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -106,6 +110,7 @@ class TransformersRuntime(Runtime):
 
     @classmethod
     def preload(cls) -> None:
+        started = time.perf_counter()
         import torch  # noqa: F401
         import transformers
 
@@ -113,12 +118,14 @@ class TransformersRuntime(Runtime):
         for name in ("AutoConfig", "AutoTokenizer", "PreTrainedTokenizerFast", "PreTrainedModel",
                      "GenerationConfig"):
             getattr(transformers, name)
+        cls.preload_s = time.perf_counter() - started
 
     def load(self) -> None:
         params = self.settings.parameters
         path = Path(self.settings.path)
         dtype = str(params.get("dtype") or "auto")
         device = str(params.get("device") or "cpu")
+        started = time.perf_counter()
         if adapters.is_adapter(path):
             source = adapters.base_source(path, params)
             self.adapter = self.settings.name
@@ -135,9 +142,13 @@ class TransformersRuntime(Runtime):
         else:
             self.model = self._build(path, device, dtype, params.get("task"))
             config_dir = tokenizer_dir = path
+        weights_done = time.perf_counter()
         config = _read_json(config_dir / "config.json")
         self.task = self._task(config, params.get("task"))
         self.tokenizer = self._tokenizer(tokenizer_dir)
+        self.timings = {"imports_s": round(type(self).preload_s, 4),
+                        "weights_s": round(weights_done - started, 4),
+                        "tokenizer_s": round(time.perf_counter() - weights_done, 4)}
         self.context = _context_length(config, self.tokenizer)
         self.eos_ids = self._eos_ids(config)
 
@@ -183,7 +194,8 @@ class TransformersRuntime(Runtime):
 
     def stats(self) -> dict[str, float]:
         return {"generated_tokens": self.generated_tokens.value,
-                "cancelled_streams": self.cancelled.value, "base_loads": adapters.base_loads}
+                "cancelled_streams": self.cancelled.value, "base_loads": adapters.base_loads,
+                **self.timings}
 
     def metadata(self) -> dict[str, Any]:
         text = [{"name": "text", "datatype": "BYTES", "shape": [-1]}]

@@ -4,6 +4,8 @@
                                      (models of a protected bucket only with its token)
     POST   /api/v1/models            deploy a model (body: ModelSpec); kept across restarts
     GET    /api/v1/models/{name}     one model
+    GET    /api/v1/models/{name}/stats  the loaded model's runtime counters (tokens generated,
+                                     load phases); loads nothing
     DELETE /api/v1/models/{name}     unload it, forget it
 """
 
@@ -48,3 +50,8 @@ async def get_model(name: str, request: Request) -> dict[str, Any]:
 async def delete_model(name: str, request: Request) -> Response:
     await _service(request).remove(name)
     return Response(status_code=204)
+
+
+@router.get("/models/{name}/stats")
+async def model_stats(name: str, request: Request) -> dict[str, Any]:
+    return await _service(request).runtime_stats(name)

@@ -762,6 +762,17 @@ class ModelService:
         finally:
             self._done(model)
 
+    async def runtime_stats(self, name: str) -> dict[str, Any]:
+        """The loaded model's own counters (``Runtime.stats``: tokens generated, load
+        phases); empty while it is not loaded. Loads nothing."""
+        model = self._get(name)
+        worker = model.worker
+        if model.state != READY or worker is None or not worker.alive:
+            return {"loaded": False, "stats": {}}
+        key = model.key
+        reply = await asyncio.wait_for(worker.call(ipc.STATS, key), self.cfg.request_timeout_s)
+        return {"loaded": True, "stats": reply.get("stats", {}).get(key, {})}
+
 
 def describe_size(n: int | None) -> str:
     return "-" if not n else format_size(n)
