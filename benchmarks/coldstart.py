@@ -1,0 +1,259 @@
+"""Benchmark: cold start of a causal LM, up to its first generated token.
+
+    .venv/bin/python benchmarks/coldstart.py [--size 2gb|small] [--rounds 3] [--no-write]
+
+The model: a ``LlamaForCausalLM`` with random weights in bf16 (``2gb``:
+TinyLlama's shapes cut to 20 layers, 2.0 GB; ``small``: 4 layers of width 256,
+for a smoke run) and a BPE tokenizer trained on the spot, saved once under
+``.bench/coldstart/<size>/`` (git-ignored) and pulled into a cachemesh store
+there (``cachemesh pull --name llm``), so it is in the cache but not loaded.
+
+Three ways to the first token, each with the page cache dropped first
+(``sync; echo 3 > /proc/sys/vm/drop_caches``), in a rotated order each round:
+
+- ``server cold``: from starting ``cachemesh serve --model llm=<dir>`` until
+  the answer to ``POST /v1/completions`` (``max_tokens: 1``) sent as soon as the
+  port accepts;
+- ``server up``: the same server already started (model not loaded), from the
+  request to its answer;
+- ``plain script``: a fresh ``python`` that imports transformers, calls
+  ``from_pretrained`` on the same files, and generates one token; the wall time
+  from its start until it prints the token.
+
+Phases. For the server, ``GET /api/v1/models/llm/stats`` reports the worker's
+imports of torch and transformers, the weights (``load_pretrained``: reads and
+model construction overlap there, so they are one phase), and the tokenizer;
+"up" is the server process until its port accepts, "rest" what is left (the
+request's way through the server and the first token). The plain script times
+its own imports, ``from_pretrained`` (reads and construction), tokenizer and
+generate, and "startup" is the interpreter before its first line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = {
+    # hidden, intermediate, layers, heads, kv heads, vocab
+    "2gb": (2048, 5632, 20, 32, 4, 32000),
+    "small": (256, 688, 4, 8, 4, 32000),
+}
+PROMPT = "the quick brown fox"
+
+PLAIN = r'''
+import json, sys, time
+t0 = time.perf_counter()
+import torch, transformers
+t1 = time.perf_counter()
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])
+t2 = time.perf_counter()
+tok = transformers.AutoTokenizer.from_pretrained(sys.argv[1])
+t3 = time.perf_counter()
+ids = tok(sys.argv[2], return_tensors="pt")["input_ids"]
+with torch.inference_mode():
+    out = model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
+t4 = time.perf_counter()
+print(json.dumps({"token": int(out[0, -1]), "imports_s": t1 - t0, "weights_s": t2 - t1,
+                  "tokenizer_s": t3 - t2, "generate_s": t4 - t3, "script_s": t4 - t0}),
+      flush=True)
+'''
+
+
+def build(size: str) -> tuple[Path, Path, Path]:
+    """The model directory, the store's home and the model's view there, made once."""
+    base = ROOT / ".bench" / "coldstart" / size
+    model_dir, home = base / "model", base / "home"
+    if not (model_dir / "config.json").is_file():
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        sys.path.insert(0, str(ROOT))
+        from tests.convert.models import train_tokenizer
+
+        hidden, inter, layers, heads, kv, vocab = SIZES[size]
+        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                             num_hidden_layers=layers, num_attention_heads=heads,
+                             num_key_value_heads=kv, max_position_embeddings=2048,
+                             tie_word_embeddings=False, dtype="bfloat16")
+        print(f"building a {size} Llama with random weights in {model_dir} ...", flush=True)
+        with torch.device("cpu"):
+            model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+        tmp = model_dir.with_name("model.tmp")
+        model.save_pretrained(tmp, max_shard_size="1GB")
+        train_tokenizer().save_pretrained(tmp)
+        tmp.rename(model_dir)
+        del model
+    env = {**os.environ, "CACHEMESH_HOME": str(home)}
+    # The cache the server would make for --model llm=<dir>: the same name and bucket.
+    out = subprocess.run([str(ROOT / ".venv/bin/cachemesh"), "pull", str(model_dir), "--name",
+                          "llm", "--bucket", "models"], env=env, check=True,
+                         capture_output=True, text=True)
+    return model_dir, home, Path(out.stdout.strip().splitlines()[-1])
+
+
+def drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir: Path, home: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "CACHEMESH_HOME": str(home)}
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [str(ROOT / ".venv/bin/cachemesh"), "serve", "--port", str(self.port), "--workers",
+             "1", "--model", f"llm={model_dir}"], env=env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE)
+        self.client = httpx.Client(base_url=self.url, timeout=600)
+
+    def wait_up(self) -> float:
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.proc.stderr.read().decode()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return time.perf_counter() - self.started
+            except OSError:
+                time.sleep(0.005)
+
+    def first_token(self) -> float:
+        started = time.perf_counter()
+        r = self.client.post("/v1/completions", json={
+            "model": "llm", "prompt": PROMPT, "max_tokens": 1, "temperature": 0})
+        r.raise_for_status()
+        return time.perf_counter() - started
+
+    def stats(self) -> dict[str, float]:
+        return self.client.get("/api/v1/models/llm/stats").json()["stats"]
+
+    def stop(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def server_cold(model_dir: Path, home: Path) -> dict[str, float]:
+    drop_caches()
+    server = Server(model_dir, home)
+    try:
+        up = server.wait_up()
+        request = server.first_token()
+        total = time.perf_counter() - server.started
+        stats = server.stats()
+    finally:
+        server.stop()
+    phases = {k: stats.get(k, 0.0) for k in ("imports_s", "weights_s", "tokenizer_s")}
+    return {"total_s": total, "up_s": up, **phases,
+            "rest_s": request - sum(phases.values())}
+
+
+def server_up(model_dir: Path, home: Path) -> dict[str, float]:
+    server = Server(model_dir, home)
+    try:
+        server.wait_up()
+        server.client.get("/v2/health/ready")
+        drop_caches()
+        request = server.first_token()
+        stats = server.stats()
+    finally:
+        server.stop()
+    phases = {k: stats.get(k, 0.0) for k in ("imports_s", "weights_s", "tokenizer_s")}
+    return {"total_s": request, "up_s": 0.0, **phases,
+            "rest_s": request - sum(phases.values())}
+
+
+def plain(view: Path) -> dict[str, float]:
+    drop_caches()
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", PLAIN, str(view), PROMPT], check=True,
+                         capture_output=True, text=True)
+    total = time.perf_counter() - started
+    inner = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"total_s": total, "up_s": total - inner["script_s"],
+            "imports_s": inner["imports_s"], "weights_s": inner["weights_s"],
+            "tokenizer_s": inner["tokenizer_s"], "rest_s": inner["generate_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="2gb")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+    model_dir, home, view = build(args.size)
+    nbytes = sum(p.stat().st_size for p in view.glob("*.safetensors"))
+    can_drop = drop_caches()
+    tools = {"server cold": lambda: server_cold(model_dir, home),
+             "server up": lambda: server_up(model_dir, home),
+             "plain script": lambda: plain(view)}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in tools}
+    names = list(tools)
+    load_before = os.getloadavg()[0]
+    for i in range(args.rounds):
+        order = names[i % len(names):] + names[:i % len(names)]
+        for name in order:
+            r = tools[name]()
+            results[name].append(r)
+            print(f"round {i + 1} {name}: {r['total_s']:.2f} s", flush=True)
+    body = report(results, nbytes, can_drop, args.rounds, load_before)
+    print(body)
+    if not args.no_write:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import _report
+
+        _report.write_section("coldstart", "Cold start to the first token", body)
+
+
+def report(results: dict[str, list[dict[str, float]]], nbytes: int, can_drop: bool,
+           rounds: int, load_before: float) -> str:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _report
+
+    keys = ("total_s", "up_s", "imports_s", "weights_s", "tokenizer_s", "rest_s")
+    med = {name: {k: statistics.median(r[k] for r in runs) for k in keys}
+           for name, runs in results.items()}
+    plain_total = med["plain script"]["total_s"]
+    rows = [[name, f"{m['total_s']:.2f}", f"{m['total_s'] / plain_total:.2f}x",
+             f"{m['up_s']:.2f}", f"{m['imports_s']:.2f}", f"{m['weights_s']:.2f}",
+             f"{m['tokenizer_s']:.2f}", f"{m['rest_s']:.2f}"] for name, m in med.items()]
+    headers = ["to the first token", "total s", "vs plain", "process up s", "imports s",
+               "weights s (reads + construction)", "tokenizer s", "rest s (first token)"]
+    notes = [
+        f"Model: Llama, random bf16 weights, {nbytes / 1e9:.2f} GB of safetensors, in the cache"
+        " and not loaded. Medians of"
+        f" {rounds} rounds; page cache dropped before each: {'yes' if can_drop else 'NO (not root)'}.",
+        f"Load average before the run: {load_before:.1f} (a shared machine: figures are noisy).",
+        "Goal: server cold <= 0.5x the plain script.",
+    ]
+    return _report.table(headers, rows) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+if __name__ == "__main__":
+    main()
