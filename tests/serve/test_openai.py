@@ -262,3 +262,29 @@ def test_runtime_stats_over_the_control_api(llm_server: RunningServer):
     assert body["stats"]["generated_tokens"] >= 2
     assert body["stats"]["weights_s"] > 0 and "imports_s" in body["stats"]
     assert c.get("/api/v1/models/nope/stats").status_code == 404
+
+
+@pytest.mark.slow
+def test_the_framework_is_imported_before_the_first_request(tmp_path, tiny_llms: TinyLLMs):
+    """A declared transformers model makes the workers import torch and transformers
+    at once (Runtime.preload_at_start): the first request finds them imported."""
+    settings = serve_settings(tmp_path / "home", workers=1)
+    with RunningServer(settings, [ModelSpec(name="chatty", source=str(tiny_llms.chat))]) as s:
+        s.wait_ready()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            (worker,) = s.client.get("/api/v1/models").json()["memory"]["workers"]
+            if worker["rss_bytes"] > worker["base_bytes"] + 150 * 1024**2:
+                break  # torch is in
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"the worker never imported its framework: {worker}")
+        assert s.client.get("/api/v1/models/chatty").json()["state"] == "Unloaded"
+        asked = time.time()
+        r = s.client.post("/v1/completions", json={"model": "chatty", "prompt": PROMPT,
+                                                  "max_tokens": 1})
+        assert r.status_code == 200
+        stats = s.client.get("/api/v1/models/chatty/stats").json()["stats"]
+        # The imports began before the request (they may still have been running).
+        assert stats["imports_started_at"] < asked < stats["load_started_at"]
+        assert stats["imports_started_at"] < stats["imports_done_at"] <= stats["load_started_at"]

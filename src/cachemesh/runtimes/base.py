@@ -61,6 +61,14 @@ class Runtime:
     #: Whether ``predict`` takes several requests stacked along the first dimension
     #: of every input and answers row for row (see ``runtimes/batching.py``).
     batchable: ClassVar[bool] = False
+    #: Whether the server has workers import this runtime's framework (``preload``) as
+    #: soon as a model of it is declared, ahead of its first request: worth it when
+    #: the imports take seconds (torch), not when they are cheap.
+    preload_at_start: ClassVar[bool] = False
+    #: Packages whose files the worker reads into the page cache while ``preload``
+    #: imports them: importing torch from a cold disk is mostly page faults into
+    #: its shared libraries, one at a time; read ahead, they come in at disk speed.
+    preload_packages: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings

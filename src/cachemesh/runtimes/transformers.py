@@ -77,8 +77,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 class TransformersRuntime(Runtime):
     name = "transformers"
-    #: Seconds the worker spent importing torch and transformers (``preload``).
-    preload_s: ClassVar[float] = 0.0
+    preload_at_start = True  # torch and transformers take seconds to import
+    preload_packages = ("torch", "transformers", "tokenizers", "safetensors")
+    #: When (unix time) the worker imported torch and transformers (``preload``).
+    preload_times: ClassVar[tuple[float, float]] = (0.0, 0.0)
 
     def __init__(self, settings: Any) -> None:
         super().__init__(settings)
@@ -110,7 +112,7 @@ class TransformersRuntime(Runtime):
 
     @classmethod
     def preload(cls) -> None:
-        started = time.perf_counter()
+        started = time.time()
         import torch  # noqa: F401
         import transformers
 
@@ -118,14 +120,14 @@ class TransformersRuntime(Runtime):
         for name in ("AutoConfig", "AutoTokenizer", "PreTrainedTokenizerFast", "PreTrainedModel",
                      "GenerationConfig"):
             getattr(transformers, name)
-        cls.preload_s = time.perf_counter() - started
+        cls.preload_times = (started, time.time())
 
     def load(self) -> None:
         params = self.settings.parameters
         path = Path(self.settings.path)
         dtype = str(params.get("dtype") or "auto")
         device = str(params.get("device") or "cpu")
-        started = time.perf_counter()
+        started = time.time()
         if adapters.is_adapter(path):
             source = adapters.base_source(path, params)
             self.adapter = self.settings.name
@@ -142,13 +144,19 @@ class TransformersRuntime(Runtime):
         else:
             self.model = self._build(path, device, dtype, params.get("task"))
             config_dir = tokenizer_dir = path
-        weights_done = time.perf_counter()
+        weights_done = time.time()
         config = _read_json(config_dir / "config.json")
         self.task = self._task(config, params.get("task"))
         self.tokenizer = self._tokenizer(tokenizer_dir)
-        self.timings = {"imports_s": round(type(self).preload_s, 4),
-                        "weights_s": round(weights_done - started, 4),
-                        "tokenizer_s": round(time.perf_counter() - weights_done, 4)}
+        done = time.time()
+        imports = type(self).preload_times
+        # Durations, and when each phase ended (unix time: a benchmark lays them on
+        # its own timeline).
+        self.timings = {"imports_s": imports[1] - imports[0],
+                        "weights_s": weights_done - started, "tokenizer_s": done - weights_done,
+                        "imports_started_at": imports[0], "imports_done_at": imports[1],
+                        "load_started_at": started, "weights_done_at": weights_done,
+                        "tokenizer_done_at": done}
         self.context = _context_length(config, self.tokenizer)
         self.eos_ids = self._eos_ids(config)
 

@@ -174,6 +174,7 @@ class ModelService:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: set[asyncio.Task] = set()
+        self._warmed: set[tuple[int, str]] = set()  # (worker id, runtime) preloaded
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -438,6 +439,33 @@ class ModelService:
         model.predicted = max(int(disk * self.cfg.memory_factor), 1)
         if model.state == PULLING:
             model.state = UNLOADED
+        self._background(self._warm_workers(model))
+
+    async def _warm_workers(self, model: Model) -> None:
+        """Import a slow runtime's framework in every worker ahead of the first request
+        (``Runtime.preload_at_start``). When every declared model fits in the budget,
+        one worker also reads this model's files into the page cache meanwhile."""
+        from ..runtimes import runtime_class
+
+        assert model.resolved is not None
+        runtime = model.resolved.runtime
+        try:
+            if not runtime_class(runtime).preload_at_start:
+                return
+        except CachemeshError:
+            return
+        fits = sum(m.disk_bytes or m.predicted for m in self.models.values()) <= self.budget
+        paths = [str(model.view)] if fits else []
+        calls = []
+        for worker in self.workers:
+            if not worker.alive or (not paths and (worker.id, runtime) in self._warmed):
+                continue
+            self._warmed.add((worker.id, runtime))
+            calls.append(worker.call(ipc.PRELOAD, "", {"runtime": runtime, "paths": paths}))
+            paths = []  # the page cache is shared: one worker reads ahead
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.warning("preloading runtime %s: %s", runtime, result)
 
     def _prepare_sync(self, spec: ModelSpec) -> tuple[Path, Resolved, int]:
         from ..caches import make_spec

@@ -17,6 +17,10 @@ them in the messages of ``ipc.py``. A worker:
   client went away: generation stops);
 - measures a model's size as its RSS after ``load`` less its RSS before (after
   the runtime's ``preload`` imported its framework), unless the runtime says;
+- reads a model's weight files, and the files of the runtime's framework, into
+  the page cache on a thread of their own while the framework is imported (a
+  first load of that runtime, or a PRELOAD the server sends ahead of the first
+  request), so the disk and the imports overlap instead of adding up;
 - dies with the server (``PR_SET_PDEATHSIG``), and exits when its socket closes.
 
 A crash here (segfault, kill, out of memory) is seen by the server as the
@@ -37,6 +41,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from ..runtimes import batching
@@ -185,6 +190,8 @@ class Worker:
                 if model is None:
                     raise LookupError(f"model {key!r} is not loaded on this worker")
                 reply = model.generate(payload)
+            elif op == ipc.PRELOAD:
+                reply = self.preload(payload)
             elif op == ipc.STATS:
                 reply = {"rss": rss_bytes(), "models": sorted(self.models),
                          "stats": {k: _stats(m) for k, m in list(self.models.items())}}
@@ -213,12 +220,8 @@ class Worker:
             self.unload(key)
         cls = runtime_class(spec["runtime"])
         if cls not in self._preloaded:
-            cls.preload()
-            # What the framework allocated stays for the life of the worker: freeze it,
-            # so the collections below (and any later) no longer walk it.
-            gc.collect()
-            gc.freeze()
-            self._preloaded.add(cls)
+            read_ahead(weight_files([spec["settings"].path]))
+            self._preload(cls)
         gc.collect()
         before = rss_bytes()
         model = cls(spec["settings"])
@@ -235,6 +238,23 @@ class Worker:
         hooks = model.capabilities()
         return {"size": measured, "rss_before": before, "rss": after, "metadata": metadata,
                 "generate": hooks.get("generate", False), "stream": hooks.get("stream", False)}
+
+    def _preload(self, cls: Any) -> None:
+        if cls not in self._preloaded:
+            read_ahead(package_files(cls.preload_packages))
+            cls.preload()
+            # What the framework allocated stays for the life of the worker: freeze it,
+            # so the collections below (and any later) no longer walk it.
+            gc.collect()
+            gc.freeze()
+            self._preloaded.add(cls)
+
+    def preload(self, spec: dict[str, Any]) -> dict[str, Any]:
+        from ..runtimes import runtime_class
+
+        read_ahead(weight_files(spec.get("paths") or ()))
+        self._preload(runtime_class(spec["runtime"]))
+        return {"rss": rss_bytes()}
 
     def unload(self, key: str) -> dict[str, Any]:
         model = self.models.pop(key, None)
@@ -271,6 +291,58 @@ class Worker:
                 close()
             self._active.pop(rid, None)
         self.send((rid, ipc.END, None))
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".joblib", ".pkl")
+
+
+def weight_files(paths: Any) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        root = Path(path)
+        found = [root] if root.is_file() else (sorted(root.rglob("*")) if root.is_dir() else [])
+        files += [f for f in found if f.suffix in WEIGHT_SUFFIXES and f.is_file()]
+    return files
+
+
+def package_files(packages: Any) -> list[Path]:
+    """The shared libraries and modules of installed packages (not imported here)."""
+    import importlib.util
+
+    files: list[Path] = []
+    for name in packages:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            for folder, _, names in os.walk(root):
+                files += [Path(folder, n) for n in names
+                          if n.endswith((".so", ".pyc")) or ".so." in n]
+    return files
+
+
+def read_ahead(files: list[Path]) -> None:
+    """Ask the kernel to read ``files`` into the page cache, on a daemon thread
+    (``posix_fadvise(WILLNEED)`` submits the reads and may block while it does).
+    Best effort: a file that cannot be opened is skipped."""
+    if not files or not hasattr(os, "posix_fadvise"):
+        return
+
+    def run() -> None:
+        for f in files:
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    threading.Thread(target=run, name="cachemesh-readahead", daemon=True).start()
 
 
 def _stats(model: Any) -> dict[str, float]:
