@@ -638,13 +638,24 @@ def bucket_unprotect(ctx: click.Context, name: str) -> None:
 @click.option("--worker-memory-limit", type=SIZE, default=None,
               help="Address-space limit of each worker (RLIMIT_AS); a load past it fails.")
 @click.option("--model", "models", multiple=True, metavar="NAME=SOURCE[,runtime=R][,version=V]",
-              help="Serve SOURCE (anything `cachemesh pull` takes) as NAME; repeatable. Other"
-              " KEY=VALUE options are runtime parameters (class=mod:Cls, trusted=false);"
-              " eager=true loads it at start.")
+              help="Serve SOURCE (anything `cachemesh pull` takes) as NAME; repeatable."
+              " Options: runtime, version, bucket, eager=true (load at start), copy_rate,"
+              " max_copies, cooldown_s; other KEY=VALUE options are runtime parameters"
+              " (class=mod:Cls, trusted=false).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True,
               path_type=Path), default=None,
-              help="YAML file with a list of models (name, source, runtime, version, bucket,"
-              " parameters, eager); for sources that contain ',' or '='.")
+              help="YAML file with a list of models: simple ones (name, source, runtime,"
+              " version, bucket, parameters, eager) or documents with versions, traffic and"
+              " routes (docs/mesh.md); for sources that contain ',' or '='.")
+@click.option("--copy-rate", type=click.FloatRange(min=0), default=None,
+              help="Requests/s per copy above which a model gets another copy on another"
+              " worker (default 50; 0: one copy each). $CACHEMESH_SERVE_COPY_RATE")
+@click.option("--max-copies", type=click.IntRange(min=1), default=None,
+              help="Copies of one model at most (default: one per worker)."
+              " $CACHEMESH_SERVE_MAX_COPIES")
+@click.option("--copy-cooldown", type=click.FloatRange(min=0), default=None,
+              help="Seconds the rate must stay low before an extra copy goes (default 60)."
+              " $CACHEMESH_SERVE_COPY_COOLDOWN")
 @click.option("--api-token", default=None, metavar="TOKEN",
               help="Bearer token for the control API, the repository extension and /metrics."
               " Prefer $CACHEMESH_API_TOKEN: a flag shows in the process list.")
@@ -661,14 +672,16 @@ def bucket_unprotect(ctx: click.Context, name: str) -> None:
 def serve(ctx: click.Context, host: str | None, port: int | None, workers: int | None,
           memory: int | None, worker_memory_limit: int | None, models: tuple[str, ...],
           config_file: Path | None, api_token: str | None, inference_token: str | None,
-          metrics_token: str | None, max_body: int | None) -> None:
+          metrics_token: str | None, max_body: int | None, copy_rate: float | None,
+          max_copies: int | None, copy_cooldown: float | None) -> None:
     """Serve models over KServe V2 REST and the OpenAI API (/v1), with the control API
     and /metrics, on one port.
 
     Models load on their first request (or at start with eager=true), in worker
     processes, under one memory budget; idle ones are evicted least recently
     used first. Models deployed at run time (POST /api/v1/models, `cachemesh
-    models deploy`) are served again after a restart. SIGTERM drains.
+    models deploy`, PUT /api/v1/models/NAME) are served again after a restart.
+    A model requested faster than --copy-rate gets more copies. SIGTERM drains.
 
     With a control token, the control API needs it; with an inference token,
     inference does too; health probes stay open. See docs/security.md.
@@ -681,7 +694,9 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int |
     settings = settings_of(ctx)
     overrides = {k: v for k, v in {
         "host": host, "port": port, "workers": workers, "memory": memory,
-        "worker_memory_limit": worker_memory_limit, "max_body": max_body}.items()
+        "worker_memory_limit": worker_memory_limit, "max_body": max_body,
+        "copy_rate": copy_rate, "max_copies": max_copies, "copy_cooldown_s": copy_cooldown,
+    }.items()
         if v is not None}
     tokens = {k: v.strip() for k, v in {
         "api_token": api_token, "inference_token": inference_token,
@@ -766,22 +781,77 @@ def _api(ctx: click.Context, method: str, path: str, body: Any = None) -> Any:
 @click.pass_context
 @handle_errors
 def models_ls(ctx: click.Context, as_json: bool) -> None:
-    """List models: state, worker, measured size, requests in flight."""
+    """List models: each version's share of traffic, state, the workers holding its
+    copies, size, requests in flight and per second, last use; routes and errors."""
     data = _api(ctx, "GET", "/api/v1/models")
     if as_json:
         _print_json(data)
         return
     mem = data["memory"]
-    click.echo(f"{'NAME':<24} {'STATE':<10} {'RUNTIME':<8} {'WORKER':>6} {'SIZE':>10}"
-               f" {'INFLIGHT':>8}  SOURCE")
+    click.echo(f"{'NAME':<20} {'VERSION':<10} {'TRAFFIC':>7} {'STATE':<9} {'WORKERS':<8}"
+               f" {'SIZE':>9} {'INFLIGHT':>8} {'RATE':>7} {'LAST USED':>9}  SOURCE")
     for m in data["models"]:
-        size = format_size(m["size_bytes"]) if m["size_bytes"] else "-"
-        click.echo(f"{m['name']:<24} {m['state']:<10} {m['runtime'] or '-':<8}"
-                   f" {m['worker'] or '-':>6} {size:>10} {m['inflight']:>8}  {m['source']}")
-        if m["reason"] and m["state"] != "Ready":
-            click.echo(f"{'':<24} {m['reason']}")
+        for i, (label, v) in enumerate(m["versions"].items()):
+            st = v["status"]
+            workers = ",".join(str(c["worker"]) for c in st["copies"]) or "-"
+            size = format_size(st["size_bytes"]) if st["size_bytes"] else "-"
+            share = f"{m['traffic'].get(label, 0)}%"
+            click.echo(f"{m['name'] if i == 0 else '':<20} {label:<10} {share:>7}"
+                       f" {st['state']:<9} {workers:<8} {size:>9} {st['inflight']:>8}"
+                       f" {st['rate']:>5.1f}/s {_ago(st['last_used']):>9}  {v['source']}")
+            notes = ([st["reason"]] if st["reason"] and st["state"] != "Ready" else [])
+            notes += st["errors"][-1:]
+            for note in notes:
+                click.echo(f"{'':<20} {note if len(note) <= 160 else note[:159] + '…'}")
+        for route in m["routes"]:
+            test = (f"={route['value']}" if route["value"] is not None else
+                    f" starts with {route['prefix']!r}" if route["prefix"] is not None else
+                    f" matches {route['pattern']!r}")
+            what = f"header {route['header']}" if route["header"] else f"parameter {route['parameter']}"
+            click.echo(f"{'':<20} route: {what}{test} -> {route['version']}")
+        if m["aliases"]:
+            click.echo(f"{'':<20} aliases: " + ", ".join(f"{a} -> {t}" for a, t in m["aliases"].items()))
+        if m["rollout"]:  # in full in --json and GET /api/v1/models/NAME
+            note = m["rollout"]
+            click.echo(f"{'':<20} {note if len(note) <= 160 else note[:159] + '…'}")
     click.echo(f"memory: {format_size(mem['held_bytes'])} held of {format_size(mem['budget_bytes'])}"
                f" by {sum(1 for w in mem['workers'] if w['alive'])} worker(s)")
+
+
+def _ago(unix: float | None) -> str:
+    if not unix:
+        return "-"
+    seconds = max(dt.datetime.now().timestamp() - unix, 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+@models.command("apply")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handle_errors
+def models_apply(ctx: click.Context, file: Path, as_json: bool) -> None:
+    """Set a model's document from FILE (YAML or JSON: name, versions, traffic, routes):
+    deploys it, or rolls it out and waits until the new versions serve (docs/mesh.md)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise InvalidInputError(f"{file}: not YAML or JSON: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("name"), str):
+        raise InvalidInputError(f"{file}: expected a mapping with a 'name'")
+    from .store.names import check_name
+
+    # Checked here too: a name like '..' would be resolved into another URL path.
+    data = _api(ctx, "PUT", f"/api/v1/models/{check_name(doc['name'], 'model name')}", doc)
+    if as_json:
+        _print_json(data)
+    else:
+        click.echo(f"{data['name']}: {data.get('rollout') or data['state']}")
 
 
 @models.command("deploy")

@@ -157,6 +157,14 @@ class ServeSettings:
     drain_timeout_s: float = 30.0
     # CACHEMESH_SERVE_MIN_RESIDENT: a model loaded this recently is not evicted (loads wait).
     min_resident_s: float = 0.0
+    # CACHEMESH_SERVE_COPY_RATE: requests/s per copy above which a model gets another copy,
+    # on another worker, in free memory only (0: one copy each). A model's document may override
+    # it and the two below ("scaling"); see docs/mesh.md.
+    copy_rate: float = 50.0
+    # CACHEMESH_SERVE_MAX_COPIES: copies of one model at most (None: one per worker).
+    max_copies: int | None = None
+    # CACHEMESH_SERVE_COPY_COOLDOWN: seconds the rate must stay low before an extra copy goes.
+    copy_cooldown_s: float = 60.0
     # CACHEMESH_URL: the server that `cachemesh models ...` talks to.
     url: str = "http://127.0.0.1:8008"
     # CACHEMESH_SERVE_MAX_BODY: largest request body (inference), counted as it streams in
@@ -189,6 +197,10 @@ class ServeSettings:
             request_timeout_s=_float(env, "CACHEMESH_SERVE_REQUEST_TIMEOUT", 60.0),
             drain_timeout_s=_float(env, "CACHEMESH_SERVE_DRAIN_TIMEOUT", 30.0),
             min_resident_s=_float(env, "CACHEMESH_SERVE_MIN_RESIDENT", 0.0),
+            copy_rate=_float(env, "CACHEMESH_SERVE_COPY_RATE", 50.0),
+            max_copies=(_int(env, "CACHEMESH_SERVE_MAX_COPIES", 1)
+                        if env.get("CACHEMESH_SERVE_MAX_COPIES") else None),
+            copy_cooldown_s=_float(env, "CACHEMESH_SERVE_COPY_COOLDOWN", 60.0),
             url=(env.get("CACHEMESH_URL") or "http://127.0.0.1:8008").rstrip("/"),
             max_body=_size(env, "CACHEMESH_SERVE_MAX_BODY") or 64 * 1024**2,
             max_control_body=_size(env, "CACHEMESH_SERVE_MAX_CONTROL_BODY") or 1024**2,

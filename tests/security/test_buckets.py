@@ -371,17 +371,100 @@ def test_a_model_cannot_copy_a_protected_view_into_another_bucket(bearer_only: R
 
 def test_a_model_never_reuses_a_cache_of_another_bucket(bearer_only: RunningServer):
     """A cache named like the model, with the same source, but in a protected bucket:
-    the model fails rather than serve that bucket's files from an open one."""
+    the deploy is refused (before anything is kept) rather than serve that bucket's
+    files from an open one; so is a rollout that adds a version with such a cache."""
     c = bearer_only.client
     folder = toy(bearer_only.root, "twin").source
     bearer_only.caches.ensure(make_spec(name="twin", source=folder, bucket=PROTECTED))
+    bearer_only.caches.ensure(make_spec(name="other.v2", source=folder, bucket=PROTECTED))
     spec = {"name": "twin", "source": folder, "runtime": "custom",
             "parameters": {"class": "toy:Echo"}}
-    assert c.post("/api/v1/models", json=spec).status_code == 201
-    r = c.post("/v2/models/twin/infer", json=V2)
-    assert r.status_code in (409, 503) and "another bucket" in r.json()["error"]
-    status = c.get("/api/v1/models/twin").json()
-    assert status["state"] == "Failed" and "another bucket" in status["reason"]
-    assert status["view"] is None
-    assert c.delete("/api/v1/models/twin").status_code == 204
+    r = c.post("/api/v1/models", json=spec)
+    assert r.status_code == 409 and "another bucket" in r.json()["error"]
+    assert c.get("/api/v1/models/twin").status_code == 404
+    assert c.post("/v2/models/twin/infer", json=V2).status_code == 404
+    v1 = {"source": folder, "runtime": "custom", "parameters": {"class": "toy:Echo"}}
+    assert c.put("/api/v1/models/other", json={"versions": {"v1": v1}}).status_code == 201
+    r = c.put("/api/v1/models/other", json={"versions": {"v1": v1, "v2": v1},
+                                            "traffic": {"v1": 50, "v2": 50}})
+    assert r.status_code == 409 and "another bucket" in r.json()["error"]
+    assert list(c.get("/api/v1/models/other").json()["versions"]) == ["v1"]
+    assert c.delete("/api/v1/models/other").status_code == 204
     bearer_only.caches.rm("twin")
+    bearer_only.caches.rm("other.v2")
+
+
+def test_a_model_document_in_a_protected_bucket_needs_its_token_everywhere(secured):
+    """Versions, routes and rollouts of a model whose bucket is protected: without the
+    bucket's token it is not listed, not callable, not changeable (and its copies are
+    not named in the memory summary); with it, routing answers as for any model."""
+    c = secured.client
+    both, infer = {**AS_CONTROL, **WITH_BUCKET}, {**AS_INFERENCE, **WITH_BUCKET}
+    entry = {k: v for k, v in toy(secured.models_root, "meshed").model_dump().items()
+             if k in ("source", "runtime", "parameters")}
+    doc = {"bucket": PROTECTED, "versions": {"v1": entry, "v2": entry},
+           "traffic": {"v1": 100},
+           "routes": [{"header": "x-model-version", "value": "v2", "version": "v2"}]}
+    r = c.put("/api/v1/models/meshed", json=doc, headers=AS_CONTROL)
+    assert r.status_code == 403 and "protected" in r.json()["error"]
+    r = c.put("/api/v1/models/meshed", json=doc, headers=both)
+    assert r.status_code == 201, r.text
+    assert r.json()["bucket"] == PROTECTED
+    try:
+        for headers, want in (({}, "v1"), ({"x-model-version": "v2"}, "v2")):
+            r = c.post("/v2/models/meshed/infer", json=V2, headers={**infer, **headers})
+            assert r.status_code == 200 and r.headers["x-model-version"] == want, r.text
+            r = c.post("/v2/models/meshed/infer", json=V2, headers={**AS_INFERENCE, **headers})
+            assert r.status_code == 404 and r.json() == {"error": "no model named 'meshed'"}
+        assert c.post("/v2/models/meshed/versions/v2/infer", json=V2,
+                      headers=AS_INFERENCE).status_code == 404
+        listed = c.get("/api/v1/models", headers=AS_CONTROL).json()
+        assert "meshed" not in [m["name"] for m in listed["models"]]
+        assert not [n for w in listed["memory"]["workers"] for n in w["models"]
+                    if n.startswith("meshed")]
+        listed = c.get("/api/v1/models", headers=both).json()
+        assert "meshed@v2" in [n for w in listed["memory"]["workers"] for n in w["models"]]
+        views = [v["status"]["view"] for v in c.get("/api/v1/models/meshed",
+                                                    headers=both).json()["versions"].values()]
+        assert all(Path(v).is_relative_to(secured.home / "buckets" / PROTECTED) for v in views)
+        # A rollout without the token: 403 naming the bucket, 409 when it names an open one.
+        roll = {**doc, "traffic": {"v2": 100}, "routes": []}
+        r = c.put("/api/v1/models/meshed", json=roll, headers=AS_CONTROL)
+        assert r.status_code == 403
+        r = c.put("/api/v1/models/meshed", json={**roll, "bucket": "models"}, headers=AS_CONTROL)
+        assert r.status_code == 409 and PROTECTED not in r.json()["error"]
+        # With it: the bucket does not change, the rollout goes through.
+        r = c.put("/api/v1/models/meshed", json={**roll, "bucket": "models"}, headers=both)
+        assert r.status_code == 409 and "bucket does not change" in r.json()["error"]
+        r = c.put("/api/v1/models/meshed", json=roll, headers=both)
+        assert r.status_code == 200 and r.json()["traffic"] == {"v2": 100}, r.text
+        r = c.post("/v2/models/meshed/infer", json=V2, headers=infer)
+        assert r.status_code == 200 and r.headers["x-model-version"] == "v2"
+    finally:
+        assert c.delete("/api/v1/models/meshed", headers=both).status_code == 204
+
+
+def test_a_rollout_checks_the_deploy_roots_for_new_versions_only(secured, digits_dir: Path):
+    """digits was declared on the command line, outside the deployable roots: a PUT
+    that keeps it and adds a version from inside them goes through; a new version
+    from outside them is refused (400) and nothing changes."""
+    c = secured.client
+    both = {**AS_CONTROL, **WITH_BUCKET}
+    before = c.get("/api/v1/models/digits", headers=both).json()
+    doc = {"versions": {label: {k: v[k] for k in ("source", "runtime", "parameters")}
+                        for label, v in before["versions"].items()},
+           "traffic": before["traffic"]}
+    inside = {k: v for k, v in toy(secured.models_root, "rooted").model_dump().items()
+              if k in ("source", "runtime", "parameters")}
+    try:
+        r = c.put("/api/v1/models/digits", headers=both,
+                  json={**doc, "versions": {**doc["versions"], "v2": inside}})
+        assert r.status_code == 200 and list(r.json()["versions"]) == ["default", "v2"], r.text
+        outside = {"source": str(digits_dir), "runtime": "sklearn"}
+        r = c.put("/api/v1/models/digits", headers=both,
+                  json={**doc, "versions": {**doc["versions"], "v3": outside}})
+        assert r.status_code == 400 and "outside the directories" in r.json()["error"], r.text
+        got = c.get("/api/v1/models/digits", headers=both).json()
+        assert list(got["versions"]) == ["default", "v2"]
+    finally:
+        assert c.put("/api/v1/models/digits", headers=both, json=doc).status_code == 200

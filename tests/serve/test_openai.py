@@ -8,7 +8,6 @@ from a third cache.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -20,7 +19,6 @@ import openai
 import pytest
 
 from cachemesh.caches import Caches
-from cachemesh.serve import ipc
 from cachemesh.serve.registry import ModelSpec
 from tests.runtimes.llms import TinyLLMs, tiny_llms
 from tests.serve.conftest import RunningServer, serve_settings
@@ -55,21 +53,16 @@ def client(llm_server: RunningServer) -> Iterator[openai.OpenAI]:
     c.close()
 
 
-def on_loop(server: RunningServer, coro: Any, timeout: float = 60) -> Any:
-    return asyncio.run_coroutine_threadsafe(coro, server.server._loop).result(timeout)
-
-
 def model_stats(server: RunningServer, name: str) -> dict[str, float]:
     """The runtime's own counters, from the worker that holds the model."""
-    model = server.service.models[name]
-    assert model.worker is not None, f"{name} is not loaded"
-    worker = model.worker
+    body = server.client.get(f"/api/v1/models/{name}/stats").json()
+    assert body["loaded"], f"{name} is not loaded"
+    return body["stats"]
 
-    async def ask() -> dict[str, Any]:
-        return await worker.call(ipc.STATS, "")
 
-    reply = on_loop(server, ask())
-    return reply["stats"][model.key]
+def worker_of(server: RunningServer, name: str) -> int:
+    (copy,) = server.client.get(f"/api/v1/models/{name}/stats").json()["copies"]
+    return copy["worker"]
 
 
 def test_models_are_listed(client: openai.OpenAI):
@@ -185,8 +178,9 @@ def test_bad_requests_are_4xx(client: openai.OpenAI, llm_server: RunningServer):
 def test_a_disconnected_stream_stops_generating(llm_server: RunningServer):
     """The client reads a few chunks of a long generation and goes away: the worker
     stops within a few tokens instead of generating all 3000."""
-    before = model_stats(llm_server, "chatty") if llm_server.service.models[
-        "chatty"].worker else {"generated_tokens": 0, "cancelled_streams": 0}
+    loaded = llm_server.client.get("/api/v1/models/chatty/stats").json()["loaded"]
+    before = model_stats(llm_server, "chatty") if loaded else {
+        "generated_tokens": 0, "cancelled_streams": 0}
     body = {"model": "chatty", "prompt": PROMPT, "max_tokens": 3000, "temperature": 0,
             "stream": True}
     with httpx.Client(base_url=llm_server.url, timeout=60) as c:
@@ -237,8 +231,7 @@ def test_adapters_from_their_own_caches_share_one_base(client: openai.OpenAI,
                 for m in ["lora-a", "lora-b"] * 3]
             assert [f.result() for f in futures] == [a, b] * 3
     # One worker holds both adapters and built their base once.
-    service = llm_server.service
-    assert service.models["lora-a"].worker is service.models["lora-b"].worker
+    assert worker_of(llm_server, "lora-a") == worker_of(llm_server, "lora-b")
     assert model_stats(llm_server, "lora-b")["base_loads"] == 1
     # The base came through a cache of its own, apart from the adapters' caches.
     caches = {c.name: c.source for c in Caches(llm_server.settings).list()}

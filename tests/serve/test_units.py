@@ -1,5 +1,6 @@
-"""The server's pure parts: placement, the load queue, IPC framing, the V2 codec,
-model specs from the command line and config files, the default memory budget."""
+"""The server's pure parts: the load queue, IPC framing, the V2 codec, model specs
+from the command line and config files, the default memory budget (placement,
+routing and copies: test_placement.py, test_routing.py)."""
 
 from __future__ import annotations
 
@@ -17,62 +18,14 @@ from cachemesh.runtimes import InferenceResponse, Tensor
 from cachemesh.serve import ipc
 from cachemesh.serve.loadqueue import BACKGROUND, REQUEST, LoadQueue
 from cachemesh.serve.memory import container_limit, default_budget, physical_memory
-from cachemesh.serve.placement import ModelView, WorkerView, place
 from cachemesh.serve.registry import parse_model_option, read_config
 from cachemesh.serve.v2_codec import Form, encode_response, parse_request
 
 MB = 1024 * 1024
 
 
-def workers(*rss: int, base: int = 100 * MB) -> list[WorkerView]:
-    return [WorkerView(i + 1, True, base, r) for i, r in enumerate(rss)]
-
-
-def model(name: str, worker: int, size: int, last_used: float, inflight: int = 0,
-          loaded_at: float = 0.0, uses: float = 1.0) -> ModelView:
-    return ModelView(name, worker, size * MB, inflight, last_used, loaded_at, uses=uses)
-
-
-def test_place_fits_on_the_worker_holding_least():
-    plan = place(10 * MB, workers(150 * MB, 120 * MB), [], 1000 * MB, now=100)
-    assert plan.worker == 2 and plan.evict == () and "worker 2 holds least" in plan.reasons[-1]
-
-
-def test_place_evicts_least_recently_used_idle_models_and_never_busy_ones():
-    ms = [model("old", 1, 50, last_used=10), model("busy", 1, 50, last_used=5, inflight=1),
-          model("new", 2, 50, last_used=90)]
-    ws = workers(200 * MB, 150 * MB)  # 350 held of 400: 50 free
-    plan = place(80 * MB, ws, ms, 400 * MB, now=100)
-    assert plan.evict == ("old",) and plan.worker == 1
-    plan = place(120 * MB, ws, ms, 400 * MB, now=100)
-    assert plan.evict == ("old", "new")
-    plan = place(160 * MB, ws, ms, 400 * MB, now=100)  # only "busy" could make room
-    assert plan.wait and plan.worker is None and "1 busy" in plan.reasons[-1]
-
-
-def test_place_churn_guards_and_refusal():
-    ws = workers(200 * MB)
-    hot = model("hot", 1, 50, last_used=10, uses=5.0)
-    cold = model("cold", 1, 50, last_used=50, uses=1.0)
-    plan = place(60 * MB, ws, [hot, cold], 250 * MB, now=100)
-    assert plan.evict == ("cold",)  # used once recently: goes before the older but hot one
-    young = model("young", 1, 50, last_used=99, loaded_at=99.5)
-    plan = place(60 * MB, ws, [young], 200 * MB, now=100, min_resident_s=2)
-    assert plan.wait and "loaded less than 2s ago" in plan.reasons[-1]
-    plan = place(200 * MB, ws, [], 250 * MB, now=100)  # 250 budget less 100 worker memory
-    assert plan.too_large and "more than the memory budget" in plan.reasons[0]
-    # a worker that failed this model is avoided while another can take it
-    assert place(MB, workers(100 * MB, 300 * MB), [], GB(), 0, avoid=frozenset({1})).worker == 2
-
-
 def GB() -> int:
     return 1024 * MB
-
-
-def test_place_counts_rss_beyond_what_is_accounted():
-    ws = [WorkerView(1, True, 100 * MB, rss=380 * MB)]  # memory an unload did not give back
-    plan = place(50 * MB, ws, [model("a", 1, 50, last_used=1)], 400 * MB, now=100)
-    assert plan.evict == ("a",)
 
 
 def test_load_queue_runs_request_loads_first_and_is_bounded():

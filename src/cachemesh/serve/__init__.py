@@ -5,8 +5,12 @@
     openai.py       OpenAI /v1 adapter (completions, chat, embeddings; SSE streaming)
     control.py      /api/v1/models
     http_errors.py  errors -> status codes (the only place)
-    service.py      the protocol-free core: models, loads, inference
-    placement.py    where a model loads and what is evicted (a pure function)
+    service.py      the protocol-free core: models, loads, rollouts, inference
+    state.py        what it holds: deployments -> versions -> copies, and their status
+    documents.py    the model document: versions, traffic, routes, aliases, scaling
+    routing.py      which version answers a request (a pure decision)
+    copies.py       when a hot model gets another copy, and which copy answers
+    placement.py    where a copy loads and what is evicted (a pure function over slots)
     loadqueue.py    bounded, prioritised load queue
     memory.py       the default memory budget (cgroup / physical memory)
     registry.py     model specs and where run-time deployments are kept

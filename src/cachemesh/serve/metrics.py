@@ -18,6 +18,8 @@ in one process, as in the tests, do not collide). Names::
     cachemesh_model_bytes{model}                    measured size of each loaded model
     cachemesh_worker_rss_bytes{worker}              each worker's resident memory
     cachemesh_worker_restarts_total                 workers replaced after they died
+    cachemesh_version_requests_total{model,version} requests by the version that took them
+    cachemesh_model_copies{model,version}           ready copies of each version
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ class Metrics:
                                 ["worker"], registry=r)
         self.restarts = Counter("cachemesh_worker_restarts", "Workers replaced after they died.",
                                 registry=r)
+
+        self.routed = Counter("cachemesh_version_requests",
+                              "Requests by the version they were routed to.",
+                              ["model", "version"], registry=r)
+        self.copies = Gauge("cachemesh_model_copies", "Ready copies of a model version.",
+                            ["model", "version"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,6 +18,9 @@ gets its 4xx status; later errors arrive as an ``error`` event. When the client
 disconnects, Starlette cancels the response, the stream's ``finally`` tells the
 worker (``ipc.CANCEL``), and generation stops within a token.
 
+The version that answers is chosen as for every protocol (``ModelService.route``,
+from the request's headers) and named in the ``x-model-version`` header.
+
 Errors use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``,
 with the status codes of ``http_errors.py``.
 """
@@ -240,8 +243,17 @@ def _service(request: Request) -> ModelService:
     return request.app.state.service
 
 
-def _json(data: Any) -> Response:
-    return Response(orjson.dumps(data), media_type="application/json")
+VERSION_HEADER = "x-model-version"  # the version that answered (routing.py chose it)
+
+
+def _json(data: Any, version: str | None = None) -> Response:
+    headers = {VERSION_HEADER: version} if version else None
+    return Response(orjson.dumps(data), headers=headers, media_type="application/json")
+
+
+def _version(service: ModelService, model: str, request: Request) -> str:
+    """The version of ``model`` this request goes to (from its headers)."""
+    return service.route(model, headers=dict(request.headers)).version
 
 
 def _model_card(name: str) -> dict[str, Any]:
@@ -271,9 +283,10 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
     options = body.payload(body.max_tokens)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream and len(prompts) != 1:
+        raise InvalidInputError("streaming takes one prompt")
+    version = _version(service, body.model, request)
     if body.stream:
-        if len(prompts) != 1:
-            raise InvalidInputError("streaming takes one prompt")
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
             return {"id": rid, "object": "text_completion", "created": created,
@@ -282,15 +295,17 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                                                       "logprobs": None}]}
 
         payload = {"kind": "completion", "prompt": prompts[0], **options}
-        return await _sse(service, body.model, payload, chunk, None, body.stream_options)
+        return await _sse(service, body.model, version, payload, chunk, None,
+                          body.stream_options)
     results = await asyncio.gather(*(service.generate(
-        body.model, {"kind": "completion", "prompt": p, **options}) for p in prompts))
+        body.model, {"kind": "completion", "prompt": p, **options}, version=version)
+        for p in prompts))
     choices = [{"index": i, "text": r["text"], "finish_reason": r["finish_reason"],
                 "logprobs": None} for i, r in enumerate(results)]
     usage = _usage(sum(r["prompt_tokens"] for r in results),
                    sum(r["completion_tokens"] for r in results))
     return _json({"id": rid, "object": "text_completion", "created": created,
-                  "model": body.model, "choices": choices, "usage": usage})
+                  "model": body.model, "choices": choices, "usage": usage}, version)
 
 
 @router.post("/chat/completions")
@@ -301,6 +316,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
     payload = {"kind": "chat", **body.payload(max_tokens),
                "messages": [{"role": m.role, "content": m.text()} for m in body.messages]}
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    version = _version(service, body.model, request)
     if body.stream:
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
             delta = {"content": text} if finish is None else {}
@@ -313,13 +329,14 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
                  "model": body.model, "choices": [{"index": 0, "delta": {
                      "role": "assistant", "content": ""}, "finish_reason": None,
                      "logprobs": None}]}
-        return await _sse(service, body.model, payload, chunk, first, body.stream_options)
-    r = await service.generate(body.model, payload)
+        return await _sse(service, body.model, version, payload, chunk, first,
+                          body.stream_options)
+    r = await service.generate(body.model, payload, version=version)
     return _json({"id": rid, "object": "chat.completion", "created": created,
                   "model": body.model,
                   "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]},
                                "finish_reason": r["finish_reason"], "logprobs": None}],
-                  "usage": _usage(r["prompt_tokens"], r["completion_tokens"])})
+                  "usage": _usage(r["prompt_tokens"], r["completion_tokens"])}, version)
 
 
 @router.post("/embeddings")
@@ -327,7 +344,10 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     if body.dimensions is not None:
         raise InvalidInputError("not supported here: dimensions")
     texts = body.input if isinstance(body.input, list) else [body.input]
-    r = await _service(request).generate(body.model, {"kind": "embedding", "input": texts})
+    service = _service(request)
+    version = _version(service, body.model, request)
+    r = await service.generate(body.model, {"kind": "embedding", "input": texts},
+                               version=version)
     data = []
     for i, vector in enumerate(r["embeddings"]):
         value: Any = vector
@@ -336,17 +356,17 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         data.append({"object": "embedding", "index": i, "embedding": value})
     return _json({"object": "list", "data": data, "model": body.model,
                   "usage": {"prompt_tokens": r["prompt_tokens"],
-                            "total_tokens": r["prompt_tokens"]}})
+                            "total_tokens": r["prompt_tokens"]}}, version)
 
 
 def _event(data: Any) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
-async def _sse(service: ModelService, model: str, payload: dict[str, Any],
+async def _sse(service: ModelService, model: str, version: str, payload: dict[str, Any],
                chunk: Callable[[str, str | None], dict[str, Any]],
                first: dict[str, Any] | None, options: StreamOptions | None) -> Response:
-    stream = service.stream(model, payload)
+    stream = service.stream(model, payload, version=version)
     try:
         head = await anext(stream)  # a bad request fails here, with its own status
     except StopAsyncIteration:
@@ -379,4 +399,5 @@ async def _sse(service: ModelService, model: str, payload: dict[str, Any],
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                      VERSION_HEADER: version})

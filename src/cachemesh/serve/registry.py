@@ -1,11 +1,18 @@
-"""What models the server serves: their specs, and where specs are kept.
+"""What models the server serves: their specs, and where they are kept.
 
-A :class:`ModelSpec` is what a user declares (``--model``, ``--config``,
-``POST /api/v1/models``). A :class:`ModelRegistry` keeps the specs deployed
-at run time, so they survive a restart; the single-node default keeps them in
-the store's ``meta.db`` (table ``models``, see ``store/db.py``), and cluster
-mode can put another registry behind the same four methods. Models given on
-the command line are not written there: the command declares them each time.
+A :class:`ModelSpec` is the simple form a user declares (``--model``,
+``POST /api/v1/models``, the V2 repository extension): one source, one
+version. A :class:`~.documents.ModelDoc` is the full form (versions, traffic,
+routes; ``PUT /api/v1/models/{name}``); a spec is a document with one version.
+
+A :class:`ModelRegistry` keeps the documents deployed at run time, so they
+survive a restart; the single-node default keeps them in the store's
+``meta.db`` (table ``models``, see ``store/db.py``: its ``spec`` column holds
+the document as JSON; rows written before documents existed hold a spec, read
+as its one-version document), and cluster mode can put another registry behind
+the same three methods. Models given on the command line are not written
+there: the command declares them each time; a document deployed at run time
+under the same name takes their place.
 """
 
 from __future__ import annotations
@@ -21,10 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import InvalidInputError
 from ..store.names import check_name
+from .documents import DEFAULT_BUCKET, ModelDoc, Scaling, doc_from_spec, make_document
 from .limits import check_json
 
-# The bucket a model's cache goes to unless its spec names another.
-DEFAULT_BUCKET = "models"
+__all__ = ["DEFAULT_BUCKET", "ModelRegistry", "ModelSpec", "make_model_spec", "read_config"]
 
 
 class ModelSpec(BaseModel):
@@ -39,6 +46,8 @@ class ModelSpec(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict,
                                        description="runtime options, e.g. class, trusted")
     eager: bool = Field(default=False, description="load at start instead of on the first request")
+    scaling: Scaling = Field(default_factory=Scaling,
+                             description="extra copies: copy_rate, max_copies, cooldown_s")
     bucket: str = Field(default=DEFAULT_BUCKET,
                         description="bucket of the model's cache; when it is protected, the model"
                         " is seen and called only with the bucket's token")
@@ -81,10 +90,11 @@ _TRUE = {"1", "true", "yes", "on"}
 
 
 def parse_model_option(text: str) -> ModelSpec:
-    """``NAME=SOURCE[,runtime=R][,version=V][,bucket=B][,eager=true][,KEY=VALUE...]``.
+    """``NAME=SOURCE[,runtime=R][,version=V][,bucket=B][,eager=true][,copy_rate=N]
+    [,max_copies=N][,cooldown_s=S][,KEY=VALUE...]``.
 
-    Keys other than runtime, version, bucket and eager are runtime parameters. A
-    source containing ',' or '=' is given through ``--config`` instead.
+    Other keys are runtime parameters. A source containing ',' or '=' is given
+    through ``--config`` instead.
     """
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
@@ -102,13 +112,16 @@ def parse_model_option(text: str) -> ModelSpec:
             data[key] = value
         elif key == "eager":
             data["eager"] = value.strip().lower() in _TRUE
+        elif key in Scaling.model_fields:
+            data.setdefault("scaling", {})[key] = value
         else:
             data["parameters"][key] = value
     return make_model_spec(data)
 
 
-def read_config(path: Path) -> list[ModelSpec]:
-    """A YAML (or JSON) file: a list of model specs, or ``{"models": [...]}``."""
+def read_config(path: Path) -> list[ModelSpec | ModelDoc]:
+    """A YAML (or JSON) file: a list of models, or ``{"models": [...]}``; each is a
+    spec (``name``, ``source``, ...) or a document (``name``, ``versions``, ...)."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -117,22 +130,22 @@ def read_config(path: Path) -> list[ModelSpec]:
         data = data.get("models")
     if not isinstance(data, list):
         raise InvalidInputError(f"{path}: expected a list of models, or a mapping with 'models:'")
-    specs = []
+    models: list[ModelSpec | ModelDoc] = []
     for i, item in enumerate(data):
         if not isinstance(item, dict):
             raise InvalidInputError(f"{path}: model #{i + 1} is not a mapping")
-        specs.append(make_model_spec(item))
-    return specs
+        models.append(make_document(item) if "versions" in item else make_model_spec(item))
+    return models
 
 
 class ModelRegistry(ABC):
     """Where run-time deployments are kept."""
 
     @abstractmethod
-    def list(self) -> list[ModelSpec]: ...
+    def list(self) -> list[ModelDoc]: ...
 
     @abstractmethod
-    def put(self, spec: ModelSpec) -> None: ...
+    def put(self, doc: ModelDoc) -> None: ...
 
     @abstractmethod
     def remove(self, name: str) -> None: ...
@@ -142,16 +155,16 @@ class MemoryModelRegistry(ModelRegistry):
     """Forgets everything at exit: for tests and for servers that want no state."""
 
     def __init__(self) -> None:
-        self._specs: dict[str, ModelSpec] = {}
+        self._docs: dict[str, ModelDoc] = {}
 
-    def list(self) -> list[ModelSpec]:
-        return [self._specs[k] for k in sorted(self._specs)]
+    def list(self) -> list[ModelDoc]:
+        return [self._docs[k] for k in sorted(self._docs)]
 
-    def put(self, spec: ModelSpec) -> None:
-        self._specs[spec.name] = spec
+    def put(self, doc: ModelDoc) -> None:
+        self._docs[doc.name] = doc
 
     def remove(self, name: str) -> None:
-        self._specs.pop(name, None)
+        self._docs.pop(name, None)
 
 
 class SqliteModelRegistry(ModelRegistry):
@@ -160,18 +173,23 @@ class SqliteModelRegistry(ModelRegistry):
     def __init__(self, db: Any) -> None:
         self.db = db
 
-    def list(self) -> list[ModelSpec]:
+    def list(self) -> list[ModelDoc]:
         rows = self.db.query("SELECT spec FROM models ORDER BY name")
-        return [ModelSpec.model_validate(json.loads(r["spec"])) for r in rows]
+        out = []
+        for r in rows:
+            data = json.loads(r["spec"])
+            out.append(ModelDoc.model_validate(data) if "versions" in data
+                       else doc_from_spec(ModelSpec.model_validate(data)))
+        return out
 
-    def put(self, spec: ModelSpec) -> None:
+    def put(self, doc: ModelDoc) -> None:
         now = time.time()
         with self.db.transaction() as conn:
             conn.execute(
                 "INSERT INTO models (name, spec, created_at, updated_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (name) DO UPDATE SET spec = excluded.spec,"
                 " updated_at = excluded.updated_at",
-                (spec.name, spec.model_dump_json(), now, now),
+                (doc.name, doc.model_dump_json(), now, now),
             )
 
     def remove(self, name: str) -> None:

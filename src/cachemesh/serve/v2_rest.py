@@ -6,8 +6,12 @@ Routes (``{v}`` paths address a version; a model without one has none)::
     GET  /v2/health/live | /v2/health/ready        200, or 503 (warming up, draining)
     GET  /v2/models/{m}[/versions/{v}]             model metadata
     GET  /v2/models/{m}[/versions/{v}]/ready       200, or 400 when not loaded
-    POST /v2/models/{m}[/versions/{v}]/infer       inference (see v2_codec.py)
-    GET|POST /v2/repository/index                  every model and its state
+    POST /v2/models/{m}[/versions/{v}]/infer       inference (see v2_codec.py); without a
+                                                   version, the model's routes and traffic
+                                                   choose one (routing.py, from the headers
+                                                   and parameters); the x-model-version
+                                                   response header names the one that answered
+    GET|POST /v2/repository/index                  every model version and its state
     POST /v2/repository/models/{m}/load | unload   repository extension; a load with
                                                    {"parameters": {"source": ...}} deploys a
                                                    new model, an unload with
@@ -31,6 +35,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..errors import InvalidInputError, RequestTooLargeError
+from .documents import DEFAULT_VERSION
 from .http_errors import message_of, status_of
 from .registry import make_model_spec
 from .service import LOADING, PULLING, READY, UNLOADING, ModelService
@@ -38,6 +43,7 @@ from .v2_codec import encode_response, parse_request
 
 JSON = "application/json"
 HEADER_LENGTH = "inference-header-content-length"
+VERSION_HEADER = b"x-model-version"  # the version that answered (routing.py chose it)
 EXTENSIONS = ["model_repository", "binary_tensor_data", "parameters"]
 TRITON_STATE = {READY: "READY", LOADING: "LOADING", PULLING: "LOADING", UNLOADING: "UNLOADING"}
 
@@ -119,27 +125,32 @@ class InferEndpoint:
             chunks.append(message.get("body", b""))
             if not message.get("more_body"):
                 break
-        headers = {}
-        for key, value in scope["headers"]:
-            if key in (b"inference-header-content-length", b"content-encoding"):
-                headers[key] = value.decode("latin-1")
+        # Every header, by lower-case name: a model's routes may read any of them.
+        headers = {key.decode("latin-1"): value.decode("latin-1")
+                   for key, value in scope["headers"]}
         p = scope["path_params"]
         extra: list[tuple[bytes, bytes]] = []
         try:
-            header = headers.get(b"inference-header-content-length")
+            header = headers.get(HEADER_LENGTH)
             try:
                 header_length = int(header) if header is not None else None
             except ValueError:
                 raise InvalidInputError(
                     f"Inference-Header-Content-Length {header!r} is not a number") from None
             body = b"".join(chunks) if len(chunks) != 1 else chunks[0]
-            encoding = headers.get(b"content-encoding")
+            encoding = headers.get("content-encoding")
             if encoding:
                 body = _decompress(body, encoding.lower(), scope["app"].state.service.cfg.max_body)
             req, form = parse_request(body, header_length)
-            response = await scope["app"].state.service.infer(p["model"], p.get("version"), req)
+            response = await scope["app"].state.service.infer(
+                p["model"], p.get("version"), req, headers=headers)
+            version = response.model_version
+            if version == DEFAULT_VERSION:
+                response.model_version = None  # a model without versions; the header says
             out, json_length = encode_response(response, form)
             status, ctype = 200, b"application/json"
+            if version:
+                extra.append((VERSION_HEADER, version.encode()))
             if json_length is not None:
                 ctype = b"application/octet-stream"
                 extra.append((b"inference-header-content-length", str(json_length).encode()))
@@ -164,14 +175,15 @@ async def repository_index(request: Request) -> Response:
             ready_only = bool(isinstance(doc, dict) and doc.get("ready"))
     out = []
     for s in _service(request).list_models():
-        if ready_only and s.state != READY:
-            continue
-        entry = {"name": s.name, "state": TRITON_STATE.get(s.state, "UNAVAILABLE")}
-        if s.version:
-            entry["version"] = s.version
-        if s.reason:
-            entry["reason"] = s.reason
-        out.append(entry)
+        for label, v in s.versions.items():  # one entry per version, as Triton lists them
+            if ready_only and v.state != READY:
+                continue
+            entry = {"name": s.name, "state": TRITON_STATE.get(v.state, "UNAVAILABLE")}
+            if label != DEFAULT_VERSION:
+                entry["version"] = label
+            if v.reason:
+                entry["reason"] = v.reason
+            out.append(entry)
     return json_response(out)
 
 

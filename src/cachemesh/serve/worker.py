@@ -236,7 +236,8 @@ class Worker:
         except Exception as exc:  # metadata is a courtesy; a model without it still serves
             metadata = {"error": f"{type(exc).__name__}: {exc}"}
         hooks = model.capabilities()
-        return {"size": measured, "rss_before": before, "rss": after, "metadata": metadata,
+        return {"size": measured, "reported": size is not None, "rss_before": before,
+                "rss": after, "metadata": metadata,
                 "generate": hooks.get("generate", False), "stream": hooks.get("stream", False)}
 
     def _preload(self, cls: Any) -> None:

@@ -38,6 +38,12 @@ Version 3 adds::
       name TEXT PRIMARY KEY, spec (JSON: source, runtime, version,
       parameters, eager), created_at, updated_at
 
+      ``spec`` now holds the model's whole document (versions, traffic,
+      routes, aliases, eager, scaling: serve/documents.py, PUT
+      /api/v1/models/{name}); a row from before documents holds the simple
+      spec above and is read as a one-version document. Same column, same
+      table: no migration.
+
 Version 4 adds::
 
     buckets  protected buckets (store/buckets.py); a bucket without a row is open

@@ -1,0 +1,231 @@
+"""What the service holds in memory, and how it shows it.
+
+::
+
+    Deployment   a model name: its document (versions, traffic, routes), its router
+      └─ Version   one version: its source, pulled view, runtime, state, counters
+           └─ Copy   one load of that version on one worker ("name@label#n")
+
+A version goes through::
+
+    Pulling -> Unloaded -> Loading -> Ready -> Unloading -> Unloaded ...
+                              |
+                              +--> Failed (after ``load_attempts`` failed loads; expires)
+
+Ready means at least one copy is ready. A version's first copy loads on demand
+(or eagerly, or during a rollout); further copies are added and let go by the
+copy scaler (``copies.py``). ``*Status`` are what the control API and
+``cachemesh models ls`` show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..runtimes import Resolved
+from .copies import CopyPolicy, RateMeter
+from .documents import DEFAULT_VERSION, ModelDoc, VersionSpec
+from .loadqueue import Ticket
+from .routing import Router
+from .workers import WorkerHandle
+
+PULLING, UNLOADED, LOADING, READY, UNLOADING, FAILED = (
+    "Pulling", "Unloaded", "Loading", "Ready", "Unloading", "Failed")
+
+
+@dataclass(slots=True)
+class Series:
+    """A model's metric series, looked up once."""
+
+    inflight: Any
+    hits: Any
+    misses: Any
+    ok: Any
+    latency: Any
+
+
+@dataclass(eq=False)
+class Copy:
+    version: Version
+    worker: WorkerHandle
+    key: str
+    state: str = LOADING  # LOADING, READY, UNLOADING
+    size: int = 0
+    inflight: int = 0
+    picked: int = 0  # when a request last chose it (a tick)
+    loaded_at: float = 0.0  # monotonic
+    last_used: float = 0.0  # monotonic
+    extra: bool = False  # added by the copy scaler
+    placed: str = ""  # why it is on this worker (placement.place's reasons)
+    unload_task: asyncio.Task | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == READY and self.worker.alive
+
+
+@dataclass(eq=False)
+class Version:
+    model: str
+    label: str
+    spec: VersionSpec
+    cache: str
+    bucket: str  # of its cache (the model's); a protected one hides the model
+    phase: str = PULLING  # PULLING, UNLOADED, LOADING or FAILED; READY/UNLOADING come from copies
+    reason: str | None = None
+    view: Path | None = None
+    resolved: Resolved | None = None
+    disk_bytes: int = 0
+    predicted: int = 0
+    copies: list[Copy] = field(default_factory=list)
+    inflight: int = 0
+    requests: int = 0  # answered, for the rate
+    last_used: float = 0.0  # monotonic
+    last_used_wall: float | None = None
+    uses: float = 0.0  # recent uses, halving every USES_HALF_LIFE_S (the churn guard)
+    loads: int = 0
+    evictions: int = 0
+    failed_until: float = 0.0
+    metadata: dict[str, Any] = field(default_factory=dict)
+    capabilities: dict[str, bool] = field(default_factory=dict)
+    prepare_task: asyncio.Task | None = None
+    load_task: asyncio.Task | None = None
+    copy_task: asyncio.Task | None = None
+    ticket: list[Ticket | None] = field(default_factory=lambda: [None])
+    hold: contextlib.ExitStack | None = None
+    removed: bool = False
+    meter: RateMeter = field(default_factory=RateMeter)
+    rate: float = 0.0
+    low_since: float | None = None
+    scaling: str = ""  # the copy scaler's last word on it
+    errors: deque[str] = field(default_factory=lambda: deque(maxlen=5))
+    routed: Any = None  # its cachemesh_version_requests_total series
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}@{self.label}"
+
+    @property
+    def display(self) -> str:
+        return self.model if self.label == DEFAULT_VERSION else self.id
+
+    def ready_copies(self) -> list[Copy]:
+        return [c for c in self.copies if c.ready]
+
+    def state(self, now: float) -> str:
+        if any(c.ready for c in self.copies):
+            return READY
+        if self.phase == LOADING:
+            return LOADING
+        if any(c.state == UNLOADING for c in self.copies):
+            return UNLOADING
+        if self.phase == FAILED:
+            return FAILED if now < self.failed_until else UNLOADED
+        return self.phase
+
+    def size(self) -> int:
+        return max((c.size for c in self.copies if c.state == READY), default=0)
+
+    def error(self, message: str) -> None:
+        self.errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}"[:1000])
+
+
+@dataclass(eq=False)
+class Deployment:
+    doc: ModelDoc
+    origin: str  # "config": the command line or --config; "api": deployed at run time
+    router: Router
+    policy: CopyPolicy
+    versions: dict[str, Version] = field(default_factory=dict)
+    series: Series | None = None
+    rollout: asyncio.Task | None = None
+    rollout_note: str | None = None  # how the last rollout ended
+    removed: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.doc.name
+
+
+@dataclass
+class CopyStatus:
+    worker: int
+    state: str
+    inflight: int
+    size_bytes: int | None
+    last_used: float | None  # unix time
+    extra: bool
+    placed: str  # why this worker: the placement policy's reasons
+
+
+@dataclass
+class VersionStatus:
+    state: str
+    reason: str | None
+    runtime: str | None  # the runtime serving it (named or detected)
+    copies: list[CopyStatus]
+    size_bytes: int | None  # measured size of one copy
+    predicted_bytes: int | None
+    inflight: int
+    loads: int
+    evictions: int
+    last_used: float | None
+    rate: float  # requests/s over the last few seconds
+    view: str | None
+    scaling: str
+    errors: list[str]
+
+
+@dataclass
+class ModelStatus:
+    """A model: its document and the state of each version.
+
+    The flat fields (``state``, ``worker``, ``size_bytes``...) describe the
+    *primary* version (the one with the largest share of traffic), as they did
+    when a model had one version; ``versions`` has every version in detail.
+    """
+
+    name: str
+    version: str | None
+    source: str
+    runtime: str | None
+    state: str
+    reason: str | None
+    eager: bool
+    origin: str
+    bucket: str  # of its caches; a protected bucket hides the model from callers without its token
+    worker: int | None
+    workers: list[int]
+    size_bytes: int | None
+    predicted_bytes: int | None
+    inflight: int
+    loads: int
+    evictions: int
+    last_used: float | None
+    view: str | None
+    document: ModelDoc
+    versions: dict[str, VersionStatus]
+    rollout: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = self.document.to_json()
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in ("document", "versions")}
+        out["versions"] = {label: {**spec, "status": asdict(self.versions[label])}
+                           for label, spec in doc["versions"].items()}
+        for key in ("traffic", "routes", "aliases", "scaling"):
+            out[key] = doc[key]
+        return out
+
+
+def wall(monotonic: float, now: float | None = None) -> float | None:
+    """A monotonic instant as unix time."""
+    if not monotonic:
+        return None
+    return time.time() - ((now if now is not None else time.monotonic()) - monotonic)
