@@ -173,6 +173,14 @@ def test_bad_requests_are_4xx(client: openai.OpenAI, llm_server: RunningServer):
         r = c.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 400, (body, r.text)
         assert r.json()["error"]["type"] == "invalid_request_error"
+    for body in (b'{"model": "chatty", "messages": [{"role": "user", "content": "\\ud800"}]}',
+                 b'{"model": "chatty", "messages": [{"role": "\\udfff", "content": "hi"}]}',
+                 b'{"model": "chatty", "messages": [{"role": "user", "content": [{"type":'
+                 b' "text", "text": "\\ud800"}]}]}',
+                 b'{"model": "chatty", "messages": []}'):
+        r = c.post("/v1/chat/completions", content=body,
+                   headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, (body, r.text)
 
 
 def test_a_disconnected_stream_stops_generating(llm_server: RunningServer):

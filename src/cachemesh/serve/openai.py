@@ -39,7 +39,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 
@@ -102,7 +102,9 @@ def _utf8(text: str) -> str:
     return text
 
 
-Text = Annotated[str, Field(max_length=1_000_000)]
+# Every text that reaches a tokenizer or a template: a lone surrogate (JSON allows
+# "\ud800") would fail in the tokenizer's Rust code, as the model's fault (5xx).
+Text = Annotated[str, Field(max_length=1_000_000), AfterValidator(_utf8)]
 
 
 class StreamOptions(BaseModel):
@@ -179,8 +181,7 @@ class CompletionRequest(Sampling):
         if isinstance(v, list):
             if not v or len(v) > 64:
                 raise ValueError("a list of 1 to 64 prompts")
-            return [_utf8(p) for p in v]
-        return _utf8(v)
+        return v
 
 
 class TextPart(BaseModel):
@@ -191,7 +192,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: str = Field(min_length=1, max_length=64)
+    role: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_utf8)]
     content: Text | list[TextPart] | None = None
     name: str | None = None
 
@@ -199,8 +200,8 @@ class ChatMessage(BaseModel):
         if self.content is None:
             return ""
         if isinstance(self.content, str):
-            return _utf8(self.content)
-        return "".join(_utf8(p.text) for p in self.content)
+            return self.content
+        return "".join(p.text for p in self.content)
 
 
 class ChatRequest(Sampling):
@@ -233,8 +234,7 @@ class EmbeddingRequest(BaseModel):
         if isinstance(v, list):
             if not v or len(v) > 2048:
                 raise ValueError("a list of 1 to 2048 texts")
-            return [_utf8(t) for t in v]
-        return _utf8(v)
+        return v
 
 
 # -- handlers -------------------------------------------------------------------------
