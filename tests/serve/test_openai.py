@@ -289,3 +289,15 @@ def test_the_framework_is_imported_before_the_first_request(tmp_path, tiny_llms:
         # The imports began before the request (they may still have been running).
         assert stats["imports_started_at"] < asked < stats["load_started_at"]
         assert stats["imports_started_at"] < stats["imports_done_at"] <= stats["load_started_at"]
+
+
+def test_an_adapters_base_is_a_source_under_the_same_rules(llm_server: RunningServer,
+                                                            tiny_llms: TinyLLMs):
+    """base= is pulled by the worker: a deploy checks it as it checks the source (here,
+    a path into the store itself is refused before anything is kept)."""
+    c = llm_server.client
+    spec = {"name": "sneaky", "source": str(tiny_llms.adapters[0]),
+            "parameters": {"base": str(llm_server.settings.home / "blobs")}}
+    r = c.post("/api/v1/models", json=spec)
+    assert r.status_code == 400, r.text
+    assert c.get("/api/v1/models/sneaky").status_code == 404

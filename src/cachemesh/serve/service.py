@@ -306,6 +306,12 @@ class ModelService:
             # roots fails here, as 400, before anything is kept.
             source = parse_source(spec.source, {}, self.settings)
             self.caches.check_source(source, doc.bucket, roots)
+            base = (spec.parameters or {}).get("base")
+            if isinstance(base, str) and base.strip():
+                # An adapter's base model (runtimes/adapters.py) is pulled by the worker:
+                # a source like any other, under the same rules.
+                self.caches.check_source(parse_source(base, {}, self.settings), doc.bucket,
+                                         roots)
             uri = source.uri
             try:
                 info = self.caches.get(cache_name(doc.name, label))
