@@ -14,6 +14,11 @@ shared base take its lock and switch the adapter they need on first
 token. (PEFT's per-call ``adapter_names`` installs hooks on the shared modules,
 which two threads would race on.)
 
+The base is pulled by the worker (``cachemesh.pull``) into a cache of its own, in
+the default bucket; a deploy checks ``base=`` as it checks a model's source
+(``ModelService._check_sources``). Adapters over one base share it only inside a
+worker: on two workers, each loads the base once.
+
 Memory: the worker measures a load as its RSS growth, so the first adapter's
 size includes the base and the next ones' do not; the base stays while any
 adapter over it is loaded.
