@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean bench-fetch bench-load bench-serve
+.PHONY: demo test venv clean proto bench-fetch bench-load bench-serve
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The gRPC protocol's descriptor (serve/protos/inference_descriptor.py, committed)
+# from inference.proto. grpcio-tools goes into a folder of its own: it wants a
+# newer protobuf than the packages of the venv allow.
+PROTOS := src/cachemesh/serve/protos
+proto: $(STAMP)
+	$(BIN)/python -m pip install --quiet --target $(VENV)/protoc-tools 'grpcio-tools>=1.62'
+	PYTHONPATH=$(VENV)/protoc-tools $(BIN)/python $(PROTOS)/generate.py
 
 clean:
 	rm -rf $(VENV) .demo build dist src/*.egg-info .pytest_cache

@@ -14,7 +14,7 @@ import shlex
 import statistics
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -28,6 +28,15 @@ and medians are reported. See DESIGN.md ("Benchmarks") for the rules.
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def rotating(names: Sequence[str], rounds: int) -> Iterator[tuple[int, str]]:
+    """(round, name) of every run: each tool once a round, the order rotated by one each
+    round, so that no tool always runs first (or right after the same neighbour)."""
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in [*names[shift:], *names[:shift]]:
+            yield r, name
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

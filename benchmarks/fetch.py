@@ -128,7 +128,10 @@ def free_port() -> int:
 
 
 class Nginx:
-    def __init__(self, tls: bool = False) -> None:
+    """nginx on loopback serving ``root`` (the fetch benchmark's origin by default)."""
+
+    def __init__(self, tls: bool = False, root: Path | None = None) -> None:
+        self.root = root if root is not None else BENCH / "origin"
         self.dir = Path(tempfile.mkdtemp(prefix="cachemesh-bench-nginx-"))
         self.port = free_port()
         self.tls = tls
@@ -153,7 +156,7 @@ class Nginx:
         return f"https://localhost:{self.port}" if self.tls else f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> Self:
-        origin = BENCH / "origin"
+        origin = self.root
         listen = self._listen()
         (self.dir / "nginx.conf").write_text(f"""
 worker_processes 2;
@@ -258,12 +261,18 @@ def curl_single(nginx: Nginx, index: list[dict], out: Path) -> Run:
 
 
 def curl_parallel(nginx: Nginx, index: list[dict], out: Path, parallel: int) -> Run:
+    return curl_ranges(nginx, [(nginx.url(f"{BUCKET}/{PREFIX}/{f['path']}"), f["size"],
+                                out / f["path"]) for f in index], parallel)
+
+
+def curl_ranges(nginx: Nginx, files: list[tuple[str, int, Path]], parallel: int) -> Run:
+    """(url, size, target) files as CHUNK-sized ranges, ``parallel`` curl processes at
+    once, each range to its own file (``target.<start>``)."""
     lines = []
-    for f in index:
-        for start in range(0, f["size"], CHUNK):
-            end = min(start + CHUNK, f["size"]) - 1
-            lines.append(f"{start}-{end} {out / f['path']}.{start} "
-                         f"{nginx.url(BUCKET + '/' + PREFIX + '/' + f['path'])}")
+    for url, size, target in files:
+        for start in range(0, size, CHUNK):
+            end = min(start + CHUNK, size) - 1
+            lines.append(f"{start}-{end} {target}.{start} {url}")
     script = f'exec curl -sS --fail {" ".join(curl_tls(nginx))} -r "$0" -o "$1" "$2"'
     argv = ["xargs", "-P", str(parallel), "-L", "1", "sh", "-c", script]
     return timed(nginx, argv, stdin="\n".join(lines) + "\n")[0]
@@ -464,24 +473,21 @@ def main() -> None:
     loads = []
     out = BENCH / "out"
     with Nginx(tls=args.tls) as nginx:
-        names = list(tools)
-        for r in range(args.rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for name in order:
-                shutil.rmtree(out, ignore_errors=True)
-                out.mkdir(parents=True)
-                subprocess.run(["sync"], check=True)
-                if args.cold:
-                    _report.drop_page_cache()
-                else:
-                    warm(index)
-                loads.append(os.getloadavg()[0])
-                run = tools[name](nginx, out)  # type: ignore[operator]
-                results[name].append(run)
-                print(f"round {r + 1}/{args.rounds}  {name:42s}"
-                      f" {total / run.seconds / 1e6:7.0f} MB/s"
-                      f"  {run.seconds:6.2f} s  cpu {run.cpu:5.2f} s  nginx {run.nginx_cpu:5.2f} s",
-                      flush=True)
+        for r, name in _report.rotating(list(tools), args.rounds):
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            subprocess.run(["sync"], check=True)
+            if args.cold:
+                _report.drop_page_cache()
+            else:
+                warm(index)
+            loads.append(os.getloadavg()[0])
+            run = tools[name](nginx, out)  # type: ignore[operator]
+            results[name].append(run)
+            print(f"round {r + 1}/{args.rounds}  {name:42s}"
+                  f" {total / run.seconds / 1e6:7.0f} MB/s"
+                  f"  {run.seconds:6.2f} s  cpu {run.cpu:5.2f} s  nginx {run.nginx_cpu:5.2f} s",
+                  flush=True)
         shutil.rmtree(out, ignore_errors=True)
     report(args, total, index, results, loads)
 

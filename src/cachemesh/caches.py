@@ -29,7 +29,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -66,6 +66,12 @@ DISK_RESERVE_SHARE = 0.02
 PROGRESS_INTERVAL_S = 0.5
 
 
+# Bounds of a spec's numbers: past them a date or a byte count stops being a number
+# (an expiry date past year 9999, a quota past any disk).
+MAX_RETENTION_DAYS = 36_500.0
+MAX_SIZE_LIMIT_GIB = float(1024**3)  # 1 EiB
+
+
 class CacheSpec(BaseModel):
     """What a user declares. Validated before anything touches the disk."""
 
@@ -77,8 +83,8 @@ class CacheSpec(BaseModel):
     path: str | None = None  # defaults to the name
     include: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
-    size_limit_gib: float | None = Field(default=None, gt=0)
-    retention_days: float | None = Field(default=None, gt=0)
+    size_limit_gib: float | None = Field(default=None, gt=0, le=MAX_SIZE_LIMIT_GIB)
+    retention_days: float | None = Field(default=None, gt=0, le=MAX_RETENTION_DAYS)
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -472,17 +478,19 @@ class Caches:
         *,
         refresh: bool = False,
         on_progress: Callable[[Progress], None] | None = None,
+        first: Sequence[str] = (),
     ) -> PullResult:
         """Create the cache if needed and pull it: what ``cachemesh pull`` does.
 
         If this call created the cache and the pull fails before any file
         landed (a missing source, a limit), the cache is removed again: a
-        one-shot pull that fails leaves nothing behind.
+        one-shot pull that fails leaves nothing behind. ``first`` is passed
+        to :meth:`pull`.
         """
         existed = self.exists(spec.name)
         self.create(spec)
         try:
-            return self.pull(spec.name, refresh=refresh, on_progress=on_progress)
+            return self.pull(spec.name, refresh=refresh, on_progress=on_progress, first=first)
         except CachemeshError:
             if not existed and not self.store.file_rows(spec.name):
                 self.rm(spec.name, force=True)
@@ -497,8 +505,14 @@ class Caches:
         *,
         refresh: bool = False,
         on_progress: Callable[[Progress], None] | None = None,
+        first: Sequence[str] = (),
     ) -> PullResult:
-        """Bring a declared cache to Available (waits for a pull another process runs)."""
+        """Bring a declared cache to Available (waits for a pull another process runs).
+
+        Files are fetched largest first, except the paths in ``first``, which
+        start before all others and in that order (a loader streaming the
+        files while they land wants its shard index and first shard early).
+        """
         info = self.get(name)
         if info.status == AVAILABLE and not refresh:
             self.touch(name)
@@ -512,7 +526,7 @@ class Caches:
             self._update(name, status=LOADING, error=None)
             self._event(name, "pull-started", f"pulling from {info.source}")
             try:
-                result, hub = self._pull_locked(spec, on_progress)
+                result, hub = self._pull_locked(spec, on_progress, first)
                 self._update(name, status=AVAILABLE, error=None, last_access=time.time())
                 if hub is not None:
                     # Available first: then a sync that another cache of the same repo
@@ -536,18 +550,20 @@ class Caches:
             return result
 
     def _pull_locked(
-        self, spec: CacheSpec, on_progress: Callable[[Progress], None] | None
+        self, spec: CacheSpec, on_progress: Callable[[Progress], None] | None,
+        first: Sequence[str] = (),
     ) -> tuple[PullResult, tuple[HubRepo, dict | None] | None]:
         """Fetch and link every file; returns the result and, for a source shown
         under hub/, its repo and the commit's tree listing."""
         source = parse_source(spec.source, spec.options, self.settings)
         try:
-            return self._pull_from(spec, source, on_progress)
+            return self._pull_from(spec, source, on_progress, first)
         finally:
             source.close()
 
     def _pull_from(
-        self, spec: CacheSpec, source: Source, on_progress: Callable[[Progress], None] | None
+        self, spec: CacheSpec, source: Source, on_progress: Callable[[Progress], None] | None,
+        first: Sequence[str] = (),
     ) -> tuple[PullResult, tuple[HubRepo, dict | None] | None]:
         assert spec.path is not None
         listing = source.list_files()
@@ -590,8 +606,9 @@ class Caches:
                     result.files_reused += 1
             tracker.file_done()
 
-        # Largest first, so the long transfers start early.
-        order = sorted(files, key=lambda f: -f.size)
+        # Largest first, so the long transfers start early; ``first`` before them.
+        rank = {path: i for i, path in enumerate(first)}
+        order = sorted(files, key=lambda f: (rank.get(f.path, len(rank)), -f.size))
         with ThreadPoolExecutor(self.settings.fetch_concurrency, "cachemesh-pull") as pool:
             futures = [pool.submit(pull_one, f) for f in order]
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)

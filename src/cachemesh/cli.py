@@ -630,6 +630,9 @@ def bucket_unprotect(ctx: click.Context, name: str) -> None:
               " 0.0.0.0 in a container). $CACHEMESH_SERVE_HOST")
 @click.option("--port", type=click.IntRange(0, 65535), default=None,
               help="HTTP port (default 8008). $CACHEMESH_SERVE_PORT")
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=None,
+              help="KServe V2 gRPC port on the same host (default 8033; 0 turns gRPC off)."
+              " $CACHEMESH_SERVE_GRPC_PORT")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes that hold the models (default: one per two cores).")
 @click.option("--memory", type=SIZE, default=None,
@@ -669,13 +672,14 @@ def bucket_unprotect(ctx: click.Context, name: str) -> None:
               " $CACHEMESH_SERVE_MAX_BODY")
 @click.pass_context
 @handle_errors
-def serve(ctx: click.Context, host: str | None, port: int | None, workers: int | None,
+def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int | None,
+          workers: int | None,
           memory: int | None, worker_memory_limit: int | None, models: tuple[str, ...],
           config_file: Path | None, api_token: str | None, inference_token: str | None,
           metrics_token: str | None, max_body: int | None, copy_rate: float | None,
           max_copies: int | None, copy_cooldown: float | None) -> None:
     """Serve models over KServe V2 REST and the OpenAI API (/v1), with the control API
-    and /metrics, on one port.
+    and /metrics, on one port, and over KServe V2 gRPC on --grpc-port.
 
     Models load on their first request (or at start with eager=true), in worker
     processes, under one memory budget; idle ones are evicted least recently
@@ -693,7 +697,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int |
 
     settings = settings_of(ctx)
     overrides = {k: v for k, v in {
-        "host": host, "port": port, "workers": workers, "memory": memory,
+        "host": host, "port": port, "grpc_port": grpc_port, "workers": workers, "memory": memory,
         "worker_memory_limit": worker_memory_limit, "max_body": max_body,
         "copy_rate": copy_rate, "max_copies": max_copies, "copy_cooldown_s": copy_cooldown,
     }.items()
@@ -712,8 +716,9 @@ def serve(ctx: click.Context, host: str | None, port: int | None, workers: int |
     cfg = settings.serve
 
     def started() -> None:
+        grpc = f", gRPC {cfg.host}:{cfg.grpc_port}" if cfg.grpc_port else ""
         click.echo(f"cachemesh serving {len(specs)} model(s) on http://{cfg.host}:{cfg.port}"
-                   f" ({cfg.worker_count()} worker(s)); Ctrl-C or SIGTERM to stop", err=True)
+                   f"{grpc} ({cfg.worker_count()} worker(s)); Ctrl-C or SIGTERM to stop", err=True)
 
     run(settings, specs, on_started=started)
 

@@ -69,7 +69,13 @@ def format_size(n: int | float) -> str:
     raise AssertionError("unreachable")
 
 
-def _int(environ: Mapping[str, str], name: str, default: int) -> int:
+def _port(environ: Mapping[str, str], name: str, default: int) -> int:
+    """A TCP port, 0 included (for the ports that 0 turns off)."""
+    return _int(environ, name, default, minimum=0, maximum=65535)
+
+
+def _int(environ: Mapping[str, str], name: str, default: int, *, minimum: int = 1,
+         maximum: int | None = None) -> int:
     raw = environ.get(name)
     if raw is None or raw == "":
         return default
@@ -77,8 +83,10 @@ def _int(environ: Mapping[str, str], name: str, default: int) -> int:
         value = int(raw)
     except ValueError:
         raise InvalidInputError(f"{name} must be an integer, got {raw!r}") from None
-    if value < 1:
-        raise InvalidInputError(f"{name} must be at least 1, got {value}")
+    if value < minimum:
+        raise InvalidInputError(f"{name} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise InvalidInputError(f"{name} must be at most {maximum}, got {value}")
     return value
 
 
@@ -130,6 +138,8 @@ class ServeSettings:
     host: str = "127.0.0.1"
     # CACHEMESH_SERVE_PORT: the one HTTP port (KServe V2, control API, /metrics).
     port: int = 8008
+    # CACHEMESH_SERVE_GRPC_PORT: KServe V2 over gRPC, on the same host; 0 turns it off.
+    grpc_port: int = 8033
     # CACHEMESH_SERVE_WORKERS: worker processes that hold the models (None: one per two cores).
     workers: int | None = None
     # CACHEMESH_SERVE_MEMORY: budget for everything the workers hold ("8GiB"). None: the
@@ -169,6 +179,7 @@ class ServeSettings:
     url: str = "http://127.0.0.1:8008"
     # CACHEMESH_SERVE_MAX_BODY: largest request body (inference), counted as it streams in
     # and again once decompressed; more answers 413. Raise it for large binary tensors.
+    # Also the largest gRPC message the server takes (RESOURCE_EXHAUSTED past it).
     max_body: int = 64 * 1024**2
     # CACHEMESH_SERVE_MAX_CONTROL_BODY: largest body of a control request (/api/...).
     max_control_body: int = 1024**2
@@ -184,6 +195,7 @@ class ServeSettings:
         return cls(
             host=env.get("CACHEMESH_SERVE_HOST") or "127.0.0.1",
             port=_int(env, "CACHEMESH_SERVE_PORT", 8008),
+            grpc_port=_port(env, "CACHEMESH_SERVE_GRPC_PORT", 8033),
             workers=_int(env, "CACHEMESH_SERVE_WORKERS", 1) if workers else None,
             memory=_size(env, "CACHEMESH_SERVE_MEMORY"),
             memory_factor=_float(env, "CACHEMESH_SERVE_MEMORY_FACTOR", 1.5),

@@ -115,7 +115,8 @@ def serve_demo(settings: Settings, origin: Path | None = None, port: int | None 
     request, label = write_demo_request(origin)
     port = _free_port(8008) if port is None else port
     settings = dataclasses.replace(settings, serve=dataclasses.replace(
-        settings.serve, host="127.0.0.1", port=port, workers=settings.serve.workers or 1))
+        settings.serve, host="127.0.0.1", port=port, workers=settings.serve.workers or 1,
+        grpc_port=_free_port(settings.serve.grpc_port) if settings.serve.grpc_port else 0))
     url = f"http://127.0.0.1:{port}"
     spec = ModelSpec(name=DEMO_NAME, source=str(model_dir), eager=True)
 

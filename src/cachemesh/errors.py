@@ -32,6 +32,8 @@ Credentials never appear in a message.
     ├── StoreError                 the store on disk is unusable
     │   └── StoreVersionError      written by a newer cachemesh
     ├── LoadError                  weights could not be read into memory
+    │   └── RefetchedError         tensors streamed from an origin came from bytes that failed
+    │                              verification and were fetched again
     ├── ConversionError            a converter failed on an input it accepted
     ├── ModelError                 a model (or its worker) failed, not the request
     │   ├── ModelLoadError         a load failed: exception, crash or out of memory
@@ -167,6 +169,12 @@ class StoreVersionError(StoreError):
 
 class LoadError(CachemeshError):
     """Weights could not be read into memory: truncated file, bad header, missing shard."""
+
+
+class RefetchedError(LoadError):
+    """Tensors were streamed from an origin's bytes while it was pulled (``iter_tensors``),
+    and the fetcher then fetched that file again because its bytes failed verification:
+    the tensors already yielded may be wrong. The cache holds the verified bytes now."""
 
 
 class ConversionError(CachemeshError):

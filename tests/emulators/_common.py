@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import ssl
 import sys
 import threading
@@ -245,8 +246,10 @@ class Handler(BaseHTTPRequestHandler):
         *,
         corrupt: bool = False,
         count: Callable[[int], None] | None = None,
+        cut: int | None = None,
     ) -> None:
-        """Serve a file with Range support; ``corrupt`` flips one byte (the same one each time)."""
+        """Serve a file with Range support; ``corrupt`` flips one byte (the same one each
+        time); ``cut`` closes the connection after that many bytes of the body."""
         self.drain()
         rng = parse_range(self.headers.get("Range"), content.size)
         if rng == "bad":
@@ -269,16 +272,28 @@ class Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         flip_at = content.size // 2 if corrupt else -1
+        stop_at = end if cut is None else min(end, start + cut)
         pos = start
         for chunk in content.read(start, end):
             if pos <= flip_at < pos + len(chunk):
                 buf = bytearray(chunk)
                 buf[flip_at - pos] ^= 0xFF
                 chunk = bytes(buf)
+            chunk = chunk[:stop_at - pos]
             self.wfile.write(chunk)
             pos += len(chunk)
             if count is not None:
                 count(len(chunk))
+            if pos >= stop_at:
+                break
+        if pos < end:
+            # Cut mid-body: the client sees a short response on a closed connection.
+            self.wfile.flush()
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class _Server(ThreadingHTTPServer):
@@ -333,6 +348,9 @@ class BlobOrigin:
     URLs are signed (HMAC over path and expiry) and checked, as a CDN does; an
     expired or tampered URL gets 403. Requests are recorded with their headers,
     so a test can check that no credential ever reached it.
+
+    Faults: ``cut_after[sha256] = [n1, n2, ...]``: the next responses for that
+    blob close the connection after n1, n2, ... bytes of their body.
     """
 
     def __init__(self, prefix: str = "repos", *, tls: ssl.SSLContext | None = None,
@@ -342,6 +360,7 @@ class BlobOrigin:
         self.blobs: dict[str, Content] = {}
         self.corrupted: set[str] = set()
         self.served: Counter[str] = Counter()  # sha256 -> bytes served
+        self.cut_after: dict[str, list[int]] = {}
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.ttl_s = ttl_s
         self._secret = os.urandom(16)
@@ -359,6 +378,10 @@ class BlobOrigin:
 
     def add(self, content: Content) -> None:
         self.blobs[content.sha256] = content
+
+    def rotate_key(self) -> None:
+        """Change the signing key: every URL signed so far is refused (403), as expired."""
+        self._secret = os.urandom(16)
 
     def _path(self, sha: str) -> str:
         if self.external_url is not None:
@@ -410,11 +433,16 @@ class BlobOrigin:
                         content_type="application/xml")
             return
 
+        with self._lock:
+            cuts = self.cut_after.get(sha)
+            cut = cuts.pop(0) if cuts else None
+
         def count(n: int) -> None:
             with self._lock:
                 self.served[sha] += n
 
-        h.send_content(content, {"ETag": f'"{sha}"'}, corrupt=sha in self.corrupted, count=count)
+        h.send_content(content, {"ETag": f'"{sha}"'}, corrupt=sha in self.corrupted, count=count,
+                       cut=cut)
 
 
 def b64(text: str) -> str:

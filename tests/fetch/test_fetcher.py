@@ -72,7 +72,7 @@ def test_md5_and_git_blob_ids_are_verified_too(store, fetch_settings, kind):
     assert request.verification == kind.replace("_", "-")
     ref = Fetcher(store, fetch_settings).fetch(request)
     assert ref.sha256 == obj.sha256
-    with pytest.raises(IntegrityError, match=kind.replace("_", "-")):
+    with pytest.raises(IntegrityError, match={"md5": "MD5", "git_sha1": "git blob id"}[kind]):
         Fetcher(store, fetch_settings).fetch(
             FakeObject(obj.data).request(**{kind: "0" * len(digest)}))
 
@@ -299,3 +299,38 @@ def test_a_flight_times_out_when_nothing_is_fetched(store, fetch_settings):
     with (Fetcher(store, fetch_settings).watch("nobody-fetches-this") as flight,
           pytest.raises(TimeoutError)):
         flight.wait(0, 1, timeout=0.05)
+
+
+def test_watched_objects_get_the_connections_first_in_the_order_they_were_watched(
+        store, fetch_settings):
+    """One connection, three objects fetched at once: the two that a loader watches get
+    it first, in the order it watched them; the unwatched one, which had it, waits."""
+    fetcher = Fetcher(store, dataclasses.replace(fetch_settings, range_concurrency=1))
+    objs = {name: FakeObject(os.urandom(8 * CHUNK)) for name in ("plain", "second", "first")}
+    gate = threading.Event()
+    log: list[str] = []  # which object each ranged read was for, in order
+
+    def read_of(name: str):
+        def read(start: int, end: int):
+            log.append(name)
+            return objs[name].read(start, end)
+        return read
+
+    for obj in objs.values():
+        obj.gate = gate
+    requests = {name: obj.request(f"rank-{name}", read=read_of(name))
+                for name, obj in objs.items()}
+    with fetcher.watch(requests["first"].identity), fetcher.watch(requests["second"].identity):
+        threads = [threading.Thread(target=fetcher.fetch, args=(requests["plain"],))]
+        threads[0].start()
+        while not log:  # it holds the connection, held at the gate
+            threading.Event().wait(0.01)
+        threads += [threading.Thread(target=fetcher.fetch, args=(requests[n],))
+                    for n in ("second", "first")]
+        for t in threads[1:]:
+            t.start()
+        threading.Event().wait(0.3)  # both queue for the connection
+        gate.set()
+        for t in threads:
+            t.join(30)
+    assert log == ["plain"] + ["first"] * 8 + ["second"] * 8 + ["plain"] * 7

@@ -84,3 +84,15 @@ def test_state_round_trips_and_malformed_records_are_refused(tmp_path):
 ])
 def test_range_set_merges(ranges, expected):
     assert RangeSet(ranges).intervals() == expected
+
+
+def test_split_ramps_up_from_byte_zero_only():
+    """A watched fetch's head comes in doubling pieces, then the aligned grid resumes."""
+    mib = 1024 * 1024
+    pieces = split([(0, 40 * mib)], 16 * mib, 256 * 1024)
+    sizes = [b - a for a, b in pieces]
+    assert sizes[:6] == [256 * 1024 * 2**i for i in range(6)]
+    assert pieces[-2:] == [(16 * mib, 32 * mib), (32 * mib, 40 * mib)]
+    assert all(b == c for (_, b), (c, _) in pairwise(pieces)) and pieces[0][0] == 0
+    assert split([(5, 40 * mib)], 16 * mib, 256 * 1024) == split([(5, 40 * mib)], 16 * mib)
+    assert split([(0, 100)], 16 * mib, 256 * 1024) == [(0, 100)]

@@ -148,6 +148,11 @@ CASES = [  # method, path, body, access
     ("DELETE", "/api/v1/models/does-not-exist", None, CONTROL),
     ("GET", "/v2/repository/index", None, CONTROL),
     ("POST", "/v2/repository/models/echo/load", {}, CONTROL),
+    ("GET", "/api/v1/datacaches", None, CONTROL),
+    ("POST", "/api/v1/datacaches", {"name": "nope", "source": "nope://x"}, CONTROL),
+    ("GET", "/api/v1/datacaches/ghost", None, CONTROL),
+    ("GET", "/api/v1/datacaches/ghost/events", None, CONTROL),
+    ("DELETE", "/api/v1/datacaches/ghost", None, CONTROL),
 ]
 GOOD = {INFERENCE: AS_INFERENCE, METRICS: AS_METRICS, CONTROL: AS_CONTROL}
 OTHER_SCOPE = {INFERENCE: AS_METRICS, METRICS: AS_INFERENCE, CONTROL: AS_INFERENCE}

@@ -468,3 +468,72 @@ def test_a_rollout_checks_the_deploy_roots_for_new_versions_only(secured, digits
         assert list(got["versions"]) == ["default", "v2"]
     finally:
         assert c.put("/api/v1/models/digits", headers=both, json=doc).status_code == 200
+
+
+# -- the datacache API (serve/datacaches.py) on the shared secured server -------------
+
+def _datacache_events(c, name: str, headers: dict) -> list[tuple[str, dict]]:
+    from tests.serve.test_datacaches import sse
+
+    with c.stream("GET", f"/api/v1/datacaches/{name}/events", headers=headers,
+                  timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        return list(sse(r))
+
+
+def test_datacaches_of_a_protected_bucket_need_its_token(secured):
+    c = secured.client
+    both = {**AS_CONTROL, **WITH_BUCKET}
+    folder = Path(toy(secured.models_root, "dc-files").source)
+    body = {"name": "dc-secret", "source": str(folder), "bucket": PROTECTED}
+
+    # Creating one there needs the bucket's token; refused, nothing is kept.
+    r = c.post("/api/v1/datacaches", json=body, headers=AS_CONTROL)
+    assert r.status_code == 403 and "protected" in r.json()["error"]
+    assert "dc-secret" not in [i.name for i in secured.caches.list()]
+    r = c.post("/api/v1/datacaches", json=body, headers=both)
+    assert r.status_code == 202, r.text
+    assert _datacache_events(c, "dc-secret", both)[-1][1]["status"] == "Available"
+
+    # Not listed without the token, not even when its bucket is named.
+    def listed(headers: dict, **params) -> list[str]:
+        r = c.get("/api/v1/datacaches", headers=headers, params=params)
+        assert r.status_code == 200, r.text
+        return [d["name"] for d in r.json()["datacaches"]]
+
+    assert "dc-secret" not in listed(AS_CONTROL)
+    assert listed(AS_CONTROL, bucket=PROTECTED) == []
+    assert "dc-secret" in listed(both) and "dc-secret" in listed(both, bucket=PROTECTED)
+
+    # Described, watched and deleted exactly as a cache that does not exist.
+    for method, suffix in (("GET", ""), ("GET", "/events"), ("DELETE", "")):
+        hidden = c.request(method, f"/api/v1/datacaches/dc-secret{suffix}", headers=AS_CONTROL)
+        absent = c.request(method, f"/api/v1/datacaches/dc-nosuch{suffix}", headers=AS_CONTROL)
+        assert hidden.status_code == absent.status_code == 404, (method, suffix, hidden.text)
+        assert hidden.json()["error"] == absent.json()["error"].replace("dc-nosuch", "dc-secret")
+    wrong = {**AS_CONTROL, "X-Cachemesh-Bucket-Token": "cmb_wrong" + "x" * 30}
+    assert c.get("/api/v1/datacaches/dc-secret", headers=wrong).status_code == 404
+    described = c.get("/api/v1/datacaches/dc-secret", headers=both).json()
+    assert described["Status"] == "Available" and described["Bucket"] == PROTECTED
+
+    # Its name, taken in the hidden bucket: 409, saying neither where nor from what.
+    r = c.post("/api/v1/datacaches", json={**body, "bucket": "public"}, headers=AS_CONTROL)
+    assert r.status_code == 409
+    assert PROTECTED not in r.json()["error"] and str(folder) not in r.json()["error"]
+
+    assert c.delete("/api/v1/datacaches/dc-secret", headers=both).status_code == 204
+    assert "dc-secret" not in [i.name for i in secured.caches.list()]
+
+
+def test_datacache_local_sources_stay_inside_the_deployable_roots(secured, tmp_path: Path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not for the API")
+    c = secured.client
+    for body in ({"name": "dc-out", "source": str(outside)},
+                 {"name": "dc-out", "source": f"file://{outside}"},
+                 {"Name": "dc-out", "DataSource": {"Type": "NAS", "Options": {
+                     "server": "localhost", "path": str(outside)}}}):
+        r = c.post("/api/v1/datacaches", json=body, headers=AS_CONTROL)
+        assert r.status_code == 400 and "SOURCE_ROOTS" in r.json()["error"], r.text
+    assert "dc-out" not in [i.name for i in secured.caches.list()]

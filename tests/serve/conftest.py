@@ -55,8 +55,14 @@ def toy_model(root: Path, name: str, cls: str = "Echo", **params: Any) -> ModelS
 
 
 class RunningServer:
+    """``grpc=False`` (the default) turns gRPC off whatever the settings say: the
+    default port 8033 is one port, shared by every server of a test run."""
+
     def __init__(self, settings: Settings, specs: list[ModelSpec],
-                 registry: ModelRegistry | None = None) -> None:
+                 registry: ModelRegistry | None = None, *, grpc: bool = False) -> None:
+        if not grpc:
+            settings = dataclasses.replace(
+                settings, serve=dataclasses.replace(settings.serve, grpc_port=0))
         self.settings = settings
         self.service = ModelService(settings, registry=registry or MemoryModelRegistry())
         self.server = make_server(settings, specs, service=self.service)

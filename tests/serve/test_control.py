@@ -96,7 +96,8 @@ def test_cachemesh_serve_subprocess_models_cli_and_sigterm_drain(tmp_path: Path,
         "    eager: true\n    parameters: {class: 'toy:Echo', delay: '1.5'}\n")
     env = {**os.environ, "CACHEMESH_HOME": str(home)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cachemesh", "serve", "--port", str(port), "--workers", "1",
+        [sys.executable, "-m", "cachemesh", "serve", "--port", str(port), "--grpc-port", "0",
+         "--workers", "1",
          "--memory", "2GiB", "--config", str(config),
          "--model", f"digits={digits_dir},runtime=sklearn,version=3"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

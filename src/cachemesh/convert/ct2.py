@@ -9,7 +9,9 @@ the manifest. The output directory::
     vocabulary.json          CTranslate2's vocabulary (token strings by id)
     tokenizer.json, …        the input's tokenizer and generation files, copied
     cachemesh-convert.json   the manifest (identity.py); runtime.class says which
-                             CTranslate2 class loads it: Generator, Translator, Encoder
+                             CTranslate2 class loads it: Generator, Translator, Encoder;
+                             runtime.context_length is the source config's position
+                             limit (CTranslate2's config.json does not keep it)
 
 Without ``--quantization`` the weights keep the checkpoint's type. Tensor
 parallelism is CTranslate2's own business at load time
@@ -70,7 +72,7 @@ def _config_class(model_type: str) -> str | None:
 class CTranslate2Converter(Converter):
     target = "ct2"
     name = "ctranslate2"
-    revision = 1
+    revision = 2  # 2: runtime.context_length in the manifest
 
     def versions(self, model: ModelInput) -> dict[str, str]:
         # transformers loads the checkpoint for CTranslate2's converter.
@@ -118,8 +120,12 @@ class CTranslate2Converter(Converter):
         else:
             cls, task = "Generator", "text-generation"
         architectures = list(config.get("architectures") or [])
+        extra: dict[str, Any] = {"ct2_class": cls}
+        context = _context_length(config)
+        if context is not None:
+            extra["context_length"] = context
         return ModelFacts(model_type=model_type, architectures=architectures,
-                          task=task, extra={"ct2_class": cls})
+                          task=task, extra=extra)
 
     def convert(self, model: ModelInput, options: ConvertOptions, facts: ModelFacts,
                 out: Path, run: JobRun) -> dict[str, Any]:
@@ -138,4 +144,15 @@ class CTranslate2Converter(Converter):
             "quantization": options.quantization,  # None: the checkpoint's own type
             "files": files,
             "tokenizer": "tokenizer.json" if "tokenizer.json" in copied else None,
+            "context_length": facts.extra.get("context_length"),
         }
+
+
+def _context_length(config: dict[str, Any]) -> int | None:
+    """The longest sequence the source model takes, from its config (names vary by family)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length",
+                "n_ctx"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

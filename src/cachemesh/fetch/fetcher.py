@@ -17,6 +17,8 @@ What one :meth:`Fetcher.fetch` does::
           │                   where a cut connection stopped), pwrite at its offset
           │                   (small reads joined into writes of up to 1 MiB);
           │                   hasher follows the contiguous prefix (hashing.py)
+          │                   (a watched fetch starts with small pieces that double:
+          │                   its head lands first, for a streaming loader)
           │                   every second: fdatasync part, then write the record
           ▼
     size, sha256 (md5, git blob id) checked against what the origin publishes ── mismatch:
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import os
 import threading
 import time
@@ -78,8 +81,13 @@ INTEGRITY_ATTEMPTS = 2
 HASH_MODE = "stream"
 # Small network reads are joined into writes of up to this much (see _Coalescer).
 COALESCE_BYTES = 1024 * 1024
+# A watched fetch (observe.py) starts with a piece this long; pieces double up to chunk_size.
+WATCHED_FIRST_PIECE = 256 * 1024
 # Progress is told to ``on_bytes`` in steps of at least this much (and at the end).
 REPORT_BYTES = 4 * 1024 * 1024
+
+# How messages name each digest kind.
+_DIGEST_NAMES = {"git-sha1": "git blob id", "md5": "MD5"}
 
 #: ``read(start, end)``: the bytes ``[start, end)`` of one object, as an iterator of chunks.
 RangeRead = Callable[[int, int], Iterator[bytes]]
@@ -217,7 +225,7 @@ class Fetcher:
         self.hash_mode = hash_mode or HASH_MODE
         self.checkpoint_s = CHECKPOINT_INTERVAL_S if checkpoint_s is None else checkpoint_s
         self.dir = store.blobs.tmp_dir / "fetch"
-        self._slots = threading.BoundedSemaphore(self.concurrency)
+        self._slots = _Slots(self.concurrency)
 
     def partial_path(self, identity: str) -> Path:
         """Where the bytes of ``identity`` land while it is fetched."""
@@ -397,7 +405,9 @@ class _Transfer:
             self.hasher.prefix(self.landed.prefix_end())
             self._emit_started()
             gaps = list(self.landed.gaps(req.size))
-            self._pending.extend(split(gaps, self.f.chunk_size) if req.ranged else gaps)
+            # Someone reads this object while it lands (a streaming loader): its head first.
+            ramp = WATCHED_FIRST_PIECE if self.observers else 0
+            self._pending.extend(split(gaps, self.f.chunk_size, ramp) if req.ranged else gaps)
             try:
                 self._run_workers()
             finally:
@@ -406,7 +416,8 @@ class _Transfer:
             sha = digests["sha256"]
             for kind, expected in published.items():
                 if digests[kind] != expected:
-                    raise _Corrupt(f"{req.name}: the fetched bytes have {kind} {digests[kind]},"
+                    label = _DIGEST_NAMES.get(kind, kind)
+                    raise _Corrupt(f"{req.name}: the fetched bytes have {label} {digests[kind]},"
                                    f" the origin publishes {expected}")
         except BaseException as exc:
             if self.hasher is not None:
@@ -477,7 +488,7 @@ class _Transfer:
         slots = self.f._slots
         try:
             while not self.stop.is_set():
-                if not slots.acquire(timeout=0.2):
+                if not slots.acquire(lambda: REGISTRY.rank(self.files.part), self.stop):
                     continue
                 try:
                     with self.lock:
@@ -567,6 +578,49 @@ class _Transfer:
                 o.landed(pos, pos + n)
         self.hasher.prefix(prefix)
         self.progress.advance(n)
+
+
+class _Slots:
+    """The fetcher's connection slots, granted in order of rank, then of arrival.
+
+    A semaphore lets a worker that just released a slot take it straight back,
+    so one file's workers could keep every slot while another file (a shard
+    index that a loader waits for) starves. Here waiters queue: the lowest rank
+    first (``REGISTRY.rank``: watched objects in the order they were watched,
+    then the rest), first come first served within a rank. A rank is looked up
+    again whenever the queue's head is chosen, so a watch that begins while a
+    transfer runs moves its next pieces forward.
+    """
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._cond = threading.Condition()
+        self._waiting: list[tuple[Callable[[], int], int]] = []  # (rank of, ticket)
+        self._tickets = itertools.count()
+
+    def _head(self) -> tuple[Callable[[], int], int]:
+        return min(self._waiting, key=lambda w: (w[0](), w[1]))
+
+    def acquire(self, rank: Callable[[], int], stop: threading.Event) -> bool:
+        """Wait for a slot; False if ``stop`` was set first."""
+        with self._cond:
+            me = (rank, next(self._tickets))
+            self._waiting.append(me)
+            try:
+                while not (self._free > 0 and self._head() is me):
+                    if stop.is_set():
+                        return False
+                    self._cond.wait(0.2)
+                self._free -= 1
+                return True
+            finally:
+                self._waiting.remove(me)
+                self._cond.notify_all()  # the head changed
+
+    def release(self) -> None:
+        with self._cond:
+            self._free += 1
+            self._cond.notify_all()
 
 
 class _Coalescer:

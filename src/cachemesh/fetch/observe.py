@@ -29,7 +29,11 @@ the ready-made observer: it keeps the landed ranges and lets any thread
 ``wait`` for a byte range.
 
 Observers are attached per fetch (``Fetcher.fetch(..., observer=...)``) or by
-identity, before or during the fetch, with ``Fetcher.watch``. Only fetches run
+identity, before or during the fetch, with ``Fetcher.watch``. Watching also
+orders the work: the fetcher's connection slots go to watched objects first,
+in the order they were first watched, and a watched object's head is fetched
+in small pieces first (``fetcher.py``), so a loader that watches its files in
+load order gets them, and their headers, in that order. Only fetches run
 by this process are observed; a fetch that another process runs for the same
 store is visible, coarsely, through its ``tmp/fetch/KEY.state`` record
 (see ``ranges.py``). A loader streaming a file that a pull is fetching::
@@ -148,6 +152,10 @@ class Flight:
         self.close()
 
 
+# The rank of an object nobody watches: after every watched one.
+UNWATCHED = 1 << 62
+
+
 class _Registry:
     """Process-wide: which fetch is running for which partial file, and who watches."""
 
@@ -155,12 +163,23 @@ class _Registry:
         self._lock = threading.Lock()
         self._active: dict[str, object] = {}  # partial path -> the running transfer
         self._waiting: dict[str, list[FetchObserver]] = {}  # partial path -> watchers
+        self._ranks: dict[str, int] = {}  # partial path -> order of its first watch
+        self._next_rank = 0
+
+    def rank(self, partial: Path) -> int:
+        """The fetcher's priority for ``partial``'s pieces: watched objects in the order
+        they were first watched (a loader watches its files in load order), then the rest."""
+        with self._lock:
+            return self._ranks.get(str(partial), UNWATCHED)
 
     def watch(self, partial: Path, observer: FetchObserver) -> None:
         key = str(partial)
         with self._lock:
             # A standing interest: it also sees later fetches of the same object.
             self._waiting.setdefault(key, []).append(observer)
+            if key not in self._ranks:
+                self._ranks[key] = self._next_rank
+                self._next_rank += 1
             transfer = self._active.get(key)
         if transfer is not None:
             transfer.attach(observer)  # type: ignore[attr-defined]
@@ -173,6 +192,7 @@ class _Registry:
                 waiting.remove(observer)
             if not waiting:
                 self._waiting.pop(key, None)
+                self._ranks.pop(key, None)
             transfer = self._active.get(key)
         if transfer is not None:
             transfer.detach(observer)  # type: ignore[attr-defined]

@@ -113,16 +113,27 @@ class RangeSet:
         return f"RangeSet({self.intervals()})"
 
 
-def split(gaps: Iterable[tuple[int, int]], chunk: int) -> list[tuple[int, int]]:
+def split(gaps: Iterable[tuple[int, int]], chunk: int, ramp_from: int = 0
+          ) -> list[tuple[int, int]]:
     """Cut each gap into pieces of at most ``chunk`` bytes, in order.
 
     Pieces are aligned to multiples of ``chunk`` where the gap allows, so that a
     resumed fetch asks for the same byte ranges as the first one (friendlier to
     CDN and origin caches that key on the Range header).
+
+    With ``ramp_from``, a gap that starts at byte 0 begins with a piece of that
+    many bytes, and each next piece is twice as long, up to ``chunk``: with N
+    pieces in flight at once the first bytes of the object then land first,
+    instead of at 1/N of the speed while N full pieces share the connection.
     """
     pieces = []
     for start, end in gaps:
         pos = start
+        size = ramp_from if start == 0 else 0
+        while 0 < size < chunk and pos < end:
+            pieces.append((pos, min(end, pos + size)))
+            pos = min(end, pos + size)
+            size *= 2
         while pos < end:
             stop = min(end, (pos // chunk + 1) * chunk)
             pieces.append((pos, stop))

@@ -8,8 +8,9 @@ Modules: ``format`` parses and validates one file's header, ``checkpoint``
 finds a checkpoint's files (shard index, directory, cache source),
 ``reader`` reads chunks in parallel (page cache first, then ``O_DIRECT``),
 ``memory`` allocates the huge-page host buffers, ``stream`` turns landed chunks
-into tensors (and holds the CUDA staging path), ``state_dict`` and
-``pretrained`` build on the stream.
+into tensors (and holds the CUDA staging path), ``origin`` streams a source
+that is not cached yet from the fetcher's partial files while it is pulled,
+``state_dict`` and ``pretrained`` build on the stream.
 
 The names that need torch are imported on first use, so reading a header to
 size a checkpoint (``read_checkpoint(path).nbytes``) does not import torch.

@@ -12,7 +12,8 @@ A checkpoint is one of:
   another ``*.safetensors.index.json`` is used when it is the only index there;
 - a directory without an index: every ``*.safetensors`` in it, by name;
 - a cache source such as ``hf://org/name@rev``: pulled into the local cache first
-  (anything containing ``://``).
+  (anything containing ``://``). ``iter_tensors`` and ``load_state_dict`` stream
+  a remote source that is not cached yet instead (``origin.py``).
 
 Every header is read and validated before a byte of tensor data is, so a missing
 shard, a shard that lacks a tensor the index promises, or a name that two files
@@ -109,8 +110,17 @@ def _find_index(directory: Path) -> Path | None:
 
 def _read_index(index: Path) -> dict[str, str]:
     try:
-        doc = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raw = index.read_bytes()
+    except OSError as exc:
+        raise LoadError(f"{index}: unreadable shard index: {exc}") from exc
+    return parse_index(raw, index)
+
+
+def parse_index(raw: bytes, index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index's bytes (``index`` names it in errors)."""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
         raise LoadError(f"{index}: unreadable shard index: {exc}") from exc
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(

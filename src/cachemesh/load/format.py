@@ -156,7 +156,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
                     "too short for the 8-byte header length"
                 )
             (header_size,) = struct.unpack("<Q", prefix)
-            _check_header_size(path, header_size, file_size)
+            check_header_size(path, header_size, file_size)
             raw = f.read(header_size)
     except OSError as exc:
         raise LoadError(f"{path}: cannot read: {exc.strerror or exc}") from exc
@@ -165,7 +165,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     return parse_header(path, raw, file_size)
 
 
-def _check_header_size(path: Path, header_size: int, file_size: int) -> None:
+def check_header_size(path: Path, header_size: int, file_size: int) -> None:
     if header_size > MAX_HEADER_BYTES:
         raise LoadError(
             f"{path}: header length {header_size} exceeds {MAX_HEADER_BYTES} bytes; "
@@ -190,7 +190,7 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
 def parse_header(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
     """Validate the JSON header ``raw`` of a file of ``file_size`` bytes at ``path``."""
     header_size = len(raw)
-    _check_header_size(path, header_size, file_size)
+    check_header_size(path, header_size, file_size)
     try:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as exc:

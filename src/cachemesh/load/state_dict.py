@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
+from ..errors import RefetchedError
 from .checkpoint import Checkpoint, read_checkpoint
+from .origin import OriginStream
 from .stats import LoadStats
-from .stream import iter_tensors
+from .stream import TensorStream, iter_tensors
 
 
 class LoadedStateDict(dict[str, torch.Tensor]):
@@ -32,6 +35,7 @@ def load_state_dict(
     *,
     chunk_bytes: int | None = None,
     direct_io: bool | None = None,
+    stream_origin: bool = True,
 ) -> LoadedStateDict:
     """Load every tensor of a safetensors checkpoint.
 
@@ -40,26 +44,32 @@ def load_state_dict(
     of its tensors are freed. On the CPU each view has a storage of its own
     (``torch.save`` of one tensor writes only that tensor); on CUDA the tensors
     of a file share one device storage.
+
+    From a remote source that is not cached yet, tensors are read while the
+    pull fetches them, and the dict is returned only once every file was
+    verified: a failed pull raises its error, and a file fetched again after
+    failing verification is read again from the verified cache.
     """
-    checkpoint = (
-        path_or_source
-        if isinstance(path_or_source, Checkpoint)
-        else read_checkpoint(path_or_source)
-    )
+    options: dict[str, Any] = dict(device=device, dtype=dtype, threads=threads,
+                                   chunk_bytes=chunk_bytes, direct_io=direct_io)
+    stream = iter_tensors(path_or_source, stream_origin=stream_origin, **options)
+    try:
+        result = _collect(stream)
+    except RefetchedError:
+        # The pull succeeded, but some bytes we streamed were replaced: the view is verified.
+        stream = iter_tensors(read_checkpoint(stream.view), **options)  # type: ignore[union-attr]
+        result = _collect(stream)
+    metadata: dict[str, str] = {}
+    for header in stream.checkpoint.headers:
+        metadata.update(header.metadata)
+    result.metadata = metadata
+    return result
+
+
+def _collect(stream: TensorStream | OriginStream) -> LoadedStateDict:
     result = LoadedStateDict()
-    with iter_tensors(
-        checkpoint,
-        device=device,
-        dtype=dtype,
-        threads=threads,
-        chunk_bytes=chunk_bytes,
-        direct_io=direct_io,
-    ) as stream:
+    with stream:
         for name, tensor in stream:
             result[name] = tensor
     result.stats = stream.stats
-    metadata: dict[str, str] = {}
-    for header in checkpoint.headers:
-        metadata.update(header.metadata)
-    result.metadata = metadata
     return result

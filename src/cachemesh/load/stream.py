@@ -30,10 +30,10 @@ import os
 import queue
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -55,6 +55,17 @@ from .reader import (
 from .stats import LoadStats
 from .tensors import CASTABLE, resolve_dtype, torch_dtype, torch_shape
 
+if TYPE_CHECKING:
+    from .origin import OriginStream
+
+
+class ChunkReader(Protocol):
+    """What the stream reads chunks with: a :class:`FileReader`, or a stand-in."""
+
+    def read(self, start: int, end: int, dst: memoryview) -> ReadCounts: ...
+
+    def close(self) -> None: ...
+
 
 class _HostSink:
     """Chunks land directly in one anonymous mapping per file."""
@@ -64,7 +75,7 @@ class _HostSink:
         self.buffers = [memory.allocate(layout.size) for layout in layouts]
         self.views = [memoryview(b) for b in self.buffers]
 
-    def read_chunk(self, reader: FileReader, chunk: Chunk) -> ReadCounts:
+    def read_chunk(self, reader: ChunkReader, chunk: Chunk) -> ReadCounts:
         base = self.layouts[chunk.file].base
         return reader.read(chunk.start, chunk.end, self.views[chunk.file][chunk.start - base :])
 
@@ -121,7 +132,7 @@ class _CudaSink:
             self.free.put(_StagingSlot(slot_bytes))
         self.copied: dict[Chunk, torch.cuda.Event] = {}
 
-    def read_chunk(self, reader: FileReader, chunk: Chunk) -> ReadCounts:
+    def read_chunk(self, reader: ChunkReader, chunk: Chunk) -> ReadCounts:
         slot = self.free.get()
         try:
             if slot.event is not None:
@@ -180,6 +191,9 @@ class TensorStream(Iterator[tuple[str, torch.Tensor]]):
     Reading starts on construction. Use it as a context manager, or call
     :meth:`close`, to stop early: pending reads are cancelled and running ones
     waited for. ``stats`` is complete once the iterator is exhausted.
+
+    ``open_reader`` replaces the :class:`FileReader` of each file (the origin
+    stream's readers wait for bytes to land before they read them).
     """
 
     def __init__(
@@ -191,6 +205,7 @@ class TensorStream(Iterator[tuple[str, torch.Tensor]]):
         threads: int | None = None,
         chunk_bytes: int | None = None,
         direct_io: bool | None = None,
+        open_reader: Callable[[FileLayout], ChunkReader] | None = None,
     ) -> None:
         self._t0 = time.perf_counter()
         self.checkpoint = checkpoint
@@ -205,7 +220,7 @@ class TensorStream(Iterator[tuple[str, torch.Tensor]]):
         self._file = 0
         self._next_tensor = 0
         self._closed = False
-        self._readers: list[FileReader] = []
+        self._readers: list[ChunkReader] = []
         self._pool: ThreadPoolExecutor | None = None
         self._pending: deque[tuple[Chunk, Future[ReadCounts]]] = deque()
         self._sink: Any = None
@@ -218,7 +233,10 @@ class TensorStream(Iterator[tuple[str, torch.Tensor]]):
                 self._sink = _CudaSink(layouts, self._device, chunk_bytes, slots=threads + 2)
             else:
                 self._sink = _HostSink(layouts)
-            self._readers = [FileReader(layout, direct_io) for layout in layouts]
+            if open_reader is None:
+                self._readers = [FileReader(layout, direct_io) for layout in layouts]
+            else:
+                self._readers = [open_reader(layout) for layout in layouts]
             self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cachemesh-load")
             for i, layout in enumerate(layouts):
                 for chunk in plan_chunks(i, layout, chunk_bytes):
@@ -332,29 +350,39 @@ def iter_tensors(
     *,
     chunk_bytes: int | None = None,
     direct_io: bool | None = None,
-) -> TensorStream:
+    stream_origin: bool = True,
+) -> TensorStream | OriginStream:
     """Stream ``(name, tensor)`` pairs of a safetensors checkpoint in file order.
 
     ``path_or_source`` is a file, a directory (sharded through
     ``model.safetensors.index.json``, else every ``*.safetensors`` in it) or a
-    cache source such as ``hf://org/name`` (pulled first). Each tensor is
-    yielded as soon as its bytes have landed, while later ones are still being
-    read. ``dtype`` converts float16/bfloat16/float32/float64 tensors;
-    ``device`` places them (``"cuda"`` streams through pinned staging buffers).
-    ``threads`` reads in parallel (default: twice the cores, 4 to 16);
-    ``chunk_bytes`` is the size of one read (default 16 MiB); ``direct_io``
-    chooses how bytes not in the page cache are read (see ``reader.py``).
+    cache source such as ``hf://org/name``. Each tensor is yielded as soon as
+    its bytes have landed, while later ones are still being read. ``dtype``
+    converts float16/bfloat16/float32/float64 tensors; ``device`` places them
+    (``"cuda"`` streams through pinned staging buffers). ``threads`` reads in
+    parallel (default: twice the cores, 4 to 16); ``chunk_bytes`` is the size
+    of one read (default 16 MiB; 1 MiB from an origin); ``direct_io`` chooses
+    how bytes not in the page cache are read (see ``reader.py``).
+
+    A remote source that is not cached yet is pulled while its tensors are
+    yielded from the bytes the fetcher writes (``origin.py``): tensors come
+    before their bytes are verified, and the stream raises at its end if the
+    pull fails. ``stream_origin=False`` pulls first, then loads.
     """
+    options: dict[str, Any] = dict(device=device, dtype=dtype, threads=threads,
+                                   chunk_bytes=chunk_bytes, direct_io=direct_io)
+    if stream_origin and not isinstance(path_or_source, Checkpoint):
+        text = os.fspath(path_or_source)
+        if "://" in text:
+            from .origin import STREAM_CHUNK_BYTES, open_origin_stream
+
+            stream = open_origin_stream(
+                text, {**options, "chunk_bytes": chunk_bytes or STREAM_CHUNK_BYTES})
+            if stream is not None:
+                return stream
     checkpoint = (
         path_or_source
         if isinstance(path_or_source, Checkpoint)
         else read_checkpoint(path_or_source)
     )
-    return TensorStream(
-        checkpoint,
-        device=device,
-        dtype=dtype,
-        threads=threads,
-        chunk_bytes=chunk_bytes,
-        direct_io=direct_io,
-    )
+    return TensorStream(checkpoint, **options)

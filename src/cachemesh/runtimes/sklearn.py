@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InferenceInputError, InvalidInputError, ModelLoadError
+from ..errors import InferenceInputError, ModelLoadError
 from .base import Runtime
+from .files import flag, single_file, uri_file
 from .types import InferenceRequest, InferenceResponse, Tensor, datatype_of
 
 SUFFIXES = (".joblib", ".pkl", ".pickle", ".skops")
@@ -37,23 +38,11 @@ def model_file(path: Path, uri: str | None = None) -> Path:
     if path.is_file():
         return path
     if uri:
-        candidate = (path / uri).resolve()
-        if not candidate.is_relative_to(path.resolve()):
-            raise InvalidInputError(f"model uri {uri!r} points outside the model directory {path}")
-        if not candidate.is_file():
-            raise ModelLoadError(f"model file {uri!r} not found in {path}")
-        return candidate
+        return uri_file(path, uri)
     for name in DEFAULT_FILES:
         if (path / name).is_file():
             return path / name
-    found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SUFFIXES)
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise ModelLoadError(f"no model file ({', '.join(DEFAULT_FILES)}) in {path}")
-    raise ModelLoadError(
-        f"several model files in {path} ({', '.join(p.name for p in found)}); set parameter uri"
-    )
+    return single_file(path, SUFFIXES, "model file", DEFAULT_FILES)
 
 
 class SKLearnRuntime(Runtime):
@@ -89,7 +78,7 @@ class SKLearnRuntime(Runtime):
     def load(self) -> None:
         params = self.settings.parameters
         file = model_file(Path(self.settings.path), params.get("uri"))
-        trusted = _flag(params.get("trusted", True))
+        trusted = flag(params.get("trusted", True))
         if file.suffix == ".skops":
             self.model = _load_skops(file, trusted, params.get("trusted_types") or [])
         elif not trusted:
@@ -145,12 +134,6 @@ class SKLearnRuntime(Runtime):
             dt = datatype_of(np.asarray(classes)) if classes is not None else "FP64"
             outputs = [{"name": "predict", "datatype": dt, "shape": [-1]}]
         return {"platform": "sklearn", "inputs": inputs, "outputs": outputs}
-
-
-def _flag(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() not in ("0", "false", "no", "off")
-    return bool(value)
 
 
 def _load_skops(file: Path, trusted: bool, trusted_types: list[str]) -> Any:

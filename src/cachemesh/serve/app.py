@@ -16,7 +16,8 @@ or 403 before the body is read) and the body limit (``limits.py``: 413). A new
 route is covered by both with no code of its own; ``auth.RULES`` says which
 token its path needs (control, unless a rule says otherwise). Handlers reach the service as
 ``request.app.state.service`` (both apps carry it). The service starts and stops
-with the root app's lifespan.
+with the root app's lifespan, and so does KServe V2 over gRPC (``v2_grpc.py``) on
+``grpc_port`` when it is not 0, in the same event loop.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from starlette.routing import Mount, Route
 from .. import __version__
 from ..access import CONTROL, Keyring
 from ..errors import CachemeshError
-from . import control, openai, v2_rest
+from . import control, datacaches, openai, v2_rest
 from .auth import Authenticate, access_of
 from .http_errors import encodable
 from .limits import BodyLimit
@@ -53,6 +54,7 @@ def create_api(service: ModelService, routers: Sequence[Any] = ()) -> FastAPI:
                   " KServe V2 (Open Inference Protocol) under /v2 on the same port.")
     api.state.service = service
     api.include_router(control.router)
+    api.include_router(datacaches.router)
     api.include_router(openai.router)
     for router in routers:
         api.include_router(router)
@@ -81,9 +83,20 @@ def create_api(service: ModelService, routers: Sequence[Any] = ()) -> FastAPI:
 def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
                routers: Sequence[Any] = (),
                on_started: Callable[[], None] | None = None) -> Starlette:
+    keyring = Keyring.from_settings(service.settings)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await service.start(list(specs))
+        grpc_server = None
+        try:
+            if service.cfg.grpc_port:
+                from .v2_grpc import start_grpc
+
+                grpc_server = await start_grpc(service, keyring)
+        except BaseException:
+            await service.stop()
+            raise
         # Modules, routes and settings live as long as the server: keep the collector
         # from walking them again and again under load (long gen-2 pauses in p99).
         gc.collect()
@@ -93,7 +106,10 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(service.cfg.drain_timeout_s)
             await service.stop()
+            datacaches.stop_pulls(api)  # background pulls: stopped, resumable
 
     async def metrics(request: Request) -> Response:
         service.refresh_gauges()
@@ -108,8 +124,8 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
     api = create_api(service, routers)
     app = Starlette(routes=[*v2_rest.routes(), Route("/metrics", metrics, methods=["GET"]),
                             Mount("", app=api)], lifespan=lifespan,
-                    middleware=[Middleware(Authenticate, keyring=Keyring.from_settings(
-                        service.settings)), Middleware(BodyLimit, limit_of=body_limit)])
+                    middleware=[Middleware(Authenticate, keyring=keyring),
+                                Middleware(BodyLimit, limit_of=body_limit)])
     app.state.service = service
     app.state.api = api
     return app

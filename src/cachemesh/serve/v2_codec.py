@@ -17,6 +17,12 @@ Answers are JSON, or JSON plus binary outputs when the request asks for them
 (``binary_data`` on a requested output, or ``binary_data_output`` on the
 request). Everything wrong with a body is an
 :class:`~cachemesh.errors.InferenceInputError` naming the input at fault.
+
+The tensor-level functions are shared with the gRPC adapter (``v2_grpc.py``),
+which reads protobuf messages instead of JSON: :func:`check_datatype`,
+:func:`check_shape`, :func:`unwrap_parameters`, :func:`decode_raw`,
+:func:`contents_field`, :func:`decode_contents` (request side) and :func:`encode_raw`,
+:func:`contents_values`, :func:`needs_raw_outputs` (answer side).
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ def _fail(msg: str) -> InferenceInputError:
     return InferenceInputError(msg)
 
 
-def _unwrap_params(params: Any, where: str) -> dict[str, Any]:
+def unwrap_parameters(params: Any, where: str) -> dict[str, Any]:
     """Plain V2 parameters, or gRPC InferParameter objects ({"bool_param": true})."""
     if params is None:
         return {}
@@ -84,7 +90,7 @@ def _unwrap_params(params: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def _shape(value: Any, where: str) -> tuple[int, ...]:
+def check_shape(value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, list):
         raise _fail(f"{where}: shape must be a list of integers")
     try:
@@ -170,7 +176,9 @@ def _bytes_array(items: list[Any], shape: tuple[int, ...], where: str) -> np.nda
     return _reshape(arr, shape, where)
 
 
-def _raw(buf: bytes | memoryview, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+def decode_raw(buf: bytes | memoryview, datatype: str, shape: tuple[int, ...],
+               where: str) -> np.ndarray:
+    """A tensor from its little-endian bytes (BYTES: 4-byte length, bytes, ...)."""
     if datatype == "BYTES":
         items, pos, mv = [], 0, memoryview(buf)
         while pos < len(mv):
@@ -193,11 +201,10 @@ def _raw(buf: bytes | memoryview, datatype: str, shape: tuple[int, ...], where: 
 
 
 def _contents(contents: Any, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """``contents`` of the gRPC message written as JSON."""
     if not isinstance(contents, dict):
         raise _fail(f"{where}: contents must be an object")
-    field = CONTENTS_FIELD.get(datatype)
-    if field is None:
-        raise _fail(f"{where}: {datatype} has no contents field; send it in raw_input_contents")
+    field = contents_field(datatype, where)
     values = contents.get(field, contents.get(_CAMEL[field]))
     if values is None:
         present = ", ".join(contents) or "none"
@@ -206,16 +213,40 @@ def _contents(contents: Any, datatype: str, shape: tuple[int, ...], where: str) 
         raise _fail(f"{where}: contents.{field} must be a list")
     if datatype == "BYTES":
         try:
-            items = [base64.b64decode(v, validate=True) for v in values]
+            values = [base64.b64decode(v, validate=True) for v in values]
         except (ValueError, TypeError):
             raise _fail(f"{where}: bytes_contents must be base64 strings") from None
-        return _bytes_array(items, shape, where)
-    if values and isinstance(values[0], str) and DATATYPES[datatype].kind in "iu":
+    elif values and isinstance(values[0], str) and DATATYPES[datatype].kind in "iu":
         try:
             values = [int(v) for v in values]  # protobuf JSON writes 64-bit integers as strings
         except ValueError:
             raise _fail(f"{where}: contents.{field} holds a value that is not an integer") from None
-    return _numeric(values, datatype, shape, where)
+    return decode_contents(values, datatype, shape, where)
+
+
+def contents_field(datatype: str, where: str) -> str:
+    """The gRPC ``contents`` field that holds ``datatype`` (none for FP16: raw only)."""
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise _fail(f"{where}: {datatype} has no contents field; send it in raw_input_contents")
+    return field
+
+
+def decode_contents(values: Any, datatype: str, shape: tuple[int, ...],
+                    where: str) -> np.ndarray:
+    """A tensor from the typed values of its ``contents`` field (a list, or a protobuf
+    repeated field): range-checked for the narrower integer types, reshaped."""
+    contents_field(datatype, where)
+    if datatype == "BYTES":
+        return _bytes_array(list(values), shape, where)
+    return _numeric(list(values), datatype, shape, where)
+
+
+def check_datatype(datatype: Any, where: str) -> str:
+    """The V2 datatype named (case-insensitive), or an error listing the known ones."""
+    if not isinstance(datatype, str) or datatype.upper() not in DATATYPES:
+        raise _fail(f"{where}: unknown datatype {datatype!r}; one of {', '.join(DATATYPES)}")
+    return datatype.upper()
 
 
 def parse_request(body: bytes, header_length: int | None = None) -> tuple[InferenceRequest, Form]:
@@ -239,7 +270,7 @@ def parse_request(body: bytes, header_length: int | None = None) -> tuple[Infere
     raw_contents = doc.get("raw_input_contents", doc.get("rawInputContents"))
     grpc_json = raw_contents is not None or any(
         isinstance(i, dict) and "contents" in i for i in inputs)
-    params = _unwrap_params(doc.get("parameters"), "request")
+    params = unwrap_parameters(doc.get("parameters"), "request")
     tensors: list[Tensor] = []
     offset = 0
     for index, item in enumerate(inputs):
@@ -250,17 +281,14 @@ def parse_request(body: bytes, header_length: int | None = None) -> tuple[Infere
         if not isinstance(name, str) or not name:
             raise _fail(f"{where} needs a 'name'")
         where = f"input {name!r}"
-        datatype = item.get("datatype")
-        if not isinstance(datatype, str) or datatype.upper() not in DATATYPES:
-            raise _fail(f"{where}: unknown datatype {datatype!r}; one of {', '.join(DATATYPES)}")
-        datatype = datatype.upper()
-        shape = _shape(item.get("shape"), where)
-        tparams = _unwrap_params(item.get("parameters"), where)
+        datatype = check_datatype(item.get("datatype"), where)
+        shape = check_shape(item.get("shape"), where)
+        tparams = unwrap_parameters(item.get("parameters"), where)
         size = tparams.pop("binary_data_size", None)
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise _fail(f"{where}: binary_data_size {size!r} runs past the end of the body")
-            array = _raw(binary[offset:offset + size], datatype, shape, where)
+            array = decode_raw(binary[offset:offset + size], datatype, shape, where)
             offset += size
         elif "data" in item:
             data = item["data"]
@@ -275,7 +303,7 @@ def parse_request(body: bytes, header_length: int | None = None) -> tuple[Infere
                 buf = base64.b64decode(raw_contents[index], validate=True)
             except (ValueError, TypeError):
                 raise _fail(f"{where}: raw_input_contents[{index}] is not base64") from None
-            array = _raw(buf, datatype, shape, where)
+            array = decode_raw(buf, datatype, shape, where)
         else:
             raise _fail(f"{where} has no data")
         tensors.append(Tensor(name, datatype, shape, array, tparams))
@@ -287,7 +315,7 @@ def parse_request(body: bytes, header_length: int | None = None) -> tuple[Infere
     for index, item in enumerate(doc.get("outputs") or []):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise _fail(f"output #{index + 1} needs a 'name'")
-        oparams = _unwrap_params(item.get("parameters"), f"output {item['name']!r}")
+        oparams = unwrap_parameters(item.get("parameters"), f"output {item['name']!r}")
         flag = oparams.pop("binary_data", None)
         if flag is True:
             binary_outs.add(item["name"])
@@ -311,7 +339,8 @@ def _json_data(t: Tensor) -> Any:
     return flat
 
 
-def _raw_bytes(t: Tensor) -> bytes:
+def encode_raw(t: Tensor) -> bytes:
+    """A tensor as little-endian bytes (the binary extension's and gRPC's raw form)."""
     if t.datatype == "BYTES":
         parts = []
         for v in t.data.reshape(-1):
@@ -331,7 +360,7 @@ def encode_response(response: InferenceResponse, form: Form) -> tuple[bytes, int
         out: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
         params = dict(t.parameters)
         if t.name in form.binary or (form.binary_all and t.name not in form.not_binary):
-            raw = _raw_bytes(t)
+            raw = encode_raw(t)
             params["binary_data_size"] = len(raw)
             blobs.append(raw)
         else:
@@ -363,27 +392,37 @@ def _grpc_param(value: Any) -> dict[str, Any]:
     return {"stringParam": str(value)}
 
 
+def needs_raw_outputs(response: InferenceResponse, raw_inputs: bool) -> bool:
+    """Whether a gRPC answer carries its outputs in ``raw_output_contents``: when the
+    request sent raw inputs (as Triton answers), and whenever an output has no
+    contents field (FP16); the raw list goes by position, so then every output is raw."""
+    return raw_inputs or any(t.datatype not in CONTENTS_FIELD for t in response.outputs)
+
+
+def contents_values(t: Tensor) -> tuple[str, list[Any]]:
+    """The ``contents`` field of an output and its values, flat (BYTES as bytes)."""
+    flat = t.data.reshape(-1)
+    if t.datatype == "BYTES":
+        return "bytes_contents", [v if isinstance(v, bytes) else str(v).encode() for v in flat]
+    return CONTENTS_FIELD[t.datatype], flat.tolist()
+
+
 def _encode_grpc_json(response: InferenceResponse) -> bytes:
     outputs, raw = [], []
-    # raw_output_contents goes by position: when one output needs it, all use it.
-    use_raw = any(t.datatype not in CONTENTS_FIELD for t in response.outputs)
+    use_raw = needs_raw_outputs(response, False)
     for t in response.outputs:
         out: dict[str, Any] = {"name": t.name, "datatype": t.datatype,
                                "shape": [str(d) for d in t.shape]}
         if t.parameters:
             out["parameters"] = {k: _grpc_param(v) for k, v in t.parameters.items()}
-        field = CONTENTS_FIELD.get(t.datatype)
-        flat = t.data.reshape(-1)
-        if use_raw or field is None:  # FP16 has no contents field
-            raw.append(base64.b64encode(_raw_bytes(t)).decode())
+        if use_raw:
+            raw.append(base64.b64encode(encode_raw(t)).decode())
         else:
+            field, values = contents_values(t)
             if t.datatype == "BYTES":
-                values: Any = [base64.b64encode(v if isinstance(v, bytes) else str(v).encode())
-                               .decode() for v in flat]
+                values = [base64.b64encode(v).decode() for v in values]
             elif t.datatype in ("INT64", "UINT64"):
-                values = [str(v) for v in flat.tolist()]
-            else:
-                values = flat.tolist()
+                values = [str(v) for v in values]
             out["contents"] = {_CAMEL[field]: values}
         outputs.append(out)
     doc: dict[str, Any] = {"modelName": response.model_name}

@@ -201,36 +201,46 @@ async def _parameters(request: Request) -> dict[str, Any]:
     return params or {}
 
 
-async def repository_load(request: Request) -> Response:
-    """Load a model. With ``{"parameters": {"source": ...}}`` (and optionally runtime,
-    version, and runtime parameters under ``"config"``), a model not yet known is
+async def load_model(service: ModelService, name: str, params: dict[str, Any]) -> None:
+    """The repository extension's load, whatever the protocol (the gRPC adapter calls
+    it too). With ``params["source"]`` (and optionally runtime, version, and runtime
+    parameters under ``"config"``, an object or JSON text), a model not yet known is
     deployed first, as ``POST /api/v1/models`` would, and kept across restarts."""
-    name = request.path_params["model"]
-    service = _service(request)
-    try:
-        params = await _parameters(request)
-        if "source" in params and name not in {s.name for s in service.list_models()}:
-            config = params.get("config") or {}
-            if isinstance(config, str):
+    if "source" in params and name not in {s.name for s in service.list_models()}:
+        config = params.get("config") or {}
+        if isinstance(config, str):
+            try:
                 config = orjson.loads(config)
-            spec = make_model_spec({"name": name, "source": params["source"],
-                                    "runtime": params.get("runtime"),
-                                    "version": params.get("version"), "parameters": config})
-            await service.deploy(spec)
-        await service.load(name)
+            except orjson.JSONDecodeError:
+                raise InvalidInputError("parameter 'config' is not valid JSON") from None
+        spec = make_model_spec({"name": name, "source": params["source"],
+                                "runtime": params.get("runtime"),
+                                "version": params.get("version"), "parameters": config})
+        await service.deploy(spec)
+    await service.load(name)
+
+
+async def unload_model(service: ModelService, name: str, params: dict[str, Any]) -> None:
+    """The repository extension's unload; with ``params["remove"] is True`` also forget it."""
+    if params.get("remove") is True:
+        await service.remove(name)
+    else:
+        await service.unload(name)
+
+
+async def repository_load(request: Request) -> Response:
+    try:
+        await load_model(_service(request), request.path_params["model"],
+                         await _parameters(request))
     except Exception as exc:
         return error_response(exc)
     return json_response({})
 
 
 async def repository_unload(request: Request) -> Response:
-    """Unload a model; with ``{"parameters": {"remove": true}}`` also forget it."""
     try:
-        params = await _parameters(request)
-        if params.get("remove") is True:
-            await _service(request).remove(request.path_params["model"])
-        else:
-            await _service(request).unload(request.path_params["model"])
+        await unload_model(_service(request), request.path_params["model"],
+                           await _parameters(request))
     except Exception as exc:
         return error_response(exc)
     return json_response({})

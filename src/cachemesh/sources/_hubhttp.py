@@ -1,12 +1,12 @@
 """HTTP plumbing shared by the hub sources (``hf``, ``ms``).
 
 Listing calls are small JSON requests: :func:`send` retries them a few times on
-connection errors, 429 and 5xx. File bytes go through :func:`open_stream`, a
-sequential reader that :meth:`Source.fetch`'s default path copies into a blob;
-it follows the hub's redirect to its CDN and drops the credentials when the
-redirect leaves the hub's host (the CDN URL is signed; a token must never reach
-it). Each source also describes every file as an :class:`HttpRequest`, which is
-what the shared parallel fetcher (``cachemesh.fetch``) needs to fetch it instead.
+connection errors, 429 and 5xx. File bytes go through the shared fetcher
+(``cachemesh.fetch``: parallel ranges, retries, resume, verification,
+single-flight): each source describes a file as an :class:`HttpRequest` and
+reads its byte ranges with a :class:`RangeReader`, which follows the hub's
+redirect to its CDN and drops the credentials when the redirect leaves the
+hub's host (the CDN URL is signed; a token must never reach it).
 
 Credentials live only in request headers, in memory: they are never part of a
 URL, an error message or a ``repr``. URLs in messages are shown without their
@@ -15,18 +15,17 @@ query string (a signed CDN URL is a short-lived credential too).
 
 from __future__ import annotations
 
-import hashlib
-import io
 import ssl
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
-from ..errors import CachemeshError, IntegrityError, SourceError
+from ..errors import CachemeshError, SourceError, TransientSourceError
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -79,15 +78,63 @@ def new_client(settings: Settings) -> httpx.Client:
         except (OSError, ssl.SSLError) as exc:
             raise SourceError(f"cannot load the CA bundle {settings.ca_bundle}: {exc}") from exc
     from .. import __version__
+    from ..fetch.http import _raise_read_size
 
+    _raise_read_size()  # 1 MiB socket reads for file bytes (see fetch/http.py)
+    # Every range slot of the fetcher, and each file's first request to the hub.
+    connections = settings.range_concurrency + settings.fetch_concurrency
     return httpx.Client(
         verify=verify,
         trust_env=False,
         follow_redirects=False,
-        timeout=httpx.Timeout(60.0, connect=15.0),
-        limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        timeout=httpx.Timeout(settings.fetch_timeout_s, connect=min(15.0, settings.fetch_timeout_s)),
+        limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
         headers={"User-Agent": f"cachemesh/{__version__}"},
     )
+
+
+class HubConnection:
+    """The HTTP client of one hub source and the :class:`RangeReader` over it, made on
+    first use (after ``check``, which may refuse the endpoint) and closed with the
+    source. Thread-safe: the fetcher reads ranges from many threads at once."""
+
+    def __init__(self, settings: Settings, check: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self._check = check
+        self._client: httpx.Client | None = None
+        self._reader: RangeReader | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> httpx.Client:
+        with self._lock:
+            if self._client is None:
+                if self._check is not None:
+                    self._check()
+                self._client = new_client(self.settings)
+            return self._client
+
+    @property
+    def reader(self) -> RangeReader:
+        client = self.client
+        with self._lock:
+            if self._reader is None or self._reader.client is not client:
+                self._reader = RangeReader(client)
+            return self._reader
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client, self._reader = self._client, None, None
+        if client is not None:
+            client.close()
+
+    def __del__(self) -> None:
+        client = getattr(self, "_client", None)
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001, S110 - at interpreter exit anything may fail
+                pass
 
 
 def send(
@@ -127,94 +174,121 @@ def _describe(exc: Exception | None) -> str:
 
 
 ErrorMapper = Callable[[httpx.Response, bool], CachemeshError]
+# Statuses worth retrying when reading file bytes (the fetcher backs off and resumes).
+_TRANSIENT_READ = frozenset({408, 425, 429, 500, 502, 503, 504})
+# A CDN answers these for a signed URL that expired: resolve the file again.
+_EXPIRED = frozenset({401, 403, 410})
 
 
-def open_stream(
-    client: httpx.Client,
-    request: HttpRequest,
-    *,
-    what: str,
-    on_error: ErrorMapper,
-    size: int,
-    git_sha1: str | None = None,
-) -> BinaryIO:
-    """GET ``request`` as a sequential reader, following redirects to the CDN.
+class RangeReader:
+    """Byte ranges of hub files, for the shared fetcher (``RemoteSource.read_range``).
 
-    ``on_error(response, redirected)`` turns a failed response into the
-    source's error (``redirected``: the response came from the CDN). With
-    ``git_sha1``, the git blob id of the bytes is checked at the end of the
-    stream, and a mismatch raises :class:`IntegrityError` before the caller
-    can commit anything.
+    The first read of a file GETs its resolve URL at the hub (with the
+    credentials) and follows the redirect by hand, sending the credentials
+    only while the URL stays on the hub's origin (:meth:`HttpRequest.headers_for`;
+    httpx would keep ``Authorization`` on an http -> https redirect to another
+    port of the same host). The URL the redirect ends at (a signed CDN URL) is
+    remembered per file, so the other ranges of the file go straight to the CDN
+    instead of paying one more round trip to the hub each. When the CDN refuses
+    a remembered URL (401/403/410: the signature expired), the file is
+    resolved again once; a second refusal is an error.
+
+    Errors: transport errors and 408/425/429/5xx are
+    :class:`TransientSourceError` (the fetcher retries and resumes); other
+    statuses go through the source's ``on_error(response, from_cdn)``.
     """
-    url = request.url
-    for _ in range(MAX_REDIRECTS + 1):
-        built = client.build_request("GET", url, headers=request.headers_for(url))
-        try:
-            response = client.send(built, stream=True)
-        except httpx.TransportError as exc:
-            raise SourceError(f"cannot fetch {what} from {redact(url)}: {_describe(exc)}") from exc
-        if response.is_redirect:
-            response.close()
-            url = urljoin(url, response.headers["Location"])
-            continue
-        if response.status_code != 200:
+
+    def __init__(self, client: httpx.Client) -> None:
+        self.client = client
+        self._resolved: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def forget(self, url: str) -> None:
+        with self._lock:
+            self._resolved.pop(url, None)
+
+    def read(self, request: HttpRequest, start: int, end: int, *, size: int, what: str,
+             on_error: ErrorMapper) -> Iterator[bytes]:
+        """Yield bytes ``[start, end)`` of the file ``request`` names (``size`` bytes)."""
+        for attempt in range(2):
+            with self._lock:
+                cached = self._resolved.get(request.url)
+            response, url = self._open(request, cached or request.url, start, end, what)
+            from_cdn = url != request.url
             try:
-                response.read()
-            except httpx.HTTPError:
-                pass
+                status = response.status_code
+                if status in _EXPIRED and cached is not None and attempt == 0:
+                    self.forget(request.url)
+                    continue  # the signed URL expired: ask the hub for a new one
+                if status in _TRANSIENT_READ:
+                    raise TransientSourceError(
+                        f"{what}: {redact(url)} answered {status}",
+                        retry_after=_retry_after(response))
+                if status == 206:
+                    expected = f"bytes {start}-{end - 1}/{size}"
+                    got = (response.headers.get("Content-Range") or "").strip()
+                    if got != expected:
+                        raise SourceError(f"{what}: asked for {expected}, the server sent"
+                                          f" {got or 'no Content-Range'}")
+                elif status == 200:
+                    if start != 0 or end != size:
+                        raise SourceError(f"{what}: {redact(url)} ignored a"
+                                          " Range request")
+                else:
+                    _read_quietly(response)
+                    raise on_error(response, from_cdn)
+                if from_cdn:
+                    with self._lock:
+                        self._resolved[request.url] = url
+                encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise SourceError(f"{what}: the server sent {encoding}-encoded bytes")
+                try:
+                    yield from response.iter_raw()  # as it arrives: a cut keeps what came
+                except httpx.HTTPError as exc:
+                    raise TransientSourceError(f"{what}: the connection broke"
+                                               f" ({_describe(exc)})") from exc
+                return
             finally:
                 response.close()
-            raise on_error(response, url != request.url)
-        return io.BufferedReader(_ResponseReader(response, what, size, git_sha1), CHUNK)  # type: ignore[return-value]
-    raise SourceError(f"too many redirects fetching {what} from {redact(request.url)}")
+        raise AssertionError("unreachable")
 
-
-class _ResponseReader(io.RawIOBase):
-    """Raw reader over a streamed response; translates transport errors."""
-
-    def __init__(self, response: httpx.Response, what: str, size: int,
-                 git_sha1: str | None) -> None:
-        self._response = response
-        self._chunks = response.iter_bytes(CHUNK)
-        self._pending = memoryview(b"")
-        self._what = what
-        self._read = 0
-        self._git_sha1 = git_sha1
-        self._git = hashlib.sha1(b"blob %d\0" % size) if git_sha1 else None
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        while not self._pending:
+    def _open(self, request: HttpRequest, url: str, start: int, end: int,
+              what: str) -> tuple[httpx.Response, str]:
+        """GET ``url`` with the range, following redirects: the streaming response
+        and the URL that answered it."""
+        for _ in range(MAX_REDIRECTS + 1):
+            headers = request.headers_for(url)
+            headers["Accept-Encoding"] = "identity"
+            if end > start:
+                headers["Range"] = f"bytes={start}-{end - 1}"
+            built = self.client.build_request("GET", url, headers=headers)
             try:
-                chunk = next(self._chunks)
-            except StopIteration:
-                self._finish()
-                return 0
-            except httpx.HTTPError as exc:
-                raise SourceError(f"{self._what}: the connection broke after {self._read}"
-                                  f" bytes ({_describe(exc)})") from exc
-            self._pending = memoryview(chunk)
-            if self._git is not None:
-                self._git.update(chunk)
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        self._read += n
-        return n
+                response = self.client.send(built, stream=True)
+            except httpx.TransportError as exc:
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                    raise SourceError(f"cannot fetch {what} from {redact(url)}:"
+                                      f" {_describe(exc)}") from exc
+                raise TransientSourceError(f"cannot fetch {what} from {redact(url)}:"
+                                           f" {_describe(exc)}") from exc
+            if not response.is_redirect:
+                return response, url
+            _read_quietly(response)
+            response.close()
+            url = urljoin(url, response.headers["Location"])
+        raise SourceError(f"too many redirects fetching {what} from {redact(request.url)}")
 
-    def _finish(self) -> None:
-        if self._git is not None:
-            actual = self._git.hexdigest()
-            self._git = None
-            if actual != self._git_sha1:
-                raise IntegrityError(
-                    f"{self._what}: git blob id {actual} does not match {self._git_sha1}"
-                    f" ({self._read} bytes received)"
-                )
 
-    def close(self) -> None:
-        if not self.closed:
-            self._response.close()
-        super().close()
+def _read_quietly(response: httpx.Response) -> None:
+    """Read a (small) error body so that ``on_error`` can look at it."""
+    try:
+        response.read()
+    except httpx.HTTPError:
+        pass
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", "")))
+    except ValueError:
+        return None

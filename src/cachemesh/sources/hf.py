@@ -39,10 +39,9 @@ Besides the cache's view, the files are shown in the Hugging Face cache layout
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
 
 import httpx
@@ -58,7 +57,7 @@ from ..errors import (
 from ..store.hub_layout import HubRepo, TreeEntry, check_repo_id, is_commit
 from . import _hubhttp
 from ._hubhttp import HttpRequest, redact
-from .base import Listing, RemoteFile, Source, check_options, safe_name
+from .base import Listing, RemoteFile, RemoteSource, check_options, safe_name
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -96,7 +95,7 @@ def read_token(environ: Mapping[str, str]) -> str | None:
 
 def parse_hf_uri(uri: str) -> tuple[str, str, str]:
     """``hf://[datasets/]org/name[@rev]`` -> (repo_type, repo_id, revision)."""
-    rest = uri[len("hf://"):] if uri.startswith("hf://") else uri
+    rest = uri.removeprefix("hf://")
     repo_type = "model"
     for prefix, kind in (("datasets/", "dataset"), ("models/", "model")):
         if rest.startswith(prefix):
@@ -117,13 +116,13 @@ def parse_hf_uri(uri: str) -> tuple[str, str, str]:
     return repo_type, repo_id, revision
 
 
-class HfSource(Source):
+class HfSource(RemoteSource):
     schemes = ("hf",)
     options = ()
 
     def __init__(self, repo_type: str, repo_id: str, revision: str, settings: Settings) -> None:
+        super().__init__(settings)
         self.repo_type, self.repo_id, self.revision = repo_type, repo_id, revision
-        self.settings = settings
         env = settings.environ
         # Checked when the Hub is first asked (see client): identifying the repo, for
         # the hub/ view of caches pulled earlier, must not depend on today's endpoint.
@@ -133,8 +132,7 @@ class HfSource(Source):
         self.uri = f"hf://{kind}{repo_id}@{revision}"
         self._url_prefix = f"{self.endpoint}/{kind}{repo_id}"
         self._api = f"{self.endpoint}/api/{repo_type}s/{repo_id}"
-        self._client: httpx.Client | None = None
-        self._client_lock = threading.Lock()
+        self._http = _hubhttp.HubConnection(settings, check=self._check_endpoint)
 
     @classmethod
     def from_uri(cls, uri: str, options: Mapping[str, Any], settings: Settings) -> HfSource:
@@ -161,13 +159,11 @@ class HfSource(Source):
 
     @property
     def client(self) -> httpx.Client:
-        with self._client_lock:
-            if self._client is None:
-                if not self.endpoint.startswith(("http://", "https://")):
-                    raise InvalidInputError(
-                        f"HF_ENDPOINT must be an http(s) URL, got {self.endpoint!r}")
-                self._client = _hubhttp.new_client(self.settings)
-            return self._client
+        return self._http.client
+
+    def _check_endpoint(self) -> None:
+        if not self.endpoint.startswith(("http://", "https://")):
+            raise InvalidInputError(f"HF_ENDPOINT must be an http(s) URL, got {self.endpoint!r}")
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept-Encoding": "identity"}
@@ -185,7 +181,7 @@ class HfSource(Source):
         if cdn:
             return SourceError(
                 f"{what}: the storage the Hub redirected to ({redact(str(response.url))})"
-                f" answered {status}; if a signed URL expired, pull again"
+                f" answered {status}, also with a freshly signed URL"
             )
         if code == "GatedRepo":
             how = ("the account of HF_TOKEN has not been granted access" if self._token
@@ -298,21 +294,13 @@ class HfSource(Source):
         the pinned commit; the Hub redirects LFS files to its CDN."""
         return HttpRequest(file.locator, self._headers())
 
-    def open(self, file: RemoteFile) -> BinaryIO:
-        return _hubhttp.open_stream(
-            self.client,
-            self.request_for(file),
+    def read_range(self, file: RemoteFile, start: int, end: int) -> Iterator[bytes]:
+        return self._http.reader.read(
+            self.request_for(file), start, end, size=file.size,
             what=f"{file.path} of {self.uri}",
             on_error=lambda resp, cdn: self._error(resp, path=file.path, cdn=cdn),
-            size=file.size,
-            git_sha1=file.git_sha1,
         )
 
-    def __del__(self) -> None:
-        client = getattr(self, "_client", None)
-        if client is not None:
-            try:
-                client.close()
-            except Exception:
-                pass
+    def close(self) -> None:
+        self._http.close()
 

@@ -31,9 +31,8 @@ HTTPS certificates are checked against ``Settings.ca_bundle`` (certifi by defaul
 from __future__ import annotations
 
 import re
-import threading
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, BinaryIO
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote_plus, unquote
 
 import httpx
@@ -49,7 +48,7 @@ from ..errors import (
 from ..store.hub_layout import check_repo_id
 from . import _hubhttp
 from ._hubhttp import HttpRequest, redact
-from .base import Listing, RemoteFile, Source, check_options, safe_name
+from .base import Listing, RemoteFile, RemoteSource, check_options, safe_name
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -94,18 +93,18 @@ def parse_ms_uri(uri: str) -> tuple[str, str]:
     return repo_id, revision
 
 
-class ModelScopeSource(Source):
+class ModelScopeSource(RemoteSource):
     schemes = ("ms", "modelscope")
     options = ()
 
     def __init__(self, repo_id: str, revision: str, settings: Settings) -> None:
-        self.repo_id, self.revision, self.settings = repo_id, revision, settings
+        super().__init__(settings)
+        self.repo_id, self.revision = repo_id, revision
         self.endpoint = modelscope_endpoint(settings.environ)
         self._token = (settings.environ.get("MODELSCOPE_API_TOKEN") or "").strip() or None
         self.uri = f"ms://{repo_id}@{revision}"
         self._api = f"{self.endpoint}/api/v1/models/{repo_id}"
-        self._client: httpx.Client | None = None
-        self._client_lock = threading.Lock()
+        self._http = _hubhttp.HubConnection(settings)
 
     @classmethod
     def from_uri(cls, uri: str, options: Mapping[str, Any], settings: Settings) -> ModelScopeSource:
@@ -124,10 +123,7 @@ class ModelScopeSource(Source):
 
     @property
     def client(self) -> httpx.Client:
-        with self._client_lock:
-            if self._client is None:
-                self._client = _hubhttp.new_client(self.settings)
-            return self._client
+        return self._http.client
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept-Encoding": "identity"}
@@ -274,22 +270,15 @@ class ModelScopeSource(Source):
         redirected to OSS, where the credentials must not be sent."""
         return HttpRequest(file.locator, self._headers())
 
-    def open(self, file: RemoteFile) -> BinaryIO:
-        return _hubhttp.open_stream(
-            self.client,
-            self.request_for(file),
+    def read_range(self, file: RemoteFile, start: int, end: int) -> Iterator[bytes]:
+        return self._http.reader.read(
+            self.request_for(file), start, end, size=file.size,
             what=f"{file.path} of {self.uri}",
             on_error=lambda resp, cdn: self._error(resp, stage="file", path=file.path, cdn=cdn),
-            size=file.size,
         )
 
-    def __del__(self) -> None:
-        client = getattr(self, "_client", None)
-        if client is not None:
-            try:
-                client.close()
-            except Exception:
-                pass
+    def close(self) -> None:
+        self._http.close()
 
 
 def _path(entry: dict) -> str:
