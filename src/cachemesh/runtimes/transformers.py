@@ -18,7 +18,8 @@ Parameters (``--model NAME=SOURCE,runtime=transformers,KEY=VALUE``)::
     pooling    mean (default) | last | cls   how embeddings pool the last hidden states
     normalize  true (default): embeddings have unit length
 
-Generative payloads follow ``generation.py`` (``generate`` and ``stream``);
+Generative payloads follow ``generation.py`` (``generate`` and ``stream``), checked
+and turned into text deltas by ``textgen.py`` as every text runtime does;
 ``stream`` first yields an empty chunk once the request is checked and the
 prompt encoded, so that a bad request fails before any text is due. KServe V2
 ``predict`` takes a BYTES input of texts: a classifier answers ``label`` and
@@ -28,7 +29,6 @@ prompt encoded, so that a bad request fails before any text is due. KServe V2
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,12 +39,11 @@ import numpy as np
 from ..errors import InferenceInputError, InvalidInputError, LoadError
 from . import adapters
 from .base import Runtime
+from .textgen import IncrementalDecoder, StopStrings, TextRequest, parse_generate_request
 from .types import InferenceRequest, InferenceResponse, Tensor
 
 TASKS = ("generate", "classify", "embed")
 POOLINGS = ("mean", "last", "cls")
-DEFAULT_MAX_TOKENS = 16
-KINDS = ("completion", "chat", "embedding")
 
 
 def task_of(config: dict[str, Any]) -> str:
@@ -219,11 +218,11 @@ class TransformersRuntime(Runtime):
     # -- generation (runtimes/generation.py) --------------------------------------------
 
     def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
-        kind = _kind(payload)
-        if kind == "embedding":
-            return self._embed_payload(payload)
+        req = parse_generate_request(payload)
+        if req.kind == "embedding":
+            return self._embed_payload(req.inputs)
         text, finish, prompt_tokens, count = "", "length", 0, 0
-        for chunk in self._run(payload):
+        for chunk in self._run(req):
             text += chunk["text"]
             if "finish_reason" in chunk:
                 finish = chunk["finish_reason"]
@@ -233,40 +232,32 @@ class TransformersRuntime(Runtime):
                 "completion_tokens": count}
 
     def stream(self, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        if _kind(payload) == "embedding":
+        req = parse_generate_request(payload)
+        if req.kind == "embedding":
             raise InferenceInputError("embedding requests are not streamed")
-        return self._run(payload)
+        return self._run(req)
 
-    def _run(self, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _run(self, req: TextRequest) -> Iterator[dict[str, Any]]:
         """Check the request and encode the prompt now; generate as the caller iterates."""
-        from .decoding import TextDeltas, sample_tokens
+        from .decoding import sample_tokens
 
         self._need("generate")
-        prompt_ids = self._prompt_ids(payload)
-        max_tokens = _int(payload.get("max_tokens", DEFAULT_MAX_TOKENS), "max_tokens", 1)
-        temperature = _float(payload.get("temperature", 1.0), "temperature", 0.0, 2.0)
-        top_p = _float(payload.get("top_p", 1.0), "top_p", 0.0, 1.0)
-        if top_p <= 0:
-            raise InferenceInputError("top_p must be greater than 0")
-        stop = _stop(payload.get("stop"))
-        seed = payload.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise InferenceInputError("seed must be an integer")
+        prompt_ids = self._prompt_ids(req)
         room = self.context - len(prompt_ids)
         if room <= 0:
             raise InferenceInputError(
                 f"the prompt is {len(prompt_ids)} tokens; model {self.settings.name!r} takes at"
                 f" most {self.context} tokens in all")
         tokens = sample_tokens(
-            self.model, prompt_ids, max_new_tokens=min(max_tokens, room),
-            temperature=temperature, top_p=top_p, eos_ids=self.eos_ids,
-            seed=None if seed is None else seed % 2**63,
+            self.model, prompt_ids, max_new_tokens=min(req.max_tokens, room),
+            temperature=req.temperature, top_p=req.top_p, eos_ids=self.eos_ids,
+            seed=None if req.seed is None else req.seed % 2**63,
             step=self.shared.step(self.adapter) if self.shared is not None else None)
-        decode = self._decode
-        return self._chunks(tokens, TextDeltas(decode, stop), len(prompt_ids))
+        return self._chunks(tokens, IncrementalDecoder(self._decode, prompt_ids),
+                            StopStrings(req.stop), len(prompt_ids))
 
-    def _chunks(self, tokens: Iterator[int], deltas: Any, prompt_tokens: int
-                ) -> Iterator[dict[str, Any]]:
+    def _chunks(self, tokens: Iterator[int], decoder: IncrementalDecoder, stops: StopStrings,
+                prompt_tokens: int) -> Iterator[dict[str, Any]]:
         count, finish, done = 0, "length", False
         try:
             yield {"text": ""}
@@ -274,15 +265,20 @@ class TransformersRuntime(Runtime):
                 count += 1
                 self.generated_tokens.add()
                 if token in self.eos_ids:
-                    finish = "stop"
                     break
-                piece = deltas.push(token)
+                piece = stops.feed(decoder.push(token))
                 if piece:
                     yield {"text": piece}
-                if deltas.stopped:
-                    finish = "stop"
+                if stops.stopped:
                     break
-            rest = deltas.finish()
+            else:
+                token = None
+            if token is not None and token in self.eos_ids:
+                finish = "stop"
+            rest = "" if stops.stopped else stops.feed(decoder.flush())
+            rest += stops.flush()
+            if stops.stopped:
+                finish = "stop"
             if rest:
                 yield {"text": rest}
             done = True
@@ -296,17 +292,11 @@ class TransformersRuntime(Runtime):
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _prompt_ids(self, payload: dict[str, Any]) -> list[int]:
-        kind = _kind(payload)
-        if kind == "completion":
-            prompt = payload.get("prompt")
-            if not isinstance(prompt, str):
-                raise InferenceInputError("a completion request needs 'prompt', a string")
-            ids = list(self.tokenizer(prompt)["input_ids"])
-        elif kind == "chat":
-            ids = self._chat_ids(payload.get("messages"))
+    def _prompt_ids(self, req: TextRequest) -> list[int]:
+        if req.kind == "completion":
+            ids = list(self.tokenizer(req.prompt)["input_ids"])
         else:
-            raise InferenceInputError(f"kind {kind!r} does not generate text")
+            ids = self._chat_ids(req.messages)
         if not ids:
             bos = getattr(self.tokenizer, "bos_token_id", None)
             if bos is None:
@@ -314,18 +304,11 @@ class TransformersRuntime(Runtime):
             ids = [bos]
         return ids
 
-    def _chat_ids(self, messages: Any) -> list[int]:
+    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InferenceInputError(
                 f"model {self.settings.name!r} has no chat template (its tokenizer config has"
                 " no chat_template); send plain prompts to /v1/completions")
-        if not isinstance(messages, list) or not messages:
-            raise InferenceInputError("a chat request needs 'messages', a non-empty list")
-        for m in messages:
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str)):
-                raise InferenceInputError(
-                    "each message is an object with a string 'role' and a string 'content'")
         try:
             text = self.tokenizer.apply_chat_template(
                 [{"role": m["role"], "content": m["content"]} for m in messages],
@@ -345,9 +328,8 @@ class TransformersRuntime(Runtime):
 
     # -- embeddings and classification -----------------------------------------------
 
-    def _embed_payload(self, payload: dict[str, Any]) -> dict[str, Any]:
-        texts = payload.get("input")
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+    def _embed_payload(self, texts: list[str]) -> dict[str, Any]:
+        if not texts:
             raise InferenceInputError("an embedding request needs 'input', a non-empty list of"
                                       " strings")
         vectors, used = self._embed(texts)
@@ -449,41 +431,6 @@ def _context_length(config: dict[str, Any], tokenizer: Any) -> int:
             return value
     value = getattr(tokenizer, "model_max_length", 0)
     return int(value) if isinstance(value, int) and 0 < value < 10**7 else 2048
-
-
-def _kind(payload: Any) -> str:
-    if not isinstance(payload, dict):
-        raise InferenceInputError("a generation request is a JSON object")
-    kind = payload.get("kind")
-    if kind not in KINDS:
-        raise InferenceInputError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
-    return kind
-
-
-def _int(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InferenceInputError(f"{name} must be an integer")
-    if value < low:
-        raise InferenceInputError(f"{name} must be at least {low}")
-    return value
-
-
-def _float(value: Any, name: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InferenceInputError(f"{name} must be a number")
-    if not low <= value <= high:
-        raise InferenceInputError(f"{name} must be between {low:g} and {high:g}")
-    return float(value)
-
-
-def _stop(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value) or len(value) > 4:
-        raise InferenceInputError("stop is a string or a list of at most 4 strings")
-    return [s for s in value if s]
 
 
 def _texts(request: InferenceRequest) -> list[str]:
