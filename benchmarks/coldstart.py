@@ -44,6 +44,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import _report  # noqa: E402
+
+drop_caches = _report.drop_page_cache
 SIZES = {
     # hidden, intermediate, layers, heads, kv heads, vocab
     "2gb": (2048, 5632, 20, 32, 4, 32000),
@@ -101,15 +105,6 @@ def build(size: str) -> tuple[Path, Path, Path]:
                           "llm", "--bucket", "models"], env=env, check=True,
                          capture_output=True, text=True)
     return model_dir, home, Path(out.stdout.strip().splitlines()[-1])
-
-
-def drop_caches() -> bool:
-    try:
-        subprocess.run(["sync"], check=True)
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def free_port() -> int:
@@ -243,17 +238,11 @@ def main() -> None:
     body = report(results, nbytes, can_drop, args.rounds, load_before)
     print(body)
     if not args.no_write:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        import _report
-
         _report.write_section("coldstart", "Cold start to the first token", body)
 
 
 def report(results: dict[str, list[dict[str, float]]], nbytes: int, can_drop: bool,
            rounds: int, load_before: float) -> str:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import _report
-
     med = {name: {k: statistics.median(r[k] for r in runs) for k in MARKS}
            for name, runs in results.items()}
     plain_total = med["plain script"]["token"]
