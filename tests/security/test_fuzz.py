@@ -157,3 +157,10 @@ def test_a_fault_of_the_model_is_still_a_5xx(secured):
     assert "faulty toy failed" in r.json()["error"]
     assert c.post("/v2/models/echo/infer", json=V2, headers=AS_INFERENCE).status_code == 200
     assert c.get("/v2/health/ready").status_code == 200
+
+
+def test_a_generative_model_without_predict_is_a_4xx_on_v2(secured):
+    """parrot has only the generate/stream hooks: V2 inference asks what it does not do."""
+    r = secured.client.post("/v2/models/parrot/infer", json=V2, headers=AS_INFERENCE)
+    assert r.status_code == 400, r.text
+    assert "generates" in r.json()["error"]

@@ -110,12 +110,13 @@ class Runtime:
 
     @classmethod
     def supports(cls, hook: str) -> bool:
-        """Whether a subclass implements the optional ``generate`` or ``stream`` hook."""
+        """Whether a subclass implements ``predict``, or the optional ``generate`` or
+        ``stream`` hook."""
         return getattr(cls, hook, None) is not getattr(Runtime, hook)
 
     def capabilities(self) -> dict[str, bool]:
         """Which optional hooks this model answers (a wrapper asks what it wraps)."""
-        return {hook: type(self).supports(hook) for hook in ("generate", "stream")}
+        return {hook: type(self).supports(hook) for hook in ("predict", "generate", "stream")}
 
     def stats(self) -> dict[str, float]:
         """Running counts a runtime keeps (tokens generated, streams cancelled); the

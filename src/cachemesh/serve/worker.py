@@ -172,6 +172,11 @@ class Worker:
         model = self.models.get(key)
         if model is None:
             return (rid, ipc.ERROR, (ipc.E_MISSING, f"model {key!r} is not loaded on this worker"))
+        if not model.capabilities().get("predict", True):
+            # A generative model that only has the generate/stream hooks: the request
+            # asked for what the model does not do (found by the fuzzer).
+            return (rid, ipc.ERROR, (ipc.E_INPUT, "this model takes no KServe V2 inference"
+                                     " requests; it generates (OpenAI API, /v1)"))
         try:
             return (rid, ipc.OK, model.predict(request))
         except InvalidInputError as exc:
