@@ -73,21 +73,21 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 
 
-def write_section(name: str, title: str, body: str) -> None:
-    """Replace (or append) this benchmark's section in docs/benchmarks.md."""
+def write_section(name: str, title: str, body: str, doc: Path = DOC) -> None:
+    """Replace (or append) this benchmark's section in docs/benchmarks.md (or ``doc``)."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     section = (
         f"{begin}\n## {title}\n\nCommand: `{command_line()}`  \n"
         f"Run: {stamp} on {machine()}\n\n{body.strip()}\n{end}"
     )
-    text = DOC.read_text() if DOC.exists() else HEADER
+    text = doc.read_text() if doc.exists() else HEADER
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         _, tail = rest.split(end, 1)
         text = head + section + tail
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
-    print(f"wrote section {name!r} of {DOC}")
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+    print(f"wrote section {name!r} of {doc}")

@@ -257,7 +257,7 @@ class Caches:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings.from_env()
-        self.store = Store(self.settings.home)
+        self.store = Store(self.settings.home, busy_timeout=self.settings.db_busy_timeout_s)
         self.db = self.store.db
         self.hub = HubLayout(self.store.home)
         self.buckets = self.store.buckets
@@ -536,10 +536,18 @@ class Caches:
                 message = str(exc) if isinstance(exc, CachemeshError) else f"{type(exc).__name__}: {exc}"
                 if isinstance(exc, KeyboardInterrupt):
                     message = "interrupted; pull again to resume"
-                self._update(name, status=FAILED, error=message)
-                self._event(name, "failed", message, level="error")
-                # The hub view shows Available caches only.
-                self._sync_hub_quietly(name, self._hub_repo_of(spec.source, spec.options))
+                if isinstance(exc, CapacityError) and repr(name) not in message:
+                    message = f"cache {name!r}: {message}"  # a full disk names the path only
+                try:
+                    self._update(name, status=FAILED, error=message)
+                    self._event(name, "failed", message, level="error")
+                    # The hub view shows Available caches only.
+                    self._sync_hub_quietly(name, self._hub_repo_of(spec.source, spec.options))
+                except CachemeshError:
+                    pass  # a full disk or a locked database: the row still says Loading,
+                    # which reads as Failed ("interrupted") once this pull's lock is gone
+                if isinstance(exc, CapacityError) and message != str(exc):
+                    raise CapacityError(message) from exc
                 raise
             self._event(
                 name, "available",

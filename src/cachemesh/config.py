@@ -246,6 +246,9 @@ class Settings:
     retry_backoff_s: float = 0.5
     # CACHEMESH_FETCH_TIMEOUT: seconds without a byte from the origin before a read is retried.
     fetch_timeout_s: float = 60.0
+    # CACHEMESH_DB_BUSY_TIMEOUT: seconds a write waits for another process's transaction
+    # on meta.db before it fails with "locked by another process".
+    db_busy_timeout_s: float = 30.0
     # CACHEMESH_API_TOKEN: bearer token for the control API, the repository extension
     # and /metrics; it is also accepted wherever the inference token is (None: the
     # control API is open). See docs/security.md.
@@ -282,6 +285,7 @@ class Settings:
             fetch_retries=_int(env, "CACHEMESH_FETCH_RETRIES", 5),
             retry_backoff_s=_positive(env, "CACHEMESH_RETRY_BACKOFF", 0.5),
             fetch_timeout_s=_positive(env, "CACHEMESH_FETCH_TIMEOUT", 60.0),
+            db_busy_timeout_s=_positive(env, "CACHEMESH_DB_BUSY_TIMEOUT", 30.0),
             api_token=_secret(env, "CACHEMESH_API_TOKEN"),
             inference_token=_secret(env, "CACHEMESH_INFERENCE_TOKEN"),
             metrics_token=_secret(env, "CACHEMESH_METRICS_TOKEN"),

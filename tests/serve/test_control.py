@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from cachemesh.caches import Caches
+from cachemesh.serve.documents import DEFAULT_VERSION
 from cachemesh.serve.registry import SqliteModelRegistry
 from tests.serve.conftest import RunningServer, free_port, serve_settings, toy_model
 
@@ -74,6 +75,39 @@ def test_the_repository_extension_adds_and_removes_models_too(tmp_path: Path, di
         assert r.status_code == 200
         assert s.client.get("/v2/models/svm").status_code == 404
         assert registry.list() == []
+
+
+def test_concurrent_declarations_of_one_name_are_taken_one_at_a_time(tmp_path: Path):
+    """The checks and registry writes of a deploy run off the event loop; two POSTs of
+    one name at once must still give one model (201) and clashes (409), never two."""
+    settings = serve_settings(tmp_path / "home")
+    registry = SqliteModelRegistry(Caches(settings).db)
+    specs = [toy_model(tmp_path / "origins", f"m{i}") for i in range(8)]
+    with RunningServer(settings, [], registry=registry) as s:
+        codes: list[int] = []
+        gate = threading.Barrier(len(specs))
+
+        def post(i: int) -> None:
+            body = {"name": "one", "source": specs[i].source, "runtime": "custom",
+                    "parameters": specs[i].parameters}
+            with httpx.Client(base_url=s.url, timeout=30) as client:
+                gate.wait()
+                codes.append(client.post("/api/v1/models", json=body).status_code)
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(len(specs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(codes) == [201] + [409] * (len(specs) - 1), codes
+        kept = registry.list()
+        assert [d.name for d in kept] == ["one"]
+        served = s.client.get("/api/v1/models/one").json()
+        assert served["versions"][DEFAULT_VERSION]["source"] == kept[0].versions[
+            DEFAULT_VERSION].source
+        r = s.client.post("/v2/models/one/infer", content=BODY,
+                          headers={"content-type": "application/json"})
+        assert r.status_code == 200, r.text
 
 
 def cm(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -39,6 +39,7 @@ import itertools
 import logging
 import math
 import time
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,10 @@ class ModelService:
         self.budget = self.cfg.memory or default_budget()
         self.metrics.budget.set(self.budget)
         self.deployments: dict[str, Deployment] = {}
+        # One declaration (deploy, apply, remove) per name at a time: their checks and
+        # registry writes run in threads, off the event loop, so they can interleave.
+        self._declaring: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary())
         self.workers: list[WorkerHandle] = []
         self.queue = LoadQueue(self.cfg.load_concurrency, self.cfg.load_queue)
         self.inflight = 0
@@ -155,7 +160,15 @@ class ModelService:
 
     async def start(self, specs: list[ModelSpec | ModelDoc] = ()) -> None:  # type: ignore[assignment]
         """Start the workers, declare the models, and warm up in the background:
-        readiness turns true once every eager model has loaded (or failed)."""
+        readiness turns true once every eager model has loaded (or failed).
+
+        First, the store is repaired after a crash of an earlier server (or a pull):
+        removals finished, interrupted pulls marked Failed, blob files whose row
+        was never written adopted (``Caches.recover``, as its docstring promised)."""
+        try:
+            await asyncio.to_thread(self.caches.recover)
+        except CachemeshError as exc:  # a locked database: serve anyway, gc repairs later
+            log.warning("store recovery at start failed: %s", exc)
         n = self.cfg.worker_count()
         self.workers = list(await asyncio.gather(*(self._spawn() for _ in range(n))))
         self.started = True
@@ -335,21 +348,32 @@ class ModelService:
         if existing is not None and not existing.removed and not self._visible(existing):
             raise ConflictError(f"the name {doc.name!r} is taken")
 
+    def _name_lock(self, name: str) -> asyncio.Lock:
+        lock = self._declaring.get(name)
+        if lock is None:
+            lock = self._declaring[name] = asyncio.Lock()
+        return lock
+
     async def deploy(self, spec: ModelSpec, *, persist: bool = True) -> ModelStatus:
         """Add a model in its simple form (``POST /api/v1/models``), kept in the
-        registry so it survives a restart. Its pull runs in the background."""
+        registry so it survives a restart. Its pull runs in the background.
+
+        The checks and the registry write touch meta.db, so they run in a thread: a
+        database locked by another process delays this declaration, not every request."""
         doc = doc_from_spec(spec)
-        existing = self.deployments.get(spec.name)
-        self._check_access(doc, existing)
-        if existing is not None and not existing.removed:
-            if existing.doc == doc:
-                return self.status(spec.name)
-            raise ConflictError(f"model {spec.name!r} exists with another spec; remove it"
-                                " first, or PUT /api/v1/models/{name} to roll out a new version")
-        self._check_sources(doc, {}, persist=persist)
-        if persist:
-            self.registry.put(doc)
-        dep = self._add(doc, origin="api" if persist else "config")
+        async with self._name_lock(spec.name):
+            existing = self.deployments.get(spec.name)
+            await asyncio.to_thread(self._check_access, doc, existing)
+            if existing is not None and not existing.removed:
+                if existing.doc == doc:
+                    return self.status(spec.name)
+                raise ConflictError(f"model {spec.name!r} exists with another spec; remove it"
+                                    " first, or PUT /api/v1/models/{name} to roll out a new"
+                                    " version")
+            await asyncio.to_thread(self._check_sources, doc, {}, persist=persist)
+            if persist:
+                await asyncio.to_thread(self.registry.put, doc)
+            dep = self._add(doc, origin="api" if persist else "config")
         self._eager(dep)
         return self.status(spec.name)
 
@@ -368,24 +392,25 @@ class ModelService:
         have and are unloaded. If a version fails to load, the old document stays and
         the error is raised. One rollout per model at a time (409 otherwise).
         """
-        dep = self.deployments.get(doc.name)
-        self._check_access(doc, dep)
-        if dep is None or dep.removed:
-            self._check_sources(doc, {})
-            self.registry.put(doc)
-            self._eager(self._add(doc, origin="api"))
-            return self.status(doc.name), True
-        if dep.rollout is not None:
-            raise ConflictError(f"model {doc.name!r} is being rolled out already; try again"
-                                " when that finishes")
-        if doc.bucket != dep.doc.bucket:
-            raise ConflictError(
-                f"model {doc.name!r} is in bucket {dep.doc.bucket!r}; a model's bucket does"
-                " not change: remove the model and deploy it again")
-        self._check_sources(doc, dep.versions)
-        if dep.doc == doc:
-            return self.status(doc.name), False
-        dep.rollout = task = self._background(self._rollout(dep, doc))
+        async with self._name_lock(doc.name):
+            dep = self.deployments.get(doc.name)
+            await asyncio.to_thread(self._check_access, doc, dep)
+            if dep is None or dep.removed:
+                await asyncio.to_thread(self._check_sources, doc, {})
+                await asyncio.to_thread(self.registry.put, doc)
+                self._eager(self._add(doc, origin="api"))
+                return self.status(doc.name), True
+            if dep.rollout is not None:
+                raise ConflictError(f"model {doc.name!r} is being rolled out already; try"
+                                    " again when that finishes")
+            if doc.bucket != dep.doc.bucket:
+                raise ConflictError(
+                    f"model {doc.name!r} is in bucket {dep.doc.bucket!r}; a model's bucket"
+                    " does not change: remove the model and deploy it again")
+            await asyncio.to_thread(self._check_sources, doc, dep.versions)
+            if dep.doc == doc:
+                return self.status(doc.name), False
+            dep.rollout = task = self._background(self._rollout(dep, doc))
         await asyncio.shield(task)  # the rollout goes on if the client gives up
         return self.status(doc.name), False
 
@@ -421,9 +446,10 @@ class ModelService:
                 raise exc if not isinstance(exc, ModelLoadError) else ModelLoadError(
                     f"rollout of model {doc.name!r} failed, traffic stays as it was"
                     f" ({_shares(old)}): {exc}")
-            if dep.removed:
-                raise ModelNotFoundError(doc.name)
-            self.registry.put(doc)
+            async with self._name_lock(doc.name):  # a DELETE writes the registry too
+                if dep.removed:
+                    raise ModelNotFoundError(doc.name)
+                await asyncio.to_thread(self.registry.put, doc)
         except BaseException as exc:
             text = str(exc)
             dep.rollout_note = (text if text.startswith("rollout") else
@@ -464,9 +490,10 @@ class ModelService:
             self.metrics.copies.remove(v.model, v.label)
 
     async def remove(self, name: str) -> None:
-        dep = self._deployment(name)
-        dep.removed = True
-        self.registry.remove(name)
+        async with self._name_lock(name):
+            dep = self._deployment(name)
+            await asyncio.to_thread(self.registry.remove, name)
+            dep.removed = True
         if dep.rollout is not None:
             rollout = dep.rollout
             rollout.cancel()

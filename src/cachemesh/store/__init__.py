@@ -26,7 +26,7 @@ from pathlib import Path
 from ..errors import IntegrityError, StoreError
 from .blobs import BlobRef, BlobStore
 from .buckets import Buckets
-from .db import Database
+from .db import BUSY_TIMEOUT_S, Database
 from .locks import FileLock, is_locked
 from .names import check_name
 from .views import Views
@@ -45,13 +45,13 @@ class Problem:
 
 
 class Store:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, *, busy_timeout: float = BUSY_TIMEOUT_S) -> None:
         self.home = Path(home)
         try:
             self.home.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the store at {self.home}: {exc}") from exc
-        self.db = Database(self.home / "meta.db")
+        self.db = Database(self.home / "meta.db", busy_timeout=busy_timeout)
         self.locks_dir = self.home / "locks"
         self.blobs = BlobStore(self.home, self.db, lambda: self.blob_lock(shared=True))
         self.buckets = Buckets(self.home, self.db)

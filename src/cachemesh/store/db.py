@@ -60,6 +60,7 @@ with the blob references of other caches, and listing needs a scan.
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import threading
 import time
@@ -67,7 +68,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import StoreError, StoreVersionError
+from ..errors import CachemeshError, CapacityError, StoreError, StoreVersionError
 
 
 def _script(conn: sqlite3.Connection, sql: str) -> None:
@@ -203,6 +204,13 @@ SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_S = 30.0
 
 
+def _disk_full(directory: Path) -> bool:
+    try:
+        return shutil.disk_usage(directory).free < 64 * 1024
+    except OSError:
+        return False
+
+
 class Database:
     """One SQLite file shared by threads (a connection each) and processes."""
 
@@ -236,6 +244,8 @@ class Database:
                 if busy and time.monotonic() - started < self.busy_timeout:
                     time.sleep(0.02)
                     continue
+                if isinstance(exc, sqlite3.OperationalError) and _disk_full(self.path.parent):
+                    raise self._translate(exc, full=True) from exc  # shows as "disk I/O error"
                 raise StoreError(f"cannot open the metadata database {self.path}: {exc}") from exc
 
     @property
@@ -271,22 +281,35 @@ class Database:
                 # The busy handler already waited busy_timeout; say who is blocking.
                 if "locked" in str(exc) and time.monotonic() - started < self.busy_timeout:
                     continue
-                raise StoreError(
-                    f"the metadata database {self.path} is locked by another process: {exc}"
-                ) from exc
+                raise self._translate(exc) from exc
         try:
             yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        else:
             conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:  # SQLite has rolled back already after SQLITE_FULL
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError):
+                raise self._translate(exc) from exc
+            raise
+
+    def _translate(self, exc: sqlite3.OperationalError, *, full: bool = False) -> CachemeshError:
+        """sqlite3's errors as ours (2026-11: a full disk escaped as a raw
+        ``sqlite3.OperationalError`` from a pull's progress update)."""
+        text = str(exc)
+        code = getattr(exc, "sqlite_errorcode", None)
+        if full or code == sqlite3.SQLITE_FULL or "is full" in text:
+            return CapacityError(f"the disk under {self.path.parent} is full: cannot write"
+                                 f" the metadata database {self.path.name}")
+        if "locked" in text or "busy" in text:
+            return StoreError(
+                f"the metadata database {self.path} is locked by another process: {exc}")
+        return StoreError(f"metadata database {self.path}: {exc}")
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
         try:
             return self.conn.execute(sql, params).fetchall()
         except sqlite3.OperationalError as exc:
-            raise StoreError(f"metadata database {self.path}: {exc}") from exc
+            raise self._translate(exc) from exc
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
