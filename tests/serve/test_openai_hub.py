@@ -1,9 +1,9 @@
 """Serving a model straight from a hub source (``--model chatty=hf://org/name``).
 
 The Hugging Face Hub emulator holds the tiny chat model; its blob origin (where
-the weights are redirected) is slowed down, so that many OpenAI requests arrive
-while the model is still being pulled. They must all succeed, and the origin
-must serve its weights exactly once.
+the weights are redirected) holds the weights back until every OpenAI request
+has arrived and waits, so they all arrive while the model is still being pulled.
+They must all succeed, and the origin must serve its weights exactly once.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ def test_concurrent_first_requests_cost_the_origin_one_copy(
     sha = hashlib.sha256(weights).hexdigest()
     served_before = hf_env.blob_origin.served[sha]
 
-    slow = threading.Event()
+    slow, release = threading.Event(), threading.Event()
     original = hf_env.blob_origin.handle
 
     def slow_handle(*args, **kwargs):
         slow.set()
-        time.sleep(1.5)  # the weights take a while: requests pile up meanwhile
+        release.wait(60)  # the weights come once every request is waiting for them
         return original(*args, **kwargs)
 
     monkeypatch.setattr(hf_env.blob_origin, "handle", slow_handle)
@@ -54,8 +54,6 @@ def test_concurrent_first_requests_cost_the_origin_one_copy(
     spec = parse_model_option(f"chatty=hf://{repo_id}")  # as `cachemesh serve --model` reads it
 
     with RunningServer(settings, [spec]) as server:
-        state = server.client.get("/api/v1/models/chatty").json()["state"]
-        assert state == "Pulling"  # not cached yet
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0,
                                timeout=120)
         start = threading.Barrier(CLIENTS)
@@ -73,9 +71,18 @@ def test_concurrent_first_requests_cost_the_origin_one_copy(
                                      if c.choices)
 
         with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
-            answers = list(pool.map(ask, range(CLIENTS)))
+            try:
+                futures = [pool.submit(ask, i) for i in range(CLIENTS)]
+                deadline = time.monotonic() + 60
+                while server.service.inflight < CLIENTS and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                state = server.client.get("/api/v1/models/chatty").json()["state"]
+                assert server.service.inflight == CLIENTS and state == "Pulling"  # not cached
+                assert slow.is_set()
+            finally:
+                release.set()
+            answers = [f.result() for f in futures]
         client.close()
-        assert slow.is_set()
         # Every request succeeded, and identical requests got identical (greedy) answers.
         assert len(set(answers[1::2])) == 1 and len(set(answers[0::2])) == 1
         status = server.client.get("/api/v1/models/chatty").json()
