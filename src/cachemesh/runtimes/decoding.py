@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+
 def pick_token(logits: torch.Tensor, temperature: float, top_p: float,
                generator: torch.Generator | None) -> int:
     """Greedy when ``temperature`` is 0, else nucleus sampling from ``logits`` (1-D)."""

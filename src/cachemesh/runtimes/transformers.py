@@ -104,8 +104,9 @@ class TransformersRuntime(Runtime):
             return 0
         if adapters.is_adapter(path):
             return 60
-        if (path / "config.json").is_file() and (
-                any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()):
+        weights = any(path.glob("*.safetensors")) or (
+            path / "model.safetensors.index.json").is_file()
+        if (path / "config.json").is_file() and weights:
             return 40
         return 0
 
@@ -415,7 +416,8 @@ class TransformersRuntime(Runtime):
             params["stop"] = [params["stop"]]
         out = np.empty(len(texts), dtype=object)
         for i, text in enumerate(texts):
-            out[i] = self.generate({"kind": "completion", "prompt": text, **params})["text"].encode()
+            answer = self.generate({"kind": "completion", "prompt": text, **params})
+            out[i] = answer["text"].encode()
         return InferenceResponse(outputs=[Tensor("text_output", "BYTES", out.shape, out)])
 
 
