@@ -678,8 +678,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int
           config_file: Path | None, api_token: str | None, inference_token: str | None,
           metrics_token: str | None, max_body: int | None, copy_rate: float | None,
           max_copies: int | None, copy_cooldown: float | None) -> None:
-    """Serve models over KServe V2 REST, with the control API and /metrics, on one port,
-    and over KServe V2 gRPC on --grpc-port.
+    """Serve models over KServe V2 REST and the OpenAI API (/v1), with the control API
+    and /metrics, on one port, and over KServe V2 gRPC on --grpc-port.
 
     Models load on their first request (or at start with eager=true), in worker
     processes, under one memory budget; idle ones are evicted least recently

@@ -8,6 +8,7 @@ protected-bucket checks all talk to it. Its models:
     faulty   bucket models (open)     raises inside predict: a fault of the model
     secret   bucket team-a (protected) a plain echo; seen only with team-a's token
     digits   bucket models (open)     the demo's sklearn SVM
+    parrot   bucket models (open)     generates (the OpenAI endpoints' payloads)
 
 Tokens are long and distinctive, so that a grep for them cannot miss a leak.
 """
@@ -87,6 +88,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> Itera
     caches = Caches(settings)
     caches.protect_bucket(PROTECTED, BUCKET_TOKEN)
     specs = [toy(root, "echo", eager=True), toy(root, "faulty", cls="Faulty"),
+             toy(root, "parrot", cls="Parrot", eager=True),
              toy(root, "secret", bucket=PROTECTED, eager=True),
              ModelSpec(name="digits", source=str(digits_dir), eager=True)]
     with RunningServer(settings, specs, registry=MemoryModelRegistry()) as server:

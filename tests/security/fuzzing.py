@@ -87,17 +87,20 @@ def _params(path: str) -> tuple[str, ...]:
     return tuple(re.findall(r"{([^}:]+)(?::[^}]*)?}", path))
 
 
-def _resolve(schema: Any, components: dict, depth: int = 0) -> Any:
-    """The schema with every $ref inlined (recursive schemas cut at some depth)."""
-    if depth > 12:
-        return {}
+def _resolve(schema: Any, components: dict, refs: int = 0) -> Any:
+    """The schema with every $ref inlined (recursive schemas cut after a few $refs).
+
+    Only $refs count towards the cut: counting every level once turned the leaves of
+    nested bodies (the OpenAI messages' parts) into ``{}``."""
     if isinstance(schema, dict):
         if "$ref" in schema:
+            if refs > 8:
+                return {}
             name = schema["$ref"].rsplit("/", 1)[-1]
-            return _resolve(components.get(name, {}), components, depth + 1)
-        return {k: _resolve(v, components, depth + 1) for k, v in schema.items()}
+            return _resolve(components.get(name, {}), components, refs + 1)
+        return {k: _resolve(v, components, refs) for k, v in schema.items()}
     if isinstance(schema, list):
-        return [_resolve(v, components, depth + 1) for v in schema]
+        return [_resolve(v, components, refs) for v in schema]
     return schema
 
 

@@ -25,3 +25,38 @@ class Faulty(Runtime):
 
     def predict(self, request):
         raise RuntimeError("the faulty toy failed on a valid request")
+
+
+class Parrot(Runtime):
+    """A generative toy that follows runtimes/generation.py: it repeats the prompt's
+    words (at most 8), so the OpenAI endpoints are fuzzed down to a runtime's answer."""
+
+    def load(self) -> None:
+        pass
+
+    def _words(self, payload):
+        from cachemesh.errors import InferenceInputError
+
+        if payload.get("kind") == "chat":
+            words = " ".join(m["content"] for m in payload["messages"]).split()
+        elif payload.get("kind") == "completion":
+            words = payload["prompt"].split()
+        else:
+            raise InferenceInputError(f"kind {payload.get('kind')!r} does not generate")
+        return (words or ["..."])[:min(8, payload.get("max_tokens", 16))]
+
+    def generate(self, payload):
+        if payload.get("kind") == "embedding":
+            return {"embeddings": [[float(len(t)), 1.0, 0.0, 0.5] for t in payload["input"]],
+                    "prompt_tokens": len(payload["input"])}
+        words = self._words(payload)
+        return {"text": " ".join(words), "finish_reason": "length", "prompt_tokens": 1,
+                "completion_tokens": len(words)}
+
+    def stream(self, payload):
+        words = self._words(payload)
+        yield {"text": ""}
+        for w in words:
+            yield {"text": w + " "}
+        yield {"text": "", "finish_reason": "length", "prompt_tokens": 1,
+               "completion_tokens": len(words)}

@@ -1,7 +1,7 @@
 """Runtimes: how each kind of model is loaded and asked (see ``base.py``).
 
-Runtimes are named. The built-in ones (``sklearn``, ``custom``, ``ctranslate2``,
-``onnx``; the last two need the ``[ct2]`` and ``[onnx]`` extras) and any that
+Runtimes are named. The built-in ones (``sklearn``, ``custom``, ``transformers``,
+``ctranslate2``, ``onnx``; the last two need the ``[ct2]`` and ``[onnx]`` extras) and any that
 installed packages declare under the entry-point group ``cachemesh.runtimes``
 are listed by :func:`available`; an installed plugin may not take a built-in
 name. :func:`resolve` decides which runtime serves a model directory:
@@ -55,6 +55,7 @@ BUILTIN: dict[str, str] = {
     "custom": "cachemesh.runtimes.custom:CustomRuntime",
     "ctranslate2": "cachemesh.runtimes.ctranslate2:CTranslate2Runtime",
     "onnx": "cachemesh.runtimes.onnx:OnnxRuntime",
+    "transformers": "cachemesh.runtimes.transformers:TransformersRuntime",
 }
 # MLServer implementations and what serves them here (None: no runtime yet).
 MLSERVER_IMPLEMENTATIONS: dict[str, str | None] = {

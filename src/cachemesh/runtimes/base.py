@@ -14,7 +14,8 @@ predictions on its own threads, and the server never calls a runtime directly.
         def unload(self): ...                 # optional: free what load took
 
 Optional hooks: ``generate`` (one JSON-like payload in, one out) and ``stream``
-(an iterator of chunks) for generative models; ``metadata`` for V2 model
+(an iterator of chunks) for generative models (payloads: ``generation.py``; a
+stream is closed when its client goes away); ``stats`` for running counts; ``metadata`` for V2 model
 metadata; ``memory_bytes`` when the runtime knows its size better than the
 worker's RSS does (memory mapped or GPU weights).
 
@@ -60,6 +61,14 @@ class Runtime:
     #: Whether ``predict`` takes several requests stacked along the first dimension
     #: of every input and answers row for row (see ``runtimes/batching.py``).
     batchable: ClassVar[bool] = False
+    #: Whether the server has workers import this runtime's framework (``preload``) as
+    #: soon as a model of it is declared, ahead of its first request: worth it when
+    #: the imports take seconds (torch), not when they are cheap.
+    preload_at_start: ClassVar[bool] = False
+    #: Packages whose files the worker reads into the page cache while ``preload``
+    #: imports them: importing torch from a cold disk is mostly page faults into
+    #: its shared libraries, one at a time; read ahead, they come in at disk speed.
+    preload_packages: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
@@ -101,5 +110,15 @@ class Runtime:
 
     @classmethod
     def supports(cls, hook: str) -> bool:
-        """Whether a subclass implements the optional ``generate`` or ``stream`` hook."""
+        """Whether a subclass implements ``predict``, or the optional ``generate`` or
+        ``stream`` hook."""
         return getattr(cls, hook, None) is not getattr(Runtime, hook)
+
+    def capabilities(self) -> dict[str, bool]:
+        """Which optional hooks this model answers (a wrapper asks what it wraps)."""
+        return {hook: type(self).supports(hook) for hook in ("predict", "generate", "stream")}
+
+    def stats(self) -> dict[str, float]:
+        """Running counts a runtime keeps (tokens generated, streams cancelled); the
+        worker's STATS reply carries them per model."""
+        return {}

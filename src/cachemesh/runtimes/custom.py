@@ -104,6 +104,12 @@ class CustomRuntime(Runtime):
     def metadata(self) -> dict[str, Any]:
         return self.inner.metadata()
 
+    def capabilities(self) -> dict[str, bool]:
+        return self.inner.capabilities()
+
+    def stats(self) -> dict[str, float]:
+        return self.inner.stats()
+
     def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
         return self.inner.generate(payload)
 

@@ -1,8 +1,10 @@
-"""The model server: many models on a few worker processes, KServe V2 over REST and gRPC.
+"""The model server: many models on a few worker processes, KServe V2 over REST and gRPC,
+OpenAI over REST.
 
     app.py          the ASGI app factory: routers over one service
     v2_rest.py      KServe V2 REST adapter (v2_codec.py: bodies <-> messages)
     v2_grpc.py      KServe V2 gRPC adapter (protos/: inference.proto and its descriptor)
+    openai.py       OpenAI /v1 adapter (completions, chat, embeddings; SSE streaming)
     control.py      /api/v1/models
     http_errors.py  errors -> status codes (the only place)
     service.py      the protocol-free core: models, loads, rollouts, inference

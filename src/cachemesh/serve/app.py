@@ -38,7 +38,7 @@ from starlette.routing import Mount, Route
 from .. import __version__
 from ..access import CONTROL, Keyring
 from ..errors import CachemeshError
-from . import control, datacaches, v2_rest
+from . import control, datacaches, openai, v2_rest
 from .auth import Authenticate, access_of
 from .http_errors import encodable
 from .limits import BodyLimit
@@ -55,6 +55,7 @@ def create_api(service: ModelService, routers: Sequence[Any] = ()) -> FastAPI:
     api.state.service = service
     api.include_router(control.router)
     api.include_router(datacaches.router)
+    api.include_router(openai.router)
     for router in routers:
         api.include_router(router)
 

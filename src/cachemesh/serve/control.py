@@ -6,6 +6,8 @@
     GET    /api/v1/models/{name}     one model: its document (documents.py) and status
     PUT    /api/v1/models/{name}     set its document: deploys a new model (201), or rolls
                                      out a change (200, once the new versions serve)
+    GET    /api/v1/models/{name}/stats  the loaded model's runtime counters (tokens generated,
+                                     load phases); loads nothing
     DELETE /api/v1/models/{name}     unload it, forget it
 """
 
@@ -83,3 +85,8 @@ async def put_model(name: str, request: Request, response: Response) -> dict[str
 async def delete_model(name: str, request: Request) -> Response:
     await _service(request).remove(name)
     return Response(status_code=204)
+
+
+@router.get("/models/{name}/stats")
+async def model_stats(name: str, request: Request) -> dict[str, Any]:
+    return await _service(request).runtime_stats(name)

@@ -27,8 +27,11 @@ from typing import Any
 OUT_OF_BAND_MIN = 64 * 1024
 _HEAD = struct.Struct("<IH")
 
-# Requests, server -> worker: (op, request_id, model_key, payload)
-LOAD, UNLOAD, INFER, GENERATE, STREAM, STATS = 1, 2, 3, 4, 5, 6
+# Requests, server -> worker: (op, request_id, model_key, payload). CANCEL names the
+# request id of a stream whose consumer went away; the worker closes that stream.
+# PRELOAD ({"runtime": name, "paths": [...]}) imports a runtime's framework ahead of
+# its first load, reading the paths' files into the page cache meanwhile.
+LOAD, UNLOAD, INFER, GENERATE, STREAM, STATS, CANCEL, PRELOAD = 1, 2, 3, 4, 5, 6, 7, 8
 # Replies, worker -> server: (request_id, status, payload)
 OK, ERROR, CHUNK, END, READY = 0, 1, 2, 3, 4
 # ERROR payloads are (kind, message); kinds:

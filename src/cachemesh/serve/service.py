@@ -154,6 +154,7 @@ class ModelService:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tasks: set[asyncio.Task] = set()
+        self._warmed: set[tuple[int, str]] = set()  # (worker id, runtime) preloaded
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -246,7 +247,9 @@ class ModelService:
         self._next_worker_id += 1
         worker = WorkerHandle(self._next_worker_id, self._on_worker_death)
         await worker.start(memory_limit=self.cfg.worker_memory_limit,
-                           threads=self.cfg.worker_threads)
+                           threads=self.cfg.worker_threads,
+                           environ={**self.settings.environ,
+                                    "CACHEMESH_HOME": str(self.settings.home)})
         return worker
 
     def _on_worker_death(self, worker: WorkerHandle) -> None:
@@ -316,6 +319,12 @@ class ModelService:
             # roots fails here, as 400, before anything is kept.
             source = parse_source(spec.source, {}, self.settings)
             self.caches.check_source(source, doc.bucket, roots)
+            base = (spec.parameters or {}).get("base")
+            if isinstance(base, str) and base.strip():
+                # An adapter's base model (runtimes/adapters.py) is pulled by the worker:
+                # a source like any other, under the same rules.
+                self.caches.check_source(parse_source(base, {}, self.settings), doc.bucket,
+                                         roots)
             uri = source.uri
             try:
                 info = self.caches.get(cache_name(doc.name, label))
@@ -686,6 +695,33 @@ class ModelService:
         v.predicted = max(int(disk * self.cfg.memory_factor), 1)
         if v.phase == PULLING:
             v.phase = UNLOADED
+        self._background(self._warm_workers(v))
+
+    async def _warm_workers(self, v: Version) -> None:
+        """Import a slow runtime's framework in every worker ahead of the first request
+        (``Runtime.preload_at_start``). When every declared version fits in the budget,
+        one worker also reads this version's files into the page cache meanwhile."""
+        from ..runtimes import runtime_class
+
+        assert v.resolved is not None
+        runtime = v.resolved.runtime
+        try:
+            if not runtime_class(runtime).preload_at_start:
+                return
+        except CachemeshError:
+            return
+        fits = sum(x.disk_bytes or x.predicted for x in self._all_versions()) <= self.budget
+        paths = [str(v.view)] if fits else []
+        calls = []
+        for worker in self.workers:
+            if not worker.alive or (not paths and (worker.id, runtime) in self._warmed):
+                continue
+            self._warmed.add((worker.id, runtime))
+            calls.append(worker.call(ipc.PRELOAD, "", {"runtime": runtime, "paths": paths}))
+            paths = []  # the page cache is shared: one worker reads ahead
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.warning("preloading runtime %s: %s", runtime, result)
 
     def _prepare_sync(self, v: Version) -> tuple[Path, Resolved, int]:
         from ..caches import make_spec
@@ -1173,6 +1209,23 @@ class ModelService:
                 self._release(copy)
             self._done(v)
 
+    async def runtime_stats(self, name: str) -> dict[str, Any]:
+        """The runtime's own counters (``Runtime.stats``: tokens generated, load phases)
+        of each loaded copy of the model; ``stats`` is the first one's. Loads nothing."""
+        dep = self._deployment(name)
+        copies = [c for v in dep.versions.values() for c in v.copies if c.ready]
+
+        async def ask(c: Copy) -> dict[str, Any]:
+            reply = await asyncio.wait_for(c.worker.call(ipc.STATS, c.key),
+                                           self.cfg.request_timeout_s)
+            return {"version": c.version.label, "worker": c.worker.id,
+                    "stats": reply.get("stats", {}).get(c.key, {})}
+
+        found = list(await asyncio.gather(*(ask(c) for c in copies)))
+        return {"loaded": bool(found), "stats": found[0]["stats"] if found else {},
+                "copies": found}
+
+
 
 def _copy_size(measured: int, reported: bool, v: Version) -> int:
     """What a loaded copy holds, for the memory accounting. RSS growth undercounts a
@@ -1187,7 +1240,6 @@ def _copy_size(measured: int, reported: bool, v: Version) -> int:
 
 def _shares(doc: ModelDoc) -> str:
     return ", ".join(f"{v} {p}%" for v, p in doc.traffic.items() if p) or "routes only"
-
 
 def describe_size(n: int | None) -> str:
     return "-" if not n else format_size(n)

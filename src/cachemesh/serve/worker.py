@@ -8,11 +8,19 @@ them in the messages of ``ipc.py``. A worker:
   that arrive together leave together, as long as that takes under 2 ms);
   requests for one ``batchable`` model that arrive together are predicted in
   one call (``runtimes/batching.py``);
-- loads, unloads, ``generate`` and ``stream`` on a separate thread, so that a
-  long load does not stall the models it already serves; loads run one at a
-  time, which keeps the RSS measured around each load the load's own;
+- loads and unloads on a separate thread, so that a long load does not stall
+  the models it already serves; loads run one at a time, which keeps the RSS
+  measured around each load the load's own;
+- ``generate`` and ``stream`` on a small pool of their own, so a long
+  generation holds up neither loads nor other generations; a CANCEL for a
+  stream closes the runtime's generator before its next chunk (the HTTP
+  client went away: generation stops);
 - measures a model's size as its RSS after ``load`` less its RSS before (after
   the runtime's ``preload`` imported its framework), unless the runtime says;
+- reads a model's weight files, and the files of the runtime's framework, into
+  the page cache on a thread of their own while the framework is imported (a
+  first load of that runtime, or a PRELOAD the server sends ahead of the first
+  request), so the disk and the imports overlap instead of adding up;
 - dies with the server (``PR_SET_PDEATHSIG``), and exits when its socket closes.
 
 A crash here (segfault, kill, out of memory) is seen by the server as the
@@ -33,6 +41,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from ..runtimes import batching
@@ -76,6 +85,9 @@ class Worker:
         self._send_lock = threading.Lock()
         self._slow = ThreadPoolExecutor(1, thread_name_prefix="cachemesh-load")
         self._streams = ThreadPoolExecutor(4, thread_name_prefix="cachemesh-stream")
+        # Streams under way: request id -> set when the server cancels it. Touched only
+        # on the reading thread (add, set) and by the stream's own thread (pop).
+        self._active: dict[int, threading.Event] = {}
 
     def send(self, *messages: Any) -> None:
         frames: list[bytes | memoryview] = []
@@ -110,7 +122,14 @@ class Worker:
                 if op == ipc.INFER:
                     infers.append((rid, key, payload))
                 elif op == ipc.STREAM:
+                    self._active[rid] = threading.Event()
                     self._streams.submit(self.stream, rid, key, payload)
+                elif op == ipc.CANCEL:
+                    cancel = self._active.get(rid)
+                    if cancel is not None:
+                        cancel.set()
+                elif op == ipc.GENERATE:
+                    self._streams.submit(self.slow, op, rid, key, payload)
                 else:
                     self._slow.submit(self.slow, op, rid, key, payload)
             since = time.perf_counter()
@@ -153,6 +172,11 @@ class Worker:
         model = self.models.get(key)
         if model is None:
             return (rid, ipc.ERROR, (ipc.E_MISSING, f"model {key!r} is not loaded on this worker"))
+        if not model.capabilities().get("predict", True):
+            # A generative model that only has the generate/stream hooks: the request
+            # asked for what the model does not do (found by the fuzzer).
+            return (rid, ipc.ERROR, (ipc.E_INPUT, "this model takes no KServe V2 inference"
+                                     " requests; it generates (OpenAI API, /v1)"))
         try:
             return (rid, ipc.OK, model.predict(request))
         except InvalidInputError as exc:
@@ -171,8 +195,11 @@ class Worker:
                 if model is None:
                     raise LookupError(f"model {key!r} is not loaded on this worker")
                 reply = model.generate(payload)
+            elif op == ipc.PRELOAD:
+                reply = self.preload(payload)
             elif op == ipc.STATS:
-                reply = {"rss": rss_bytes(), "models": sorted(self.models)}
+                reply = {"rss": rss_bytes(), "models": sorted(self.models),
+                         "stats": {k: _stats(m) for k, m in list(self.models.items())}}
             else:
                 raise ValueError(f"unknown operation {op}")
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the server
@@ -198,12 +225,8 @@ class Worker:
             self.unload(key)
         cls = runtime_class(spec["runtime"])
         if cls not in self._preloaded:
-            cls.preload()
-            # What the framework allocated stays for the life of the worker: freeze it,
-            # so the collections below (and any later) no longer walk it.
-            gc.collect()
-            gc.freeze()
-            self._preloaded.add(cls)
+            read_ahead(weight_files([spec["settings"].path]))
+            self._preload(cls)
         gc.collect()
         before = rss_bytes()
         model = cls(spec["settings"])
@@ -217,9 +240,27 @@ class Worker:
             metadata = model.metadata()
         except Exception as exc:  # metadata is a courtesy; a model without it still serves
             metadata = {"error": f"{type(exc).__name__}: {exc}"}
+        hooks = model.capabilities()
         return {"size": measured, "reported": size is not None, "rss_before": before,
                 "rss": after, "metadata": metadata,
-                "generate": cls.supports("generate"), "stream": cls.supports("stream")}
+                "generate": hooks.get("generate", False), "stream": hooks.get("stream", False)}
+
+    def _preload(self, cls: Any) -> None:
+        if cls not in self._preloaded:
+            read_ahead(package_files(cls.preload_packages))
+            cls.preload()
+            # What the framework allocated stays for the life of the worker: freeze it,
+            # so the collections below (and any later) no longer walk it.
+            gc.collect()
+            gc.freeze()
+            self._preloaded.add(cls)
+
+    def preload(self, spec: dict[str, Any]) -> dict[str, Any]:
+        from ..runtimes import runtime_class
+
+        read_ahead(weight_files(spec.get("paths") or ()))
+        self._preload(runtime_class(spec["runtime"]))
+        return {"rss": rss_bytes()}
 
     def unload(self, key: str) -> dict[str, Any]:
         model = self.models.pop(key, None)
@@ -234,10 +275,15 @@ class Worker:
 
     def stream(self, rid: int, key: str, payload: Any) -> None:
         model = self.models.get(key)
+        cancel = self._active.get(rid) or threading.Event()
+        chunks = None
         try:
             if model is None:
                 raise LookupError(f"model {key!r} is not loaded on this worker")
-            for chunk in model.stream(payload):
+            chunks = model.stream(payload)
+            for chunk in chunks:
+                if cancel.is_set():
+                    return  # nobody reads the rest; closing the generator stops it
                 self.send((rid, ipc.CHUNK, chunk))
         except Exception as exc:
             from ..errors import InvalidInputError
@@ -245,7 +291,71 @@ class Worker:
             kind = ipc.E_INPUT if isinstance(exc, InvalidInputError) else ipc.E_MODEL
             self.send((rid, ipc.ERROR, (kind, f"{type(exc).__name__}: {exc}")))
             return
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+            self._active.pop(rid, None)
         self.send((rid, ipc.END, None))
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".joblib", ".pkl")
+
+
+def weight_files(paths: Any) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        root = Path(path)
+        found = [root] if root.is_file() else (sorted(root.rglob("*")) if root.is_dir() else [])
+        files += [f for f in found if f.suffix in WEIGHT_SUFFIXES and f.is_file()]
+    return files
+
+
+def package_files(packages: Any) -> list[Path]:
+    """The shared libraries and modules of installed packages (not imported here)."""
+    import importlib.util
+
+    files: list[Path] = []
+    for name in packages:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            for folder, _, names in os.walk(root):
+                files += [Path(folder, n) for n in names
+                          if n.endswith((".so", ".pyc")) or ".so." in n]
+    return files
+
+
+def read_ahead(files: list[Path]) -> None:
+    """Ask the kernel to read ``files`` into the page cache, on a daemon thread
+    (``posix_fadvise(WILLNEED)`` submits the reads and may block while it does).
+    Best effort: a file that cannot be opened is skipped."""
+    if not files or not hasattr(os, "posix_fadvise"):
+        return
+
+    def run() -> None:
+        for f in files:
+            try:
+                fd = os.open(f, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+    threading.Thread(target=run, name="cachemesh-readahead", daemon=True).start()
+
+
+def _stats(model: Any) -> dict[str, float]:
+    try:
+        return dict(model.stats())
+    except Exception:  # a courtesy, like metadata
+        return {}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -87,13 +87,16 @@ class WorkerHandle:
     def __repr__(self) -> str:
         return f"<worker {self.id} pid {self.pid}{'' if self.alive else ' dead'}>"
 
-    async def start(self, *, memory_limit: int | None, threads: int) -> None:
+    async def start(self, *, memory_limit: int | None, threads: int,
+                    environ: dict[str, str] | None = None) -> None:
+        """``environ``: variables the worker sees over the server's own (the store's
+        home: a runtime that pulls, such as an adapter's base, pulls into this store)."""
         loop = asyncio.get_running_loop()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         for s in (parent, child):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        env = dict(os.environ)
+        env = {**os.environ, **(environ or {})}
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(threads)
         cmd = [sys.executable, "-m", "cachemesh.serve.worker", "--fd", str(child.fileno())]
@@ -191,17 +194,23 @@ class WorkerHandle:
     async def stream(self, key: str, payload: Any) -> AsyncIterator[Any]:
         queue: asyncio.Queue = asyncio.Queue()
         rid = self._send(ipc.STREAM, key, payload, queue)
+        ended = False
         try:
             while True:
                 status, item = await queue.get()
                 if status == ipc.CHUNK:
                     yield item
                 elif status == ipc.END:
+                    ended = True
                     return
                 else:
+                    ended = True
                     raise item if isinstance(item, BaseException) else _error(ipc.STREAM, item)
         finally:
             self._calls.pop(rid, None)
+            if not ended and self._transport is not None and self.alive:
+                # The consumer went away (a client disconnected): stop the generation.
+                self._transport.write(ipc.encode((ipc.CANCEL, rid, key, None))[0])
 
     def rss(self) -> int:
         return rss_bytes(self.pid) if self.alive else 0
