@@ -693,7 +693,6 @@ def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int
     import dataclasses
 
     from .serve.registry import parse_model_option, read_config
-    from .serve.server import run
 
     settings = settings_of(ctx)
     overrides = {k: v for k, v in {
@@ -714,13 +713,19 @@ def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int
     if dupes:
         raise InvalidInputError(f"model(s) declared twice: {', '.join(dupes)}")
     cfg = settings.serve
+    # The workers start now, and import the frameworks of local models, while this
+    # process imports the web stack (a cold start is mostly imports on both sides).
+    from .serve.workers import launch_workers
+
+    launched = launch_workers(settings, specs)
+    from .serve.server import run
 
     def started() -> None:
         grpc = f", gRPC {cfg.host}:{cfg.grpc_port}" if cfg.grpc_port else ""
         click.echo(f"cachemesh serving {len(specs)} model(s) on http://{cfg.host}:{cfg.port}"
                    f"{grpc} ({cfg.worker_count()} worker(s)); Ctrl-C or SIGTERM to stop", err=True)
 
-    run(settings, specs, on_started=started)
+    run(settings, specs, on_started=started, launched=launched)
 
 
 @main.group()

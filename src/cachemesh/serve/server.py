@@ -20,6 +20,7 @@ from ..config import Settings
 from .app import create_app
 from .registry import ModelSpec
 from .service import ModelService
+from .workers import Launched
 
 log = logging.getLogger("cachemesh.serve")
 
@@ -63,8 +64,9 @@ class DrainingServer(uvicorn.Server):
 def make_server(settings: Settings, specs: Sequence[ModelSpec] = (), *,
                 service: ModelService | None = None, routers: Sequence[Any] = (),
                 on_started: Callable[[], None] | None = None,
-                log_level: str = "warning") -> DrainingServer:
-    service = service or ModelService(settings)
+                log_level: str = "warning", launched: Sequence[Launched] = ()
+                ) -> DrainingServer:
+    service = service or ModelService(settings, launched=launched)
     app = create_app(service, specs, routers=routers, on_started=on_started)
     cfg = settings.serve
     config = uvicorn.Config(
@@ -78,7 +80,9 @@ def make_server(settings: Settings, specs: Sequence[ModelSpec] = (), *,
 
 
 def run(settings: Settings, specs: Sequence[ModelSpec] = (), *,
-        on_started: Callable[[], None] | None = None) -> None:
-    """Serve until SIGTERM or Ctrl-C (what ``cachemesh serve`` runs)."""
+        on_started: Callable[[], None] | None = None, launched: Sequence[Launched] = ()
+        ) -> None:
+    """Serve until SIGTERM or Ctrl-C (what ``cachemesh serve`` runs). ``launched``:
+    the workers, started before this module was imported (``workers.launch_workers``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    make_server(settings, specs, on_started=on_started).run()
+    make_server(settings, specs, on_started=on_started, launched=launched).run()

@@ -40,7 +40,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,7 @@ from .state import (
     VersionStatus,
     wall,
 )
-from .workers import WorkerHandle
+from .workers import Launched, WorkerHandle, worker_environ
 
 log = logging.getLogger("cachemesh.serve")
 
@@ -120,7 +120,9 @@ class ModelService:
     """Many models on a few worker processes, under one memory budget."""
 
     def __init__(self, settings: Settings, *, registry: ModelRegistry | None = None,
-                 caches: Any = None) -> None:
+                 caches: Any = None, launched: Sequence[Launched] = ()) -> None:
+        """``launched``: worker processes started ahead (``workers.launch_workers``),
+        adopted by :meth:`start` before it starts any of its own."""
         from ..caches import Caches
 
         self.settings = settings
@@ -155,6 +157,7 @@ class ModelService:
         self._idle.set()
         self._tasks: set[asyncio.Task] = set()
         self._warmed: set[tuple[int, str]] = set()  # (worker id, runtime) preloaded
+        self._launched = list(launched)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -205,6 +208,9 @@ class ModelService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
+        for left in self._launched:  # never adopted: the worker exits on EOF
+            left.sock.close()
+        self._launched = []
         for v in self._all_versions():
             self._release_hold(v)
 
@@ -248,8 +254,8 @@ class ModelService:
         worker = WorkerHandle(self._next_worker_id, self._on_worker_death)
         await worker.start(memory_limit=self.cfg.worker_memory_limit,
                            threads=self.cfg.worker_threads,
-                           environ={**self.settings.environ,
-                                    "CACHEMESH_HOME": str(self.settings.home)})
+                           environ=worker_environ(self.settings),
+                           launched=self._launched.pop(0) if self._launched else None)
         return worker
 
     def _on_worker_death(self, worker: WorkerHandle) -> None:

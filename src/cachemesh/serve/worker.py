@@ -21,6 +21,10 @@ them in the messages of ``ipc.py``. A worker:
   the page cache on a thread of their own while the framework is imported (a
   first load of that runtime, or a PRELOAD the server sends ahead of the first
   request), so the disk and the imports overlap instead of adding up;
+- when started with ``--warm`` (``cachemesh serve`` starts its workers before it
+  imports its own web stack, naming the local models it will declare), imports
+  those models' frameworks at once; a PRELOAD's read-ahead starts as it arrives,
+  not behind that import;
 - dies with the server (``PR_SET_PDEATHSIG``), and exits when its socket closes.
 
 A crash here (segfault, kill, out of memory) is seen by the server as the
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import os
 import resource
 import signal
@@ -78,8 +83,9 @@ def _die_with_parent() -> None:
 
 
 class Worker:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, warm: list[dict[str, str]] | None = None) -> None:
         self.sock = sock
+        self.warm = list(warm or [])
         self.models: dict[str, Any] = {}
         self._preloaded: set[type] = set()
         self._send_lock = threading.Lock()
@@ -109,6 +115,8 @@ class Worker:
         gc.collect()
         gc.freeze()
         self.send((0, ipc.READY, {"pid": os.getpid(), "rss": rss_bytes()}))
+        if self.warm:
+            self._slow.submit(self._warm_early, self.warm)
         decoder = ipc.Decoder()
         buf = bytearray(1 << 20)
         view = memoryview(buf)
@@ -130,6 +138,10 @@ class Worker:
                         cancel.set()
                 elif op == ipc.GENERATE:
                     self._streams.submit(self.slow, op, rid, key, payload)
+                elif op == ipc.PRELOAD:
+                    # The reads start now, not behind an import the slow thread runs.
+                    read_ahead(weight_files(payload.get("paths") or ()))
+                    self._slow.submit(self.slow, op, rid, key, payload)
                 else:
                     self._slow.submit(self.slow, op, rid, key, payload)
             since = time.perf_counter()
@@ -258,9 +270,23 @@ class Worker:
     def preload(self, spec: dict[str, Any]) -> dict[str, Any]:
         from ..runtimes import runtime_class
 
-        read_ahead(weight_files(spec.get("paths") or ()))
-        self._preload(runtime_class(spec["runtime"]))
+        self._preload(runtime_class(spec["runtime"]))  # (serve() started the read-ahead)
         return {"rss": rss_bytes()}
+
+    def _warm_early(self, models: list[dict[str, str]]) -> None:
+        """Import the frameworks of the models the server is about to declare (the
+        server's ``launch(warm=...)``), before it asks: best effort, a model this
+        cannot place is left to the server's PRELOAD and LOAD."""
+        from ..runtimes import resolve, runtime_class
+
+        for model in models:
+            try:
+                name = model.get("runtime") or resolve(Path(model["path"])).runtime
+                cls = runtime_class(name)
+                if cls.preload_at_start:
+                    self._preload(cls)
+            except Exception:  # noqa: BLE001 - the real load reports what is wrong
+                continue
 
     def unload(self, key: str) -> dict[str, Any]:
         model = self.models.pop(key, None)
@@ -362,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cachemesh.serve.worker")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--memory-limit", type=int, default=0)
+    parser.add_argument("--warm", default="", help="JSON list of {path, runtime}: the models"
+                        " whose frameworks to import at once")
     args = parser.parse_args(argv)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
@@ -373,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     sock = socket.socket(fileno=args.fd)
     sock.setblocking(True)
     try:
-        Worker(sock).serve()
+        Worker(sock, json.loads(args.warm) if args.warm else None).serve()
     except (BrokenPipeError, ConnectionResetError):
         pass
     finally:

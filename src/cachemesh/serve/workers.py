@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ..errors import (
     InferenceError,
@@ -32,6 +34,9 @@ from ..errors import (
 )
 from . import ipc
 from .worker import rss_bytes
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 START_TIMEOUT_S = 60.0
 
@@ -66,6 +71,77 @@ class _Protocol(asyncio.Protocol):
         self.handle._on_lost()
 
 
+@dataclass
+class Launched:
+    """A worker process and the server's end of its socket, not yet attached to a loop."""
+
+    proc: subprocess.Popen
+    sock: socket.socket
+
+
+def launch(*, memory_limit: int | None, threads: int, environ: dict[str, str] | None = None,
+           warm: list[dict[str, str]] | None = None) -> Launched:
+    """Start a worker process (no event loop needed: ``cachemesh serve`` starts its
+    workers before it imports the web stack, so both start-ups overlap).
+
+    ``warm``: models the server will declare (``{"path": ..., "runtime": ...}``, the
+    runtime optional); the worker imports their runtimes' frameworks at once when
+    they ask for it (``Runtime.preload_at_start``), ahead of the server's PRELOAD.
+    """
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (parent, child):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    env = {**os.environ, **(environ or {})}
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    cmd = [sys.executable, "-m", "cachemesh.serve.worker", "--fd", str(child.fileno())]
+    if memory_limit:
+        cmd += ["--memory-limit", str(memory_limit)]
+    if warm:
+        cmd += ["--warm", json.dumps(warm)]
+    try:
+        proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], env=env,
+                                stdin=subprocess.DEVNULL)
+    except BaseException:
+        parent.close()
+        raise
+    finally:
+        child.close()
+    return Launched(proc, parent)
+
+
+def local_models(specs: Iterable[Any]) -> list[dict[str, str]]:
+    """The models among ``specs`` (``ModelSpec`` or ``ModelDoc``) whose source is a
+    local directory, as :func:`launch` takes them for ``warm``."""
+    out: list[dict[str, str]] = []
+    for spec in specs:
+        versions = getattr(spec, "versions", None)
+        for v in versions.values() if isinstance(versions, dict) else [spec]:
+            source = str(v.source)
+            path = source.removeprefix("file://") if source.startswith("file://") else source
+            if "://" in path or not os.path.isdir(path):
+                continue
+            out.append({"path": os.path.abspath(path), "runtime": v.runtime or ""})
+    return out
+
+
+def launch_workers(settings: Settings, specs: Iterable[Any] = ()) -> list[Launched]:
+    """The server's workers, started ahead of the server itself (``cachemesh serve``):
+    they import the frameworks of the local models in ``specs`` meanwhile."""
+    cfg = settings.serve
+    warm = local_models(specs)
+    return [launch(memory_limit=cfg.worker_memory_limit, threads=cfg.worker_threads,
+                   environ=worker_environ(settings), warm=warm)
+            for _ in range(cfg.worker_count())]
+
+
+def worker_environ(settings: Settings) -> dict[str, str]:
+    """What a worker sees over the server's environment: the store's home (a runtime
+    that pulls, such as an adapter's base, pulls into this store)."""
+    return {**settings.environ, "CACHEMESH_HOME": str(settings.home)}
+
+
 class WorkerHandle:
     """One worker process and the calls in flight to it."""
 
@@ -88,25 +164,15 @@ class WorkerHandle:
         return f"<worker {self.id} pid {self.pid}{'' if self.alive else ' dead'}>"
 
     async def start(self, *, memory_limit: int | None, threads: int,
-                    environ: dict[str, str] | None = None) -> None:
+                    environ: dict[str, str] | None = None,
+                    launched: Launched | None = None) -> None:
         """``environ``: variables the worker sees over the server's own (the store's
-        home: a runtime that pulls, such as an adapter's base, pulls into this store)."""
+        home: a runtime that pulls, such as an adapter's base, pulls into this store).
+        ``launched``: a process :func:`launch` started earlier, to adopt instead."""
         loop = asyncio.get_running_loop()
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for s in (parent, child):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        env = {**os.environ, **(environ or {})}
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[var] = str(threads)
-        cmd = [sys.executable, "-m", "cachemesh.serve.worker", "--fd", str(child.fileno())]
-        if memory_limit:
-            cmd += ["--memory-limit", str(memory_limit)]
-        try:
-            self.proc = subprocess.Popen(cmd, pass_fds=[child.fileno()], env=env,
-                                         stdin=subprocess.DEVNULL)
-        finally:
-            child.close()
+        if launched is None:
+            launched = launch(memory_limit=memory_limit, threads=threads, environ=environ)
+        self.proc, parent = launched.proc, launched.sock
         self.pid = self.proc.pid
         self._ready = loop.create_future()
         await loop.create_unix_connection(lambda: _Protocol(self), sock=parent)
