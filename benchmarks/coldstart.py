@@ -120,7 +120,9 @@ class Server:
         env = {**os.environ, "CACHEMESH_HOME": str(home)}
         self.started = time.time()
         self.proc = subprocess.Popen(
-            [str(ROOT / ".venv/bin/cachemesh"), "serve", "--port", str(self.port), "--workers",
+            # gRPC on a free port too: a server elsewhere on the machine may hold 8033.
+            [str(ROOT / ".venv/bin/cachemesh"), "serve", "--port", str(self.port), "--grpc-port",
+             str(free_port()), "--workers",
              "1", "--model", f"llm={model_dir}"], env=env, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE)
         self.client = httpx.Client(base_url=self.url, timeout=600)
