@@ -29,6 +29,8 @@ class LoadStats:
     copied_names: list[str] = field(default_factory=list)
     # Tensors converted by ``dtype=``.
     cast: int = 0
+    # Whether the reads were started ahead, by ``prefetch.start``, and adopted.
+    prefetched: bool = False
     # Wall time from the start of the load to the last tensor handed out.
     seconds: float = 0.0
 

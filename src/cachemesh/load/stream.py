@@ -70,9 +70,9 @@ class ChunkReader(Protocol):
 class _HostSink:
     """Chunks land directly in one anonymous mapping per file."""
 
-    def __init__(self, layouts: list[FileLayout]) -> None:
+    def __init__(self, layouts: list[FileLayout], buffers: list[Any] | None = None) -> None:
         self.layouts = layouts
-        self.buffers = [memory.allocate(layout.size) for layout in layouts]
+        self.buffers = buffers or [memory.allocate(layout.size) for layout in layouts]
         self.views = [memoryview(b) for b in self.buffers]
 
     def read_chunk(self, reader: ChunkReader, chunk: Chunk) -> ReadCounts:
@@ -193,7 +193,9 @@ class TensorStream(Iterator[tuple[str, torch.Tensor]]):
     waited for. ``stats`` is complete once the iterator is exhausted.
 
     ``open_reader`` replaces the :class:`FileReader` of each file (the origin
-    stream's readers wait for bytes to land before they read them).
+    stream's readers wait for bytes to land before they read them). A host
+    stream with the default reading options adopts a :mod:`prefetch` of the same
+    checkpoint started earlier in this process, if there is one.
     """
 
     def __init__(
@@ -212,6 +214,7 @@ class TensorStream(Iterator[tuple[str, torch.Tensor]]):
         self.stats = LoadStats(files=len(checkpoint.headers))
         self._cast = resolve_dtype(dtype)
         self._device = _resolve_device(device)
+        explicit = chunk_bytes is not None or direct_io is not None
         threads = threads or default_threads()
         if threads < 1:
             raise LoadError(f"threads must be at least 1, got {threads}")
@@ -224,11 +227,27 @@ class TensorStream(Iterator[tuple[str, torch.Tensor]]):
         self._pool: ThreadPoolExecutor | None = None
         self._pending: deque[tuple[Chunk, Future[ReadCounts]]] = deque()
         self._sink: Any = None
+        self._ahead: Any = None  # an adopted prefetch, whose threads do the reads
         try:
             layouts = [FileLayout.for_header(h) for h in checkpoint.headers]
             # Fail on a dtype torch lacks before reading anything.
             self._dtypes = [[torch_dtype(h, t) for t in h.tensors] for h in checkpoint.headers]
             self._shapes = [[torch_shape(h, t) for t in h.tensors] for h in checkpoint.headers]
+            ahead = None
+            if self._device.type != "cuda" and open_reader is None and not explicit:
+                from . import prefetch
+
+                ahead = prefetch.take(checkpoint)
+            if ahead is not None:
+                # Read ahead into the buffers this stream would have used: adopt them,
+                # with the reads done and those in flight.
+                ahead.adopt(threads)
+                self._ahead = ahead
+                self._sink = _HostSink(ahead.layouts, ahead.buffers)
+                self._readers = list(ahead.readers)
+                self._pending = deque(ahead.pending)
+                self.stats.prefetched = True
+                return
             if self._device.type == "cuda":
                 self._sink = _CudaSink(layouts, self._device, chunk_bytes, slots=threads + 2)
             else:
@@ -319,6 +338,8 @@ class TensorStream(Iterator[tuple[str, torch.Tensor]]):
         self._pending.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._ahead is not None:
+            self._ahead.stop()
         for reader in self._readers:
             reader.close()
         if self._sink is not None:

@@ -20,7 +20,9 @@ them in the messages of ``ipc.py``. A worker:
 - reads a model's weight files, and the files of the runtime's framework, into
   the page cache on a thread of their own while the framework is imported (a
   first load of that runtime, or a PRELOAD the server sends ahead of the first
-  request), so the disk and the imports overlap instead of adding up;
+  request), so the disk and the imports overlap instead of adding up; a
+  PRELOAD's safetensors checkpoint is read into the loader's own buffers instead
+  (``load/prefetch.py``), which its load adopts, and counted in its size;
 - when started with ``--warm`` (``cachemesh serve`` starts its workers before it
   imports its own web stack, naming the local models it will declare), imports
   those models' frameworks at once; a PRELOAD's read-ahead starts as it arrives,
@@ -140,7 +142,7 @@ class Worker:
                     self._streams.submit(self.slow, op, rid, key, payload)
                 elif op == ipc.PRELOAD:
                     # The reads start now, not behind an import the slow thread runs.
-                    read_ahead(weight_files(payload.get("paths") or ()))
+                    read_weights_ahead(payload.get("paths") or ())
                     self._slow.submit(self.slow, op, rid, key, payload)
                 else:
                     self._slow.submit(self.slow, op, rid, key, payload)
@@ -240,10 +242,17 @@ class Worker:
             read_ahead(weight_files([spec["settings"].path]))
             self._preload(cls)
         gc.collect()
+        from ..load import prefetch
+
+        # Weights read ahead (PRELOAD) are in the RSS already: those the load takes
+        # over are the model's, so they count as its size.
+        ahead = {id(p): p.resident_bytes() for p in prefetch.waiting()}
         before = rss_bytes()
         model = cls(spec["settings"])
         model.load()
         gc.collect()
+        left = {id(p) for p in prefetch.waiting()}
+        before -= sum(n for pid, n in ahead.items() if pid not in left)
         after = rss_bytes()
         size = model.memory_bytes()
         measured = max(after - before, 0) if size is None else int(size)
@@ -352,6 +361,23 @@ def package_files(packages: Any) -> list[Path]:
                 files += [Path(folder, n) for n in names
                           if n.endswith((".so", ".pyc")) or ".so." in n]
     return files
+
+
+def read_weights_ahead(paths: Any) -> None:
+    """Start reading the models in ``paths`` for their loads: a safetensors
+    checkpoint into the loader's own buffers (``load/prefetch.py``: its load
+    adopts them), other weight files into the page cache."""
+    from ..load import prefetch
+
+    rest = []
+    for path in paths:
+        try:
+            started = prefetch.start(path)
+        except Exception:  # noqa: BLE001 - best effort; the load reads what is missing
+            started = None
+        if started is None:
+            rest.append(path)
+    read_ahead(weight_files(rest))
 
 
 def read_ahead(files: list[Path]) -> None:
