@@ -183,9 +183,13 @@ def test_serve_flags_set_the_copy_thresholds(tmp_path: Path, monkeypatch: pytest
     from cachemesh.serve.documents import doc_from_spec
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr("cachemesh.serve.server.run",
-                        lambda settings, specs, on_started=None: seen.update(
-                            cfg=settings.serve, specs=specs))
+    def run(settings, specs, on_started=None, launched=()) -> None:
+        seen.update(cfg=settings.serve, specs=specs)
+        for worker in launched:  # started ahead by the command: let them go
+            worker.sock.close()
+            worker.proc.wait(30)
+
+    monkeypatch.setattr("cachemesh.serve.server.run", run)
     env = {"CACHEMESH_HOME": str(tmp_path / "home")}
     r = CliRunner().invoke(main, ["serve", "--copy-rate", "7.5", "--max-copies", "3",
                                   "--copy-cooldown", "12", "--model", "a=/models/a",

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -49,15 +48,11 @@ def _identity(checkpoint: Checkpoint) -> tuple:
 class Prefetch:
     """The reads of one checkpoint into host buffers, started on construction.
 
-    Until a stream adopts it, it reads with ``threads`` threads at the idle I/O
-    priority (``ioprio_set``, where the kernel and its I/O scheduler have it): the
-    process is importing its framework meanwhile, and every page fault of those
-    imports would otherwise wait behind megabytes of queued weight reads (that
-    made a server's imports of torch 2x slower). :meth:`adopt` lifts the priority
-    and adds threads: the load is waiting on the reads then.
+    Its threads take the chunks in file order; :meth:`adopt` adds threads when a
+    load waits on the reads.
     """
 
-    def __init__(self, checkpoint: Checkpoint, *, threads: int = 2,
+    def __init__(self, checkpoint: Checkpoint, *, threads: int | None = None,
                  chunk_bytes: int | None = None, direct_io: bool | None = None) -> None:
         self.checkpoint = checkpoint
         self.layouts = [FileLayout.for_header(h) for h in checkpoint.headers]
@@ -69,7 +64,6 @@ class Prefetch:
         self._lock = threading.Lock()
         self._next = 0
         self._stopped = False
-        self._urgent = False
         self._threads: list[threading.Thread] = []
         try:
             self.buffers = [memory.allocate(layout.size) for layout in self.layouts]
@@ -78,7 +72,7 @@ class Prefetch:
             for i, layout in enumerate(self.layouts):
                 for chunk in plan_chunks(i, layout, chunk_bytes or DEFAULT_CHUNK_BYTES):
                     self.pending.append((chunk, Future()))
-            self._grow(threads)
+            self._grow(threads or default_threads())
         except BaseException:
             self.close()
             raise
@@ -91,15 +85,12 @@ class Prefetch:
                 t.start()
 
     def _run(self) -> None:
-        idle = not self._urgent and _set_io_priority(idle=True)
         while True:
             with self._lock:
                 if self._stopped or self._next >= len(self.pending):
                     return
                 chunk, future = self.pending[self._next]
                 self._next += 1
-            if idle and self._urgent:
-                idle = not _set_io_priority(idle=False)
             if not future.set_running_or_notify_cancel():
                 continue
             try:
@@ -113,8 +104,7 @@ class Prefetch:
             chunk.start, chunk.end, self._views[chunk.file][chunk.start - base:])
 
     def adopt(self, threads: int | None = None) -> None:
-        """A load waits on these reads now: normal priority, and ``threads`` threads."""
-        self._urgent = True
+        """A load waits on these reads now: at least ``threads`` threads."""
         self._grow(threads or default_threads())
 
     def resident_bytes(self) -> int:
@@ -163,28 +153,12 @@ class Prefetch:
         self.buffers = []
 
 
-# ioprio_set(2): which, who, ioprio; IOPRIO_CLASS_IDLE = 3, IOPRIO_CLASS_BE = 2.
-_SYS_IOPRIO_SET = {"x86_64": 251, "aarch64": 30}.get(platform.machine())
-
-
-def _set_io_priority(*, idle: bool) -> bool:
-    """Set the calling thread's I/O priority class; False where that cannot be done."""
-    libc = _load_libc()
-    if libc is None or _SYS_IOPRIO_SET is None:
-        return False
-    value = (3 << 13) if idle else ((2 << 13) | 4)
-    try:
-        return libc.syscall(_SYS_IOPRIO_SET, 1, threading.get_native_id(), value) == 0
-    except (AttributeError, OSError):
-        return False
-
-
 _lock = threading.Lock()
 _waiting: dict[tuple, Prefetch] = {}
 
 
 def start(path: str | os.PathLike[str], *, ttl_s: float = DEFAULT_TTL_S,
-          threads: int = 2) -> Prefetch | None:
+          threads: int | None = None) -> Prefetch | None:
     """Start reading the safetensors checkpoint in ``path`` (a directory or file)
     for a later load in this process; None when it has none, or is being read."""
     try:

@@ -21,12 +21,12 @@ them in the messages of ``ipc.py``. A worker:
   the page cache on a thread of their own while the framework is imported (a
   first load of that runtime, or a PRELOAD the server sends ahead of the first
   request), so the disk and the imports overlap instead of adding up; a
-  PRELOAD's safetensors checkpoint is read into the loader's own buffers instead
-  (``load/prefetch.py``), which its load adopts, and counted in its size;
+  PRELOAD's safetensors checkpoint is read, once the framework is imported, into
+  the loader's own buffers (``load/prefetch.py``), which its load adopts, and
+  counted in its size;
 - when started with ``--warm`` (``cachemesh serve`` starts its workers before it
   imports its own web stack, naming the local models it will declare), imports
-  those models' frameworks at once; a PRELOAD's read-ahead starts as it arrives,
-  not behind that import;
+  those models' frameworks at once;
 - dies with the server (``PR_SET_PDEATHSIG``), and exits when its socket closes.
 
 A crash here (segfault, kill, out of memory) is seen by the server as the
@@ -47,6 +47,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -140,10 +141,6 @@ class Worker:
                         cancel.set()
                 elif op == ipc.GENERATE:
                     self._streams.submit(self.slow, op, rid, key, payload)
-                elif op == ipc.PRELOAD:
-                    # The reads start now, not behind an import the slow thread runs.
-                    read_weights_ahead(payload.get("paths") or ())
-                    self._slow.submit(self.slow, op, rid, key, payload)
                 else:
                     self._slow.submit(self.slow, op, rid, key, payload)
             since = time.perf_counter()
@@ -268,7 +265,8 @@ class Worker:
 
     def _preload(self, cls: Any) -> None:
         if cls not in self._preloaded:
-            read_ahead(package_files(cls.preload_packages))
+            # (Finding the files walks thousands of directories: on the thread too.)
+            read_ahead(lambda: package_files(cls.preload_packages))
             cls.preload()
             # What the framework allocated stays for the life of the worker: freeze it,
             # so the collections below (and any later) no longer walk it.
@@ -279,7 +277,14 @@ class Worker:
     def preload(self, spec: dict[str, Any]) -> dict[str, Any]:
         from ..runtimes import runtime_class
 
-        self._preload(runtime_class(spec["runtime"]))  # (serve() started the read-ahead)
+        # The weights are read once the framework is imported, not while: on the
+        # benchmark VM reads and imports share the same two CPUs (the virtual disk's
+        # work included), and reading 2 GB during the imports of torch made them
+        # 2-4 s slower, more than the reads took alone.
+        self._preload(runtime_class(spec["runtime"]))
+        # A LOAD that came first (a request raced the PRELOAD) has read them already.
+        loaded = {str(getattr(getattr(m, "settings", None), "path", "")) for m in self.models.values()}
+        read_weights_ahead([p for p in spec.get("paths") or () if str(p) not in loaded])
         return {"rss": rss_bytes()}
 
     def _warm_early(self, models: list[dict[str, str]]) -> None:
@@ -380,15 +385,16 @@ def read_weights_ahead(paths: Any) -> None:
     read_ahead(weight_files(rest))
 
 
-def read_ahead(files: list[Path]) -> None:
-    """Ask the kernel to read ``files`` into the page cache, on a daemon thread
-    (``posix_fadvise(WILLNEED)`` submits the reads and may block while it does).
-    Best effort: a file that cannot be opened is skipped."""
+def read_ahead(files: list[Path] | Callable[[], list[Path]]) -> None:
+    """Ask the kernel to read ``files`` (or what the callable returns, called on
+    the thread) into the page cache, on a daemon thread (``posix_fadvise(WILLNEED)``
+    submits the reads and may block while it does). Best effort: a file that
+    cannot be opened is skipped."""
     if not files or not hasattr(os, "posix_fadvise"):
         return
 
     def run() -> None:
-        for f in files:
+        for f in files() if callable(files) else files:
             try:
                 fd = os.open(f, os.O_RDONLY)
             except OSError:
