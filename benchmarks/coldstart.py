@@ -264,10 +264,15 @@ def report(results: dict[str, list[dict[str, float]]], nbytes: int, can_drop: bo
         "Times are seconds from the start: of the server process (server cold), of the request"
         " (server up: the server started and settled first), of the script's process (plain"
         " script). \"up\": the port accepts (server), the script's first line runs (plain)."
-        " The server's worker imports torch and transformers as soon as the model is declared"
-        " and reads the weights into the page cache meanwhile; \"weights\" is load_pretrained"
-        " (reads and model construction overlap) for the server, from_pretrained for the"
-        " script; the first token comes last.",
+        " `cachemesh serve` starts its worker before it imports its web stack, and the worker"
+        " imports torch and transformers at once for the local model; once they are imported,"
+        " a PRELOAD reads the weights into the loader's own buffers (load/prefetch.py), which"
+        " the load adopts. \"weights\" is load_pretrained (reads and model construction"
+        " overlap) for the server, from_pretrained for the script; the first token comes last.",
+        "Server up: the server settled (its worker's RSS stopped growing) before the page"
+        " cache was dropped, so the weights were already in the worker's own memory (not in"
+        " the page cache, which the drop empties): this row measures the hand-over, the"
+        " construction and the first token, not a disk read.",
         f"Load average before the run: {load_before:.1f} (a shared machine: figures are noisy).",
         "Goal: server cold <= 0.5x the plain script.",
     ]
