@@ -72,7 +72,8 @@ print(json.dumps({"token": int(out[0, -1]), "imports_started_at": t0, "imports_d
                   "weights_done_at": t2, "tokenizer_done_at": t3, "token_at": t4}), flush=True)
 '''
 # The timeline of one run: seconds from its start (the process, or the request).
-MARKS = ("up", "imports_started", "imports_done", "weights_done", "tokenizer_done", "token")
+MARKS = ("up", "imports_started", "imports_done", "load_started", "built", "weights_done",
+         "tokenizer_done", "token")
 
 
 def build(size: str) -> tuple[Path, Path, Path]:
@@ -246,6 +247,10 @@ def main() -> None:
         _report.write_section("coldstart", "Cold start to the first token", body)
 
 
+def _at(value: float) -> str:
+    return "-" if value != value else f"{value:.2f}"  # NaN: the plain script has no such mark
+
+
 def report(results: dict[str, list[dict[str, float]]], nbytes: int, can_drop: bool,
            rounds: int, load_before: float) -> str:
     med = {name: {k: statistics.median(r[k] for r in runs) for k in MARKS}
@@ -253,10 +258,11 @@ def report(results: dict[str, list[dict[str, float]]], nbytes: int, can_drop: bo
     plain_total = med["plain script"]["token"]
     rows = [[name, f"{m['token']:.2f}", f"{m['token'] / plain_total:.2f}x", f"{m['up']:.2f}",
              f"{m['imports_started']:.2f} - {m['imports_done']:.2f}",
+             _at(m["load_started"]), _at(m["built"]),
              f"{m['weights_done']:.2f}", f"{m['tokenizer_done']:.2f}"]
             for name, m in med.items()]
     headers = ["to the first token", "total s", "vs plain", "up at", "imports (from - to)",
-               "weights done at", "tokenizer done at"]
+               "load started at", "built (meta) at", "weights done at", "tokenizer done at"]
     notes = [
         f"Model: Llama, random bf16 weights, {nbytes / 1e9:.2f} GB of safetensors, in the cache"
         f" and not loaded. Medians of {rounds} rounds; page cache dropped before each:"
@@ -268,7 +274,9 @@ def report(results: dict[str, list[dict[str, float]]], nbytes: int, can_drop: bo
         " imports torch and transformers at once for the local model; once they are imported,"
         " a PRELOAD reads the weights into the loader's own buffers (load/prefetch.py), which"
         " the load adopts. \"weights\" is load_pretrained (reads and model construction"
-        " overlap) for the server, from_pretrained for the script; the first token comes last.",
+        " overlap) for the server, from_pretrained for the script; \"built\": the server's model"
+        " stands on the meta device (construction ends; the reads go on until \"weights"
+        " done\"); the first token comes last.",
         "Server up: the server settled (its worker's RSS stopped growing) before the page"
         " cache was dropped, so the weights were already in the worker's own memory (not in"
         " the page cache, which the drop empties): this row measures the hand-over, the"

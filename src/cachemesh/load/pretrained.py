@@ -144,6 +144,7 @@ def load_pretrained(
     dtype: torch.dtype | str = "auto",
     threads: int | None = None,
     trust_remote_code: bool = False,
+    on_phase: Callable[[str], None] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Build a transformers model from a checkpoint directory (or cache source).
@@ -153,8 +154,11 @@ def load_pretrained(
     ``AutoModel``. ``dtype="auto"`` (the default, as in ``from_pretrained``)
     uses the config's dtype, else the checkpoint's. Other keyword arguments go
     to the model's construction (for example ``attn_implementation="eager"``).
-    The model is returned in eval mode, on ``device``.
+    The model is returned in eval mode, on ``device``. ``on_phase`` is called with
+    ``"reading"`` (the reads started), ``"built"`` (the model stands on the meta
+    device) and ``"read"`` (the last tensor landed), for callers that time them.
     """
+    mark = on_phase or (lambda phase: None)
     import transformers
 
     path = resolve_source(path_or_source)
@@ -170,8 +174,10 @@ def load_pretrained(
     model_dtype = _model_dtype(dtype, config, checkpoint)
 
     with iter_tensors(checkpoint, device=device, threads=threads) as stream:
+        mark("reading")
         with parameters_on_meta():
             model = _build(transformers, auto_class, config, model_dtype, trust_remote_code, kwargs)
+        mark("built")
         expected = model.state_dict(keep_vars=True)
         rename = key_mapper(
             [t.name for t in checkpoint.tensors()],
@@ -198,6 +204,7 @@ def load_pretrained(
             ):
                 tensor = tensor.to(target.dtype)
             loaded[key] = tensor
+        mark("read")
 
     model.load_state_dict(loaded, strict=False, assign=True)
     missing = set(expected) - set(loaded)

@@ -128,6 +128,7 @@ class TransformersRuntime(Runtime):
         dtype = str(params.get("dtype") or "auto")
         device = str(params.get("device") or "cpu")
         started = time.time()
+        self.timings = {}
         if adapters.is_adapter(path):
             source = adapters.base_source(path, params)
             self.adapter = self.settings.name
@@ -152,7 +153,7 @@ class TransformersRuntime(Runtime):
         imports = type(self).preload_times
         # Durations, and when each phase ended (unix time: a benchmark lays them on
         # its own timeline).
-        self.timings = {"imports_s": imports[1] - imports[0],
+        self.timings = {**self.timings, "imports_s": imports[1] - imports[0],
                         "weights_s": weights_done - started, "tokenizer_s": done - weights_done,
                         "imports_started_at": imports[0], "imports_done_at": imports[1],
                         "load_started_at": started, "weights_done_at": weights_done,
@@ -173,7 +174,9 @@ class TransformersRuntime(Runtime):
         config = _read_json(path / "config.json")
         task = self._task(config, task)
         auto_class = None if task != "embed" or task_of(config) == "embed" else "AutoModel"
-        return load_pretrained(path, auto_class, device=device, dtype=dtype)
+        return load_pretrained(path, auto_class, device=device, dtype=dtype,
+                               on_phase=lambda phase: self.timings.__setitem__(
+                                   f"{phase}_at", time.time()))
 
     def _tokenizer(self, path: Path) -> Any:
         from transformers import AutoTokenizer
