@@ -21,6 +21,7 @@ from .config import Settings, format_size
 from .demo_llm import DEMO_LLM_NAME, make_demo_llm
 
 DEMO_NAME = "digits-svm"
+DEMO_BUCKET = "demo"  # the views land in buckets/demo/<model>
 
 
 def default_origin(settings: Settings) -> Path:
@@ -69,7 +70,7 @@ def run_demo(settings: Settings, origin: Path | None = None) -> dict[str, Path]:
     caches = Caches(settings)
     views: dict[str, Path] = {}
     for name, model_dir in make_demo_models(origin).items():
-        spec = make_spec(name=name, source=str(model_dir), bucket="demo")
+        spec = make_spec(name=name, source=str(model_dir), bucket=DEMO_BUCKET)
         with PullBar(name) as bar:
             result = caches.ensure(spec, on_progress=bar.update)
         views[name] = result.view
@@ -117,23 +118,29 @@ def write_demo_request(origin: Path) -> tuple[Path, int]:
     return path, int(digits.target[index])
 
 
-def _announce_ready(url: str, timeout_s: float = 600.0) -> None:
-    """Print one line when /v2/health/ready turns true (every eager model loaded)."""
+def _announce_ready(url: str, names: list[str], timeout_s: float = 600.0) -> None:
+    """Once /v2/health/ready turns true (every eager load ended), say which models loaded."""
     import time
-    import urllib.error
     import urllib.request
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def answers(path: str) -> bool:
         try:
-            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=5) as r:
-                if r.status == 200:
-                    click.echo(f"ready:   {DEMO_NAME} and {DEMO_LLM_NAME} are loaded;"
-                               " the requests above work now")
-                    return
-        except (OSError, urllib.error.URLError):
-            pass
+            with urllib.request.urlopen(url + path, timeout=5) as r:
+                return r.status == 200
+        except OSError:  # URLError and HTTPError (503 until ready) are OSErrors
+            return False
+
+    deadline = time.monotonic() + timeout_s
+    while not answers("/v2/health/ready"):
+        if time.monotonic() > deadline:
+            return
         time.sleep(0.5)
+    failed = [n for n in names if not answers(f"/v2/models/{n}/ready")]
+    if failed:
+        click.echo(f"NOT READY: {', '.join(failed)} failed to load (the log above says why)",
+                   err=True)
+    else:
+        click.echo(f"ready:   {' and '.join(names)} loaded; the requests above work now")
 
 
 def serve_demo(settings: Settings, origin: Path | None = None, port: int | None = None) -> None:
@@ -153,7 +160,8 @@ def serve_demo(settings: Settings, origin: Path | None = None, port: int | None 
         grpc_port=_free_port(settings.serve.grpc_port) if settings.serve.grpc_port else 0))
     url = f"http://127.0.0.1:{port}"
     llm = DEMO_LLM_NAME
-    specs = [ModelSpec(name=name, source=str(path), eager=True) for name, path in models.items()]
+    specs = [ModelSpec(name=name, source=str(path), bucket=DEMO_BUCKET, eager=True)
+             for name, path in models.items()]
     chat = ('{"model": "%s", "max_tokens": 16, '
             '"messages": [{"role": "user", "content": "Say hello"}]}' % llm)
     stream = chat[:-1] + ', "stream": true}'
@@ -210,6 +218,6 @@ With the openai client, unchanged:
 
 Ctrl-C to stop.
 """)
-        threading.Thread(target=_announce_ready, args=(url,), daemon=True).start()
+        threading.Thread(target=_announce_ready, args=(url, list(models)), daemon=True).start()
 
     run(settings, specs, on_started=started)
