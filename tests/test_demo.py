@@ -105,7 +105,8 @@ def run_curl(command: str) -> str:
 
 def test_demo_serves_what_it_prints(demo: Demo, tmp_path: Path):
     url = demo.wait_for(r"^serving: (http://127\.0\.0\.1:\d+)").group(1)
-    demo.wait_for(r"^ready: .*loaded")
+    announced = demo.wait_for(r"^(ready|NOT READY): .*$")
+    assert announced.group(1) == "ready", demo.text
     # Both models came from the origin beside the home, through the cache's demo bucket.
     origin = tmp_path / "cachemesh-demo-origin"
     for name in (DEMO_NAME, DEMO_LLM_NAME):

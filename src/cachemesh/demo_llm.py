@@ -118,6 +118,9 @@ def make_demo_llm(origin: Path) -> Path:
     model_dir = origin / DEMO_LLM_NAME
     if (model_dir / "model.safetensors").is_file():
         return model_dir
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Writing model shards" for a 3 MB file
     origin.mkdir(parents=True, exist_ok=True)
     building = origin / f".{DEMO_LLM_NAME}.building"
     shutil.rmtree(building, ignore_errors=True)
