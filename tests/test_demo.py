@@ -90,10 +90,11 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
         d.stop()
 
 
-def run_python(snippet: str) -> str:
+def run_python(snippet: str, namespace: dict | None = None) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(snippet, "<printed by cachemesh demo>", "exec"), {})
+        exec(compile(snippet, "<printed by cachemesh demo>", "exec"),
+             {} if namespace is None else namespace)
     return out.getvalue()
 
 
@@ -117,7 +118,10 @@ def test_demo_serves_what_it_prints(demo: Demo, tmp_path: Path):
 
     # KServe V2: the printed request holds a digit, and the answer names it.
     label = int(demo.wait_for(r"the answer says (\d+)\)").group(1))
-    assert run_python(demo.block_after("From Python:")).strip() == f"[{label}]"
+    namespace: dict = {}
+    assert run_python(demo.block_after("From Python:"), namespace).strip() == f"[{label}]"
+    triton = demo.block_after("or with Triton's client, unchanged:")
+    assert run_python(triton, namespace).strip() == f"[{label}]"
 
     # The printed curl commands, as a shell runs them.
     commands = re.findall(r"^  (curl .*)$", demo.text.replace("\\\n", ""), re.MULTILINE)

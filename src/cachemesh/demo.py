@@ -159,6 +159,8 @@ def serve_demo(settings: Settings, origin: Path | None = None, port: int | None 
         settings.serve, host="127.0.0.1", port=port, workers=settings.serve.workers or 1,
         grpc_port=_free_port(settings.serve.grpc_port) if settings.serve.grpc_port else 0))
     url = f"http://127.0.0.1:{port}"
+    grpc = (f"\n         KServe V2 gRPC on 127.0.0.1:{settings.serve.grpc_port}"
+            if settings.serve.grpc_port else "")
     llm = DEMO_LLM_NAME
     specs = [ModelSpec(name=name, source=str(path), bucket=DEMO_BUCKET, eager=True)
              for name, path in models.items()]
@@ -169,7 +171,7 @@ def serve_demo(settings: Settings, origin: Path | None = None, port: int | None 
     def started() -> None:
         click.echo(f"""
 serving: {url}  (models {DEMO_NAME!r} and {llm!r}: they load in a worker process;
-         ready when /v2/health/ready says so, announced below)
+         ready when /v2/health/ready says so, announced below){grpc}
 
 Try it from another terminal. The digits classifier, over KServe V2 (the request
 holds a handwritten {label}; the answer says {label}):
