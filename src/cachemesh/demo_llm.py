@@ -15,8 +15,7 @@ A model folder is what ``save_pretrained`` writes::
       generation_config.json   max_new_tokens, end-of-sequence token
       model.safetensors        the random weights (a few MB for the demo's)
       tokenizer.json           the trained BPE
-      tokenizer_config.json    special tokens and the chat template
-      special_tokens_map.json
+      tokenizer_config.json    special tokens and the chat template (no chat_template.jinja)
 """
 
 from __future__ import annotations
@@ -79,11 +78,13 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 320) -> Any:
 def tiny_llama(directory: Path, tokenizer: Any, *, hidden_size: int = 32,
                intermediate_size: int = 64, layers: int = 2, context: int = 4096,
                seed: int = 0, chat_template: bool = True, eos: bool = True,
-               max_new_tokens: int | None = None) -> Path:
+               max_new_tokens: int | None = None, template_file: bool = True) -> Path:
     """Save a randomly initialised Llama over ``tokenizer`` into ``directory``.
 
     ``eos=False`` leaves the model without an end-of-sequence token, so that its
     generations always run to ``max_tokens`` (tests count on their length).
+    ``template_file=False`` writes the chat template into tokenizer_config.json,
+    where tools older than transformers' ``chat_template.jinja`` look for it.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -105,7 +106,7 @@ def tiny_llama(directory: Path, tokenizer: Any, *, hidden_size: int = 32,
     if max_new_tokens is not None:
         model.generation_config.max_new_tokens = max_new_tokens
     model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    tokenizer.save_pretrained(directory, save_jinja_files=template_file)
     return directory
 
 
@@ -126,7 +127,7 @@ def make_demo_llm(origin: Path) -> Path:
     shutil.rmtree(building, ignore_errors=True)
     tokenizer = train_tokenizer(python_corpus(), vocab_size=1000)
     tiny_llama(building, tokenizer, hidden_size=128, intermediate_size=256, layers=4,
-               context=2048, max_new_tokens=32)
+               context=2048, max_new_tokens=32, template_file=False)
     (building / "README.md").write_text(
         "A tiny Llama with RANDOM weights (its text is gibberish) and a byte-level BPE\n"
         "tokenizer trained on Python's docstrings. It shows the serving path, not a model.\n")
