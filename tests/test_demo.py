@@ -122,6 +122,10 @@ def test_demo_serves_what_it_prints(demo: Demo, tmp_path: Path):
     assert run_python(demo.block_after("From Python:"), namespace).strip() == f"[{label}]"
     triton = demo.block_after("or with Triton's client, unchanged:")
     assert run_python(triton, namespace).strip() == f"[{label}]"
+    # The same request over the gRPC address it prints, through Triton's gRPC client.
+    grpc_address = demo.wait_for(r"KServe V2 gRPC on (127\.0\.0\.1:\d+)").group(1)
+    assert run_python(triton.replace("tritonclient.http", "tritonclient.grpc").replace(
+        "127.0.0.1:" + url.rsplit(":", 1)[1], grpc_address), namespace).strip() == f"[{label}]"
 
     # The printed curl commands, as a shell runs them.
     commands = re.findall(r"^  (curl .*)$", demo.text.replace("\\\n", ""), re.MULTILINE)

@@ -16,6 +16,7 @@ A model folder is what ``save_pretrained`` writes::
       model.safetensors        the random weights (a few MB for the demo's)
       tokenizer.json           the trained BPE
       tokenizer_config.json    special tokens and the chat template (no chat_template.jinja)
+      README.md                says that the weights are random
 """
 
 from __future__ import annotations
