@@ -36,7 +36,8 @@ class Demo:
 
     def __init__(self, home: Path) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cachemesh", "demo"], env=os.environ | {"CACHEMESH_HOME": str(home)},
+            [sys.executable, "-m", "cachemesh", "demo"],
+            env=os.environ | {"CACHEMESH_HOME": str(home)},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
