@@ -538,11 +538,11 @@ def jobs_logs(ctx: click.Context, job_id: str, follow: bool, as_json: bool) -> N
 @click.option("--port", type=click.IntRange(0, 65535), default=None,
               help="Port to serve on (default 8008, or a free one if 8008 is taken).")
 @click.option("--serve/--no-serve", default=True, show_default=True,
-              help="Serve the demo model until Ctrl-C after pulling it.")
+              help="Serve the demo models until Ctrl-C after pulling them.")
 @click.pass_context
 @handle_errors
 def demo(ctx: click.Context, origin: Path | None, port: int | None, serve: bool) -> None:
-    """Generate a demo model, pull it through the cache, and serve it over KServe V2."""
+    """Generate two demo models, pull them through the cache, serve them (KServe V2, OpenAI)."""
     from .demo import run_demo, serve_demo
 
     run_demo(settings_of(ctx), origin)

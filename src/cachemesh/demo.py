@@ -1,10 +1,13 @@
 """``cachemesh demo``: the main job on an embedded default, end to end.
 
-It generates a small model in a local origin folder (never committed: it is
-trained here, on first run), pulls it through the cache, shows where it lives
-and what the store holds, then serves it over KServe V2 REST (in a worker
-process, loaded before the server reports ready) and prints requests that work
-against it, until Ctrl-C.
+It generates two small models in a local origin folder (never committed: they
+are built here, on first run): a digits classifier (scikit-learn SVM) and a tiny
+chat language model with random weights (``demo_llm.py``). It pulls both through
+the cache (bucket ``demo``), shows where they live and what the store holds,
+then serves them from a worker process (loaded before the server reports ready):
+the SVM over KServe V2 (REST and gRPC), the chat model over the OpenAI API. It
+prints requests that work against them, and says when they are ready, until
+Ctrl-C.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from pathlib import Path
 import click
 
 from .config import Settings, format_size
+from .demo_llm import DEMO_LLM_NAME, make_demo_llm
 
 DEMO_NAME = "digits-svm"
+DEMO_BUCKET = "demo"  # the views land in buckets/demo/<model>
 
 
 def default_origin(settings: Settings) -> Path:
@@ -50,31 +55,41 @@ def make_demo_model(origin: Path) -> Path:
     return model_dir
 
 
-def run_demo(settings: Settings, origin: Path | None = None) -> Path:
+def make_demo_models(origin: Path) -> dict[str, Path]:
+    """Both demo models in ``origin``, built on first use: name -> model folder."""
+    return {DEMO_NAME: make_demo_model(origin), DEMO_LLM_NAME: make_demo_llm(origin)}
+
+
+def run_demo(settings: Settings, origin: Path | None = None) -> dict[str, Path]:
+    """Pull the demo models through the cache and show what the store holds: name -> view."""
     from .caches import Caches, make_spec
     from .progress import PullBar
 
     origin = origin or default_origin(settings)
-    model_dir = make_demo_model(origin)
-    click.echo(f"origin:  {model_dir}  (a local folder standing in for a NAS or bucket)")
+    click.echo(f"origin:  {origin}  (a local folder standing in for a NAS or bucket)")
     caches = Caches(settings)
-    spec = make_spec(name=DEMO_NAME, source=str(model_dir), bucket="demo")
-    with PullBar(DEMO_NAME) as bar:
-        result = caches.ensure(spec, on_progress=bar.update)
-    click.echo(f"pulled:  {result.files_fetched} file(s) fetched, {result.files_reused} reused")
+    views: dict[str, Path] = {}
+    for name, model_dir in make_demo_models(origin).items():
+        spec = make_spec(name=name, source=str(model_dir), bucket=DEMO_BUCKET)
+        with PullBar(name) as bar:
+            result = caches.ensure(spec, on_progress=bar.update)
+        views[name] = result.view
+        click.echo(f"pulled:  {name}: {result.files_fetched} file(s) fetched,"
+                   f" {result.files_reused} reused")
+        click.echo(f"view:    {result.view}")
+        for path in sorted(result.view.rglob("*")):
+            if path.is_file():
+                click.echo(f"           {path.relative_to(result.view)}"
+                           f"  ({format_size(path.stat().st_size)})")
     click.echo(f"store:   {settings.home}")
-    click.echo(f"view:    {result.view}")
-    for path in sorted(result.view.rglob("*")):
-        if path.is_file():
-            click.echo(f"           {path.relative_to(result.view)}  ({format_size(path.stat().st_size)})")
     report = caches.du()
     click.echo(f"du:      logical {format_size(report['logical_bytes'])},"
                f" physical {format_size(report['physical_bytes'])}")
-    problems = caches.verify(DEMO_NAME)
+    problems = {name: found for name in views if (found := caches.verify(name))}
     click.echo(f"verify:  {'ok' if not problems else problems}")
-    click.echo("mount it read-only into a container, e.g.:")
-    click.echo(f"  docker run -v {result.view}:/models/{DEMO_NAME}:ro ...")
-    return result.view
+    click.echo("mount a view read-only into a container, e.g.:")
+    click.echo(f"  docker run -v {views[DEMO_NAME]}:/models/{DEMO_NAME}:ro ...")
+    return views
 
 
 def _free_port(preferred: int) -> int:
@@ -103,28 +118,63 @@ def write_demo_request(origin: Path) -> tuple[Path, int]:
     return path, int(digits.target[index])
 
 
+def _announce_ready(url: str, names: list[str], timeout_s: float = 600.0) -> None:
+    """Once /v2/health/ready turns true (every eager load ended), say which models loaded."""
+    import time
+    import urllib.request
+
+    def answers(path: str) -> bool:
+        try:
+            with urllib.request.urlopen(url + path, timeout=5) as r:
+                return r.status == 200
+        except OSError:  # URLError and HTTPError (503 until ready) are OSErrors
+            return False
+
+    deadline = time.monotonic() + timeout_s
+    while not answers("/v2/health/ready"):
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.5)
+    failed = [n for n in names if not answers(f"/v2/models/{n}/ready")]
+    if failed:
+        click.echo(f"NOT READY: {', '.join(failed)} failed to load (the log above says why)",
+                   err=True)
+    else:
+        click.echo(f"ready:   {' and '.join(names)} loaded; the requests above work now")
+
+
 def serve_demo(settings: Settings, origin: Path | None = None, port: int | None = None) -> None:
-    """Serve the demo model until Ctrl-C, after printing example requests."""
+    """Serve the demo models until Ctrl-C, after printing example requests."""
     import dataclasses
+    import threading
 
     from .serve.registry import ModelSpec
     from .serve.server import run
 
     origin = origin or default_origin(settings)
-    model_dir = make_demo_model(origin)
+    models = make_demo_models(origin)
     request, label = write_demo_request(origin)
     port = _free_port(8008) if port is None else port
     settings = dataclasses.replace(settings, serve=dataclasses.replace(
         settings.serve, host="127.0.0.1", port=port, workers=settings.serve.workers or 1,
         grpc_port=_free_port(settings.serve.grpc_port) if settings.serve.grpc_port else 0))
     url = f"http://127.0.0.1:{port}"
-    spec = ModelSpec(name=DEMO_NAME, source=str(model_dir), eager=True)
+    grpc = (f"\n         KServe V2 gRPC on 127.0.0.1:{settings.serve.grpc_port}"
+            if settings.serve.grpc_port else "")
+    llm = DEMO_LLM_NAME
+    specs = [ModelSpec(name=name, source=str(path), bucket=DEMO_BUCKET, eager=True)
+             for name, path in models.items()]
+    chat = ('{"model": "%s", "max_tokens": 16, '
+            '"messages": [{"role": "user", "content": "Say hello"}]}' % llm)
+    stream = chat[:-1] + ', "stream": true}'
 
     def started() -> None:
         click.echo(f"""
-serving: {url}  (model {DEMO_NAME!r}: loads in a worker process; ready when /v2/health/ready says so)
+serving: {url}  (models {DEMO_NAME!r} and {llm!r}: they load in a worker process;
+         ready when /v2/health/ready says so, announced below){grpc}
 
-Try it from another terminal (the request holds a handwritten {label}; the answer says {label}):
+Try it from another terminal. The digits classifier, over KServe V2 (the request
+holds a handwritten {label}; the answer says {label}):
 
   curl -s {url}/v2/health/ready
   curl -s {url}/v2/models/{DEMO_NAME}
@@ -147,6 +197,29 @@ or with Triton's client, unchanged:
   x.set_data_from_numpy(np.array([body["inputs"][0]["data"]], dtype=np.float32))
   print(c.infer("{DEMO_NAME}", [x]).as_numpy("predict"))
 
-Ctrl-C to stop.""")
+The chat model, over the OpenAI API. Its weights are RANDOM, so its text is
+gibberish: it shows the protocol and the path (origin, cache, loader, worker),
+not a model.
 
-    run(settings, [spec], on_started=started)
+  curl -s {url}/v1/models
+  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{chat}'
+  curl -sN {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{stream}'
+
+With the openai client, unchanged:
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1", api_key="unused")
+  messages = [{{"role": "user", "content": "Say hello"}}]
+  r = client.chat.completions.create(model="{llm}", messages=messages, max_tokens=16)
+  print(r.choices[0].message.content, r.usage)
+  for chunk in client.chat.completions.create(model="{llm}", messages=messages,
+                                              max_tokens=16, stream=True):
+      print(chunk.choices[0].delta.content or "", end="", flush=True)
+
+Ctrl-C to stop.
+""")
+        threading.Thread(target=_announce_ready, args=(url, list(models)), daemon=True).start()
+
+    run(settings, specs, on_started=started)

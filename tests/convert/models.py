@@ -2,12 +2,15 @@
 
 Each builder writes a save_pretrained directory with safetensors weights and,
 for language models, a byte-level BPE tokenizer trained offline with the
-`tokenizers` library, so that CTranslate2's converter finds a vocabulary.
+`tokenizers` library (``cachemesh.demo_llm``, shared with the demo), so that
+CTranslate2's converter finds a vocabulary.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from cachemesh import demo_llm
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -19,17 +22,7 @@ PROMPTS = ["the quick brown fox", "a model cache", "convert checkpoints into", "
 
 
 def train_tokenizer(vocab_size: int = 320, corpus: list[str] | None = None):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus or CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
+    return demo_llm.train_tokenizer(corpus or CORPUS, vocab_size)
 
 
 def _save(model, tokenizer, directory: Path) -> Path:

@@ -13,40 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from cachemesh.demo_llm import tiny_llama as build_llama
 from tests.convert.models import train_tokenizer
-
-# A ChatML-like template: enough for apply_chat_template, and it refuses unknown roles.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
-    "<|{{ m['role'] }}|> {{ m['content'] }}\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
 
 
 def tiny_llama(directory: Path, *, seed: int = 0, chat_template: bool = True,
                context: int = 4096) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = train_tokenizer()
-    if chat_template:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-        bos_token_id=1, eos_token_id=None, initializer_range=0.2, tie_word_embeddings=False,
-    )
     # No end-of-sequence token: generations run to max_tokens (or a stop string), so
     # tests can count on their length.
-    tokenizer.eos_token = None
-    model = LlamaForCausalLM(config).eval()
-    model.generation_config.eos_token_id = None
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return build_llama(directory, train_tokenizer(), seed=seed, chat_template=chat_template,
+                       context=context, eos=False)
 
 
 def lora_adapter(base: Path, directory: Path, *, seed: int) -> Path:
