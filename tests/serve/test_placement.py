@@ -41,6 +41,18 @@ def test_an_empty_slot_with_room_wins_and_nothing_is_evicted():
     assert "not full" in plan.reasons[-1] and "slot 2: empty" in plan.reasons[-1]
 
 
+def test_the_slot_that_read_the_weights_ahead_wins_while_it_has_room():
+    # Worker 1 holds the prefetched weights in its RSS: less free memory, yet preferred.
+    slots = workers(8 * GB, (1, []), (2, []), rss=[2 * GB, 120 * MB])
+    plan = place(GB, slots, now=100, pool=8 * GB, prefer=1)
+    assert plan.slot == 1 and plan.evict == () and "read its weights ahead" in plan.reasons[-1]
+    assert place(GB, slots, now=100, pool=8 * GB).slot == 2
+    # Without room there, it is not worth an eviction: another slot takes it.
+    full = workers(8 * GB, (1, [r("big", 5000, last_used=1)]), (2, []),
+                   rss=[7 * GB, 120 * MB])
+    assert place(GB, full, now=100, pool=8 * GB, prefer=1).slot == 2
+
+
 def test_among_slots_with_room_the_oldest_least_recently_used_model_decides():
     slots = [node(1, 1000, [r("a", 50, last_used=50)]), node(2, 1000, [r("b", 50, last_used=10)]),
              node(3, 1000, [r("c", 50, last_used=10), r("d", 50, last_used=60)])]

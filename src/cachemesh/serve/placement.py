@@ -165,8 +165,10 @@ def _make_room(s: Slot, need: int, pool_short: float,
 def place(need: int, slots: Sequence[Slot], now: float, *, pool: int | None = None,
           exclude: frozenset[int] = frozenset(), avoid: frozenset[int] = frozenset(),
           evict: bool = True, min_resident_s: float = 0.0,
-          protect_share: float = 0.5) -> Placement:
-    """Choose a slot for a copy of ``need`` bytes, and the residents to evict first."""
+          protect_share: float = 0.5, prefer: int | None = None) -> Placement:
+    """Choose a slot for a copy of ``need`` bytes, and the residents to evict first.
+    ``prefer``: the slot to take among those with room without evicting (the one
+    that read the copy's weights ahead)."""
     alive = [s for s in slots if s.alive]
     if not alive:
         return Placement(None, wait=True, reasons=("no worker is running",))
@@ -192,8 +194,9 @@ def place(need: int, slots: Sequence[Slot], now: float, *, pool: int | None = No
 
     roomy = [s for s in candidates if free[s.id] >= need]
     if roomy:
-        best = min(roomy, key=_rank)
-        return Placement(best.id, reasons=(header, "not full: " + _why(best, now) + avoided))
+        best = min(roomy, key=lambda s: (s.id != prefer, _rank(s)))
+        why = "read its weights ahead" if best.id == prefer else _why(best, now)
+        return Placement(best.id, reasons=(header, "not full: " + why + avoided))
     if not evict:
         return Placement(None, reasons=(header, "no slot has that much free without evicting"))
 

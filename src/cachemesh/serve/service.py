@@ -724,7 +724,9 @@ class ModelService:
                 continue
             self._warmed.add((worker.id, runtime))
             calls.append(worker.call(ipc.PRELOAD, "", {"runtime": runtime, "paths": paths}))
-            paths = []  # the page cache is shared: one worker reads ahead
+            if paths:
+                v.prefetched_on = worker.id
+            paths = []  # one worker reads ahead (into its own memory: see worker.py)
         for result in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(result, Exception):
                 log.warning("preloading runtime %s: %s", runtime, result)
@@ -884,7 +886,8 @@ class ModelService:
             here = frozenset(c.worker.id for c in v.copies)
             plan: Placement = place(
                 need, self._slots(), time.monotonic(), pool=self.budget, exclude=here,
-                avoid=avoid, evict=evict, min_resident_s=self.cfg.min_resident_s)
+                avoid=avoid, evict=evict, min_resident_s=self.cfg.min_resident_s,
+                prefer=v.prefetched_on)
             if plan.too_large:
                 if not evict:
                     return None
