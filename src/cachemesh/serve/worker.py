@@ -277,10 +277,12 @@ class Worker:
     def preload(self, spec: dict[str, Any]) -> dict[str, Any]:
         from ..runtimes import runtime_class
 
-        # The weights are read once the framework is imported, not while: on the
-        # benchmark VM reads and imports share the same two CPUs (the virtual disk's
-        # work included), and reading 2 GB during the imports of torch made them
-        # 2-4 s slower, more than the reads took alone.
+        # The weights are read once the framework is imported, not while. Measured on
+        # the benchmark VM (benchmarks/coldstart.py, 2 GB, 3 rounds each, 2026-11-23):
+        # reading them during the import of torch and transformers, the import took
+        # 8.2 s (one reading thread, 16 MiB reads) or 6.0 s (1 MiB reads) instead of
+        # 4.1 s, and the cold start 9.3 s or 8.8 s instead of 7.5-7.8 s: each small
+        # read of the imports waits behind the queued weight reads.
         self._preload(runtime_class(spec["runtime"]))
         # A LOAD that came first (a request raced the PRELOAD) has read them already.
         loaded = {str(getattr(getattr(m, "settings", None), "path", "")) for m in self.models.values()}
