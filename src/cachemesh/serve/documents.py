@@ -44,7 +44,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import InvalidInputError
 from ..store.names import check_name
@@ -70,26 +78,26 @@ def check_label(value: str, what: str = "version") -> str:
     return value
 
 
+def _source_text(v: str) -> str:
+    if not v or not v.strip():
+        raise ValueError("a source is required")
+    return v.strip()
+
+
+#: A source as a model's spec or document carries it: required, surrounding blanks dropped.
+SourceText = Annotated[str, AfterValidator(_source_text)]
+#: Runtime options: JSON values within the request limits.
+Parameters = Annotated[dict[str, Any], AfterValidator(lambda v: check_json(v, "parameters"))]
+
+
 class VersionSpec(BaseModel):
     """One version: where its files come from and how to run them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: str = Field(description="anything `cachemesh pull` takes")
+    source: SourceText = Field(description="anything `cachemesh pull` takes")
     runtime: str | None = Field(default=None, description="sklearn, custom, ...; detected if absent")
-    parameters: dict[str, Any] = Field(default_factory=dict, description="runtime options")
-
-    @field_validator("parameters")
-    @classmethod
-    def _parameters(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return check_json(v, "parameters")
-
-    @field_validator("source")
-    @classmethod
-    def _source(cls, v: str) -> str:
-        if not v or not v.strip():
-            raise ValueError("a source is required")
-        return v.strip()
+    parameters: Parameters = Field(default_factory=dict, description="runtime options")
 
 
 Scalar = str | int | float | bool

@@ -28,8 +28,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import InvalidInputError
 from ..store.names import check_name
-from .documents import DEFAULT_BUCKET, ModelDoc, Scaling, doc_from_spec, make_document
-from .limits import check_json
+from .documents import (
+    DEFAULT_BUCKET,
+    ModelDoc,
+    Parameters,
+    Scaling,
+    SourceText,
+    doc_from_spec,
+    make_document,
+)
 
 __all__ = ["DEFAULT_BUCKET", "ModelRegistry", "ModelSpec", "make_model_spec", "read_config"]
 
@@ -40,11 +47,12 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    source: str = Field(description="anything `cachemesh pull` takes: a path, file://, s3://, hf://")
+    source: SourceText = Field(
+        description="anything `cachemesh pull` takes: a path, file://, s3://, hf://")
     runtime: str | None = Field(default=None, description="sklearn, custom, ...; detected if absent")
     version: str | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict,
-                                       description="runtime options, e.g. class, trusted")
+    parameters: Parameters = Field(default_factory=dict,
+                                   description="runtime options, e.g. class, trusted")
     eager: bool = Field(default=False, description="load at start instead of on the first request")
     scaling: Scaling = Field(default_factory=Scaling,
                              description="extra copies: copy_rate, max_copies, cooldown_s")
@@ -62,17 +70,6 @@ class ModelSpec(BaseModel):
     def _bucket(cls, v: str) -> str:
         return check_name(v, "bucket")
 
-    @field_validator("parameters")
-    @classmethod
-    def _parameters(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return check_json(v, "parameters")
-
-    @field_validator("source")
-    @classmethod
-    def _source(cls, v: str) -> str:
-        if not v or not v.strip():
-            raise ValueError("a source is required")
-        return v.strip()
 
 
 def make_model_spec(data: dict[str, Any]) -> ModelSpec:
