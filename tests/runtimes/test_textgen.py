@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cachemesh.errors import InferenceInputError
@@ -101,6 +101,8 @@ def test_stop_strings_across_chunks():
 
 
 @settings(max_examples=200, deadline=None)
+# a stop completes (" ") while a longer one that starts earlier ("a  ") is pending
+@example(text="aaa  ", stops=[" ", "a  "], cuts=[4])
 @given(text=st.text("abc ", max_size=30), stops=st.lists(st.text("abc ", min_size=1,
                                                                   max_size=4), max_size=3),
        cuts=st.lists(st.integers(0, 30), max_size=8))

@@ -177,9 +177,18 @@ class StopStrings:
             return pending
         hits = [i for i in (pending.find(s) for s in self._stops) if i >= 0]
         if hits:
+            first = min(hits)
+            # A stop that starts before ``first`` and may still complete with more text
+            # wins if it does (the earliest start, as on the whole text): wait for it.
+            longest = max(len(s) for s in self._stops)
+            for q in range(max(0, len(pending) - longest + 1), first):
+                if any(len(s) > len(pending) - q and s.startswith(pending[q:])
+                       for s in self._stops):
+                    self._held = pending[q:]
+                    return pending[:q]
             self.stopped = True
             self._held = ""
-            return pending[:min(hits)]
+            return pending[:first]
         hold = 0
         for stop in self._stops:
             for k in range(min(len(stop) - 1, len(pending)), hold, -1):
@@ -192,4 +201,10 @@ class StopStrings:
     def flush(self) -> str:
         """At the end of generation, what was held back is plain text."""
         held, self._held = self._held, ""
-        return "" if self.stopped else held
+        if self.stopped:
+            return ""
+        hits = [i for i in (held.find(s) for s in self._stops) if i >= 0]
+        if hits:  # a stop was complete while a longer one that started earlier was pending
+            self.stopped = True
+            return held[:min(hits)]
+        return held
