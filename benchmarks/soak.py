@@ -97,7 +97,8 @@ class Server:
         self._log = open(log, "ab")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cachemesh", "serve", "--port", str(self.port),
-             "--workers", str(workers), "--memory", memory, "--config", str(config)],
+             "--workers", str(workers), "--memory", memory, "--config", str(config),
+             "--grpc-port", "0"],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self.client = httpx.Client(base_url=self.url, timeout=60)
         deadline = time.monotonic() + 120
