@@ -39,6 +39,7 @@ import numpy as np
 from ..errors import InferenceInputError, InvalidInputError, LoadError
 from . import adapters
 from .base import Runtime
+from .files import flag
 from .textgen import IncrementalDecoder, StopStrings, TextRequest, parse_generate_request
 from .types import InferenceRequest, InferenceResponse, Tensor
 
@@ -54,14 +55,6 @@ def task_of(config: dict[str, Any]) -> str:
     if arch.endswith("ForSequenceClassification"):
         return "classify"
     return "embed"
-
-
-def _flag(value: Any, default: bool) -> bool:
-    if value is None:
-        return default
-    if isinstance(value, str):
-        return value.strip().lower() not in ("0", "false", "no", "off")
-    return bool(value)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -368,7 +361,8 @@ class TransformersRuntime(Runtime):
         pooling = str(self.settings.parameters.get("pooling") or "mean")
         if pooling not in POOLINGS:
             raise InvalidInputError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
-        normalize = _flag(self.settings.parameters.get("normalize"), True)
+        normalize = self.settings.parameters.get("normalize")
+        normalize = True if normalize is None else flag(normalize)
         rows, used = [], 0
         for ids in self._encode_each(texts):
             out = self._forward(ids)

@@ -50,7 +50,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
 
@@ -86,6 +85,9 @@ def _source_text(v: str) -> str:
 
 #: A source as a model's spec or document carries it: required, surrounding blanks dropped.
 SourceText = Annotated[str, AfterValidator(_source_text)]
+#: A model's name and its bucket, as every spec and document checks them.
+ModelName = Annotated[str, AfterValidator(lambda v: check_name(v, "model name"))]
+BucketName = Annotated[str, AfterValidator(lambda v: check_name(v, "bucket"))]
 #: Runtime options: JSON values within the request limits.
 Parameters = Annotated[dict[str, Any], AfterValidator(lambda v: check_json(v, "parameters"))]
 
@@ -163,24 +165,14 @@ class ModelDoc(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
+    name: ModelName
     versions: dict[str, VersionSpec]
     traffic: dict[str, Percent] = Field(default_factory=dict)
     routes: list[RouteRule] = Field(default_factory=list)
     aliases: dict[str, str] = Field(default_factory=dict)
     eager: bool = False
     scaling: Scaling = Field(default_factory=Scaling)
-    bucket: str = DEFAULT_BUCKET
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_name(v, "model name")
-
-    @field_validator("bucket")
-    @classmethod
-    def _bucket(cls, v: str) -> str:
-        return check_name(v, "bucket")
+    bucket: BucketName = DEFAULT_BUCKET
 
     @model_validator(mode="before")
     @classmethod

@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import InvalidInputError
-from ..store.names import check_name
 from .documents import (
     DEFAULT_BUCKET,
+    BucketName,
     ModelDoc,
+    ModelName,
     Parameters,
     Scaling,
     SourceText,
@@ -46,7 +47,7 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
+    name: ModelName
     source: SourceText = Field(
         description="anything `cachemesh pull` takes: a path, file://, s3://, hf://")
     runtime: str | None = Field(default=None, description="sklearn, custom, ...; detected if absent")
@@ -56,19 +57,9 @@ class ModelSpec(BaseModel):
     eager: bool = Field(default=False, description="load at start instead of on the first request")
     scaling: Scaling = Field(default_factory=Scaling,
                              description="extra copies: copy_rate, max_copies, cooldown_s")
-    bucket: str = Field(default=DEFAULT_BUCKET,
+    bucket: BucketName = Field(default=DEFAULT_BUCKET,
                         description="bucket of the model's cache; when it is protected, the model"
                         " is seen and called only with the bucket's token")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_name(v, "model name")
-
-    @field_validator("bucket")
-    @classmethod
-    def _bucket(cls, v: str) -> str:
-        return check_name(v, "bucket")
 
 
 
