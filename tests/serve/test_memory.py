@@ -136,3 +136,71 @@ def test_readiness_waits_for_eager_models_to_warm_up(tmp_path: Path):
         assert states(s)["warm"] in ("Pulling", "Unloaded", "Loading")
         s.wait_ready()
         assert states(s) == {"warm": "Ready", "lazy": "Unloaded"}  # lazy ones load on demand
+
+
+@pytest.mark.slow
+def test_a_copy_loaded_for_waiting_requests_is_not_evicted_before_they_take_it(tmp_path: Path):
+    # Room for one model, three wanted at once: each load must serve the requests it
+    # was made for. (The soak found the opposite: when a load finished, the next
+    # load's eviction ran before the woken requests, took the fresh copy, and the
+    # three models evicted each other thousands of times before anyone was answered.)
+    log = tmp_path / "log"
+    specs = [toy_model(tmp_path / "m", n, ballast_mb=20, log=log) for n in "abc"]
+    settings = serve_settings(tmp_path / "home", workers=1, min_resident_s=0.0,
+                              memory_factor=factor_for(specs[0], 20 * MB))
+    with RunningServer(settings, specs) as s:
+        s.service.budget = s.service.workers[0].base_rss + int(1.5 * 20 * MB)
+        started = time.monotonic()
+        responses = asyncio.run(many(s, list("abc") * 4))
+        assert [r.status_code for r in responses] == [200] * 12, [r.text for r in responses]
+        # one load per model is enough; a request that came after an eviction may
+        # load it again, never more often than there are requests
+        assert count(log, "load") <= 12, count(log, "load")
+        assert time.monotonic() - started < 20
+
+
+@pytest.mark.slow
+def test_an_unload_gives_the_memory_back_and_the_base_does_not_drift(tmp_path: Path):
+    # glibc raises its mmap threshold after a large free: without the worker fixing
+    # it, the second model's 20 MiB came from the heap and stayed in the RSS after
+    # its unload, so the worker's measured own memory grew with every load.
+    specs = [toy_model(tmp_path / "m", n, ballast_mb=20) for n in "abc"]
+    settings = serve_settings(tmp_path / "home", workers=1, min_resident_s=0.0,
+                              memory_factor=factor_for(specs[0], 20 * MB))
+    with RunningServer(settings, specs) as s:
+        worker = s.service.workers[0]
+        s.service.budget = worker.base_rss + int(1.5 * 20 * MB)
+        bases, rss = [], []
+        for name in "abcabcabc":
+            assert infer(s, name).status_code == 200
+            mem = s.client.get("/api/v1/models").json()["memory"]["workers"][0]
+            bases.append(mem["base_bytes"])
+            rss.append(mem["rss_bytes"])
+        assert max(bases) - min(bases) < 4 * MB, bases
+        # one model of 20 MiB and the worker itself, never two models' worth
+        assert max(rss) < min(bases) + 28 * MB, (rss, bases)
+
+
+@pytest.mark.slow
+def test_a_worker_holding_leaked_memory_is_restarted_when_a_load_needs_it(tmp_path: Path):
+    # A runtime that keeps its weights after unload: eviction cannot make room, so
+    # without a restart the next load would wait until the request times out.
+    specs = [toy_model(tmp_path / "m", "leaky", ballast_mb=30, leak_on_unload=1),
+             toy_model(tmp_path / "m", "next", ballast_mb=30)]
+    settings = serve_settings(tmp_path / "home", workers=1, min_resident_s=0.0,
+                              memory_factor=factor_for(specs[0], 30 * MB),
+                              request_timeout_s=20.0)
+    with RunningServer(settings, specs) as s:
+        first = s.service.workers[0]
+        s.service.budget = first.base_rss + int(1.5 * 30 * MB)
+        assert infer(s, "leaky").status_code == 200
+        started = time.monotonic()
+        r = infer(s, "next")
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - started < 10
+        assert states(s) == {"leaky": "Unloaded", "next": "Ready"}
+        (now,) = s.service.workers
+        assert now.pid != first.pid and not first.alive
+        assert "cachemesh_worker_recycles_total 1.0" in s.client.get("/metrics").text
+        mem = s.client.get("/api/v1/models").json()["memory"]
+        assert mem["held_bytes"] <= s.service.budget

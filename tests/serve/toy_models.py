@@ -41,6 +41,9 @@ def _crash(how: str) -> None:
         np.ones(8 * 1024**3, dtype=np.uint8)  # 8 GiB under RLIMIT_AS: MemoryError
 
 
+_LEAKED: list = []  # what models with ``leak_on_unload`` never gave back
+
+
 class Echo(Runtime):
     """Returns every input as an output of the same name, datatype and shape."""
 
@@ -54,6 +57,11 @@ class Echo(Runtime):
             _crash(how)
         mb = int(self.settings.parameters.get("ballast_mb", 0))
         self.ballast = np.ones(mb * 1024 * 1024, dtype=np.uint8) if mb else None
+
+    def unload(self) -> None:
+        if self.settings.parameters.get("leak_on_unload"):
+            _LEAKED.append(self.ballast)  # a runtime that keeps a reference
+        self.ballast = None
 
     def predict(self, request):
         params = self.settings.parameters

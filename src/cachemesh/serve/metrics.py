@@ -18,6 +18,7 @@ in one process, as in the tests, do not collide). Names::
     cachemesh_model_bytes{model}                    measured size of each loaded model
     cachemesh_worker_rss_bytes{worker}              each worker's resident memory
     cachemesh_worker_restarts_total                 workers replaced after they died
+    cachemesh_worker_recycles_total                 idle workers restarted to free leaked memory
     cachemesh_version_requests_total{model,version} requests by the version that took them
     cachemesh_model_copies{model,version}           ready copies of each version
 """
@@ -67,6 +68,10 @@ class Metrics:
                                 ["worker"], registry=r)
         self.restarts = Counter("cachemesh_worker_restarts", "Workers replaced after they died.",
                                 registry=r)
+        self.recycles = Counter(
+            "cachemesh_worker_recycles",
+            "Idle workers restarted to give back memory no loaded model accounts for.",
+            registry=r)
 
         self.routed = Counter("cachemesh_version_requests",
                               "Requests by the version they were routed to.",

@@ -106,6 +106,9 @@ __all__ = [
 ]
 
 CAPACITY_POLL_S = 0.05
+# A worker that holds no model but this much more than its own memory, when a load
+# waits for room that recycling it would make, is restarted (see _bloated).
+RECYCLE_MIN_BYTES = 8 * 1024 * 1024
 USES_HALF_LIFE_S = 30.0
 SCALE_INTERVAL_S = 0.5
 
@@ -273,6 +276,27 @@ class ModelService:
             self.metrics.restarts.inc()
             self._background(self._replace(worker))
         self._notify_capacity()
+
+    def _bloated(self, short: int) -> WorkerHandle | None:
+        """A worker that holds no model and is idle, yet holds at least ``short`` bytes
+        more than its own memory: what a runtime leaked, or what the allocator did not
+        give back after unloads. Nothing can evict that; restarting the worker frees it."""
+        taken = {c.worker.id for v in self._all_versions() for c in v.copies}
+        ahead = {v.prefetched_on for v in self._all_versions() if not v.loads}
+        for w in self.workers:
+            idle = w.alive and not w.busy and w.id not in taken and w.id not in ahead
+            if idle and w.rss() - w.base_rss >= max(short, RECYCLE_MIN_BYTES):
+                return w
+        return None
+
+    async def _recycle(self, worker: WorkerHandle, short: int) -> None:
+        extra = worker.rss() - worker.base_rss
+        log.warning("restarting worker %d: it holds no model but %s more than its own"
+                    " memory, and a load needs %s more room", worker.id,
+                    format_size(extra), format_size(max(short, 0)))
+        self.metrics.recycles.inc()
+        await worker.stop()  # not a death: no copies to forget, and we replace it here
+        await self._replace(worker)
 
     async def _replace(self, dead: WorkerHandle) -> None:
         for attempt in range(5):
@@ -660,8 +684,9 @@ class ModelService:
                     reserved += v.predicted
                 else:
                     sizes += size
+                claimed = c.inflight + (v.waiting if c.state == READY else 0)
                 residents.append(Resident(
-                    c.key, v.id, size, c.inflight, c.last_used, c.loaded_at, loading,
+                    c.key, v.id, size, claimed, c.last_used, c.loaded_at, loading,
                     v.uses * 0.5 ** ((now - v.last_used) / USES_HALF_LIFE_S)))
             rss = w.rss()
             slots.append(Slot(
@@ -869,9 +894,11 @@ class ModelService:
             v.last_used = now
         v.reason = None
         v.loads += 1
-        # The worker's own memory: what it holds less its models.
+        # The worker's own memory: what it held before this load less the models it
+        # held then (by its own word: an unload the server has begun may not have run).
+        held = set(result.get("held", ()))
         others = sum(c.size for o in self._all_versions() for c in o.copies
-                     if c.worker is worker and c is not copy and c.state == READY)
+                     if c.worker is worker and c is not copy and c.key in held)
         worker.base_rss = max(int(result["rss_before"]) - others, 0)
         self._update_bytes(v.model)
         return copy
@@ -884,8 +911,9 @@ class ModelService:
         evicted: list[str] = []
         while True:
             here = frozenset(c.worker.id for c in v.copies)
+            slots = self._slots()
             plan: Placement = place(
-                need, self._slots(), time.monotonic(), pool=self.budget, exclude=here,
+                need, slots, time.monotonic(), pool=self.budget, exclude=here,
                 avoid=avoid, evict=evict, min_resident_s=self.cfg.min_resident_s,
                 prefer=v.prefetched_on)
             if plan.too_large:
@@ -917,6 +945,11 @@ class ModelService:
                     return None
                 raise UnavailableError(f"no worker can take model {v.display!r}: "
                                        + "; ".join(plan.reasons))
+            short = need - (self.budget - sum(s.used for s in slots if s.alive))
+            bloated = self._bloated(short)
+            if bloated is not None:
+                await self._recycle(bloated, short)
+                continue
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise RequestTimeoutError(
@@ -1118,7 +1151,11 @@ class ModelService:
         if copy is None:
             if series is not None:
                 series.misses.inc()
-            copy = await self._ensure_loaded(v, REQUEST, deadline)
+            v.waiting += 1
+            try:
+                copy = await self._ensure_loaded(v, REQUEST, deadline)
+            finally:
+                v.waiting -= 1
         elif series is not None:
             series.hits.inc()
         copy.inflight += 1

@@ -88,6 +88,10 @@ class Version:
     prefetched_on: int | None = None
     copies: list[Copy] = field(default_factory=list)
     inflight: int = 0
+    # Requests waiting for a copy to become ready. While there are some, its ready
+    # copies count them as in flight: a copy just loaded for them must not be evicted
+    # (by a load whose turn comes first) before they wake up and take it.
+    waiting: int = 0
     requests: int = 0  # answered, for the rate
     last_used: float = 0.0  # monotonic
     last_used_wall: float | None = None

@@ -278,6 +278,11 @@ class WorkerHandle:
                 # The consumer went away (a client disconnected): stop the generation.
                 self._transport.write(ipc.encode((ipc.CANCEL, rid, key, None))[0])
 
+    @property
+    def busy(self) -> bool:
+        """A call to it (a load, a request, a preload) has not been answered yet."""
+        return bool(self._calls)
+
     def rss(self) -> int:
         return rss_bytes(self.pid) if self.alive else 0
 
