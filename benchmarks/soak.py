@@ -28,6 +28,7 @@ quoting numbers. ``tests/faults/test_soak_short.py`` runs a 20-second version.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import random
@@ -87,6 +88,19 @@ def make_models(root: Path, n: int) -> list[Path]:
     return dirs
 
 
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")  # loaded here: the child only calls into it
+except OSError:
+    _LIBC = None
+
+
+def _term_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the thread that started it dies (a
+    killed test run), since its own session keeps it out of the terminal's signals."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class Server:
     """``cachemesh serve`` in its own session, on a free loopback port."""
 
@@ -99,7 +113,8 @@ class Server:
             [sys.executable, "-m", "cachemesh", "serve", "--port", str(self.port),
              "--workers", str(workers), "--memory", memory, "--config", str(config),
              "--grpc-port", "0"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_term_with_parent)  # noqa: PLW1509 (no lock taken in the child)
         self.client = httpx.Client(base_url=self.url, timeout=60)
         deadline = time.monotonic() + 120
         while True:

@@ -18,11 +18,6 @@ SOAK = Path(__file__).parents[2] / "benchmarks" / "soak.py"
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect, open: about one short run in three has errors under eviction churn on 2"
-    " cores: a request that waits 60 s for a model and gets 504, or 507/503 'too large'"
-    " after the workers' measured own memory drifts up by tens of MiB over thousands of"
-    " loads and evictions (docs/reliability.md, 'Known defects')"))
 def test_short_soak_has_no_errors_and_bounded_memory(tmp_path: Path):
     spec = importlib.util.spec_from_file_location("soak", SOAK)
     soak = importlib.util.module_from_spec(spec)
