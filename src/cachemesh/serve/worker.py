@@ -17,7 +17,7 @@ them in the messages of ``ipc.py``. A worker:
   client went away: generation stops);
 - measures a model's size as its RSS after ``load`` less its RSS before (after
   the runtime's ``preload`` imported its framework), unless the runtime says;
-  large blocks are always mapped on their own (``MMAP_THRESHOLD``), so that an
+  every thread allocates from one malloc arena (``_one_arena``), so that an
   unload gives the model's memory back and the RSS falls;
 - reads a model's weight files, and the files of the runtime's framework, into
   the page cache on a thread of their own while the framework is imported (a
@@ -79,22 +79,23 @@ def _trim() -> None:
         pass
 
 
-# glibc serves an allocation this large or larger with its own mmap, so freeing it
-# gives it back to the kernel at once. Left alone, glibc raises that threshold to the
-# size of each large block freed (up to 32 MiB): after a first unload the next model's
-# arrays come from the heap, and an unload frees them without the RSS falling, not even
-# after malloc_trim (measured: 20 MiB arrays, RSS 45.7 MiB after unloading, 25.6 with
-# the threshold fixed). The server's accounting reads that RSS. MALLOC_MMAP_THRESHOLD_
-# in the environment (glibc's own knob) wins.
-MMAP_THRESHOLD = 1 << 20
-_M_MMAP_THRESHOLD = -3
+# Threads other than the main one allocate from arenas of their own, and glibc gives a
+# thread arena's freed memory back to the kernel only in part: loads run on a thread,
+# so after an unload (even with malloc_trim) the RSS stayed where it was. Measured,
+# 20 MiB numpy arrays loaded and freed on a thread pool: RSS 45.7 MiB after each unload
+# from the second on, 25.6 MiB with one arena. The server's accounting reads that RSS.
+# One arena also keeps glibc's adaptive mmap threshold, which reuses heap memory for
+# a large block that is freed and allocated again (a 4 MiB IPC round trip: 2.0 ms;
+# 6.6 ms with every block of 1 MiB or more mapped on its own, the other cure tried).
+# MALLOC_ARENA_MAX in the environment (glibc's own knob) wins.
+_M_ARENA_MAX = -8
 
 
-def _fix_mmap_threshold() -> None:
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+def _one_arena() -> None:
+    if "MALLOC_ARENA_MAX" in os.environ:
         return
     try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, 1)
     except (OSError, AttributeError):  # not glibc
         pass
 
@@ -448,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warm", default="", help="JSON list of {path, runtime}: the models"
                         " whose frameworks to import at once")
     args = parser.parse_args(argv)
-    _fix_mmap_threshold()
+    _one_arena()
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     # SIGTERM to the whole process group (a container runtime, a shell) is the server's:
