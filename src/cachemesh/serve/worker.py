@@ -17,8 +17,9 @@ them in the messages of ``ipc.py``. A worker:
   client went away: generation stops);
 - measures a model's size as its RSS after ``load`` less its RSS before (after
   the runtime's ``preload`` imported its framework), unless the runtime says;
-  every thread allocates from one malloc arena (``_one_arena``), so that an
-  unload gives the model's memory back and the RSS falls;
+  every thread allocates from one malloc arena (``_one_arena``; glibc's
+  ``MALLOC_ARENA_MAX`` in the environment overrides it), so that an unload
+  gives the model's memory back and the RSS falls;
 - reads a model's weight files, and the files of the runtime's framework, into
   the page cache on a thread of their own while the framework is imported (a
   first load of that runtime, or a PRELOAD the server sends ahead of the first
