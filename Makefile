@@ -9,7 +9,8 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test venv clean proto bench-fetch bench-load bench-serve
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt tools/system-packages.txt
+	sh tools/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[all,test]'
