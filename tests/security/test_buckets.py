@@ -503,6 +503,14 @@ def test_datacaches_of_a_protected_bucket_need_its_token(secured):
 
     assert "dc-secret" not in listed(AS_CONTROL)
     assert listed(AS_CONTROL, bucket=PROTECTED) == []
+    # Nor counted in the usage figures (the /ui page shows them).
+    seen, hidden = (c.get("/api/v1/datacaches", headers=h, params={"usage": "true"}).json()
+                    for h in (both, AS_CONTROL))
+    shown = {d["name"] for d in hidden["datacaches"]}
+    only_seen = [d["usage"] for d in seen["datacaches"] if d["name"] not in shown]
+    assert "dc-secret" not in shown and only_seen and all(u["logical_bytes"] for u in only_seen)
+    assert seen["usage"]["logical_bytes"] - hidden["usage"]["logical_bytes"] == \
+        sum(u["logical_bytes"] for u in only_seen)
     assert "dc-secret" in listed(both) and "dc-secret" in listed(both, bucket=PROTECTED)
 
     # Described, watched and deleted exactly as a cache that does not exist.

@@ -363,3 +363,36 @@ def test_a_server_that_stops_stops_its_pulls_and_the_next_one_resumes(
         assert watch(running, "big")[-1][1]["status"] == "Available"
     assert (Path(caches.get("big").view) / "big.bin").read_bytes() == http_origin.files["/big.bin"]
     assert http_origin.served["/big.bin"] < 1.5 * size  # resumed, not fetched again
+
+
+def test_usage_counts_shared_files_once(server: RunningServer, tmp_path: Path):
+    files = {**FILES, "unique.bin": uuid.uuid4().bytes * 100}
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    for rel, data in files.items():
+        (folder / rel).write_bytes(data)
+    size = sum(len(v) for v in files.values())
+    names = [f"dup-{uuid.uuid4().hex[:6]}" for _ in range(2)]
+    for name in names:
+        assert server.client.post("/api/v1/datacaches",
+                                  json={"name": name, "source": str(folder)}).status_code == 202
+        assert watch(server, name)[-1][1]["status"] == "Available"
+
+    plain = server.client.get("/api/v1/datacaches").json()
+    assert "usage" not in plain and all("usage" not in d for d in plain["datacaches"])
+
+    def usage() -> tuple[dict[str, dict], dict]:
+        body = server.client.get("/api/v1/datacaches", params={"usage": "true"}).json()
+        return {d["name"]: d["usage"] for d in body["datacaches"]}, body["usage"]
+
+    each, total = usage()
+    for name in names:  # the same bytes twice: neither holds any of them alone
+        assert each[name] == {"files": len(files), "logical_bytes": size, "exclusive_bytes": 0}
+    assert total["logical_bytes"] == sum(u["logical_bytes"] for u in each.values())
+    assert total["saved_bytes"] == total["logical_bytes"] - total["physical_bytes"] >= size
+    assert server.client.delete(f"/api/v1/datacaches/{names[0]}").status_code == 204
+    each, after = usage()
+    assert each[names[1]]["exclusive_bytes"] == size  # the last one holding them
+    assert after["physical_bytes"] == total["physical_bytes"]
+    assert after["saved_bytes"] == total["saved_bytes"] - size
+    assert server.client.delete(f"/api/v1/datacaches/{names[1]}").status_code == 204

@@ -2,6 +2,7 @@
 
     POST   /api/v1/datacaches                 declare a cache and pull it in the background
     GET    /api/v1/datacaches[?bucket=b]      every cache, with status and progress
+                                              (``usage=true``: and its logical bytes)
     GET    /api/v1/datacaches/{name}          one cache, with its events
     DELETE /api/v1/datacaches/{name}          remove it (409 while it is in use or pulled)
     GET    /api/v1/datacaches/{name}/events   server-sent events until Available or Failed
@@ -451,6 +452,22 @@ def describe(info: CacheInfo, events: list[dict[str, Any]] | None = None) -> dic
     return out
 
 
+def _usage(caches: Caches, infos: list[CacheInfo]
+           ) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Each cache's files and logical bytes, the bytes no other cache shares (what
+    removing it frees), and over ``infos``: logical against physical bytes, each
+    distinct content counted once. Only the caches the caller sees are summed."""
+    du = {c["name"]: c for c in caches.du()["caches"]}
+    each = {i.name: {k: du[i.name][k] for k in ("files", "logical_bytes", "exclusive_bytes")}
+            for i in infos if i.name in du}
+    blobs: dict[str, int] = {}
+    for name in each:
+        blobs.update((r["sha256"], r["size"]) for r in caches.store.file_rows(name).values())
+    logical, physical = sum(e["logical_bytes"] for e in each.values()), sum(blobs.values())
+    return each, {"logical_bytes": logical, "physical_bytes": physical,
+                  "saved_bytes": logical - physical}
+
+
 def _events(caches: Caches, name: str, after: int = 0) -> list[dict[str, Any]]:
     return [{"id": e.id, "ts": e.ts, "level": e.level, "kind": e.kind, "message": e.message}
             for e in caches.events(name, after=after)]
@@ -485,10 +502,18 @@ def create_datacache(body: CreateBody, request: Request, response: Response) -> 
 
 @router.get("/datacaches")
 def list_datacaches(request: Request,
-                    bucket: Annotated[str | None, Query()] = None) -> dict[str, Any]:
+                    bucket: Annotated[str | None, Query()] = None,
+                    usage: Annotated[bool, Query(description="add logical and physical bytes"
+                                                 " (as `cachemesh du`)")] = False
+                    ) -> dict[str, Any]:
     infos = visible_caches(_caches(request), bucket)
-    return {"datacaches": [describe(_as_seen(request, i)) for i in infos],
-            "TotalCount": len(infos)}
+    out: dict[str, Any] = {"datacaches": [describe(_as_seen(request, i)) for i in infos],
+                           "TotalCount": len(infos)}
+    if usage:
+        each, out["usage"] = _usage(_caches(request), infos)
+        for item in out["datacaches"]:
+            item["usage"] = each.get(item["name"])
+    return out
 
 
 @router.get("/datacaches/{name}")
