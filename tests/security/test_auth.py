@@ -30,7 +30,7 @@ from tests.security.conftest import (
 
 V2_BODY = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}
 OPEN_PATHS = {"/v2/health/live", "/v2/health/ready", "/openapi.json", "/docs",
-              "/docs/oauth2-redirect", "/redoc"}
+              "/docs/oauth2-redirect", "/redoc", "/ui", "/ui/", "/ui/{asset}"}
 
 
 def all_routes(app) -> list[tuple[str, frozenset[str]]]:
@@ -68,7 +68,7 @@ def test_every_route_gets_the_access_class_its_path_promises(tmp_path: Path):
 @pytest.mark.parametrize("path", [
     "/v2/health/live/../../api/v1/models", "/v2/health/live/..", "//v2/health/live",
     "/v2/health/live/", "/v2/models/../../api/v1/models", "/v2/models/./x/infer",
-    "/docs/../api/v1/models", "/v2/health/live\\..\\x", "/v2/health/live\x00", "/nothing-here",
+    "/docs/../api/v1/models", "/ui/../api/v1/models", "/v2/health/live\\..\\x", "/v2/health/live\x00", "/nothing-here",
     "/", "",
 ])
 def test_unclassified_and_dotted_paths_are_control(path: str):
@@ -79,6 +79,8 @@ def test_only_reads_of_the_docs_are_open():
     assert access_of("GET", "/openapi.json") == OPEN
     assert access_of("POST", "/openapi.json") == CONTROL
     assert access_of("DELETE", "/docs") == CONTROL
+    assert access_of("GET", "/ui/ui.js") == OPEN
+    assert access_of("POST", "/ui") == CONTROL
 
 
 def test_keyring_grants_and_refusals():
@@ -183,7 +185,8 @@ def test_each_endpoint_needs_its_token(secured, method, path, body, access):
 
 
 def test_health_and_docs_stay_open(secured):
-    for path in ("/v2/health/live", "/v2/health/ready", "/openapi.json", "/docs"):
+    for path in ("/v2/health/live", "/v2/health/ready", "/openapi.json", "/docs",
+                 "/ui", "/ui/ui.js", "/ui/ui.css"):  # the page's files hold no data
         assert secured.client.get(path).status_code == 200, path
 
 

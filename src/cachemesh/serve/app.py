@@ -38,7 +38,7 @@ from starlette.routing import Mount, Route
 from .. import __version__
 from ..access import CONTROL, Keyring
 from ..errors import CachemeshError
-from . import control, datacaches, openai, v2_rest
+from . import control, datacaches, openai, ui, v2_rest
 from .auth import Authenticate, access_of
 from .http_errors import encodable
 from .limits import BodyLimit
@@ -123,7 +123,7 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
 
     api = create_api(service, routers)
     app = Starlette(routes=[*v2_rest.routes(), Route("/metrics", metrics, methods=["GET"]),
-                            Mount("", app=api)], lifespan=lifespan,
+                            *ui.routes(), Mount("", app=api)], lifespan=lifespan,
                     middleware=[Middleware(Authenticate, keyring=keyring),
                                 Middleware(BodyLimit, limit_of=body_limit)])
     app.state.service = service

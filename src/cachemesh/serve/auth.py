@@ -50,6 +50,7 @@ RULES: list[tuple[str, str, frozenset[str] | None, str]] = [
     ("/docs", "exact", frozenset({"GET", "HEAD"}), OPEN),
     ("/docs/oauth2-redirect", "exact", frozenset({"GET", "HEAD"}), OPEN),
     ("/redoc", "exact", frozenset({"GET", "HEAD"}), OPEN),
+    ("/ui", "prefix", frozenset({"GET", "HEAD"}), OPEN),  # the page's own files: no data (ui.py)
     ("/metrics", "exact", None, METRICS),  # names every model: a scraper's token
     ("/v2/repository", "prefix", None, CONTROL),  # loads, unloads, deploys, removes
     ("/v2", "exact", None, INFERENCE),  # server metadata

@@ -1,0 +1,469 @@
+// The cachemesh page: reads the server's APIs and shows them; changes nothing.
+//
+// Every string from the server goes into the DOM as text (textContent, append of
+// strings): source paths, file names, event texts and error messages are user input.
+// No innerHTML anywhere. The token, when one is needed, lives in this closure only.
+"use strict";
+
+(() => {
+  const params = new URLSearchParams(location.search);
+  // ?interval=MS polls faster (the tests use it); never below 250 ms.
+  const POLL_MS = Math.max(250, Number(params.get("interval")) || 2000);
+  const NODES_EVERY = 8;           // polls between two looks at /api/v1/nodes
+  const MAX_STREAMS = 3;           // event streams at once (a browser allows 6 connections)
+  const KEEP_EVENTS = 4;           // events shown per cache
+  const KEEP_SAMPLES = 300;        // chart points
+  const FINAL = new Set(["Available", "Failed"]);
+  const SERIES = [["requests", "#2a6fdb"], ["loads", "#1a9c5b"], ["evictions", "#d9822b"]];
+
+  let token = null;
+  let polls = 0;
+  let timer = null;
+  let caches = new Map();          // name -> description (list API, then stream updates)
+  const events = new Map();        // name -> recent events
+  const eventsFor = new Map();     // name -> status whose events were fetched
+  const streams = new Map();       // name -> AbortController
+  const samples = [];              // {t, requests, loads, evictions}: deltas
+  let previous = null;             // counters at the last poll
+
+  const $ = (id) => document.getElementById(id);
+
+  class AuthError extends Error {}
+
+  // -- DOM helpers: text only ---------------------------------------------------------
+
+  function el(tag, cls, ...children) {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    for (const c of children) {
+      if (c === null || c === undefined) continue;
+      e.append(c instanceof Node ? c : String(c));
+    }
+    return e;
+  }
+
+  function bytes(n) {
+    if (n === null || n === undefined) return "–";
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (Math.abs(n) >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+  }
+
+  function ago(unix) {
+    if (!unix) return "never";
+    const s = Math.max(0, Date.now() / 1000 - unix);
+    if (s < 60) return Math.round(s) + " s ago";
+    if (s < 3600) return Math.round(s / 60) + " min ago";
+    if (s < 86400) return Math.round(s / 3600) + " h ago";
+    return Math.round(s / 86400) + " d ago";
+  }
+
+  const STATES = ["Pending", "Loading", "Available", "Failed", "Pulling", "Unloaded", "Ready",
+                  "Unloading"];
+  function state(name) {
+    // A class only for states we know: a server string never becomes a class name.
+    const known = STATES.includes(name) ? " s-" + name.toLowerCase() : "";
+    return el("span", "state" + known, name);
+  }
+
+  // -- talking to the server ----------------------------------------------------------
+
+  async function call(path, signal) {
+    const headers = {};
+    if (token) headers.Authorization = "Bearer " + token;
+    const r = await fetch(path, {headers, cache: "no-store", signal});
+    if (r.status === 401 || r.status === 403) {
+      let message = r.status === 401 ? "a token is needed" : "this token may not read this";
+      try { message = (await r.json()).error || message; } catch (e) { /* keep ours */ }
+      throw new AuthError(message);
+    }
+    return r;
+  }
+
+  async function json(path) {
+    const r = await call(path);
+    if (!r.ok) throw new Error(path + ": HTTP " + r.status);
+    return r.json();
+  }
+
+  // Server-sent events over fetch(): EventSource cannot send an Authorization header.
+  async function readEvents(response, onEvent) {
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) return;
+      buffer += value.replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        let kind = "message";
+        const data = [];
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event:")) kind = line.slice(6).trim();
+          else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+        }
+        if (data.length) onEvent(kind, JSON.parse(data.join("\n")));
+      }
+    }
+  }
+
+  function follow(name) {
+    if (streams.has(name) || streams.size >= MAX_STREAMS) return;
+    const control = new AbortController();
+    streams.set(name, control);
+    const path = "api/v1/datacaches/" + encodeURIComponent(name) + "/events";
+    call(path, control.signal)
+      .then((r) => r.ok ? readEvents(r, (kind, data) => onCacheEvent(name, kind, data)) : null)
+      .catch((e) => { if (e instanceof AuthError) locked(e.message); })
+      .finally(() => { streams.delete(name); });
+  }
+
+  function onCacheEvent(name, kind, data) {
+    const info = caches.get(name);
+    if (kind === "event") {
+      remember(name, [data]);
+    } else if (kind === "progress" && info) {
+      info.progress = {...info.progress, ...data};
+      delete info.progress.name;
+    } else if (kind === "status" && info) {
+      info.status = data.status;
+      info.error = data.error;
+      eventsFor.set(name, data.status);
+      if (FINAL.has(data.status)) soon();
+    }
+    renderCaches();
+  }
+
+  function remember(name, list) {
+    const known = events.get(name) || [];
+    const ids = new Set(known.map((e) => e.id));
+    const all = known.concat(list.filter((e) => !ids.has(e.id)));
+    all.sort((a, b) => a.id - b.id);
+    events.set(name, all.slice(-KEEP_EVENTS));
+  }
+
+  async function fetchEvents(name, status) {
+    eventsFor.set(name, status);
+    try {
+      const d = await json("api/v1/datacaches/" + encodeURIComponent(name));
+      remember(name, d.events || []);
+      renderCaches();
+    } catch (e) {
+      if (e instanceof AuthError) locked(e.message);
+    }
+  }
+
+  // -- Prometheus text: the counters the page needs ----------------------------------
+
+  function parseMetrics(text) {
+    const out = [];
+    for (const line of text.split("\n")) {
+      if (!line || line[0] === "#") continue;
+      const m = /^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)/.exec(line);
+      if (!m) continue;
+      const labels = {};
+      for (const l of (m[2] || "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) {
+        labels[l[1]] = l[2].replace(/\\(.)/g, (_, c) => (c === "n" ? "\n" : c));
+      }
+      out.push({name: m[1], labels, value: Number(m[3])});
+    }
+    return out;
+  }
+
+  function counters(metrics) {
+    const c = {requests: 0, loads: 0, evictions: 0, byModel: new Map(), byVersion: new Map()};
+    for (const s of metrics) {
+      if (s.name === "cachemesh_requests_total") {
+        c.requests += s.value;
+        const m = c.byModel.get(s.labels.model) || {requests: 0, errors: 0};
+        m.requests += s.value;
+        if (s.labels.outcome !== "ok") m.errors += s.value;
+        c.byModel.set(s.labels.model, m);
+      } else if (s.name === "cachemesh_model_load_seconds_count") {
+        c.loads += s.value;
+      } else if (s.name === "cachemesh_evictions_total") {
+        c.evictions += s.value;
+      } else if (s.name === "cachemesh_version_requests_total") {
+        c.byVersion.set(s.labels.model + "@" + s.labels.version, s.value);
+      }
+    }
+    return c;
+  }
+
+  // -- rendering ----------------------------------------------------------------------
+
+  function renderCaches() {
+    const rows = [];
+    for (const c of caches.values()) {
+      const p = c.progress || {};
+      const bar = el("progress");
+      bar.max = 100;
+      bar.value = p.percent || 0;
+      bar.title = (p.percent || 0) + "%";
+      const detail = (p.percent || 0) + "% · " + (p.files_done || 0) + "/" + (p.files_total || 0)
+        + " files" + (c.status === "Loading" && p.rate ? " · " + bytes(p.rate) + "/s" : "");
+      const u = c.usage;
+      const list = el("ul", "events");
+      for (const e of events.get(c.name) || []) {
+        list.append(el("li", e.level === "info" ? "" : "warn", e.message));
+      }
+      const row = el("tr", "",
+        el("td", "", el("code", "", c.name)),
+        el("td", "", c.bucket),
+        el("td", "path", c.source),
+        el("td", "", state(c.status), c.error ? el("div", "error", c.error) : null),
+        el("td", "progress", bar, el("div", "note", detail)),
+        el("td", "num", bytes(p.bytes_total)),
+        el("td", "num", u ? bytes(u.logical_bytes) + " / " + bytes(u.exclusive_bytes) : "–"),
+        el("td", "path", el("code", "", c.view)),
+        el("td", "", list));
+      row.dataset.cache = c.name;
+      rows.push(row);
+    }
+    $("cache-rows").replaceChildren(...rows);
+    $("no-caches").hidden = rows.length > 0;
+  }
+
+  function renderUsage(usage) {
+    $("usage").textContent = usage ? "logical " + bytes(usage.logical_bytes) + ", stored "
+      + bytes(usage.physical_bytes) + " (deduplication saves " + bytes(usage.saved_bytes) + ")"
+      : "";
+  }
+
+  function renderModels(models, count) {
+    const rows = [];
+    for (const m of models) {
+      const labels = Object.keys(m.versions);
+      labels.forEach((label, i) => {
+        const v = m.versions[label];
+        const s = v.status;
+        const copies = el("ul", "copies");
+        for (const c of s.copies) {
+          copies.append(el("li", "", "worker " + c.worker + " · " + c.state
+            + (c.extra ? " · extra" : "")));
+        }
+        if (!s.copies.length) copies.append(el("li", "note", "none loaded"));
+        const problems = el("div", "error");
+        if (s.reason) problems.append(el("div", "", s.reason));
+        for (const e of s.errors) if (!s.reason || !e.endsWith(s.reason)) {
+          problems.append(el("div", "", e));
+        }
+        const mc = count ? count.byModel.get(m.name) : null;
+        const vc = count ? count.byVersion.get(m.name + "@" + label) : undefined;
+        const traffic = m.traffic && label in m.traffic ? m.traffic[label] + "%" : "–";
+        const row = el("tr", i ? "more" : "",
+          el("td", "", i ? "" : el("code", "", m.name)),
+          el("td", "", label === "default" ? "–" : label),
+          el("td", "num", traffic),
+          el("td", "", state(s.state), problems.childNodes.length ? problems : null),
+          el("td", "", copies),
+          el("td", "", ago(s.last_used)),
+          el("td", "num", s.rate.toFixed(2)),
+          el("td", "num", vc === undefined ? (mc && !i ? mc.requests : "–") : vc),
+          el("td", "num", i ? "" : (mc ? mc.errors : "–")),
+          el("td", "num", s.size_bytes ? bytes(s.size_bytes)
+            : s.predicted_bytes ? "~" + bytes(s.predicted_bytes) : "–"),
+          el("td", "path", v.source));
+        row.dataset.model = m.name;
+        row.dataset.version = label;
+        rows.push(row);
+      });
+    }
+    $("model-rows").replaceChildren(...rows);
+    $("no-models").hidden = rows.length > 0;
+  }
+
+  function renderMemory(memory) {
+    const budget = memory.budget_bytes;
+    $("budget").textContent = "held " + bytes(memory.held_bytes) + " of a budget of "
+      + bytes(budget);
+    const rows = memory.workers.map((w) => {
+      const meter = el("meter");
+      meter.min = 0;
+      meter.max = budget;
+      meter.high = budget * 0.9;
+      meter.value = w.held_bytes;
+      meter.title = bytes(w.held_bytes) + " / " + bytes(budget);
+      const row = el("tr", w.alive ? "" : "dead",
+        el("td", "", String(w.id) + (w.alive ? "" : " (dead)")),
+        el("td", "num", w.pid),
+        el("td", "", meter),
+        el("td", "num", bytes(w.held_bytes)),
+        el("td", "num", bytes(w.rss_bytes)),
+        el("td", "", w.models.join(", ")));
+      row.dataset.worker = w.id;
+      return row;
+    });
+    $("worker-rows").replaceChildren(...rows);
+  }
+
+  function renderNodes(nodes) {
+    const section = $("nodes");
+    section.hidden = !nodes.length;
+    if (!nodes.length) return;
+    // Cluster mode will name its fields; until then, show whatever scalars a node has.
+    const keys = [];
+    for (const n of nodes) for (const k of Object.keys(n)) if (!keys.includes(k)) keys.push(k);
+    const shown = keys.slice(0, 10);
+    $("node-head").replaceChildren(el("tr", "", ...shown.map((k) => el("th", "", k))));
+    $("node-rows").replaceChildren(...nodes.map((n) => el("tr", "", ...shown.map((k) => {
+      const v = n[k];
+      return el("td", "", v !== null && typeof v === "object" ? JSON.stringify(v) : v);
+    }))));
+  }
+
+  function sample(count) {
+    const now = Date.now();
+    if (previous) {
+      const d = {t: now};
+      for (const [k] of SERIES) d[k] = Math.max(0, count[k] - previous[k]);
+      samples.push(d);
+      if (samples.length > KEEP_SAMPLES) samples.shift();
+    }
+    previous = {requests: count.requests, loads: count.loads, evictions: count.evictions};
+    drawChart();
+  }
+
+  function drawChart() {
+    const canvas = $("chart");
+    const width = canvas.clientWidth || canvas.width;
+    const ratio = window.devicePixelRatio || 1;
+    canvas.width = Math.round(width * ratio);
+    canvas.height = Math.round(180 * ratio);
+    const g = canvas.getContext("2d");
+    g.setTransform(ratio, 0, 0, ratio, 0, 0);
+    const h = 180, left = 40, bottom = 20, top = 8;
+    g.clearRect(0, 0, width, h);
+    const top_value = Math.max(1, ...samples.flatMap((s) => SERIES.map(([k]) => s[k])));
+    g.strokeStyle = "#ccc";
+    g.fillStyle = "#555";
+    g.font = "11px sans-serif";
+    g.beginPath();
+    g.moveTo(left, top);
+    g.lineTo(left, h - bottom);
+    g.lineTo(width - 4, h - bottom);
+    g.stroke();
+    g.fillText(String(top_value), 4, top + 8);
+    g.fillText("0", 4, h - bottom);
+    if (samples.length) {
+      const first = new Date(samples[0].t - POLL_MS).toLocaleTimeString();
+      g.fillText(first, left, h - 4);
+      g.fillText("now", width - 30, h - 4);
+    }
+    // The samples fill the width: from the oldest kept to the newest.
+    const span = Math.max(1, samples.length - 1);
+    const x = (i) => left + (width - left - 8) * i / span;
+    const y = (v) => h - bottom - (h - bottom - top) * v / top_value;
+    for (const [k, colour] of SERIES) {
+      g.strokeStyle = colour;
+      g.lineWidth = 2;
+      g.beginPath();
+      samples.forEach((s, i) => (i ? g.lineTo(x(i), y(s[k])) : g.moveTo(x(i), y(s[k]))));
+      g.stroke();
+    }
+    const legend = SERIES.map(([k, colour]) => {
+      const total = samples.reduce((a, s) => a + s[k], 0);
+      const last = samples.length ? samples[samples.length - 1][k] : 0;
+      const swatch = el("span", "swatch");
+      swatch.style.background = colour;
+      const item = el("li", "", swatch, k + ": " + total + " (last " + POLL_MS / 1000 + " s: "
+        + last + ")");
+      item.dataset.series = k;
+      item.dataset.total = total;
+      return item;
+    });
+    $("legend").replaceChildren(...legend);
+    $("activity-note").textContent = samples.length + " samples, one every "
+      + POLL_MS / 1000 + " s";
+  }
+
+  // -- the loop -------------------------------------------------------------------------
+
+  function soon() {
+    clearTimeout(timer);
+    timer = setTimeout(poll, 100);
+  }
+
+  function locked(message) {
+    clearTimeout(timer);
+    timer = null;
+    for (const c of streams.values()) c.abort();
+    streams.clear();
+    // Without a valid token the page shows nothing of the server.
+    caches = new Map();
+    events.clear();
+    eventsFor.clear();
+    for (const id of ["cache-rows", "model-rows", "worker-rows", "node-rows", "legend"]) {
+      $(id).replaceChildren();
+    }
+    $("main").hidden = true;
+    $("login").hidden = false;
+    $("login-error").textContent = token ? message : "";
+    $("status").textContent = "this server needs a token";
+    token = null;
+    $("token").focus();
+  }
+
+  async function poll() {
+    clearTimeout(timer);
+    timer = null;
+    try {
+      const [list, models] = await Promise.all([
+        json("api/v1/datacaches?usage=true"), json("api/v1/models")]);
+      let count = null;
+      let note = "";
+      try {
+        const r = await call("metrics");
+        if (r.ok) count = counters(parseMetrics(await r.text()));
+      } catch (e) {
+        if (!(e instanceof AuthError)) throw e;
+        note = " (request counts: this token may not read /metrics)";
+      }
+      $("login").hidden = true;
+      $("main").hidden = false;
+      caches = new Map(list.datacaches.map((c) => {
+        const mine = caches.get(c.name);
+        // A running stream knows better than a list fetched before its last event.
+        return [c.name, mine && streams.has(c.name) && !FINAL.has(c.status) ? mine : c];
+      }));
+      for (const name of events.keys()) if (!caches.has(name)) events.delete(name);
+      for (const c of caches.values()) {
+        if (!FINAL.has(c.status)) follow(c.name);
+        else if (eventsFor.get(c.name) !== c.status && !streams.has(c.name)) {
+          fetchEvents(c.name, c.status);
+        }
+      }
+      renderCaches();
+      renderUsage(list.usage);
+      renderModels(models.models, count);
+      renderMemory(models.memory);
+      if (count) sample(count);
+      if (polls++ % NODES_EVERY === 0) {
+        const r = await call("api/v1/nodes");
+        renderNodes(r.ok ? ((await r.json()).nodes || []) : []);
+      }
+      $("status").textContent = "updated " + new Date().toLocaleTimeString() + note;
+      $("status").className = "";
+    } catch (e) {
+      if (e instanceof AuthError) { locked(e.message); return; }
+      $("status").textContent = "cannot reach the server: " + e.message;
+      $("status").className = "error";
+    }
+    timer = setTimeout(poll, POLL_MS);
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    $("login").addEventListener("submit", (event) => {
+      event.preventDefault();
+      token = $("token").value.trim() || null;
+      $("token").value = "";
+      $("login-error").textContent = "";
+      poll();
+    });
+    window.addEventListener("resize", drawChart);
+    poll();
+  });
+})();
