@@ -2,12 +2,15 @@
 
 Each benchmark owns one section of docs/benchmarks.md, between
 ``<!-- BEGIN name -->`` and ``<!-- END name -->``; rerunning a benchmark
-replaces its own section and leaves the others alone.
+replaces its own section and leaves the others alone. Its raw results go to
+``docs/results/NAME.json`` (:func:`save_results`), from which ``plots.py``
+draws the section's plot (:func:`plot`) and can redraw it without a rerun.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import shlex
@@ -18,11 +21,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+RESULTS = DOC.parent / "results"
 HEADER = """# Benchmarks
 
 Every table below was written by the script named in its section, with the exact
 command shown. cachemesh and its baselines run in the same session, alternated,
-and medians are reported. See DESIGN.md ("Benchmarks") for the rules.
+and medians are reported. See DESIGN.md ("Benchmarks") for the rules. Each script
+also saves its raw results to `docs/results/NAME.json` and draws its plot from them
+(`docs/benchmark-NAME.png`); `python benchmarks/plots.py` redraws every plot from
+those files without measuring anything.
 """
 
 
@@ -91,3 +98,29 @@ def write_section(name: str, title: str, body: str, doc: Path = DOC) -> None:
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
     print(f"wrote section {name!r} of {doc}")
+
+
+def save_results(name: str, data: dict, results_dir: Path = RESULTS) -> Path:
+    """Write a benchmark's raw results to ``docs/results/NAME.json`` (what plots.py reads)."""
+    out = {"benchmark": name, "command": command_line(),
+           "run": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(), **data}
+    path = results_dir / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"saved {path}")
+    return path
+
+
+def plot(name: str, title: str) -> str:
+    """Draw NAME's plot from its saved results; the markdown that shows it in the report
+    ("" when matplotlib is missing: the table stands alone, and plots.py draws it later)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        import plots
+
+        path = plots.draw(name)
+    except ImportError as exc:
+        print(f"no plot for {name} ({exc}); draw it later: python benchmarks/plots.py {name}")
+        return ""
+    print(f"drew {path}")
+    return f"![{title}]({path.relative_to(DOC.parent).as_posix()})"

@@ -601,10 +601,20 @@ def report(args: argparse.Namespace, total: int, index: list[dict],
     table = _report.table(["tool", "MB/s", "min–max", "seconds", "x parallel curl (paired)",
                            "own CPU s/GB", "nginx CPU s/GB"], rows)
     body = [setup, "", table, "", legend, "", limits, "", where]
+    name = "fetch" + ("-tls" if args.tls else "") + ("-cold" if args.cold else "")
+    if not args.no_write:
+        _report.save_results(name, {
+            "total_bytes": total, "files": len(index), "rounds": args.rounds,
+            "parallel": args.parallel, "tls": args.tls, "cold": args.cold, "baseline": raw_name,
+            "load_averages": loads,
+            "tools": {tool: [{"seconds": r.seconds, "cpu": r.cpu, "nginx_cpu": r.nginx_cpu,
+                              **r.detail} for r in runs] for tool, runs in results.items()}})
+        link = _report.plot(name, "Fetch throughput against parallel curl")
+        if link:
+            body[3:3] = ["", link]  # after the table, a blank line apart
     text = "\n".join(body)
     print("\n" + text)
     if not args.no_write:
-        name = "fetch" + ("-tls" if args.tls else "") + ("-cold" if args.cold else "")
         title = ("Fetch: cachemesh vs curl over loopback"
                  + (", https" if args.tls else "") + (", cold page cache" if args.cold else ""))
         _report.write_section(name, title, text)

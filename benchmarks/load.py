@@ -384,7 +384,7 @@ def main() -> None:
             "\n\n(Measured by the command above with `--no-write`; this table was then written "
             "from its saved results with `--report-only`.)"
         )
-        finish(body, args.no_write)
+        finish(body, args.no_write, {**saved, "sizes": sizes, "plan": tools_of(plan)})
         return
     results: dict[tuple[str, str, str], list[dict]] = {}
     started = time.perf_counter()
@@ -426,15 +426,26 @@ def main() -> None:
     load = (load_before, os.getloadavg()[0])
     save(elapsed, load)
     body = report(checkpoints, plan, sizes, results, args.rounds, elapsed, load)
-    finish(body, args.no_write)
+    finish(body, args.no_write, {**json.loads(RESULTS.read_text()), "sizes": sizes,
+                                 "plan": tools_of(plan)})
 
 
-def finish(body: str, no_write: bool) -> None:
-    print(body)
+def tools_of(plan: dict[str, list[tuple[str, str]]]) -> dict[str, list[str]]:
+    return {name: [tool for tool, _ in tools] for name, tools in plan.items()}
+
+
+def finish(body: str, no_write: bool, saved: dict) -> None:
+    """Print the report; unless ``no_write``, save the results to docs/results/load.json,
+    draw the plot from them and write the section (plot first)."""
     if not no_write:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import _report
 
+        _report.save_results("load", saved)
+        link = _report.plot("load", "Loader GB/s against dd and the peers, cold and warm")
+        body = f"{link}\n\n{body}" if link else body
+    print(body)
+    if not no_write:
         _report.write_section("load", "Loading safetensors", body)
 
 

@@ -232,8 +232,7 @@ def throughput(work: Path, duration: float, rounds: int, cm_workers: list[int],
     rows = []
     for c in configs:
         m = med[c]
-        label = ("cachemesh serve --workers %d" % c[1] if c[0] == "cachemesh"
-                 else "MLServer 1.7 parallel_workers=%d" % c[1])
+        label = label_of(c)
         rates = ", ".join(f"{x['rate']:.0f}" for x in results[c])
         rows.append([label, f"{m['rate']:.0f}", rates, f"{m['p50']:.2f}", f"{m['p99']:.2f}",
                      f"{m['rate'] / med[best_ml]['rate']:.2f}x",
@@ -244,7 +243,20 @@ def throughput(work: Path, duration: float, rounds: int, cm_workers: list[int],
                           rows)
     best_cm = max((c for c in configs if c[0] == "cachemesh"), key=lambda c: med[c]["rate"])
     paired = [a["rate"] / b["rate"] for a, b in zip(results[best_cm], results[best_ml], strict=True)]
-    return table, {"median": med, "best_mlserver": best_ml, "paired": paired}
+    return table, {"median": med, "best_mlserver": best_ml, "paired": paired, "runs": results}
+
+
+def label_of(config: tuple[str, int]) -> str:
+    system, workers = config
+    return (f"cachemesh serve --workers {workers}" if system == "cachemesh"
+            else f"MLServer 1.7 parallel_workers={workers}")
+
+
+def throughput_results(runs: dict[tuple[str, int], list[dict]]) -> list[dict]:
+    """The runs of each configuration as docs/results/serve.json keeps them (plots.py)."""
+    return [{"label": label_of(c), "system": c[0], "workers": c[1],
+             "runs": [{k: v for k, v in r.items() if k != "raw"} for r in each]}
+            for c, each in runs.items()]
 
 
 # -- IPC -------------------------------------------------------------------------------
@@ -504,6 +516,11 @@ machine at the start: {", ".join(f"{x:.1f}" for x in load_before)}; at the end:
 {", ".join(f"{x:.1f}" for x in os.getloadavg())} (other work on the machine shows here).
 """
     if not args.no_write:
+        _report.save_results("serve", {
+            "rounds": args.rounds, "duration_s": args.duration, "connections": CONNECTIONS,
+            "throughput": throughput_results(tp["runs"]), "density": dens})
+        link = _report.plot("serve", "Serving throughput and p99, cachemesh against MLServer")
+        body = body.replace(tp_table, f"{tp_table}\n\n{link}", 1) if link else body
         _report.write_section("serve", "Model server: throughput and density", body)
     print(body)
 
