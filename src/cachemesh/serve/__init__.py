@@ -6,6 +6,7 @@ OpenAI over REST.
     v2_grpc.py      KServe V2 gRPC adapter (protos/: inference.proto and its descriptor)
     openai.py       OpenAI /v1 adapter (completions, chat, embeddings; SSE streaming)
     control.py      /api/v1/models
+    ui.py           /ui: the read-only web page (ui_static/: its HTML, script and style)
     http_errors.py  errors -> status codes (the only place)
     service.py      the protocol-free core: models, loads, rollouts, inference
     state.py        what it holds: deployments -> versions -> copies, and their status

@@ -11,7 +11,7 @@
   const POLL_MS = Math.max(250, Number(params.get("interval")) || 2000);
   const NODES_EVERY = 8;           // polls between two looks at /api/v1/nodes
   const MAX_STREAMS = 3;           // event streams at once (a browser allows 6 connections)
-  const KEEP_EVENTS = 4;           // events shown per cache
+  const KEEP_EVENTS = 3;           // events shown per cache (the latest)
   const KEEP_SAMPLES = 300;        // chart points
   const FINAL = new Set(["Available", "Failed"]);
   const SERIES = [["requests", "#2a6fdb"], ["loads", "#1a9c5b"], ["evictions", "#d9822b"]];
@@ -407,9 +407,24 @@
     $("token").focus();
   }
 
+  let polling = false;
+  let again = false;
+
   async function poll() {
     clearTimeout(timer);
     timer = null;
+    // One poll at a time: a late answer must not overwrite a newer one.
+    if (polling) { again = true; return; }
+    polling = true;
+    try {
+      await pollOnce();
+    } finally {
+      polling = false;
+    }
+    if (again) { again = false; soon(); }
+  }
+
+  async function pollOnce() {
     try {
       const [list, models] = await Promise.all([
         json("api/v1/datacaches?usage=true"), json("api/v1/models")]);
@@ -452,7 +467,7 @@
       $("status").textContent = "cannot reach the server: " + e.message;
       $("status").className = "error";
     }
-    timer = setTimeout(poll, POLL_MS);
+    if (timer === null) timer = setTimeout(poll, POLL_MS);
   }
 
   document.addEventListener("DOMContentLoaded", () => {
