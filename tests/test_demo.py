@@ -115,6 +115,8 @@ def test_demo_serves_what_it_prints(demo: Demo, tmp_path: Path):
         assert (tmp_path / "home" / "buckets" / "demo" / name).is_dir()
         assert (origin / name).is_dir()
     assert "verify:  ok" in demo.text
+    page = demo.wait_for(r"^web page: (\S+)").group(1)
+    assert page == f"{url}/ui" and "<title>cachemesh</title>" in run_curl(f"curl -sf {page}")
     assert "RANDOM" in demo.text and "gibberish" in demo.text
 
     # KServe V2: the printed request holds a digit, and the answer names it.

@@ -172,6 +172,7 @@ def serve_demo(settings: Settings, origin: Path | None = None, port: int | None 
         click.echo(f"""
 serving: {url}  (models {DEMO_NAME!r} and {llm!r}: they load in a worker process;
          ready when /v2/health/ready says so, announced below){grpc}
+web page: {url}/ui  (caches, models, memory and requests, live)
 
 Try it from another terminal. The digits classifier, over KServe V2 (the request
 holds a handwritten {label}; the answer says {label}):
