@@ -72,8 +72,8 @@ def plot_load(data: dict[str, Any]) -> Any:
     plt = _pyplot()
     checkpoints = list(data["plan"])
     tallest = max(len(data["plan"][c]) for c in checkpoints)
-    fig, axes = plt.subplots(1, len(checkpoints), figsize=(5 * len(checkpoints), 0.45 * tallest + 1.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(checkpoints), squeeze=False,
+                             figsize=(5 * len(checkpoints), 0.45 * tallest + 1.4))
     for ax, checkpoint in zip(axes[0], checkpoints, strict=True):
         tools = data["plan"][checkpoint]
         size = data["sizes"][checkpoint]

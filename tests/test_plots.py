@@ -93,7 +93,8 @@ def test_the_bars_are_the_medians_of_the_runs(plots: Any):
     assert [b.get_width() for b in p99_ax.patches] == [5.0, 11.5]
 
     fetch_ax = plots.plot_fetch(FETCH).axes[0]
-    assert [round(b.get_width()) for b in fetch_ax.patches] == [450, 500, 2000]  # median MB/s, as the table
+    # The median of the runs' MB/s, as the table has it.
+    assert [round(b.get_width()) for b in fetch_ax.patches] == [450, 500, 2000]
 
     line = plots.plot_fleet(FLEET).axes[0].lines[0]
     assert list(line.get_xdata()) == [1, 4, 16] and list(line.get_ydata()) == [3.0, 6.0, 9.0]

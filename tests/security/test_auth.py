@@ -68,7 +68,8 @@ def test_every_route_gets_the_access_class_its_path_promises(tmp_path: Path):
 @pytest.mark.parametrize("path", [
     "/v2/health/live/../../api/v1/models", "/v2/health/live/..", "//v2/health/live",
     "/v2/health/live/", "/v2/models/../../api/v1/models", "/v2/models/./x/infer",
-    "/docs/../api/v1/models", "/ui/../api/v1/models", "/v2/health/live\\..\\x", "/v2/health/live\x00", "/nothing-here",
+    "/docs/../api/v1/models", "/ui/../api/v1/models", "/v2/health/live\\..\\x",
+    "/v2/health/live\x00", "/nothing-here",
     "/", "",
 ])
 def test_unclassified_and_dotted_paths_are_control(path: str):
