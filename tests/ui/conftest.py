@@ -76,6 +76,10 @@ def page(browser: Any, context_options: dict[str, Any],
     context = browser.new_context(**context_options)
     page = context.new_page()
     page.set_default_timeout(15_000)
+    # What the page's own CSP blocks (the page must work within it): recorded here.
+    page.add_init_script("window.__csp = []; document.addEventListener("
+                         "'securitypolicyviolation', (e) => window.__csp.push("
+                         "e.violatedDirective + ' ' + e.blockedURI));")
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.errors = errors  # type: ignore[attr-defined]

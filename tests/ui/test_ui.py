@@ -89,6 +89,7 @@ def test_progress_bar_follows_a_pull_to_100(page: Any, server: RunningServer):
     # The progress came from the event stream, and nothing left this origin.
     assert any(u.endswith("/api/v1/datacaches/slow/events") for u in requests_seen)
     assert all(u.startswith(server.url + "/") for u in requests_seen), requests_seen
+    assert page.evaluate("window.__csp") == []  # it works within its own policy
     assert not page.errors
 
 
@@ -119,6 +120,7 @@ def test_model_state_changes_after_a_request(page: Any, server: RunningServer):
                    ".textContent.includes('echo')", worker_id)
     assert page.locator("#budget").inner_text().endswith("of a budget of 512.0 MiB")
     assert page.locator("#nodes").is_hidden()  # one node: the server reports no nodes
+    assert page.evaluate("window.__csp") == []
     assert not page.errors
 
 
@@ -207,9 +209,11 @@ def test_a_server_with_a_token_shows_nothing_until_the_page_gets_it(page: Any,
     page.click("#login button")
     page.wait_for_selector('tr[data-cache="secret"]')
     # The events come from the stream or the description, both behind the token.
-    wait_for(page, "() => document.querySelector('tr[data-cache=\"secret\"] .events')"
-                   ".textContent.includes('pulling from')")
-    assert page.locator('tr[data-cache="secret"] .state').inner_text() == "Available"
+    wait_for(page, """() => {
+        const row = document.querySelector('tr[data-cache="secret"]');
+        return row.querySelector('.events').textContent.includes('pulling from')
+            && row.querySelector('.state').textContent === 'Available';
+    }""")
     assert page.locator("#login").is_hidden()
     assert any(h.get("authorization") == "Bearer ui-test-token-0123456789" for h in sent)
     assert not page.errors

@@ -23,6 +23,7 @@
   const events = new Map();        // name -> recent events
   const eventsFor = new Map();     // name -> status whose events were fetched
   const streams = new Map();       // name -> AbortController
+  const streamed = new Map();      // name -> when its stream last told us something
   const samples = [];              // {t, requests, loads, evictions}: deltas
   let previous = null;             // counters at the last poll
 
@@ -123,6 +124,7 @@
 
   function onCacheEvent(name, kind, data) {
     const info = caches.get(name);
+    streamed.set(name, performance.now());
     if (kind === "event") {
       remember(name, [data]);
     } else if (kind === "progress" && info) {
@@ -396,6 +398,7 @@
     caches = new Map();
     events.clear();
     eventsFor.clear();
+    streamed.clear();
     for (const id of ["cache-rows", "model-rows", "worker-rows", "node-rows", "legend"]) {
       $(id).replaceChildren();
     }
@@ -425,6 +428,7 @@
   }
 
   async function pollOnce() {
+    const asked = performance.now();
     try {
       const [list, models] = await Promise.all([
         json("api/v1/datacaches?usage=true"), json("api/v1/models")]);
@@ -441,9 +445,11 @@
       $("main").hidden = false;
       caches = new Map(list.datacaches.map((c) => {
         const mine = caches.get(c.name);
-        // A running stream knows better than a list fetched before its last event.
-        return [c.name, mine && streams.has(c.name) && !FINAL.has(c.status) ? mine : c];
+        // A stream's news is newer than a list asked for before it came.
+        const newer = mine && (streamed.get(c.name) || 0) > asked;
+        return [c.name, newer ? {...mine, usage: c.usage} : c];
       }));
+      for (const name of streamed.keys()) if (!caches.has(name)) streamed.delete(name);
       for (const name of events.keys()) if (!caches.has(name)) events.delete(name);
       for (const c of caches.values()) {
         if (!FINAL.has(c.status)) follow(c.name);
