@@ -30,7 +30,7 @@ from tests.security.conftest import (
 
 V2_BODY = {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]}
 OPEN_PATHS = {"/v2/health/live", "/v2/health/ready", "/openapi.json", "/docs",
-              "/docs/oauth2-redirect", "/redoc", "/ui", "/ui/", "/ui/{asset}"}
+              "/docs/oauth2-redirect", "/redoc", "/ui", "/ui/", "/ui/ui.js", "/ui/ui.css"}
 
 
 def all_routes(app) -> list[tuple[str, frozenset[str]]]:

@@ -17,13 +17,15 @@ as markup, and the policy is the second line of defence, not the first.
 Routes (plain Starlette, added to the root app beside ``/metrics``)::
 
     GET /ui             index.html
-    GET /ui/{asset}     ui.js, ui.css (a fixed list: nothing else under ui_static/ is served)
+    GET /ui/ui.js       the script
+    GET /ui/ui.css      the style (nothing else under ui_static/ is served)
 """
 
 from __future__ import annotations
 
 from functools import cache
 from importlib import resources
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -56,15 +58,11 @@ def _asset(name: str) -> Response:
     return Response(_read(name), media_type=ASSETS[name], headers=HEADERS)
 
 
-async def page(request: Request) -> Response:
-    return _asset("index.html")
+def _endpoint(name: str) -> Any:
+    async def serve(request: Request) -> Response:
+        return _asset(name)
 
-
-async def asset(request: Request) -> Response:
-    name = request.path_params["asset"]
-    if name not in ASSETS or name == "index.html":
-        return Response("not found\n", 404, media_type="text/plain", headers=HEADERS)
-    return _asset(name)
+    return serve
 
 
 async def slash(request: Request) -> Response:
@@ -72,5 +70,8 @@ async def slash(request: Request) -> Response:
 
 
 def routes() -> list[Route]:
-    return [Route("/ui", page, methods=["GET"]), Route("/ui/", slash, methods=["GET"]),
-            Route("/ui/{asset}", asset, methods=["GET"])]
+    """One route per file, no path parameter: nothing else can be asked for."""
+    files = [Route(f"/ui/{name}", _endpoint(name), methods=["GET"])
+             for name in ASSETS if name != "index.html"]
+    return [Route("/ui", _endpoint("index.html"), methods=["GET"]),
+            Route("/ui/", slash, methods=["GET"]), *files]
