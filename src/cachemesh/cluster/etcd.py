@@ -111,6 +111,7 @@ class EtcdKV(KV):
         if not endpoints:
             raise ValueError("no etcd endpoint")
         scheme = "https" if tls is not None else "http"
+        self._tls = tls is not None
         self._urls = [f"{scheme}://{e}" for e in endpoints]
         self._current = 0
         self._timeout = timeout
@@ -159,8 +160,13 @@ class EtcdKV(KV):
                 self._current = (self._current + 1) % len(self._urls)
                 continue
             except httpx.TransportError as exc:
+                hint = (" (over TLS 1.3 a refused client certificate looks like this: check"
+                        " CACHEMESH_ETCD_CERT/KEY)" if self._tls and not str(exc) else "")
                 raise ClusterUnavailableError(
-                    f"etcd at {url} did not answer {path}: {exc!r}") from exc
+                    f"etcd at {url} did not answer {path}: {exc!r}{hint}") from exc
+            except ssl.SSLError as exc:  # httpx lets a refused handshake through as it is
+                raise ClusterError(f"etcd at {url} refused the TLS handshake ({exc.reason});"
+                                   " check CACHEMESH_ETCD_CACERT/CERT/KEY") from exc
             data = self._decode(response, path)
             if "result" in data and isinstance(data["result"], dict):
                 data = data["result"]  # a streaming RPC (keepalive) answered once
@@ -306,6 +312,9 @@ class EtcdKV(KV):
                                 kv=_kv(raw["kv"]))
                             next_revision = event.revision + 1
                             yield event
+            except ssl.SSLError as exc:
+                raise ClusterError(f"etcd at {url} refused the TLS handshake ({exc.reason});"
+                                   " check CACHEMESH_ETCD_CACERT/CERT/KEY") from exc
             except (httpx.TransportError, ClusterUnavailableError) as exc:
                 log.info("watch on %s broke (%r); resuming at revision %d", key, exc,
                          next_revision)
