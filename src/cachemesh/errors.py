@@ -47,7 +47,7 @@ Credentials never appear in a message.
     └── ClusterError               cluster mode: etcd, leases, node records
         ├── ClusterUnavailableError    etcd cannot be reached (also an UnavailableError)
         ├── RevisionConflictError      a compare-and-put lost: the key moved (also a ConflictError)
-        ├── NodeNameTakenError         another live node holds this name or store (also a ConflictError)
+        ├── NodeNameTakenError         a live node holds this name or store (also a ConflictError)
         ├── LeaseLostError             a lease expired or was revoked; its keys are gone
         └── HistoryLostError           a watch cannot resume: history compacted, or etcd replaced
 """

@@ -8,7 +8,6 @@ the same fixtures.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -20,8 +19,6 @@ from pathlib import Path
 
 import httpx
 
-_PR_SET_PDEATHSIG = 1
-
 
 def etcd_binary() -> str | None:
     return shutil.which("etcd")
@@ -31,14 +28,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    # etcd goes with the test run even if pytest itself is killed.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 @dataclass(frozen=True)
@@ -102,12 +91,11 @@ class EtcdServer:
             args += ["--cert-file", str(self.tls.cert), "--key-file", str(self.tls.key),
                      "--trusted-ca-file", str(self.tls.client_ca), "--client-cert-auth"]
         self.root.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
         # ETCD_* variables of the environment would change etcd's flags: none pass.
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
-        self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                     env=env, preexec_fn=_die_with_parent)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                         env=env)
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:

@@ -199,8 +199,10 @@ def test_watch_of_compacted_history_says_so(etcd: EtcdServer, cluster_keys: Keys
     async def scenario(kv: KV) -> None:
         first = await kv.put(key, b"1")
         last = await kv.put(key, b"2")
-        httpx.post(f"http://{etcd.endpoint}/v3/kv/compaction", json={"revision": str(last)},
-                   trust_env=False).raise_for_status()
+        async with httpx.AsyncClient(trust_env=False) as http:
+            compacted = await http.post(f"http://{etcd.endpoint}/v3/kv/compaction",
+                                        json={"revision": str(last)})
+            compacted.raise_for_status()
         with pytest.raises(HistoryLostError) as exc:
             async with contextlib.aclosing(kv.watch(key, start_revision=first)) as events:
                 await take(events, 1)

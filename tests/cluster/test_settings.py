@@ -76,7 +76,7 @@ def test_tls_files_must_exist(tmp_path: Path) -> None:
     cluster = ClusterSettings.from_env({"CACHEMESH_CLUSTER": "etcd://127.0.0.1:2379",
                                         "CACHEMESH_CLUSTER_TOKEN": TOKEN,
                                         "CACHEMESH_ETCD_CACERT": str(tmp_path / "ca.pem")})
-    with pytest.raises(InvalidInputError, match="ca.pem"):
+    with pytest.raises(InvalidInputError, match=r"ca\.pem"):
         cluster.check()
 
 

@@ -181,7 +181,9 @@ class EtcdKV(KV):
             data = response.json()
         except ValueError:
             data = {}
-        error = data.get("error") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            data = {}
+        error = data.get("error")
         if response.status_code == 200 and not error:
             return data
         if isinstance(error, dict):  # a streaming RPC's error shape
@@ -189,6 +191,8 @@ class EtcdKV(KV):
         else:
             code, message = _int(data.get("code")), data.get("message") or error or ""
         message = message or f"HTTP {response.status_code}"
+        if response.status_code == 404 and not code:
+            message += " (etcd before 3.4 serves no /v3/ gateway)"
         if code in _UNAVAILABLE_CODES or response.status_code in (502, 503, 504):
             raise ClusterUnavailableError(f"etcd cannot serve {path} now: {message}")
         if code == _NOT_FOUND and "lease" in message:

@@ -137,8 +137,11 @@ class KV(ABC):
         on, in revision order, for as long as the caller iterates.
 
         A broken connection is resumed where it stopped, with a bounded backoff; events are
-        neither lost nor repeated. Raises HistoryLostError when that is impossible. Close
-        the iterator (``contextlib.aclosing``) to cancel the watch.
+        neither lost nor repeated. Raises HistoryLostError when that is impossible: history
+        compacted, or etcd behind the revision already seen (replaced by an empty one). An
+        empty etcd that already wrote past that revision cannot be told apart here: the
+        membership's epoch check reports it (``Rejoin.data_lost``), and readers read again.
+        Close the iterator (``contextlib.aclosing``) to cancel the watch.
         """
 
     @abstractmethod

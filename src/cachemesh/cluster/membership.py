@@ -296,10 +296,8 @@ class Membership:
         key = self.keys.epoch
         found = await self.kv.get(key)
         if found is None:
-            try:
+            with contextlib.suppress(RevisionConflictError):  # another node created it first
                 await self.kv.put_if(key, uuid.uuid4().hex.encode(), mod_revision=0)
-            except RevisionConflictError:
-                pass  # another node created it first
             found = await self.kv.get(key)
         epoch = found.value.decode() if found else None
         if self._epoch is not None and epoch != self._epoch:
