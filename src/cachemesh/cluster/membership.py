@@ -39,7 +39,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ from .records import NodeRecord
 log = logging.getLogger(__name__)
 
 
-class State(str, Enum):
+class State(StrEnum):
     JOINING = "joining"
     ACTIVE = "active"
     DEGRADED = "degraded"
@@ -262,9 +262,9 @@ class Membership:
         for _ in range(5):
             current = await self.kv.get(key)
             if current is not None:
-                self._refuse_unless_mine(current.value, current.lease)
+                self._refuse_unless_mine(current.value)
             record = self._record.model_copy(update={"updated_at": time.time()})
-            self._dirty = False
+            self._dirty = False  # before the write: an update() during it marks it again
             try:
                 self._written_rev = await self.kv.put_if(
                     key, record.to_bytes(), lease=lease,
@@ -272,6 +272,9 @@ class Membership:
             except RevisionConflictError:
                 self._dirty = True
                 continue  # someone wrote between our read and write: read again
+            except BaseException:
+                self._dirty = True
+                raise
             self._last_write = time.monotonic()
             if current is not None and current.lease and current.lease != lease:
                 # Our previous process's lease: revoking it drops what it left behind.
@@ -279,7 +282,7 @@ class Membership:
             return
         raise ClusterError(f"could not claim {key}: it keeps changing under us")
 
-    def _refuse_unless_mine(self, value: bytes, lease: int) -> None:
+    def _refuse_unless_mine(self, value: bytes) -> None:
         try:
             other = NodeRecord.from_bytes(value)
         except ValidationError:
@@ -289,8 +292,8 @@ class Membership:
         where = f" at {other.advertise}" if other else ""
         raise NodeNameTakenError(
             f"node name {self.name!r} is taken by a live node{where} with another store;"
-            f" choose another --node-name, or stop that node (its record goes at most"
-            f" {self.ttl} s after it stops)")
+            " choose another --node-name, or stop that node (its record goes when it"
+            " leaves, or when its lease runs out after it died)")
 
     async def _check_epoch(self) -> None:
         key = self.keys.epoch
