@@ -40,10 +40,16 @@ Credentials never appear in a message.
     │   ├── ModelFailedError       a model is marked failed after repeated failed loads
     │   ├── InferenceError         predict raised on a valid request
     │   └── WorkerCrashedError     the worker process died under a request
-    └── UnavailableError           the server cannot take this request now (retry later)
-        ├── OverloadedError        a bounded queue is full
-        ├── DrainingError          the server is shutting down
-        └── RequestTimeoutError    the request waited longer than its deadline
+    ├── UnavailableError           the server cannot take this request now (retry later)
+    │   ├── OverloadedError        a bounded queue is full
+    │   ├── DrainingError          the server is shutting down
+    │   └── RequestTimeoutError    the request waited longer than its deadline
+    └── ClusterError               cluster mode: etcd, leases, node records
+        ├── ClusterUnavailableError    etcd cannot be reached (also an UnavailableError)
+        ├── RevisionConflictError      a compare-and-put lost: the key moved (also a ConflictError)
+        ├── NodeNameTakenError         a live node holds this name or store (also a ConflictError)
+        ├── LeaseLostError             a lease expired or was revoked; its keys are gone
+        └── HistoryLostError           a watch cannot resume: history compacted, or etcd replaced
 """
 
 from __future__ import annotations
@@ -245,3 +251,44 @@ class DrainingError(UnavailableError):
 
 class RequestTimeoutError(UnavailableError):
     """The request waited for a load, a slot or its model longer than its deadline."""
+
+
+
+class ClusterError(CachemeshError):
+    """Cluster mode failed: etcd, a lease, a node record."""
+
+
+class ClusterUnavailableError(ClusterError, UnavailableError):
+    """etcd cannot be reached, or has no leader. The node keeps serving what it has
+    and retries by itself; declarations wait until etcd is back."""
+
+
+class RevisionConflictError(ClusterError, ConflictError):
+    """A compare-and-put lost: ``key`` was not at ``expected`` (0: absent) but at
+    ``actual`` (0: absent) when the write arrived. Read again, then decide."""
+
+    def __init__(self, key: str, expected: int, actual: int) -> None:
+        want = "absent" if expected == 0 else f"at revision {expected}"
+        have = "absent" if actual == 0 else f"at revision {actual}"
+        super().__init__(f"{key}: expected {want}, found {have}")
+        self.key = key
+        self.expected = expected
+        self.actual = actual
+
+
+class NodeNameTakenError(ClusterError, ConflictError):
+    """Another live node holds this node name (or this store), so this one refuses to join."""
+
+
+class LeaseLostError(ClusterError):
+    """A lease expired or was revoked (or etcd lost it with its data); the keys bound
+    to it are gone and must be written again under a new lease."""
+
+
+class HistoryLostError(ClusterError):
+    """A watch cannot resume where it stopped: etcd compacted that history, or it is
+    another etcd than before (its data lost). Read the prefix again from ``revision``."""
+
+    def __init__(self, message: str, revision: int = 0) -> None:
+        super().__init__(message)
+        self.revision = revision

@@ -1,0 +1,77 @@
+"""The schemas of the values cachemesh writes into etcd (see ``keys.py`` for where).
+
+Values are JSON of these pydantic models. Unknown fields are kept out of the model but
+accepted (``extra="ignore"``), so that a node of a later minor version can add a field
+without breaking older readers; a change that older readers would misread goes under
+a new prefix (``/cachemesh/v2/``) instead.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> _Record:
+        return cls.model_validate_json(data)
+
+
+class CopyState(_Record):
+    """A model copy this node holds, as the node record summarises it."""
+
+    model: str
+    version: str | None = None
+    state: Literal["loading", "ready", "draining"] = "ready"
+    bytes: int = Field(default=0, ge=0, description="memory the copy takes")
+    last_used: float = Field(default=0.0, description="epoch seconds of its last request")
+    rate: float = Field(default=0.0, ge=0, description="requests per second, recent")
+
+
+class DeviceMemory(_Record):
+    """One accelerator of the node."""
+
+    name: str
+    total_bytes: int = Field(ge=0)
+    used_bytes: int = Field(default=0, ge=0)
+
+
+class NodeRecord(_Record):
+    """``nodes/{name}``: one live node, bound to its lease; written only by that node."""
+
+    name: str
+    node_id: str = Field(description="the store's id: the same store restarted is the same node")
+    advertise: str = Field(description="http(s)://ADDR:PORT where the other nodes reach it")
+    http: str | None = Field(default=None, description="HOST:PORT of its HTTP listener")
+    grpc: str | None = Field(default=None, description="HOST:PORT of its gRPC listener")
+    labels: dict[str, str] = Field(default_factory=dict, description="e.g. zone")
+    capacity_bytes: int | None = Field(default=None, ge=0, description="memory budget")
+    memory_used_bytes: int = Field(default=0, ge=0)
+    devices: list[DeviceMemory] = Field(default_factory=list)
+    copies: list[CopyState] = Field(default_factory=list)
+    draining: bool = False
+    version: str = Field(default="", description="cachemesh version of the node")
+    started_at: float = 0.0
+    updated_at: float = 0.0
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> NodeRecord:
+        return cls.model_validate_json(data)
+
+
+class Candidate(_Record):
+    """``leader/{lease}``: one node standing in the leader election."""
+
+    name: str
+    node_id: str
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Candidate:
+        return cls.model_validate_json(data)
