@@ -61,6 +61,7 @@ from ..errors import (
     TransientSourceError,
 )
 from ..store.blobs import BlobRef, check_sha256
+from ..store.locks import private_dirs
 from .hashing import PrefixHasher
 from .observe import REGISTRY, FetchObserver, Flight, watch_partial
 from .ranges import PartialFiles, PartialState, RangeSet, split
@@ -382,7 +383,7 @@ class _Transfer:
         if not resumable:
             files.discard()
             state = None
-        files.dir.mkdir(parents=True, exist_ok=True)
+        private_dirs(files.dir)
         self.fd = os.open(files.part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         if state is None:
             os.ftruncate(self.fd, req.size)  # sparse: holes until bytes land

@@ -65,6 +65,7 @@ from pathlib import Path
 
 from ..errors import StoreError, UnsafePathError
 from . import Problem
+from .locks import private_dirs
 from .names import check_relpath
 from .views import _ensure_dirs, link_atomic
 
@@ -154,7 +155,7 @@ def _write_atomic(target: Path, data: bytes, staging: Path) -> None:
             return
     except OSError:
         pass
-    staging.mkdir(parents=True, exist_ok=True)
+    private_dirs(staging)  # under tmp/, private like it
     tmp = staging / f"{uuid.uuid4().hex}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -174,7 +175,7 @@ def _link(blob: Path, target: Path, staging: Path) -> None:
         link_atomic(blob, target, staging)
         return
     # link_atomic takes a symlink to the blob for done; the view must hold the inode itself.
-    staging.mkdir(parents=True, exist_ok=True)
+    private_dirs(staging)  # under tmp/, private like it
     tmp = staging / f"{uuid.uuid4().hex}.link"
     os.link(blob, tmp)
     try:

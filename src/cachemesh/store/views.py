@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import StoreError, UnsafePathError
+from .locks import private_dirs
 from .names import check_name, check_relpath
 
 
@@ -53,7 +54,7 @@ def link_atomic(blob: Path, target: Path, staging: Path) -> None:
             return  # already this very hardlink (a symlink to the blob does not count)
     except OSError:
         pass
-    staging.mkdir(parents=True, exist_ok=True)
+    private_dirs(staging)  # under tmp/, private like it
     tmp = staging / f"{uuid.uuid4().hex}.link"
     os.link(blob, tmp)
     try:
