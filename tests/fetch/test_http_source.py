@@ -210,3 +210,20 @@ def test_file_names_from_urls_are_safe(path, name):
 
     assert file_name(f"https://h.example{path}?q=1") == name
     assert check_relpath(name) == name
+
+
+def test_a_sha256_the_user_gave_is_named_as_theirs_when_the_bytes_differ(
+        http_origin, fcaches, fetch_settings):
+    """The digest of --sha256 is the user's, not something the origin publishes
+    (issue 22, item 12)."""
+    data = os.urandom(CHUNK + 1)
+    http_origin.files["/given.bin"] = data
+    wrong = "0" * 64
+    result = CliRunner().invoke(main, [
+        "--home", str(fetch_settings.home), "pull", http_origin.url("/given.bin"), "-q",
+        "--sha256", wrong])
+    assert result.exit_code != 0
+    message = result.output
+    assert wrong in message and hashlib.sha256(data).hexdigest() in message, message
+    assert "publishes" not in message and "--sha256" in message, message
+    assert "the origin keeps sending" not in message, message

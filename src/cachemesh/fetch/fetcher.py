@@ -124,6 +124,9 @@ class FetchRequest:
     # Last-Modified): a blob fetched earlier for it is then only reused by
     # fetches that were waiting for that very transfer.
     versioned: bool = True
+    # Who gave the expected digests, for messages: None when the origin publishes
+    # them, else the user's option (``"--sha256"``).
+    digests_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.size < 0:
@@ -262,9 +265,9 @@ class Fetcher:
                     files.discard()
                     progress.restart()
                     if attempt == INTEGRITY_ATTEMPTS:
-                        raise IntegrityError(
-                            f"{exc} (fetched {attempt} times; the origin keeps sending other bytes)"
-                        ) from None
+                        why = ("the origin keeps sending other bytes" if request.digests_from
+                               is None else f"check the digest given with {request.digests_from}")
+                        raise IntegrityError(f"{exc} (fetched {attempt} times; {why})") from None
             raise AssertionError("unreachable")
         finally:
             lock.release()
@@ -418,8 +421,10 @@ class _Transfer:
             for kind, expected in published.items():
                 if digests[kind] != expected:
                     label = _DIGEST_NAMES.get(kind, kind)
+                    claim = (f"the origin publishes {expected}" if req.digests_from is None
+                             else f"not the {expected} given with {req.digests_from}")
                     raise _Corrupt(f"{req.name}: the fetched bytes have {label} {digests[kind]},"
-                                   f" the origin publishes {expected}")
+                                   f" {claim}")
         except BaseException as exc:
             if self.hasher is not None:
                 self.hasher.close()

@@ -167,6 +167,10 @@ class RemoteSource(Source):
     the Hub's host).
     """
 
+    # Who gives the listed files' digests, for messages: None for the origin itself,
+    # else the user's option that did (the https source's "--sha256").
+    digests_from: str | None = None
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._fetchers: dict[str, Fetcher] = {}
@@ -232,6 +236,7 @@ class RemoteSource(Source):
             git_sha1=file.git_sha1,
             name=self.object_name(file),
             versioned=bool(file.sha256 or file.git_sha1 or file.origin_tag),
+            digests_from=self.digests_from,
         )
 
     def fetch(
