@@ -240,7 +240,8 @@ class Settings:
     # CACHEMESH_CHUNK_SIZE: size of one ranged read.
     chunk_size: int = 16 * 1024 * 1024
     # CACHEMESH_FETCH_RETRIES: retries of one ranged read that makes no progress
-    # (cut connection, timeout, 5xx, throttling) before the file fails.
+    # (cut connection, timeout, 5xx, throttling) before the file fails. Bytes that a
+    # restart throws away (an origin without ranges starts again at byte 0) are no progress.
     fetch_retries: int = 5
     # CACHEMESH_RETRY_BACKOFF: first backoff in seconds; doubles per retry, with jitter, at most 30 s.
     retry_backoff_s: float = 0.5

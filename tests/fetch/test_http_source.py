@@ -227,3 +227,23 @@ def test_a_sha256_the_user_gave_is_named_as_theirs_when_the_bytes_differ(
     assert wrong in message and hashlib.sha256(data).hexdigest() in message, message
     assert "publishes" not in message and "--sha256" in message, message
     assert "the origin keeps sending" not in message, message
+
+
+def test_a_stream_cut_every_time_gives_up_after_the_retry_budget(
+        http_origin, fcaches, fetch_settings):
+    """An origin without ranges that always cuts the stream halfway (issue 22, item 7):
+    each restart throws the bytes away, so it is not progress; the pull gives up after
+    the retry budget (fetch_retries=3 here) with an error that says why."""
+    data = os.urandom(4 * CHUNK)
+    http_origin.files["/cut.bin"] = data
+    http_origin.ranges = False
+    # Enough cuts for a fetcher that counted restarts as progress to get through them all.
+    http_origin.cut_after["/cut.bin"] = [len(data) // 2] * 30
+    with pytest.raises(TransientSourceError) as failure:
+        cachemesh.pull(http_origin.url("/cut.bin"), name="cut", settings=fetch_settings)
+    gets = [r for r in http_origin.requests if r[0] == "GET" and r[1] == "/cut.bin"]
+    assert len(gets) == 1 + fetch_settings.fetch_retries + 1  # the probe, then 4 attempts
+    message = str(failure.value)
+    assert "gave up after 4 attempts" in message and "byte 0" in message, message
+    assert not fcaches.exists("cut")  # nothing landed: a one-shot pull leaves nothing
+    assert not list((fetch_settings.home / "tmp").rglob("*.part"))

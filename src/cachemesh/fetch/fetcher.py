@@ -544,12 +544,16 @@ class _Transfer:
                         f"{req.name}: the response ended at byte {pos}, expected {end}"
                     )
             except TransientSourceError as exc:
-                if progressed:
+                # Bytes count as progress only if they are kept: an origin without
+                # ranges restarts from byte 0, and what it sent is thrown away.
+                if progressed and req.ranged:
                     failures = 0
                 failures += 1
                 if failures > retry.retries:
+                    why = ("attempts without progress" if req.ranged else "attempts; the origin"
+                           " serves no ranges, so each one starts again at byte 0")
                     raise TransientSourceError(
-                        f"{exc} (gave up after {failures} attempts without progress)",
+                        f"{exc} (gave up after {failures} {why})",
                         retry_after=exc.retry_after,
                     ) from exc
                 if not req.ranged and pos > start:
