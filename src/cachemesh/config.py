@@ -247,6 +247,12 @@ class Settings:
     retry_backoff_s: float = 0.5
     # CACHEMESH_FETCH_TIMEOUT: seconds without a byte from the origin before a read is retried.
     fetch_timeout_s: float = 60.0
+    # CACHEMESH_FETCH_LOW_SPEED_LIMIT and CACHEMESH_FETCH_LOW_SPEED_TIME: a response that
+    # brings fewer than this many bytes/s ("1KiB") averaged over that many seconds is
+    # dropped and counts as a failed attempt, bytes or not (curl's --speed-limit and
+    # --speed-time): a trickling origin cannot hold a pull for ever. 0 turns it off.
+    fetch_low_speed_bytes: int = 1024
+    fetch_low_speed_time_s: float = 60.0
     # CACHEMESH_DB_BUSY_TIMEOUT: seconds a write waits for another process's transaction
     # on meta.db before it fails with "locked by another process".
     db_busy_timeout_s: float = 30.0
@@ -286,6 +292,9 @@ class Settings:
             fetch_retries=_int(env, "CACHEMESH_FETCH_RETRIES", 5),
             retry_backoff_s=_positive(env, "CACHEMESH_RETRY_BACKOFF", 0.5),
             fetch_timeout_s=_positive(env, "CACHEMESH_FETCH_TIMEOUT", 60.0),
+            fetch_low_speed_bytes=(parse_size(env["CACHEMESH_FETCH_LOW_SPEED_LIMIT"])
+                                   if env.get("CACHEMESH_FETCH_LOW_SPEED_LIMIT") else 1024),
+            fetch_low_speed_time_s=_positive(env, "CACHEMESH_FETCH_LOW_SPEED_TIME", 60.0),
             db_busy_timeout_s=_positive(env, "CACHEMESH_DB_BUSY_TIMEOUT", 30.0),
             api_token=_secret(env, "CACHEMESH_API_TOKEN"),
             inference_token=_secret(env, "CACHEMESH_INFERENCE_TOKEN"),
