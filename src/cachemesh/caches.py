@@ -592,12 +592,14 @@ class Caches:
         evicted = self._make_room(spec.name, files, existing)
         self._update(spec.name, revision=listing.revision, files_total=len(files),
                      bytes_total=total, files_done=0, bytes_done=0, rate=0.0)
-        # Files the origin no longer lists leave the view first.
+        # Files the origin no longer lists leave the view, then the database: a crash
+        # in between leaves rows without links (an unfinished pull), never a view
+        # file the database does not know.
         listed = {f.path for f in files}
         stale = sorted(existing.keys() - listed)
+        self.store.views.prune(spec.bucket, spec.path, listed)
         if stale:
             self.store.forget_files(spec.name, stale)
-        self.store.views.prune(spec.bucket, spec.path, listed)
 
         tracker = _Tracker(self, spec.name, len(files), total, on_progress)
         result = PullResult(view=self.store.views.dir(spec.bucket, spec.path), evicted=evicted,
@@ -836,13 +838,23 @@ class Caches:
     # -- checking --------------------------------------------------------------------
 
     def verify(self, name: str | None = None, *, rehash: bool = True) -> list[Problem]:
+        """Every inconsistency of the store (or of cache ``name``) and of ``hub/``.
+
+        A file row whose view link is missing is what a pull leaves between the two
+        (rows come first, so the view never shows a file the database does not know):
+        in a cache that is not Available that is an unfinished pull, which pulling again
+        completes, not a problem. In an Available cache it is one."""
+        unfinished = {r["name"] for r in self.db.query(
+            "SELECT name FROM caches WHERE status != ?", (AVAILABLE,))}
         if name is None:
-            return self.store.verify(rehash=rehash) + self._verify_hub(None)
-        row = self._row(name)
-        mine = {r["sha256"] for r in self.store.file_rows(name).values()}
-        return [p for p in self.store.verify([row], rehash=rehash)
-                if p.cache == name or (p.cache is None and p.subject in mine)
-                ] + self._verify_hub(name)
+            found = self.store.verify(rehash=rehash) + self._verify_hub(None)
+        else:
+            row = self._row(name)
+            mine = {r["sha256"] for r in self.store.file_rows(name).values()}
+            found = [p for p in self.store.verify([row], rehash=rehash)
+                     if p.cache == name or (p.cache is None and p.subject in mine)
+                     ] + self._verify_hub(name)
+        return [p for p in found if not (p.kind == "missing-file" and p.cache in unfinished)]
 
     # -- the Hugging Face layout view (hub/) -------------------------------------
 

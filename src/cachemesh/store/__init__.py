@@ -111,6 +111,11 @@ class Store:
         With ``tmp``, the freshly written and hashed file is committed as the
         blob first. Without it, the blob must already be present; returns False
         (and changes nothing) when it is not, so the caller fetches it.
+
+        Order: blob file, blob row, file row, view link. A crash before the link
+        leaves a row without its link: the pull is unfinished (its cache is not
+        Available, and ``Caches.verify`` says nothing of it) and pulling again
+        links it. The other order would let a view show a file that no row names.
         """
         with self.blob_lock(shared=True):
             if tmp is not None:
