@@ -51,7 +51,7 @@ from .errors import (
 )
 from .sources import RemoteFile, Source, parse_source
 from .store import BlobRef, Problem, Store
-from .store.hub_layout import HubClaim, HubFile, HubLayout, HubRepo, is_commit
+from .store.hub_layout import HubClaim, HubFile, HubLayout, HubRepo, TreeEntry, is_commit
 from .store.names import check_name, check_relpath, is_within
 from .store.quota import Candidate, plan_eviction
 
@@ -904,8 +904,39 @@ class Caches:
 
     def _sync_hub(self, repo: HubRepo, *, including: str | None = None,
                   trees: dict[str, Any] | None = None, hide: frozenset[str] = frozenset()) -> None:
+        """Make the repo's folder show its claims. A commit's tree, as the Hub listed it
+        at pull time, is kept in meta.db (``hub_trees``): a folder that comes back (a
+        bucket unprotected, gc repairing it) gets its trees again without the origin."""
         with self.store.lock("hub", repo.folder), self.store.blob_lock(shared=True):
-            self.hub.sync(repo, self._hub_claims(repo, including, hide), trees)
+            claims = self._hub_claims(repo, including, hide)
+            self._keep_trees(repo, trees or {})
+            self.hub.sync(repo, claims, self._kept_trees(repo, {c.commit for c in claims}))
+
+    def _keep_trees(self, repo: HubRepo, trees: dict[str, Any]) -> None:
+        """Record new trees; forget those of commits no cache of the repo holds (any
+        bucket, any status: a protected cache's tree is needed when it is shown again)."""
+        held = {r["revision"] for r in self.db.query(
+                    "SELECT source, spec, revision FROM caches WHERE revision IS NOT NULL")
+                if _same_repo(self._hub_repo_of(r["source"], json.loads(r["spec"]).get(
+                    "options")), repo)}
+        with self.db.transaction() as conn:
+            for commit, entries in trees.items():
+                doc = json.dumps({p: e.to_json() for p, e in sorted(entries.items())})
+                conn.execute('INSERT OR REPLACE INTO hub_trees (folder, "commit", tree)'
+                             " VALUES (?, ?, ?)", (repo.folder, commit, doc))
+            for row in conn.execute('SELECT "commit" FROM hub_trees WHERE folder = ?',
+                                    (repo.folder,)).fetchall():
+                if row[0] not in held and row[0] not in trees:
+                    conn.execute('DELETE FROM hub_trees WHERE folder = ? AND "commit" = ?',
+                                 (repo.folder, row[0]))
+
+    def _kept_trees(self, repo: HubRepo, commits: set[str]) -> dict[str, dict[str, TreeEntry]]:
+        out = {}
+        for row in self.db.query('SELECT "commit", tree FROM hub_trees WHERE folder = ?',
+                                 (repo.folder,)):
+            if row["commit"] in commits:
+                out[row["commit"]] = {p: TreeEntry(**e) for p, e in json.loads(row["tree"]).items()}
+        return out
 
     def _sync_hub_quietly(self, name: str, repo: HubRepo | None) -> None:
         if repo is None:
@@ -950,6 +981,10 @@ class Caches:
             "blobs": len(refs),
             "home": str(self.store.home),
         }
+
+
+def _same_repo(a: HubRepo | None, b: HubRepo) -> bool:
+    return a is not None and (a.repo_type, a.repo_id) == (b.repo_type, b.repo_id)
 
 
 def _repo_of_folder(folder: str) -> HubRepo | None:

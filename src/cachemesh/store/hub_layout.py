@@ -29,6 +29,9 @@ the caller (``cachemesh.caches``) builds the claims from the database after
 every pull and every removal, so removing one cache keeps what another cache
 of the same repo revision still shows, and ``cachemesh gc`` syncs every repo
 folder again (repairing what ``cachemesh cache verify`` reports as ``hub-*``).
+The trees come from meta.db (``hub_trees``, kept by the caller from the pull's
+listing), so a folder hidden and shown again (a bucket protected, then
+unprotected) or a tree removed behind cachemesh's back gets its tree back.
 Anything else found in a repo folder (a ``.no_exist/`` marker, a file some
 other tool wrote) is removed by the next sync: ``hub/`` belongs to cachemesh.
 
