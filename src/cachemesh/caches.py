@@ -44,6 +44,7 @@ from .errors import (
     CacheNotFoundError,
     CapacityError,
     ConflictError,
+    ForbiddenError,
     IntegrityError,
     InUseError,
     InvalidInputError,
@@ -375,34 +376,42 @@ class Caches:
         return self.get(spec.name)
 
     def check_source(self, source: Source, bucket: str,
-                     roots: tuple[Path, ...] = ()) -> None:
+                     roots: tuple[Path, ...] | None = None) -> None:
         """Refuse a local source that would copy the store's own files, or a protected
-        bucket's files into another bucket; with ``roots``, one outside them.
+        bucket's files into another bucket; with ``roots`` (a caller over the API), any
+        other local path outside them, every one when ``roots`` is empty.
 
         Symlinks are resolved first, so a link that points into the store is judged
         by where it leads. A view (``buckets/<bucket>/...``) or ``hub/`` may be a
-        source: they hold what users read anyway; so may a conversion's staging
-        folder. Everything else there (blobs/, tmp/, meta.db, the whole store) may not.
+        source, from the API too: they hold what cachemesh itself shows; so may a
+        conversion's staging folder, for the operator. Everything else there (blobs/,
+        tmp/, meta.db, the whole store) may not. ``roots=None``: the operator's own
+        command (the CLI, ``--model``), not checked against roots.
         """
         root = getattr(source, "root", None)
         if not isinstance(root, Path):
             return  # not a local path
         try:
             real = Path(os.path.realpath(root))
+            home = Path(os.path.realpath(self.store.home))
+            allowed = None if roots is None else [Path(os.path.realpath(r)) for r in roots]
         except (OSError, ValueError) as exc:
             raise UnsafePathError(f"local source {root!r}: {exc}") from None
-        if roots and not any(real == r or r in real.parents
-                             for r in (Path(os.path.realpath(x)) for x in roots)):
+        if real != home and home not in real.parents:
+            if allowed is None or any(real == r or r in real.parents for r in allowed):
+                return
+            if not allowed:
+                raise UnsafePathError(
+                    f"local source {root}: this server takes no local path over its API"
+                    " unless CACHEMESH_SERVE_SOURCE_ROOTS names the directories it may"
+                    " come from")
             raise UnsafePathError(
                 f"local source {root} is outside the directories this server deploys from"
                 " (CACHEMESH_SERVE_SOURCE_ROOTS)")
-        home = Path(os.path.realpath(self.store.home))
-        if real != home and home not in real.parents:
-            return
         parts = real.relative_to(home).parts
         if len(parts) >= 2 and parts[0] == "hub":
             return
-        if len(parts) >= 3 and parts[:2] == ("tmp", "convert"):
+        if len(parts) >= 3 and parts[:2] == ("tmp", "convert") and roots is None:
             return  # a conversion's staged output (convert/service.py)
         if len(parts) >= 2 and parts[0] == "buckets":
             if self.buckets.is_protected(parts[1]) and parts[1] != bucket:
@@ -581,6 +590,7 @@ class Caches:
         if not files:
             raise InvalidInputError(
                 f"no files to pull from {source.display_uri} (check include/exclude)")
+        self._check_restricted(spec, source, files)
         total = sum(f.size for f in files)
         if spec.size_limit_gib is not None and total > spec.size_limit_gib * GIB:
             raise CapacityError(
@@ -633,6 +643,24 @@ class Caches:
         if repo is None or not listing.revision or not is_commit(listing.revision):
             return result, None
         return result, (repo, {listing.revision: listing.hub_tree} if listing.hub_tree else None)
+
+    def _check_restricted(self, spec: CacheSpec, source: Source, files: list[RemoteFile]) -> None:
+        """Never make a local file that only some local users may read readable by all.
+
+        Refused rather than copied with its restriction kept: a view file is a hardlink
+        to a blob shared by every cache with those bytes (one inode, 0444), so what
+        keeps others out is the folder of the view (store/buckets.py). A protected
+        bucket's is 0700, and so is any bucket of a store that others cannot reach."""
+        closed = [f.path for f in files if f.restricted]
+        if not closed or not self.store.views.readable_by_all(spec.bucket):
+            return
+        shown = ", ".join(closed[:3]) + (f" and {len(closed) - 3} more" if len(closed) > 3 else "")
+        raise ForbiddenError(
+            f"cache {spec.name!r}: {source.display_uri} holds files that not every local user"
+            f" may read ({shown}: their mode or a folder on their path keeps others out), and"
+            f" a view in open bucket {spec.bucket!r} would make them readable by all. Pull"
+            " into a protected bucket (cachemesh bucket protect NAME; its folder is 0700),"
+            " or make the files readable (chmod o+r) if they are meant to be")
 
     def _verification(self, name: str, files: list[RemoteFile]) -> str:
         """What each file's bytes are checked against before they become visible.

@@ -183,10 +183,11 @@ class ServeSettings:
     max_body: int = 64 * 1024**2
     # CACHEMESH_SERVE_MAX_CONTROL_BODY: largest body of a control request (/api/...).
     max_control_body: int = 1024**2
-    # CACHEMESH_SERVE_SOURCE_ROOTS: directories (':'-separated) that a local-path source
-    # deployed at run time (control API, repository extension) must lie in, symlinks
-    # resolved. Empty: any path the server can read. Models given on the command line
-    # or in --config are not checked: the operator wrote them.
+    # CACHEMESH_SERVE_SOURCE_ROOTS: directories (':'-separated) that a local or NAS path
+    # given over the API (models, datacaches, the repository extension) must lie in,
+    # symlinks resolved. Empty (the default): no local path over the API, only the store's
+    # own views and hub/. Models given on the command line or in --config are not
+    # checked: the operator wrote them.
     source_roots: tuple[Path, ...] = ()
 
     @classmethod

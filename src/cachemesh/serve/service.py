@@ -335,7 +335,9 @@ class ModelService:
         understands (400), a changed version (409), a cache holding something else (409)."""
         from ..sources import parse_source
 
-        roots = tuple(self.cfg.source_roots) if persist else ()
+        # Over the API: local paths only from the roots (none by default); from the
+        # command line (persist=False) the operator typed it.
+        roots = tuple(self.cfg.source_roots) if persist else None
         for label, spec in doc.versions.items():
             old = known.get(label)
             if old is not None:

@@ -55,6 +55,9 @@ class RemoteFile:
     # publishes without a sha256. The source verifies it while fetching, and the
     # cache reuses a blob already fetched under the same id.
     git_sha1: str | None = None
+    # A local file that not every local user may read (its own mode, or a folder on its
+    # path): a view in an open bucket would widen that, so the cache refuses it there.
+    restricted: bool = False
 
     @property
     def checksum_kind(self) -> str:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import StoreError, UnsafePathError
+from .buckets import searchable_by_all
 from .locks import private_dirs
 from .names import check_name, check_relpath
 
@@ -78,6 +79,19 @@ class Views:
         if mode != 0o755 and stat.S_IMODE(os.lstat(path).st_mode) & ~mode:
             os.chmod(path, mode)  # protected after the folder was made, by another process
         return path
+
+    def readable_by_all(self, bucket: str) -> bool:
+        """Whether any local user reads what a view of ``bucket`` shows: an open bucket
+        in a store that every local user can reach (store/buckets.py)."""
+        if not self._bucket_mode(check_name(bucket, "bucket")) & stat.S_IXOTH:
+            return False
+        folder = self.root / bucket
+        try:
+            if not os.stat(folder).st_mode & stat.S_IXOTH:
+                return False
+        except FileNotFoundError:
+            pass  # made with the bucket's mode when its first file lands
+        return searchable_by_all(self.root)
 
     def dir(self, bucket: str, path: str) -> Path:
         return self.root / check_name(bucket, "bucket") / check_relpath(path, absolute_ok=True)
