@@ -39,7 +39,8 @@ def test_a_protected_adapters_base_is_pulled_into_its_bucket_and_a_base_there_wo
     as_team = {"Authorization": f"Bearer {BUCKET_TOKEN}"}
     with RunningServer(settings, [], registry=MemoryModelRegistry()) as server:
         c = server.client
-        for name, base in (("lora-hub", f"hf://{repo_id}"), ("lora-view", f"file://{team_base}")):
+
+        def deploy_and_ask(name: str, base: str) -> None:
             r = c.post("/api/v1/models", headers=WITH_BUCKET, json={
                 "name": name, "source": str(tiny_llms.adapters[0]), "bucket": PROTECTED,
                 "runtime": "transformers", "parameters": {"base": base}})
@@ -48,12 +49,16 @@ def test_a_protected_adapters_base_is_pulled_into_its_bucket_and_a_base_there_wo
                        json={"model": name, "prompt": "hello", "max_tokens": 2})
             assert r.status_code == 200, r.text
 
+        deploy_and_ask("lora-hub", f"hf://{repo_id}")
         infos = caches.list()
         assert {i.bucket for i in infos} == {PROTECTED}, [(i.name, i.bucket) for i in infos]
-        assert any(i.source.startswith(f"hf://{repo_id}") for i in infos), [i.source for i in infos]
+        assert any(i.source.startswith(f"hf://{repo_id}") for i in infos), infos
         assert not (home / "buckets" / "default").exists()
         assert not list(home.glob("hub/*"))  # hub/ is readable by all: nothing of team-a
         assert c.get("/api/v1/datacaches").json()["datacaches"] == []  # no token: nothing
         seen = c.get("/api/v1/datacaches", headers=WITH_BUCKET).json()["datacaches"]
         assert {d["name"] for d in seen} == {i.name for i in infos}
+
+        deploy_and_ask("lora-view", f"file://{team_base}")
+        assert {i.bucket for i in caches.list()} == {PROTECTED}
     assert caches.verify() == []
