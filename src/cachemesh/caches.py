@@ -654,6 +654,10 @@ class Caches:
         closed = [f.path for f in files if f.restricted]
         if not closed or not self.store.views.readable_by_all(spec.bucket):
             return
+        root = getattr(source, "root", None)
+        home = os.path.realpath(self.store.home)
+        if isinstance(root, Path) and os.path.realpath(root).startswith(home + os.sep):
+            return  # the store's own files (a conversion's output): check_source rules them
         shown = ", ".join(closed[:3]) + (f" and {len(closed) - 3} more" if len(closed) > 3 else "")
         raise ForbiddenError(
             f"cache {spec.name!r}: {source.display_uri} holds files that not every local user"
