@@ -107,7 +107,9 @@ class Server:
     def __init__(self, home: Path, config: Path, workers: int, memory: str, log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "CACHEMESH_HOME": str(home)}
+        # The churn deploys model folders from work/origin over the API.
+        env = {**os.environ, "CACHEMESH_HOME": str(home),
+               "CACHEMESH_SERVE_SOURCE_ROOTS": str(config.parent / "origin")}
         self._log = open(log, "ab")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cachemesh", "serve", "--port", str(self.port),

@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 import cachemesh
 from cachemesh.caches import AVAILABLE, FAILED, Caches
+from cachemesh.cli import main
 from cachemesh.config import Settings
 from cachemesh.errors import CapacityError
 
@@ -81,6 +83,55 @@ def test_sigkill_mid_pull_then_restart_resumes_and_no_partial_file_is_visible(ma
     assert caches.verify() == []
     caches.gc(tmp_age_s=0)
     assert not list((clean_env / "tmp").glob("*.part"))
+
+
+# A pull killed (SIGKILL, by itself) right after the row of its Nth file is committed
+# and before that file's link appears in the view.
+KILLED_BETWEEN_ROW_AND_LINK = textwrap.dedent("""
+    import os, signal, sys
+    from cachemesh.store import views
+    real_place = views.Views.place
+    calls = []
+    def place(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_place(self, *args, **kwargs)
+    views.Views.place = place
+    import cachemesh
+    print(cachemesh.pull(sys.argv[1], name=sys.argv[2]), flush=True)
+""")
+
+
+def test_verify_passes_right_after_a_pull_killed_between_a_row_and_its_link(
+        make_tree, clean_env):
+    """Issue 22, item 11: a kill between a file's row and its view link used to leave
+    `cache verify` failing ("missing-file") until the cache was pulled again. A row
+    without its link in a cache that is not Available is an unfinished pull."""
+    files = {f"f{i:02d}.bin": os.urandom(64 * 1024 + i) for i in range(6)}
+    origin = make_tree("killed", files)
+    env = {**os.environ, "CACHEMESH_FETCH_CONCURRENCY": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_ROW_AND_LINK, str(origin),
+                           "killed", "4"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+    caches = Caches(Settings.from_env())
+    rows = caches.store.file_rows("killed")
+    view = Path(caches.get("killed").view)
+    linked = {p.name for p in view.iterdir()}
+    assert len(rows) == 4 and len(linked) == 3  # the fourth row has no link yet
+    assert caches.get("killed").status == FAILED
+    assert caches.verify() == [] and caches.verify("killed") == []  # no recovery needed
+    cli = CliRunner().invoke(main, ["cache", "verify"])
+    assert cli.exit_code == 0, cli.output
+    # An Available cache whose link went missing is still a problem.
+    result = caches.pull("killed")
+    assert result.files_reused == 4 and result.files_fetched == 2
+    assert {p.name: p.read_bytes() for p in view.iterdir()} == files
+    (view / "f00.bin").unlink()
+    assert [p.kind for p in caches.verify("killed")] == ["missing-file"]
+    caches.pull("killed", refresh=True)
+    assert caches.verify() == []
 
 
 @pytest.mark.slow

@@ -172,3 +172,54 @@ def test_verify_gc_and_a_failed_refresh_keep_the_view_in_step(hub_caches: Caches
     hf_env.blob_origin.corrupted.clear()
     hub_caches.pull(view.name)
     assert (folder / "refs/main").read_text() == hub_caches.get(view.name).revision
+
+
+def _tree_file(hub_caches: Caches, repo_id: str) -> Path:
+    folder = hub_caches.hub.repo_dir(HubRepo("model", repo_id))
+    (tree,) = (folder / "trees").glob("*.json")
+    return tree
+
+
+def test_protecting_and_unprotecting_a_bucket_keeps_the_commit_tree(
+        hub_caches: Caches, hf_env: HfHubEmulator, repo_id):
+    """Issue 22, item 10: protect hides the repo folder, unprotect shows it again, and
+    the commit's tree comes back with it (it used to be lost: hub-missing-tree for ever,
+    which gc did not repair). gc also rewrites a tree removed behind cachemesh's back."""
+    hf_env.commit(repo_id, {"config.json": b"{}", "w.safetensors": b"W" * 5000,
+                            "left-out.txt": b"x"})
+    cachemesh.pull(f"hf://{repo_id}", name="shown", settings=hub_caches.settings,
+                   include=["*.json", "*.safetensors"])
+    tree = _tree_file(hub_caches, repo_id)
+    doc = tree.read_bytes()
+    assert "left-out.txt" in json.loads(doc)["files"]  # the whole commit, as always
+
+    hub_caches.protect_bucket("default")
+    assert not tree.parent.parent.exists()
+    hub_caches.unprotect_bucket("default")
+    assert tree.read_bytes() == doc
+    assert hub_caches.verify() == []
+
+    tree.unlink()
+    assert [p.kind for p in hub_caches.verify()] == ["hub-missing-tree"]
+    hub_caches.gc()
+    assert tree.read_bytes() == doc
+    assert hub_caches.verify() == []
+
+
+def test_paths_with_empty_and_dot_segments_are_normalised_at_listing_time(
+        hub_caches: Caches, hf_env: HfHubEmulator, repo_id):
+    """A mirror listing ``a//c.json`` or ``./a/./b.json`` (item 10): the view, the
+    snapshot and the tree all use the normal form, so verify passes."""
+    hf_env.commit(repo_id, {"a//c.json": b"[]", "./a/./b.json": b"{}", "config.json": b"{}"})
+    view = cachemesh.pull(f"hf://{repo_id}", name="dots", settings=hub_caches.settings,
+                          exclude=["b.json"])  # (the emulator serves only what it lists)
+    assert (view / "a" / "c.json").read_bytes() == b"[]"
+    assert json.loads(_tree_file(hub_caches, repo_id).read_text())["files"].keys() == {
+        "a/c.json", "a/b.json", "config.json"}
+    assert hub_caches.verify() == []
+    # A listed path that escapes is refused before anything is written, filtered out or not.
+    hf_env.commit(f"{repo_id}-up", {"../up.json": b"{}", "config.json": b"{}"})
+    with pytest.raises(UnsafePathError, match="'..' is not allowed"):
+        cachemesh.pull(f"hf://{repo_id}-up", name="up", settings=hub_caches.settings,
+                       exclude=["up.json"])
+    assert not hub_caches.exists("up")

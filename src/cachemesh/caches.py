@@ -44,6 +44,7 @@ from .errors import (
     CacheNotFoundError,
     CapacityError,
     ConflictError,
+    ForbiddenError,
     IntegrityError,
     InUseError,
     InvalidInputError,
@@ -51,7 +52,7 @@ from .errors import (
 )
 from .sources import RemoteFile, Source, parse_source
 from .store import BlobRef, Problem, Store
-from .store.hub_layout import HubClaim, HubFile, HubLayout, HubRepo, is_commit
+from .store.hub_layout import HubClaim, HubFile, HubLayout, HubRepo, TreeEntry, is_commit
 from .store.names import check_name, check_relpath, is_within
 from .store.quota import Candidate, plan_eviction
 
@@ -375,34 +376,42 @@ class Caches:
         return self.get(spec.name)
 
     def check_source(self, source: Source, bucket: str,
-                     roots: tuple[Path, ...] = ()) -> None:
+                     roots: tuple[Path, ...] | None = None) -> None:
         """Refuse a local source that would copy the store's own files, or a protected
-        bucket's files into another bucket; with ``roots``, one outside them.
+        bucket's files into another bucket; with ``roots`` (a caller over the API), any
+        other local path outside them, every one when ``roots`` is empty.
 
         Symlinks are resolved first, so a link that points into the store is judged
         by where it leads. A view (``buckets/<bucket>/...``) or ``hub/`` may be a
-        source: they hold what users read anyway; so may a conversion's staging
-        folder. Everything else there (blobs/, tmp/, meta.db, the whole store) may not.
+        source, from the API too: they hold what cachemesh itself shows; so may a
+        conversion's staging folder, for the operator. Everything else there (blobs/,
+        tmp/, meta.db, the whole store) may not. ``roots=None``: the operator's own
+        command (the CLI, ``--model``), not checked against roots.
         """
         root = getattr(source, "root", None)
         if not isinstance(root, Path):
             return  # not a local path
         try:
             real = Path(os.path.realpath(root))
+            home = Path(os.path.realpath(self.store.home))
+            allowed = None if roots is None else [Path(os.path.realpath(r)) for r in roots]
         except (OSError, ValueError) as exc:
             raise UnsafePathError(f"local source {root!r}: {exc}") from None
-        if roots and not any(real == r or r in real.parents
-                             for r in (Path(os.path.realpath(x)) for x in roots)):
+        if real != home and home not in real.parents:
+            if allowed is None or any(real == r or r in real.parents for r in allowed):
+                return
+            if not allowed:
+                raise UnsafePathError(
+                    f"local source {root}: this server takes no local path over its API"
+                    " unless CACHEMESH_SERVE_SOURCE_ROOTS names the directories it may"
+                    " come from")
             raise UnsafePathError(
                 f"local source {root} is outside the directories this server deploys from"
                 " (CACHEMESH_SERVE_SOURCE_ROOTS)")
-        home = Path(os.path.realpath(self.store.home))
-        if real != home and home not in real.parents:
-            return
         parts = real.relative_to(home).parts
         if len(parts) >= 2 and parts[0] == "hub":
             return
-        if len(parts) >= 3 and parts[:2] == ("tmp", "convert"):
+        if len(parts) >= 3 and parts[:2] == ("tmp", "convert") and roots is None:
             return  # a conversion's staged output (convert/service.py)
         if len(parts) >= 2 and parts[0] == "buckets":
             if self.buckets.is_protected(parts[1]) and parts[1] != bucket:
@@ -581,6 +590,7 @@ class Caches:
         if not files:
             raise InvalidInputError(
                 f"no files to pull from {source.display_uri} (check include/exclude)")
+        self._check_restricted(spec, source, files)
         total = sum(f.size for f in files)
         if spec.size_limit_gib is not None and total > spec.size_limit_gib * GIB:
             raise CapacityError(
@@ -592,12 +602,14 @@ class Caches:
         evicted = self._make_room(spec.name, files, existing)
         self._update(spec.name, revision=listing.revision, files_total=len(files),
                      bytes_total=total, files_done=0, bytes_done=0, rate=0.0)
-        # Files the origin no longer lists leave the view first.
+        # Files the origin no longer lists leave the view, then the database: a crash
+        # in between leaves rows without links (an unfinished pull), never a view
+        # file the database does not know.
         listed = {f.path for f in files}
         stale = sorted(existing.keys() - listed)
+        self.store.views.prune(spec.bucket, spec.path, listed)
         if stale:
             self.store.forget_files(spec.name, stale)
-        self.store.views.prune(spec.bucket, spec.path, listed)
 
         tracker = _Tracker(self, spec.name, len(files), total, on_progress)
         result = PullResult(view=self.store.views.dir(spec.bucket, spec.path), evicted=evicted,
@@ -631,6 +643,28 @@ class Caches:
         if repo is None or not listing.revision or not is_commit(listing.revision):
             return result, None
         return result, (repo, {listing.revision: listing.hub_tree} if listing.hub_tree else None)
+
+    def _check_restricted(self, spec: CacheSpec, source: Source, files: list[RemoteFile]) -> None:
+        """Never make a local file that only some local users may read readable by all.
+
+        Refused rather than copied with its restriction kept: a view file is a hardlink
+        to a blob shared by every cache with those bytes (one inode, 0444), so what
+        keeps others out is the folder of the view (store/buckets.py). A protected
+        bucket's is 0700, and so is any bucket of a store that others cannot reach."""
+        closed = [f.path for f in files if f.restricted]
+        if not closed or not self.store.views.readable_by_all(spec.bucket):
+            return
+        root = getattr(source, "root", None)
+        home = os.path.realpath(self.store.home)
+        if isinstance(root, Path) and os.path.realpath(root).startswith(home + os.sep):
+            return  # the store's own files (a conversion's output): check_source rules them
+        shown = ", ".join(closed[:3]) + (f" and {len(closed) - 3} more" if len(closed) > 3 else "")
+        raise ForbiddenError(
+            f"cache {spec.name!r}: {source.display_uri} holds files that not every local user"
+            f" may read ({shown}: their mode or a folder on their path keeps others out), and"
+            f" a view in open bucket {spec.bucket!r} would make them readable by all. Pull"
+            " into a protected bucket (cachemesh bucket protect NAME; its folder is 0700),"
+            " or make the files readable (chmod o+r) if they are meant to be")
 
     def _verification(self, name: str, files: list[RemoteFile]) -> str:
         """What each file's bytes are checked against before they become visible.
@@ -836,13 +870,23 @@ class Caches:
     # -- checking --------------------------------------------------------------------
 
     def verify(self, name: str | None = None, *, rehash: bool = True) -> list[Problem]:
+        """Every inconsistency of the store (or of cache ``name``) and of ``hub/``.
+
+        A file row whose view link is missing is what a pull leaves between the two
+        (rows come first, so the view never shows a file the database does not know):
+        in a cache that is not Available that is an unfinished pull, which pulling again
+        completes, not a problem. In an Available cache it is one."""
+        unfinished = {r["name"] for r in self.db.query(
+            "SELECT name FROM caches WHERE status != ?", (AVAILABLE,))}
         if name is None:
-            return self.store.verify(rehash=rehash) + self._verify_hub(None)
-        row = self._row(name)
-        mine = {r["sha256"] for r in self.store.file_rows(name).values()}
-        return [p for p in self.store.verify([row], rehash=rehash)
-                if p.cache == name or (p.cache is None and p.subject in mine)
-                ] + self._verify_hub(name)
+            found = self.store.verify(rehash=rehash) + self._verify_hub(None)
+        else:
+            row = self._row(name)
+            mine = {r["sha256"] for r in self.store.file_rows(name).values()}
+            found = [p for p in self.store.verify([row], rehash=rehash)
+                     if p.cache == name or (p.cache is None and p.subject in mine)
+                     ] + self._verify_hub(name)
+        return [p for p in found if not (p.kind == "missing-file" and p.cache in unfinished)]
 
     # -- the Hugging Face layout view (hub/) -------------------------------------
 
@@ -892,8 +936,39 @@ class Caches:
 
     def _sync_hub(self, repo: HubRepo, *, including: str | None = None,
                   trees: dict[str, Any] | None = None, hide: frozenset[str] = frozenset()) -> None:
+        """Make the repo's folder show its claims. A commit's tree, as the Hub listed it
+        at pull time, is kept in meta.db (``hub_trees``): a folder that comes back (a
+        bucket unprotected, gc repairing it) gets its trees again without the origin."""
         with self.store.lock("hub", repo.folder), self.store.blob_lock(shared=True):
-            self.hub.sync(repo, self._hub_claims(repo, including, hide), trees)
+            claims = self._hub_claims(repo, including, hide)
+            self._keep_trees(repo, trees or {})
+            self.hub.sync(repo, claims, self._kept_trees(repo, {c.commit for c in claims}))
+
+    def _keep_trees(self, repo: HubRepo, trees: dict[str, Any]) -> None:
+        """Record new trees; forget those of commits no cache of the repo holds (any
+        bucket, any status: a protected cache's tree is needed when it is shown again)."""
+        held = {r["revision"] for r in self.db.query(
+                    "SELECT source, spec, revision FROM caches WHERE revision IS NOT NULL")
+                if _same_repo(self._hub_repo_of(r["source"], json.loads(r["spec"]).get(
+                    "options")), repo)}
+        with self.db.transaction() as conn:
+            for commit, entries in trees.items():
+                doc = json.dumps({p: e.to_json() for p, e in sorted(entries.items())})
+                conn.execute('INSERT OR REPLACE INTO hub_trees (folder, "commit", tree)'
+                             " VALUES (?, ?, ?)", (repo.folder, commit, doc))
+            for row in conn.execute('SELECT "commit" FROM hub_trees WHERE folder = ?',
+                                    (repo.folder,)).fetchall():
+                if row[0] not in held and row[0] not in trees:
+                    conn.execute('DELETE FROM hub_trees WHERE folder = ? AND "commit" = ?',
+                                 (repo.folder, row[0]))
+
+    def _kept_trees(self, repo: HubRepo, commits: set[str]) -> dict[str, dict[str, TreeEntry]]:
+        out = {}
+        for row in self.db.query('SELECT "commit", tree FROM hub_trees WHERE folder = ?',
+                                 (repo.folder,)):
+            if row["commit"] in commits:
+                out[row["commit"]] = {p: TreeEntry(**e) for p, e in json.loads(row["tree"]).items()}
+        return out
 
     def _sync_hub_quietly(self, name: str, repo: HubRepo | None) -> None:
         if repo is None:
@@ -938,6 +1013,10 @@ class Caches:
             "blobs": len(refs),
             "home": str(self.store.home),
         }
+
+
+def _same_repo(a: HubRepo | None, b: HubRepo) -> bool:
+    return a is not None and (a.repo_type, a.repo_id) == (b.repo_type, b.repo_id)
 
 
 def _repo_of_folder(folder: str) -> HubRepo | None:

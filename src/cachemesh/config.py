@@ -189,10 +189,11 @@ class ServeSettings:
     max_body: int = 64 * 1024**2
     # CACHEMESH_SERVE_MAX_CONTROL_BODY: largest body of a control request (/api/...).
     max_control_body: int = 1024**2
-    # CACHEMESH_SERVE_SOURCE_ROOTS: directories (':'-separated) that a local-path source
-    # deployed at run time (control API, repository extension) must lie in, symlinks
-    # resolved. Empty: any path the server can read. Models given on the command line
-    # or in --config are not checked: the operator wrote them.
+    # CACHEMESH_SERVE_SOURCE_ROOTS: directories (':'-separated) that a local or NAS path
+    # given over the API (models, datacaches, the repository extension) must lie in,
+    # symlinks resolved. Empty (the default): no local path over the API, only the store's
+    # own views and hub/. Models given on the command line or in --config are not
+    # checked: the operator wrote them.
     source_roots: tuple[Path, ...] = ()
 
     @classmethod
@@ -413,12 +414,19 @@ class Settings:
     # CACHEMESH_CHUNK_SIZE: size of one ranged read.
     chunk_size: int = 16 * 1024 * 1024
     # CACHEMESH_FETCH_RETRIES: retries of one ranged read that makes no progress
-    # (cut connection, timeout, 5xx, throttling) before the file fails.
+    # (cut connection, timeout, 5xx, throttling) before the file fails. Bytes that a
+    # restart throws away (an origin without ranges starts again at byte 0) are no progress.
     fetch_retries: int = 5
     # CACHEMESH_RETRY_BACKOFF: first backoff in seconds; doubles per retry, with jitter, at most 30 s.
     retry_backoff_s: float = 0.5
     # CACHEMESH_FETCH_TIMEOUT: seconds without a byte from the origin before a read is retried.
     fetch_timeout_s: float = 60.0
+    # CACHEMESH_FETCH_LOW_SPEED_LIMIT and CACHEMESH_FETCH_LOW_SPEED_TIME: a response that
+    # brings fewer than this many bytes/s ("1KiB") averaged over that many seconds is
+    # dropped and counts as a failed attempt, bytes or not (curl's --speed-limit and
+    # --speed-time): a trickling origin cannot hold a pull for ever. 0 turns it off.
+    fetch_low_speed_bytes: int = 1024
+    fetch_low_speed_time_s: float = 60.0
     # CACHEMESH_DB_BUSY_TIMEOUT: seconds a write waits for another process's transaction
     # on meta.db before it fails with "locked by another process".
     db_busy_timeout_s: float = 30.0
@@ -460,6 +468,9 @@ class Settings:
             fetch_retries=_int(env, "CACHEMESH_FETCH_RETRIES", 5),
             retry_backoff_s=_positive(env, "CACHEMESH_RETRY_BACKOFF", 0.5),
             fetch_timeout_s=_positive(env, "CACHEMESH_FETCH_TIMEOUT", 60.0),
+            fetch_low_speed_bytes=(parse_size(env["CACHEMESH_FETCH_LOW_SPEED_LIMIT"])
+                                   if env.get("CACHEMESH_FETCH_LOW_SPEED_LIMIT") else 1024),
+            fetch_low_speed_time_s=_positive(env, "CACHEMESH_FETCH_LOW_SPEED_TIME", 60.0),
             db_busy_timeout_s=_positive(env, "CACHEMESH_DB_BUSY_TIMEOUT", 30.0),
             api_token=_secret(env, "CACHEMESH_API_TOKEN"),
             inference_token=_secret(env, "CACHEMESH_INFERENCE_TOKEN"),

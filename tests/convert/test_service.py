@@ -256,3 +256,27 @@ def test_cli_a_converter_failure_exits_1_and_leaves_a_failed_job(make_tree, clea
     assert "Traceback" in logs.stdout
     assert not (clean_env / "buckets" / BUCKET).exists()
     assert not any((clean_env / "tmp" / "convert").iterdir())
+
+
+def test_a_conversion_in_a_store_every_user_reaches_is_stored(fake_converter):
+    """The staged result under tmp/convert (0700) is the store's own output, not a
+    private local file: it becomes a view of the open bucket `converted` also where
+    every local user reaches the store (issue 22, item 1 refuses the latter only)."""
+    import shutil
+    import tempfile
+
+    public = Path(tempfile.mkdtemp(prefix="cachemesh-convert-"))
+    try:
+        public.chmod(0o755)
+        origin = public / "origin"
+        for rel, data in model_files().items():
+            (origin / rel).parent.mkdir(parents=True, exist_ok=True)
+            (origin / rel).write_bytes(data)
+        os.system(f"chmod -R a+rX {origin}")
+        caches = Caches(Settings.from_env({"CACHEMESH_HOME": str(public / "home")}))
+        assert caches.store.views.readable_by_all(BUCKET)
+        done = Conversions(caches).convert(str(origin), make_options("fake"))
+        assert (done.view / "done.txt").read_text() == "none"
+        assert caches.verify() == []
+    finally:
+        shutil.rmtree(public, ignore_errors=True)

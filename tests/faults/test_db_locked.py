@@ -124,7 +124,8 @@ def test_a_deploy_waiting_on_a_locked_database_does_not_stall_the_server(home: P
                                                                          tmp_path: Path, servers):
     served = toy_model_dir(tmp_path / "origin", "served")
     extra = toy_model_dir(tmp_path / "origin", "extra")
-    server = ServeProcess(home, [toy_option("served", served)])
+    server = ServeProcess(home, [toy_option("served", served)],
+                          env={"CACHEMESH_SERVE_SOURCE_ROOTS": str(tmp_path / "origin")})
     servers.append(server)
     server.wait_live()
     assert infer(server, "served").status_code == 200

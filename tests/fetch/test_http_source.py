@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import os
 import ssl
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 import cachemesh
 from cachemesh.caches import AVAILABLE
 from cachemesh.cli import main
+from cachemesh.config import Settings
 from cachemesh.errors import (
     AccessDeniedError,
     IntegrityError,
@@ -210,3 +212,86 @@ def test_file_names_from_urls_are_safe(path, name):
 
     assert file_name(f"https://h.example{path}?q=1") == name
     assert check_relpath(name) == name
+
+
+def test_a_sha256_the_user_gave_is_named_as_theirs_when_the_bytes_differ(
+        http_origin, fcaches, fetch_settings):
+    """The digest of --sha256 is the user's, not something the origin publishes
+    (issue 22, item 12)."""
+    data = os.urandom(CHUNK + 1)
+    http_origin.files["/given.bin"] = data
+    wrong = "0" * 64
+    result = CliRunner().invoke(main, [
+        "--home", str(fetch_settings.home), "pull", http_origin.url("/given.bin"), "-q",
+        "--sha256", wrong])
+    assert result.exit_code != 0
+    message = result.output
+    assert wrong in message and hashlib.sha256(data).hexdigest() in message, message
+    assert "publishes" not in message and "--sha256" in message, message
+    assert "the origin keeps sending" not in message, message
+
+
+def test_a_stream_cut_every_time_gives_up_after_the_retry_budget(
+        http_origin, fcaches, fetch_settings):
+    """An origin without ranges that always cuts the stream halfway (issue 22, item 7):
+    each restart throws the bytes away, so it is not progress; the pull gives up after
+    the retry budget (fetch_retries=3 here) with an error that says why."""
+    data = os.urandom(4 * CHUNK)
+    http_origin.files["/cut.bin"] = data
+    http_origin.ranges = False
+    # Enough cuts for a fetcher that counted restarts as progress to get through them all.
+    http_origin.cut_after["/cut.bin"] = [len(data) // 2] * 30
+    with pytest.raises(TransientSourceError) as failure:
+        cachemesh.pull(http_origin.url("/cut.bin"), name="cut", settings=fetch_settings)
+    gets = [r for r in http_origin.requests if r[0] == "GET" and r[1] == "/cut.bin"]
+    assert len(gets) == 1 + fetch_settings.fetch_retries + 1  # the probe, then 4 attempts
+    message = str(failure.value)
+    assert "gave up after 4 attempts" in message and "byte 0" in message, message
+    assert not fcaches.exists("cut")  # nothing landed: a one-shot pull leaves nothing
+    assert not list((fetch_settings.home / "tmp").rglob("*.part"))
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_a_trickling_origin_is_dropped_under_the_low_speed_limit(
+        http_origin, clean_env, ranges: bool):
+    """Bytes that come, but too slowly (issue 22, item 8): each response under the
+    low-speed limit is dropped and counts as a failure, bytes or not; after the retry
+    budget the pull fails, naming the limit."""
+    data = os.urandom(8 * 64 * 1024)
+    http_origin.files["/slow.bin"] = data
+    http_origin.ranges = ranges
+    http_origin.delay_s = 0.4  # before each 64 KiB: 160 KiB/s
+    settings = Settings.from_env({
+        "CACHEMESH_HOME": str(clean_env), "CACHEMESH_FETCH_RETRIES": "1",
+        "CACHEMESH_RETRY_BACKOFF": "0.01", "CACHEMESH_CHUNK_SIZE": str(len(data)),
+        "CACHEMESH_FETCH_LOW_SPEED_LIMIT": "1MiB", "CACHEMESH_FETCH_LOW_SPEED_TIME": "1"})
+    with pytest.raises(TransientSourceError, match="low-speed limit") as failure:
+        cachemesh.pull(http_origin.url("/slow.bin"), name="slow", settings=settings)
+    assert "CACHEMESH_FETCH_LOW_SPEED_LIMIT" in str(failure.value)
+    assert "gave up after 2 attempts" in str(failure.value)
+    gets = [r for r in http_origin.requests if r[0] == "GET"]
+    assert len(gets) == 1 + 2  # the probe, then two slow attempts
+    assert (settings.fetch_low_speed_bytes, settings.fetch_low_speed_time_s) == (1024**2, 1.0)
+
+
+def test_progress_of_a_slow_transfer_is_reported_every_second(http_origin, fcaches,
+                                                              fetch_settings):
+    """A slow origin's pull shows its bytes as they come, not in 4 MiB steps (item 8):
+    the listener, and the cache's status that other processes read."""
+    data = os.urandom(10 * 64 * 1024)
+    http_origin.files["/crawl.bin"] = data
+    http_origin.ranges = False  # one stream
+    http_origin.delay_s = 0.3  # 10 blocks, about 3 s
+    seen: list[tuple[float, int, int]] = []
+
+    def listener(p) -> None:
+        if 0 < p.bytes_done < len(data):
+            status = fcaches.get("crawl").progress.bytes_done  # what `cache status` shows
+            seen.append((time.monotonic(), p.bytes_done, status))
+
+    cachemesh.pull(http_origin.url("/crawl.bin"), name="crawl", settings=fetch_settings,
+                   on_progress=listener)
+    assert len(seen) >= 2, seen
+    assert [b for _, b, _ in seen] == sorted(b for _, b, _ in seen)
+    assert max(b[0] - a[0] for a, b in zip(seen, seen[1:], strict=False)) < 1.5
+    assert max(status for _, _, status in seen) > 0  # the database saw bytes mid-transfer

@@ -307,10 +307,11 @@ def test_deploying_into_a_protected_bucket_needs_its_token(secured):
 
 @pytest.fixture(scope="module")
 def bearer_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """A server with no inference token and no deployable roots: a client sends the
+    """A server with no inference token, deploying from one root: a client sends the
     bucket token as its bearer token, as an OpenAI client sends its api_key."""
     root = tmp_path_factory.mktemp("bearer-models")
-    settings = serve_settings(tmp_path_factory.mktemp("bearer-home"), workers=1)
+    settings = serve_settings(tmp_path_factory.mktemp("bearer-home"), workers=1,
+                              source_roots=(root,))
     caches = Caches(settings)
     caches.protect_bucket(PROTECTED, BUCKET_TOKEN)
     specs = [toy(root, "secret", bucket=PROTECTED), toy(root, "open")]

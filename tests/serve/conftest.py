@@ -40,6 +40,9 @@ def serve_settings(home: Path, **serve: Any) -> Settings:
     serve.setdefault("port", free_port())
     serve.setdefault("workers", 1)
     serve.setdefault("memory", 4 * 1024**3)
+    # The tests deploy toy models from their own folders over the API: an operator who
+    # allows any local path. The default (none) is tested in tests/security.
+    serve.setdefault("source_roots", (Path("/"),))
     return dataclasses.replace(base, serve=dataclasses.replace(base.serve, **serve))
 
 

@@ -128,7 +128,9 @@ def test_cachemesh_serve_subprocess_models_cli_and_sigterm_drain(tmp_path: Path,
         "models:\n"
         f"  - name: slow\n    source: {slow.source}\n    runtime: custom\n"
         "    eager: true\n    parameters: {class: 'toy:Echo', delay: '1.5'}\n")
-    env = {**os.environ, "CACHEMESH_HOME": str(home)}
+    # `models deploy` below sends a local folder over the API: it needs the roots.
+    env = {**os.environ, "CACHEMESH_HOME": str(home),
+           "CACHEMESH_SERVE_SOURCE_ROOTS": str(digits_dir.parent)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cachemesh", "serve", "--port", str(port), "--grpc-port", "0",
          "--workers", "1",

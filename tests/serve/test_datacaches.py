@@ -39,7 +39,9 @@ def server(hf_hub: HfHubEmulator, ms_hub: ModelScopeEmulator, s3_server: S3Origi
            "HF_HOME": str(home.parent / "hf-home"), "HOME": str(home.parent),
            "MODELSCOPE_DOMAIN": ms_hub.domain, "CACHEMESH_CA_BUNDLE": str(ms_hub.ca_file),
            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_REGION": "us-east-1"}
+           "AWS_REGION": "us-east-1",
+           # Local folders of the tests over the API (the default, none, is in tests/security).
+           "CACHEMESH_SERVE_SOURCE_ROOTS": "/"}
     base = Settings.from_env(env, fetch_concurrency=4, range_concurrency=4)
     settings = dataclasses.replace(base, serve=dataclasses.replace(
         base.serve, port=free_port(), workers=1, memory=1024**3))

@@ -430,7 +430,7 @@ def test_stores_written_before_the_merge_open_with_their_models(tmp_path: Path, 
     conn.execute("COMMIT")
     conn.close()
     db = dbmod.Database(path)
-    assert db.query("PRAGMA user_version")[0][0] == dbmod.SCHEMA_VERSION == 4
+    assert db.query("PRAGMA user_version")[0][0] == dbmod.SCHEMA_VERSION == 5
     docs = {d.name: d for d in SqliteModelRegistry(db).list()}
     assert docs["doc"].bucket == "models" and docs["doc"].traffic == {"v1": 90, "v2": 10}
     assert docs["doc"].routes[0].version == "v2"

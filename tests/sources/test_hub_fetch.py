@@ -124,3 +124,23 @@ def test_two_caches_of_one_repo_fetch_each_blob_once(hf_env: HfHubEmulator, repo
     du = Caches(settings).du()
     assert du["logical_bytes"] == 2 * sum(map(len, files.values()))
     assert du["physical_bytes"] == sum(map(len, files.values()))
+
+
+def test_a_redirect_to_a_file_url_fails_at_once_without_retries(clean_env, tmp_path):
+    """A hostile mirror that redirects a file's download to file:// (issue 22, item 12):
+    a permanent error, not a transient one retried with backoff."""
+    from cachemesh.caches import make_spec
+    from cachemesh.errors import SourceError, TransientSourceError
+
+    with HfHubEmulator(blob_origin_url="file:///etc") as hub:
+        repo = "org/redirects-to-files"
+        hub.commit(repo, {"config.json": b"{}", "model.safetensors": b"\0" * 4096})
+        settings = Settings.from_env({"CACHEMESH_HOME": str(tmp_path / "home"),
+                                      "HF_ENDPOINT": hub.url, "CACHEMESH_FETCH_RETRIES": "3",
+                                      "CACHEMESH_RETRY_BACKOFF": "0.01"})
+        caches = Caches(settings)
+        with pytest.raises(SourceError) as failure:
+            caches.ensure(make_spec(name="evil", source=f"hf://{repo}"))
+        assert not isinstance(failure.value, TransientSourceError)
+        assert "file://" in str(failure.value) and "model.safetensors" in str(failure.value)
+        assert hub.resolves[(repo, "model.safetensors")] == 1  # asked once, never retried

@@ -61,6 +61,7 @@ from ..errors import (
     TransientSourceError,
 )
 from ..store.blobs import BlobRef, check_sha256
+from ..store.locks import private_dirs
 from .hashing import PrefixHasher
 from .observe import REGISTRY, FetchObserver, Flight, watch_partial
 from .ranges import PartialFiles, PartialState, RangeSet, split
@@ -83,8 +84,11 @@ HASH_MODE = "stream"
 COALESCE_BYTES = 1024 * 1024
 # A watched fetch (observe.py) starts with a piece this long; pieces double up to chunk_size.
 WATCHED_FIRST_PIECE = 256 * 1024
-# Progress is told to ``on_bytes`` in steps of at least this much (and at the end).
+# Progress is told to ``on_bytes`` in steps of at least this much (and at the end),
+# or after this long while bytes arrive: twice a second, so that a slow origin's pull
+# shows its bytes at least once a second whenever its reads happen to land.
 REPORT_BYTES = 4 * 1024 * 1024
+REPORT_INTERVAL_S = 0.5
 
 # How messages name each digest kind.
 _DIGEST_NAMES = {"git-sha1": "git blob id", "md5": "MD5"}
@@ -123,6 +127,9 @@ class FetchRequest:
     # Last-Modified): a blob fetched earlier for it is then only reused by
     # fetches that were waiting for that very transfer.
     versioned: bool = True
+    # Who gave the expected digests, for messages: None when the origin publishes
+    # them, else the user's option (``"--sha256"``).
+    digests_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.size < 0:
@@ -160,8 +167,9 @@ def identity_key(identity: str) -> str:
 class _Progress:
     """Reports each byte of one object once through ``on_bytes``, whatever retries happen.
 
-    Reports are batched (at least REPORT_BYTES at a time, and at the end): the
-    cache's tracker does real work per call, and a network read is 64 KiB–1 MiB.
+    Reports are batched (REPORT_BYTES at a time, or what came in REPORT_INTERVAL_S, and
+    at the end): the cache's tracker does real work per call, and a network read is
+    64 KiB–1 MiB.
     """
 
     def __init__(self, on_bytes: Callable[[int], None] | None) -> None:
@@ -169,13 +177,18 @@ class _Progress:
         self._lock = threading.Lock()
         self._current = 0  # bytes of the object we hold now
         self._reported = 0  # high-water mark told to on_bytes
+        self._reported_at = time.monotonic()
 
     def _report(self, at_least: int = 1) -> None:
         delta = 0
+        now = time.monotonic()
         with self._lock:
-            if self._current - self._reported >= at_least:
-                delta = self._current - self._reported
+            pending = self._current - self._reported
+            due = now - self._reported_at >= REPORT_INTERVAL_S
+            if pending >= at_least or (pending > 0 and due):
+                delta = pending
                 self._reported = self._current
+                self._reported_at = now
         if delta and self._on_bytes is not None:
             self._on_bytes(delta)
 
@@ -222,6 +235,7 @@ class Fetcher:
         self.chunk_size = settings.chunk_size
         self.concurrency = settings.range_concurrency
         self.retry = RetryPolicy(settings.fetch_retries, settings.retry_backoff_s)
+        self.low_speed = (settings.fetch_low_speed_bytes, settings.fetch_low_speed_time_s)
         self.hash_mode = hash_mode or HASH_MODE
         self.checkpoint_s = CHECKPOINT_INTERVAL_S if checkpoint_s is None else checkpoint_s
         self.dir = store.blobs.tmp_dir / "fetch"
@@ -261,9 +275,9 @@ class Fetcher:
                     files.discard()
                     progress.restart()
                     if attempt == INTEGRITY_ATTEMPTS:
-                        raise IntegrityError(
-                            f"{exc} (fetched {attempt} times; the origin keeps sending other bytes)"
-                        ) from None
+                        why = ("the origin keeps sending other bytes" if request.digests_from
+                               is None else f"check the digest given with {request.digests_from}")
+                        raise IntegrityError(f"{exc} (fetched {attempt} times; {why})") from None
             raise AssertionError("unreachable")
         finally:
             lock.release()
@@ -382,7 +396,7 @@ class _Transfer:
         if not resumable:
             files.discard()
             state = None
-        files.dir.mkdir(parents=True, exist_ok=True)
+        private_dirs(files.dir)
         self.fd = os.open(files.part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         if state is None:
             os.ftruncate(self.fd, req.size)  # sparse: holes until bytes land
@@ -417,8 +431,10 @@ class _Transfer:
             for kind, expected in published.items():
                 if digests[kind] != expected:
                     label = _DIGEST_NAMES.get(kind, kind)
+                    claim = (f"the origin publishes {expected}" if req.digests_from is None
+                             else f"not the {expected} given with {req.digests_from}")
                     raise _Corrupt(f"{req.name}: the fetched bytes have {label} {digests[kind]},"
-                                   f" the origin publishes {expected}")
+                                   f" {claim}")
         except BaseException as exc:
             if self.hasher is not None:
                 self.hasher.close()
@@ -511,6 +527,7 @@ class _Transfer:
         out = _Coalescer(self._write)
         while pos < end and not self.stop.is_set():
             progressed = False
+            speed = _LowSpeed(req.name, *self.f.low_speed)
             try:
                 reader = req.read(pos, end)
                 try:
@@ -528,6 +545,7 @@ class _Transfer:
                         progressed = True
                         if self.stop.is_set():
                             return
+                        speed.check(n)
                 finally:
                     out.flush()  # what arrived is kept, whatever happens next
                     close = getattr(reader, "close", None)
@@ -538,12 +556,17 @@ class _Transfer:
                         f"{req.name}: the response ended at byte {pos}, expected {end}"
                     )
             except TransientSourceError as exc:
-                if progressed:
+                # Bytes count as progress only if they are kept (an origin without
+                # ranges restarts from byte 0, and what it sent is thrown away) and
+                # came fast enough (a trickle would otherwise reset the count for ever).
+                if progressed and req.ranged and not isinstance(exc, _TooSlow):
                     failures = 0
                 failures += 1
                 if failures > retry.retries:
+                    why = ("attempts without progress" if req.ranged else "attempts; the origin"
+                           " serves no ranges, so each one starts again at byte 0")
                     raise TransientSourceError(
-                        f"{exc} (gave up after {failures} attempts without progress)",
+                        f"{exc} (gave up after {failures} {why})",
                         retry_after=exc.retry_after,
                     ) from exc
                 if not req.ranged and pos > start:
@@ -578,6 +601,35 @@ class _Transfer:
                 o.landed(pos, pos + n)
         self.hasher.prefix(prefix)
         self.progress.advance(n)
+
+
+class _TooSlow(TransientSourceError):
+    """A response that brought bytes under the low-speed limit: dropped, and a failure."""
+
+
+class _LowSpeed:
+    """curl's ``--speed-limit``/``--speed-time`` for one response: fewer than ``limit``
+    bytes/s, averaged over a window of ``window_s`` seconds, ends it. Checked as bytes
+    arrive; an origin that sends nothing at all meets the read timeout instead."""
+
+    def __init__(self, name: str, limit: int, window_s: float) -> None:
+        self.name, self.limit, self.window_s = name, limit, window_s
+        self._start = time.monotonic()
+        self._bytes = 0
+
+    def check(self, n: int) -> None:
+        if self.limit <= 0:
+            return
+        self._bytes += n
+        elapsed = time.monotonic() - self._start
+        if elapsed < self.window_s:
+            return
+        if self._bytes < self.limit * elapsed:
+            raise _TooSlow(
+                f"{self.name}: the origin sent {self._bytes} bytes in {elapsed:.0f} s, under"
+                f" the low-speed limit of {self.limit} bytes/s over {self.window_s:g} s"
+                " (CACHEMESH_FETCH_LOW_SPEED_LIMIT, CACHEMESH_FETCH_LOW_SPEED_TIME)")
+        self._start, self._bytes = time.monotonic(), 0
 
 
 class _Slots:
@@ -628,7 +680,8 @@ class _Coalescer:
 
     A TLS connection delivers at most one 16 KiB record per read; writing,
     hashing and recording each of them costs more CPU than the bytes do.
-    Reads of COALESCE_BYTES / 4 or more are written as they come.
+    Reads of COALESCE_BYTES / 4 or more are written as they come, and nothing
+    waits here longer than REPORT_INTERVAL_S (a slow origin's bytes show up).
     """
 
     def __init__(self, write: Callable[[int, bytes | memoryview], None]) -> None:
@@ -637,6 +690,7 @@ class _Coalescer:
         self._view = memoryview(self._buf)
         self._start = 0
         self._fill = 0
+        self._since = 0.0  # when the oldest byte held here arrived
 
     def add(self, pos: int, data: bytes) -> None:
         n = len(data)
@@ -648,8 +702,11 @@ class _Coalescer:
             return
         if self._fill == 0:
             self._start = pos
+            self._since = time.monotonic()
         self._view[self._fill:self._fill + n] = data
         self._fill += n
+        if time.monotonic() - self._since >= REPORT_INTERVAL_S:
+            self.flush()
 
     def flush(self) -> None:
         if self._fill:

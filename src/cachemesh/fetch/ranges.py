@@ -45,6 +45,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..store.locks import private_dirs
+
 FORMAT = 1
 
 
@@ -198,7 +200,7 @@ class PartialFiles:
 
     def write_state(self, state: PartialState) -> None:
         """Replace the record atomically; the caller has made the bytes it names durable."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.dir)
         tmp = self.state.with_name(self.state.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:

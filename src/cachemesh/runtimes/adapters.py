@@ -14,10 +14,13 @@ shared base take its lock and switch the adapter they need on first
 token. (PEFT's per-call ``adapter_names`` installs hooks on the shared modules,
 which two threads would race on.)
 
-The base is pulled by the worker (``cachemesh.pull``) into a cache of its own, in
-the default bucket; a deploy checks ``base=`` as it checks a model's source
-(``ModelService._check_sources``). Adapters over one base share it only inside a
-worker: on two workers, each loads the base once.
+The server pulls the base into a cache of its own in the adapter model's bucket,
+with that bucket's protection, and hands the worker its view as a local path
+(``ModelService._pull_base``); a deploy checks ``base=`` as it checks a model's
+source (``ModelService._check_sources``). Outside the server (a plain
+``load_pretrained``) a ``base`` with a scheme is pulled here, in the default bucket.
+Adapters over one base share it only inside a worker: on two workers, each loads
+the base once.
 
 Memory: the worker measures a load as its RSS growth, so the first adapter's
 size includes the base and the next ones' do not; the base stays while any

@@ -45,7 +45,7 @@ serve/auth.py). A protected bucket's caches are listed, described, watched and
 deleted only by a caller that presents that bucket's token
 (``X-Cachemesh-Bucket-Token``); for anyone else they do not exist (404). Creating
 a cache in a protected bucket needs its token too (403), and a local source
-must lie in ``CACHEMESH_SERVE_SOURCE_ROOTS`` when that is set.
+must lie in ``CACHEMESH_SERVE_SOURCE_ROOTS`` (without it, none is taken).
 """
 
 from __future__ import annotations
@@ -388,7 +388,7 @@ def _check_create(caches: Caches, spec: CacheSpec, roots: tuple[Path, ...]) -> N
     A protected bucket needs its token (403, as deploying a model there). A name
     taken by a cache the caller cannot see is a 409 that says nothing of it. A
     local source (a path, file://, NAS) must lie in the server's deployable roots
-    (CACHEMESH_SERVE_SOURCE_ROOTS), as for models deployed over the API.
+    (CACHEMESH_SERVE_SOURCE_ROOTS; none when unset), as for models deployed over the API.
     """
     if not can_use(caches.buckets, spec.bucket):
         raise ForbiddenError(f"bucket {spec.bucket!r} is protected; the request does not"

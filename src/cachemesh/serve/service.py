@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import math
@@ -335,7 +336,9 @@ class ModelService:
         understands (400), a changed version (409), a cache holding something else (409)."""
         from ..sources import parse_source
 
-        roots = tuple(self.cfg.source_roots) if persist else ()
+        # Over the API: local paths only from the roots (none by default); from the
+        # command line (persist=False) the operator typed it.
+        roots = tuple(self.cfg.source_roots) if persist else None
         for label, spec in doc.versions.items():
             old = known.get(label)
             if old is not None:
@@ -779,8 +782,33 @@ class ModelService:
             view = self.caches.pull(v.cache).view
         label = None if v.label == DEFAULT_VERSION else v.label
         resolved = resolve(view, spec.runtime, spec.parameters, label)
+        self._pull_base(v, view, resolved)
         disk = sum(p.stat().st_size for p in view.rglob("*") if p.is_file())
         return view, resolved, disk
+
+    def _pull_base(self, v: Version, view: Path, resolved: Resolved) -> None:
+        """An adapter's base model goes through a cache of the model's own bucket, with
+        that bucket's protection (never the default bucket, never hub/ for a protected
+        one), pulled here; the worker gets its view as a local path. Adapters over one
+        base in a bucket share its cache (named by bucket and source)."""
+        from ..caches import make_spec
+        from ..runtimes import adapters
+        from ..sources import parse_source
+        from ..sources.base import safe_name
+
+        if resolved.runtime != "transformers" or not adapters.is_adapter(view):
+            return
+        base = adapters.base_source(view, resolved.parameters)
+        source = parse_source(base, {}, self.settings)
+        dep = self.deployments.get(v.model)
+        # A base named by the adapter's own files, for a model deployed over the API,
+        # is held to the deploy roots as parameters.base was when it came.
+        roots = tuple(self.cfg.source_roots) if dep is not None and dep.origin == "api" else None
+        self.caches.check_source(source, v.bucket, roots)
+        key = hashlib.sha256(f"{v.bucket}\n{source.uri}".encode()).hexdigest()[:12]
+        name = f"{safe_name(source.default_name())[:64]}.base-{key}"
+        spec = make_spec(name=name, source=base, bucket=v.bucket)
+        resolved.parameters["base"] = str(self.caches.ensure(spec).view)
 
     @staticmethod
     def _ready_copy(v: Version) -> Copy | None:

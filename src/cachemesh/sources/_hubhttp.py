@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 MAX_REDIRECTS = 5
 CHUNK = 1024 * 1024
+# Transport errors that the same request always meets again: not worth a retry.
+_PERMANENT = (httpx.UnsupportedProtocol, httpx.InvalidURL)
+
 # Headers that carry credentials: dropped when a redirect leaves the origin.
 SENSITIVE_HEADERS = frozenset({"authorization", "cookie"})
 
@@ -156,8 +159,8 @@ def send(
             response = client.request(method, url, headers=dict(headers), params=params)
         except httpx.TransportError as exc:
             error = exc
-            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-                break  # retrying will not make the certificate trusted
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc) or isinstance(exc, _PERMANENT):
+                break  # retrying will not make the certificate trusted, nor the URL valid
             continue
         if response.status_code in RETRY_STATUS and attempt < attempts - 1:
             error = None
@@ -266,7 +269,7 @@ class RangeReader:
             try:
                 response = self.client.send(built, stream=True)
             except httpx.TransportError as exc:
-                if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc) or isinstance(exc, _PERMANENT):
                     raise SourceError(f"cannot fetch {what} from {redact(url)}:"
                                       f" {_describe(exc)}") from exc
                 raise TransientSourceError(f"cannot fetch {what} from {redact(url)}:"
@@ -276,6 +279,10 @@ class RangeReader:
             _read_quietly(response)
             response.close()
             url = urljoin(url, response.headers["Location"])
+            if urlsplit(url).scheme.lower() not in ("http", "https"):
+                # Permanent: asking again leads to the same place (and never to a local file).
+                raise SourceError(f"cannot fetch {what}: {redact(request.url)} redirects to"
+                                  f" {redact(url)}; only http:// and https:// are followed")
         raise SourceError(f"too many redirects fetching {what} from {redact(request.url)}")
 
 

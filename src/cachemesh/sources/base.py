@@ -55,6 +55,9 @@ class RemoteFile:
     # publishes without a sha256. The source verifies it while fetching, and the
     # cache reuses a blob already fetched under the same id.
     git_sha1: str | None = None
+    # A local file that not every local user may read (its own mode, or a folder on its
+    # path): a view in an open bucket would widen that, so the cache refuses it there.
+    restricted: bool = False
 
     @property
     def checksum_kind(self) -> str:
@@ -167,6 +170,10 @@ class RemoteSource(Source):
     the Hub's host).
     """
 
+    # Who gives the listed files' digests, for messages: None for the origin itself,
+    # else the user's option that did (the https source's "--sha256").
+    digests_from: str | None = None
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._fetchers: dict[str, Fetcher] = {}
@@ -232,6 +239,7 @@ class RemoteSource(Source):
             git_sha1=file.git_sha1,
             name=self.object_name(file),
             versioned=bool(file.sha256 or file.git_sha1 or file.origin_tag),
+            digests_from=self.digests_from,
         )
 
     def fetch(

@@ -55,6 +55,7 @@ from ..errors import (
     UnsafePathError,
 )
 from ..store.hub_layout import HubRepo, TreeEntry, check_repo_id, is_commit
+from ..store.names import check_relpath
 from . import _hubhttp
 from ._hubhttp import HttpRequest, redact
 from .base import Listing, RemoteFile, RemoteSource, check_options, safe_name
@@ -264,9 +265,14 @@ class HfSource(RemoteSource):
             if not isinstance(entry, dict) or entry.get("type") != "file":
                 continue
             try:
-                path, size, oid = str(entry["path"]), int(entry["size"]), str(entry["oid"])
+                raw, size, oid = str(entry["path"]), int(entry["size"]), str(entry["oid"])
             except (KeyError, TypeError, ValueError) as exc:
                 raise SourceError(f"{self._describe}: malformed tree entry {entry!r}") from exc
+            # One spelling everywhere (view, snapshot, trees/): "a//b" and "./a/./b" are
+            # "a/b"; a path that escapes is refused, even for a file a filter leaves out.
+            path = check_relpath(raw, f"file path listed by {self._describe}")
+            if path in tree:
+                raise UnsafePathError(f"{self._describe} lists {path!r} twice")
             lfs = entry.get("lfs")
             if isinstance(lfs, dict) and lfs.get("oid"):
                 sha256, lfs_size = str(lfs["oid"]).lower(), int(lfs.get("size", size))
@@ -274,13 +280,13 @@ class HfSource(RemoteSource):
                     raise SourceError(f"{path} of {self._describe}: bad LFS sha256 {sha256!r}")
                 tree[path] = TreeEntry(size, oid, sha256, lfs_size)
                 files.append(RemoteFile(path, lfs_size, sha256=sha256, origin_tag=sha256,
-                                        locator=self._resolve_url(commit, path)))
+                                        locator=self._resolve_url(commit, raw)))
             else:
                 if not _GIT_OID_RE.match(oid):
                     raise SourceError(f"{path} of {self._describe}: bad git blob id {oid!r}")
                 tree[path] = TreeEntry(size, oid)
                 files.append(RemoteFile(path, size, git_sha1=oid, origin_tag=oid,
-                                        locator=self._resolve_url(commit, path)))
+                                        locator=self._resolve_url(commit, raw)))
         files.sort(key=lambda f: f.path)
         return Listing(files, revision=commit, hub_tree=tree)
 

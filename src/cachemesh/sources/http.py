@@ -54,6 +54,7 @@ def file_name(url: str) -> str:
 class HttpSource(RemoteSource):
     schemes = ("https", "http")
     options = ("sha256",)
+    digests_from = "--sha256"  # the only digest this source knows is the user's
 
     def __init__(self, url: str, settings: Settings, *, sha256: str | None = None) -> None:
         super().__init__(settings)

@@ -25,6 +25,7 @@ from ..errors import (
     SourceNotFoundError,
     UnsafePathError,
 )
+from ..store.buckets import searchable_by_all
 from ..store.names import check_relpath
 from .base import Listing, RemoteFile, Source, check_options
 
@@ -34,6 +35,12 @@ if TYPE_CHECKING:
 
 def _origin_tag(st: os.stat_result) -> str:
     return f"size={st.st_size};mtime_ns={st.st_mtime_ns};ino={st.st_ino}"
+
+
+def _restricted(path: str, st: os.stat_result, memo: dict[str, bool]) -> bool:
+    """Not every local user may read ``path``: no read bit for others on the file, or
+    a folder on its (resolved) path they cannot pass through."""
+    return not st.st_mode & stat.S_IROTH or not searchable_by_all(os.path.dirname(path), memo)
 
 
 class LocalSource(Source):
@@ -82,16 +89,16 @@ class LocalSource(Source):
 
     def list_files(self) -> Listing:
         st = self._check_root()
+        memo: dict[str, bool] = {}
         if stat.S_ISREG(st.st_mode):
             real = os.path.realpath(self.root)
-            return Listing(
-                [RemoteFile(self.root.name, st.st_size, origin_tag=_origin_tag(st), locator=real)]
-            )
+            return Listing([RemoteFile(self.root.name, st.st_size, origin_tag=_origin_tag(st),
+                                       locator=real, restricted=_restricted(real, st, memo))])
         if not stat.S_ISDIR(st.st_mode):
             raise InvalidInputError(f"local source {self.root} is neither a file nor a directory")
         listing = Listing(files=[])
         real_root = os.path.realpath(self.root)
-        self._walk(real_root, "", real_root, listing, {(st.st_dev, st.st_ino)})
+        self._walk(real_root, "", real_root, listing, {(st.st_dev, st.st_ino)}, memo)
         listing.files.sort(key=lambda f: f.path)
         return listing
 
@@ -99,7 +106,8 @@ class LocalSource(Source):
         return real == real_root or real.startswith(real_root.rstrip("/") + "/")
 
     def _walk(
-        self, directory: str, prefix: str, real_root: str, listing: Listing, seen: set
+        self, directory: str, prefix: str, real_root: str, listing: Listing, seen: set,
+        memo: dict[str, bool],
     ) -> None:
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
@@ -132,10 +140,11 @@ class LocalSource(Source):
                 if key in seen:
                     listing.notes.append(f"skipped {rel}: directory loop")
                     continue
-                self._walk(full, rel + "/", real_root, listing, seen | {key})
+                self._walk(full, rel + "/", real_root, listing, seen | {key}, memo)
             elif stat.S_ISREG(st.st_mode):
                 listing.files.append(
-                    RemoteFile(rel, st.st_size, origin_tag=_origin_tag(st), locator=full)
+                    RemoteFile(rel, st.st_size, origin_tag=_origin_tag(st), locator=full,
+                               restricted=_restricted(full, st, memo))
                 )
             else:
                 listing.notes.append(f"skipped {rel}: not a regular file")

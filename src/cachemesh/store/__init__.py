@@ -17,6 +17,7 @@ verifies them, and links them where they are read.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from ..errors import IntegrityError, StoreError
 from .blobs import BlobRef, BlobStore
 from .buckets import Buckets
 from .db import BUSY_TIMEOUT_S, Database
-from .locks import FileLock, is_locked
+from .locks import FileLock, is_locked, private_dirs
 from .names import check_name
 from .views import Views
 
@@ -49,10 +50,14 @@ class Store:
         self.home = Path(home)
         try:
             self.home.mkdir(parents=True, exist_ok=True)
+            # Private parts are made private: never created open and narrowed later.
+            self.locks_dir = private_dirs(self.home / "locks")
+            db_file = self.home / "meta.db"
+            if not db_file.exists():  # SQLite gives -wal and -shm the mode of this file
+                os.close(os.open(db_file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
         except OSError as exc:
             raise StoreError(f"cannot create the store at {self.home}: {exc}") from exc
         self.db = Database(self.home / "meta.db", busy_timeout=busy_timeout)
-        self.locks_dir = self.home / "locks"
         self.blobs = BlobStore(self.home, self.db, lambda: self.blob_lock(shared=True))
         self.buckets = Buckets(self.home, self.db)
         self.views = Views(self.home, bucket_mode=self.buckets.mode)
@@ -106,6 +111,11 @@ class Store:
         With ``tmp``, the freshly written and hashed file is committed as the
         blob first. Without it, the blob must already be present; returns False
         (and changes nothing) when it is not, so the caller fetches it.
+
+        Order: blob file, blob row, file row, view link. A crash before the link
+        leaves a row without its link: the pull is unfinished (its cache is not
+        Available, and ``Caches.verify`` says nothing of it) and pulling again
+        links it. The other order would let a view show a file that no row names.
         """
         with self.blob_lock(shared=True):
             if tmp is not None:

@@ -42,6 +42,7 @@ from typing import BinaryIO
 
 from ..errors import CapacityError, IntegrityError, StoreError
 from .db import Database
+from .locks import private_dirs
 
 _HEX = set("0123456789abcdef")
 COPY_CHUNK = 8 * 1024 * 1024
@@ -84,8 +85,8 @@ class BlobStore:
         # Held from the link to the row, so that gc (which takes it exclusively)
         # never sees a just-linked blob without its row and deletes it.
         self._shared_lock = shared_lock
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.root)  # blobs/ and tmp/ are 0700 (store/buckets.py)
+        private_dirs(self.tmp_dir)
 
     def path(self, sha256: str) -> Path:
         check_sha256(sha256)
@@ -123,7 +124,7 @@ class BlobStore:
             finally:
                 os.close(fd)
             os.chmod(tmp, 0o444)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            private_dirs(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if disk_full(exc):

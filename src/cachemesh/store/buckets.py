@@ -233,6 +233,23 @@ class Buckets:
             self._narrow(bucket)
 
 
+def searchable_by_all(directory: str | os.PathLike[str],
+                      memo: dict[str, bool] | None = None) -> bool:
+    """Whether every local user may pass through ``directory`` and each folder above
+    it (the ``x`` bit for others on each), symlinks resolved; ``memo`` caches answers."""
+    real = os.path.realpath(directory)
+    memo = {} if memo is None else memo
+    if real not in memo:
+        try:
+            mode = os.stat(real).st_mode
+        except OSError:
+            return False
+        parent = os.path.dirname(real)
+        memo[real] = bool(mode & stat.S_IXOTH) and (
+            parent == real or searchable_by_all(parent, memo))
+    return memo[real]
+
+
 def _narrow_path(path: Path, mode: int) -> None:
     try:
         st = os.lstat(path)

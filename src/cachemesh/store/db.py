@@ -50,6 +50,15 @@ Version 4 adds::
       name TEXT PRIMARY KEY, salt (hex), digest (hex sha256 of salt + token:
       the token itself is never stored), created_at, updated_at
 
+Version 5 adds::
+
+    hub_trees  the complete file list of a Hugging Face commit, as the Hub listed it
+               at pull time (store/hub_layout.py writes it to hub/<folder>/trees/):
+               kept here so that the tree can be written again when the repo folder
+               comes back (a bucket unprotected, gc repairing it) without the origin
+      folder TEXT, commit TEXT, tree (JSON: path -> size, blob_id, lfs_sha256,
+      lfs_size), PRIMARY KEY (folder, commit)
+
 Rows are written after the files they describe (see store/blobs.py), so after
 a crash the database never points at a file that does not exist; the reverse
 (a blob file without a row) is harmless and collected by ``gc``.
@@ -195,9 +204,24 @@ def _buckets(conn: sqlite3.Connection) -> None:
     )
 
 
+def _hub_trees(conn: sqlite3.Connection) -> None:
+    _script(
+        conn,
+        """
+        CREATE TABLE IF NOT EXISTS hub_trees (
+            folder TEXT NOT NULL,
+            "commit" TEXT NOT NULL,
+            tree   TEXT NOT NULL,
+            PRIMARY KEY (folder, "commit")
+        );
+        """
+    )
+
+
 # MIGRATIONS[i] takes a database at version i to version i + 1. Append only:
 # never edit a migration that has shipped.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1, _jobs, _models, _buckets]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _v1, _jobs, _models, _buckets, _hub_trees]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # How long a writer waits for another process's transaction before giving up.

@@ -29,6 +29,9 @@ the caller (``cachemesh.caches``) builds the claims from the database after
 every pull and every removal, so removing one cache keeps what another cache
 of the same repo revision still shows, and ``cachemesh gc`` syncs every repo
 folder again (repairing what ``cachemesh cache verify`` reports as ``hub-*``).
+The trees come from meta.db (``hub_trees``, kept by the caller from the pull's
+listing), so a folder hidden and shown again (a bucket protected, then
+unprotected) or a tree removed behind cachemesh's back gets its tree back.
 Anything else found in a repo folder (a ``.no_exist/`` marker, a file some
 other tool wrote) is removed by the next sync: ``hub/`` belongs to cachemesh.
 
@@ -65,6 +68,7 @@ from pathlib import Path
 
 from ..errors import StoreError, UnsafePathError
 from . import Problem
+from .locks import private_dirs
 from .names import check_relpath
 from .views import _ensure_dirs, link_atomic
 
@@ -154,7 +158,7 @@ def _write_atomic(target: Path, data: bytes, staging: Path) -> None:
             return
     except OSError:
         pass
-    staging.mkdir(parents=True, exist_ok=True)
+    private_dirs(staging)  # under tmp/, private like it
     tmp = staging / f"{uuid.uuid4().hex}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -174,7 +178,7 @@ def _link(blob: Path, target: Path, staging: Path) -> None:
         link_atomic(blob, target, staging)
         return
     # link_atomic takes a symlink to the blob for done; the view must hold the inode itself.
-    staging.mkdir(parents=True, exist_ok=True)
+    private_dirs(staging)  # under tmp/, private like it
     tmp = staging / f"{uuid.uuid4().hex}.link"
     os.link(blob, tmp)
     try:

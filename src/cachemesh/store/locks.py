@@ -12,6 +12,9 @@ a lock behind. Used for:
                                 model); eviction and removal need it exclusive
     locks/fetch/<key>.lock      exclusive while one process fetches one object
                                 (single-flight across processes)
+
+``locks/`` and its folders are 0700 from the moment they are made (their file
+names name caches, protected ones included); lock files are 0600.
 """
 
 from __future__ import annotations
@@ -22,6 +25,27 @@ import os
 import time
 from pathlib import Path
 from types import TracebackType
+
+
+PRIVATE_DIR_MODE = 0o700
+
+
+def private_dirs(path: Path) -> Path:
+    """Make ``path`` and its missing parents with mode 0700, each created with that mode
+    (never made open and narrowed later). Existing folders are left as they are."""
+    missing = []
+    current = path
+    while not current.is_dir():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder, PRIVATE_DIR_MODE)
+        except FileExistsError:
+            pass  # made by another process meanwhile
+    return path
 
 
 class FileLock:
@@ -40,8 +64,8 @@ class FileLock:
         """Take the lock. Non-blocking (or on timeout) returns False when busy."""
         if self._fd is not None:
             raise RuntimeError(f"lock {self.path} is already held by this object")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        private_dirs(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         mode = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
         deadline = None if timeout is None else time.monotonic() + timeout
         try:

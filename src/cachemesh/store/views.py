@@ -27,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import StoreError, UnsafePathError
+from .buckets import searchable_by_all
+from .locks import private_dirs
 from .names import check_name, check_relpath
 
 
@@ -53,7 +55,7 @@ def link_atomic(blob: Path, target: Path, staging: Path) -> None:
             return  # already this very hardlink (a symlink to the blob does not count)
     except OSError:
         pass
-    staging.mkdir(parents=True, exist_ok=True)
+    private_dirs(staging)  # under tmp/, private like it
     tmp = staging / f"{uuid.uuid4().hex}.link"
     os.link(blob, tmp)
     try:
@@ -77,6 +79,19 @@ class Views:
         if mode != 0o755 and stat.S_IMODE(os.lstat(path).st_mode) & ~mode:
             os.chmod(path, mode)  # protected after the folder was made, by another process
         return path
+
+    def readable_by_all(self, bucket: str) -> bool:
+        """Whether any local user reads what a view of ``bucket`` shows: an open bucket
+        in a store that every local user can reach (store/buckets.py)."""
+        if not self._bucket_mode(check_name(bucket, "bucket")) & stat.S_IXOTH:
+            return False
+        folder = self.root / bucket
+        try:
+            if not os.stat(folder).st_mode & stat.S_IXOTH:
+                return False
+        except FileNotFoundError:
+            pass  # made with the bucket's mode when its first file lands
+        return searchable_by_all(self.root)
 
     def dir(self, bucket: str, path: str) -> Path:
         return self.root / check_name(bucket, "bucket") / check_relpath(path, absolute_ok=True)
