@@ -546,7 +546,8 @@ def jobs_logs(ctx: click.Context, job_id: str, follow: bool, as_json: bool) -> N
 @click.pass_context
 @handle_errors
 def demo(ctx: click.Context, origin: Path | None, port: int | None, serve: bool) -> None:
-    """Generate two demo models, pull them through the cache, serve them (KServe V2, OpenAI)."""
+    """Build a digits classifier, convert a real chat model (SmolLM2, from its GGUF), pull
+    both through the cache, serve them (KServe V2, OpenAI)."""
     from .demo import run_demo, serve_demo
 
     run_demo(settings_of(ctx), origin)
