@@ -202,8 +202,8 @@ class TensorParallelSplitter(Converter):
 
     def check_options(self, options: ConvertOptions) -> None:
         if options.quantization is not None:
-            raise InvalidInputError("--to safetensors takes no --quantization (weights keep"
-                                    " their dtype)")
+            raise InvalidInputError("--to safetensors takes no --quantization: --tp shards keep"
+                                    " the checkpoint's dtype, and a GGUF input takes --dtype")
         # No --tp: check() refuses a Hugging Face input; a GGUF input never reaches this
         # converter without one (service.py turns it into a Hugging Face folder).
         if options.tp is not None and not 1 <= options.tp <= MAX_TP:
