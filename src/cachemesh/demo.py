@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 
 from .config import Settings, format_size
-from .errors import InvalidInputError
+from .errors import ConflictError, InvalidInputError
 
 DEMO_NAME = "digits-svm"
 DEMO_LLM_NAME = "smollm2"
@@ -90,6 +90,7 @@ def demo_gguf() -> Path:
 def convert_demo_llm(settings: Settings, *, show: bool = True) -> Path:
     """The chat model as a Hugging Face folder: converted from its GGUF on first use,
     found in the cache (bucket ``converted``) after that. Returns the folder."""
+    import hashlib
     import time
 
     from .caches import Caches
@@ -97,11 +98,13 @@ def convert_demo_llm(settings: Settings, *, show: bool = True) -> Path:
     from .progress import PullBar
 
     gguf = demo_gguf()
+    # The input cache is named after the file's path: each checkout (each venv) has its
+    # own copy of the package, and a store may be shared by several.
+    name = f"{DEMO_LLM_NAME}-gguf-{hashlib.sha256(str(gguf).encode()).hexdigest()[:8]}"
     started = time.monotonic()
     with PullBar(f"input {gguf.name}", enabled=show) as bar:
         result = Conversions(Caches(settings)).convert(
-            str(gguf), make_options("safetensors"), input_name=f"{DEMO_LLM_NAME}-gguf",
-            on_pull=bar.update)
+            str(gguf), make_options("safetensors"), input_name=name, on_pull=bar.update)
     if show:
         how = ("found in the cache (converted before)" if result.cached else
                f"converted by job {result.job} in {time.monotonic() - started:.1f} s")
@@ -128,7 +131,13 @@ def run_demo(settings: Settings, origin: Path | None = None) -> dict[str, Path]:
     for name, model_dir in make_demo_models(settings, origin, show=True).items():
         spec = make_spec(name=name, source=str(model_dir), bucket=DEMO_BUCKET)
         with PullBar(name) as bar:
-            result = caches.ensure(spec, on_progress=bar.update)
+            try:
+                result = caches.ensure(spec, on_progress=bar.update)
+            except ConflictError:
+                # Left by an older run from another source: the chat model converted by
+                # other library versions (another identity, another folder).
+                caches.rm(name, force=True)
+                result = caches.ensure(spec, on_progress=bar.update)
         views[name] = result.view
         click.echo(f"pulled:  {name}: {result.files_fetched} file(s) fetched,"
                    f" {result.files_reused} reused")

@@ -297,9 +297,9 @@ class GGUFConverter(Converter):
         tokens.tokenizer.save(str(out / "tokenizer.json"))
         _write_json(out / "tokenizer_config.json", tokens.tokenizer_config(shape.context))
         _write_json(out / "generation_config.json", tokens.generation_config())
+        template = "with" if tokens.chat_template else "without"
         run.log(f"wrote {', '.join(files)} ({dtype}), config.json, tokenizer.json,"
-                f" tokenizer_config.json (chat template: {'yes' if tokens.chat_template else 'no'}),"
-                " generation_config.json")
+                f" tokenizer_config.json ({template} a chat template), generation_config.json")
         return {
             "engine": "transformers",
             "dtype": dtype,

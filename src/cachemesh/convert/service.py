@@ -13,12 +13,19 @@
 4. look the result up: cache ``<label>-<identity[:16]>`` in bucket
    ``converted``, Available, whose manifest carries the full identity. Found:
    done, no job, no work;
-5. let the converter refuse an input it cannot handle (reads config.json only);
+5. let the converter refuse an input it cannot handle (reads config.json, or a
+   GGUF's header);
 6. otherwise take ``locks/convert/<identity>.lock`` (a second converter of the
    same identity, in any process, waits here and then finds the result),
    create a job, run the converter into ``tmp/convert/<identity>/``, write the
    manifest, and store that directory as the result cache (local source; its
    files become blobs and the view). The staging directory is removed.
+
+A GGUF input (a cache without config.json holding one ``.gguf``) takes two
+steps, each a conversion of its own with its own identity, job and result:
+GGUF -> Hugging Face folder (``--to safetensors``, ``--dtype``: gguf_model.py),
+then, unless that was what was asked, the asked target from that folder (its
+view is the next step's input). Converting again finds both in the cache.
 
 A conversion that fails leaves a Failed job with its log, and no result
 cache: the staging directory is removed and a partly stored cache is
