@@ -49,18 +49,20 @@ def interleave_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def write_gguf(path: Path, model: Any, tokenizer: Any, *, qtype: str = "F32",
-               types: dict[str, str] | None = None, pre: str = "default") -> Path:
+               types: dict[str, str] | None = None, pre: str = "default",
+               add_bos: bool | None = None, arch: str | None = None) -> Path:
     """Write ``model`` (a transformers Llama or Qwen2) and ``tokenizer`` as a GGUF file.
 
     Matrices are stored as ``qtype``; norms stay F32, as llama.cpp keeps them.
     ``types`` forces a tensor's ggml type (GGUF name -> type), its bytes random
-    when the gguf package cannot quantize to it: for files cachemesh must refuse.
+    when the gguf package cannot quantize to it: for files cachemesh must refuse;
+    ``arch`` overrides ``general.architecture`` (one cachemesh does not know).
     """
     import gguf
 
     config = model.config
-    arch = {"llama": "llama", "qwen2": "qwen2"}[config.model_type]
-    writer = gguf.GGUFWriter(path, arch)
+    family = config.model_type
+    writer = gguf.GGUFWriter(path, arch or family)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -85,6 +87,8 @@ def write_gguf(path: Path, model: Any, tokenizer: Any, *, qtype: str = "F32",
     writer.add_bos_token_id(tokenizer.bos_token_id)
     writer.add_eos_token_id(tokenizer.eos_token_id)
     writer.add_chat_template(CHAT_TEMPLATE)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
 
     forced = types or {}
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
@@ -94,7 +98,7 @@ def write_gguf(path: Path, model: Any, tokenizer: Any, *, qtype: str = "F32",
         name = gguf_name(hf)
         values = tensor.detach().float().numpy()
         role = name.split(".")[-2]
-        if arch == "llama" and role in heads:
+        if family == "llama" and role in heads:
             values = interleave_rows(values, heads[role])
         kind = forced.get(name, qtype if values.ndim == 2 else "F32")
         qt = gguf.GGMLQuantizationType[kind]

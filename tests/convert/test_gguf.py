@@ -94,6 +94,26 @@ def test_a_tiny_qwen2_with_tied_embeddings(caches, tmp_path):
     assert result.cache.startswith("safetensors-bfloat16-")
 
 
+@pytest.mark.parametrize("pre, digits", [("default", ["\u012012345"]), ("smollm", list("12345")),
+                                         ("llama-bpe", ["123", "45"]),
+                                         ("qwen2", list("12345"))])
+def test_the_tokenizer_follows_the_metadata(caches, tmp_path, llama, pre, digits):
+    """tokenizer.ggml.pre picks how text is split before BPE; add_bos_token adds BOS."""
+    from transformers import AutoTokenizer
+
+    model, tokenizer = llama
+    path = write_gguf(tmp_path / f"{pre}.gguf", model, tokenizer, pre=pre, add_bos=True)
+    result = Conversions(caches).convert(str(path), make_options("safetensors"))
+    rebuilt = AutoTokenizer.from_pretrained(result.view)
+    split = rebuilt.backend_tokenizer.pre_tokenizer.pre_tokenize_str("x 12345")
+    assert [piece for piece, _ in split][-len(digits):] == digits
+    assert [piece for piece, _ in split][:1] == ["x"]
+    ids = rebuilt("the quick brown fox")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids[1:] == tokenizer("the quick brown fox")[
+        "input_ids"]
+    assert rebuilt.decode(ids, skip_special_tokens=True) == "the quick brown fox"
+
+
 def test_to_ct2_from_a_gguf_goes_through_the_hugging_face_folder(caches, tmp_path, llama):
     import ctranslate2
 
@@ -154,6 +174,15 @@ def test_an_unsupported_quantization_type_is_refused(clean_env, tmp_path, llama)
     path = write_gguf(tmp_path / "q81.gguf", *llama, types={"blk.0.attn_v.weight": "Q8_1"})
     _refused(clean_env, [str(path), "--to", "safetensors"],
              "1 tensor(s) of type Q8_1 (e.g. blk.0.attn_v.weight); cachemesh dequantizes F32,")
+
+
+def test_what_cachemesh_cannot_convert_yet_is_refused(clean_env, tmp_path, llama):
+    path = write_gguf(tmp_path / "gpt2.gguf", *llama, arch="gpt2")
+    _refused(clean_env, [str(path), "--to", "safetensors"],
+             "architecture 'gpt2' is not one cachemesh converts (it converts: llama, qwen2)")
+    path = write_gguf(tmp_path / "odd.gguf", *llama, pre="odd-pre")
+    _refused(clean_env, [str(path), "--to", "safetensors"],
+             "tokenizer.ggml.pre 'odd-pre' is not a pre-tokenizer cachemesh knows")
 
 
 def test_other_inputs_gguf_conversion_refuses(clean_env, tmp_path, llama, make_tree):

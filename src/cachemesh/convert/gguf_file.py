@@ -56,6 +56,11 @@ class GGUFFile:
     def has(self, key: str) -> bool:
         return key in self._reader.fields
 
+    def count(self, key: str) -> int:
+        """How many items an array field holds (0 if absent), without reading them."""
+        field = self._reader.fields.get(key)
+        return 0 if field is None else len(field.data)
+
     def get(self, key: str, default: Any = None) -> Any:
         """A metadata value (str, int, float, bool or a list of them); ``default`` if absent."""
         field = self._reader.fields.get(key)

@@ -185,6 +185,11 @@ def inspect_gguf(gguf: GGUFFile) -> tuple[Architecture, ModelShape, dict[str, st
     if "model.embed_tokens.weight" not in names.values():
         raise InvalidInputError(f"{gguf.path} has no token_embd.weight")
     check_tokenizer(gguf)
+    rows = gguf.shape("token_embd.weight")[0]
+    if gguf.count("tokenizer.ggml.tokens") > rows:
+        raise InvalidInputError(
+            f"{gguf.path}: the tokenizer has {gguf.count('tokenizer.ggml.tokens')} tokens, the"
+            f" embedding {rows} rows")
     return arch, shape, names
 
 
@@ -269,9 +274,6 @@ class GGUFConverter(Converter):
         for warning in tokens.warnings[:10]:
             run.warning(warning)
         vocab_size = gguf.shape("token_embd.weight")[0]
-        if tokens.tokenizer.get_vocab_size(with_added_tokens=True) > vocab_size:
-            raise InvalidInputError(f"{gguf.path}: the tokenizer has more tokens than the"
-                                    f" embedding has rows ({vocab_size})")
 
         out.mkdir(parents=True, exist_ok=True)
         writer = ShardWriter(out)

@@ -117,6 +117,13 @@ def check_tokenizer(gguf: GGUFFile) -> None:
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
         if not gguf.has(key):
             raise InvalidInputError(f"{gguf.path}: the GGUF metadata has no {key}")
+    n = gguf.count("tokenizer.ggml.tokens")
+    types = gguf.count("tokenizer.ggml.token_type")
+    if gguf.has("tokenizer.ggml.token_type") and types != n:
+        raise InvalidInputError(f"{gguf.path}: {n} tokens but {types} token types")
+    for key in ("bos_token_id", "eos_token_id", "eot_token_id", "padding_token_id",
+                "unknown_token_id"):
+        _token_id(gguf, key, n)
 
 
 def _pre_tokenizer(kind: Any) -> tuple[Any, Any]:
@@ -171,8 +178,6 @@ def read_tokenizer(gguf: GGUFFile) -> GGUFTokenizer:
     check_tokenizer(gguf)
     tokens = [str(t) for t in gguf.require("tokenizer.ggml.tokens")]
     types = list(gguf.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-    if len(types) != len(tokens):
-        raise InvalidInputError(f"{gguf.path}: {len(tokens)} tokens but {len(types)} token types")
     warnings = []
     vocab: dict[str, int] = {}
     for i, token in enumerate(tokens):
