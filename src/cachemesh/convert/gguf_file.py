@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGUFReader
 
 from ..errors import InvalidInputError
 
@@ -41,6 +42,24 @@ SUPPORTED_TYPES = (
 )
 # What the gguf package's reader raises on bytes that are not what the header says.
 _READ_ERRORS = (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError)
+
+
+class _Reader(GGUFReader):
+    """GGUFReader over a plain ndarray view of its memory map.
+
+    The reader slices its map once or twice per metadata value: some 250,000
+    slices for a 49k-token vocabulary. On ``numpy.memmap`` each slice goes through
+    the subclass's Python hooks; on a plain view of the same mapping it does not,
+    and opening SmolLM2's file takes a quarter of the time. The bytes are the same
+    (the view keeps the map alive)."""
+
+    @property  # type: ignore[override]
+    def data(self) -> np.ndarray:
+        return self._plain
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._plain = value.view(np.ndarray)
 
 
 class GGUFFile:
@@ -141,10 +160,8 @@ def open_gguf(path: Path) -> GGUFFile:
     if head != MAGIC:
         raise InvalidInputError(
             f"{path} is not a GGUF file: it starts with {head!r}, not {MAGIC!r}")
-    from gguf import GGUFReader
-
     try:
-        reader = GGUFReader(path)
+        reader = _Reader(path)
     except _READ_ERRORS as exc:
         raise InvalidInputError(
             f"{path} is not a readable GGUF file ({size} bytes; truncated or corrupt?):"
