@@ -193,7 +193,10 @@ class Conversions:
         with self.caches.open(input_cache) as view:
             info = self.caches.get(input_cache)
             files = {rel: row["sha256"] for rel, row in self.store.file_rows(input_cache).items()}
-            model = ModelInput(cache=input_cache, source=info.source, view=view, files=files)
+            # A conversion's result was stored from a staging directory that is gone: name
+            # it by its view instead.
+            label = str(view) if info.bucket == BUCKET else info.source
+            model = ModelInput(cache=input_cache, source=label, view=view, files=files)
             if gguf_file(model) is None:
                 if options.dtype is not None:
                     raise InvalidInputError(
