@@ -50,13 +50,15 @@ def interleave_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 def write_gguf(path: Path, model: Any, tokenizer: Any, *, qtype: str = "F32",
                types: dict[str, str] | None = None, pre: str = "default",
-               add_bos: bool | None = None, arch: str | None = None) -> Path:
+               add_bos: bool | None = None, arch: str | None = None,
+               ffn: int | None = None) -> Path:
     """Write ``model`` (a transformers Llama or Qwen2) and ``tokenizer`` as a GGUF file.
 
     Matrices are stored as ``qtype``; norms stay F32, as llama.cpp keeps them.
     ``types`` forces a tensor's ggml type (GGUF name -> type), its bytes random
     when the gguf package cannot quantize to it: for files cachemesh must refuse;
-    ``arch`` overrides ``general.architecture`` (one cachemesh does not know).
+    ``arch`` overrides ``general.architecture`` (one cachemesh does not know), ``ffn``
+    the feed-forward length (metadata that disagrees with the tensors).
     """
     import gguf
 
@@ -66,7 +68,7 @@ def write_gguf(path: Path, model: Any, tokenizer: Any, *, qtype: str = "F32",
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_feed_forward_length(ffn or config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)

@@ -185,6 +185,23 @@ def test_what_cachemesh_cannot_convert_yet_is_refused(clean_env, tmp_path, llama
              "tokenizer.ggml.pre 'odd-pre' is not a pre-tokenizer cachemesh knows")
 
 
+def test_metadata_that_disagrees_with_the_tensors_fails_the_job(clean_env, tmp_path, llama):
+    """Found once the job runs (check() reads no tensor shapes): a Failed job with its
+    log, and no result."""
+    path = write_gguf(tmp_path / "liar.gguf", *llama, ffn=128)
+    proc = cli("convert", str(path), "--to", "safetensors")
+    message = "tensor blk.0.ffn_gate.weight has shape [96, 64]; the model described by its" \
+              " metadata needs [128, 64]"
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    [job] = json.loads(cli("jobs", "ls", "--json").stdout)
+    assert job["status"] == "Failed" and message in job["error"]
+    logs = json.loads(cli("jobs", "logs", job["id"], "--json").stdout)["logs"]
+    assert any("liar.gguf: llama, 2 layers" in line["message"] for line in logs)
+    caches = json.loads(cli("cache", "ls", "--json").stdout)
+    assert [c["bucket"] for c in caches] == ["default"]  # the input; no result
+    assert not list((clean_env / "tmp" / "convert").glob("*"))
+
+
 def test_other_inputs_gguf_conversion_refuses(clean_env, tmp_path, llama, make_tree):
     (tmp_path / "one").mkdir()
     path = write_gguf(tmp_path / "one" / "a.gguf", *llama)

@@ -49,7 +49,7 @@ from .base import (
     gguf_file,
 )
 from .gguf_file import SUPPORTED_TYPES, GGUFFile, open_gguf
-from .gguf_tokenizer import check_tokenizer, read_tokenizer
+from .gguf_tokenizer import GGUFTokenizer, check_tokenizer, read_tokenizer
 
 if TYPE_CHECKING:
     import numpy as np
@@ -194,25 +194,48 @@ def inspect_gguf(gguf: GGUFFile) -> tuple[Architecture, ModelShape, dict[str, st
 
 
 def hf_config(arch: Architecture, shape: ModelShape, vocab_size: int, tied: bool,
-              bias: bool, dtype: str, tokens: Any) -> dict[str, Any]:
-    """config.json, through transformers' own config class (its defaults, its format)."""
+              bias: bool, tokens: GGUFTokenizer) -> Any:
+    """transformers' config for the model (its class: its defaults, its format)."""
     from transformers import AutoConfig
 
-    fields: dict[str, Any] = dict(
-        vocab_size=vocab_size, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads, max_position_embeddings=shape.context,
-        rms_norm_eps=shape.rms_eps, rope_theta=shape.rope_theta, tie_word_embeddings=tied,
-        bos_token_id=tokens.bos_id, eos_token_id=tokens.eos_ids[0] if tokens.eos_ids else None,
-        pad_token_id=tokens.pad_id, hidden_act="silu",
-    )
+    fields: dict[str, Any] = {
+        "vocab_size": vocab_size, "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate, "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads,
+        "max_position_embeddings": shape.context, "rms_norm_eps": shape.rms_eps,
+        "rope_theta": shape.rope_theta, "tie_word_embeddings": tied,
+        "bos_token_id": tokens.bos_id,
+        "eos_token_id": tokens.eos_ids[0] if tokens.eos_ids else None,
+        "pad_token_id": tokens.pad_id, "hidden_act": "silu",
+    }
     if arch.model_type == "llama":
         fields.update(head_dim=shape.head_dim, attention_bias=bias, mlp_bias=False)
     config = AutoConfig.for_model(arch.model_type, **fields)
     config.architectures = [arch.model_class]
-    data = config.to_diff_dict()  # what differs from the class's defaults, as save_pretrained
-    data["dtype" if int(transformers_major()) >= 5 else "torch_dtype"] = dtype
-    return data
+    return config
+
+
+def check_shapes(gguf: GGUFFile, names: dict[str, str], config: Any) -> None:
+    """Every tensor must be one the model has, of the shape it has, and none may be
+    missing: the folder must load. Checked on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        expected = AutoModelForCausalLM.from_config(config).state_dict()
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    given = {hf: gguf_name for gguf_name, hf in names.items()}
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected))
+    if missing or extra:
+        raise InvalidInputError(f"{gguf.path}: tensors do not match a {config.model_type} model:"
+                                f" missing {missing[:3]}, unexpected {extra[:3]}")
+    for hf, tensor in expected.items():
+        if tuple(tensor.shape) != gguf.shape(given[hf]):
+            raise InvalidInputError(
+                f"{gguf.path}: tensor {given[hf]} has shape {list(gguf.shape(given[hf]))}; the"
+                f" model described by its metadata needs {list(tensor.shape)} ({hf})")
 
 
 def transformers_major() -> int:
@@ -274,6 +297,10 @@ class GGUFConverter(Converter):
         for warning in tokens.warnings[:10]:
             run.warning(warning)
         vocab_size = gguf.shape("token_embd.weight")[0]
+        tied = "lm_head.weight" not in names.values()
+        bias = any(n.endswith("q_proj.bias") for n in names.values())
+        config = hf_config(arch, shape, vocab_size, tied, bias, tokens)
+        check_shapes(gguf, names, config)
 
         out.mkdir(parents=True, exist_ok=True)
         writer = ShardWriter(out)
@@ -292,10 +319,9 @@ class GGUFConverter(Converter):
         files = writer.close()
 
         run.progress(0.92, "writing config and tokenizer")
-        tied = "lm_head.weight" not in names.values()
-        bias = any(n.endswith("q_proj.bias") for n in names.values())
-        config = hf_config(arch, shape, vocab_size, tied, bias, dtype, tokens)
-        _write_json(out / "config.json", config)
+        data = config.to_diff_dict()  # what differs from the class's defaults, as saved
+        data["dtype" if transformers_major() >= 5 else "torch_dtype"] = dtype
+        _write_json(out / "config.json", data)
         tokens.tokenizer.save(str(out / "tokenizer.json"))
         _write_json(out / "tokenizer_config.json", tokens.tokenizer_config(shape.context))
         _write_json(out / "generation_config.json", tokens.generation_config())
