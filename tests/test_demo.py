@@ -1,9 +1,13 @@
 """``cachemesh demo`` as a user runs it: a subprocess, its printout, then the requests it prints.
 
-The demo builds its models under tmp_path (its origin is ``CACHEMESH_HOME``'s
-parent), pulls and serves them; the test runs the printed curl commands and
-Python snippets unchanged, checks the answers with the real ``openai`` client,
-then stops the demo with SIGINT and checks that the server and its workers exit.
+The demo builds its digits model beside its ``CACHEMESH_HOME`` (its origin is
+the home's parent), converts the chat model from its GGUF, pulls both and
+serves them; the test runs the printed curl commands and Python snippets
+unchanged, checks the answers with the real ``openai`` client, then stops the
+demo with SIGINT and checks that the server and its workers exit. The home is
+the one the session's ``smollm2`` fixture converted the chat model in, the way
+the demo converts it: here the demo finds that conversion in the cache, as a
+second ``make demo`` does.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import openai
 import psutil
 import pytest
 
-from cachemesh.demo import DEMO_NAME
-from cachemesh.demo_llm import DEMO_LLM_NAME
+from cachemesh.demo import DEMO_LLM_NAME, DEMO_NAME, DEMO_QUESTION
+from tests.convert.gguf_models import Converted, smollm2
+
+__all__ = ["smollm2"]  # the session fixture, shared here
 
 pytestmark = pytest.mark.slow
 
@@ -83,8 +89,8 @@ class Demo:
 
 
 @pytest.fixture
-def demo(tmp_path: Path) -> Iterator[Demo]:
-    d = Demo(tmp_path / "home")
+def demo(smollm2: Converted) -> Iterator[Demo]:
+    d = Demo(Path(smollm2.settings.home))
     try:
         yield d
     finally:
@@ -105,19 +111,23 @@ def run_curl(command: str) -> str:
     return done.stdout
 
 
-def test_demo_serves_what_it_prints(demo: Demo, tmp_path: Path):
+def test_demo_serves_what_it_prints(demo: Demo, smollm2: Converted):
     url = demo.wait_for(r"^serving: (http://127\.0\.0\.1:\d+)").group(1)
     announced = demo.wait_for(r"^(ready|NOT READY): .*$")
     assert announced.group(1) == "ready", demo.text
-    # Both models came from the origin beside the home, through the cache's demo bucket.
-    origin = tmp_path / "cachemesh-demo-origin"
+    # The digits model came from the origin beside the home, the chat model from the
+    # conversion of its GGUF; both through the cache's demo bucket.
+    home = Path(smollm2.settings.home)
+    assert (home.parent / "cachemesh-demo-origin" / DEMO_NAME).is_dir()
     for name in (DEMO_NAME, DEMO_LLM_NAME):
-        assert (tmp_path / "home" / "buckets" / "demo" / name).is_dir()
-        assert (origin / name).is_dir()
+        assert (home / "buckets" / "demo" / name).is_dir()
+    assert (home / "buckets" / "demo" / DEMO_LLM_NAME / "model.safetensors").read_bytes()[:8] \
+        == (smollm2.view / "model.safetensors").read_bytes()[:8]
+    assert f"Hugging Face folder: found in the cache (converted before)\n           {smollm2.view}" \
+        in demo.text
     assert "verify:  ok" in demo.text
     page = demo.wait_for(r"^web page: (\S+)").group(1)
     assert page == f"{url}/ui" and "<title>cachemesh</title>" in run_curl(f"curl -sf {page}")
-    assert "RANDOM" in demo.text and "gibberish" in demo.text
 
     # KServe V2: the printed request holds a digit, and the answer names it.
     label = int(demo.wait_for(r"the answer says (\d+)\)").group(1))
@@ -139,29 +149,29 @@ def test_demo_serves_what_it_prints(demo: Demo, tmp_path: Path):
         assert f'"id":"{DEMO_LLM_NAME}"' in run_curl(next(
             c for c in commands if c.endswith(f"{url}/v1/models")))
         chat, stream = (c for c in commands if "/v1/chat/completions" in c)
-        assert re.search(r'"usage":\{"prompt_tokens":\d+,"completion_tokens":\d+', run_curl(chat))
+        answer = run_curl(chat)
+        assert "Paris" in answer, answer  # the printed question has a real answer
+        assert re.search(r'"usage":\{"prompt_tokens":\d+,"completion_tokens":\d+', answer)
         events = [e for e in run_curl(stream).split("\n\n") if e.strip()]
         assert events[-1] == "data: [DONE]" and len(events) > 3
 
     # OpenAI: the printed snippet runs, and the real client gets a completion with usage.
     printed = run_python(demo.block_after("With the openai client, unchanged:"))
     assert re.search(r"CompletionUsage\(completion_tokens=\d+", printed)
+    # The snippet prints the answer, then streams the same greedy answer again.
+    first, streamed = printed.split("\n", 1)
+    whole = first.split(" CompletionUsage(", 1)[0]
+    assert "Paris" in whole and streamed == whole, printed
     base_url = re.search(r'OpenAI\(base_url="([^"]+)"', demo.text).group(1)
     assert base_url == url + "/v1"
     with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60) as client:
-        messages = [{"role": "user", "content": "Say hello"}]
+        messages = [{"role": "user", "content": DEMO_QUESTION}]
         reply = client.chat.completions.create(model=DEMO_LLM_NAME, messages=messages,
-                                               max_tokens=8, temperature=0)
-        assert reply.choices[0].message.content
-        # Greedy, so the same on every run; 8 unless the model happens to pick </s>.
-        assert 1 <= reply.usage.completion_tokens <= 8 and reply.usage.prompt_tokens > 0
+                                               max_tokens=32, temperature=0)
+        assert reply.choices[0].message.content == whole  # greedy: the same every time
+        assert reply.choices[0].finish_reason == "stop"
         assert reply.usage.total_tokens == (reply.usage.prompt_tokens
                                             + reply.usage.completion_tokens)
-        chunks = list(client.chat.completions.create(model=DEMO_LLM_NAME, messages=messages,
-                                                     max_tokens=8, temperature=0,
-                                                     stream=True))
-        assert len(chunks) >= 3
-        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
     # Ctrl-C: the server drains and exits, and takes its workers with it.
     workers = psutil.Process(demo.proc.pid).children(recursive=True)

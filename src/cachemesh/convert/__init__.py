@@ -3,6 +3,9 @@
 ``cachemesh convert SOURCE --to ct2|onnx|safetensors`` (see service.py for the
 flow, identity.py for the identity and the manifest, base.py for the
 converter interface, and ct2.py, onnx.py and tp.py for the converters).
+A GGUF input is first turned into a Hugging Face folder: gguf_model.py, with
+gguf_file.py (reading, dequantizing) and gguf_tokenizer.py; shards.py writes
+safetensors shards for both that and tp.py.
 """
 
 from __future__ import annotations

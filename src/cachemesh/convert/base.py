@@ -41,6 +41,11 @@ CONVERTERS: dict[str, str | type[Converter]] = {
     "onnx": "cachemesh.convert.onnx:OnnxConverter",
     "safetensors": "cachemesh.convert.tp:TensorParallelSplitter",
 }
+# A GGUF input is first turned into a Hugging Face folder by this converter (its
+# ``--to safetensors``); service.py runs the asked target on that folder.
+GGUF_CONVERTER = "cachemesh.convert.gguf_model:GGUFConverter"
+# --dtype: what a GGUF's weights are stored as once dequantized.
+GGUF_DTYPES = ("float32", "bfloat16", "float16")
 
 # Files a runtime needs beside the weights to tokenize and to stop generating.
 TOKENIZER_FILES = (
@@ -67,19 +72,23 @@ class ConvertOptions:
     target: str
     quantization: str | None = None
     tp: int | None = None
+    dtype: str | None = None  # the weights' type when a GGUF is dequantized
 
     def identity_fields(self) -> dict[str, Any]:
         """The options as they enter the identity: only those that were set."""
-        return {k: v for k, v in (("quantization", self.quantization), ("tp", self.tp))
-                if v is not None}
+        return {k: v for k, v in (("quantization", self.quantization), ("tp", self.tp),
+                                  ("dtype", self.dtype)) if v is not None}
 
     def label(self) -> str:
-        """A short human label: ``ct2-int8``, ``onnx``, ``safetensors-tp4``."""
+        """A short human label: ``ct2-int8``, ``onnx``, ``safetensors-tp4``,
+        ``safetensors-bfloat16``."""
         parts = [self.target]
         if self.quantization:
             parts.append(self.quantization.replace("_", ""))
         if self.tp:
             parts.append(f"tp{self.tp}")
+        if self.dtype:
+            parts.append(self.dtype)
         return "-".join(parts)
 
 
@@ -189,18 +198,41 @@ def get_converter(target: str) -> Converter:
     if entry is None:
         known = ", ".join(sorted(CONVERTERS))
         raise InvalidInputError(f"unknown conversion target {target!r}; --to takes one of: {known}")
+    extra = {"ct2": "ct2", "onnx": "onnx"}.get(target, "transformers")
+    return _instance(entry, f"--to {target}", extra)
+
+
+def gguf_converter() -> Converter:
+    """The converter that turns a GGUF input into a Hugging Face folder."""
+    return _instance(GGUF_CONVERTER, "a GGUF input", "gguf")
+
+
+def _instance(entry: str | type[Converter], what: str, extra: str) -> Converter:
     if isinstance(entry, str):
         module_name, class_name = entry.split(":")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            extra = {"ct2": "ct2", "onnx": "onnx"}.get(target, "transformers")
             raise InvalidInputError(
-                f"--to {target} needs packages that are not installed ({exc.name or exc});"
+                f"{what} needs packages that are not installed ({exc.name or exc});"
                 f" install cachemesh[{extra}]"
             ) from None
         entry = getattr(module, class_name)
     return entry()
+
+
+def gguf_file(model: ModelInput) -> str | None:
+    """The GGUF file a model input is, if it is one: a cache without config.json holding
+    exactly one ``.gguf`` at its top (several: the user must pick one)."""
+    found = sorted(p for p in model.files if p.lower().endswith(".gguf") and "/" not in p)
+    if not found or "config.json" in model.files:
+        return None
+    if len(found) > 1:
+        raise InvalidInputError(
+            f"{model.source} holds {len(found)} GGUF files ({', '.join(found[:4])}"
+            f"{', …' if len(found) > 4 else ''}); convert one: give its path, or pull with"
+            " --include NAME.gguf")
+    return found[0]
 
 
 def copy_side_files(src: Path, out: Path, names: tuple[str, ...] | list[str] = TOKENIZER_FILES,

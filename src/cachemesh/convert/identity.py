@@ -8,7 +8,7 @@ identity is the sha256 of the canonical JSON (sorted keys, no spaces) of::
      "target": "ct2",
      "converter": {"name": "ctranslate2", "revision": 1,
                    "versions": {"ctranslate2": "4.8.5", "transformers": "5.23.0"}},
-     "options": {"quantization": "int8"},                  # only the options that were set
+     "options": {"quantization": "int8"},      # only the options that were set (tp, dtype)
      "inputs": [["config.json", "<sha256>"], ...]}         # every input file, sorted by path
 
 Nothing local enters it (no path, cache name, host or time), so two stores

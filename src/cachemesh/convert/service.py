@@ -13,12 +13,19 @@
 4. look the result up: cache ``<label>-<identity[:16]>`` in bucket
    ``converted``, Available, whose manifest carries the full identity. Found:
    done, no job, no work;
-5. let the converter refuse an input it cannot handle (reads config.json only);
+5. let the converter refuse an input it cannot handle (reads config.json, or a
+   GGUF's header);
 6. otherwise take ``locks/convert/<identity>.lock`` (a second converter of the
    same identity, in any process, waits here and then finds the result),
    create a job, run the converter into ``tmp/convert/<identity>/``, write the
    manifest, and store that directory as the result cache (local source; its
    files become blobs and the view). The staging directory is removed.
+
+A GGUF input (a cache without config.json holding one ``.gguf``) takes two
+steps, each a conversion of its own with its own identity, job and result:
+GGUF -> Hugging Face folder (``--to safetensors``, ``--dtype``: gguf_model.py),
+then, unless that was what was asked, the asked target from that folder (its
+view is the next step's input). Converting again finds both in the cache.
 
 A conversion that fails leaves a Failed job with its log, and no result
 cache: the staging directory is removed and a partly stored cache is
@@ -40,7 +47,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +62,15 @@ from ..errors import (
 from ..jobs import Job, JobRun, Jobs
 from ..sources import parse_source, scheme_of
 from ..store.locks import FileLock
-from .base import ConvertOptions, ModelInput, get_converter
+from .base import (
+    GGUF_DTYPES,
+    Converter,
+    ConvertOptions,
+    ModelInput,
+    get_converter,
+    gguf_converter,
+    gguf_file,
+)
 from .identity import identity_document, identity_of, read_manifest, write_manifest
 
 BUCKET = "converted"
@@ -87,12 +102,16 @@ def result_name(options: ConvertOptions, identity: str) -> str:
     return f"{options.label()}-{identity[:16]}"
 
 
-def make_options(to: str, quantization: str | None = None, tp: int | None = None) -> ConvertOptions:
+def make_options(to: str, quantization: str | None = None, tp: int | None = None,
+                 dtype: str | None = None) -> ConvertOptions:
     if not isinstance(to, str) or not to:
         raise InvalidInputError("a conversion target is required (--to ct2, onnx or safetensors)")
     if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or tp < 1):
         raise InvalidInputError(f"--tp must be a positive integer, got {tp!r}")
-    return ConvertOptions(target=to.strip().lower(), quantization=quantization or None, tp=tp)
+    if dtype is not None and dtype not in GGUF_DTYPES:
+        raise InvalidInputError(f"--dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
+    return ConvertOptions(target=to.strip().lower(), quantization=quantization or None, tp=tp,
+                          dtype=dtype or None)
 
 
 class Conversions:
@@ -168,41 +187,61 @@ class Conversions:
         on_wait: Callable[[Job | None], None] | None = None,
     ) -> ConvertResult:
         converter = get_converter(options.target)
-        converter.check_options(options)
+        converter.check_options(replace(options, dtype=None))
         input_cache = self.resolve_input(source, name=input_name, refresh=refresh,
                                          on_progress=on_pull)
         with self.caches.open(input_cache) as view:
             info = self.caches.get(input_cache)
             files = {rel: row["sha256"] for rel, row in self.store.file_rows(input_cache).items()}
-            model = ModelInput(cache=input_cache, source=info.source, view=view, files=files)
-            document = identity_document(converter, options, model)
-            identity = identity_of(document)
-            name = result_name(options, identity)
+            # A conversion's result was stored from a staging directory that is gone: name
+            # it by its view instead.
+            label = str(view) if info.bucket == BUCKET else info.source
+            model = ModelInput(cache=input_cache, source=label, view=view, files=files)
+            if gguf_file(model) is None:
+                if options.dtype is not None:
+                    raise InvalidInputError(
+                        f"--dtype sets the type of a GGUF input's dequantized weights;"
+                        f" {source} is not a GGUF file")
+                return self._convert(converter, model, options, source, on_job, on_wait)
+            # GGUF: first a Hugging Face folder (a cached result of its own) ...
+            step = ConvertOptions(target="safetensors", dtype=options.dtype)
+            hf = self._convert(gguf_converter(), model, step, source, on_job, on_wait)
+        if options.target == "safetensors" and options.tp is None:
+            return hf
+        # ... then the asked target from that folder.
+        return self.convert(str(hf.view), replace(options, dtype=None), on_job=on_job,
+                            on_wait=on_wait)
 
-            # A hit needs no check: the result exists, so its input was accepted.
-            found = self.lookup(name, identity)
+    def _convert(self, converter: Converter, model: ModelInput, options: ConvertOptions,
+                 source: str, on_job: Callable[[Job], None] | None,
+                 on_wait: Callable[[Job | None], None] | None) -> ConvertResult:
+        """Look the result up, or convert ``model`` (an open input cache) once."""
+        document = identity_document(converter, options, model)
+        identity = identity_of(document)
+        name = result_name(options, identity)
+
+        # A hit needs no check: the result exists, so its input was accepted.
+        found = self.lookup(name, identity)
+        if found is not None:
+            return ConvertResult(found[0], identity, name, True, None, found[1], model.cache)
+        facts = converter.check(model, options)
+
+        lock = self.store.lock("convert", identity)
+        self._acquire(lock, identity, on_wait)
+        try:
+            found = self.lookup(name, identity)  # another process may have made it
             if found is not None:
-                return ConvertResult(found[0], identity, name, True, None, found[1], input_cache)
-            facts = converter.check(model, options)
-
-            lock = self.store.lock("convert", identity)
-            self._acquire(lock, identity, on_wait)
-            try:
-                found = self.lookup(name, identity)  # another process may have made it
-                if found is not None:
-                    return ConvertResult(found[0], identity, name, True, None, found[1],
-                                         input_cache)
-                spec = {"source": source, "input_cache": input_cache, "input_source": info.source,
-                        "target": options.target, **options.identity_fields(),
-                        "identity": identity, "result_cache": name}
-                job = self.jobs.create(JOB_KIND, spec, key=identity)
-                with self.jobs.run(job.id, listener=on_job) as run:
-                    view_out, manifest = self._run(converter, model, options, facts, document,
-                                                   identity, name, run)
-                return ConvertResult(view_out, identity, name, False, job.id, manifest,
-                                     input_cache)
-            finally:
-                lock.release()
+                return ConvertResult(found[0], identity, name, True, None, found[1], model.cache)
+            spec = {"source": source, "input_cache": model.cache, "input_source": model.source,
+                    "target": options.target, **options.identity_fields(),
+                    "identity": identity, "result_cache": name}
+            job = self.jobs.create(JOB_KIND, spec, key=identity)
+            with self.jobs.run(job.id, listener=on_job) as run:
+                view_out, manifest = self._run(converter, model, options, facts, document,
+                                               identity, name, run)
+            return ConvertResult(view_out, identity, name, False, job.id, manifest, model.cache)
+        finally:
+            lock.release()
 
     def _acquire(self, lock: FileLock, identity: str,
                  on_wait: Callable[[Job | None], None] | None) -> None:
@@ -283,10 +322,12 @@ def _tree_bytes(root: Path) -> int:
 
 
 def convert(source: str, *, to: str, quantization: str | None = None, tp: int | None = None,
-            settings: Settings | None = None, **kwargs: Any) -> ConvertResult:
+            dtype: str | None = None, settings: Settings | None = None,
+            **kwargs: Any) -> ConvertResult:
     """Convert ``source`` (anything ``pull`` takes, a cache view or a cache name)."""
     caches = Caches(settings or Settings.from_env())
-    return Conversions(caches).convert(source, make_options(to, quantization, tp), **kwargs)
+    return Conversions(caches).convert(source, make_options(to, quantization, tp, dtype),
+                                       **kwargs)
 
 
 __all__ = ["BUCKET", "Conversions", "ConvertResult", "convert", "make_options", "result_name"]

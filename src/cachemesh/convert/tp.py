@@ -60,11 +60,12 @@ from .base import (
     copy_side_files,
     dist_versions,
 )
+from .shards import ShardWriter
 
 if TYPE_CHECKING:
     from ..jobs import JobRun
 
-SHARD_BYTES = 2 * 1024**3
+SHARD_BYTES = 2 * 1024**3  # read at each call (the tests lower it)
 MAX_TP = 1024
 COLUMN, ROW, REPLICATE = "column", "row", "replicate"
 
@@ -201,14 +202,18 @@ class TensorParallelSplitter(Converter):
 
     def check_options(self, options: ConvertOptions) -> None:
         if options.quantization is not None:
-            raise InvalidInputError("--to safetensors takes no --quantization (weights keep"
-                                    " their dtype)")
-        if options.tp is None:
-            raise InvalidInputError("--to safetensors needs --tp N (the number of ranks)")
-        if not 1 <= options.tp <= MAX_TP:
+            raise InvalidInputError("--to safetensors takes no --quantization: --tp shards keep"
+                                    " the checkpoint's dtype, and a GGUF input takes --dtype")
+        # No --tp: check() refuses a Hugging Face input; a GGUF input never reaches this
+        # converter without one (service.py turns it into a Hugging Face folder).
+        if options.tp is not None and not 1 <= options.tp <= MAX_TP:
             raise InvalidInputError(f"--tp must be between 1 and {MAX_TP}, got {options.tp}")
 
     def check(self, model: ModelInput, options: ConvertOptions) -> ModelFacts:
+        if options.tp is None:
+            raise InvalidInputError(
+                f"--to safetensors of a Hugging Face model ({model.source}) needs --tp N (the"
+                " number of ranks); without --tp it converts a GGUF file")
         config = model.require_config("safetensors")
         model_type = config.get("model_type")
         layout = LAYOUTS.get(model_type)  # type: ignore[arg-type]
@@ -270,7 +275,9 @@ class TensorParallelSplitter(Converter):
         rank_files: dict[str, list[str]] = {}
         for rank in range(n):
             rank_dir = out / f"rank-{rank}"
-            writer = _RankWriter(rank_dir, rank, n)
+            writer = ShardWriter(rank_dir, limit=SHARD_BYTES,
+                                 metadata={"tp_rank": str(rank), "tp_size": str(n)},
+                                 index_metadata={"tp_rank": rank, "tp_size": n})
             for file in files:
                 with safe_open(str(model.view / file), framework="pt") as f:
                     for name in sorted(k for k, v in names.items() if v == file):
@@ -316,49 +323,3 @@ def _slice(f: Any, name: str, split: Split, rank: int, n: int) -> Any:
         pieces.append(view[index])
     tensor = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
     return tensor.contiguous()
-
-
-class _RankWriter:
-    """Writes one rank's tensors in shards of at most SHARD_BYTES."""
-
-    def __init__(self, directory: Path, rank: int, n: int) -> None:
-        self.dir, self.rank, self.n = directory, rank, n
-        self.dir.mkdir(parents=True)
-        self.pending: dict[str, Any] = {}
-        self.pending_bytes = 0
-        self.shards: list[tuple[str, list[str], int]] = []  # (tmp name, tensors, bytes)
-
-    def add(self, name: str, tensor: Any) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > SHARD_BYTES:
-            self._flush()
-        self.pending[name] = tensor
-        self.pending_bytes += size
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        tmp = f"shard-{len(self.shards)}.tmp"
-        save_file(self.pending, str(self.dir / tmp),
-                  metadata={"format": "pt", "tp_rank": str(self.rank), "tp_size": str(self.n)})
-        self.shards.append((tmp, sorted(self.pending), self.pending_bytes))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> list[str]:
-        if self.pending or not self.shards:
-            self._flush()
-        if len(self.shards) == 1:
-            (self.dir / self.shards[0][0]).rename(self.dir / "model.safetensors")
-            return ["model.safetensors"]
-        count = len(self.shards)
-        weight_map, names = {}, []
-        for i, (tmp, tensors, _) in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            (self.dir / tmp).rename(self.dir / final)
-            names.append(final)
-            weight_map.update({t: final for t in tensors})
-        index = {"metadata": {"total_size": sum(s[2] for s in self.shards),
-                              "tp_rank": self.rank, "tp_size": self.n},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return [*names, "model.safetensors.index.json"]
