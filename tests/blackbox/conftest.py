@@ -56,18 +56,41 @@ def environ(home: Path, **extra: str) -> dict[str, str]:
 
 
 def cm(env: dict[str, str], *args: str, check: bool = True, stdin: str | None = None,
-       timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run ``cachemesh ARGS``; with ``check``, fail the test on a non-zero exit."""
-    proc = subprocess.run([*CLI, *args], env=env, input=stdin, capture_output=True, text=True,
-                          timeout=timeout)
+       own_process: bool = False) -> subprocess.CompletedProcess:
+    """Run ``cachemesh ARGS`` in the environment ``env``; with ``check``, fail the test on a
+    non-zero exit. The entry point runs in this process (click's runner: a command costs
+    milliseconds, not the 0.2 s of CPU a new interpreter takes), or with ``own_process``
+    as the installed script in a process of its own (for commands that import torch)."""
+    if own_process:
+        proc = subprocess.run([*CLI, *args], env=env, input=stdin, capture_output=True,
+                              text=True, timeout=300)
+    else:
+        proc = _invoke(env, args, stdin)
     if check and proc.returncode != 0:
         raise AssertionError(f"cachemesh {' '.join(args)} exited {proc.returncode}:"
                              f" {proc.stderr}")
     return proc
 
 
-def cm_json(env: dict[str, str], *args: str) -> Any:
-    return json.loads(cm(env, *args).stdout)
+def _invoke(env: dict[str, str], args: tuple[str, ...], stdin: str | None
+            ) -> subprocess.CompletedProcess:
+    from click.testing import CliRunner
+
+    from cachemesh.cli import main
+
+    changes: dict[str, str | None] = {k: None for k in os.environ
+                                      if k.startswith(PREFIXES) and k not in env}
+    changes.update({k: v for k, v in env.items() if os.environ.get(k) != v})
+    result = CliRunner().invoke(main, list(args), input=stdin, env=changes,
+                                prog_name="cachemesh")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"cachemesh {' '.join(args)} raised") from result.exception
+    return subprocess.CompletedProcess(["cachemesh", *args], result.exit_code, result.stdout,
+                                       result.stderr)
+
+
+def cm_json(env: dict[str, str], *args: str, own_process: bool = False) -> Any:
+    return json.loads(cm(env, *args, own_process=own_process).stdout)
 
 
 def free_port() -> int:
@@ -191,7 +214,7 @@ def origins(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local origin: the demo's ``digits-svm`` and ``tiny-chat``, and toy models."""
     root = tmp_path_factory.mktemp("origins")
     cm(environ(tmp_path_factory.mktemp("demo") / "home"), "demo", "--no-serve",
-       "--origin", str(root))
+       "--origin", str(root), own_process=True)
     for path in root.rglob("*"):
         if path.is_file():
             path.chmod(0o644)  # as an origin usually is; a private file is its own case

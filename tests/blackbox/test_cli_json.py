@@ -79,7 +79,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, origins: Path, hf_hub: Any) 
     s.results["hf"] = cm_json(s.env, "pull", "hf://org/blackbox-cli", "--json")
     s.results["token"] = cm(s.env, "bucket", "protect", "team")
     s.results["convert"] = cm_json(s.env, "convert", str(origins / "tiny-chat"), "--tp", "2",
-                                   "--json")
+                                   "--json", own_process=True)
     s.results["failed"] = cm(s.env, "convert", str(one_dim_checkpoint(tmp / "src/flat")),
                              "--tp", "2", "--json", check=False)
     return s

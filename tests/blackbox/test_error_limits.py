@@ -118,17 +118,22 @@ def test_model_over_budget(tight: Server, origins: Path):
 
 def test_request_deadline(tight: Server, origins: Path):
     tight.deploy(toy_spec(origins, "lim-late"))
-    assert infer(tight, "lim-late").status_code == 200  # loaded: only predict is slow now
-    r = infer(tight, "lim-late", delay=2.5)
-    assert r.status_code == expected("http", "request-deadline"), r.text
-    assert "did not answer within 2s" in r.json()["error"]
-    assert grpc_infer(tight, "lim-late", delay=2.5) == expected("grpc", "request-deadline")
+    assert tight.http.post("/v2/repository/models/lim-late/load",
+                           headers=tight.control).status_code == 200
+    answers: list[httpx.Response] = []
+    slow = in_background(lambda: answers.append(infer(tight, "lim-late", delay=3.0)))
+    wait_until(lambda: tight.model("lim-late")["inflight"] == 1, 10, "the slow request")
+    # Queued behind the slow one in the worker, the gRPC call misses its deadline too.
+    assert grpc_infer(tight, "lim-late") == expected("grpc", "request-deadline")
+    slow.join()
+    assert answers[0].status_code == expected("http", "request-deadline"), answers[0].text
+    assert "did not answer within 2s" in answers[0].json()["error"]
 
 
 def test_too_many_in_flight(tight: Server, origins: Path):
     tight.deploy(toy_spec(origins, "lim-busy"))
     assert infer(tight, "lim-busy").status_code == 200
-    slow = [in_background(lambda: infer(tight, "lim-busy", delay=1.0)) for _ in range(2)]
+    slow = [in_background(lambda: infer(tight, "lim-busy", delay=0.7)) for _ in range(2)]
     wait_until(lambda: tight.model("lim-busy")["inflight"] == 2, 10, "two requests in flight")
     r = infer(tight, "lim-busy")
     assert r.status_code == expected("http", "too-many-in-flight"), r.text

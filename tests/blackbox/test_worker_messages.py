@@ -240,12 +240,13 @@ def test_a_deployed_transformers_model_is_preloaded(server: Server, origins: Pat
     r = server.http.post("/v1/completions", headers=server.infer,
                          json={"model": "msg-chat", "prompt": "def", "max_tokens": 4})
     assert r.status_code == 200, r.text
-    assert r.json()["usage"]["completion_tokens"] == 4
+    tokens = r.json()["usage"]["completion_tokens"]
+    assert 1 <= tokens <= 4
     stats = server.http.get("/api/v1/models/msg-chat/stats", headers=server.control).json()
     s = stats["stats"]
     assert s["imports_started_at"] < asked < s["load_started_at"]
     assert s["imports_done_at"] <= s["load_started_at"]
-    assert s["generated_tokens"] == 4
+    assert s["generated_tokens"] == tokens
     assert "preloading runtime" not in server.log()
 
 
