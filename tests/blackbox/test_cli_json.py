@@ -249,7 +249,22 @@ def test_gc_evicts_least_recently_used_unpinned_caches(tmp_path: Path):
                       "bytes_freed": 6000, "tmp_bytes_freed": 0}
     assert [c["name"] for c in cm_json(env, "cache", "ls", "--json")] == ["kept"]
     cm(env, "cache", "unpin", "kept")
-    assert cm(env, "gc", "--max-size", "1").stdout.startswith("removed 1 cache(s) (kept), 1 blob(s)")
+    text = cm(env, "gc", "--max-size", "1").stdout
+    assert text.startswith("removed 1 cache(s) (kept), 1 blob(s), freed 3.9 KiB")
+
+
+def test_cache_rm_keeps_what_another_cache_shares(tmp_path: Path):
+    env = environ(tmp_path / "home")
+    one = cm_json(env, "pull", str(write(tmp_path / "one", {"s.bin": SHARED, "a.bin": b"a"})),
+                  "--name", "one", "--json")
+    cm(env, "pull", str(write(tmp_path / "two", {"s.bin": SHARED})), "--name", "two", "-q")
+    removed = cm(env, "cache", "rm", "one")
+    assert (removed.stdout, removed.stderr) == ("", "removed one\n")
+    assert not Path(one["view"]).exists()
+    assert [c["name"] for c in cm_json(env, "cache", "ls", "--json")] == ["two"]
+    du = cm_json(env, "du", "--json")
+    assert (du["physical_bytes"], du["blobs"]) == (len(SHARED), 1)
+    assert cm_json(env, "cache", "verify", "--json")["ok"] is True
 
 
 def test_bucket_ls_and_the_token_commands(store: Store, tmp_path: Path):
@@ -266,7 +281,8 @@ def test_bucket_ls_and_the_token_commands(store: Store, tmp_path: Path):
 
     env = environ(tmp_path / "home")
     cm(env, "pull", str(write(tmp_path / "src", {"a.bin": b"a"})), "--bucket", "mine", "-q")
-    given = cm(env, "bucket", "protect", "mine", "--token-stdin", stdin="my-own-bucket-token-0123456789\n")
+    given = cm(env, "bucket", "protect", "mine", "--token-stdin",
+               stdin="my-own-bucket-token-0123456789\n")
     assert given.stdout == ""  # a token the user gave is not printed back
     rotated = cm(env, "bucket", "rotate", "mine").stdout.strip()
     assert len(rotated) >= 24 and rotated != "my-own-bucket-token-0123456789"
