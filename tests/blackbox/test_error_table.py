@@ -74,7 +74,7 @@ CLI_SAYS = {
     "name-taken": "(HTTP 409)",
     "cache-in-use": "cache 'echo' is in use",
     "cache-size-limit": "over its size limit",
-    "checksum-mismatch": "the fetched bytes have sha256",
+    "checksum-mismatch": "sha256",  # issue 22 rewords what it says of a --sha256 given
     "origin-refuses": "refused access",
     "origin-fails": "answered HTTP 500",
     "store-unusable": "cannot create the store",
