@@ -19,7 +19,8 @@ user could see:
     CANCEL                     test_a_client_that_leaves_cancels_the_stream
     STATS                      test_runtime_stats_are_the_workers_counters
     PRELOAD                    test_a_deployed_transformers_model_is_preloaded
-    a worker's death           test_a_worker_that_dies_is_replaced
+    a worker's death: in an    test_a_worker_that_dies_is_replaced,
+      INFER, a LOAD, a STREAM    test_a_worker_that_dies_in_a_load_or_a_stream
 
 ERROR replies for an input the model refuses, a model that raises and a load
 that fails are in test_error_table.py, with their status codes.
@@ -272,6 +273,28 @@ def test_a_worker_that_dies_is_replaced(server: Server, origins: Path):
     assert again.status_code == 200
     assert again.json()["parameters"]["pid"] != pid
     assert server.model("msg-crash")["loads"] == 2
+
+
+def test_a_worker_that_dies_in_a_load_or_a_stream(server: Server, origins: Path):
+    server.deploy(toy_spec(origins, "msg-die-loading", load_fail="exit"))
+    r = server.http.post("/v2/repository/models/msg-die-loading/load", headers=server.control)
+    assert r.status_code == 500
+    # Tried on each worker (CACHEMESH_SERVE_LOAD_ATTEMPTS=2); each died under it.
+    assert r.json()["error"].count("exited with status 3 while loading the request") == 2
+    model = server.model("msg-die-loading")
+    assert model["state"] == "Failed" and "2 failed loads" in model["reason"]
+
+    server.deploy(toy_spec(origins, "msg-die-streaming"))
+    wait_until(lambda: sum(w["alive"] for w in server.workers()) == 2, 60, "two workers")
+    status, events = sse(server, "/v1/completions",
+                         {"model": "msg-die-streaming", "prompt": "die now", "stream": True})
+    assert status == 500
+    assert events[0]["error"]["type"] == "server_error"
+    assert "exited with status 9 while handling the request" in events[0]["error"]["message"]
+    wait_until(lambda: sum(w["alive"] for w in server.workers()) == 2, 60, "two workers")
+    status, events = sse(server, "/v1/completions",
+                         {"model": "msg-die-streaming", "prompt": "alive again", "stream": True})
+    assert status == 200 and events[-1] == "[DONE]"
 
 
 @pytest.fixture(autouse=True)
