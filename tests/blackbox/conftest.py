@@ -1,12 +1,13 @@
 """Black-box fixtures: cachemesh as its users meet it.
 
-The command line runs as a subprocess (the installed ``cachemesh`` script), the
-server as ``cachemesh serve`` in a process of its own, reached over HTTP
-(httpx) and gRPC (tritonclient) on loopback; a custom model is a folder that
-ships a subclass of the public ``cachemesh.runtimes.Runtime``. Nothing here
-imports cachemesh's internals, so these tests need no change while the code
-behind them is reorganised (issue 16): they are what shows that the
-reorganisation changed no behaviour.
+The command line runs through its entry point, ``cachemesh.cli:main`` (click's
+runner, in this process; the installed ``cachemesh`` script in a process of its
+own for commands that import torch), the server as ``cachemesh serve`` in a
+process of its own, reached over HTTP (httpx) and gRPC (tritonclient) on
+loopback; a custom model is a folder that ships a subclass of the public
+``cachemesh.runtimes.Runtime``. Nothing here imports cachemesh's internals, so
+these tests need no change while the code behind them is reorganised (issue
+16): they are what shows that the reorganisation changed no behaviour.
 
 Session fixtures: an origin folder holding the demo's two models (built by
 ``cachemesh demo``) and the toy models, and one server that the modules share
