@@ -210,12 +210,31 @@ class Server:
                 pass
 
 
+_BUILD_ORIGINS = """
+import sys
+from pathlib import Path
+from cachemesh.demo import make_demo_model
+import json, os, pathlib
+from cachemesh.demo_llm import tiny_llama, train_tokenizer
+root = Path(sys.argv[1])
+make_demo_model(root)
+corpus = [line.strip() for m in (json, os, pathlib) for line in (m.__doc__ or "").splitlines()
+          if line.strip()] * 4
+tiny_llama(root / "tiny-chat", train_tokenizer(corpus, vocab_size=1000), hidden_size=128,
+           intermediate_size=256, layers=4, context=2048, max_new_tokens=32, template_file=False)
+"""
+
+
 @pytest.fixture(scope="session")
 def origins(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A local origin: the demo's ``digits-svm`` and ``tiny-chat``, and toy models."""
+    """A local origin: the demo's ``digits-svm``, a random ``tiny-chat``, and toy models.
+
+    Built in a child process (torch stays out of the test process), with the
+    package's own model builders: the demo's digits SVM, and the tiny Llama the
+    demo served before it served SmolLM2.
+    """
     root = tmp_path_factory.mktemp("origins")
-    cm(environ(tmp_path_factory.mktemp("demo") / "home"), "demo", "--no-serve",
-       "--origin", str(root), own_process=True)
+    subprocess.run([sys.executable, "-c", _BUILD_ORIGINS, str(root)], check=True, timeout=300)
     for path in root.rglob("*"):
         if path.is_file():
             path.chmod(0o644)  # as an origin usually is; a private file is its own case
