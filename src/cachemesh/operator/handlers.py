@@ -80,7 +80,9 @@ async def reconcile_datacache(obj: Mapping[str, Any], api: AsyncControlClient, k
             except NotFoundError:
                 log.info("%s: its cache is gone from the node; declaring it again",
                          m.kind_name(obj))
-        if description is None:
+        # Declaring is idempotent, and queues the pull again of a Pending cache whose
+        # pull the node lost (a restart, or a pull submitted as the last one ended).
+        if description is None or description.get("status") == "Pending":
             description = await _declare_cache(obj, api, kube, body)
     except InvalidInputError as exc:
         await _fail(obj, kube, exc)

@@ -240,10 +240,11 @@ def model_status(status: Mapping[str, Any], generation: int | None = None) -> di
     versions = {}
     for label, version in (status.get("versions") or {}).items():
         st = version.get("status") or {}
-        versions[label] = {"phase": _MODEL_PHASES.get(st.get("state"), "Pending"),
-                           "message": st.get("reason") if st.get("state") != "Ready" else None,
-                           "copies": len(st.get("copies") or []),
-                           "traffic": (status.get("traffic") or {}).get(label, 0)}
+        entry = {"phase": _MODEL_PHASES.get(st.get("state"), "Pending"),
+                 "message": st.get("reason") if st.get("state") != "Ready" else None,
+                 "copies": len(st.get("copies") or []),
+                 "traffic": (status.get("traffic") or {}).get(label, 0)}
+        versions[label] = {k: v for k, v in entry.items() if v is not None}
     name = status.get("name")
     out: dict[str, Any] = {
         "phase": _MODEL_PHASES.get(status.get("state"), "Pending"),
