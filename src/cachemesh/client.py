@@ -222,8 +222,9 @@ class _Base:
         try:
             return response.json()
         except ValueError:
-            raise e.CachemeshError(f"{call.method} {call.path}: the server answered"
-                                   f" {response.status_code} with a body that is not JSON") from None
+            raise e.CachemeshError(
+                f"{call.method} {call.path}: the server answered {response.status_code}"
+                " with a body that is not JSON") from None
 
 
 class ControlClient(_Base):

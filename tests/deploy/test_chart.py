@@ -139,7 +139,8 @@ def test_default_values_render_valid_kubernetes_objects(helm: str):
 
 def test_an_external_etcd_and_a_podmonitor(helm: str):
     objects = render(helm, "cluster.externalEtcd.endpoints={etcd-a.infra:2379,etcd-b.infra:2379}",
-                     "cluster.externalEtcd.tlsSecret=etcd-client", "cluster.externalEtcd.clientCert=true",
+                     "cluster.externalEtcd.tlsSecret=etcd-client",
+                     "cluster.externalEtcd.clientCert=true",
                      "metrics.podMonitor.enabled=true", "node.labels.zone=eu-1a",
                      "tokens.existingSecret=mine", "node.grpcHealthProbe=false")
     kinds = validate_all(objects)

@@ -10,7 +10,14 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.deploy.crds import ROOT, cel_problems, load_crds, schema_of, structural_problems, validate
+from tests.deploy.crds import (
+    ROOT,
+    cel_problems,
+    load_crds,
+    schema_of,
+    structural_problems,
+    validate,
+)
 
 EXAMPLES = ROOT / "deploy" / "examples"
 ECI = """
