@@ -126,7 +126,7 @@ def test_default_values_render_valid_kubernetes_objects(helm: str):
     assert mount["mountPath"] == env["CACHEMESH_HOME"]["value"] == "/var/lib/cachemesh"
     assert server["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert server["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert server["startupProbe"]["grpc"] == {"port": 8033}
+    assert server["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert node["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
 
     operator = one(objects, "Deployment", "operator")
@@ -142,7 +142,7 @@ def test_an_external_etcd_and_a_podmonitor(helm: str):
                      "cluster.externalEtcd.tlsSecret=etcd-client",
                      "cluster.externalEtcd.clientCert=true",
                      "metrics.podMonitor.enabled=true", "node.labels.zone=eu-1a",
-                     "tokens.existingSecret=mine", "node.grpcHealthProbe=false")
+                     "tokens.existingSecret=mine", "node.grpcHealthProbe=true")
     kinds = validate_all(objects)
     assert "StatefulSet" not in kinds and "NetworkPolicy" not in kinds and "Secret" not in kinds
     node = one(objects, "DaemonSet", "node")
@@ -152,7 +152,7 @@ def test_an_external_etcd_and_a_podmonitor(helm: str):
     assert env["CACHEMESH_ETCD_CACERT"] == "/etc/cachemesh/etcd/ca.crt"
     assert env["CACHEMESH_ETCD_KEY"] == "/etc/cachemesh/etcd/tls.key"
     assert env["CACHEMESH_NODE_LABELS"] == "zone=eu-1a"
-    assert server["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert server["startupProbe"]["grpc"] == {"port": 8033}
     monitor = one(objects, "PodMonitor")
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["port"] in {p["name"] for p in server["ports"]}
