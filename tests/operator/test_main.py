@@ -69,3 +69,14 @@ def test_the_registered_functions_reconcile(node: RunningServer, tmp_path: Path,
         return status
 
     assert asyncio.run(run())["phase"] == "Ready"
+
+
+def test_operator_settings_from_the_environment():
+    settings = OperatorSettings.from_env({"CACHEMESH_OPERATOR_NODE": "node-a",
+                                          "KUBERNETES_SERVICE_HOST": "fd00::1",
+                                          "KUBERNETES_SERVICE_PORT": "6443"})
+    assert settings.lone_node == "node-a"
+    assert settings.kube_url == "https://[fd00::1]:6443"
+    assert OperatorSettings.from_env({}).kube_url is None
+    with pytest.raises(e.InvalidInputError, match="node name"):
+        OperatorSettings.from_env({"CACHEMESH_OPERATOR_NODE": "Not_A_Node"})
