@@ -92,7 +92,8 @@ def node(hf_hub: HfHubEmulator, tmp_path_factory: pytest.TempPathFactory
                               "HF_HOME": str(home.parent / "hf-home"),
                               "HOME": str(home.parent)})
     settings = dataclasses.replace(base, api_token=TOKEN, serve=dataclasses.replace(
-        base.serve, port=free_port(), workers=1, memory=1024**3))
+        base.serve, port=free_port(), workers=1, memory=1024**3,
+        source_roots=(tmp_path_factory.getbasetemp(),)))  # the tests' models live there
     with RunningServer(settings, []) as running:
         running.client.headers["Authorization"] = f"Bearer {TOKEN}"
         yield running
