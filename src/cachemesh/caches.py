@@ -50,6 +50,7 @@ from .errors import (
     UnsafePathError,
 )
 from .sources import RemoteFile, Source, parse_source
+from .sources.redact import redact_source
 from .store import BlobRef, Problem, Store
 from .store.hub_layout import HubClaim, HubFile, HubLayout, HubRepo, is_commit
 from .store.names import check_name, check_relpath, is_within
@@ -156,7 +157,11 @@ class CacheInfo:
     spec: dict[str, Any] = field(repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """For people and the API: the spec's source redacted (the row's already is)."""
+        out = asdict(self)
+        if isinstance(out["spec"].get("source"), str):
+            out["spec"]["source"] = redact_source(out["spec"]["source"])
+        return out
 
 
 @dataclass
