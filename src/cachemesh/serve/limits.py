@@ -31,7 +31,13 @@ still reaches code that recurses (pickle on the way to a worker, deep copies,
 comparisons). Values that are kept or passed on as Python objects (the
 parameters of a model spec and of an inference request) are held to
 :data:`MAX_JSON_DEPTH` levels and :data:`MAX_JSON_ITEMS` values. Tensor data is
-not walked: it becomes a numpy array at once (at most 32 dimensions).
+not walked: it becomes a numpy array at once.
+
+Tensor shapes (``v2_codec.check_shape``, for every request form and gRPC), before
+anything is reshaped: non-negative integers, at most :data:`MAX_TENSOR_DIMS`
+dimensions, and at most as many elements as the body limit has bytes (every
+element takes at least a byte on the wire), a zero dimension counted as one:
+an empty tensor named ``[2**62, 2**62, 0]`` was a 500 from numpy.
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ from typing import Any
 from ..errors import RequestTooLargeError
 
 MAX_JSON_DEPTH = 32
+MAX_TENSOR_DIMS = 32
+# The elements of one tensor when the caller does not pass its body limit (the default one).
+MAX_TENSOR_ELEMENTS = 64 * 1024**2
 MAX_JSON_ITEMS = 10_000
 # Past this announced length an early answer closes the connection (see above).
 DRAIN_MAX = 64 * 1024**2

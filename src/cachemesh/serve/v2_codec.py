@@ -38,7 +38,7 @@ import orjson
 
 from ..errors import InferenceInputError
 from ..runtimes.types import DATATYPES, InferenceRequest, InferenceResponse, RequestedOutput, Tensor
-from .limits import check_json
+from .limits import MAX_TENSOR_DIMS, MAX_TENSOR_ELEMENTS, check_json
 
 # gRPC InferTensorContents field for each datatype (FP16 has none: raw only).
 CONTENTS_FIELD = {
@@ -90,16 +90,45 @@ def unwrap_parameters(params: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def check_shape(value: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(value, list):
+def _whole(value: Any) -> int | None:
+    """``value`` as a non-negative integer: an int, an integral float (``256.0``) or a
+    string of digits (protobuf's JSON writes 64-bit integers as strings); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, float) and value.is_integer():
+        n = int(value)
+    elif isinstance(value, str) and value.isascii() and value.isdigit():
+        n = int(value)
+    else:
+        return None
+    return n if n >= 0 else None
+
+
+def check_shape(value: Any, where: str, max_elements: int = MAX_TENSOR_ELEMENTS
+                ) -> tuple[int, ...]:
+    """A shape of non-negative integers, at most :data:`MAX_TENSOR_DIMS` of them, whose
+    elements (a zero dimension counted as one, so that an empty tensor cannot name
+    dimensions nothing could hold) number at most ``max_elements``: checked before
+    anything is reshaped. Byte size is then bounded too (8 bytes an element at most)."""
+    if not isinstance(value, list | tuple):
         raise _fail(f"{where}: shape must be a list of integers")
-    try:
-        shape = tuple(int(d) for d in value)
-    except (TypeError, ValueError):
-        raise _fail(f"{where}: shape must be a list of integers, got {value!r}") from None
-    if any(d < 0 for d in shape):
-        raise _fail(f"{where}: shape {list(shape)} has a negative dimension")
-    return shape
+    if len(value) > MAX_TENSOR_DIMS:
+        raise _fail(f"{where}: a shape of {len(value)} dimensions has more than"
+                    f" {MAX_TENSOR_DIMS} dimensions")
+    shape = []
+    extent = 1
+    for d in value:
+        n = _whole(d)
+        if n is None:
+            raise _fail(f"{where}: shape {list(value)!r}: {d!r} is not a non-negative integer")
+        shape.append(n)
+        extent *= max(n, 1)
+        if extent > max_elements:
+            raise _fail(f"{where}: shape {list(value)!r} declares more elements than the"
+                        f" limit of {max_elements} (the body limit's bytes)")
+    return tuple(shape)
 
 
 def _numeric(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
@@ -249,8 +278,10 @@ def check_datatype(datatype: Any, where: str) -> str:
     return datatype.upper()
 
 
-def parse_request(body: bytes, header_length: int | None = None) -> tuple[InferenceRequest, Form]:
-    """Read a V2 inference request body (JSON, or JSON plus binary tensors)."""
+def parse_request(body: bytes, header_length: int | None = None,
+                  max_elements: int = MAX_TENSOR_ELEMENTS) -> tuple[InferenceRequest, Form]:
+    """Read a V2 inference request body (JSON, or JSON plus binary tensors); a tensor
+    holds at most ``max_elements`` elements (the server's body limit)."""
     if header_length is not None:
         if header_length < 0 or header_length > len(body):
             raise _fail(f"Inference-Header-Content-Length {header_length} is outside the body"
@@ -282,12 +313,17 @@ def parse_request(body: bytes, header_length: int | None = None) -> tuple[Infere
             raise _fail(f"{where} needs a 'name'")
         where = f"input {name!r}"
         datatype = check_datatype(item.get("datatype"), where)
-        shape = check_shape(item.get("shape"), where)
+        shape = check_shape(item.get("shape"), where, max_elements)
         tparams = unwrap_parameters(item.get("parameters"), where)
-        size = tparams.pop("binary_data_size", None)
-        if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise _fail(f"{where}: binary_data_size {size!r} runs past the end of the body")
+        given = tparams.pop("binary_data_size", None)
+        if given is not None:
+            size = _whole(given)
+            if size is None:
+                raise _fail(f"{where}: binary_data_size {given!r} is not a non-negative integer")
+            if offset + size > len(binary):
+                raise _fail(f"{where}: binary_data_size is {size} bytes, but only"
+                            f" {len(binary) - offset} bytes follow in the body; it runs past"
+                            " the end of the body")
             array = decode_raw(binary[offset:offset + size], datatype, shape, where)
             offset += size
         elif "data" in item:

@@ -141,7 +141,8 @@ class InferEndpoint:
             encoding = headers.get("content-encoding")
             if encoding:
                 body = _decompress(body, encoding.lower(), scope["app"].state.service.cfg.max_body)
-            req, form = parse_request(body, header_length)
+            req, form = parse_request(body, header_length,
+                                      scope["app"].state.service.cfg.max_body)
             response = await scope["app"].state.service.infer(
                 p["model"], p.get("version"), req, headers=headers)
             version = response.model_version
