@@ -183,6 +183,10 @@ class ServeSettings:
     max_body: int = 64 * 1024**2
     # CACHEMESH_SERVE_MAX_CONTROL_BODY: largest body of a control request (/api/...).
     max_control_body: int = 1024**2
+    # CACHEMESH_SERVE_PARSE_MEMORY: memory that inference bodies being parsed may use at
+    # once (estimated per body); past it 503 + Retry-After, 413 for a body over all of it.
+    # None: 8 x max_body (one largest numeric body parses; the attack of issue 22 is one).
+    parse_memory: int | None = None
     # CACHEMESH_SERVE_SOURCE_ROOTS: directories (':'-separated) that a local-path source
     # deployed at run time (control API, repository extension) must lie in, symlinks
     # resolved. Empty: any path the server can read. Models given on the command line
@@ -216,9 +220,13 @@ class ServeSettings:
             url=(env.get("CACHEMESH_URL") or "http://127.0.0.1:8008").rstrip("/"),
             max_body=_size(env, "CACHEMESH_SERVE_MAX_BODY") or 64 * 1024**2,
             max_control_body=_size(env, "CACHEMESH_SERVE_MAX_CONTROL_BODY") or 1024**2,
+            parse_memory=_size(env, "CACHEMESH_SERVE_PARSE_MEMORY"),
             source_roots=tuple(Path(p).expanduser() for p in
                                (env.get("CACHEMESH_SERVE_SOURCE_ROOTS") or "").split(":") if p),
         )
+
+    def parse_budget(self) -> int:
+        return self.parse_memory or 8 * self.max_body
 
     def worker_count(self) -> int:
         if self.workers is not None:

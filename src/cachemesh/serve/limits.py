@@ -38,13 +38,24 @@ anything is reshaped: non-negative integers, at most :data:`MAX_TENSOR_DIMS`
 dimensions, and at most as many elements as the body limit has bytes (every
 element takes at least a byte on the wire), a zero dimension counted as one:
 an empty tensor named ``[2**62, 2**62, 0]`` was a 500 from numpy.
+
+Parsing memory (:class:`ParseBudget`). A body's size does not bound what parsing
+it costs: orjson made about 2 GB of Python lists of a 62 MiB body of
+``[[0],[0],...]``. Large inference bodies are parsed in a thread, off the event
+loop, and each holds a share of one budget while it is parsed: an estimate of
+what its parse will use (``v2_codec.parse_cost``). A body whose estimate is over
+the whole budget gets 413; one that does not fit beside those being parsed gets
+503 with Retry-After.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from ..errors import RequestTooLargeError
+from ..errors import RequestTooLargeError, UnavailableError
 
 MAX_JSON_DEPTH = 32
 MAX_TENSOR_DIMS = 32
@@ -85,6 +96,40 @@ def check_json(value: Any, what: str, *, max_depth: int = MAX_JSON_DEPTH,
             raise RequestTooLargeError(f"{what} nests deeper than {max_depth} levels", max_depth)
         stack.extend((child, depth + 1) for child in children)
     return value
+
+
+class ParseBudget:
+    """Bytes of memory that request bodies being parsed may use at once. Taken without
+    waiting: a request that does not fit now is told to come back (503)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()  # parses run in threads
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        if nbytes > self.limit:
+            raise RequestTooLargeError(
+                f"parsing this body would take about {_mib(nbytes)} of memory, over the"
+                f" {_mib(self.limit)} that parsing may use (CACHEMESH_SERVE_PARSE_MEMORY);"
+                " send large tensors flat and numeric, or in the binary extension",
+                self.limit)
+        with self._lock:
+            if self.used + nbytes > self.limit:
+                raise UnavailableError(
+                    f"the server is parsing other large requests ({_mib(self.used)} of"
+                    f" {_mib(self.limit)}); try again", retry_after=1.0)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.used -= nbytes
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024**2:.0f} MiB"
 
 
 def _reply(status: int, message: bytes, close: bool) -> tuple[dict[str, Any], dict[str, Any]]:
