@@ -103,6 +103,17 @@ def _float(environ: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (environ.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise InvalidInputError(f"{name} must be true or false, got {raw!r}")
+
+
 def _positive(environ: Mapping[str, str], name: str, default: float) -> float:
     value = _float(environ, name, default)
     if not value > 0:
@@ -183,6 +194,9 @@ class ServeSettings:
     max_body: int = 64 * 1024**2
     # CACHEMESH_SERVE_MAX_CONTROL_BODY: largest body of a control request (/api/...).
     max_control_body: int = 1024**2
+    # CACHEMESH_SERVE_VERIFY_LOADS: hash every file of a model as it loads (load/integrity.py).
+    # Off: only files whose size or modification time betray a change are hashed.
+    verify_loads: bool = False
     # CACHEMESH_SERVE_PARSE_MEMORY: memory that inference bodies being parsed may use at
     # once (estimated per body); past it 503 + Retry-After, 413 for a body over all of it.
     # None: 8 x max_body (one largest numeric body parses; the attack of issue 22 is one).
@@ -221,6 +235,7 @@ class ServeSettings:
             max_body=_size(env, "CACHEMESH_SERVE_MAX_BODY") or 64 * 1024**2,
             max_control_body=_size(env, "CACHEMESH_SERVE_MAX_CONTROL_BODY") or 1024**2,
             parse_memory=_size(env, "CACHEMESH_SERVE_PARSE_MEMORY"),
+            verify_loads=_bool(env, "CACHEMESH_SERVE_VERIFY_LOADS", False),
             source_roots=tuple(Path(p).expanduser() for p in
                                (env.get("CACHEMESH_SERVE_SOURCE_ROOTS") or "").split(":") if p),
         )

@@ -37,6 +37,7 @@ Credentials never appear in a message.
     ├── ConversionError            a converter failed on an input it accepted
     ├── ModelError                 a model (or its worker) failed, not the request
     │   ├── ModelLoadError         a load failed: exception, crash or out of memory
+    │   │   └── CorruptModelError  a load found a cached file changed since it was committed
     │   ├── ModelFailedError       a model is marked failed after repeated failed loads
     │   ├── InferenceError         predict raised on a valid request
     │   └── WorkerCrashedError     the worker process died under a request
@@ -209,6 +210,16 @@ class ModelError(CachemeshError):
 
 class ModelLoadError(ModelError):
     """One load of a model failed: it raised, its worker crashed, or it ran out of memory."""
+
+
+class CorruptModelError(ModelLoadError):
+    """A load found one of the model's cached files changed since its blob was committed
+    (``load/integrity.py``); ``sha256`` names the blob. Every worker would read the same
+    bytes, so the load is not tried elsewhere."""
+
+    def __init__(self, message: str, sha256: str) -> None:
+        super().__init__(message)
+        self.sha256 = sha256
 
 
 class ModelFailedError(ModelError):

@@ -50,6 +50,7 @@ from ..errors import (
     CachemeshError,
     CacheNotFoundError,
     ConflictError,
+    CorruptModelError,
     DrainingError,
     ForbiddenError,
     InferenceInputError,
@@ -861,6 +862,11 @@ class ModelService:
                 errors.append(f"worker {failed.worker}: {failed.error}")
                 avoid.add(failed.worker)
                 self.metrics.load_failures.labels(v.model).inc()
+                if isinstance(failed.error, CorruptModelError):
+                    # Every worker reads the same bytes: no retry; verify is told.
+                    await asyncio.to_thread(self.caches.mark_corrupt, failed.error.sha256,
+                                            f"model {v.display}")
+                    break
                 continue
             v.phase = UNLOADED  # not loading any more; Ready comes from the copy
             return
@@ -886,7 +892,11 @@ class ModelService:
             await asyncio.to_thread(self._take_hold, v)
         try:
             spec = {"runtime": v.resolved.runtime,
-                    "settings": v.resolved.settings(v.model, v.view)}
+                    "settings": v.resolved.settings(v.model, v.view),
+                    # What the worker checks the files against (load/integrity.py).
+                    "integrity": {"files": await asyncio.to_thread(self.caches.integrity,
+                                                                   v.cache),
+                                  "full": self.cfg.verify_loads}}
             result = await worker.call(ipc.LOAD, copy.key, spec)
         except (ModelLoadError, WorkerCrashedError) as exc:
             self._forget_copy(copy, None)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import (
+    CorruptModelError,
     InferenceError,
     InferenceInputError,
     ModelLoadError,
@@ -312,6 +313,9 @@ def _error(op: int, payload: Any) -> Exception:
     kind, message = payload
     if kind == ipc.E_INPUT:
         return InferenceInputError(message)
+    if kind == ipc.E_CORRUPT:
+        sha256, _, text = message.partition(" ")
+        return CorruptModelError(text, sha256)
     if kind == ipc.E_LOAD or op == ipc.LOAD:
         return ModelLoadError(message)
     if kind == ipc.E_MISSING:
