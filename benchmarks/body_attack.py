@@ -155,7 +155,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="body-attack-") as tmp:
         tmp_path = Path(tmp)
         model = make_demo_model(tmp_path / "origin")
-        versions = {"this tree": ROOT / "src"}
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
+        versions = {f"this tree ({head})": ROOT / "src"}
         if args.baseline:
             versions[f"baseline {args.baseline}"] = baseline_src(args.baseline, tmp_path)
         for r in range(args.rounds):

@@ -414,12 +414,14 @@ def main() -> None:
             tuple(saved["load"]),
         )
         # The section names the command that measured, with how it was written.
-        sys.argv = [sys.argv[0], "--rounds", str(saved["rounds"])]
+        sys.argv = [sys.argv[0], *(["--only", args.only] if args.only else []),
+                    *(["--tools", args.tools] if args.tools else []),
+                    "--rounds", str(saved["rounds"])]
         body += (
-            "\n\n(Measured by the command above with `--no-write`; this table was then written "
+            "\n\n(Measured by the command above; this table was then written "
             "from its saved results with `--report-only`.)"
         )
-        finish(body, args.no_write)
+        finish(body, args.no_write, reduced=bool(args.tools))
         return
     results: dict[tuple[str, str, str], list[dict]] = {}
     started = time.perf_counter()
@@ -574,7 +576,8 @@ def report(checkpoints, plan, sizes, results, rounds, elapsed, load) -> str:
             out.append("\n" + verified_cost(name, results))
         if all((name, t, "cold") in results for t in ("safetensors mmap", "runai c=4")):
             out.append("\n" + goals(name, size, med, results))
-    out.append(NOTES)
+    if any(t == "safetensors mmap" for name, _ in checkpoints for t, _ in plan[name]):
+        out.append(NOTES)  # about the peers' goals: not for a reduced run
     return "\n".join(out)
 
 

@@ -28,7 +28,6 @@ which reads protobuf messages instead of JSON: :func:`check_datatype`,
 from __future__ import annotations
 
 import base64
-import contextlib
 import math
 import struct
 from dataclasses import dataclass
@@ -40,7 +39,16 @@ import orjson
 from ..errors import InferenceInputError
 from ..runtimes.types import DATATYPES, InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 from . import json_tensors
-from .limits import MAX_TENSOR_DIMS, MAX_TENSOR_ELEMENTS, ParseBudget, check_json
+from .limits import (
+    MAX_TENSOR_ELEMENTS,
+    NUMERIC_COST,
+    ParseBudget,
+    check_json,
+    check_shape,
+    held,
+    parse_cost,
+    whole,
+)
 
 # gRPC InferTensorContents field for each datatype (FP16 has none: raw only).
 CONTENTS_FIELD = {
@@ -90,47 +98,6 @@ def unwrap_parameters(params: Any, where: str) -> dict[str, Any]:
                                 ) from None
         out[key] = value
     return out
-
-
-def _whole(value: Any) -> int | None:
-    """``value`` as a non-negative integer: an int, an integral float (``256.0``) or a
-    string of digits (protobuf's JSON writes 64-bit integers as strings); else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        n = value
-    elif isinstance(value, float) and value.is_integer():
-        n = int(value)
-    elif isinstance(value, str) and value.isascii() and value.isdigit():
-        n = int(value)
-    else:
-        return None
-    return n if n >= 0 else None
-
-
-def check_shape(value: Any, where: str, max_elements: int = MAX_TENSOR_ELEMENTS
-                ) -> tuple[int, ...]:
-    """A shape of non-negative integers, at most :data:`MAX_TENSOR_DIMS` of them, whose
-    elements (a zero dimension counted as one, so that an empty tensor cannot name
-    dimensions nothing could hold) number at most ``max_elements``: checked before
-    anything is reshaped. Byte size is then bounded too (8 bytes an element at most)."""
-    if not isinstance(value, list | tuple):
-        raise _fail(f"{where}: shape must be a list of integers")
-    if len(value) > MAX_TENSOR_DIMS:
-        raise _fail(f"{where}: a shape of {len(value)} dimensions has more than"
-                    f" {MAX_TENSOR_DIMS} dimensions")
-    shape = []
-    extent = 1
-    for d in value:
-        n = _whole(d)
-        if n is None:
-            raise _fail(f"{where}: shape {list(value)!r}: {d!r} is not a non-negative integer")
-        shape.append(n)
-        extent *= max(n, 1)
-        if extent > max_elements:
-            raise _fail(f"{where}: shape {list(value)!r} declares more elements than the"
-                        f" limit of {max_elements} (the body limit's bytes)")
-    return tuple(shape)
 
 
 def _numeric(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
@@ -301,25 +268,6 @@ def _from_span(span: json_tensors.Span, datatype: str, shape: tuple[int, ...],
     return _reshape(flat, shape, where)
 
 
-# Memory that parsing takes, measured with tracemalloc on 2M-value bodies (issue 22):
-# the numeric path (json_tensors) at most 6.1 bytes a body byte ([[0],[0],...]; flat
-# floats 1.0); orjson and numpy 115-280 bytes a value (nested lists, strings, floats).
-NUMERIC_COST = 8
-VALUE_COST = 256
-_SMALL = 64 * 1024  # bodies below this are not worth counting
-
-
-def parse_cost(text: bytes) -> int:
-    """What parsing ``text`` with orjson (and numpy after it) may take, at most."""
-    if len(text) < _SMALL:
-        return 0
-    return len(text) + VALUE_COST * (text.count(b",") + 1)
-
-
-def _held(budget: ParseBudget | None, nbytes: int) -> contextlib.AbstractContextManager:
-    return budget.hold(nbytes) if budget is not None and nbytes else contextlib.nullcontext()
-
-
 def parse_request(body: bytes, header_length: int | None = None,
                   max_elements: int = MAX_TENSOR_ELEMENTS, budget: ParseBudget | None = None
                   ) -> tuple[InferenceRequest, Form]:
@@ -335,15 +283,15 @@ def parse_request(body: bytes, header_length: int | None = None,
     else:
         head, binary = body, memoryview(b"")
     large = len(head) >= json_tensors.MIN_SPAN
-    with _held(budget, NUMERIC_COST * len(head) if large else 0):
+    with held(budget, NUMERIC_COST * len(head) if large else 0):
         skeleton, spans = json_tensors.split(head)
         if spans:
-            with _held(budget, parse_cost(skeleton)):
+            with held(budget, parse_cost(skeleton)):
                 try:
                     return _parse(skeleton, binary, max_elements, spans)
                 except json_tensors.Fallback:
                     pass
-    with _held(budget, parse_cost(head)):
+    with held(budget, parse_cost(head)):
         return _parse(head, binary, max_elements, {})
 
 
@@ -379,7 +327,7 @@ def _parse(head: bytes, binary: memoryview, max_elements: int,
         tparams = unwrap_parameters(item.get("parameters"), where)
         given = tparams.pop("binary_data_size", None)
         if given is not None:
-            size = _whole(given)
+            size = whole(given)
             if size is None:
                 raise _fail(f"{where}: binary_data_size {given!r} is not a non-negative integer")
             if offset + size > len(binary):
