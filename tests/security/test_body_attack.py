@@ -35,7 +35,8 @@ def nested_body(mib: float, tail: bytes = b"") -> bytes:
 def test_a_nested_body_neither_stalls_the_server_nor_grows_it(home: Path, servers: list,
                                                               tmp_path: Path):
     model = toy_model_dir(tmp_path, "sink")
-    server = ServeProcess(home, [f"sink={model},runtime=custom,class=toy:Echo,eager=true"])
+    server = ServeProcess(home, [f"sink={model},runtime=custom,class=toy:Echo,eager=true"],
+                          env={"CACHEMESH_SERVE_GRPC_PORT": "0"})  # 8033 may be taken
     servers.append(server)
     server.wait_live()
     process = psutil.Process(server.proc.pid)

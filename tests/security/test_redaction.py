@@ -73,7 +73,8 @@ def test_no_output_shows_a_planted_signature(home: Path, servers: list, digits_d
         origin.files["/digits/model.joblib"] = (digits_dir / "model.joblib").read_bytes()
         origin.files["/blob.bin"] = b"plain bytes" * 1000
         model_url = origin.url("/digits/model.joblib") + QUERY
-        server = ServeProcess(home, [], log=tmp_path / "serve.log")
+        server = ServeProcess(home, [], log=tmp_path / "serve.log",
+                              env={"CACHEMESH_SERVE_GRPC_PORT": "0"})  # 8033 may be taken
         servers.append(server)
         server.wait_live()
         c = server.client
