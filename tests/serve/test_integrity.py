@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from cachemesh.load.integrity import MTIME_SLACK_S
 from cachemesh.serve.registry import ModelSpec
 from tests.serve.conftest import TOY, RunningServer, free_port, serve_settings
 
@@ -75,6 +76,9 @@ def test_changed_weights_fail_the_load_in_every_bucket_that_shares_them(tmp_path
             assert answer.status_code == 200, answer.text
         caches = server.service.caches
         assert caches.verify(rehash=False) == []
+        # The cheap check allows the commit's clock 2 s of slack (MTIME_SLACK_S): the
+        # attack comes later than that.
+        time.sleep(MTIME_SLACK_S + 0.5)
 
         # 4 KiB zeroed inside the joblib blob (shared by both buckets).
         sha, blob = blob_of(server, "digits", "model.joblib")
