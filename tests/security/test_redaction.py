@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 
-from cachemesh.sources.redact import redact_source, redact_text
 from tests.emulators.http_origin import HttpOrigin
 from tests.faults.conftest import ServeProcess, cli, home, servers, wait_for
 
@@ -27,6 +26,8 @@ QUERY = f"?X-Amz-Signature={SIGNATURE}&X-Amz-Credential={CREDENTIAL}&X-Amz-Expir
 
 
 def test_redact_source_keeps_what_identifies_the_source() -> None:
+    from cachemesh.sources.redact import redact_source, redact_text
+
     assert redact_source("hf://Org/Name@main") == "hf://Org/Name@main"
     assert redact_source("/data/a?b") == "/data/a?b"  # a path: '?' is a file-name character
     assert redact_source("s3://b/p?versionId=3") == "s3://b/p?versionId=***"
