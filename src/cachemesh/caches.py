@@ -26,7 +26,6 @@ import fnmatch
 import hashlib
 import json
 import os
-import re
 import shutil
 import threading
 import time
@@ -52,7 +51,7 @@ from .errors import (
 )
 from .sources import RemoteFile, Source, parse_source
 from .sources.redact import redact_source
-from .store import BlobRef, Problem, Store
+from .store import CORRUPT_EVENT, BlobRef, Problem, Store
 from .store.hub_layout import HubClaim, HubFile, HubLayout, HubRepo, is_commit
 from .store.names import check_name, check_relpath, is_within
 from .store.quota import Candidate, plan_eviction
@@ -163,11 +162,6 @@ class CacheInfo:
         if isinstance(out["spec"].get("source"), str):
             out["spec"]["source"] = redact_source(out["spec"]["source"])
         return out
-
-
-# The event a load that found a blob changed leaves on its caches (mark_corrupt).
-CORRUPT_EVENT = "corrupt-blob"
-_CORRUPT_SHA = re.compile(r"blob sha256:([0-9a-f]{64})")
 
 
 @dataclass
@@ -311,6 +305,30 @@ class Caches:
         else:
             rows = self.db.query("SELECT * FROM caches WHERE bucket = ? ORDER BY name", (bucket,))
         return [self._info(dict(r)) for r in rows if r["status"] != DELETING]
+
+
+    def integrity(self, name: str) -> dict[str, tuple[str, int, float]]:
+        """The cache's files: path in its view -> the blob's sha256, size and commit time,
+        what a model load checks its files against (load/integrity.py)."""
+        rows = self.db.query(
+            "SELECT f.path, f.sha256, b.size, b.created_at FROM files f"
+            " JOIN blobs b ON b.sha256 = f.sha256 WHERE f.cache = ?", (check_name(name),))
+        return {r["path"]: (r["sha256"], r["size"], r["created_at"]) for r in rows}
+
+    def mark_corrupt(self, sha256: str, detail: str) -> list[str]:
+        """Record that a load found blob ``sha256`` changed since it was committed: an
+        error event on every cache that holds it (one write, every view: the blob is
+        shared); ``verify --quick`` then re-hashes it (Store.verify). Returns those caches."""
+        now = time.time()
+        with self.db.transaction() as conn:
+            names = [r["cache"] for r in conn.execute(
+                "SELECT DISTINCT cache FROM files WHERE sha256 = ?", (sha256,))]
+            for cache in names:
+                conn.execute(
+                    "INSERT INTO events (cache, ts, level, kind, message) VALUES (?, ?, ?, ?, ?)",
+                    (cache, now, "error", CORRUPT_EVENT,
+                     f"blob sha256:{sha256} does not match its sha256 (found by a load: {detail})"))
+        return names
 
     def events(self, name: str, after: int = 0, limit: int = 1000) -> list[Event]:
         self._row(name)
@@ -848,54 +866,12 @@ class Caches:
 
     def verify(self, name: str | None = None, *, rehash: bool = True) -> list[Problem]:
         if name is None:
-            return (self.store.verify(rehash=rehash) + self._reported_corrupt(rehash, None)
-                    + self._verify_hub(None))
+            return self.store.verify(rehash=rehash) + self._verify_hub(None)
         row = self._row(name)
         mine = {r["sha256"] for r in self.store.file_rows(name).values()}
         return [p for p in self.store.verify([row], rehash=rehash)
                 if p.cache == name or (p.cache is None and p.subject in mine)
-                ] + self._reported_corrupt(rehash, mine) + self._verify_hub(name)
-
-    # -- what model loads found (load/integrity.py) -------------------------------------
-
-    def integrity(self, name: str) -> dict[str, tuple[str, int, float]]:
-        """The cache's files: path in its view -> the blob's sha256, size and commit time,
-        what a model load checks its files against (load/integrity.py)."""
-        rows = self.db.query(
-            "SELECT f.path, f.sha256, b.size, b.created_at FROM files f"
-            " JOIN blobs b ON b.sha256 = f.sha256 WHERE f.cache = ?", (check_name(name),))
-        return {r["path"]: (r["sha256"], r["size"], r["created_at"]) for r in rows}
-
-    def mark_corrupt(self, sha256: str, detail: str) -> list[str]:
-        """Record that a load found blob ``sha256`` changed since it was committed: an
-        error event on every cache that holds it (one write, every view: the blob is
-        shared); ``verify --quick`` then re-hashes it. Returns those caches."""
-        now = time.time()
-        with self.db.transaction() as conn:
-            names = [r["cache"] for r in conn.execute(
-                "SELECT DISTINCT cache FROM files WHERE sha256 = ?", (sha256,))]
-            for cache in names:
-                conn.execute(
-                    "INSERT INTO events (cache, ts, level, kind, message) VALUES (?, ?, ?, ?, ?)",
-                    (cache, now, "error", CORRUPT_EVENT,
-                     f"blob sha256:{sha256} does not match its sha256 (found by a load: {detail})"))
-        return names
-
-    def _reported_corrupt(self, rehashed: bool, only: set[str] | None) -> list[Problem]:
-        """Blobs a load reported corrupt, re-hashed (a full verify re-hashed them all)."""
-        if rehashed:
-            return []
-        found = set()
-        for row in self.db.query("SELECT message FROM events WHERE kind = ?", (CORRUPT_EVENT,)):
-            match = _CORRUPT_SHA.search(row["message"])
-            if match and (only is None or match.group(1) in only):
-                found.add(match.group(1))
-        problems = []
-        for sha in sorted(found):
-            if self.store.blobs.has(sha) and self.store.blobs.rehash(sha) != sha:
-                problems.append(Problem("corrupt-blob", sha, "bytes do not match their sha256"
-                                        " (reported by a model load)"))
-        return problems
+                ] + self._verify_hub(name)
 
     # -- the Hugging Face layout view (hub/) -------------------------------------
 

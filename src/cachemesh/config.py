@@ -172,6 +172,13 @@ class ServeSettings:
     failed_ttl_s: float = 60.0
     # CACHEMESH_SERVE_MAX_INFLIGHT: requests in the server at once; more answer 429.
     max_inflight: int = 1024
+    # CACHEMESH_SERVE_VERIFY_LOADS: hash every file of a model as it loads (load/integrity.py).
+    # Off: only files whose size or modification time betray a change are hashed.
+    verify_loads: bool = False
+    # CACHEMESH_SERVE_PARSE_MEMORY: memory that inference bodies being parsed may use at
+    # once (estimated per body); past it 503 + Retry-After, 413 for a body over all of it.
+    # None: 8 x max_body (one largest numeric body parses; the attack of issue 22 is one).
+    parse_memory: int | None = None
     # CACHEMESH_SERVE_REQUEST_TIMEOUT: seconds a request may take, waiting for its load included.
     request_timeout_s: float = 60.0
     # CACHEMESH_SERVE_DRAIN_TIMEOUT: seconds SIGTERM waits for requests in flight.
@@ -194,13 +201,6 @@ class ServeSettings:
     max_body: int = 64 * 1024**2
     # CACHEMESH_SERVE_MAX_CONTROL_BODY: largest body of a control request (/api/...).
     max_control_body: int = 1024**2
-    # CACHEMESH_SERVE_VERIFY_LOADS: hash every file of a model as it loads (load/integrity.py).
-    # Off: only files whose size or modification time betray a change are hashed.
-    verify_loads: bool = False
-    # CACHEMESH_SERVE_PARSE_MEMORY: memory that inference bodies being parsed may use at
-    # once (estimated per body); past it 503 + Retry-After, 413 for a body over all of it.
-    # None: 8 x max_body (one largest numeric body parses; the attack of issue 22 is one).
-    parse_memory: int | None = None
     # CACHEMESH_SERVE_SOURCE_ROOTS: directories (':'-separated) that a local-path source
     # deployed at run time (control API, repository extension) must lie in, symlinks
     # resolved. Empty: any path the server can read. Models given on the command line
