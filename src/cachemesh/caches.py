@@ -51,7 +51,7 @@ from .errors import (
 )
 from .sources import RemoteFile, Source, parse_source
 from .sources.redact import redact_source
-from .store import CORRUPT_EVENT, BlobRef, Problem, Store
+from .store import BlobRef, Problem, Store
 from .store.hub_layout import HubClaim, HubFile, HubLayout, HubRepo, is_commit
 from .store.names import check_name, check_relpath, is_within
 from .store.quota import Candidate, plan_eviction
@@ -319,6 +319,8 @@ class Caches:
         """Record that a load found blob ``sha256`` changed since it was committed: an
         error event on every cache that holds it (one write, every view: the blob is
         shared); ``verify --quick`` then re-hashes it (Store.verify). Returns those caches."""
+        from .store import CORRUPT_EVENT
+
         now = time.time()
         with self.db.transaction() as conn:
             names = [r["cache"] for r in conn.execute(
