@@ -401,6 +401,8 @@ def main() -> None:
         os.environ["CACHEMESH_BENCH_DIGESTS"] = json.dumps(
             {str(f): digest for _, path in checkpoints for f, digest in digests(path).items()})
     sizes = {name: tensor_bytes(path) for name, path in checkpoints}
+    if args.report_only and args.tools:
+        raise SystemExit("--report-only rebuilds the full run's table; rerun a reduced one")
     if args.report_only:
         saved = json.loads(RESULTS.read_text())
         results = {tuple(k.split("|")): v for k, v in saved["results"].items()}
@@ -414,14 +416,12 @@ def main() -> None:
             tuple(saved["load"]),
         )
         # The section names the command that measured, with how it was written.
-        sys.argv = [sys.argv[0], *(["--only", args.only] if args.only else []),
-                    *(["--tools", args.tools] if args.tools else []),
-                    "--rounds", str(saved["rounds"])]
+        sys.argv = [sys.argv[0], "--rounds", str(saved["rounds"])]
         body += (
-            "\n\n(Measured by the command above; this table was then written "
+            "\n\n(Measured by the command above with `--no-write`; this table was then written "
             "from its saved results with `--report-only`.)"
         )
-        finish(body, args.no_write, reduced=bool(args.tools))
+        finish(body, args.no_write)
         return
     results: dict[tuple[str, str, str], list[dict]] = {}
     started = time.perf_counter()
@@ -462,20 +462,30 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     load = (load_before, os.getloadavg()[0])
     save(elapsed, load)
+    if args.tools:  # a reduced run: its own section; the full run's table stays
+        finish_reduced(report(checkpoints, plan, sizes, results, args.rounds, elapsed, load),
+                       args.no_write)
+        return
     body = report(checkpoints, plan, sizes, results, args.rounds, elapsed, load)
-    finish(body, args.no_write, reduced=bool(args.tools))
+    finish(body, args.no_write)
 
 
-def finish(body: str, no_write: bool, reduced: bool = False) -> None:
+def finish(body: str, no_write: bool) -> None:
     print(body)
     if not no_write:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import _report
 
-        if reduced:
-            _report.write_section("load-verified", "Loading safetensors: verified loads", body)
-        else:
-            _report.write_section("load", "Loading safetensors", body)
+        _report.write_section("load", "Loading safetensors", body)
+
+
+def finish_reduced(body: str, no_write: bool) -> None:
+    print(body)
+    if not no_write:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import _report
+
+        _report.write_section("load-verified", "Loading safetensors: verified loads", body)
 
 
 def digests(path: Path) -> dict[str, tuple[str, int]]:

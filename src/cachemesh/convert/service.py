@@ -54,7 +54,6 @@ from ..errors import (
 )
 from ..jobs import Job, JobRun, Jobs
 from ..sources import parse_source, scheme_of
-from ..sources.redact import redact_source
 from ..store.locks import FileLock
 from .base import ConvertOptions, ModelInput, get_converter
 from .identity import identity_document, identity_of, read_manifest, write_manifest
@@ -193,7 +192,7 @@ class Conversions:
                 if found is not None:
                     return ConvertResult(found[0], identity, name, True, None, found[1],
                                          input_cache)
-                spec = {"source": redact_source(source), "input_cache": input_cache, "input_source": info.source,
+                spec = {"source": source, "input_cache": input_cache, "input_source": info.source,
                         "target": options.target, **options.identity_fields(),
                         "identity": identity, "result_cache": name}
                 job = self.jobs.create(JOB_KIND, spec, key=identity)
