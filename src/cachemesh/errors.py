@@ -37,7 +37,6 @@ Credentials never appear in a message.
     ├── ConversionError            a converter failed on an input it accepted
     ├── ModelError                 a model (or its worker) failed, not the request
     │   ├── ModelLoadError         a load failed: exception, crash or out of memory
-    │   │   └── CorruptModelError  a load found a cached file changed since it was committed
     │   ├── ModelFailedError       a model is marked failed after repeated failed loads
     │   ├── InferenceError         predict raised on a valid request
     │   └── WorkerCrashedError     the worker process died under a request
@@ -125,7 +124,12 @@ class CapacityError(CachemeshError):
 
 
 class IntegrityError(CachemeshError):
-    """Bytes that do not match the size or checksum they were promised to have."""
+    """Bytes that do not match the size or checksum they were promised to have;
+    ``sha256``: the blob whose bytes they are, when a cached file is at fault."""
+
+    def __init__(self, message: str, *, sha256: str | None = None) -> None:
+        super().__init__(message)
+        self.sha256 = sha256
 
 
 class SourceError(CachemeshError):
@@ -209,17 +213,13 @@ class ModelError(CachemeshError):
 
 
 class ModelLoadError(ModelError):
-    """One load of a model failed: it raised, its worker crashed, or it ran out of memory."""
+    """One load of a model failed: it raised, its worker crashed, or it ran out of memory.
+    ``corrupt_blob``: a cached file's blob whose bytes changed since it was committed
+    (``load/integrity.py``); every worker would read the same bytes."""
 
-
-class CorruptModelError(ModelLoadError):
-    """A load found one of the model's cached files changed since its blob was committed
-    (``load/integrity.py``); ``sha256`` names the blob. Every worker would read the same
-    bytes, so the load is not tried elsewhere."""
-
-    def __init__(self, message: str, sha256: str) -> None:
+    def __init__(self, message: str, *, corrupt_blob: str | None = None) -> None:
         super().__init__(message)
-        self.sha256 = sha256
+        self.corrupt_blob = corrupt_blob
 
 
 class ModelFailedError(ModelError):

@@ -17,7 +17,7 @@ import torch
 
 from cachemesh.errors import IntegrityError
 from cachemesh.load import integrity, load_state_dict
-from cachemesh.load.integrity import CorruptFileError, Expected, Verifier
+from cachemesh.load.integrity import Expected, Verifier
 from tests.load.conftest import all_dtype_tensors, evict
 
 
@@ -73,13 +73,13 @@ def test_without_verification_only_a_suspect_file_is_hashed(st_file, tmp_path):
     overwrite(path, path.stat().st_size - 64, b"\0" * 64)
     os.utime(path, (time.time() + 60, time.time() + 60))
     verifier = Verifier({str(path): committed})
-    with pytest.raises(CorruptFileError, match="was changed after it was cached"):
+    with pytest.raises(IntegrityError, match="was changed after it was cached"):
         verifier.run(lambda: load_state_dict(path))
     assert verifier.suspect == [str(path)]
     # A size that differs fails at once, before anything is read.
     with open(path, "ab") as f:
         f.write(b"x")
-    with pytest.raises(CorruptFileError, match="bytes on disk"):
+    with pytest.raises(IntegrityError, match="bytes on disk"):
         Verifier({str(path): committed}).check()
 
 
@@ -94,7 +94,7 @@ def test_files_the_loader_does_not_read_are_hashed_before_and_after(st_file, tmp
     verifier.finish()  # the runtime read the weights some other way: hashed after
     assert sorted(verifier.verified) == sorted(files)
     overwrite(config, 4096, b"\0" * 4096, keep_mtime=True)
-    with pytest.raises(CorruptFileError) as failure:
+    with pytest.raises(IntegrityError) as failure:
         Verifier(files, full=True).check()
     assert failure.value.sha256 == files[str(config)].sha256
 

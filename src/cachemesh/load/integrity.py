@@ -21,7 +21,7 @@ blob was committed (``blobs.created_at``). A :class:`Verifier` checks them:
   hashed after its load.
 
 A file whose bytes do not match raises :class:`~cachemesh.errors.IntegrityError`
-naming it and its blob; the server then fails the load (not retried elsewhere:
+naming it and its blob (``sha256``); the server then fails the load (not retried elsewhere:
 every worker reads the same bytes) and records the blob as corrupt for
 ``cachemesh cache verify``.
 """
@@ -58,16 +58,12 @@ class Expected:
     committed_at: float
 
 
-class CorruptFileError(IntegrityError):
-    """A cached file whose bytes are not the ones its blob was committed with."""
-
-    def __init__(self, path: str | os.PathLike[str], sha256: str, why: str) -> None:
-        super().__init__(
-            f"{path}: {why}; its blob sha256:{sha256} was changed after it was cached"
-            " (`cachemesh cache verify` lists it; remove the caches that hold it and pull"
-            " again)")
-        self.path = str(path)
-        self.sha256 = sha256
+def corrupt(path: str | os.PathLike[str], sha256: str, why: str) -> IntegrityError:
+    """The error for a cached file whose bytes are not the ones its blob was committed with."""
+    return IntegrityError(
+        f"{path}: {why}; its blob sha256:{sha256} was changed after it was cached"
+        " (`cachemesh cache verify` lists it; remove the caches that hold it and pull"
+        " again)", sha256=sha256)
 
 
 def hash_file(path: str | os.PathLike[str]) -> str:
@@ -101,8 +97,8 @@ class Verifier:
             except FileNotFoundError:
                 continue  # a file the view does not hold is the pull's business, not ours
             if st.st_size != expected.size:
-                raise CorruptFileError(path, expected.sha256,
-                                       f"{st.st_size} bytes on disk, {expected.size} committed")
+                raise corrupt(path, expected.sha256,
+                              f"{st.st_size} bytes on disk, {expected.size} committed")
             late = st.st_mtime > expected.committed_at + MTIME_SLACK_S
             if late:
                 self.suspect.append(path)
@@ -130,8 +126,7 @@ class Verifier:
         """A loader's result for a file it claimed."""
         self.claimed = {k: v for k, v in self.claimed.items() if v[0] != str(path)}
         if digest != expected.sha256:
-            raise CorruptFileError(path, expected.sha256,
-                                   f"its bytes hash to sha256:{digest}")
+            raise corrupt(path, expected.sha256, f"its bytes hash to sha256:{digest}")
         self.verified.append(str(path))
 
     def finish(self) -> None:
@@ -147,8 +142,8 @@ class Verifier:
         for key in list(self.pending):
             try:
                 self._hash(key)
-            except CorruptFileError as corrupt:
-                raise corrupt from error
+            except IntegrityError as found:
+                raise found from error
             except OSError:
                 continue
 

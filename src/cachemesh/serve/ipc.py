@@ -35,7 +35,7 @@ LOAD, UNLOAD, INFER, GENERATE, STREAM, STATS, CANCEL, PRELOAD = 1, 2, 3, 4, 5, 6
 # Replies, worker -> server: (request_id, status, payload)
 OK, ERROR, CHUNK, END, READY = 0, 1, 2, 3, 4
 # ERROR payloads are (kind, message); kinds (E_CORRUPT: message is "<sha256> <text>",
-# a load that found a cached file changed, load/integrity.py):
+# a load that found a cached file changed, load/integrity.py; ModelLoadError.corrupt_blob):
 E_INPUT, E_MODEL, E_LOAD, E_MISSING, E_CORRUPT = "input", "model", "load", "missing", "corrupt"
 
 

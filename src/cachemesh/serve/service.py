@@ -50,7 +50,6 @@ from ..errors import (
     CachemeshError,
     CacheNotFoundError,
     ConflictError,
-    CorruptModelError,
     DrainingError,
     ForbiddenError,
     InferenceInputError,
@@ -862,10 +861,9 @@ class ModelService:
                 errors.append(f"worker {failed.worker}: {failed.error}")
                 avoid.add(failed.worker)
                 self.metrics.load_failures.labels(v.model).inc()
-                if isinstance(failed.error, CorruptModelError):
-                    # Every worker reads the same bytes: no retry; verify is told.
-                    await asyncio.to_thread(self.caches.mark_corrupt, failed.error.sha256,
-                                            f"model {v.display}")
+                blob = getattr(failed.error, "corrupt_blob", None)
+                if blob:  # every worker reads the same bytes: no retry; verify is told
+                    await asyncio.to_thread(self.caches.mark_corrupt, blob, f"model {v.display}")
                     break
                 continue
             v.phase = UNLOADED  # not loading any more; Ready comes from the copy

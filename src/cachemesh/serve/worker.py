@@ -238,13 +238,12 @@ class Worker:
             else:
                 raise ValueError(f"unknown operation {op}")
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the server
-            from ..errors import InvalidInputError
-            from ..load.integrity import CorruptFileError
+            from ..errors import IntegrityError, InvalidInputError
 
             kind = ipc.E_LOAD if op == ipc.LOAD else (
                 ipc.E_INPUT if isinstance(exc, InvalidInputError) else ipc.E_MODEL)
             detail = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, CorruptFileError):
+            if isinstance(exc, IntegrityError) and exc.sha256:  # a cached file changed
                 kind, detail = ipc.E_CORRUPT, f"{exc.sha256} {exc}"
             elif op == ipc.LOAD and not isinstance(exc, (MemoryError, InvalidInputError)):
                 tb = traceback.extract_tb(exc.__traceback__)

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import (
-    CorruptModelError,
     InferenceError,
     InferenceInputError,
     ModelLoadError,
@@ -315,7 +314,7 @@ def _error(op: int, payload: Any) -> Exception:
         return InferenceInputError(message)
     if kind == ipc.E_CORRUPT:
         sha256, _, text = message.partition(" ")
-        return CorruptModelError(text, sha256)
+        return ModelLoadError(text, corrupt_blob=sha256)
     if kind == ipc.E_LOAD or op == ipc.LOAD:
         return ModelLoadError(message)
     if kind == ipc.E_MISSING:
