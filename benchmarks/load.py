@@ -100,6 +100,30 @@ def _run_tool(tool: str, path: Path) -> tuple[int, int]:
         import cachemesh
 
         return _count(cachemesh.load_state_dict(path))
+    if tool == "cachemesh verified":
+        # A verified load (load/integrity.py), as a server's worker runs it with
+        # CACHEMESH_SERVE_VERIFY_LOADS: every file hashed as its chunks land.
+        from cachemesh.load import integrity, load_state_dict
+
+        digests = json.loads(os.environ["CACHEMESH_BENCH_DIGESTS"])
+        files = {f: integrity.Expected(sha, size, time.time()) for f, (sha, size) in
+                 digests.items()}
+        verifier = integrity.Verifier(files, full=True)
+        tensors = verifier.run(lambda: load_state_dict(path))
+        if sorted(verifier.verified) != sorted(files):
+            raise SystemExit(f"verified {verifier.verified}, expected {sorted(files)}")
+        return _count(tensors)
+    if tool == "sha256":
+        # What verifying costs at least: the files read and hashed on one core.
+        import hashlib
+
+        buf = bytearray(16 << 20)
+        for f in _files(path):
+            digest = hashlib.sha256()
+            with open(f, "rb", buffering=0) as fh:
+                while n := fh.readinto(buf):
+                    digest.update(memoryview(buf)[:n])
+        return 0, tensor_bytes(path)
     if tool == "cachemesh buffered":
         from cachemesh.load import load_state_dict
 
@@ -148,7 +172,7 @@ def _run_tool(tool: str, path: Path) -> tuple[int, int]:
 def worker(tool: str, path: Path, size: int) -> None:
     if tool.startswith("runai"):
         os.environ["RUNAI_STREAMER_CONCURRENCY"] = tool.rsplit("=", 1)[1]
-    if tool != "dd":
+    if tool not in ("dd", "sha256"):
         # Imported before the timer, as a server has them loaded already.
         import torch  # noqa: F401
 
@@ -232,16 +256,17 @@ def make_llama(path: Path) -> None:
     model.save_pretrained(path, max_shard_size="1GB")
 
 
-def ensure_data() -> list[tuple[str, Path]]:
+def ensure_data(only: list[str] | None = None) -> list[tuple[str, Path]]:
     synthetic = DATA / "synthetic" / "model.safetensors"
     llama = DATA / "llama"
-    if not synthetic.exists():
+    if not synthetic.exists() and (not only or "synthetic" in only):
         print("making", synthetic, flush=True)
         make_synthetic(synthetic)
-    if not (llama / "config.json").exists():
+    if not (llama / "config.json").exists() and (not only or "llama" in only):
         print("making", llama, flush=True)
         make_llama(llama)
-    return [("synthetic", synthetic), ("llama", llama)]
+    return [(n, p) for n, p in (("synthetic", synthetic), ("llama", llama))
+            if not only or n in only]
 
 
 def tensor_bytes(path: Path) -> int:
@@ -335,6 +360,11 @@ def main() -> None:
     parser.add_argument("--peers", default=str(ROOT / ".bench" / "venv-load" / "bin" / "python"))
     parser.add_argument("--only", help="comma-separated checkpoint names (synthetic, llama)")
     parser.add_argument(
+        "--tools",
+        help="comma-separated tools to measure (a reduced run: dd and cachemesh are always"
+        " in it; written to the section load-verified, not load), e.g. 'cachemesh verified,sha256'",
+    )
+    parser.add_argument(
         "--no-write", action="store_true", help="print, do not update docs/benchmarks.md"
     )
     parser.add_argument(
@@ -351,9 +381,7 @@ def main() -> None:
         return
 
     ours = str(ROOT / ".venv" / "bin" / "python")
-    checkpoints = ensure_data()
-    if args.only:
-        checkpoints = [c for c in checkpoints if c[0] in args.only.split(",")]
+    checkpoints = ensure_data(args.only.split(",") if args.only else None)
     common = [
         ("dd", ours),
         ("cachemesh", ours),
@@ -365,7 +393,16 @@ def main() -> None:
     ]
     extra = [("cachemesh load_pretrained", ours), ("transformers from_pretrained", args.peers)]
     plan = {name: common + (extra if name == "llama" else []) for name, _ in checkpoints}
+    if args.tools:
+        wanted = {"dd", "cachemesh", *args.tools.split(",")}
+        more = [("cachemesh verified", ours), ("sha256", ours)]
+        plan = {name: [(t, py) for t, py in tools + more if t in wanted]
+                for name, tools in plan.items()}
+        os.environ["CACHEMESH_BENCH_DIGESTS"] = json.dumps(
+            {str(f): digest for _, path in checkpoints for f, digest in digests(path).items()})
     sizes = {name: tensor_bytes(path) for name, path in checkpoints}
+    if args.report_only and args.tools:
+        raise SystemExit("--report-only rebuilds the full run's table; rerun a reduced one")
     if args.report_only:
         saved = json.loads(RESULTS.read_text())
         results = {tuple(k.split("|")): v for k, v in saved["results"].items()}
@@ -425,6 +462,10 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     load = (load_before, os.getloadavg()[0])
     save(elapsed, load)
+    if args.tools:  # a reduced run: its own section; the full run's table stays
+        finish_reduced(report(checkpoints, plan, sizes, results, args.rounds, elapsed, load),
+                       args.no_write)
+        return
     body = report(checkpoints, plan, sizes, results, args.rounds, elapsed, load)
     finish(body, args.no_write, {**json.loads(RESULTS.read_text()), "sizes": sizes,
                                  "plan": tools_of(plan)})
@@ -447,6 +488,36 @@ def finish(body: str, no_write: bool, saved: dict) -> None:
     print(body)
     if not no_write:
         _report.write_section("load", "Loading safetensors", body)
+
+
+def finish_reduced(body: str, no_write: bool) -> None:
+    print(body)
+    if not no_write:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import _report
+
+        _report.write_section("load-verified", "Loading safetensors: verified loads", body)
+
+
+def digests(path: Path) -> dict[str, tuple[str, int]]:
+    """sha256 and size of each file of a checkpoint, computed once (kept beside the data):
+    what the store would hand a verified load."""
+    import hashlib
+
+    saved = DATA / f"{path.name}.digests.json"
+    if saved.exists():
+        known = json.loads(saved.read_text())
+        if all(str(f) in known and known[str(f)][1] == f.stat().st_size for f in _files(path)):
+            return {f: tuple(v) for f, v in known.items()}
+    out = {}
+    for f in _files(path):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while block := fh.read(16 << 20):
+                h.update(block)
+        out[str(f)] = (h.hexdigest(), f.stat().st_size)
+    saved.write_text(json.dumps(out))
+    return out
 
 
 def report(checkpoints, plan, sizes, results, rounds, elapsed, load) -> str:
@@ -515,14 +586,33 @@ def report(checkpoints, plan, sizes, results, rounds, elapsed, load) -> str:
             )
         )
         lines = []
-        for tool in ("dd", "cachemesh", "cachemesh buffered"):
+        for tool in ("dd", "cachemesh", "cachemesh buffered", "cachemesh verified", "sha256"):
             for mode in ("cold", "warm"):
+                if (name, tool, mode) not in results:
+                    continue
                 each = ", ".join(f"{r['seconds']:.3f}" for r in results[(name, tool, mode)])
                 lines.append(f"{tool} {mode}, each round (s): {each}")
         out.append("\n" + "  \n".join(lines))
-        out.append("\n" + goals(name, size, med, results))
-    out.append(NOTES)
+        if (name, "cachemesh verified", "cold") in results:
+            out.append("\n" + verified_cost(name, results))
+        if all((name, t, "cold") in results for t in ("safetensors mmap", "runai c=4")):
+            out.append("\n" + goals(name, size, med, results))
+    if any(t == "safetensors mmap" for name, _ in checkpoints for t, _ in plan[name]):
+        out.append(NOTES)  # about the peers' goals: not for a reduced run
     return "\n".join(out)
+
+
+def verified_cost(name: str, results: dict) -> str:
+    """What verifying adds to a load: the ratio of the two in each round (they ran in
+    the same round, alternated), and its median."""
+    parts = []
+    for mode in ("cold", "warm"):
+        plain = results[(name, "cachemesh", mode)]
+        checked = results[(name, "cachemesh verified", mode)]
+        ratios = [c["seconds"] / p["seconds"] for p, c in zip(plain, checked, strict=True)]
+        parts.append(f"{mode}: verified / plain = {statistics.median(ratios):.2f} (median of"
+                     f" {len(ratios)} rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+    return f"Cost of a verified load ({name}): " + "; ".join(parts) + "."
 
 
 def goals(name: str, size: int, med: dict, results: dict) -> str:

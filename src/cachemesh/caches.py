@@ -51,6 +51,7 @@ from .errors import (
     UnsafePathError,
 )
 from .sources import RemoteFile, Source, parse_source
+from .sources.redact import redact_source
 from .store import BlobRef, Problem, Store
 from .store.hub_layout import HubClaim, HubFile, HubLayout, HubRepo, TreeEntry, is_commit
 from .store.names import check_name, check_relpath, is_within
@@ -157,7 +158,11 @@ class CacheInfo:
     spec: dict[str, Any] = field(repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """For people and the API: the spec's source redacted (the row's already is)."""
+        out = asdict(self)
+        if isinstance(out["spec"].get("source"), str):
+            out["spec"]["source"] = redact_source(out["spec"]["source"])
+        return out
 
 
 @dataclass
@@ -301,6 +306,32 @@ class Caches:
         else:
             rows = self.db.query("SELECT * FROM caches WHERE bucket = ? ORDER BY name", (bucket,))
         return [self._info(dict(r)) for r in rows if r["status"] != DELETING]
+
+
+    def integrity(self, name: str) -> dict[str, tuple[str, int, float]]:
+        """The cache's files: path in its view -> the blob's sha256, size and commit time,
+        what a model load checks its files against (load/integrity.py)."""
+        rows = self.db.query(
+            "SELECT f.path, f.sha256, b.size, b.created_at FROM files f"
+            " JOIN blobs b ON b.sha256 = f.sha256 WHERE f.cache = ?", (check_name(name),))
+        return {r["path"]: (r["sha256"], r["size"], r["created_at"]) for r in rows}
+
+    def mark_corrupt(self, sha256: str, detail: str) -> list[str]:
+        """Record that a load found blob ``sha256`` changed since it was committed: an
+        error event on every cache that holds it (one write, every view: the blob is
+        shared); ``verify --quick`` then re-hashes it (Store.verify). Returns those caches."""
+        from .store import CORRUPT_EVENT
+
+        now = time.time()
+        with self.db.transaction() as conn:
+            names = [r["cache"] for r in conn.execute(
+                "SELECT DISTINCT cache FROM files WHERE sha256 = ?", (sha256,))]
+            for cache in names:
+                conn.execute(
+                    "INSERT INTO events (cache, ts, level, kind, message) VALUES (?, ?, ?, ?, ?)",
+                    (cache, now, "error", CORRUPT_EVENT,
+                     f"blob sha256:{sha256} does not match its sha256 (found by a load: {detail})"))
+        return names
 
     def events(self, name: str, after: int = 0, limit: int = 1000) -> list[Event]:
         self._row(name)

@@ -104,6 +104,17 @@ def _float(environ: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (environ.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise InvalidInputError(f"{name} must be true or false, got {raw!r}")
+
+
 def _positive(environ: Mapping[str, str], name: str, default: float) -> float:
     value = _float(environ, name, default)
     if not value > 0:
@@ -167,6 +178,13 @@ class ServeSettings:
     failed_ttl_s: float = 60.0
     # CACHEMESH_SERVE_MAX_INFLIGHT: requests in the server at once; more answer 429.
     max_inflight: int = 1024
+    # CACHEMESH_SERVE_VERIFY_LOADS: hash every file of a model as it loads (load/integrity.py).
+    # Off: only files whose size or modification time betray a change are hashed.
+    verify_loads: bool = False
+    # CACHEMESH_SERVE_PARSE_MEMORY: memory that inference bodies being parsed may use at
+    # once (estimated per body); past it 503 + Retry-After, 413 for a body over all of it.
+    # None: 8 x max_body (one largest numeric body parses; the attack of issue 22 is one).
+    parse_memory: int | None = None
     # CACHEMESH_SERVE_REQUEST_TIMEOUT: seconds a request may take, waiting for its load included.
     request_timeout_s: float = 60.0
     # CACHEMESH_SERVE_DRAIN_TIMEOUT: seconds SIGTERM waits for requests in flight.
@@ -223,9 +241,14 @@ class ServeSettings:
             url=(env.get("CACHEMESH_URL") or "http://127.0.0.1:8008").rstrip("/"),
             max_body=_size(env, "CACHEMESH_SERVE_MAX_BODY") or 64 * 1024**2,
             max_control_body=_size(env, "CACHEMESH_SERVE_MAX_CONTROL_BODY") or 1024**2,
+            parse_memory=_size(env, "CACHEMESH_SERVE_PARSE_MEMORY"),
+            verify_loads=_bool(env, "CACHEMESH_SERVE_VERIFY_LOADS", False),
             source_roots=tuple(Path(p).expanduser() for p in
                                (env.get("CACHEMESH_SERVE_SOURCE_ROOTS") or "").split(":") if p),
         )
+
+    def parse_budget(self) -> int:
+        return self.parse_memory or 8 * self.max_body
 
     def worker_count(self) -> int:
         if self.workers is not None:

@@ -130,7 +130,12 @@ class CapacityError(CachemeshError):
 
 
 class IntegrityError(CachemeshError):
-    """Bytes that do not match the size or checksum they were promised to have."""
+    """Bytes that do not match the size or checksum they were promised to have;
+    ``sha256``: the blob whose bytes they are, when a cached file is at fault."""
+
+    def __init__(self, message: str, *, sha256: str | None = None) -> None:
+        super().__init__(message)
+        self.sha256 = sha256
 
 
 class SourceError(CachemeshError):
@@ -214,7 +219,13 @@ class ModelError(CachemeshError):
 
 
 class ModelLoadError(ModelError):
-    """One load of a model failed: it raised, its worker crashed, or it ran out of memory."""
+    """One load of a model failed: it raised, its worker crashed, or it ran out of memory.
+    ``corrupt_blob``: a cached file's blob whose bytes changed since it was committed
+    (``load/integrity.py``); every worker would read the same bytes."""
+
+    def __init__(self, message: str, *, corrupt_blob: str | None = None) -> None:
+        super().__init__(message)
+        self.corrupt_blob = corrupt_blob
 
 
 class ModelFailedError(ModelError):

@@ -246,6 +246,12 @@ class Jobs:
     # -- writing -------------------------------------------------------------------
 
     def create(self, kind: str, spec: dict[str, Any], *, key: str | None = None) -> Job:
+        from .sources.redact import redact_source
+
+        # A job's spec is shown (jobs ls, the API), never read back: a source in it is
+        # kept as shown, a presigned URL's signature hidden.
+        spec = {k: redact_source(v) if k.endswith("source") and isinstance(v, str) else v
+                for k, v in spec.items()}
         now = time.time()
         job_id = new_job_id(kind)
         with self.db.transaction() as conn:

@@ -225,6 +225,14 @@ def test_typed_contents_in_typed_contents_out(stub: triton_grpc.GRPCInferenceSer
     (lambda r: (r.inputs.add(name="s", datatype="BYTES", shape=[1]),
                 r.raw_input_contents.append(b"\x09\0\0\0ab")), "truncated"),
     (lambda r: None, "at least one input"),
+    # Shapes checked before reshaping (issue 22, item 5): these were INTERNAL.
+    (lambda r: r.inputs.add(name="x", datatype="FP32", shape=[2**62, 2**62, 0]),
+     "more elements than the limit of 2097152"),
+    (lambda r: (r.inputs.add(name="x", datatype="FP32", shape=[2**62, 2**62, 0]),
+                r.raw_input_contents.append(b"")), "more elements than"),
+    (lambda r: r.inputs.add(name="s", datatype="BYTES", shape=[0, 2**40]).contents.SetInParent(),
+     "more elements than"),
+    (lambda r: r.inputs.add(name="x", datatype="FP32", shape=[1] * 33), "more than 32 dimensions"),
 ])
 def test_bad_requests_are_invalid_argument(stub, build, words):
     req = triton_pb2.ModelInferRequest(model_name="echo")

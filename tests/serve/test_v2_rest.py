@@ -290,3 +290,71 @@ def test_metrics_cover_requests_loads_memory_and_workers(v2: RunningServer):
                    "cachemesh_memory_held_bytes", 'cachemesh_model_bytes{model="digits"}',
                    'cachemesh_worker_rss_bytes{worker="1"}'):
         assert series in text, series
+
+
+HUGE = 4611686018427387904  # 2**62: a zero-size tensor named with it was a 500
+
+
+def _binary(head: dict, blob: bytes) -> tuple[bytes, dict[str, str]]:
+    header = orjson.dumps(head)
+    return header + blob, {"Inference-Header-Content-Length": str(len(header))}
+
+
+@pytest.mark.parametrize("shape, fragment", [
+    ([HUGE, HUGE, 0], "more elements than"),
+    ([0, 2**40], "more elements than"),
+    ([1.7, 64], "1.7 is not a non-negative integer"),
+    ([True, 1], "True is not a non-negative integer"),
+    (["1x", 1], "'1x' is not a non-negative integer"),  # digits in a string are fine
+    ([1] * 33, "more than 32 dimensions"),
+    ([-1], "-1 is not a non-negative integer"),
+    ([2**63], "more elements than"),
+])
+@pytest.mark.parametrize("form", ["json", "binary", "bytes-json", "bytes-binary", "grpc-json"])
+def test_hostile_shapes_are_400_in_every_request_form(v2: RunningServer, shape, form, fragment):
+    """Shapes are checked before anything is reshaped: a shape of non-negative integers,
+    at most 32 dimensions, at most as many elements as the body limit has bytes (a zero
+    dimension counted as one), whatever form carries the tensor (issue 22, item 5)."""
+    datatype = "BYTES" if form.startswith("bytes") else "FP32"
+    item = {"name": "t", "shape": shape, "datatype": datatype}
+    headers = {}
+    if form in ("json", "bytes-json"):
+        body = orjson.dumps({"inputs": [{**item, "data": []}]})
+    elif form == "grpc-json":
+        body = orjson.dumps({"inputs": [{**item, "contents": {"fp32_contents": []}}]})
+    else:
+        body, headers = _binary({"inputs": [{**item, "parameters": {"binary_data_size": 0}}]}, b"")
+    r = infer(v2, "echo", body, headers=headers)
+    assert r.status_code == 400, r.text
+    assert fragment in r.json()["error"], r.json()
+    assert "input 't'" in r.json()["error"]
+
+
+def test_empty_tensors_and_integral_floats_still_work(v2: RunningServer):
+    for shape in ([0], [0, 64], [3, 0, 2]):
+        r = infer(v2, "echo", {"inputs": [{"name": "t", "shape": shape, "datatype": "FP32",
+                                           "data": []}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"][0]["shape"] == shape
+    r = infer(v2, "echo", {"inputs": [{"name": "t", "shape": [2.0, 1], "datatype": "FP32",
+                                       "data": [1, 2]}]})
+    assert r.status_code == 200 and r.json()["outputs"][0]["shape"] == [2, 1], r.text
+
+
+def test_binary_data_size_as_an_integral_float_is_accepted(v2: RunningServer):
+    """``binary_data_size: 256.0`` was refused as "runs past the end of the body"
+    (issue 22, item 12); a value that is no size says so."""
+    raw = np.arange(64, dtype=np.float32).tobytes()
+    item = {"name": "t", "shape": [64], "datatype": "FP32"}
+    body, headers = _binary({"inputs": [{**item, "parameters": {"binary_data_size": 256.0}}]}, raw)
+    r = infer(v2, "echo", body, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["data"] == list(range(64))
+    for size, fragment in ((256.5, "256.5 is not a non-negative integer"),
+                           ("2x6", "'2x6' is not a non-negative integer"),
+                           (-4, "-4 is not a non-negative integer"),
+                           (512, "512 bytes, but only 256 bytes follow")):
+        body, headers = _binary({"inputs": [{**item, "parameters": {"binary_data_size": size}}]},
+                                raw)
+        r = infer(v2, "echo", body, headers=headers)
+        assert r.status_code == 400 and fragment in r.json()["error"], (size, r.text)

@@ -93,3 +93,16 @@ class Chatty(Runtime):
     def stream(self, payload):
         for word in payload["prompt"].split():
             yield {"token": word}
+
+
+class Weights(Runtime):
+    """Loads ``model.safetensors`` with cachemesh's loader; answers the sum of its tensors."""
+
+    def load(self) -> None:
+        from cachemesh.load import load_state_dict
+
+        self.state = load_state_dict(Path(self.settings.path) / "model.safetensors")
+
+    def predict(self, request):
+        total = float(sum(float(t.double().sum()) for t in self.state.values()))
+        return InferenceResponse(outputs=[Tensor("sum", "FP64", (1,), np.array([total]))])

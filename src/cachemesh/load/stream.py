@@ -26,6 +26,7 @@ Where the bytes land depends on ``device``:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import time
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from ..errors import LoadError
-from . import memory
+from . import integrity, memory
 from .checkpoint import Checkpoint, read_checkpoint
 from .format import SafetensorsHeader, TensorInfo
 from .reader import (
@@ -93,6 +94,48 @@ class _HostSink:
     def close(self) -> None:
         # Tensors hold their own exports of the mappings; drop ours.
         self.views, self.buffers = [], []
+
+
+class _Digest:
+    """The sha256 of one file, fed its chunks in file order as they land (integrity.py).
+
+    The reads cover the file from ``layout.base``; the bytes before it (the header)
+    and after the last tensor are read from the file here."""
+
+    def __init__(self, verifier: Any, expected: Any, header: SafetensorsHeader,
+                 layout: FileLayout) -> None:
+        self.verifier, self.expected, self.path = verifier, expected, header.path
+        self.base, self.data_end = layout.base, header.data_end
+        self.hash = hashlib.sha256()
+        self.pos = 0
+        self.done = False
+        self._update_from_file(layout.base)
+
+    def _update_from_file(self, end: int | None) -> None:
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.pos)
+            while end is None or self.pos < end:
+                block = f.read(min(4 * 1024 * 1024, end - self.pos) if end is not None
+                               else 4 * 1024 * 1024)
+                if not block:
+                    break
+                self.hash.update(block)
+                self.pos += len(block)
+
+    def feed(self, view: memoryview, chunk: Chunk) -> None:
+        end = min(chunk.end, self.data_end)
+        if chunk.start != self.pos or end <= self.pos:
+            return
+        self.hash.update(view[chunk.start - self.base:end - self.base])
+        self.pos = end
+        if end >= self.data_end:
+            self.finish()
+
+    def finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self._update_from_file(None)  # what follows the tensors, to the end of the file
+            self.verifier.done(self.path, self.expected, self.hash.hexdigest())
 
 
 class _StagingSlot:
@@ -228,6 +271,7 @@ class TensorStream(Iterator[tuple[str, torch.Tensor]]):
         self._pending: deque[tuple[Chunk, Future[ReadCounts]]] = deque()
         self._sink: Any = None
         self._ahead: Any = None  # an adopted prefetch, whose threads do the reads
+        self._digests: list[_Digest | None] = []  # files a verified load hashes
         try:
             layouts = [FileLayout.for_header(h) for h in checkpoint.headers]
             # Fail on a dtype torch lacks before reading anything.
@@ -247,11 +291,14 @@ class TensorStream(Iterator[tuple[str, torch.Tensor]]):
                 self._readers = list(ahead.readers)
                 self._pending = deque(ahead.pending)
                 self.stats.prefetched = True
+                self._claim_digests(ahead.layouts)
                 return
             if self._device.type == "cuda":
                 self._sink = _CudaSink(layouts, self._device, chunk_bytes, slots=threads + 2)
             else:
                 self._sink = _HostSink(layouts)
+                if open_reader is None:
+                    self._claim_digests(layouts)
             if open_reader is None:
                 self._readers = [FileReader(layout, direct_io) for layout in layouts]
             else:
@@ -264,6 +311,22 @@ class TensorStream(Iterator[tuple[str, torch.Tensor]]):
         except BaseException:
             self.close()
             raise
+
+    def _claim_digests(self, layouts: list[FileLayout]) -> None:
+        """Files that the load being verified (integrity.py) wants hashed, on the host
+        path: there the bytes stay in their buffer after they land."""
+        for header, layout in zip(self.checkpoint.headers, layouts, strict=True):
+            claimed = integrity.claim(header.path)
+            self._digests.append(None if claimed is None else _Digest(*claimed, header, layout))
+
+    def _digest(self, file: int, chunk: Chunk | None) -> None:
+        digest = self._digests[file] if file < len(self._digests) else None
+        if digest is None:
+            return
+        if chunk is None:
+            digest.finish()
+        else:
+            digest.feed(self._sink.views[file], chunk)
 
     def __iter__(self) -> TensorStream:
         return self
@@ -278,8 +341,10 @@ class TensorStream(Iterator[tuple[str, torch.Tensor]]):
                     chunk, future = self._pending.popleft()
                     self._count(future.result())
                     self._sink.landed(chunk)
+                    self._digest(chunk.file, chunk)  # before its tensors are handed out
                     self._hand_out(chunk.end)
                 else:
+                    self._digest(self._file, None)
                     self._hand_out(None)  # the file's reads are all in: the rest of it
                     self._file += 1
                     self._next_tensor = 0

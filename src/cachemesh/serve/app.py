@@ -41,7 +41,7 @@ from ..errors import CachemeshError
 from . import control, datacaches, openai, ui, v2_rest
 from .auth import Authenticate, access_of
 from .http_errors import encodable
-from .limits import BodyLimit
+from .limits import BodyLimit, ParseBudget
 from .metrics import CONTENT_TYPE
 from .registry import ModelSpec
 from .service import ModelService
@@ -128,4 +128,5 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
                                 Middleware(BodyLimit, limit_of=body_limit)])
     app.state.service = service
     app.state.api = api
+    app.state.parse_budget = ParseBudget(cfg.parse_budget())  # inference bodies (limits.py)
     return app

@@ -37,6 +37,10 @@ their ``version`` or else ``default``, taking all the traffic.
 
 Versions are immutable: a label keeps its source, runtime and parameters for
 as long as it is in the document; publish a change under a new label.
+
+GET shows sources (and a ``base`` parameter) with their query values hidden
+(``sources/redact.py``: a presigned URL's signature). A PUT that sends such a
+shown source back for a version the model has means that version's real one.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from pydantic import (
 )
 
 from ..errors import InvalidInputError
+from ..sources.redact import redact_source
 from ..store.names import check_name
 from .limits import check_json
 
@@ -239,6 +244,33 @@ class ModelDoc(BaseModel):
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=False)
+
+
+def shown_version(entry: dict[str, Any]) -> dict[str, Any]:
+    """A version as JSON, for a response: its source and base source redacted."""
+    out = {**entry, "source": redact_source(entry["source"])}
+    params = entry.get("parameters") or {}
+    if isinstance(params.get("base"), str):
+        out["parameters"] = {**params, "base": redact_source(params["base"])}
+    return out
+
+
+def unredact(doc: ModelDoc, old: ModelDoc) -> ModelDoc:
+    """``doc`` with each source that is the shown (redacted) form of the same version's
+    source in ``old`` replaced by that source: GET | edit | PUT changes nothing it
+    did not mean to."""
+    versions = {}
+    for label, spec in doc.versions.items():
+        before = old.versions.get(label)
+        if before is not None:
+            if spec.source != before.source and spec.source == redact_source(before.source):
+                spec = spec.model_copy(update={"source": before.source})
+            base, was = spec.parameters.get("base"), before.parameters.get("base")
+            if isinstance(base, str) and isinstance(was, str) and base != was \
+                    and base == redact_source(was):
+                spec = spec.model_copy(update={"parameters": {**spec.parameters, "base": was}})
+        versions[label] = spec
+    return doc.model_copy(update={"versions": versions})
 
 
 def cache_name(model: str, label: str) -> str:

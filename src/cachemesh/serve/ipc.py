@@ -34,8 +34,9 @@ _HEAD = struct.Struct("<IH")
 LOAD, UNLOAD, INFER, GENERATE, STREAM, STATS, CANCEL, PRELOAD = 1, 2, 3, 4, 5, 6, 7, 8
 # Replies, worker -> server: (request_id, status, payload)
 OK, ERROR, CHUNK, END, READY = 0, 1, 2, 3, 4
-# ERROR payloads are (kind, message); kinds:
-E_INPUT, E_MODEL, E_LOAD, E_MISSING = "input", "model", "load", "missing"
+# ERROR payloads are (kind, message); kinds (E_CORRUPT: message is "<sha256> <text>",
+# a load that found a cached file changed, load/integrity.py; ModelLoadError.corrupt_blob):
+E_INPUT, E_MODEL, E_LOAD, E_MISSING, E_CORRUPT = "input", "model", "load", "missing", "corrupt"
 
 
 def encode(obj: Any) -> list[bytes | memoryview]:

@@ -31,16 +31,37 @@ still reaches code that recurses (pickle on the way to a worker, deep copies,
 comparisons). Values that are kept or passed on as Python objects (the
 parameters of a model spec and of an inference request) are held to
 :data:`MAX_JSON_DEPTH` levels and :data:`MAX_JSON_ITEMS` values. Tensor data is
-not walked: it becomes a numpy array at once (at most 32 dimensions).
+not walked: it becomes a numpy array at once.
+
+Tensor shapes (``v2_codec.check_shape``, for every request form and gRPC), before
+anything is reshaped: non-negative integers, at most :data:`MAX_TENSOR_DIMS`
+dimensions, and at most as many elements as the body limit has bytes (every
+element takes at least a byte on the wire), a zero dimension counted as one:
+an empty tensor named ``[2**62, 2**62, 0]`` was a 500 from numpy.
+
+Parsing memory (:class:`ParseBudget`). A body's size does not bound what parsing
+it costs: orjson made about 2 GB of Python lists of a 62 MiB body of
+``[[0],[0],...]``. Large inference bodies are parsed in a thread, off the event
+loop, and each holds a share of one budget while it is parsed: an estimate of
+what its parse will use (``v2_codec.parse_cost``). A body whose estimate is over
+the whole budget gets 413; one that does not fit beside those being parsed gets
+503 with Retry-After.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from ..errors import RequestTooLargeError
+from ..errors import InferenceInputError, RequestTooLargeError, UnavailableError
 
 MAX_JSON_DEPTH = 32
+MAX_TENSOR_DIMS = 32
+# The elements of one tensor when the caller does not pass its body limit (the default one).
+MAX_TENSOR_ELEMENTS = 64 * 1024**2
 MAX_JSON_ITEMS = 10_000
 # Past this announced length an early answer closes the connection (see above).
 DRAIN_MAX = 64 * 1024**2
@@ -76,6 +97,103 @@ def check_json(value: Any, what: str, *, max_depth: int = MAX_JSON_DEPTH,
             raise RequestTooLargeError(f"{what} nests deeper than {max_depth} levels", max_depth)
         stack.extend((child, depth + 1) for child in children)
     return value
+
+
+class ParseBudget:
+    """Bytes of memory that request bodies being parsed may use at once. Taken without
+    waiting: a request that does not fit now is told to come back (503)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()  # parses run in threads
+
+    @contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        if nbytes > self.limit:
+            raise RequestTooLargeError(
+                f"parsing this body would take about {_mib(nbytes)} of memory, over the"
+                f" {_mib(self.limit)} that parsing may use (CACHEMESH_SERVE_PARSE_MEMORY);"
+                " send large tensors flat and numeric, or in the binary extension",
+                self.limit)
+        with self._lock:
+            if self.used + nbytes > self.limit:
+                raise UnavailableError(
+                    f"the server is parsing other large requests ({_mib(self.used)} of"
+                    f" {_mib(self.limit)}); try again", retry_after=1.0)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.used -= nbytes
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024**2:.0f} MiB"
+
+
+def whole(value: Any) -> int | None:
+    """``value`` as a non-negative integer: an int, an integral float (``256.0``) or a
+    string of digits (protobuf's JSON writes 64-bit integers as strings); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, float) and value.is_integer():
+        n = int(value)
+    elif isinstance(value, str) and value.isascii() and value.isdigit():
+        n = int(value)
+    else:
+        return None
+    return n if n >= 0 else None
+
+
+def check_shape(value: Any, where: str, max_elements: int = MAX_TENSOR_ELEMENTS
+                ) -> tuple[int, ...]:
+    """A shape of non-negative integers, at most :data:`MAX_TENSOR_DIMS` of them, whose
+    elements (a zero dimension counted as one, so that an empty tensor cannot name
+    dimensions nothing could hold) number at most ``max_elements``: checked before
+    anything is reshaped. Byte size is then bounded too (8 bytes an element at most)."""
+    if not isinstance(value, list | tuple):
+        raise InferenceInputError(f"{where}: shape must be a list of integers")
+    if len(value) > MAX_TENSOR_DIMS:
+        raise InferenceInputError(f"{where}: a shape of {len(value)} dimensions has more"
+                                  f" than {MAX_TENSOR_DIMS} dimensions")
+    shape = []
+    extent = 1
+    for d in value:
+        n = whole(d)
+        if n is None:
+            raise InferenceInputError(
+                f"{where}: shape {list(value)!r}: {d!r} is not a non-negative integer")
+        shape.append(n)
+        extent *= max(n, 1)
+        if extent > max_elements:
+            raise InferenceInputError(
+                f"{where}: shape {list(value)!r} declares more elements than the limit of"
+                f" {max_elements} (the body limit's bytes)")
+    return tuple(shape)
+
+
+# Memory that parsing takes, measured with tracemalloc on 2M-value bodies (issue 22):
+# the numeric path (json_tensors) 3.5 bytes a body byte for [[0],[0],...] as FP32 (8-byte
+# types: about 5), 1.0 for flat floats; orjson and numpy 115-280 bytes a value (nested
+# lists, strings, floats).
+NUMERIC_COST = 8
+VALUE_COST = 256
+_SMALL = 64 * 1024  # bodies below this are not worth counting
+
+
+def parse_cost(text: bytes) -> int:
+    """What parsing ``text`` with orjson (and numpy after it) may take, at most."""
+    if len(text) < _SMALL:
+        return 0
+    return len(text) + VALUE_COST * (text.count(b",") + 1)
+
+
+def held(budget: ParseBudget | None, nbytes: int) -> contextlib.AbstractContextManager:
+    return budget.hold(nbytes) if budget is not None and nbytes else contextlib.nullcontext()
 
 
 def _reply(status: int, message: bytes, close: bool) -> tuple[dict[str, Any], dict[str, Any]]:

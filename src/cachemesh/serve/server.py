@@ -17,6 +17,7 @@ from typing import Any
 import uvicorn
 
 from ..config import Settings
+from ..sources.redact import redact_log_handlers
 from .app import create_app
 from .registry import ModelSpec
 from .service import ModelService
@@ -85,4 +86,9 @@ def run(settings: Settings, specs: Sequence[ModelSpec] = (), *,
     """Serve until SIGTERM or Ctrl-C (what ``cachemesh serve`` runs). ``launched``:
     the workers, started before this module was imported (``workers.launch_workers``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    make_server(settings, specs, on_started=on_started, launched=launched).run()
+    server = make_server(settings, specs, on_started=on_started, launched=launched)
+    # After make_server: uvicorn's config installs its own handlers. httpx logs each
+    # request's URL at INFO, a presigned signature included.
+    redact_log_handlers(logging.getLogger(), logging.getLogger("uvicorn"),
+                        logging.getLogger("uvicorn.access"))
+    server.run()

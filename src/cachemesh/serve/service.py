@@ -67,7 +67,14 @@ from ..errors import (
 from ..runtimes import InferenceRequest, InferenceResponse, Resolved, resolve
 from . import ipc
 from .copies import CopyPolicy, decide, pick
-from .documents import DEFAULT_VERSION, ModelDoc, VersionSpec, cache_name, doc_from_spec
+from .documents import (
+    DEFAULT_VERSION,
+    ModelDoc,
+    VersionSpec,
+    cache_name,
+    doc_from_spec,
+    unredact,
+)
 from .loadqueue import BACKGROUND, REQUEST, LoadQueue
 from .memory import default_budget
 from .metrics import Metrics
@@ -358,7 +365,6 @@ class ModelService:
                 # a source like any other, under the same rules.
                 self.caches.check_source(parse_source(base, {}, self.settings), doc.bucket,
                                          roots)
-            uri = source.uri
             try:
                 info = self.caches.get(cache_name(doc.name, label))
             except CacheNotFoundError:
@@ -367,10 +373,11 @@ class ModelService:
                 raise ConflictError(
                     f"model {doc.name!r} version {label!r}: cache {info.name!r} is in another"
                     " bucket; remove it or name the model differently")
-            if info.source != uri:
+            if info.spec.get("source") != source.uri:  # (info.source is the shown form)
                 raise ConflictError(
                     f"model {doc.name!r} version {label!r}: cache {info.name!r} already holds"
-                    f" {info.source}, not {uri}; remove that cache or use another label")
+                    f" {info.source}, not {source.display_uri}; remove that cache or use"
+                    " another label")
 
     def _check_access(self, doc: ModelDoc, existing: Deployment | None) -> None:
         """The caller must hold the token of the document's bucket (403), and may not
@@ -398,7 +405,7 @@ class ModelService:
             existing = self.deployments.get(spec.name)
             await asyncio.to_thread(self._check_access, doc, existing)
             if existing is not None and not existing.removed:
-                if existing.doc == doc:
+                if unredact(doc, existing.doc) == existing.doc:
                     return self.status(spec.name)
                 raise ConflictError(f"model {spec.name!r} exists with another spec; remove it"
                                     " first, or PUT /api/v1/models/{name} to roll out a new"
@@ -433,6 +440,7 @@ class ModelService:
                 await asyncio.to_thread(self.registry.put, doc)
                 self._eager(self._add(doc, origin="api"))
                 return self.status(doc.name), True
+            doc = unredact(doc, dep.doc)  # a source as GET showed it means the real one
             if dep.rollout is not None:
                 raise ConflictError(f"model {doc.name!r} is being rolled out already; try"
                                     " again when that finishes")
@@ -770,15 +778,16 @@ class ModelService:
         except ConflictError:
             # A cache of that name exists: reuse it when it holds the same source.
             info = self.caches.get(v.cache)
-            wanted = parse_source(spec.source, {}, self.settings).uri
+            wanted = parse_source(spec.source, {}, self.settings)
             if info.bucket != v.bucket:  # never serve another bucket's files
                 raise ConflictError(
                     f"model {v.display!r}: cache {v.cache!r} is in another bucket;"
                     " remove it or name the model differently") from None
-            if info.source != wanted:
+            if info.spec.get("source") != wanted.uri:  # (info.source is the shown form)
                 raise ConflictError(
                     f"model {v.display!r}: cache {v.cache!r} already holds {info.source},"
-                    f" not {wanted}; remove that cache or name the model differently") from None
+                    f" not {wanted.display_uri}; remove that cache or name the model"
+                    " differently") from None
             view = self.caches.pull(v.cache).view
         label = None if v.label == DEFAULT_VERSION else v.label
         resolved = resolve(view, spec.runtime, spec.parameters, label)
@@ -880,6 +889,10 @@ class ModelService:
                 errors.append(f"worker {failed.worker}: {failed.error}")
                 avoid.add(failed.worker)
                 self.metrics.load_failures.labels(v.model).inc()
+                blob = getattr(failed.error, "corrupt_blob", None)
+                if blob:  # every worker reads the same bytes: no retry; verify is told
+                    await asyncio.to_thread(self.caches.mark_corrupt, blob, f"model {v.display}")
+                    break
                 continue
             v.phase = UNLOADED  # not loading any more; Ready comes from the copy
             return
@@ -905,7 +918,11 @@ class ModelService:
             await asyncio.to_thread(self._take_hold, v)
         try:
             spec = {"runtime": v.resolved.runtime,
-                    "settings": v.resolved.settings(v.model, v.view)}
+                    "settings": v.resolved.settings(v.model, v.view),
+                    # What the worker checks the files against (load/integrity.py).
+                    "integrity": {"files": await asyncio.to_thread(self.caches.integrity,
+                                                                   v.cache),
+                                  "full": self.cfg.verify_loads}}
             result = await worker.call(ipc.LOAD, copy.key, spec)
         except (ModelLoadError, WorkerCrashedError) as exc:
             self._forget_copy(copy, None)

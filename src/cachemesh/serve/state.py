@@ -30,7 +30,8 @@ from typing import Any
 
 from ..runtimes import Resolved
 from .copies import CopyPolicy, RateMeter
-from .documents import DEFAULT_VERSION, ModelDoc, VersionSpec
+from ..sources.redact import redact_source
+from .documents import DEFAULT_VERSION, ModelDoc, VersionSpec, shown_version
 from .loadqueue import Ticket
 from .routing import Router
 from .workers import WorkerHandle
@@ -224,7 +225,8 @@ class ModelStatus:
         doc = self.document.to_json()
         out = {f.name: getattr(self, f.name) for f in fields(self)
                if f.name not in ("document", "versions")}
-        out["versions"] = {label: {**spec, "status": asdict(self.versions[label])}
+        out["source"] = redact_source(self.source)
+        out["versions"] = {label: {**shown_version(spec), "status": asdict(self.versions[label])}
                            for label, spec in doc["versions"].items()}
         for key in ("traffic", "routes", "aliases", "scaling"):
             out[key] = doc[key]

@@ -38,7 +38,17 @@ import orjson
 
 from ..errors import InferenceInputError
 from ..runtimes.types import DATATYPES, InferenceRequest, InferenceResponse, RequestedOutput, Tensor
-from .limits import check_json
+from . import json_tensors
+from .limits import (
+    MAX_TENSOR_ELEMENTS,
+    NUMERIC_COST,
+    ParseBudget,
+    check_json,
+    check_shape,
+    held,
+    parse_cost,
+    whole,
+)
 
 # gRPC InferTensorContents field for each datatype (FP16 has none: raw only).
 CONTENTS_FIELD = {
@@ -88,18 +98,6 @@ def unwrap_parameters(params: Any, where: str) -> dict[str, Any]:
                                 ) from None
         out[key] = value
     return out
-
-
-def check_shape(value: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(value, list):
-        raise _fail(f"{where}: shape must be a list of integers")
-    try:
-        shape = tuple(int(d) for d in value)
-    except (TypeError, ValueError):
-        raise _fail(f"{where}: shape must be a list of integers, got {value!r}") from None
-    if any(d < 0 for d in shape):
-        raise _fail(f"{where}: shape {list(shape)} has a negative dimension")
-    return shape
 
 
 def _numeric(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
@@ -200,12 +198,15 @@ def decode_raw(buf: bytes | memoryview, datatype: str, shape: tuple[int, ...],
     return _reshape(arr, shape, where)
 
 
-def _contents(contents: Any, datatype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+def _contents(contents: Any, datatype: str, shape: tuple[int, ...], where: str,
+              spans: dict[int, json_tensors.Span]) -> np.ndarray:
     """``contents`` of the gRPC message written as JSON."""
     if not isinstance(contents, dict):
         raise _fail(f"{where}: contents must be an object")
     field = contents_field(datatype, where)
     values = contents.get(field, contents.get(_CAMEL[field]))
+    if type(values) is int and values in spans:
+        return _from_span(spans.pop(values), datatype, shape, where)
     if values is None:
         present = ", ".join(contents) or "none"
         raise _fail(f"{where}: {datatype} data goes in contents.{field} (got {present})")
@@ -249,8 +250,31 @@ def check_datatype(datatype: Any, where: str) -> str:
     return datatype.upper()
 
 
-def parse_request(body: bytes, header_length: int | None = None) -> tuple[InferenceRequest, Form]:
-    """Read a V2 inference request body (JSON, or JSON plus binary tensors)."""
+def _from_span(span: json_tensors.Span, datatype: str, shape: tuple[int, ...],
+               where: str) -> np.ndarray:
+    """A tensor from a numeric array that json_tensors cut out of the body."""
+    if datatype in ("BYTES", "BOOL"):
+        wanted = "strings" if datatype == "BYTES" else "true/false"
+        raise _fail(f"{where}: {datatype} data must be {wanted}, got numbers")
+    try:
+        flat, _ = json_tensors.parse(span, DATATYPES[datatype])
+    except json_tensors.NotIntegers:
+        raise _fail(f"{where}: {datatype} data must be integers, got floating-point values"
+                    ) from None
+    except json_tensors.OutOfRange:
+        raise _fail(f"{where}: a value is out of range for {datatype}") from None
+    except json_tensors.BadSpan as exc:
+        raise _fail(f"{where}: {exc}") from None
+    return _reshape(flat, shape, where)
+
+
+def parse_request(body: bytes, header_length: int | None = None,
+                  max_elements: int = MAX_TENSOR_ELEMENTS, budget: ParseBudget | None = None
+                  ) -> tuple[InferenceRequest, Form]:
+    """Read a V2 inference request body (JSON, or JSON plus binary tensors); a tensor
+    holds at most ``max_elements`` elements (the server's body limit). Long numeric
+    arrays are read by json_tensors, not as one Python object per number. With a
+    ``budget``, the parse holds an estimate of its memory in it (limits.py)."""
     if header_length is not None:
         if header_length < 0 or header_length > len(body):
             raise _fail(f"Inference-Header-Content-Length {header_length} is outside the body"
@@ -258,6 +282,21 @@ def parse_request(body: bytes, header_length: int | None = None) -> tuple[Infere
         head, binary = body[:header_length], memoryview(body)[header_length:]
     else:
         head, binary = body, memoryview(b"")
+    large = len(head) >= json_tensors.MIN_SPAN
+    with held(budget, NUMERIC_COST * len(head) if large else 0):
+        skeleton, spans = json_tensors.split(head)
+        if spans:
+            with held(budget, parse_cost(skeleton)):
+                try:
+                    return _parse(skeleton, binary, max_elements, spans)
+                except json_tensors.Fallback:
+                    pass
+    with held(budget, parse_cost(head)):
+        return _parse(head, binary, max_elements, {})
+
+
+def _parse(head: bytes, binary: memoryview, max_elements: int,
+           spans: dict[int, json_tensors.Span]) -> tuple[InferenceRequest, Form]:
     try:
         doc = orjson.loads(head)
     except orjson.JSONDecodeError as exc:
@@ -282,22 +321,31 @@ def parse_request(body: bytes, header_length: int | None = None) -> tuple[Infere
             raise _fail(f"{where} needs a 'name'")
         where = f"input {name!r}"
         datatype = check_datatype(item.get("datatype"), where)
-        shape = check_shape(item.get("shape"), where)
+        if type(item.get("shape")) is int and item["shape"] in spans:
+            raise json_tensors.Fallback  # a shape that long is wrong: orjson will say how
+        shape = check_shape(item.get("shape"), where, max_elements)
         tparams = unwrap_parameters(item.get("parameters"), where)
-        size = tparams.pop("binary_data_size", None)
-        if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise _fail(f"{where}: binary_data_size {size!r} runs past the end of the body")
+        given = tparams.pop("binary_data_size", None)
+        if given is not None:
+            size = whole(given)
+            if size is None:
+                raise _fail(f"{where}: binary_data_size {given!r} is not a non-negative integer")
+            if offset + size > len(binary):
+                raise _fail(f"{where}: binary_data_size is {size} bytes, but only"
+                            f" {len(binary) - offset} bytes follow in the body; it runs past"
+                            " the end of the body")
             array = decode_raw(binary[offset:offset + size], datatype, shape, where)
             offset += size
         elif "data" in item:
             data = item["data"]
-            if datatype == "BYTES":
+            if type(data) is int and data in spans:
+                array = _from_span(spans.pop(data), datatype, shape, where)
+            elif datatype == "BYTES":
                 array = _bytes_array(_flatten(data), shape, where)
             else:
                 array = _numeric(data, datatype, shape, where)
         elif "contents" in item:
-            array = _contents(item["contents"], datatype, shape, where)
+            array = _contents(item["contents"], datatype, shape, where, spans)
         elif isinstance(raw_contents, list) and index < len(raw_contents):
             try:
                 buf = base64.b64decode(raw_contents[index], validate=True)
@@ -322,6 +370,8 @@ def parse_request(body: bytes, header_length: int | None = None) -> tuple[Infere
         elif flag is False:
             plain_outs.add(item["name"])
         outputs.append(RequestedOutput(item["name"], oparams))
+    if spans:  # a placeholder that was not a tensor's values: read the body as it is
+        raise json_tensors.Fallback
     binary_all = bool(params.pop("binary_data_output", False))
     rid = doc.get("id")
     request = InferenceRequest(tensors, outputs, params, None if rid is None else str(rid))

@@ -51,6 +51,7 @@ from . import protos as pb
 from .auth import credentials
 from .documents import DEFAULT_VERSION
 from .http_errors import message_of, status_of
+from .limits import MAX_TENSOR_ELEMENTS
 from .service import READY, ModelService
 from .v2_codec import (
     check_datatype,
@@ -126,8 +127,10 @@ def _set_parameters(field: Any, params: dict[str, Any]) -> None:
             p.string_param = orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
-def decode_request(msg: Any) -> tuple[InferenceRequest, bool]:
-    """A ``ModelInferRequest`` as the service's request, and whether it used raw inputs."""
+def decode_request(msg: Any, max_elements: int = MAX_TENSOR_ELEMENTS
+                   ) -> tuple[InferenceRequest, bool]:
+    """A ``ModelInferRequest`` as the service's request, and whether it used raw inputs;
+    a tensor holds at most ``max_elements`` elements (the server's body limit)."""
     if not msg.inputs:
         raise e.InferenceInputError("the request needs at least one input")
     raw = msg.raw_input_contents
@@ -141,7 +144,7 @@ def decode_request(msg: Any) -> tuple[InferenceRequest, bool]:
             raise e.InferenceInputError(f"input #{index + 1} needs a name")
         where = f"input {item.name!r}"
         datatype = check_datatype(item.datatype, where)
-        shape = check_shape(list(item.shape), where)
+        shape = check_shape(list(item.shape), where, max_elements)
         params = unwrap_parameters(_parameters(item.parameters), where)
         has_contents = item.HasField("contents")
         if raw:
@@ -228,7 +231,7 @@ class InferenceServicer:
 
     async def _infer(self, request: Any, context: aio.ServicerContext
                      ) -> tuple[InferenceResponse, bool]:
-        req, raw = decode_request(request)
+        req, raw = decode_request(request, self.service.cfg.max_body)
         # Without a model_version, the model's routes and traffic choose one, from the
         # call's metadata (as REST's headers) and the request's parameters.
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in _metadata(context)}

@@ -25,6 +25,7 @@ docs/benchmarks.md, section "serve").
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from typing import Any
 
@@ -37,6 +38,7 @@ from .. import __version__
 from ..errors import InvalidInputError, RequestTooLargeError
 from .documents import DEFAULT_VERSION
 from .http_errors import message_of, status_of
+from .limits import ParseBudget
 from .registry import make_model_spec
 from .service import LOADING, PULLING, READY, UNLOADING, ModelService
 from .v2_codec import encode_response, parse_request
@@ -112,6 +114,17 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return body
 
 
+# Bodies from this size on (and every compressed one) are inflated and parsed in a thread.
+OFF_LOOP = 256 * 1024
+
+
+def _decode(body: bytes, encoding: str, header_length: int | None, max_body: int,
+            budget: ParseBudget) -> tuple[Any, Any]:
+    if encoding:
+        body = _decompress(body, encoding, max_body)
+    return parse_request(body, header_length, max_body, budget)
+
+
 class InferEndpoint:
     """``POST .../infer`` as a bare ASGI app: the hot path makes no Request object and
     crosses no per-request wrappers. Middleware on the root app still applies."""
@@ -138,10 +151,15 @@ class InferEndpoint:
                 raise InvalidInputError(
                     f"Inference-Header-Content-Length {header!r} is not a number") from None
             body = b"".join(chunks) if len(chunks) != 1 else chunks[0]
-            encoding = headers.get("content-encoding")
-            if encoding:
-                body = _decompress(body, encoding.lower(), scope["app"].state.service.cfg.max_body)
-            req, form = parse_request(body, header_length)
+            encoding = (headers.get("content-encoding") or "").lower()
+            state = scope["app"].state
+            if encoding or len(body) >= OFF_LOOP:
+                # Off the event loop: health probes and other requests go on meanwhile.
+                req, form = await asyncio.to_thread(
+                    _decode, body, encoding, header_length, state.service.cfg.max_body,
+                    state.parse_budget)
+            else:
+                req, form = parse_request(body, header_length, state.service.cfg.max_body)
             response = await scope["app"].state.service.infer(
                 p["model"], p.get("version"), req, headers=headers)
             version = response.model_version

@@ -238,12 +238,14 @@ class Worker:
             else:
                 raise ValueError(f"unknown operation {op}")
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the server
-            from ..errors import InvalidInputError
+            from ..errors import IntegrityError, InvalidInputError
 
             kind = ipc.E_LOAD if op == ipc.LOAD else (
                 ipc.E_INPUT if isinstance(exc, InvalidInputError) else ipc.E_MODEL)
             detail = f"{type(exc).__name__}: {exc}"
-            if op == ipc.LOAD and not isinstance(exc, (MemoryError, InvalidInputError)):
+            if isinstance(exc, IntegrityError) and exc.sha256:  # a cached file changed
+                kind, detail = ipc.E_CORRUPT, f"{exc.sha256} {exc}"
+            elif op == ipc.LOAD and not isinstance(exc, (MemoryError, InvalidInputError)):
                 tb = traceback.extract_tb(exc.__traceback__)
                 if tb:
                     detail += f" (at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno})"
@@ -271,7 +273,15 @@ class Worker:
         held = sorted(self.models)  # in ``before``: the server subtracts their sizes
         before = rss_bytes()
         model = cls(spec["settings"])
-        model.load()
+        check = spec.get("integrity")
+        if check:  # the files' digests, sizes and commit times (load/integrity.py)
+            from ..load import integrity
+
+            files = {rel: integrity.Expected(*e) for rel, e in check["files"].items()}
+            integrity.for_view(Path(spec["settings"].path), files,
+                               full=check["full"]).run(model.load)
+        else:
+            model.load()
         gc.collect()
         left = {id(p) for p in prefetch.waiting()}
         before -= sum(n for pid, n in ahead.items() if pid not in left)

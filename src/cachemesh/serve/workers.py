@@ -312,6 +312,9 @@ def _error(op: int, payload: Any) -> Exception:
     kind, message = payload
     if kind == ipc.E_INPUT:
         return InferenceInputError(message)
+    if kind == ipc.E_CORRUPT:
+        sha256, _, text = message.partition(" ")
+        return ModelLoadError(text, corrupt_blob=sha256)
     if kind == ipc.E_LOAD or op == ipc.LOAD:
         return ModelLoadError(message)
     if kind == ipc.E_MISSING:

@@ -32,7 +32,7 @@ from .locks import FileLock, is_locked, private_dirs
 from .names import check_name
 from .views import Views
 
-__all__ = ["Store", "BlobRef", "Problem", "FileLock"]
+__all__ = ["CORRUPT_EVENT", "Store", "BlobRef", "Problem", "FileLock"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,17 @@ class Problem:
     subject: str
     detail: str
     cache: str | None = None
+
+
+# The event a model load leaves on every cache holding a blob it found changed
+# (Caches.mark_corrupt, load/integrity.py): "blob sha256:<hex> ...".
+CORRUPT_EVENT = "corrupt-blob"
+
+
+def _blob_named(message: str) -> str | None:
+    at = message.find("blob sha256:")
+    sha = message[at + 12:at + 76] if at >= 0 else ""
+    return sha if len(sha) == 64 and all(c in "0123456789abcdef" for c in sha) else None
 
 
 class Store:
@@ -230,6 +241,7 @@ class Store:
         problems: list[Problem] = []
         on_disk = self.blobs.files_on_disk()
         blob_rows = {r["sha256"]: r["size"] for r in self.db.query("SELECT sha256, size FROM blobs")}
+        reported = set() if rehash else self.reported_corrupt()
         for sha, size in blob_rows.items():
             if sha not in on_disk:
                 problems.append(Problem("missing-blob", sha, "row without a file"))
@@ -237,7 +249,7 @@ class Store:
                 problems.append(
                     Problem("size-mismatch", sha, f"{on_disk[sha]} bytes on disk, {size} expected")
                 )
-            elif rehash and self.blobs.rehash(sha) != sha:
+            elif (rehash or sha in reported) and self.blobs.rehash(sha) != sha:
                 problems.append(Problem("corrupt-blob", sha, "bytes do not match their sha256"))
         for sha in on_disk.keys() - blob_rows.keys():
             problems.append(Problem("orphan-blob", sha, "file without a row (gc removes it)"))
@@ -246,6 +258,12 @@ class Store:
         for cache in caches:
             problems.extend(self._verify_view(cache, blob_rows))
         return problems
+
+    def reported_corrupt(self) -> set[str]:
+        """Blobs a model load found changed (events of kind :data:`CORRUPT_EVENT`):
+        verify re-hashes them even when it re-hashes nothing else."""
+        rows = self.db.query("SELECT message FROM events WHERE kind = ?", (CORRUPT_EVENT,))
+        return {sha for r in rows if (sha := _blob_named(r["message"])) is not None}
 
     def _verify_view(self, cache: dict, blob_rows: dict[str, int]) -> Iterator[Problem]:
         name, bucket, path = cache["name"], cache["bucket"], cache["path"]
