@@ -187,16 +187,16 @@ def test_disk_filling_up_mid_pull_fails_cleanly(small_disk, make_tree, monkeypat
     settings = Settings.from_env(home=small_disk / "home")
     caches = Caches(settings)
     # Someone else fills the disk after the pull planned its space.
-    import cachemesh.caches as caches_mod
+    from cachemesh.caches import evict
 
-    real = caches_mod.Caches._make_room
+    real = evict.make_room
 
-    def then_fill(self, *a, **kw):
-        out = real(self, *a, **kw)
+    def then_fill(*a, **kw):
+        out = real(*a, **kw)
         (small_disk / "filler").write_bytes(os.urandom(12 * 1024 * 1024))
         return out
 
-    monkeypatch.setattr(caches_mod.Caches, "_make_room", then_fill)
+    monkeypatch.setattr(evict, "make_room", then_fill)
     with pytest.raises(CapacityError, match="full"):
         cachemesh.pull(str(make_tree("x", {"w": os.urandom(6 * 1024 * 1024)})), settings=settings)
     assert not list((small_disk / "home/tmp").glob("*.part"))
