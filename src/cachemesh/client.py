@@ -41,8 +41,8 @@ DEFAULT_TIMEOUT_S = 120.0
 FINAL = ("Available", "Failed")
 BUCKET_TOKEN_HEADER = "X-Cachemesh-Bucket-Token"
 
-#: Status code -> error class. The inverse of serve/http_errors.py, where several
-#: classes share a code: the class a caller can catch for all of them.
+#: Status code -> error class. The inverse of error_codes.py, where several classes
+#: share a code: the class a caller can catch for all of them.
 ERRORS: dict[int, type[e.CachemeshError]] = {
     400: e.InvalidInputError,
     401: e.UnauthorizedError,
@@ -66,8 +66,11 @@ def without_userinfo(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
-def error_from_response(response: httpx.Response, *, token_sent: bool = True) -> e.CachemeshError:
-    """The error of a response with status >= 400, carrying the server's message."""
+def error_from_response(response: httpx.Response, *, token_sent: bool = True,
+                        unauthorized_hint: str | None = None) -> e.CachemeshError:
+    """The error of a response with status >= 400, carrying the server's message.
+    ``unauthorized_hint``: what a 401's message says after it; by default a hint
+    where the token comes from, when none was sent."""
     try:
         body = response.json()
         message = body.get("error") if isinstance(body, dict) else None
@@ -75,7 +78,9 @@ def error_from_response(response: httpx.Response, *, token_sent: bool = True) ->
         message = None
     message = str(message or response.text.strip() or response.reason_phrase)
     code = response.status_code
-    if code == 401 and not token_sent:
+    if code == 401 and unauthorized_hint is not None:
+        message += unauthorized_hint
+    elif code == 401 and not token_sent:
         message += " (the server wants a token: CACHEMESH_API_TOKEN)"
     text = f"{message} (HTTP {code})"
     cls = ERRORS.get(code, e.CachemeshError)
@@ -192,10 +197,11 @@ def _repository(name: str, action: str) -> _Call:
 
 class _Base:
     def __init__(self, url: str | None, token: str | None, bucket_tokens: Sequence[str],
-                 timeout: float) -> None:
+                 timeout: float, unauthorized_hint: str | None) -> None:
         self.url = (url or DEFAULT_URL).rstrip("/")
         self.timeout = timeout
         self._token_sent = bool(token)
+        self._unauthorized_hint = unauthorized_hint
         self._headers = {"Accept": "application/json"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
@@ -205,6 +211,10 @@ class _Base:
     def _request(self, client: httpx.Client | httpx.AsyncClient, call: _Call) -> httpx.Request:
         return client.build_request(call.method, call.path, json=call.body, params=call.params,
                                     headers=call.headers)
+
+    def _error(self, response: httpx.Response) -> e.CachemeshError:
+        return error_from_response(response, token_sent=self._token_sent,
+                                   unauthorized_hint=self._unauthorized_hint)
 
     def _unreachable(self, exc: httpx.HTTPError) -> e.UnavailableError:
         if isinstance(exc, httpx.TimeoutException):
@@ -216,7 +226,7 @@ class _Base:
 
     def _result(self, call: _Call, response: httpx.Response) -> Any:
         if response.status_code >= 400:
-            raise error_from_response(response, token_sent=self._token_sent)
+            raise self._error(response)
         if not response.content:
             return None
         try:
@@ -232,13 +242,16 @@ class ControlClient(_Base):
 
     ``token``: the control (API) token, sent as ``Authorization: Bearer``;
     ``bucket_tokens``: the tokens of protected buckets the caller holds;
-    ``timeout``: seconds for any one request. ``transport`` is httpx's, for tests.
+    ``timeout``: seconds for any one request; ``unauthorized_hint``: what the message
+    of a 401 says after the server's (see :func:`error_from_response`). ``transport``
+    is httpx's, for tests.
     """
 
     def __init__(self, url: str | None = None, *, token: str | None = None,
                  bucket_tokens: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT_S,
-                 verify: Any = True, transport: httpx.BaseTransport | None = None) -> None:
-        super().__init__(url, token, bucket_tokens, timeout)
+                 verify: Any = True, transport: httpx.BaseTransport | None = None,
+                 unauthorized_hint: str | None = None) -> None:
+        super().__init__(url, token, bucket_tokens, timeout, unauthorized_hint)
         self._http = httpx.Client(base_url=self.url, headers=self._headers, timeout=timeout,
                                   verify=verify, transport=transport)
 
@@ -306,7 +319,7 @@ class ControlClient(_Base):
                                    timeout=httpx.Timeout(self.timeout, read=None)) as response:
                 if response.status_code >= 400:
                     response.read()
-                    raise error_from_response(response, token_sent=self._token_sent)
+                    raise self._error(response)
                 for line in response.iter_lines():
                     event = parser.feed(line)
                     if event is not None:
@@ -370,8 +383,9 @@ class AsyncControlClient(_Base):
 
     def __init__(self, url: str | None = None, *, token: str | None = None,
                  bucket_tokens: Sequence[str] = (), timeout: float = DEFAULT_TIMEOUT_S,
-                 verify: Any = True, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        super().__init__(url, token, bucket_tokens, timeout)
+                 verify: Any = True, transport: httpx.AsyncBaseTransport | None = None,
+                 unauthorized_hint: str | None = None) -> None:
+        super().__init__(url, token, bucket_tokens, timeout, unauthorized_hint)
         self._http = httpx.AsyncClient(base_url=self.url, headers=self._headers,
                                        timeout=timeout, verify=verify, transport=transport)
 
@@ -433,7 +447,7 @@ class AsyncControlClient(_Base):
                                          timeout=httpx.Timeout(self.timeout, read=None)) as r:
                 if r.status_code >= 400:
                     await r.aread()
-                    raise error_from_response(r, token_sent=self._token_sent)
+                    raise self._error(r)
                 async for line in r.aiter_lines():
                     event = parser.feed(line)
                     if event is not None:

@@ -1,9 +1,8 @@
-"""Errors -> HTTP status codes: the one place where that mapping lives.
+"""Errors -> HTTP answers: the status of ``error_codes.py``'s table, and its headers.
 
 The core raises :mod:`cachemesh.errors`; the HTTP adapters (V2 REST, the
-control API, later OpenAI) answer ``{"error": "..."}`` with the status below.
-What the request got wrong is a 4xx; a fault of the model or the server is a
-5xx; there is no catch-all that turns every error into 400.
+control API, OpenAI) answer ``{"error": "..."}`` with the status the table gives
+(the one table the gRPC adapter and the command line read too).
 """
 
 from __future__ import annotations
@@ -12,27 +11,10 @@ import logging
 import math
 
 from .. import errors as e
+from ..error_codes import codes_of
 
 log = logging.getLogger("cachemesh.serve")
 REALM = "cachemesh"
-
-# Most specific first.
-STATUS: list[tuple[type[BaseException], int]] = [
-    (e.RequestTooLargeError, 413),
-    (e.InvalidInputError, 400),  # InferenceInputError, UnknownRuntimeError, UnsafePathError
-    (e.UnauthorizedError, 401),
-    (e.ForbiddenError, 403),
-    (e.NotFoundError, 404),
-    (e.ConflictError, 409),
-    (e.OverloadedError, 429),
-    (e.RequestTimeoutError, 504),
-    (e.UnavailableError, 503),  # draining, load queue full
-    (e.ModelFailedError, 503),
-    (e.ModelTooLargeError, 507),
-    (e.CapacityError, 507),
-    (e.SourceError, 502),
-    (e.ModelError, 500),
-]
 
 
 def status_of(exc: BaseException) -> tuple[int, dict[str, str]]:
@@ -48,12 +30,9 @@ def status_of(exc: BaseException) -> tuple[int, dict[str, str]]:
     elif isinstance(exc, e.ForbiddenError) and exc.scope:
         headers["WWW-Authenticate"] = (f'Bearer realm="{REALM}", error="insufficient_scope",'
                                        f' scope="{exc.scope}"')
-    for cls, code in STATUS:
-        if isinstance(exc, cls):
-            return code, headers
     if not isinstance(exc, e.CachemeshError):
         log.exception("unexpected error", exc_info=exc)
-    return 500, headers
+    return codes_of(exc).http, headers
 
 
 def message_of(exc: BaseException) -> str:

@@ -28,7 +28,7 @@ Credentials come from the call's metadata, the same two as over HTTP
 (``auth.py``): ``authorization: Bearer <token>`` and
 ``x-cachemesh-bucket-token``. The largest message taken is ``max_body``
 (larger ones fail with RESOURCE_EXHAUSTED before any of it is parsed). Errors
-map to status codes in :data:`STATUS` (the gRPC twin of ``http_errors.py``);
+map to the status codes of ``error_codes.py`` (by name: see :func:`code_of`);
 Retry-After and WWW-Authenticate travel as trailing metadata.
 """
 
@@ -46,6 +46,7 @@ from grpc import aio
 from .. import __version__
 from .. import errors as e
 from ..access import CONTROL, INFERENCE, OPEN, Keyring, Principal, acting_as
+from ..error_codes import codes_of
 from ..runtimes.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 from . import protos as pb
 from .auth import credentials
@@ -67,33 +68,14 @@ from .v2_codec import (
 from .v2_rest import EXTENSIONS, TRITON_STATE, load_model, unload_model
 
 log = logging.getLogger("cachemesh.serve")
-S = grpc.StatusCode
 VERSION_METADATA = "x-model-version"  # initial metadata: the version that answered
 
-# Errors -> status codes, most specific first.
-STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
-    (e.RequestTooLargeError, S.RESOURCE_EXHAUSTED),
-    (e.InvalidInputError, S.INVALID_ARGUMENT),  # InferenceInputError: shape, datatype, data
-    (e.UnauthorizedError, S.UNAUTHENTICATED),
-    (e.ForbiddenError, S.PERMISSION_DENIED),
-    (e.NotFoundError, S.NOT_FOUND),
-    (e.ConflictError, S.FAILED_PRECONDITION),  # in use, or taken with another spec
-    (e.OverloadedError, S.RESOURCE_EXHAUSTED),
-    (e.RequestTimeoutError, S.DEADLINE_EXCEEDED),
-    (e.UnavailableError, S.UNAVAILABLE),  # draining, load queue full
-    (e.ModelFailedError, S.UNAVAILABLE),
-    (e.CapacityError, S.RESOURCE_EXHAUSTED),  # a model larger than the memory budget
-    (e.SourceError, S.UNAVAILABLE),
-    (e.ModelError, S.INTERNAL),  # the model raised or its worker crashed
-]
 _INT64_MAX = 2**63 - 1
 
 
 def code_of(exc: BaseException) -> grpc.StatusCode:
-    for cls, code in STATUS:
-        if isinstance(exc, cls):
-            return code
-    return S.INTERNAL
+    """The error's row of the one table (``error_codes.py``), which names the code."""
+    return grpc.StatusCode[codes_of(exc).grpc]
 
 
 # -- messages <-> the service's types ------------------------------------------------

@@ -1,4 +1,5 @@
-"""The command line, as a user runs it: a real subprocess, exit codes, stdout."""
+"""The cache commands (pull, cache, gc, du), as a user runs them: a real subprocess, exit
+codes, stdout."""
 
 from __future__ import annotations
 
