@@ -65,9 +65,10 @@ from typing import Any
 
 import numpy as np
 
+from ..config import worker_threads
 from ..errors import InferenceInputError, ModelLoadError
 from .base import ModelSettings, Runtime
-from .files import conversion_runtime, int_param, read_json_object, worker_threads
+from .files import conversion_runtime, int_param, read_json_object
 from .generation import GenerateResult, StreamChunk
 from .textgen import IncrementalDecoder, StopStrings, TextRequest, parse_generate_request
 from .types import InferenceRequest, InferenceResponse, Tensor

@@ -8,7 +8,6 @@ and name the parameter in the error.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -84,14 +83,3 @@ def int_param(params: dict[str, Any], key: str, default: int | None,
     if number < minimum:
         raise InvalidInputError(f"parameter {key} must be >= {minimum}, got {number}")
     return number
-
-
-def worker_threads() -> int:
-    """The worker's thread budget: OMP_NUM_THREADS, which the server sets for each worker
-    from its ``worker_threads`` setting (serve/workers.py). Libraries with pools of their
-    own (onnxruntime, CTranslate2) do not all read it, so runtimes pass it on; 0 when
-    unset or malformed lets the library pick."""
-    try:
-        return max(int(os.environ.get("OMP_NUM_THREADS", "0")), 0)
-    except ValueError:
-        return 0

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import worker_threads
 from ..errors import InferenceInputError, ModelLoadError
 from .base import ModelSettings, Runtime
 from .files import (
@@ -39,7 +40,6 @@ from .files import (
     int_param,
     single_file,
     uri_file,
-    worker_threads,
 )
 from .types import DATATYPES, InferenceRequest, InferenceResponse, Tensor, as_bytes_array
 
