@@ -4,9 +4,7 @@ This module is the public Python API and nothing else. Heavy parts (torch, the
 server) are imported on first use, so ``import cachemesh`` stays cheap.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
+import typing as _typing
 
 __version__ = "0.1.0"
 
@@ -32,7 +30,7 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     module_name = _LAZY.get(name)
     if module_name is None:
         raise AttributeError(f"module 'cachemesh' has no attribute {name!r}")
@@ -47,7 +45,7 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-if TYPE_CHECKING:  # pragma: no cover
+if _typing.TYPE_CHECKING:  # pragma: no cover
     from .caches import pull as pull
     from .load import iter_tensors as iter_tensors
     from .load import load_pretrained as load_pretrained
