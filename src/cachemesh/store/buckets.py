@@ -15,7 +15,7 @@ On disk, under ``$CACHEMESH_HOME``::
     blobs/ tmp/ locks/     0700, always: nothing outside cachemesh reads them
     meta.db, -wal, -shm    0600, always: it names every cache and its source
     hub/                   0755, but caches of protected buckets never appear in it
-                           (see cachemesh.caches)
+                           (see cachemesh.caches.hub_sync)
 
 Why directories: a view file is a hardlink to its blob, one inode with mode 0444
 wherever it is linked, so the file's own mode cannot tell a protected view from

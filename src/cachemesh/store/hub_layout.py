@@ -25,7 +25,7 @@ finds ``org/name`` unchanged, from the store or from a read-only bind mount of
 The view is derived, never authoritative: :meth:`HubLayout.sync` makes one repo
 folder show exactly the union of what the caches *claim* (each Available cache
 pulled from that repo claims its files at its commit, and its branch or tag);
-the caller (``cachemesh.caches``) builds the claims from the database after
+the caller (``cachemesh.caches.hub_sync``) builds the claims from the database after
 every pull and every removal, so removing one cache keeps what another cache
 of the same repo revision still shows, and ``cachemesh gc`` syncs every repo
 folder again (repairing what ``cachemesh cache verify`` reports as ``hub-*``).
