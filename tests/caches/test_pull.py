@@ -173,3 +173,26 @@ def test_failed_pull_resumes_without_refetching_finished_files(caches, settings)
     # Files that landed before are not fetched again.
     assert reopened == files.keys() - landed.keys()
     assert "weights/shard-03.bin" in reopened
+
+
+def test_a_pull_parses_its_source_once(caches, make_tree, settings, monkeypatch):
+    """One parse of the URI serves the declaration, the pull and the hub view."""
+    import importlib
+
+    from cachemesh.sources import parse_source
+
+    parsed: list[str] = []
+
+    def counting(uri, *args, **kwargs):
+        parsed.append(uri)
+        return parse_source(uri, *args, **kwargs)
+
+    for name in ("pull", "facade", "hub_sync"):  # the package's modules that parse
+        monkeypatch.setattr(importlib.import_module(f"cachemesh.caches.{name}"),
+                            "parse_source", counting)
+    origin = make_tree("once", model_files())
+    cachemesh.pull(str(origin), settings=settings)
+    assert parsed == [str(origin)]
+    parsed.clear()
+    cachemesh.pull(str(origin), refresh=True, settings=settings)  # declared already
+    assert parsed == [str(origin)]
