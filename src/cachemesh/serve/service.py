@@ -65,7 +65,6 @@ from ..errors import (
     WorkerCrashedError,
 )
 from ..runtimes import InferenceRequest, InferenceResponse, Resolved, resolve
-from . import ipc
 from .copies import CopyPolicy, decide, pick
 from .documents import (
     DEFAULT_VERSION,
@@ -76,6 +75,7 @@ from .documents import (
     unredact,
 )
 from .loadqueue import BACKGROUND, REQUEST, LoadQueue
+from .messages import Generate, Infer, IntegrityCheck, Load, Loaded, Preload, Stats, Stream, Unload
 from .memory import default_budget
 from .metrics import Metrics
 from .placement import Placement, Resident, Slot, held, place
@@ -759,7 +759,7 @@ class ModelService:
             if not worker.alive or (not paths and (worker.id, runtime) in self._warmed):
                 continue
             self._warmed.add((worker.id, runtime))
-            calls.append(worker.call(ipc.PRELOAD, "", {"runtime": runtime, "paths": paths}))
+            calls.append(worker.call(Preload(runtime, paths)))
             if paths:
                 v.prefetched_on = worker.id
             paths = []  # one worker reads ahead (into its own memory: see worker.py)
@@ -917,13 +917,11 @@ class ModelService:
         if v.hold is None:
             await asyncio.to_thread(self._take_hold, v)
         try:
-            spec = {"runtime": v.resolved.runtime,
-                    "settings": v.resolved.settings(v.model, v.view),
-                    # What the worker checks the files against (load/integrity.py).
-                    "integrity": {"files": await asyncio.to_thread(self.caches.integrity,
-                                                                   v.cache),
-                                  "full": self.cfg.verify_loads}}
-            result = await worker.call(ipc.LOAD, copy.key, spec)
+            # What the worker checks the files against (load/integrity.py).
+            files = await asyncio.to_thread(self.caches.integrity, v.cache)
+            result: Loaded = await worker.call(Load(
+                copy.key, v.resolved.runtime, v.resolved.settings(v.model, v.view),
+                IntegrityCheck(files, self.cfg.verify_loads)))
         except (ModelLoadError, WorkerCrashedError) as exc:
             self._forget_copy(copy, None)
             raise _LoadFailed(worker.id, exc) from exc
@@ -931,9 +929,9 @@ class ModelService:
             self._forget_copy(copy, None)
             raise
         now = time.monotonic()
-        copy.size = _copy_size(int(result["size"]), bool(result.get("reported")), v)
-        v.metadata = result["metadata"]
-        v.capabilities = {"generate": result["generate"], "stream": result["stream"]}
+        copy.size = _copy_size(result.size, result.reported, v)
+        v.metadata = result.metadata
+        v.capabilities = {"generate": result.generate, "stream": result.stream}
         copy.state, copy.loaded_at, copy.last_used = READY, now, now
         if not v.last_used:
             v.last_used = now
@@ -941,10 +939,10 @@ class ModelService:
         v.loads += 1
         # The worker's own memory: what it held before this load less the models it
         # held then (by its own word: an unload the server has begun may not have run).
-        held = set(result.get("held", ()))
+        held = set(result.held)
         others = sum(c.size for o in self._all_versions() for c in o.copies
                      if c.worker is worker and c is not copy and c.key in held)
-        worker.base_rss = max(int(result["rss_before"]) - others, 0)
+        worker.base_rss = max(result.rss_before - others, 0)
         self._update_bytes(v.model)
         return copy
 
@@ -1065,7 +1063,7 @@ class ModelService:
             while c.inflight and c.worker.alive:
                 await self._capacity_changed()
             if c.worker.alive:
-                await c.worker.call(ipc.UNLOAD, c.key)
+                await c.worker.call(Unload(c.key))
         except CachemeshError as exc:
             log.warning("unload of %s: %s", c.key, exc)
         finally:
@@ -1231,7 +1229,7 @@ class ModelService:
                     copy = await self._copy_for(
                         v, series, time.monotonic() + self.cfg.request_timeout_s)
                     response: InferenceResponse = await copy.worker.call(
-                        ipc.INFER, copy.key, request)
+                        Infer(copy.key, request))
             except TimeoutError:
                 raise RequestTimeoutError(
                     f"model {name!r} did not answer within {self.cfg.request_timeout_s:g}s"
@@ -1276,7 +1274,7 @@ class ModelService:
             if not v.capabilities.get("generate"):
                 raise InferenceInputError(f"model {name!r} does not generate")
             async with asyncio.timeout(self.cfg.request_timeout_s):
-                return await copy.worker.call(ipc.GENERATE, copy.key, payload)
+                return await copy.worker.call(Generate(copy.key, payload))
         finally:
             if copy is not None:
                 self._release(copy)
@@ -1293,7 +1291,7 @@ class ModelService:
             copy = await self._copy_for(v, None, time.monotonic() + self.cfg.request_timeout_s)
             if not v.capabilities.get("stream"):
                 raise InferenceInputError(f"model {name!r} does not stream")
-            async for chunk in copy.worker.stream(copy.key, payload):
+            async for chunk in copy.worker.stream(Stream(copy.key, payload)):
                 yield chunk
         finally:
             if copy is not None:
@@ -1307,10 +1305,9 @@ class ModelService:
         copies = [c for v in dep.versions.values() for c in v.copies if c.ready]
 
         async def ask(c: Copy) -> dict[str, Any]:
-            reply = await asyncio.wait_for(c.worker.call(ipc.STATS, c.key),
-                                           self.cfg.request_timeout_s)
+            reply = await asyncio.wait_for(c.worker.call(Stats()), self.cfg.request_timeout_s)
             return {"version": c.version.label, "worker": c.worker.id,
-                    "stats": reply.get("stats", {}).get(c.key, {})}
+                    "stats": reply.stats.get(c.key, {})}
 
         found = list(await asyncio.gather(*(ask(c) for c in copies)))
         return {"loaded": bool(found), "stats": found[0]["stats"] if found else {},

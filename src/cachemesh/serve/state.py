@@ -84,7 +84,7 @@ class Version:
     resolved: Resolved | None = None
     disk_bytes: int = 0
     predicted: int = 0
-    # The worker that read this version's weights ahead (PRELOAD): its first load goes
+    # The worker that read this version's weights ahead (Preload): its first load goes
     # there when that worker has room, and adopts them.
     prefetched_on: int | None = None
     copies: list[Copy] = field(default_factory=list)
