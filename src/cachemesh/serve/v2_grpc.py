@@ -52,7 +52,8 @@ from .auth import credentials
 from .documents import DEFAULT_VERSION
 from .http_errors import message_of, status_of
 from .limits import MAX_TENSOR_ELEMENTS
-from .service import READY, ModelService
+from .service import ModelService
+from .state import READY
 from .v2_codec import (
     check_datatype,
     check_shape,

@@ -40,7 +40,8 @@ from .documents import DEFAULT_VERSION
 from .http_errors import message_of, status_of
 from .limits import ParseBudget
 from .registry import make_model_spec
-from .service import LOADING, PULLING, READY, UNLOADING, ModelService
+from .service import ModelService
+from .state import LOADING, PULLING, READY, UNLOADING
 from .v2_codec import encode_response, parse_request
 
 JSON = "application/json"
