@@ -17,6 +17,9 @@ survive a restart; models given on the command line are declared at each start.
   to load never takes traffic.
 - One declaration per name at a time: the checks and registry writes run in
   threads, off the event loop, so two of them could otherwise interleave.
+- Every registry write names the revision of the document it replaces
+  (``Deployment.revision``; 0: none), so that a registry shared by several holders
+  refuses a write based on a document another one changed meanwhile (409).
 """
 
 from __future__ import annotations
@@ -71,23 +74,23 @@ class Deployments:
         """Declare the models given at start and those the registry kept; a document
         deployed at run time wins over one of the same name given at start. Returns
         the versions to load at once (eager ones)."""
-        saved = {doc.name: doc for doc in self.registry.list()}
+        saved = {e.doc.name: e for e in self.registry.snapshot().entries}
         for item in specs:
             doc = item if isinstance(item, ModelDoc) else doc_from_spec(item)
             if doc.name in saved:
-                if saved[doc.name] != doc:
+                if saved[doc.name].doc != doc:
                     log.warning("model %s: serving the document deployed at run time, not the"
                                 " one given at start (DELETE it to go back)", doc.name)
                 continue
             self.add(doc, origin="config")
-        for doc in saved.values():
-            self.add(doc, origin="api")
+        for entry in saved.values():
+            self.add(entry.doc, origin="api", revision=entry.revision)
         return [v for d in self.by_name.values() if d.doc.eager
                 for label, v in d.versions.items() if label in d.doc.serving()]
 
-    def add(self, doc: ModelDoc, origin: str) -> Deployment:
+    def add(self, doc: ModelDoc, origin: str, revision: int = 0) -> Deployment:
         dep = Deployment(doc=doc, origin=origin, router=Router(doc),
-                         policy=CopyPolicy.of(self.cfg, doc.scaling))
+                         policy=CopyPolicy.of(self.cfg, doc.scaling), revision=revision)
         for label, spec in doc.versions.items():
             dep.versions[label] = self._new_version(doc, label, spec)
         self.by_name[doc.name] = dep
@@ -166,9 +169,9 @@ class Deployments:
                                     " first, or PUT /api/v1/models/{name} to roll out a new"
                                     " version")
             await asyncio.to_thread(self._check_sources, doc, {}, persist=persist)
-            if persist:
-                await asyncio.to_thread(self.registry.put, doc)
-            dep = self.add(doc, origin="api" if persist else "config")
+            revision = (await asyncio.to_thread(self.registry.put_if, doc, revision=0)
+                        if persist else 0)
+            dep = self.add(doc, origin="api" if persist else "config", revision=revision)
         self.eager(dep)
 
     def eager(self, dep: Deployment) -> None:
@@ -191,8 +194,8 @@ class Deployments:
             await asyncio.to_thread(self._check_access, doc, dep)
             if dep is None or dep.removed:
                 await asyncio.to_thread(self._check_sources, doc, {})
-                await asyncio.to_thread(self.registry.put, doc)
-                self.eager(self.add(doc, origin="api"))
+                revision = await asyncio.to_thread(self.registry.put_if, doc, revision=0)
+                self.eager(self.add(doc, origin="api", revision=revision))
                 return True
             doc = unredact(doc, dep.doc)  # a source as GET showed it means the real one
             if dep.rollout is not None:
@@ -243,7 +246,8 @@ class Deployments:
             async with self._name_lock(doc.name):  # a DELETE writes the registry too
                 if dep.removed:
                     raise ModelNotFoundError(doc.name)
-                await asyncio.to_thread(self.registry.put, doc)
+                revision = await asyncio.to_thread(self.registry.put_if, doc,
+                                                   revision=dep.revision)
         except BaseException as exc:
             text = str(exc)
             dep.rollout_note = (text if text.startswith("rollout") else
@@ -253,7 +257,7 @@ class Deployments:
                 self.shared.background.start(self.retire(v, "its rollout failed"))
             raise
         # The switch: one assignment each, no await in between.
-        dep.doc, dep.router, dep.origin = doc, Router(doc), "api"
+        dep.doc, dep.router, dep.origin, dep.revision = doc, Router(doc), "api", revision
         dep.policy = CopyPolicy.of(self.cfg, doc.scaling)
         dropped = [dep.versions.pop(label) for label in list(dep.versions)
                    if label not in doc.versions]
@@ -286,7 +290,8 @@ class Deployments:
     async def remove(self, name: str) -> None:
         async with self._name_lock(name):
             dep = self.get(name)
-            await asyncio.to_thread(self.registry.remove, name)
+            # (Revision 0: declared at start, never written; whatever is there goes.)
+            await asyncio.to_thread(self.registry.remove_if, name, revision=dep.revision or None)
             dep.removed = True
         if dep.rollout is not None:
             rollout = dep.rollout

@@ -170,6 +170,7 @@ class Deployment:
     rollout: asyncio.Task | None = None
     rollout_note: str | None = None  # how the last rollout ended
     removed: bool = False
+    revision: int = 0  # of its document in the registry (0: not there, from the command line)
 
     @property
     def name(self) -> str:
