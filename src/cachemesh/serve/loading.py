@@ -108,7 +108,7 @@ class Loader:
                 return copy
             if v.removed and not v.inflight:
                 # (A request routed to it before it was dropped counts in inflight: it
-                # may still load it; _retire waits for it.)
+                # may still load it; Deployments.retire waits for it.)
                 raise ModelNotFoundError(v.model, v.label)
             if v.phase == FAILED and time.monotonic() < v.failed_until:
                 raise ModelFailedError(
@@ -392,7 +392,6 @@ class Loader:
         else:
             with contextlib.suppress(KeyError):
                 self.shared.metrics.model_bytes.remove(name)
-
 
 
 def _copy_size(measured: int, reported: bool, v: Version) -> int:

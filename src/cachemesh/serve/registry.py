@@ -77,7 +77,6 @@ class ModelSpec(BaseModel):
                         " is seen and called only with the bucket's token")
 
 
-
 def make_model_spec(data: dict[str, Any]) -> ModelSpec:
     try:
         return ModelSpec.model_validate(data)
