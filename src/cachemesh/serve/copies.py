@@ -137,7 +137,7 @@ class CopyScaler:
                 log.exception("copy scaler")
 
     def scale(self, now: float) -> None:
-        from .state import LOADING
+        from .state import LOADING  # (state.py imports this module)
 
         alive = len(self.pool.alive())
         draining = self.draining()

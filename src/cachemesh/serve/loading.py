@@ -81,6 +81,7 @@ class Loader:
         self.models = models
         self.queue = LoadQueue(self.cfg.load_concurrency, self.cfg.load_queue)
         self._keys = itertools.count(1)
+        # A version's files and runtime (prepare.py); a load waits for them.
         self.prepare = Preparer(shared, pool, models).prepare
         pool.on_lost = self.slot_lost
 

@@ -7,7 +7,8 @@ translate their wire formats into calls here, and errors from
 is done by its parts:
 
     deployments.py  declare, apply (roll out), retire, remove; their checks
-    loading.py      the life of a copy: prepare, load, adopt, unload; a slot lost
+    loading.py      the life of a copy: load, adopt, unload; a slot lost
+    prepare.py      a version's files pulled through the cache, its runtime decided
     pool.py         the worker processes: spawn, death, recycle, replace; memory
     copies.py       the copy scaler: more copies of a busy version, fewer after
     placement.py    where a copy loads and what is evicted (pure)
