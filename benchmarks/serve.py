@@ -277,7 +277,7 @@ def ipc_costs(work: Path) -> str:
 
     sys.path.insert(0, str(ROOT / "src"))
     from cachemesh.runtimes import InferenceRequest, Tensor, resolve
-    from cachemesh.serve import ipc
+    from cachemesh.serve.messages import Infer, Load
     from cachemesh.serve.workers import WorkerHandle
 
     d = work / "noop"
@@ -288,7 +288,7 @@ def ipc_costs(work: Path) -> str:
         w = WorkerHandle(1, lambda _: None)
         await w.start(memory_limit=None, threads=1)
         r = resolve(d, "custom", {"class": "noop:Noop"})
-        await w.call(ipc.LOAD, "noop", {"runtime": "custom", "settings": r.settings("noop", d)})
+        await w.call(Load("noop", "custom", r.settings("noop", d)))
         rows = []
         for label, shape in (("[1, 64] FP32 (256 B)", (1, 64)),
                              ("[1, 1048576] FP32 (4 MiB, out of band)", (1, 1 << 20))):
@@ -296,11 +296,11 @@ def ipc_costs(work: Path) -> str:
             n = 2000 if shape[1] == 64 else 100
             t = time.perf_counter()
             for _ in range(n):
-                await w.call(ipc.INFER, "noop", req)
+                await w.call(Infer("noop", req))
             seq = (time.perf_counter() - t) / n
             t = time.perf_counter()
             for _ in range(n // 20):
-                await asyncio.gather(*(w.call(ipc.INFER, "noop", req) for _ in range(20)))
+                await asyncio.gather(*(w.call(Infer("noop", req)) for _ in range(20)))
             piped = (time.perf_counter() - t) / n
             rows.append([label, f"{seq * 1e6:.0f}", f"{1 / piped:.0f}",
                          f"{2 * np.prod(shape) * 4 / piped / 2**30:.2f}" if shape[1] > 64 else "-"])

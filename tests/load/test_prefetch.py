@@ -93,22 +93,22 @@ def test_worker_counts_the_adopted_prefetch_in_the_model_size(wide_llama) -> Non
     """The prefetched bytes are in the worker's RSS before the load: they are still
     the model's size, not the worker's base."""
     from cachemesh.runtimes.base import ModelSettings
+    from cachemesh.serve.messages import Load, Preload
     from cachemesh.serve.worker import Worker, read_weights_ahead
 
     a, b = socket.socketpair()
     try:
         worker = Worker(a)
-        worker.preload({"runtime": "transformers", "paths": []})
+        worker.preload(Preload("transformers"))
         read_weights_ahead([str(wide_llama)])
         for _, future in prefetch.waiting()[0].pending:
             future.result()  # all of it in the RSS before the load starts
-        reply = worker.load("m", {"runtime": "transformers",
-                                  "settings": ModelSettings("m", wide_llama,
-                                                            parameters={"task": "generate"})})
+        reply = worker.load(Load("m", "transformers",
+                                 ModelSettings("m", wide_llama, parameters={"task": "generate"})))
         model = worker.models["m"]
         assert prefetch.waiting() == []
         nbytes = sum(p.numel() * p.element_size() for p in model.model.parameters())
-        assert reply["size"] >= 0.9 * nbytes
+        assert reply.size >= 0.9 * nbytes
     finally:
         a.close()
         b.close()

@@ -19,7 +19,7 @@ from cachemesh.caches import Caches, make_spec
 from cachemesh.cli import main
 from cachemesh.config import Settings
 from cachemesh.errors import CacheNotFoundError, ConflictError, StoreError
-from cachemesh.serve.auth import get_visible_cache, visible_caches
+from cachemesh.serve.datacache_service import get_visible_cache, visible_caches
 from cachemesh.serve.registry import MemoryModelRegistry
 from cachemesh.store.buckets import REFRESH_S
 from tests.conftest import model_files

@@ -17,7 +17,7 @@ import pytest
 from cachemesh.caches import Caches
 from cachemesh.config import Settings
 from cachemesh.errors import CacheNotFoundError, InvalidInputError
-from cachemesh.serve.datacaches import _nas_path
+from cachemesh.serve.eci import nas_path as _nas_path
 from tests.emulators.hf_hub import HfHubEmulator
 from tests.emulators.http_origin import HttpOrigin
 from tests.emulators.modelscope import ModelScopeEmulator
@@ -398,3 +398,46 @@ def test_usage_counts_shared_files_once(server: RunningServer, tmp_path: Path):
     assert after["physical_bytes"] == total["physical_bytes"]
     assert after["saved_bytes"] == total["saved_bytes"] - size
     assert server.client.delete(f"/api/v1/datacaches/{names[1]}").status_code == 204
+
+
+def test_a_cache_removed_and_declared_again_as_its_last_pull_ends_is_pulled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The old pull's child has exited but its thread has not finished when the same
+    declaration comes again (after a DELETE): the new cache is pulled once that thread
+    ends, instead of staying Pending because a pull of its name was still 'queued'."""
+    import subprocess
+    import threading
+
+    from cachemesh.caches import AVAILABLE, PENDING, make_spec
+    from cachemesh.serve.datacache_service import DataCacheService
+
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    (origin / "weights.bin").write_bytes(b"x" * 4096)
+    caches = Caches(Settings.from_env({"CACHEMESH_HOME": str(tmp_path / "home")}))
+    service = DataCacheService(caches, [tmp_path])
+    ended = threading.Event()  # a pull's child has exited
+    release = threading.Event()  # and now its thread may finish
+
+    class Held(subprocess.Popen):
+        def communicate(self, *args: Any, **kwargs: Any) -> Any:
+            out = super().communicate(*args, **kwargs)
+            ended.set()
+            release.wait(60)
+            return out
+
+    monkeypatch.setattr(subprocess, "Popen", Held)
+    spec = make_spec(name="again", source=str(origin))
+    try:
+        service.create(spec)
+        assert ended.wait(60) and caches.get("again").status == AVAILABLE
+        caches.rm("again")
+        assert service.create(spec).status == PENDING
+        release.set()
+        deadline = time.monotonic() + 60
+        while caches.get("again").status != AVAILABLE:
+            assert time.monotonic() < deadline, caches.get("again")
+            time.sleep(0.05)
+    finally:
+        release.set()
+        service.stop()

@@ -16,6 +16,7 @@ from cachemesh.config import Settings
 from cachemesh.errors import InferenceInputError, InvalidInputError, UnavailableError
 from cachemesh.runtimes import InferenceResponse, Tensor
 from cachemesh.serve import ipc
+from cachemesh.serve.messages import End, Infer
 from cachemesh.serve.loadqueue import BACKGROUND, REQUEST, LoadQueue
 from cachemesh.serve.memory import container_limit, default_budget, physical_memory
 from cachemesh.serve.registry import parse_model_option, read_config
@@ -62,7 +63,8 @@ def test_load_queue_runs_request_loads_first_and_is_bounded():
 def test_ipc_frames_round_trip_with_out_of_band_buffers():
     big = np.arange(100_000, dtype=np.float32)
     small = np.arange(4, dtype=np.int64)
-    message = (ipc.INFER, 7, "m#1", {"big": big, "small": small, "text": "é"})
+    payload = {"big": big, "small": small, "text": "é"}
+    message = Infer("m#1", payload, rid=7)  # type: ignore[arg-type]
     frames = ipc.encode(message)
     assert len(frames) == 3  # header, pickle, one out-of-band buffer
     wire = b"".join(bytes(f) for f in frames) * 2
@@ -71,11 +73,11 @@ def test_ipc_frames_round_trip_with_out_of_band_buffers():
     for i in range(0, len(wire), 1000):  # arrives in pieces
         got.extend(decoder.feed(wire[i:i + 1000]))
     assert len(got) == 2
-    op, rid, key, payload = got[1]
-    assert (op, rid, key) == (ipc.INFER, 7, "m#1")
+    kind, rid, key, payload = type(got[1]), got[1].rid, got[1].key, got[1].request
+    assert (kind, rid, key) == (Infer, 7, "m#1")
     assert np.array_equal(payload["big"], big) and payload["big"].flags.writeable
     assert np.array_equal(payload["small"], small)
-    assert len(ipc.encode(("tiny",))) == 1
+    assert len(ipc.encode(End(3))) == 1
 
 
 def test_codec_reads_every_form_and_writes_binary_when_asked():

@@ -19,7 +19,7 @@ DataCache (``spec`` in ECI's names) -> ``POST /api/v1/datacaches`` in ECI's shap
     spec.minCopies              MinCopies         K                          only when set
     metadata.name               Name
 
-The node, not the operator, turns a data source into a source URI (serve/datacaches.py):
+The node, not the operator, turns a data source into a source URI (serve/eci.py):
 a NAS share is looked up in the mounts of the node that pulls it.
 
 The description the API answers -> ``status``::

@@ -1,26 +1,48 @@
 """The model server: many models on a few worker processes, KServe V2 over REST and gRPC,
-OpenAI over REST.
+OpenAI over REST, and the control API.
 
-    app.py          the ASGI app factory: routers over one service
-    v2_rest.py      KServe V2 REST adapter (v2_codec.py: bodies <-> messages)
-    v2_grpc.py      KServe V2 gRPC adapter (protos/: inference.proto and its descriptor)
-    openai.py       OpenAI /v1 adapter (completions, chat, embeddings; SSE streaming)
+Protocol adapters (they parse, call the core, and answer; none imports another):
+
+    v2_rest.py      KServe V2 REST (v2_codec.py: bodies <-> messages; json_tensors.py)
+    v2_grpc.py      KServe V2 gRPC (protos/: inference.proto and its descriptor)
+    openai.py       OpenAI /v1 (completions, chat, embeddings; SSE streaming)
     control.py      /api/v1/models
+    datacaches.py   /api/v1/datacaches (eci.py: Alibaba Cloud ECI's shape, translated)
     ui.py           /ui: the read-only web page (ui_static/: its HTML, script and style)
-    http_errors.py  errors -> status codes (the only place)
-    service.py      the protocol-free core: models, loads, rollouts, inference
-    state.py        what it holds: deployments -> versions -> copies, and their status
-    documents.py    the model document: versions, traffic, routes, aliases, scaling
-    routing.py      which version answers a request (a pure decision)
-    copies.py       when a hot model gets another copy, and which copy answers
+    repository.py   the V2 repository extension, shared by REST and gRPC
+
+The protocol-free core:
+
+    service.py      ModelService, the facade: start/stop/drain, route, infer/generate/
+                    stream, status
+    deployments.py  declare, apply (roll out), retire, remove; their checks
+    loading.py      the life of a copy: load, adopt, unload; a lost slot (prepare.py:
+                    a version's files pulled and its runtime decided)
+    pool.py         the worker processes: spawn, death, recycle, replace; memory
+    slot.py         what placement and routing see of a worker (a node, later)
+    copies.py       copies of busy versions: when to add or drop one, which answers
     placement.py    where a copy loads and what is evicted (a pure function over slots)
+    routing.py      which version answers a request (a pure decision)
     loadqueue.py    bounded, prioritised load queue
+    state.py        what it holds: deployments -> versions -> copies, and their status
+    shared.py       what the parts share: settings, caches, metrics, background tasks
+    documents.py    the model document: versions, traffic, routes, aliases, scaling
+    registry.py     model specs, and where run-time deployments are kept (revisions,
+                    compare-and-put, watch)
     memory.py       the default memory budget (cgroup / physical memory)
-    registry.py     model specs and where run-time deployments are kept
-    workers.py      worker processes seen from the server
-    worker.py       the worker process itself; ipc.py: the messages between them
-    metrics.py      Prometheus metrics
-    server.py       uvicorn with a draining SIGTERM
+    datacache_service.py  DataCacheService: caches declared and pulled over the API
+                    (pull_child.py: the process that pulls one)
+
+Worker processes:
+
+    workers.py      worker processes seen from the server (WorkerHandle: a slot)
+    worker.py       the worker process itself (readahead.py: files read ahead)
+    messages.py     the messages between them; ipc.py: how they are framed
+
+HTTP plumbing: app.py (the ASGI app factory), auth.py (tokens per path),
+limits.py (body size, tensor shapes, parsing memory), jsonshape.py (JSON depth and
+size), http_errors.py (errors -> status codes), metrics.py (Prometheus),
+server.py (uvicorn with a draining SIGTERM).
 """
 
 from __future__ import annotations

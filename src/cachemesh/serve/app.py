@@ -1,23 +1,26 @@
 """The ASGI app: one factory, one port, routers added to it.
 
-``create_app(service)`` serves, over one :class:`~.service.ModelService`:
+``create_app(service)`` serves, over one :class:`~.service.ModelService` and the
+:class:`~.datacache_service.DataCacheService` beside it:
 
-- the KServe V2 REST routes (``v2_rest.py``) and ``/metrics``, as plain
+- the KServe V2 REST routes (``v2_rest.py``), ``/metrics`` and ``/ui``, as plain
   Starlette routes on the root app: the inference path crosses two middleware
   layers, not FastAPI's eight (measured: docs/benchmarks.md, section "serve");
-- a FastAPI app mounted under them, holding the control API (``/api/v1/...``)
-  and its OpenAPI documentation (``/docs``).
+- a FastAPI app mounted under them, holding the control API (``/api/v1/...``:
+  ``control.py``, ``datacaches.py``), the OpenAI API (``openai.py``) and the
+  OpenAPI documentation (``/docs``).
 
-Later adapters (the datacache control API, OpenAI, ...) are FastAPI routers:
-pass them as ``routers=`` or add them with ``app.state.api.include_router``.
-Two middleware layers on the root app see every request, outermost first:
-authentication (``auth.py``: the path's access class, the caller's tokens, 401
-or 403 before the body is read) and the body limit (``limits.py``: 413). A new
-route is covered by both with no code of its own; ``auth.RULES`` says which
-token its path needs (control, unless a rule says otherwise). Handlers reach the service as
-``request.app.state.service`` (both apps carry it). The service starts and stops
-with the root app's lifespan, and so does KServe V2 over gRPC (``v2_grpc.py``) on
-``grpc_port`` when it is not 0, in the same event loop.
+Other routers are FastAPI routers too: pass them as ``routers=`` or add them
+with ``app.state.api.include_router``. Two middleware layers on the root app see
+every request, outermost first: authentication (``auth.py``: the path's access
+class, the caller's tokens, 401 or 403 before the body is read) and the body
+limit (``limits.py``: 413). A new route is covered by both with no code of its
+own; ``auth.RULES`` says which token its path needs (control, unless a rule says
+otherwise). Handlers reach the services as ``request.app.state.service`` and
+``request.app.state.datacaches`` (both apps carry them). The model service starts
+and stops with the root app's lifespan, and so does KServe V2 over gRPC
+(``v2_grpc.py``) on ``grpc_port`` when it is not 0, in the same event loop; the
+data caches' pulls stop with it.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from ..access import CONTROL, Keyring
 from ..errors import CachemeshError
 from . import control, datacaches, openai, ui, v2_rest
 from .auth import Authenticate, access_of
+from .datacache_service import DataCacheService
 from .http_errors import encodable
 from .limits import BodyLimit, ParseBudget
 from .metrics import CONTENT_TYPE
@@ -47,12 +51,14 @@ from .registry import ModelSpec
 from .service import ModelService
 
 
-def create_api(service: ModelService, routers: Sequence[Any] = ()) -> FastAPI:
+def create_api(service: ModelService, caches_service: DataCacheService,
+               routers: Sequence[Any] = ()) -> FastAPI:
     """The FastAPI part: control API routers, OpenAPI docs, error bodies."""
     api = FastAPI(title="cachemesh", version=__version__,
                   description="Control API of the cachemesh model server. Inference speaks"
                   " KServe V2 (Open Inference Protocol) under /v2 on the same port.")
     api.state.service = service
+    api.state.datacaches = caches_service
     api.include_router(control.router)
     api.include_router(datacaches.router)
     api.include_router(openai.router)
@@ -109,7 +115,7 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
             if grpc_server is not None:
                 await grpc_server.stop(service.cfg.drain_timeout_s)
             await service.stop()
-            datacaches.stop_pulls(api)  # background pulls: stopped, resumable
+            caches_service.stop()  # background pulls: stopped, resumable
 
     async def metrics(request: Request) -> Response:
         service.refresh_gauges()
@@ -121,12 +127,14 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
         access = scope.get("cachemesh.access") or access_of(scope["method"], scope["path"])
         return cfg.max_control_body if access == CONTROL else cfg.max_body
 
-    api = create_api(service, routers)
+    caches_service = DataCacheService(service.caches, cfg.source_roots)
+    api = create_api(service, caches_service, routers)
     app = Starlette(routes=[*v2_rest.routes(), Route("/metrics", metrics, methods=["GET"]),
                             *ui.routes(), Mount("", app=api)], lifespan=lifespan,
                     middleware=[Middleware(Authenticate, keyring=keyring),
                                 Middleware(BodyLimit, limit_of=body_limit)])
     app.state.service = service
+    app.state.datacaches = caches_service
     app.state.api = api
     app.state.parse_budget = ParseBudget(cfg.parse_budget())  # inference bodies (limits.py)
     return app

@@ -22,8 +22,8 @@ proxies' logs).
 
 Protected buckets are enforced further in, where the bucket of a thing is known:
 the model service hides a model whose bucket the caller cannot open (404, the
-same answer as for a model that does not exist). Routers that handle caches use
-:func:`visible_caches` and :func:`get_visible_cache`, which do the same for caches.
+same answer as for a model that does not exist), and the data cache service does
+the same for caches (``datacache_service.py``).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from typing import Any
 
 import orjson
 
-from ..access import CONTROL, INFERENCE, METRICS, OPEN, Keyring, acting_as, can_use
-from ..errors import CacheNotFoundError, ForbiddenError, UnauthorizedError
+from ..access import CONTROL, INFERENCE, METRICS, OPEN, Keyring, acting_as
+from ..errors import ForbiddenError, UnauthorizedError
 from .http_errors import message_of, status_of
 from .limits import close_after_early_answer
 
@@ -124,19 +124,3 @@ async def _refuse(exc: BaseException, scope: Any, send: Any) -> None:
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
-
-# -- for routers that handle caches (the datacache API) ---------------------------
-
-def visible_caches(caches: Any, bucket: str | None = None) -> list[Any]:
-    """The caches the current caller may see (those of protected buckets it holds
-    the token of, and those of open buckets)."""
-    return [c for c in caches.list(bucket) if can_use(caches.buckets, c.bucket)]
-
-
-def get_visible_cache(caches: Any, name: str) -> Any:
-    """A cache the current caller may see; :class:`CacheNotFoundError` (404) for one
-    in a protected bucket without its token, exactly as for a cache that does not exist."""
-    info = caches.get(name)
-    if not can_use(caches.buckets, info.bucket):
-        raise CacheNotFoundError(name)
-    return info

@@ -15,18 +15,32 @@ unload copies back and forth.
 
 Requests are spread over a version's ready copies by requests in flight
 (:func:`pick`): the copy with fewest wins, the one picked longest ago on a tie.
+
+:func:`decide` and :func:`pick` are pure; :class:`CopyScaler` applies the
+decisions every :data:`SCALE_INTERVAL_S` seconds, through the loader.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .loading import Loader
+    from .pool import WorkerPool
+    from .state import Deployment
+
+log = logging.getLogger("cachemesh.serve")
 
 RATE_WINDOW_S = 3.0
 DOWN_FACTOR = 0.8
+SCALE_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -102,3 +116,48 @@ def pick(copies: Sequence[_Pickable]) -> Any:
         if (c.inflight, c.picked) < (best.inflight, best.picked):
             best = c
     return best
+
+
+class CopyScaler:
+    """Measures every version's rate and adds or lets go of its extra copies."""
+
+    def __init__(self, models: Mapping[str, Deployment], loader: Loader, pool: WorkerPool,
+                 draining: Callable[[], bool]) -> None:
+        self.models = models
+        self.loader = loader
+        self.pool = pool
+        self.draining = draining  # a draining server adds no copy and lets none go
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(SCALE_INTERVAL_S)
+            try:
+                self.scale(time.monotonic())
+            except Exception:  # a bug here must not stop the loop
+                log.exception("copy scaler")
+
+    def scale(self, now: float) -> None:
+        from .state import LOADING  # (state.py imports this module)
+
+        alive = len(self.pool.alive())
+        draining = self.draining()
+        for dep in list(self.models.values()):
+            for v in dep.versions.values():
+                v.rate = v.meter.sample(now, v.requests)
+                ready = v.ready_copies()
+                if not ready or v.removed or dep.removed or draining:
+                    v.low_since = None
+                    continue
+                counted = len(ready) + sum(1 for c in v.copies if c.state == LOADING)
+                s = decide(v.rate, counted, dep.policy, alive, now, v.low_since)
+                v.low_since = s.low_since
+                if s.reason:
+                    v.scaling = s.reason
+                if s.delta > 0 and v.copy_task is None and v.load_task is None:
+                    v.copy_task = self.loader.shared.background.start(
+                        self.loader.add_copy(v, s.reason))
+                elif s.delta < 0 and len(ready) > 1:
+                    victim = min(ready, key=lambda c: (c.inflight, c.last_used))
+                    log.info("%s: letting the copy on worker %d go (%s)", v.display,
+                             victim.slot.id, s.reason)
+                    self.loader.start_unload(victim, "extra copy no longer needed")

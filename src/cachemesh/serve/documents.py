@@ -60,7 +60,7 @@ from pydantic import (
 from ..errors import InvalidInputError
 from ..sources.redact import redact_source
 from ..store.names import check_name
-from .limits import check_json
+from .jsonshape import check_json
 
 DEFAULT_VERSION = "default"
 # The bucket a model's caches go to unless its document names another.

@@ -1,7 +1,8 @@
-"""Messages between the server and its worker processes.
+"""The framing of the messages between the server and its worker processes.
 
-One Unix stream socket per worker (a socketpair made at spawn). A message is
-any picklable object, framed as::
+One Unix stream socket per worker (a socketpair made at spawn). A message is one
+of the dataclasses of ``messages.py``; on the wire it is the tuple ``(tag,
+values)`` (its class's tag, its fields in order), framed as::
 
     uint32 payload_len | uint16 nbufs | nbufs x uint64 buffer_len | payload | buffers
 
@@ -22,25 +23,15 @@ from __future__ import annotations
 import pickle
 import struct
 from collections.abc import Iterator
-from typing import Any
+
+from .messages import Message, from_wire
 
 OUT_OF_BAND_MIN = 64 * 1024
 _HEAD = struct.Struct("<IH")
 
-# Requests, server -> worker: (op, request_id, model_key, payload). CANCEL names the
-# request id of a stream whose consumer went away; the worker closes that stream.
-# PRELOAD ({"runtime": name, "paths": [...]}) imports a runtime's framework ahead of
-# its first load, reading the paths' files into the page cache meanwhile.
-LOAD, UNLOAD, INFER, GENERATE, STREAM, STATS, CANCEL, PRELOAD = 1, 2, 3, 4, 5, 6, 7, 8
-# Replies, worker -> server: (request_id, status, payload)
-OK, ERROR, CHUNK, END, READY = 0, 1, 2, 3, 4
-# ERROR payloads are (kind, message); kinds (E_CORRUPT: message is "<sha256> <text>",
-# a load that found a cached file changed, load/integrity.py; ModelLoadError.corrupt_blob):
-E_INPUT, E_MODEL, E_LOAD, E_MISSING, E_CORRUPT = "input", "model", "load", "missing", "corrupt"
 
-
-def encode(obj: Any) -> list[bytes | memoryview]:
-    """Frame ``obj``: a list of buffers to write in order."""
+def encode(message: Message) -> list[bytes | memoryview]:
+    """Frame ``message``: a list of buffers to write in order."""
     bufs: list[memoryview] = []
 
     def out_of_band(pb: pickle.PickleBuffer) -> bool | None:
@@ -50,7 +41,9 @@ def encode(obj: Any) -> list[bytes | memoryview]:
         bufs.append(raw)
         return None
 
-    payload = pickle.dumps(obj, protocol=5, buffer_callback=out_of_band)
+    cls = type(message)
+    payload = pickle.dumps((cls.TAG, cls.values(message)), protocol=5,
+                           buffer_callback=out_of_band)
     head = _HEAD.pack(len(payload), len(bufs))
     if bufs:
         head += struct.pack(f"<{len(bufs)}Q", *(b.nbytes for b in bufs))
@@ -72,7 +65,7 @@ class Decoder:
         self._big: bytearray | None = None
         self._big_fill = 0
 
-    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Any]:
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Message]:
         data = memoryview(data).cast("B")
         while len(data):
             if self._big is not None:
@@ -88,7 +81,7 @@ class Decoder:
             data = data[:0]
             yield from self._drain()
 
-    def _drain(self) -> Iterator[Any]:
+    def _drain(self) -> Iterator[Message]:
         buf = self._buf
         pos = 0
         while len(buf) - pos >= _HEAD.size:
@@ -117,7 +110,7 @@ class Decoder:
 BIG_FRAME = 1 << 20
 
 
-def _decode(buf: bytearray, pos: int, *, own: bool) -> tuple[Any, int]:
+def _decode(buf: bytearray, pos: int, *, own: bool) -> tuple[Message, int]:
     """The message framed at ``buf[pos:]``, and where the next one starts. With
     ``own``, buffers are copied out (``buf`` is reused); else they are views of it."""
     plen, nbufs = _HEAD.unpack_from(buf, pos)
@@ -131,8 +124,8 @@ def _decode(buf: bytearray, pos: int, *, own: bool) -> tuple[Any, int]:
         part = view[off:off + length]
         buffers.append(bytearray(part) if own else part)  # writable either way
         off += length
-    obj = pickle.loads(payload, buffers=buffers) if nbufs else pickle.loads(payload)
+    tag, values = pickle.loads(payload, buffers=buffers) if nbufs else pickle.loads(payload)
     payload.release()
     if own:
         view.release()
-    return obj, off
+    return from_wire(tag, values), off

@@ -1,4 +1,4 @@
-"""Request limits: body size as it streams in, and the shape of JSON documents.
+"""Request limits: body size as it streams in, tensor shapes, and parsing memory.
 
 Body size (:class:`BodyLimit`, ASGI middleware on the root app). A body larger
 than its limit gets 413:
@@ -25,13 +25,8 @@ Control requests (``/api/...`` and everything else of class control, see
 held to the same limit once inflated (``v2_rest.py``), so a small gzip bomb
 does not become gigabytes.
 
-JSON shape (:func:`check_json`). orjson, the stdlib and pydantic all refuse
-nesting deeper than about a thousand levels, but a document just under that
-still reaches code that recurses (pickle on the way to a worker, deep copies,
-comparisons). Values that are kept or passed on as Python objects (the
-parameters of a model spec and of an inference request) are held to
-:data:`MAX_JSON_DEPTH` levels and :data:`MAX_JSON_ITEMS` values. Tensor data is
-not walked: it becomes a numpy array at once.
+The shape of JSON values kept or passed on (how deep, how many values) is
+``jsonshape.py``'s.
 
 Tensor shapes (``v2_codec.check_shape``, for every request form and gRPC), before
 anything is reshaped: non-negative integers, at most :data:`MAX_TENSOR_DIMS`
@@ -58,11 +53,9 @@ from typing import Any
 
 from ..errors import InferenceInputError, RequestTooLargeError, UnavailableError
 
-MAX_JSON_DEPTH = 32
 MAX_TENSOR_DIMS = 32
 # The elements of one tensor when the caller does not pass its body limit (the default one).
 MAX_TENSOR_ELEMENTS = 64 * 1024**2
-MAX_JSON_ITEMS = 10_000
 # Past this announced length an early answer closes the connection (see above).
 DRAIN_MAX = 64 * 1024**2
 
@@ -73,30 +66,6 @@ def close_after_early_answer(headers: Any) -> bool:
         if key == b"content-length":
             return not value.isdigit() or int(value) > DRAIN_MAX
     return False
-
-
-def check_json(value: Any, what: str, *, max_depth: int = MAX_JSON_DEPTH,
-               max_items: int = MAX_JSON_ITEMS) -> Any:
-    """``value`` unchanged, or :class:`RequestTooLargeError` when it nests deeper than
-    ``max_depth`` or holds more than ``max_items`` values. Iterative: a hostile
-    document cannot exhaust the stack here."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    items = 0
-    while stack:
-        node, depth = stack.pop()
-        items += 1
-        if items > max_items:
-            raise RequestTooLargeError(f"{what} holds more than {max_items} values", max_items)
-        if isinstance(node, dict):
-            children: Any = node.values()
-        elif isinstance(node, list | tuple):
-            children = node
-        else:
-            continue
-        if depth > max_depth:
-            raise RequestTooLargeError(f"{what} nests deeper than {max_depth} levels", max_depth)
-        stack.extend((child, depth + 1) for child in children)
-    return value
 
 
 class ParseBudget:

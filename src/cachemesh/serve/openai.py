@@ -16,7 +16,7 @@ Streaming: the first chunk is awaited before the response starts, so that a bad
 request (an unknown model, a chat request to a model without a chat template)
 gets its 4xx status; later errors arrive as an ``error`` event. When the client
 disconnects, Starlette cancels the response, the stream's ``finally`` tells the
-worker (``ipc.CANCEL``), and generation stops within a token.
+worker (``messages.Cancel``), and generation stops within a token.
 
 The version that answers is chosen as for every protocol (``ModelService.route``,
 from the request's headers) and named in the ``x-model-version`` header.

@@ -2,10 +2,11 @@
 
 :func:`place` sees a snapshot of *slots* and returns a :class:`Placement` with
 its reasons; it changes nothing. The caller carries the choice out (evicts,
-then loads). A slot is whatever holds models: a worker process of this server
-now, a node of the mesh later. It is described only by what the policy needs::
+then loads). A slot is whatever holds models (``slot.py``): a worker process of
+this server now, a node of the mesh later. Its snapshot holds only what the
+policy needs::
 
-    Slot      id, alive, capacity (bytes it may hold at most, its own memory included),
+    SlotState id, alive, capacity (bytes it may hold at most, its own memory included),
               used (bytes it holds now), base (bytes it holds with no model),
               residents (the copies on it), load (requests in flight on it)
     Resident  key (one copy), model (what it is a copy of: never two on one slot),
@@ -65,8 +66,8 @@ class Resident:
 
 
 @dataclass(frozen=True)
-class Slot:
-    """Something that holds models: a worker now, a node later."""
+class SlotState:
+    """A slot (slot.py) as placement sees it, at one instant."""
 
     id: int
     alive: bool
@@ -97,25 +98,25 @@ def held(base: int, rss: int, sizes: int, reserved: int = 0) -> int:
     return max(rss, base + sizes) + reserved
 
 
-def _oldest_use(s: Slot) -> float:
+def _oldest_use(s: SlotState) -> float:
     settled = [r.last_used for r in s.residents if not r.loading]
     return min(settled) if settled else -math.inf
 
 
-def _rank(s: Slot) -> tuple:
+def _rank(s: SlotState) -> tuple:
     # Its own headroom, not the pool's: of two workers sharing a budget, the one
     # that holds less.
     return (_oldest_use(s), len(s.residents), -s.free, s.load, s.id)
 
 
-def _why(s: Slot, now: float) -> str:
+def _why(s: SlotState, now: float) -> str:
     oldest = _oldest_use(s)
     age = "empty" if oldest == -math.inf else f"least recently used {now - oldest:.1f}s ago"
     return (f"slot {s.id}: {age}, {len(s.residents)} model(s), holds {format_size(s.used)},"
             f" {s.load} in flight")
 
 
-def last_copies(slots: Sequence[Slot]) -> set[str]:
+def last_copies(slots: Sequence[SlotState]) -> set[str]:
     """The key of each model's most recently used copy; its other copies are extra."""
     best: dict[str, Resident] = {}
     for s in slots:
@@ -130,7 +131,7 @@ def last_copies(slots: Sequence[Slot]) -> set[str]:
     return {r.key for r in best.values()}
 
 
-def eviction_order(slots: Sequence[Slot], now: float, *, min_resident_s: float = 0.0,
+def eviction_order(slots: Sequence[SlotState], now: float, *, min_resident_s: float = 0.0,
                    protect_share: float = 0.5) -> list[tuple[int, Resident]]:
     """Idle residents that may be evicted, first to go first, with their slot."""
     idle = [(s.id, r) for s in slots if s.alive for r in s.residents
@@ -143,7 +144,7 @@ def eviction_order(slots: Sequence[Slot], now: float, *, min_resident_s: float =
                                         sr[1].last_used, sr[1].key))
 
 
-def _make_room(s: Slot, need: int, pool_short: float,
+def _make_room(s: SlotState, need: int, pool_short: float,
                order: list[tuple[int, Resident]], pooled: bool) -> list[Resident] | None:
     """The victims that make ``need`` bytes of room on ``s``, or None if none can."""
     local_short = need - s.free
@@ -162,7 +163,7 @@ def _make_room(s: Slot, need: int, pool_short: float,
     return victims if local_short <= 0 and pool_short <= 0 else None
 
 
-def place(need: int, slots: Sequence[Slot], now: float, *, pool: int | None = None,
+def place(need: int, slots: Sequence[SlotState], now: float, *, pool: int | None = None,
           exclude: frozenset[int] = frozenset(), avoid: frozenset[int] = frozenset(),
           evict: bool = True, min_resident_s: float = 0.0,
           protect_share: float = 0.5, prefer: int | None = None) -> Placement:

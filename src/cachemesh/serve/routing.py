@@ -76,7 +76,6 @@ class Router:
         self._names = {**{v: v for v in doc.versions}, **doc.aliases}
         self._rules = [_Rule(i, r, doc.target(r.version) or r.version)
                        for i, r in enumerate(doc.routes)]
-        self._headers = any(r.header for r in self._rules)
         shares = [(v, p) for v, p in doc.traffic.items() if p > 0]
         self._cumulative: list[tuple[float, str]] = []
         total = 0
@@ -86,10 +85,6 @@ class Router:
         # One version, no routes: nothing to decide (the common case).
         self._only = (Decision(shares[0][0], "traffic 100%")
                       if len(shares) == 1 and not self._rules else None)
-
-    @property
-    def reads_headers(self) -> bool:
-        return self._headers
 
     def choose(self, version: str | None = None, headers: Mapping[str, str] | None = None,
                parameters: Mapping[str, Any] | None = None) -> Decision:

@@ -4,7 +4,7 @@
 
     Deployment   a model name: its document (versions, traffic, routes), its router
       └─ Version   one version: its source, pulled view, runtime, state, counters
-           └─ Copy   one load of that version on one worker ("name@label#n")
+           └─ Copy   one load of that version on one slot, a worker ("name@label#n")
 
 A version goes through::
 
@@ -24,17 +24,18 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..runtimes import Resolved
-from .copies import CopyPolicy, RateMeter
 from ..sources.redact import redact_source
+from .copies import CopyPolicy, RateMeter
 from .documents import DEFAULT_VERSION, ModelDoc, VersionSpec, shown_version
 from .loadqueue import Ticket
 from .routing import Router
-from .workers import WorkerHandle
+from .slot import Slot
 
 PULLING, UNLOADED, LOADING, READY, UNLOADING, FAILED = (
     "Pulling", "Unloaded", "Loading", "Ready", "Unloading", "Failed")
@@ -54,7 +55,7 @@ class Series:
 @dataclass(eq=False)
 class Copy:
     version: Version
-    worker: WorkerHandle
+    slot: Slot  # where it is loaded
     key: str
     state: str = LOADING  # LOADING, READY, UNLOADING
     size: int = 0
@@ -63,12 +64,12 @@ class Copy:
     loaded_at: float = 0.0  # monotonic
     last_used: float = 0.0  # monotonic
     extra: bool = False  # added by the copy scaler
-    placed: str = ""  # why it is on this worker (placement.place's reasons)
+    placed: str = ""  # why it is on this slot (placement.place's reasons)
     unload_task: asyncio.Task | None = None
 
     @property
     def ready(self) -> bool:
-        return self.state == READY and self.worker.alive
+        return self.state == READY and self.slot.alive
 
 
 @dataclass(eq=False)
@@ -84,7 +85,7 @@ class Version:
     resolved: Resolved | None = None
     disk_bytes: int = 0
     predicted: int = 0
-    # The worker that read this version's weights ahead (PRELOAD): its first load goes
+    # The worker that read this version's weights ahead (Preload): its first load goes
     # there when that worker has room, and adopts them.
     prefetched_on: int | None = None
     copies: list[Copy] = field(default_factory=list)
@@ -143,6 +144,20 @@ class Version:
     def error(self, message: str) -> None:
         self.errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}"[:1000])
 
+    def status(self, now: float) -> VersionStatus:
+        copies = [CopyStatus(worker=c.slot.id, state=c.state, inflight=c.inflight,
+                             size_bytes=c.size or None, last_used=wall(c.last_used, now),
+                             extra=c.extra, placed=c.placed)
+                  for c in self.copies if c.state in (READY, UNLOADING) and c.slot.alive]
+        return VersionStatus(
+            state=self.state(now), reason=self.reason,
+            runtime=self.resolved.runtime if self.resolved else self.spec.runtime,
+            copies=copies, size_bytes=self.size() or None,
+            predicted_bytes=self.predicted or None, inflight=self.inflight, loads=self.loads,
+            evictions=self.evictions, last_used=self.last_used_wall, rate=round(self.rate, 2),
+            view=str(self.view) if self.view else None, scaling=self.scaling,
+            errors=list(self.errors))
+
 
 @dataclass(eq=False)
 class Deployment:
@@ -155,10 +170,57 @@ class Deployment:
     rollout: asyncio.Task | None = None
     rollout_note: str | None = None  # how the last rollout ended
     removed: bool = False
+    revision: int = 0  # of its document in the registry (0: not there, from the command line)
 
     @property
     def name(self) -> str:
         return self.doc.name
+
+    def is_ready(self, version: str | None = None) -> bool:
+        """Whether ``version`` (a label or alias; else every version taking traffic)
+        has a ready copy."""
+        labels = ([self.router.choose(version).version] if version is not None
+                  else self.doc.serving())
+        return all(self.versions[label].ready_copies() for label in labels)
+
+    def metadata(self, v: Version) -> dict[str, Any]:
+        """V2 metadata of ``v``: what its load reported, else what it declares."""
+        meta = dict(v.metadata) if v.metadata else {}
+        if not meta and v.resolved is not None:
+            meta = {"inputs": v.resolved.inputs, "outputs": v.resolved.outputs}
+        return {
+            "name": self.name,
+            "versions": [label for label in self.doc.versions if label != DEFAULT_VERSION],
+            "platform": meta.get("platform") or (v.resolved.runtime if v.resolved else ""),
+            "inputs": meta.get("inputs") or [],
+            "outputs": meta.get("outputs") or [],
+        }
+
+    def status(self) -> ModelStatus:
+        now = time.monotonic()
+        # The document's order first; then versions a rollout is loading.
+        order = [*self.doc.versions, *(x for x in self.versions if x not in self.doc.versions)]
+        versions = {label: self.versions[label].status(now) for label in order
+                    if label in self.versions}
+        label = self.doc.primary()
+        p, pv = self.versions[label], versions[label]
+        workers = sorted({c.worker for v in versions.values() for c in v.copies})
+        return ModelStatus(
+            name=self.name, version=label, source=p.spec.source, runtime=pv.runtime,
+            state=pv.state, reason=pv.reason, eager=self.doc.eager, origin=self.origin,
+            bucket=self.doc.bucket,
+            worker=pv.copies[0].worker if pv.copies else None, workers=workers,
+            size_bytes=pv.size_bytes, predicted_bytes=pv.predicted_bytes,
+            inflight=sum(v.inflight for v in versions.values()),
+            loads=sum(v.loads for v in versions.values()),
+            evictions=sum(v.evictions for v in versions.values()),
+            last_used=max((v.last_used for v in versions.values() if v.last_used), default=None),
+            view=pv.view, document=self.doc, versions=versions, rollout=self.rollout_note)
+
+
+def versions_of(models: Mapping[str, Deployment]) -> list[Version]:
+    """Every version of every deployment."""
+    return [v for d in models.values() for v in d.versions.values()]
 
 
 @dataclass

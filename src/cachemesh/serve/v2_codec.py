@@ -39,11 +39,11 @@ import orjson
 from ..errors import InferenceInputError
 from ..runtimes.types import DATATYPES, InferenceRequest, InferenceResponse, RequestedOutput, Tensor
 from . import json_tensors
+from .jsonshape import check_json
 from .limits import (
     MAX_TENSOR_ELEMENTS,
     NUMERIC_COST,
     ParseBudget,
-    check_json,
     check_shape,
     held,
     parse_cost,
@@ -82,7 +82,7 @@ def unwrap_parameters(params: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(params, dict):
         raise _fail(f"{where}: parameters must be an object")
-    check_json(params, f"{where}: parameters")  # kept and passed on to the model (limits.py)
+    check_json(params, f"{where}: parameters")  # kept and passed on to the model (jsonshape.py)
     out = {}
     for key, value in params.items():
         if isinstance(value, dict) and len(value) == 1:

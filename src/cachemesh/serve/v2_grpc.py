@@ -53,7 +53,8 @@ from .auth import credentials
 from .documents import DEFAULT_VERSION
 from .http_errors import message_of, status_of
 from .limits import MAX_TENSOR_ELEMENTS
-from .service import READY, ModelService
+from .repository import EXTENSIONS, index, load_model, unload_model
+from .service import ModelService
 from .v2_codec import (
     check_datatype,
     check_shape,
@@ -65,7 +66,6 @@ from .v2_codec import (
     needs_raw_outputs,
     unwrap_parameters,
 )
-from .v2_rest import EXTENSIONS, TRITON_STATE, load_model, unload_model
 
 log = logging.getLogger("cachemesh.serve")
 VERSION_METADATA = "x-model-version"  # initial metadata: the version that answered
@@ -244,13 +244,9 @@ class InferenceServicer:
 
     async def RepositoryIndex(self, request: Any, context: aio.ServicerContext) -> Any:
         out = pb.RepositoryIndexResponse()
-        for s in self.service.list_models():
-            for label, v in s.versions.items():  # one entry per version, as Triton lists them
-                if request.ready and v.state != READY:
-                    continue
-                out.models.add(name=s.name, version="" if label == DEFAULT_VERSION else label,
-                               state=TRITON_STATE.get(v.state, "UNAVAILABLE"),
-                               reason=v.reason or "")
+        for entry in index(self.service, request.ready):
+            out.models.add(name=entry.name, version=entry.version or "", state=entry.state,
+                           reason=entry.reason or "")
         return out
 
     async def RepositoryModelLoad(self, request: Any, context: aio.ServicerContext) -> Any:

@@ -39,15 +39,13 @@ from ..errors import InvalidInputError, RequestTooLargeError
 from .documents import DEFAULT_VERSION
 from .http_errors import message_of, status_of
 from .limits import ParseBudget
-from .registry import make_model_spec
-from .service import LOADING, PULLING, READY, UNLOADING, ModelService
+from .repository import EXTENSIONS, index, load_model, unload_model
+from .service import ModelService
 from .v2_codec import encode_response, parse_request
 
 JSON = "application/json"
 HEADER_LENGTH = "inference-header-content-length"
 VERSION_HEADER = b"x-model-version"  # the version that answered (routing.py chose it)
-EXTENSIONS = ["model_repository", "binary_tensor_data", "parameters"]
-TRITON_STATE = {READY: "READY", LOADING: "LOADING", PULLING: "LOADING", UNLOADING: "UNLOADING"}
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -192,16 +190,13 @@ async def repository_index(request: Request) -> Response:
                 return error_response(InvalidInputError("the request body is not valid JSON"))
             ready_only = bool(isinstance(doc, dict) and doc.get("ready"))
     out = []
-    for s in _service(request).list_models():
-        for label, v in s.versions.items():  # one entry per version, as Triton lists them
-            if ready_only and v.state != READY:
-                continue
-            entry = {"name": s.name, "state": TRITON_STATE.get(v.state, "UNAVAILABLE")}
-            if label != DEFAULT_VERSION:
-                entry["version"] = label
-            if v.reason:
-                entry["reason"] = v.reason
-            out.append(entry)
+    for e in index(_service(request), ready_only):
+        entry = {"name": e.name, "state": e.state}
+        if e.version is not None:
+            entry["version"] = e.version
+        if e.reason:
+            entry["reason"] = e.reason
+        out.append(entry)
     return json_response(out)
 
 
@@ -217,33 +212,6 @@ async def _parameters(request: Request) -> dict[str, Any]:
     if params is not None and not isinstance(params, dict):
         raise InvalidInputError("'parameters' must be an object")
     return params or {}
-
-
-async def load_model(service: ModelService, name: str, params: dict[str, Any]) -> None:
-    """The repository extension's load, whatever the protocol (the gRPC adapter calls
-    it too). With ``params["source"]`` (and optionally runtime, version, and runtime
-    parameters under ``"config"``, an object or JSON text), a model not yet known is
-    deployed first, as ``POST /api/v1/models`` would, and kept across restarts."""
-    if "source" in params and name not in {s.name for s in service.list_models()}:
-        config = params.get("config") or {}
-        if isinstance(config, str):
-            try:
-                config = orjson.loads(config)
-            except orjson.JSONDecodeError:
-                raise InvalidInputError("parameter 'config' is not valid JSON") from None
-        spec = make_model_spec({"name": name, "source": params["source"],
-                                "runtime": params.get("runtime"),
-                                "version": params.get("version"), "parameters": config})
-        await service.deploy(spec)
-    await service.load(name)
-
-
-async def unload_model(service: ModelService, name: str, params: dict[str, Any]) -> None:
-    """The repository extension's unload; with ``params["remove"] is True`` also forget it."""
-    if params.get("remove") is True:
-        await service.remove(name)
-    else:
-        await service.unload(name)
 
 
 async def repository_load(request: Request) -> Response:

@@ -1,7 +1,7 @@
 """The worker process: holds models and runs them (``python -m cachemesh.serve.worker``).
 
 The server spawns workers with one end of a socketpair (``--fd``) and talks to
-them in the messages of ``ipc.py``. A worker:
+them in the messages of ``messages.py`` (framed by ``ipc.py``). A worker:
 
 - answers predictions inline on its reading thread, in arrival order, and sends
   the replies to everything it read in one go in a single ``sendmsg`` (requests
@@ -22,9 +22,9 @@ them in the messages of ``ipc.py``. A worker:
   gives the model's memory back and the RSS falls;
 - reads a model's weight files, and the files of the runtime's framework, into
   the page cache on a thread of their own while the framework is imported (a
-  first load of that runtime, or a PRELOAD the server sends ahead of the first
+  first load of that runtime, or a Preload the server sends ahead of the first
   request), so the disk and the imports overlap instead of adding up; a
-  PRELOAD's safetensors checkpoint is read, once the framework is imported, into
+  Preload's safetensors checkpoint is read, once the framework is imported, into
   the loader's own buffers (``load/prefetch.py``), which its load adopts, and
   counted in its size;
 - when started with ``--warm`` (``cachemesh serve`` starts its workers before it
@@ -50,13 +50,34 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ..runtimes import batching
 from . import ipc
+from .readahead import package_files, read_ahead, read_weights_ahead, weight_files
+from .messages import (
+    Cancel,
+    Chunk,
+    End,
+    Failure,
+    FailureKind,
+    Generate,
+    Infer,
+    Load,
+    Loaded,
+    Message,
+    Preload,
+    Preloaded,
+    Ready,
+    Result,
+    Stats,
+    Stream,
+    Unload,
+    Unloaded,
+    WorkerStats,
+)
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 # Replies to requests read together leave together, unless predicting them takes longer.
@@ -122,7 +143,7 @@ class Worker:
         # on the reading thread (add, set) and by the stream's own thread (pop).
         self._active: dict[int, threading.Event] = {}
 
-    def send(self, *messages: Any) -> None:
+    def send(self, *messages: Message) -> None:
         frames: list[bytes | memoryview] = []
         for m in messages:
             frames.extend(ipc.encode(m))
@@ -141,7 +162,7 @@ class Worker:
 
         gc.collect()
         gc.freeze()
-        self.send((0, ipc.READY, {"pid": os.getpid(), "rss": rss_bytes()}))
+        self.send(Ready(os.getpid(), rss_bytes()))
         if self.warm:
             self._slow.submit(self._warm_early, self.warm)
         decoder = ipc.Decoder()
@@ -151,29 +172,31 @@ class Worker:
             n = self.sock.recv_into(view)
             if n == 0:
                 return  # the server closed the socket or died
-            replies: list[tuple] = []
-            infers: list[tuple] = []
-            for op, rid, key, payload in decoder.feed(view[:n]):
-                if op == ipc.INFER:
-                    infers.append((rid, key, payload))
-                elif op == ipc.STREAM:
-                    self._active[rid] = threading.Event()
-                    self._streams.submit(self.stream, rid, key, payload)
-                elif op == ipc.CANCEL:
-                    cancel = self._active.get(rid)
+            replies: list[Message] = []
+            infers: list[Infer] = []
+            for message in decoder.feed(view[:n]):
+                kind = type(message)
+                if kind is Infer:
+                    infers.append(message)  # type: ignore[arg-type]
+                elif kind is Stream:
+                    self._active[message.rid] = threading.Event()  # type: ignore[attr-defined]
+                    self._streams.submit(self.stream, message)
+                elif kind is Cancel:
+                    cancel = self._active.get(message.rid)  # type: ignore[attr-defined]
                     if cancel is not None:
                         cancel.set()
-                elif op == ipc.GENERATE:
-                    self._streams.submit(self.slow, op, rid, key, payload)
+                elif kind is Generate:
+                    self._streams.submit(self.slow, message)
                 else:
-                    self._slow.submit(self.slow, op, rid, key, payload)
+                    self._slow.submit(self.slow, message)
             since = time.perf_counter()
             i = 0
             while i < len(infers):
-                key = infers[i][1]
+                key = infers[i].key
                 j = i + 1
                 if getattr(self.models.get(key), "batchable", False):
-                    while j < len(infers) and infers[j][1] == key and j - i < batching.MAX_REQUESTS:
+                    while (j < len(infers) and infers[j].key == key
+                           and j - i < batching.MAX_REQUESTS):
                         j += 1
                 replies.extend(self.infer_group(infers[i:j]))
                 i = j
@@ -186,100 +209,109 @@ class Worker:
             if replies:
                 self.send(*replies)
 
-    def infer_group(self, group: list[tuple]) -> list[tuple]:
+    def infer_group(self, group: list[Infer]) -> list[Message]:
         """Requests for one model read together: one merged call when the runtime
         allows it (see runtimes/batching.py), else one call each."""
         if len(group) > 1:
-            merged = batching.merge([payload for _, _, payload in group])
+            merged = batching.merge([m.request for m in group])
             if merged is not None:
                 request, sizes = merged
                 try:
-                    parts = batching.split(self.models[group[0][1]].predict(request), sizes)
+                    parts = batching.split(self.models[group[0].key].predict(request), sizes)
                 except Exception:
                     parts = None  # one by one, so each request gets its own error
                 if parts is not None:
-                    return [(rid, ipc.OK, part) for (rid, _, _), part in zip(group, parts, strict=True)]
-        return [self.infer(rid, key, payload) for rid, key, payload in group]
+                    return [Result(m.rid, part) for m, part in zip(group, parts, strict=True)]
+        return [self.infer(m) for m in group]
 
-    def infer(self, rid: int, key: str, request: Any) -> tuple:
+    def infer(self, message: Infer) -> Message:
         from ..errors import InvalidInputError
 
+        rid, key = message.rid, message.key
         model = self.models.get(key)
         if model is None:
-            return (rid, ipc.ERROR, (ipc.E_MISSING, f"model {key!r} is not loaded on this worker"))
+            return Failure(rid, "missing", f"model {key!r} is not loaded on this worker")
         if not model.capabilities().get("predict", True):
             # A generative model that only has the generate/stream hooks: the request
             # asked for what the model does not do (found by the fuzzer).
-            return (rid, ipc.ERROR, (ipc.E_INPUT, "this model takes no KServe V2 inference"
-                                     " requests; it generates (OpenAI API, /v1)"))
+            return Failure(rid, "input", "this model takes no KServe V2 inference"
+                                         " requests; it generates (OpenAI API, /v1)")
         try:
-            return (rid, ipc.OK, model.predict(request))
+            return Result(rid, model.predict(message.request))
         except InvalidInputError as exc:
-            return (rid, ipc.ERROR, (ipc.E_INPUT, str(exc)))
+            return Failure(rid, "input", str(exc))
         except Exception as exc:
-            return (rid, ipc.ERROR, (ipc.E_MODEL, f"{type(exc).__name__}: {exc}"))
+            return Failure(rid, "model", f"{type(exc).__name__}: {exc}")
 
-    def slow(self, op: int, rid: int, key: str, payload: Any) -> None:
+    def slow(self, message: Message) -> None:
+        """A request answered off the reading thread: a load, an unload, a generation,
+        a preload, the counters."""
         try:
-            if op == ipc.LOAD:
-                reply = self.load(key, payload)
-            elif op == ipc.UNLOAD:
-                reply = self.unload(key)
-            elif op == ipc.GENERATE:
-                model = self.models.get(key)
+            if isinstance(message, Load):
+                reply: Any = self.load(message)
+            elif isinstance(message, Unload):
+                reply = self.unload(message.key)
+            elif isinstance(message, Generate):
+                model = self.models.get(message.key)
                 if model is None:
-                    raise LookupError(f"model {key!r} is not loaded on this worker")
-                reply = model.generate(payload)
-            elif op == ipc.PRELOAD:
-                reply = self.preload(payload)
-            elif op == ipc.STATS:
-                reply = {"rss": rss_bytes(), "models": sorted(self.models),
-                         "stats": {k: _stats(m) for k, m in list(self.models.items())}}
+                    raise LookupError(f"model {message.key!r} is not loaded on this worker")
+                reply = model.generate(message.payload)
+            elif isinstance(message, Preload):
+                reply = self.preload(message)
+            elif isinstance(message, Stats):
+                reply = WorkerStats(rss_bytes(), sorted(self.models),
+                                    {k: _stats(m) for k, m in list(self.models.items())})
             else:
-                raise ValueError(f"unknown operation {op}")
+                raise ValueError(f"unknown message {type(message).__name__}")
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the server
-            from ..errors import IntegrityError, InvalidInputError
-
-            kind = ipc.E_LOAD if op == ipc.LOAD else (
-                ipc.E_INPUT if isinstance(exc, InvalidInputError) else ipc.E_MODEL)
-            detail = f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, IntegrityError) and exc.sha256:  # a cached file changed
-                kind, detail = ipc.E_CORRUPT, f"{exc.sha256} {exc}"
-            elif op == ipc.LOAD and not isinstance(exc, (MemoryError, InvalidInputError)):
-                tb = traceback.extract_tb(exc.__traceback__)
-                if tb:
-                    detail += f" (at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno})"
-            self.models.pop(key, None) if op == ipc.LOAD else None
-            gc.collect()
-            self.send((rid, ipc.ERROR, (kind, detail)))
+            self.send(self._failure(message, exc))
             return
-        self.send((rid, ipc.OK, reply))
+        self.send(Result(message.rid, reply))  # type: ignore[attr-defined]
 
-    def load(self, key: str, spec: dict[str, Any]) -> dict[str, Any]:
+    def _failure(self, message: Message, exc: BaseException) -> Failure:
+        from ..errors import IntegrityError, InvalidInputError
+
+        load = isinstance(message, Load)
+        kind: FailureKind = "load" if load else (
+            "input" if isinstance(exc, InvalidInputError) else "model")
+        detail = f"{type(exc).__name__}: {exc}"
+        blob = ""
+        if isinstance(exc, IntegrityError) and exc.sha256:  # a cached file changed
+            kind, detail, blob = "corrupt", str(exc), exc.sha256
+        elif load and not isinstance(exc, (MemoryError, InvalidInputError)):
+            tb = traceback.extract_tb(exc.__traceback__)
+            if tb:
+                detail += f" (at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno})"
+        if load:
+            self.models.pop(message.key, None)  # type: ignore[attr-defined]
+        gc.collect()
+        return Failure(message.rid, kind, detail, blob)  # type: ignore[attr-defined]
+
+    def load(self, message: Load) -> Loaded:
         from ..runtimes import runtime_class
 
+        key, settings = message.key, message.settings
         if key in self.models:
             self.unload(key)
-        cls = runtime_class(spec["runtime"])
+        cls = runtime_class(message.runtime)
         if cls not in self._preloaded:
-            read_ahead(weight_files([spec["settings"].path]))
+            read_ahead(weight_files([settings.path]))
             self._preload(cls)
         gc.collect()
         from ..load import prefetch
 
-        # Weights read ahead (PRELOAD) are in the RSS already: those the load takes
+        # Weights read ahead (Preload) are in the RSS already: those the load takes
         # over are the model's, so they count as its size.
         ahead = {id(p): p.resident_bytes() for p in prefetch.waiting()}
         held = sorted(self.models)  # in ``before``: the server subtracts their sizes
         before = rss_bytes()
-        model = cls(spec["settings"])
-        check = spec.get("integrity")
-        if check:  # the files' digests, sizes and commit times (load/integrity.py)
+        model = cls(settings)
+        check = message.integrity
+        if check is not None:  # the files' digests, sizes and commit times (load/integrity.py)
             from ..load import integrity
 
-            files = {rel: integrity.Expected(*e) for rel, e in check["files"].items()}
-            integrity.for_view(Path(spec["settings"].path), files,
-                               full=check["full"]).run(model.load)
+            files = {rel: integrity.Expected(*e) for rel, e in check.files.items()}
+            integrity.for_view(Path(settings.path), files, full=check.full).run(model.load)
         else:
             model.load()
         gc.collect()
@@ -294,9 +326,9 @@ class Worker:
         except Exception as exc:  # metadata is a courtesy; a model without it still serves
             metadata = {"error": f"{type(exc).__name__}: {exc}"}
         hooks = model.capabilities()
-        return {"size": measured, "reported": size is not None, "rss_before": before, "held": held,
-                "rss": after, "metadata": metadata,
-                "generate": hooks.get("generate", False), "stream": hooks.get("stream", False)}
+        return Loaded(size=measured, reported=size is not None, rss_before=before, held=held,
+                      rss=after, metadata=metadata, generate=hooks.get("generate", False),
+                      stream=hooks.get("stream", False))
 
     def _preload(self, cls: Any) -> None:
         if cls not in self._preloaded:
@@ -309,7 +341,7 @@ class Worker:
             gc.freeze()
             self._preloaded.add(cls)
 
-    def preload(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def preload(self, message: Preload) -> Preloaded:
         from ..runtimes import runtime_class
 
         # The weights are read once the framework is imported, not while. Measured on
@@ -318,16 +350,16 @@ class Worker:
         # 8.2 s (one reading thread, 16 MiB reads) or 6.0 s (1 MiB reads) instead of
         # 4.1 s, and the cold start 9.3 s or 8.8 s instead of 7.5-7.8 s: each small
         # read of the imports waits behind the queued weight reads.
-        self._preload(runtime_class(spec["runtime"]))
-        # A LOAD that came first (a request raced the PRELOAD) has read them already.
+        self._preload(runtime_class(message.runtime))
+        # A Load that came first (a request raced the Preload) has read them already.
         loaded = {str(getattr(getattr(m, "settings", None), "path", "")) for m in self.models.values()}
-        read_weights_ahead([p for p in spec.get("paths") or () if str(p) not in loaded])
-        return {"rss": rss_bytes()}
+        read_weights_ahead([p for p in message.paths if str(p) not in loaded])
+        return Preloaded(rss_bytes())
 
     def _warm_early(self, models: list[dict[str, str]]) -> None:
         """Import the frameworks of the models the server is about to declare (the
         server's ``launch(warm=...)``), before it asks: best effort, a model this
-        cannot place is left to the server's PRELOAD and LOAD."""
+        cannot place is left to the server's Preload and Load."""
         from ..runtimes import resolve, runtime_class
 
         for model in models:
@@ -339,7 +371,7 @@ class Worker:
             except Exception:  # noqa: BLE001 - the real load reports what is wrong
                 continue
 
-    def unload(self, key: str) -> dict[str, Any]:
+    def unload(self, key: str) -> Unloaded:
         model = self.models.pop(key, None)
         if model is not None:
             try:
@@ -348,102 +380,33 @@ class Worker:
                 del model
                 gc.collect()
                 _trim()
-        return {"rss": rss_bytes()}
+        return Unloaded(rss_bytes())
 
-    def stream(self, rid: int, key: str, payload: Any) -> None:
+    def stream(self, message: Stream) -> None:
+        rid, key = message.rid, message.key
         model = self.models.get(key)
         cancel = self._active.get(rid) or threading.Event()
         chunks = None
         try:
             if model is None:
                 raise LookupError(f"model {key!r} is not loaded on this worker")
-            chunks = model.stream(payload)
+            chunks = model.stream(message.payload)
             for chunk in chunks:
                 if cancel.is_set():
                     return  # nobody reads the rest; closing the generator stops it
-                self.send((rid, ipc.CHUNK, chunk))
+                self.send(Chunk(rid, chunk))
         except Exception as exc:
             from ..errors import InvalidInputError
 
-            kind = ipc.E_INPUT if isinstance(exc, InvalidInputError) else ipc.E_MODEL
-            self.send((rid, ipc.ERROR, (kind, f"{type(exc).__name__}: {exc}")))
+            kind: FailureKind = "input" if isinstance(exc, InvalidInputError) else "model"
+            self.send(Failure(rid, kind, f"{type(exc).__name__}: {exc}"))
             return
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
             self._active.pop(rid, None)
-        self.send((rid, ipc.END, None))
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".joblib", ".pkl")
-
-
-def weight_files(paths: Any) -> list[Path]:
-    files: list[Path] = []
-    for path in paths:
-        root = Path(path)
-        found = [root] if root.is_file() else (sorted(root.rglob("*")) if root.is_dir() else [])
-        files += [f for f in found if f.suffix in WEIGHT_SUFFIXES and f.is_file()]
-    return files
-
-
-def package_files(packages: Any) -> list[Path]:
-    """The shared libraries and modules of installed packages (not imported here)."""
-    import importlib.util
-
-    files: list[Path] = []
-    for name in packages:
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            continue
-        for root in (spec.submodule_search_locations or []) if spec else []:
-            for folder, _, names in os.walk(root):
-                files += [Path(folder, n) for n in names
-                          if n.endswith((".so", ".pyc")) or ".so." in n]
-    return files
-
-
-def read_weights_ahead(paths: Any) -> None:
-    """Start reading the models in ``paths`` for their loads: a safetensors
-    checkpoint into the loader's own buffers (``load/prefetch.py``: its load
-    adopts them), other weight files into the page cache."""
-    from ..load import prefetch
-
-    rest = []
-    for path in paths:
-        try:
-            started = prefetch.start(path)
-        except Exception:  # noqa: BLE001 - best effort; the load reads what is missing
-            started = None
-        if started is None:
-            rest.append(path)
-    read_ahead(weight_files(rest))
-
-
-def read_ahead(files: list[Path] | Callable[[], list[Path]]) -> None:
-    """Ask the kernel to read ``files`` (or what the callable returns, called on
-    the thread) into the page cache, on a daemon thread (``posix_fadvise(WILLNEED)``
-    submits the reads and may block while it does). Best effort: a file that
-    cannot be opened is skipped."""
-    if not files or not hasattr(os, "posix_fadvise"):
-        return
-
-    def run() -> None:
-        for f in files() if callable(files) else files:
-            try:
-                fd = os.open(f, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-
-    threading.Thread(target=run, name="cachemesh-readahead", daemon=True).start()
+        self.send(End(rid))
 
 
 def _stats(model: Any) -> dict[str, float]:

@@ -1,13 +1,14 @@
 """Worker processes, seen from the server: spawn, call, notice death, replace.
 
 Each :class:`WorkerHandle` owns one child process and the server's end of its
-socketpair, read by an asyncio protocol in the server's event loop. Calls are
-futures keyed by a request id; streams are queues. When the socket closes, the
-worker is dead: every call in flight fails with
-:class:`~cachemesh.errors.WorkerCrashedError` (or ``ModelLoadError`` for a
-load), naming how the process ended (its exit code, or the signal: SIGSEGV,
-SIGKILL from the OOM killer), and the pool's ``on_death`` callback lets the
-service forget the models it held and start a replacement.
+socketpair, read by an asyncio protocol in the server's event loop; it speaks
+the messages of ``messages.py``. Calls are futures keyed by a request id;
+streams are queues. When the socket closes, the worker is dead: every call in
+flight fails with :class:`~cachemesh.errors.WorkerCrashedError` (or
+``ModelLoadError`` for a load), naming how the process ended (its exit code, or
+the signal: SIGSEGV, SIGKILL from the OOM killer), and the ``on_death`` callback
+tells the pool (``pool.py``), which forgets the copies it held and starts a
+replacement. A handle is a :class:`~.slot.Slot`: what placement and routing see.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ..errors import (
     WorkerCrashedError,
 )
 from . import ipc
+from .messages import Cancel, Chunk, End, Failure, Load, Ready, Request, Result, Stream
 from .worker import rss_bytes
 
 if TYPE_CHECKING:
@@ -86,7 +88,7 @@ def launch(*, memory_limit: int | None, threads: int, environ: dict[str, str] | 
 
     ``warm``: models the server will declare (``{"path": ..., "runtime": ...}``, the
     runtime optional); the worker imports their runtimes' frameworks at once when
-    they ask for it (``Runtime.preload_at_start``), ahead of the server's PRELOAD.
+    they ask for it (``Runtime.preload_at_start``), ahead of the server's Preload.
     """
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     for s in (parent, child):
@@ -156,7 +158,8 @@ class WorkerHandle:
         self.base_rss = 0  # RSS with no model loaded (frameworks imported so far included)
         self._transport: asyncio.Transport | None = None
         self._ids = itertools.count(1)
-        self._calls: dict[int, tuple[int, asyncio.Future | asyncio.Queue]] = {}
+        # request id -> (whether it is a load, where its answer goes)
+        self._calls: dict[int, tuple[bool, asyncio.Future | asyncio.Queue]] = {}
         self._ready: asyncio.Future | None = None
         self._reaper: asyncio.Task | None = None
 
@@ -181,31 +184,32 @@ class WorkerHandle:
         except (TimeoutError, WorkerCrashedError) as exc:
             self.kill()
             raise UnavailableError(f"worker {self.id} did not start: {exc}") from exc
-        self.base_rss = info["rss"]
+        self.base_rss = info.rss
         self.alive = True
 
-    def _on_message(self, message: tuple) -> None:
-        rid, status, payload = message
-        if status == ipc.READY:
+    def _on_message(self, message: Ready | Result | Chunk | End | Failure) -> None:
+        kind = type(message)
+        if kind is Ready:
             if self._ready is not None and not self._ready.done():
-                self._ready.set_result(payload)
+                self._ready.set_result(message)
             return
+        rid = message.rid  # type: ignore[union-attr]
         entry = self._calls.get(rid)
         if entry is None:
             return  # the caller gave up (timeout); drop the late reply
-        op, sink = entry
+        load, sink = entry
         if isinstance(sink, asyncio.Queue):
-            sink.put_nowait((status, payload))
-            if status in (ipc.END, ipc.ERROR):
+            sink.put_nowait(message)
+            if kind is not Chunk:
                 del self._calls[rid]
             return
         del self._calls[rid]
         if sink.done():
             return
-        if status == ipc.OK:
-            sink.set_result(payload)
+        if kind is Result:
+            sink.set_result(message.value)  # type: ignore[union-attr]
         else:
-            sink.set_exception(_error(op, payload))
+            sink.set_exception(_error(message, load))  # type: ignore[arg-type]
 
     def _on_lost(self) -> None:
         was_alive = self.alive or (self._ready is not None and not self._ready.done())
@@ -225,12 +229,12 @@ class WorkerHandle:
                 code = await asyncio.to_thread(self.proc.wait)
         self.exit_reason = f"worker {self.id} (pid {self.pid}) {describe_exit(code)}"
         calls, self._calls = self._calls, {}
-        for op, sink in calls.values():
-            exc = (ModelLoadError if op == ipc.LOAD else WorkerCrashedError)(
-                f"{self.exit_reason} while {'loading' if op == ipc.LOAD else 'handling'} the request"
-                + ("" if op == ipc.LOAD else "; it is not replayed"))
+        for load, sink in calls.values():
+            exc = (ModelLoadError if load else WorkerCrashedError)(
+                f"{self.exit_reason} while {'loading' if load else 'handling'} the request"
+                + ("" if load else "; it is not replayed"))
             if isinstance(sink, asyncio.Queue):
-                sink.put_nowait((ipc.ERROR, exc))
+                sink.put_nowait(exc)
             elif not sink.done():
                 sink.set_exception(exc)
         if self._ready is not None and not self._ready.done():
@@ -238,45 +242,47 @@ class WorkerHandle:
         if was_alive:
             self.on_death(self)
 
-    def _send(self, op: int, key: str, payload: Any, sink: asyncio.Future | asyncio.Queue) -> int:
+    def _send(self, message: Request, sink: asyncio.Future | asyncio.Queue) -> int:
         if self._transport is None or not self.alive:
             raise WorkerCrashedError(f"worker {self.id} is not running ({self.exit_reason})")
-        rid = next(self._ids)
-        self._calls[rid] = (op, sink)
-        frames = ipc.encode((op, rid, key, payload))
+        message.rid = rid = next(self._ids)
+        self._calls[rid] = (type(message) is Load, sink)
+        frames = ipc.encode(message)
         if len(frames) == 1:
             self._transport.write(frames[0])
         else:
             self._transport.writelines(frames)
         return rid
 
-    def call(self, op: int, key: str, payload: Any = None) -> asyncio.Future:
-        """Send one request; the future gets the reply (or the translated error)."""
+    def call(self, message: Request) -> asyncio.Future:
+        """Send one request; the future gets the answer's value (or the translated error)."""
         fut = asyncio.get_running_loop().create_future()
-        rid = self._send(op, key, payload, fut)
+        rid = self._send(message, fut)
         fut.add_done_callback(lambda f: self._calls.pop(rid, None) if f.cancelled() else None)
         return fut
 
-    async def stream(self, key: str, payload: Any) -> AsyncIterator[Any]:
+    async def stream(self, message: Stream) -> AsyncIterator[Any]:
+        """The chunks of a stream, as the worker sends them."""
         queue: asyncio.Queue = asyncio.Queue()
-        rid = self._send(ipc.STREAM, key, payload, queue)
+        rid = self._send(message, queue)
         ended = False
         try:
             while True:
-                status, item = await queue.get()
-                if status == ipc.CHUNK:
-                    yield item
-                elif status == ipc.END:
+                item = await queue.get()
+                kind = type(item)
+                if kind is Chunk:
+                    yield item.value
+                elif kind is End:
                     ended = True
                     return
                 else:
                     ended = True
-                    raise item if isinstance(item, BaseException) else _error(ipc.STREAM, item)
+                    raise item if isinstance(item, BaseException) else _error(item, False)
         finally:
             self._calls.pop(rid, None)
             if not ended and self._transport is not None and self.alive:
                 # The consumer went away (a client disconnected): stop the generation.
-                self._transport.write(ipc.encode((ipc.CANCEL, rid, key, None))[0])
+                self._transport.write(ipc.encode(Cancel(rid))[0])
 
     @property
     def busy(self) -> bool:
@@ -308,15 +314,15 @@ class WorkerHandle:
             self.proc.wait()
 
 
-def _error(op: int, payload: Any) -> Exception:
-    kind, message = payload
-    if kind == ipc.E_INPUT:
+def _error(failure: Failure, load: bool) -> Exception:
+    """The error a failed request raises in the server (``load``: it was a Load)."""
+    kind, message = failure.kind, failure.message
+    if kind == "input":
         return InferenceInputError(message)
-    if kind == ipc.E_CORRUPT:
-        sha256, _, text = message.partition(" ")
-        return ModelLoadError(text, corrupt_blob=sha256)
-    if kind == ipc.E_LOAD or op == ipc.LOAD:
+    if kind == "corrupt":
+        return ModelLoadError(message, corrupt_blob=failure.corrupt_blob)
+    if kind == "load" or load:
         return ModelLoadError(message)
-    if kind == ipc.E_MISSING:
+    if kind == "missing":
         return WorkerCrashedError(message)
     return InferenceError(message)
