@@ -3,13 +3,13 @@
 ``iter_tensors("s3://bucket/model")`` (or ``hf://``, ``https://``, …) for a
 source that is not cached yet does not pull first and load after. It starts
 the pull in a thread and reads the bytes the fetcher writes into its partial
-files (``tmp/fetch/KEY.part``) as they land, so the first tensors come while
+files as they land (found through ``fetch.Landing``), so the first tensors come while
 the rest is still on the wire, and the origin serves every byte once::
 
     caller's thread                          pull thread (Caches.ensure, first=[index, shards])
     ---------------                          -----------------------------------------------
     list the source; watch the partial of    list, plan, fetch: the fetcher writes each file's
-    the shard index and each *.safetensors   ranges in file order into KEY.part and tells the
+    the shard index and each *.safetensors   ranges in file order into its partial; tells the
                                              Flight of every landed range (fetch/observe.py)
     index: wait for all of it, parse
     shard: wait [0, 8), then the header,     ──▶ landed(start, end) wakes the waiting reader
@@ -44,9 +44,9 @@ What a caller may rely on (the same outcome as pulling first, only earlier):
   thread: the cache still fills, and the next load reads it.
 - Another process already fetching the same object (single-flight): this
   process's pull waits on that fetch instead of fetching twice, and the
-  stream follows the other process's progress through its ``KEY.state``
-  record (written every second, bytes made durable first; ``fetch/ranges.py``),
-  reading the ranges it names from the same partial file.
+  stream follows the other process's progress through its record (written
+  every second, bytes made durable first), read through the fetcher's public
+  ``fetch.Landing``, and reads the ranges it names from the same partial file.
 
 Which files are streamed: those ``read_checkpoint`` would pick in the cache's
 view (the top level: the shard index and the shards it names, in order; else
@@ -81,8 +81,7 @@ from .stream import TensorStream
 
 if TYPE_CHECKING:
     from ..caches import Caches, CacheSpec
-    from ..fetch import Flight
-    from ..fetch.ranges import PartialFiles
+    from ..fetch import Flight, LandingSpot
     from ..sources import RemoteFile, RemoteSource
 
 # How often a reader waiting for bytes looks beyond this process's fetch: the
@@ -140,13 +139,13 @@ class _Feed:
     already there), or the file in the view once the pull is over.
     """
 
-    def __init__(self, file: RemoteFile, final: Path, flight: Flight, partial: PartialFiles,
+    def __init__(self, file: RemoteFile, final: Path, flight: Flight, spot: LandingSpot,
                  blob_path: Callable[[str], Path], pull: _Pull,
                  cancelled: threading.Event) -> None:
         self.file = file
         self.final = final  # the file in the cache's view, once the pull is done
         self.flight = flight
-        self.partial = partial
+        self.spot = spot  # where another process's fetch of the file lands (fetch/landing.py)
         self.blob_path = blob_path  # sha256 -> where that blob lives
         self.blob = blob_path(file.sha256) if file.sha256 else None  # the published one's
         self.pull = pull
@@ -167,9 +166,9 @@ class _Feed:
             if self.flight.partial is None:
                 if self.blob is not None and _size_of(self.blob) == size:
                     return self.blob
-                state = self.partial.read_state()
-                if state is not None and state.sha256 is not None and state.size == size:
-                    blob = self.blob_path(state.sha256)
+                landed = self.spot.read()
+                if landed is not None and landed.sha256 is not None and landed.size == size:
+                    blob = self.blob_path(landed.sha256)
                     if _size_of(blob) == size:
                         return blob
             time.sleep(POLL_S)
@@ -196,13 +195,13 @@ class _Feed:
         size = self.file.size
         if self.blob is not None and _size_of(self.blob) == size:
             return self.blob  # verified earlier, by anyone
-        state = self.partial.read_state()
-        if state is None or state.size != size:
+        landed = self.spot.read()
+        if landed is None or landed.size != size:
             return None
-        if state.sha256 is not None:
+        if landed.sha256 is not None:
             return None  # committed: the blob path above, or the view once the pull links it
-        if state.landed.covers(start, end):
-            return self.partial.part
+        if landed.covers(start, end):
+            return self.spot.partial
         return None
 
 
@@ -349,8 +348,7 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
 
     def __init__(self, uri: str, caches: Caches, spec: CacheSpec, source: RemoteSource,
                  files: list[RemoteFile], load_options: dict[str, Any]) -> None:
-        from ..fetch.fetcher import identity_key
-        from ..fetch.ranges import PartialFiles
+        from ..fetch import Landing
 
         self._t0 = time.perf_counter()
         self.uri = uri
@@ -368,15 +366,15 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
         self._file_yielded = 0  # tensors handed out of it
         index, shards = _plan(files)
         self.view = caches.store.views.dir(spec.bucket, spec.path or spec.name)
-        fetcher = source.fetcher(caches.store)
+        landing = Landing(caches.store)
         wanted = ([index] if index is not None else []) + shards
         # Watch before the pull starts, so no landed range goes unseen.
-        self._flights = [fetcher.watch(source.identity(f)) for f in wanted]
+        self._flights = [landing.watch(source.identity(f)) for f in wanted]
         self._pull = _Pull(caches, spec, [f.path for f in wanted])
         self._feeds: dict[str, _Feed] = {}
         for f, flight in zip(wanted, self._flights, strict=True):
-            partial = PartialFiles(fetcher.dir, identity_key(source.identity(f)))
-            self._feeds[f.path] = _Feed(f, self.view / f.path, flight, partial,
+            spot = landing.spot(source.identity(f))
+            self._feeds[f.path] = _Feed(f, self.view / f.path, flight, spot,
                                         caches.store.blobs.path, self._pull,
                                         self._cancelled)
         try:
