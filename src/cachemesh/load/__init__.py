@@ -10,7 +10,8 @@ finds a checkpoint's files (shard index, directory, cache source),
 ``memory`` allocates the huge-page host buffers, ``stream`` turns landed chunks
 into tensors (and holds the CUDA staging path), ``origin`` streams a source
 that is not cached yet from the fetcher's partial files while it is pulled
-(building on ``stream``), ``iterate`` picks one of the two for ``iter_tensors``,
+(building on ``stream``; ``feed`` finds where those bytes are), ``iterate`` picks
+one of the two for ``iter_tensors``,
 ``state_dict`` and ``pretrained`` build on it.
 
 The names that need torch are imported on first use, so reading a header to
