@@ -21,11 +21,20 @@ a :class:`FetchRequest` for a :class:`Fetcher`. Modules:
     retry.py     RetryPolicy: backoff with jitter
     observe.py   FetchObserver, Flight: watching an object while it lands
     http.py      httpx client, probe and ranged reads for HTTP(S) origins
+
+Peers (other nodes) are asked before the origin for a blob whose sha256 is known:
+
+    peers.py     Peers (who may hold a blob, who goes to the origin), StaticPeers
+    swarm.py     SwarmTransfer: pieces from several peers, the origin for the rest
+    pieces.py    PieceList: a sha256 per fixed-size piece, checked as pieces land
+    peer_http.py the peer protocol (routes, headers) and PeerClient
+    ledger.py    what peers did for this store's fetches (for /metrics)
 """
 
 from .fetcher import Fetcher, FetchRequest, RangeRead
 from .landing import Landed, Landing, LandingSpot, content_identity, identity_key
 from .observe import FetchObserver, Flight
+from .peers import Peer, Peers, StaticPeers
 from .ranges import PartialState, RangeSet
 from .retry import RetryPolicy
 
@@ -38,9 +47,12 @@ __all__ = [
     "Landing",
     "LandingSpot",
     "PartialState",
+    "Peer",
+    "Peers",
     "RangeRead",
     "RangeSet",
     "RetryPolicy",
+    "StaticPeers",
     "content_identity",
     "identity_key",
 ]

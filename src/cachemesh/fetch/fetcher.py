@@ -58,6 +58,8 @@ if TYPE_CHECKING:
     from ..config import Settings
     from ..store import Store
     from ..store.locks import FileLock
+    from .peer_http import PeerClient
+    from .peers import Peers
 
 # How often a running fetch makes its landed ranges durable (the most a crash loses).
 CHECKPOINT_INTERVAL_S = 1.0
@@ -151,8 +153,11 @@ class Fetcher:
         *,
         hash_mode: str | None = None,
         checkpoint_s: float | None = None,
+        peers: Peers | None = None,
+        peer_client: PeerClient | None = None,
     ) -> None:
         self.store = store
+        self.settings = settings
         self.chunk_size = settings.chunk_size
         self.concurrency = settings.range_concurrency
         self.retry = RetryPolicy(settings.fetch_retries, settings.retry_backoff_s)
@@ -162,6 +167,13 @@ class Fetcher:
         self.landing = Landing(store)
         self.dir = self.landing.dir
         self.slots = Slots(self.concurrency)
+        if peers is None and settings.cluster.peering:
+            from .peers import StaticPeers
+
+            peers = StaticPeers.from_settings(settings.cluster)
+        # Other nodes asked before the origin (swarm.py); None: the origin only.
+        self.peers = peers
+        self._client = peer_client  # made on first use (tests pass a fake)
 
     def partial_path(self, identity: str) -> Path:
         """Where the bytes of ``identity`` land while it is fetched."""
@@ -192,7 +204,10 @@ class Fetcher:
                     progress.set(request.size)
                     return ref
                 try:
-                    return Transfer(self, request, files, progress, observer).run()
+                    # A second attempt after bad bytes asks the origin alone.
+                    transfer = self._transfer(request, files, progress, observer,
+                                              peers=attempt == 1)
+                    return transfer.run()
                 except CorruptTransfer as exc:
                     files.discard()
                     progress.restart()
@@ -203,6 +218,22 @@ class Fetcher:
             raise AssertionError("unreachable")
         finally:
             lock.release()
+
+    def _transfer(self, request: FetchRequest, files: PartialFiles, progress: Progress,
+                  observer: FetchObserver | None, *, peers: bool) -> Transfer:
+        """A transfer from peers first where there are any and the blob's sha256 is known
+        before it is fetched (peers find blobs by content); else from the origin."""
+        if (peers and self.peers is not None and request.sha256 is not None
+                and request.ranged and request.size > 0):
+            from .ledger import PeerLedger
+            from .peer_http import PeerClient
+            from .swarm import SwarmTransfer
+
+            if self._client is None:
+                self._client = PeerClient(self.settings)
+            return SwarmTransfer(self, request, files, progress, observer, peers=self.peers,
+                                 client=self._client, ledger=PeerLedger(self.store.home))
+        return Transfer(self, request, files, progress, observer)
 
     def _wait_turn(
         self, lock: FileLock, files: PartialFiles, request: FetchRequest, progress: Progress

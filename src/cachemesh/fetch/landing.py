@@ -85,6 +85,15 @@ class LandingSpot:
             return None
         return Landed(state.size, tuple(state.landed.intervals()), state.sha256)
 
+    def stamp(self) -> tuple[int, int] | None:
+        """Which version of the record is there (records are replaced by rename): a cheap
+        way to see that it changed without reading it."""
+        try:
+            st = self._files.state.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
     def fetching(self) -> bool:
         """Whether a process holds the object's fetch lock now (its fetch runs, or waits)."""
         return is_locked(self._lock)

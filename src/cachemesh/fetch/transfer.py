@@ -87,6 +87,7 @@ class Transfer:
         self.fd = -1
         self.hasher: PrefixHasher | None = None
         self.origin = OriginRead(request, fetcher.retry, fetcher.low_speed)
+        self.checkpoint_s = fetcher.checkpoint_s
         self._pending: deque[tuple[int, int]] = deque()
         self._saved: RangeSet | None = None
         self._started = False
@@ -242,14 +243,14 @@ class Transfer:
         for t in threads:
             t.start()
         try:
-            next_checkpoint = time.monotonic() + self.f.checkpoint_s
+            next_checkpoint = time.monotonic() + self.checkpoint_s
             for t in threads:
                 while t.is_alive():
                     t.join(max(0.0, next_checkpoint - time.monotonic()))
                     if time.monotonic() >= next_checkpoint:
                         if self.req.ranged and self.error is None:
                             self.checkpoint()
-                        next_checkpoint = time.monotonic() + self.f.checkpoint_s
+                        next_checkpoint = time.monotonic() + self.checkpoint_s
         except BaseException:
             self.stop.set()
             for t in threads:
@@ -267,10 +268,10 @@ class Transfer:
         if not self.landed.covers(0, self.req.size):
             raise AssertionError(f"{self.req.name}: workers finished with gaps {self.landed!r}")
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, *, force: bool = False) -> None:
         with self.lock:
             snapshot = self.landed.copy()
-        if snapshot == self._saved:
+        if snapshot == self._saved and not force:
             return
         os.fdatasync(self.fd)  # the bytes first, then the record that names them
         self.files.write_state(PartialState(self.req.size, snapshot, object=self.req.name))
@@ -280,12 +281,14 @@ class Transfer:
         slots = self.f.slots
         try:
             while not self.stop.is_set():
+                # The task first: waiting for one (a swarm waits for pieces to appear)
+                # holds no slot that another object's reads could use.
+                task = self.next_task()
+                if task is None:
+                    return
                 if not slots.acquire(lambda: REGISTRY.rank(self.files.part), self.stop):
-                    continue
+                    return  # stopping
                 try:
-                    task = self.next_task()
-                    if task is None:
-                        return
                     start, end, read = task
                     read(start, end, self, self.stop)
                 finally:
@@ -320,10 +323,11 @@ class Transfer:
         self.hasher.offer(pos, view)
         with self.lock:
             self.landed.add(pos, pos + n)
-            prefix = self.landed.prefix_end()
             for o in self.observers:
                 o.landed(pos, pos + n)
-        self.hasher.prefix(prefix)
+            # Under the lock: a swarm that takes bad bytes out of ``landed`` (swarm.py)
+            # must not see an older, longer prefix told to the hasher after it.
+            self.hasher.prefix(self.landed.prefix_end())
         self.progress.advance(n)
 
 
