@@ -38,7 +38,7 @@ from starlette.routing import Mount, Route
 from .. import __version__
 from ..access import CONTROL, Keyring
 from ..errors import CachemeshError
-from . import control, datacaches, openai, ui, v2_rest
+from . import blobs, control, datacaches, openai, ui, v2_rest
 from .auth import Authenticate, access_of
 from .http_errors import encodable
 from .limits import BodyLimit, ParseBudget
@@ -122,6 +122,7 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
         return cfg.max_control_body if access == CONTROL else cfg.max_body
 
     api = create_api(service, routers)
+    blobs.install(api, service)  # the peer route; it checks the cluster token itself
     app = Starlette(routes=[*v2_rest.routes(), Route("/metrics", metrics, methods=["GET"]),
                             *ui.routes(), Mount("", app=api)], lifespan=lifespan,
                     middleware=[Middleware(Authenticate, keyring=keyring),
