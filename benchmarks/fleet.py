@@ -28,6 +28,7 @@ import os
 import re
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -222,6 +223,8 @@ def main() -> None:
             ceiling.append(loopback_ceiling(fleet, total - len('{"model_type": "fleet-benchmark"}')))
     finally:
         fleet.close()
+        # The nodes' stores go; the model stays for the next run only in a --workdir.
+        shutil.rmtree(work if args.workdir is None else work / "fleet", ignore_errors=True)
     report(args, total, runs, ceiling, loads)
 
 
