@@ -322,6 +322,7 @@ def dd_reference(nginx: Nginx, total: int, out: Path) -> Run:
 def worker(variant: str, source: str) -> None:
     t_start = time.perf_counter()
     import cachemesh.fetch.fetcher as fetcher_mod
+    import cachemesh.fetch.transfer as transfer_mod
     import cachemesh.fetch.http as fetch_http
     import cachemesh.store.blobs as blobs_mod
     from cachemesh.caches import Caches, make_spec
@@ -349,8 +350,8 @@ def worker(variant: str, source: str) -> None:
 
         setattr(owner, name, timed_call)
 
-    timing(fetcher_mod._Transfer, "_run_workers", "transfer")
-    timing(fetcher_mod.PrefixHasher, "finish", "hash_tail")
+    timing(transfer_mod.Transfer, "_run_workers", "transfer")
+    timing(transfer_mod.PrefixHasher, "finish", "hash_tail")
     timing(blobs_mod.BlobStore, "commit", "commit")
     settings = Settings.from_env()
     caches = Caches(settings)

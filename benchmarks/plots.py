@@ -17,8 +17,9 @@ write them (every file also carries ``benchmark``, ``command``, ``run`` and
                                                           "p99": ms, ...}, ...]}, ...]}
     fetch*.json  {"total_bytes": n, "baseline": tool, "tools": {tool: [{"seconds": s,
                                                                       "cpu": s}, ...]}}
-    fleet.json   {"runs": [{"nodes": n, "seconds": s}, ...]}   (fleet start-up, once
-                  that benchmark exists)
+    fleet.json   {"total_bytes": n, "loopback_mb_s": [...], "runs": [{"nodes": n,
+                  "system": "cachemesh p2p"|"origin only", "seconds": s, "origin_bytes": n,
+                  "max_uploaded_bytes": n, ...}, ...]}
 
 Medians everywhere, as in the tables; the points behind a median are drawn too
 where there are few of them.
@@ -160,20 +161,27 @@ def plot_fetch(data: dict[str, Any]) -> Any:
 
 
 def plot_fleet(data: dict[str, Any]) -> Any:
-    """Start-up time of a fleet against its number of nodes."""
+    """Start-up time of a fleet against its number of nodes: one line per system
+    (cachemesh peer-to-peer, every node from the origin), medians and their runs."""
     plt = _pyplot()
-    by_nodes: dict[int, list[float]] = {}
+    by_system: dict[str, dict[int, list[float]]] = {}
     for run in data["runs"]:
-        by_nodes.setdefault(int(run["nodes"]), []).append(float(run["seconds"]))
-    nodes = sorted(by_nodes)
+        nodes = by_system.setdefault(run.get("system", "cachemesh"), {})
+        nodes.setdefault(int(run["nodes"]), []).append(float(run["seconds"]))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(nodes, [statistics.median(by_nodes[n]) for n in nodes], "-o", color=OURS,
-            label="median")
-    for n in nodes:
-        ax.plot([n] * len(by_nodes[n]), by_nodes[n], ".", color=LIMIT, alpha=0.5)
-    ax.set_xlabel("nodes", fontsize=8)
-    ax.set_ylabel("seconds until every node serves", fontsize=8)
-    ax.set_xticks(nodes)
+    ticks: set[int] = set()
+    for system in sorted(by_system, key=lambda s: not s.startswith("cachemesh")):
+        by_nodes = by_system[system]
+        nodes = sorted(by_nodes)
+        ticks.update(nodes)
+        color = OURS if system.startswith("cachemesh") else THEIRS
+        ax.plot(nodes, [statistics.median(by_nodes[n]) for n in nodes], "-o", color=color,
+                label=system)
+        for n in nodes:
+            ax.plot([n] * len(by_nodes[n]), by_nodes[n], ".", color=LIMIT, alpha=0.5)
+    ax.set_xlabel("nodes starting the model at once", fontsize=8)
+    ax.set_ylabel("seconds until every node has it", fontsize=8)
+    ax.set_xticks(sorted(ticks))
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
     return _finish(fig, "Fleet start-up time against the number of nodes")

@@ -329,6 +329,22 @@ def parse_labels(text: str) -> dict[str, str]:
     return labels
 
 
+def parse_peers(text: str) -> tuple[tuple[str, str], ...]:
+    """``a=http://10.0.0.1:8008,b=http://10.0.0.2:8008`` -> ``(("a", url), ("b", url))``."""
+    peers: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        name, sep, url = item.partition("=")
+        if not sep:
+            raise InvalidInputError(f"a peer must be NAME=URL, got {item.strip()!r}")
+        peers[parse_node_name(name)] = parse_advertise_url(url)
+    return tuple(sorted(peers.items()))
+
+
+_PEER_FAULTS = ("flip",)
+
+
 def _prefix(raw: str | None) -> str:
     prefix = raw or "/cachemesh/v1/"
     if not prefix.startswith("/") or not prefix.endswith("/") or "//" in prefix:
@@ -370,10 +386,23 @@ class ClusterSettings:
     # for an etcd started with --client-cert-auth (both or neither).
     etcd_cert: Path | None = None
     etcd_key: Path | None = field(default=None, repr=False)
+    # CACHEMESH_PEERS: NAME=URL[,NAME=URL...]: the nodes this one asks for blobs before
+    # their origin (each one's advertise URL): a static list, until the blob index in
+    # etcd finds them. This node's own name may be in it (one list for all): it is skipped.
+    # Needs CACHEMESH_CLUSTER_TOKEN, which the peers' blob route asks for.
+    peers: tuple[tuple[str, str], ...] = ()
+    # CACHEMESH_PEER_FAULT: for tests and benchmarks only: "flip" makes this node flip
+    # one byte of every range of a blob it serves to peers (a bad peer).
+    peer_fault: str | None = None
 
     @property
     def enabled(self) -> bool:
         return bool(self.endpoints)
+
+    @property
+    def peering(self) -> bool:
+        """Whether this node fetches from peers (a static list for now; etcd later)."""
+        return bool(self.peers)
 
     @property
     def tls(self) -> bool:
@@ -396,6 +425,16 @@ class ClusterSettings:
             etcd_cert=_path(env, "CACHEMESH_ETCD_CERT"),
             etcd_key=_path(env, "CACHEMESH_ETCD_KEY"),
         )
+        peers = env.get("CACHEMESH_PEERS")
+        fault = (env.get("CACHEMESH_PEER_FAULT") or "").strip() or None
+        if fault is not None and fault not in _PEER_FAULTS:
+            raise InvalidInputError(f"CACHEMESH_PEER_FAULT must be one of {_PEER_FAULTS},"
+                                    f" got {fault!r}")
+        settings = replace(settings, peers=parse_peers(peers) if peers else (), peer_fault=fault)
+        if settings.peers and len(settings.token or "") < MIN_CLUSTER_TOKEN:
+            raise InvalidInputError(
+                "CACHEMESH_PEERS needs CACHEMESH_CLUSTER_TOKEN (at least"
+                f" {MIN_CLUSTER_TOKEN} characters): peers serve blobs only to callers that carry it")
         if (settings.etcd_cert is None) != (settings.etcd_key is None):
             raise InvalidInputError(
                 "CACHEMESH_ETCD_CERT and CACHEMESH_ETCD_KEY go together: give both or neither")

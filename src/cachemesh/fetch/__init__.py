@@ -10,16 +10,31 @@ A source does not use this module directly: it subclasses
 :class:`cachemesh.sources.base.RemoteSource`, which turns each listed file into
 a :class:`FetchRequest` for a :class:`Fetcher`. Modules:
 
-    fetcher.py   Fetcher, FetchRequest: locking, resume, workers, verify, commit
+    fetcher.py   Fetcher, FetchRequest: locking, single flight, attempts
+    transfer.py  one attempt: resume, workers, checkpoints, verify, commit
+    reads.py     the origin's read of one range: retries, low-speed limit
+    slots.py     connection slots shared by the reads, writes joined from small reads
+    progress.py  each byte of an object reported once
     ranges.py    RangeSet and the partial file + state record (on-disk format)
+    landing.py   Landing: where objects land and which bytes have (the public reader)
     hashing.py   digests of bytes that land out of order
     retry.py     RetryPolicy: backoff with jitter
     observe.py   FetchObserver, Flight: watching an object while it lands
     http.py      httpx client, probe and ranged reads for HTTP(S) origins
+
+Peers (other nodes) are asked before the origin for a blob whose sha256 is known:
+
+    peers.py     Peers (who may hold a blob, who goes to the origin), StaticPeers
+    swarm.py     SwarmTransfer: pieces from several peers, the origin for the rest
+    pieces.py    PieceList: a sha256 per fixed-size piece, checked as pieces land
+    peer_http.py the peer protocol (routes, headers) and PeerClient
+    ledger.py    what peers did for this store's fetches (for /metrics)
 """
 
-from .fetcher import Fetcher, FetchRequest, RangeRead, identity_key
+from .fetcher import Fetcher, FetchRequest, RangeRead
+from .landing import Landed, Landing, LandingSpot, content_identity, identity_key
 from .observe import FetchObserver, Flight
+from .peers import Peer, Peers, StaticPeers
 from .ranges import PartialState, RangeSet
 from .retry import RetryPolicy
 
@@ -28,9 +43,16 @@ __all__ = [
     "FetchRequest",
     "Fetcher",
     "Flight",
+    "Landed",
+    "Landing",
+    "LandingSpot",
     "PartialState",
+    "Peer",
+    "Peers",
     "RangeRead",
     "RangeSet",
     "RetryPolicy",
+    "StaticPeers",
+    "content_identity",
     "identity_key",
 ]

@@ -74,6 +74,22 @@ class RangeSet:
         self._starts[lo:hi] = [start]
         self._ends[lo:hi] = [end]
 
+    def remove(self, start: int, end: int) -> None:
+        """Take ``[start, end)`` out of the set (bytes found bad after they landed)."""
+        if end <= start:
+            return
+        kept = []
+        for s, e in self.intervals():
+            if e <= start or s >= end:
+                kept.append((s, e))
+                continue
+            if s < start:
+                kept.append((s, start))
+            if e > end:
+                kept.append((end, e))
+        self._starts = [s for s, _ in kept]
+        self._ends = [e for _, e in kept]
+
     def covers(self, start: int, end: int) -> bool:
         """Whether every byte of ``[start, end)`` is in the set."""
         if end <= start:

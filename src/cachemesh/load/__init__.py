@@ -9,8 +9,10 @@ finds a checkpoint's files (shard index, directory, cache source),
 ``reader`` reads chunks in parallel (page cache first, then ``O_DIRECT``),
 ``memory`` allocates the huge-page host buffers, ``stream`` turns landed chunks
 into tensors (and holds the CUDA staging path), ``origin`` streams a source
-that is not cached yet from the fetcher's partial files while it is pulled,
-``state_dict`` and ``pretrained`` build on the stream.
+that is not cached yet from the fetcher's partial files while it is pulled
+(building on ``stream``; ``feed`` finds where those bytes are), ``iterate`` picks
+one of the two for ``iter_tensors``,
+``state_dict`` and ``pretrained`` build on it.
 
 The names that need torch are imported on first use, so reading a header to
 size a checkpoint (``read_checkpoint(path).nbytes``) does not import torch.
@@ -43,7 +45,7 @@ _LAZY: dict[str, str] = {
     "LoadedStateDict": "cachemesh.load.state_dict",
     "load_state_dict": "cachemesh.load.state_dict",
     "TensorStream": "cachemesh.load.stream",
-    "iter_tensors": "cachemesh.load.stream",
+    "iter_tensors": "cachemesh.load.iterate",
     "load_pretrained": "cachemesh.load.pretrained",
 }
 
@@ -68,4 +70,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .state_dict import LoadedStateDict as LoadedStateDict
     from .state_dict import load_state_dict as load_state_dict
     from .stream import TensorStream as TensorStream
-    from .stream import iter_tensors as iter_tensors
+    from .iterate import iter_tensors as iter_tensors

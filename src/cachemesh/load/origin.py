@@ -3,13 +3,13 @@
 ``iter_tensors("s3://bucket/model")`` (or ``hf://``, ``https://``, …) for a
 source that is not cached yet does not pull first and load after. It starts
 the pull in a thread and reads the bytes the fetcher writes into its partial
-files (``tmp/fetch/KEY.part``) as they land, so the first tensors come while
+files as they land (found through ``fetch.Landing``), so the first tensors come while
 the rest is still on the wire, and the origin serves every byte once::
 
     caller's thread                          pull thread (Caches.ensure, first=[index, shards])
     ---------------                          -----------------------------------------------
     list the source; watch the partial of    list, plan, fetch: the fetcher writes each file's
-    the shard index and each *.safetensors   ranges in file order into KEY.part and tells the
+    the shard index and each *.safetensors   ranges in file order into its partial; tells the
                                              Flight of every landed range (fetch/observe.py)
     index: wait for all of it, parse
     shard: wait [0, 8), then the header,     ──▶ landed(start, end) wakes the waiting reader
@@ -44,9 +44,9 @@ What a caller may rely on (the same outcome as pulling first, only earlier):
   thread: the cache still fills, and the next load reads it.
 - Another process already fetching the same object (single-flight): this
   process's pull waits on that fetch instead of fetching twice, and the
-  stream follows the other process's progress through its ``KEY.state``
-  record (written every second, bytes made durable first; ``fetch/ranges.py``),
-  reading the ranges it names from the same partial file.
+  stream follows the other process's progress through its record (written
+  every second, bytes made durable first), read through the fetcher's public
+  ``fetch.Landing``, and reads the ranges it names from the same partial file.
 
 Which files are streamed: those ``read_checkpoint`` would pick in the cache's
 view (the top level: the shard index and the shards it names, in order; else
@@ -62,10 +62,9 @@ every byte it just wrote, which a ``pread`` copies out).
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -74,254 +73,19 @@ import torch
 
 from ..errors import LoadError, RefetchedError
 from .checkpoint import INDEX_NAME, Checkpoint, parse_index
-from .format import SafetensorsHeader, check_header_size, parse_header
-from .reader import ReadCounts
+from .feed import Feed, LandingReader, Pull, Replaced, read_landed_header
+from .format import SafetensorsHeader
 from .stats import LoadStats
 from .stream import TensorStream
 
 if TYPE_CHECKING:
     from ..caches import Caches, CacheSpec
     from ..fetch import Flight
-    from ..fetch.ranges import PartialFiles
     from ..sources import RemoteFile, RemoteSource
 
-# How often a reader waiting for bytes looks beyond this process's fetch: the
-# pull's outcome, a blob that was already there, another process's record.
-POLL_S = 0.05
 # One read of the stream when the caller names no chunk size: small, so that a
 # tensor is handed out soon after its bytes land, not after a 16 MiB chunk.
 STREAM_CHUNK_BYTES = 1024 * 1024
-
-
-class _Replaced(Exception):
-    """Internal: the partial being read was discarded or rewritten (or its fetch failed)."""
-
-
-class _Pull:
-    """``Caches.ensure`` in a thread; its outcome for whoever waits."""
-
-    def __init__(self, caches: Caches, spec: CacheSpec, first: list[str]) -> None:
-        self.error: BaseException | None = None
-        self.view: Path | None = None
-        self._done = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(caches, spec, first), name="cachemesh-stream-pull",
-            daemon=True,  # a closed stream leaves the pull to finish; exit may cut it (resumable)
-        )
-        self._thread.start()
-
-    def _run(self, caches: Caches, spec: CacheSpec, first: list[str]) -> None:
-        try:
-            self.view = caches.ensure(spec, first=first).view
-        except BaseException as exc:  # noqa: BLE001 - handed to the stream
-            self.error = exc
-        finally:
-            self._done.set()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def wait(self) -> Path:
-        """The view once the pull succeeded; raises its error otherwise."""
-        self._done.wait()
-        if self.error is not None:
-            raise self.error
-        assert self.view is not None
-        return self.view
-
-
-class _Feed:
-    """Where the bytes of one file of the source can be read, as soon as they can.
-
-    ``wait(start, end)`` returns a path whose bytes ``[start, end)`` are this
-    file's: the fetcher's partial while this process fetches it (its Flight),
-    the partial another process fetches (its record), the blob (verified, or
-    already there), or the file in the view once the pull is over.
-    """
-
-    def __init__(self, file: RemoteFile, final: Path, flight: Flight, partial: PartialFiles,
-                 blob_path: Callable[[str], Path], pull: _Pull,
-                 cancelled: threading.Event) -> None:
-        self.file = file
-        self.final = final  # the file in the cache's view, once the pull is done
-        self.flight = flight
-        self.partial = partial
-        self.blob_path = blob_path  # sha256 -> where that blob lives
-        self.blob = blob_path(file.sha256) if file.sha256 else None  # the published one's
-        self.pull = pull
-        self.cancelled = cancelled
-
-    def wait_verified(self) -> Path:
-        """A path of the file's verified bytes (a blob, or the view): for small files that
-        are read whole before anything else (the shard index)."""
-        size = self.file.size
-        while True:
-            if self.cancelled.is_set():
-                raise LoadError(f"{self.final}: the stream was closed")
-            if self.flight.blob is not None:
-                return self.flight.blob
-            if self.pull.done:
-                self.pull.wait()
-                return self.final
-            if self.flight.partial is None:
-                if self.blob is not None and _size_of(self.blob) == size:
-                    return self.blob
-                state = self.partial.read_state()
-                if state is not None and state.sha256 is not None and state.size == size:
-                    blob = self.blob_path(state.sha256)
-                    if _size_of(blob) == size:
-                        return blob
-            time.sleep(POLL_S)
-
-    def wait(self, start: int, end: int) -> Path:
-        while True:
-            if self.cancelled.is_set():
-                raise LoadError(f"{self.final}: the stream was closed")
-            try:
-                return self.flight.wait(start, end, timeout=POLL_S)
-            except TimeoutError:
-                pass
-            except Exception as exc:
-                raise _Replaced(str(exc)) from exc  # this attempt failed; the pull decides
-            if self.pull.done:
-                self.pull.wait()  # raises the pull's error
-                return self.final
-            if self.flight.partial is None:  # not fetched by this process (yet)
-                found = self._elsewhere(start, end)
-                if found is not None:
-                    return found
-
-    def _elsewhere(self, start: int, end: int) -> Path | None:
-        size = self.file.size
-        if self.blob is not None and _size_of(self.blob) == size:
-            return self.blob  # verified earlier, by anyone
-        state = self.partial.read_state()
-        if state is None or state.size != size:
-            return None
-        if state.sha256 is not None:
-            return None  # committed: the blob path above, or the view once the pull links it
-        if state.landed.covers(start, end):
-            return self.partial.part
-        return None
-
-
-class _LandingReader:
-    """Reads chunks of one file from wherever its feed says they landed.
-
-    The first read binds the reader to one inode (the partial's, which the
-    commit links into the blob store unchanged). Every later read checks that
-    the path it is given is still that inode, so bytes of a discarded attempt
-    are never mixed with those of the next; :meth:`check_verified` compares it
-    with the file in the cache's view once the pull is over.
-    """
-
-    def __init__(self, feed: _Feed) -> None:
-        self.feed = feed
-        self._lock = threading.Lock()
-        self._fd = -1
-        self._inode: tuple[int, int] | None = None
-        self._generation = 0
-
-    def _fd_for(self, path: Path) -> int | None:
-        """Our descriptor, if ``path`` is the inode we read; None if it vanished meanwhile."""
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            return None  # a partial renamed into a blob between the wait and now: wait again
-        except OSError as exc:
-            raise LoadError(f"{self.feed.final}: cannot read {path}: {exc}") from exc
-        inode = (st.st_dev, st.st_ino)
-        with self._lock:
-            if self._inode is None:
-                try:
-                    self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    return None
-                except OSError as exc:
-                    raise LoadError(f"{self.feed.final}: cannot read {path}: {exc}") from exc
-                opened = os.fstat(self._fd)
-                if (opened.st_dev, opened.st_ino) != inode:  # replaced between stat and open
-                    os.close(self._fd)
-                    self._fd = -1
-                    return None
-                self._inode = inode
-                self._generation = self.feed.flight.generation
-            elif inode != self._inode or self._rewritten():
-                raise _Replaced(f"{self.feed.final}: the bytes being read were replaced")
-            return self._fd
-
-    def read_into(self, start: int, end: int, dst: memoryview) -> None:
-        """Fill ``dst[:end - start]`` with the file's bytes ``[start, end)`` once they landed."""
-        while True:
-            path = self.feed.wait(start, end)
-            fd = self._fd_for(path)
-            if fd is not None:
-                break
-            time.sleep(POLL_S)
-        pos = start
-        while pos < end:
-            try:
-                n = os.preadv(fd, [dst[pos - start:end - start]], pos)
-            except OSError as exc:
-                raise LoadError(f"{self.feed.final}: read failed at byte {pos}: {exc}") from exc
-            if n <= 0:
-                raise LoadError(f"{self.feed.final}: the file ended at byte {pos}")
-            pos += n
-
-    # -- the ChunkReader of TensorStream -------------------------------------------
-
-    def read(self, start: int, end: int, dst: memoryview) -> ReadCounts:
-        self.read_into(start, end, dst)
-        # Just written by the fetcher: copied out of the page cache.
-        return ReadCounts(page_cache=end - start)
-
-    def close(self) -> None:
-        pass  # the descriptor outlives the file's TensorStream: check_verified needs it
-
-    def release(self) -> None:
-        with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
-
-    def _rewritten(self) -> bool:
-        """Whether this process's fetch started the file over since we bound to it.
-
-        Only counted when we bound while this process fetched (generation > 0):
-        a fetch that starts later on the same inode resumes another process's
-        partial and does not rewrite the bytes its record named.
-        """
-        return self._generation > 0 and self.feed.flight.generation != self._generation
-
-    def check_verified(self) -> None:
-        """After a successful pull: the bytes read are those of the verified file."""
-        if self._inode is None:
-            return
-        st = os.stat(self.feed.final)
-        if (st.st_dev, st.st_ino) != self._inode or self._rewritten():
-            raise _Replaced(f"{self.feed.final}: the bytes read are not the verified file's")
-
-
-def _size_of(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
-
-
-def _read_header(reader: _LandingReader, where: Path, size: int) -> SafetensorsHeader:
-    """Parse a file's header as soon as its bytes landed (the 8-byte length, then the JSON)."""
-    if size < 8:
-        raise LoadError(f"{where}: not a safetensors file: {size} bytes, "
-                        "too short for the 8-byte header length")
-    prefix = bytearray(8)
-    reader.read_into(0, 8, memoryview(prefix))
-    header_size = int.from_bytes(prefix, "little")
-    check_header_size(where, header_size, size)  # never wait for bytes past the end
-    raw = bytearray(header_size)
-    reader.read_into(8, 8 + header_size, memoryview(raw))
-    return parse_header(where, bytes(raw), size)
 
 
 def _plan(files: list[RemoteFile]) -> tuple[RemoteFile | None, list[RemoteFile]]:
@@ -349,8 +113,7 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
 
     def __init__(self, uri: str, caches: Caches, spec: CacheSpec, source: RemoteSource,
                  files: list[RemoteFile], load_options: dict[str, Any]) -> None:
-        from ..fetch.fetcher import identity_key
-        from ..fetch.ranges import PartialFiles
+        from ..fetch import Landing
 
         self._t0 = time.perf_counter()
         self.uri = uri
@@ -361,22 +124,22 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
         self._current: TensorStream | None = None
         self._headers: list[SafetensorsHeader] = []
         self._names: dict[str, Path] = {}
-        self._readers: list[_LandingReader] = []
+        self._readers: list[LandingReader] = []
         self._flights: list[Flight] = []
         self._yielded = 0
         self._file: RemoteFile | None = None  # the file being read
         self._file_yielded = 0  # tensors handed out of it
         index, shards = _plan(files)
         self.view = caches.store.views.dir(spec.bucket, spec.path or spec.name)
-        fetcher = source.fetcher(caches.store)
+        landing = Landing(caches.store)
         wanted = ([index] if index is not None else []) + shards
         # Watch before the pull starts, so no landed range goes unseen.
-        self._flights = [fetcher.watch(source.identity(f)) for f in wanted]
-        self._pull = _Pull(caches, spec, [f.path for f in wanted])
-        self._feeds: dict[str, _Feed] = {}
+        self._flights = [landing.watch(source.identity(f)) for f in wanted]
+        self._pull = Pull(caches, spec, [f.path for f in wanted])
+        self._feeds: dict[str, Feed] = {}
         for f, flight in zip(wanted, self._flights, strict=True):
-            partial = PartialFiles(fetcher.dir, identity_key(source.identity(f)))
-            self._feeds[f.path] = _Feed(f, self.view / f.path, flight, partial,
+            spot = landing.spot(source.identity(f))
+            self._feeds[f.path] = Feed(f, self.view / f.path, flight, spot,
                                         caches.store.blobs.path, self._pull,
                                         self._cancelled)
         try:
@@ -404,12 +167,12 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
         """
         where = self.view / index.path
         feed = self._feeds[index.path]
-        reader = _LandingReader(feed)
+        reader = LandingReader(feed)
         raw = bytearray(index.size)
         try:
             reader.read_into(0, index.size, memoryview(raw))
             order = self._shards_of(parse_index(bytes(raw), where), shards, index)
-        except (_Replaced, LoadError):
+        except (Replaced, LoadError):
             reader.release()
             try:
                 raw = bytearray(feed.wait_verified().read_bytes())
@@ -443,10 +206,10 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
         verified bytes once the pull is over (``verified``).
         """
         where = self.view / file.path
-        reader = _LandingReader(self._feeds[file.path])
+        reader = LandingReader(self._feeds[file.path])
         try:
-            header = _read_header(reader, where, file.size)
-        except (_Replaced, LoadError):
+            header = read_landed_header(reader, where, file.size)
+        except (Replaced, LoadError):
             reader.release()
             if verified:
                 raise
@@ -484,7 +247,7 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
                         self._add_stats(self._current.stats)
                         self._current = None
                         continue
-                    except _Replaced:
+                    except Replaced:
                         if self._file_yielded:
                             raise
                         # Nothing of this file was handed out: read it from its verified bytes.
@@ -504,7 +267,7 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
                 self._current = self._open_next()
         except StopIteration:
             raise
-        except _Replaced:
+        except Replaced:
             error = self._outcome()
             self.close()
             raise error from None
@@ -524,7 +287,7 @@ class OriginStream(Iterator[tuple[str, torch.Tensor]]):
         try:
             for reader in self._readers:
                 reader.check_verified()
-        except _Replaced:
+        except Replaced:
             raise self._outcome() from None
 
     def _outcome(self) -> BaseException:

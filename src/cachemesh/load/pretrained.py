@@ -44,7 +44,7 @@ import torch
 from ..errors import LoadError
 from .checkpoint import Checkpoint, read_checkpoint, resolve_source
 from .format import DTYPES
-from .stream import iter_tensors
+from .iterate import iter_tensors
 from .tensors import CASTABLE, resolve_dtype
 
 logger = logging.getLogger(__name__)

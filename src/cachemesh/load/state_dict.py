@@ -12,7 +12,8 @@ from ..errors import RefetchedError
 from .checkpoint import Checkpoint, read_checkpoint
 from .origin import OriginStream
 from .stats import LoadStats
-from .stream import TensorStream, iter_tensors
+from .iterate import iter_tensors
+from .stream import TensorStream
 
 
 class LoadedStateDict(dict[str, torch.Tensor]):

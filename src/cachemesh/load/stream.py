@@ -1,4 +1,4 @@
-"""Stream tensors out as their bytes land: ``iter_tensors`` and its CUDA path.
+"""Stream tensors out as their bytes land: :class:`TensorStream` and its CUDA path.
 
 Reading starts when the stream is created: every chunk of every file is queued
 on a thread pool at once (see ``reader.py``), so a consumer that is busy
@@ -27,20 +27,19 @@ Where the bytes land depends on ``device``:
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from ..errors import LoadError
 from . import integrity, memory
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import Checkpoint
 from .format import SafetensorsHeader, TensorInfo
 from .reader import (
     ALIGN,
@@ -55,10 +54,6 @@ from .reader import (
 )
 from .stats import LoadStats
 from .tensors import CASTABLE, resolve_dtype, torch_dtype, torch_shape
-
-if TYPE_CHECKING:
-    from .origin import OriginStream
-
 
 class ChunkReader(Protocol):
     """What the stream reads chunks with: a :class:`FileReader`, or a stand-in."""
@@ -426,49 +421,3 @@ class TensorStream(Iterator[tuple[str, torch.Tensor]]):
             self.close()
         except Exception:
             pass
-
-
-def iter_tensors(
-    path_or_source: str | os.PathLike[str] | Checkpoint,
-    device: torch.device | str | int = "cpu",
-    dtype: torch.dtype | str | None = None,
-    threads: int | None = None,
-    *,
-    chunk_bytes: int | None = None,
-    direct_io: bool | None = None,
-    stream_origin: bool = True,
-) -> TensorStream | OriginStream:
-    """Stream ``(name, tensor)`` pairs of a safetensors checkpoint in file order.
-
-    ``path_or_source`` is a file, a directory (sharded through
-    ``model.safetensors.index.json``, else every ``*.safetensors`` in it) or a
-    cache source such as ``hf://org/name``. Each tensor is yielded as soon as
-    its bytes have landed, while later ones are still being read. ``dtype``
-    converts float16/bfloat16/float32/float64 tensors; ``device`` places them
-    (``"cuda"`` streams through pinned staging buffers). ``threads`` reads in
-    parallel (default: twice the cores, 4 to 16); ``chunk_bytes`` is the size
-    of one read (default 16 MiB; 1 MiB from an origin); ``direct_io`` chooses
-    how bytes not in the page cache are read (see ``reader.py``).
-
-    A remote source that is not cached yet is pulled while its tensors are
-    yielded from the bytes the fetcher writes (``origin.py``): tensors come
-    before their bytes are verified, and the stream raises at its end if the
-    pull fails. ``stream_origin=False`` pulls first, then loads.
-    """
-    options: dict[str, Any] = dict(device=device, dtype=dtype, threads=threads,
-                                   chunk_bytes=chunk_bytes, direct_io=direct_io)
-    if stream_origin and not isinstance(path_or_source, Checkpoint):
-        text = os.fspath(path_or_source)
-        if "://" in text:
-            from .origin import STREAM_CHUNK_BYTES, open_origin_stream
-
-            stream = open_origin_stream(
-                text, {**options, "chunk_bytes": chunk_bytes or STREAM_CHUNK_BYTES})
-            if stream is not None:
-                return stream
-    checkpoint = (
-        path_or_source
-        if isinstance(path_or_source, Checkpoint)
-        else read_checkpoint(path_or_source)
-    )
-    return TensorStream(checkpoint, **options)

@@ -41,7 +41,7 @@ from starlette.routing import Mount, Route
 from .. import __version__
 from ..access import CONTROL, Keyring
 from ..errors import CachemeshError
-from . import control, datacaches, openai, ui, v2_rest
+from . import blobs, control, datacaches, openai, ui, v2_rest
 from .auth import Authenticate, access_of
 from .datacache_service import DataCacheService
 from .http_errors import encodable
@@ -129,6 +129,7 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
 
     caches_service = DataCacheService(service.caches, cfg.source_roots)
     api = create_api(service, caches_service, routers)
+    blobs.install(api, service)  # the peer route; it checks the cluster token itself
     app = Starlette(routes=[*v2_rest.routes(), Route("/metrics", metrics, methods=["GET"]),
                             *ui.routes(), Mount("", app=api)], lifespan=lifespan,
                     middleware=[Middleware(Authenticate, keyring=keyring),

@@ -56,6 +56,7 @@ RULES: list[tuple[str, str, frozenset[str] | None, str]] = [
     ("/v2", "exact", None, INFERENCE),  # server metadata
     ("/v2/models", "prefix", None, INFERENCE),
     ("/v1", "prefix", None, INFERENCE),  # OpenAI
+    ("/api/v1/blobs", "prefix", frozenset({"GET", "HEAD"}), OPEN),  # peers: serve/blobs.py
     ("/api", "prefix", None, CONTROL),
 ]
 

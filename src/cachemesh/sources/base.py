@@ -196,7 +196,9 @@ class RemoteSource(Source):
         locator should be absolute (a URL, an endpoint with bucket and key).
         """
         if file.sha256:
-            return f"sha256:{file.sha256.lower()}"
+            from ..fetch.landing import content_identity
+
+            return content_identity(file.sha256)  # found by a peer from the sha256 alone
         if file.git_sha1:
             return f"git-sha1:{file.git_sha1.lower()}:{file.size}"
         return f"{self.schemes[0]}\n{file.locator}\n{file.origin_tag}\n{file.size}"
