@@ -36,7 +36,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.responses import Response
-from starlette.routing import Mount, Route
+from starlette.routing import Match, Mount, Route
 
 from .. import __version__
 from ..access import CONTROL, Keyring
@@ -86,6 +86,23 @@ def create_api(service: ModelService, caches_service: DataCacheService,
     return api
 
 
+class ApiMount(Mount):
+    """The FastAPI app under the root routes. It matches every path, but only as a
+    fallback: a root route whose path matches with another method (GET on ``.../infer``)
+    comes first, so that the answer is 405 with ``Allow``, not the API's 404."""
+
+    def matches(self, scope: Any) -> tuple[Match, dict[str, Any]]:
+        match, child = super().matches(scope)
+        return (Match.PARTIAL if match is Match.FULL else match), child
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals on the root routes (405) in the server's error body."""
+    assert isinstance(exc, StarletteHTTPException)
+    return v2_rest.json_response({"error": encodable(str(exc.detail))}, exc.status_code,
+                                 dict(exc.headers or {}))
+
+
 def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
                routers: Sequence[Any] = (),
                on_started: Callable[[], None] | None = None) -> Starlette:
@@ -131,7 +148,8 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
     api = create_api(service, caches_service, routers)
     blobs.install(api, service)  # the peer route; it checks the cluster token itself
     app = Starlette(routes=[*v2_rest.routes(), Route("/metrics", metrics, methods=["GET"]),
-                            *ui.routes(), Mount("", app=api)], lifespan=lifespan,
+                            *ui.routes(), ApiMount("", app=api)], lifespan=lifespan,
+                    exception_handlers={StarletteHTTPException: http_error},
                     middleware=[Middleware(Authenticate, keyring=keyring),
                                 Middleware(BodyLimit, limit_of=body_limit)])
     app.state.service = service

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CachemeshError, ConflictError
-from ..runtimes import Resolved, resolve
+from ..runtimes import Resolved, describe, resolve
 from .documents import DEFAULT_VERSION
 from .messages import Preload
 from .pool import WorkerPool
@@ -111,6 +111,8 @@ class Preparer:
         label = None if v.label == DEFAULT_VERSION else v.label
         resolved = resolve(view, spec.runtime, spec.parameters, label)
         self._pull_base(v, view, resolved)
+        # V2 metadata before any load, where the files tell (an ONNX graph, a config).
+        resolved.metadata = describe(resolved, v.model, view)
         disk = sum(p.stat().st_size for p in view.rglob("*") if p.is_file())
         return view, resolved, disk
 

@@ -228,13 +228,28 @@ class ModelService:
         return self.deployments.get(name, version).is_ready(version)
 
     async def metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """V2 model metadata. A model that is not loaded answers from what it declares."""
+        """V2 model metadata, the same before and after the first load: read from the
+        files where their format tells (``Runtime.describe``), else from a load, which
+        this starts (and waits for) as a request would."""
         dep = self.deployments.get(name, version)
         v = dep.versions[dep.router.choose(version).version if version else dep.doc.primary()]
         if v.resolved is None and v.prepare_task is not None:
             with contextlib.suppress(CachemeshError, asyncio.CancelledError):
                 await asyncio.shield(v.prepare_task)
-        return dep.metadata(v)
+        meta = dep.metadata(v)
+        if meta is None:
+            deadline = time.monotonic() + self.cfg.request_timeout_s
+            try:
+                async with asyncio.timeout(self.cfg.request_timeout_s):
+                    await self.loader.ensure_loaded(v, REQUEST, deadline)
+            except TimeoutError:
+                raise RequestTimeoutError(
+                    f"model {name!r} did not load within {self.cfg.request_timeout_s:g}s"
+                ) from None
+            meta = dep.metadata(v)
+        return meta or {"name": name, "versions": list(dep.doc.versions),
+                        "platform": v.resolved.runtime if v.resolved else "",
+                        "inputs": [], "outputs": []}
 
     def memory(self) -> dict[str, Any]:
         return self.pool.memory()

@@ -183,14 +183,16 @@ class Deployment:
                   else self.doc.serving())
         return all(self.versions[label].ready_copies() for label in labels)
 
-    def metadata(self, v: Version) -> dict[str, Any]:
-        """V2 metadata of ``v``: what its load reported, else what it declares."""
-        meta = dict(v.metadata) if v.metadata else {}
-        if not meta and v.resolved is not None:
-            meta = {"inputs": v.resolved.inputs, "outputs": v.resolved.outputs}
+    def metadata(self, v: Version) -> dict[str, Any] | None:
+        """V2 metadata of ``v``: what its load reported, else what its files say
+        (``Runtime.describe``); None when only a load can tell. ``versions``: every
+        version label of the model (``default`` for one that names none)."""
+        meta = v.metadata or (v.resolved.metadata if v.resolved is not None else None)
+        if not meta:
+            return None
         return {
             "name": self.name,
-            "versions": [label for label in self.doc.versions if label != DEFAULT_VERSION],
+            "versions": list(self.doc.versions),
             "platform": meta.get("platform") or (v.resolved.runtime if v.resolved else ""),
             "inputs": meta.get("inputs") or [],
             "outputs": meta.get("outputs") or [],
