@@ -36,7 +36,7 @@ from typing import Any
 from ..errors import ConflictError
 from ..store.db import Database
 from ..store.names import is_within
-from .spec import PENDING
+from .spec import AVAILABLE, FAILED, PENDING
 
 
 def _dicts(rows: list[sqlite3.Row]) -> list[dict[str, Any]]:
@@ -175,6 +175,18 @@ class CacheCatalog:
         for r in self.db.query("SELECT cache, sha256 FROM files"):
             refs.setdefault(r["sha256"], set()).add(r["cache"])
         return refs
+
+    def blob_buckets(self, sha256: str) -> list[str]:
+        """The buckets of the caches with a file of blob ``sha256``."""
+        return [r["bucket"] for r in self.db.query(
+            "SELECT DISTINCT c.bucket FROM files f JOIN caches c ON c.name = f.cache"
+            " WHERE f.sha256 = ?", (sha256,))]
+
+    def pulling_buckets(self) -> list[str]:
+        """The buckets of the caches that are neither Available nor Failed."""
+        return [r["bucket"] for r in self.db.query(
+            "SELECT DISTINCT bucket FROM caches WHERE status NOT IN (?, ?)",
+            (AVAILABLE, FAILED))]
 
     def blob_sizes(self) -> dict[str, int]:
         return {r["sha256"]: r["size"] for r in self.db.query("SELECT sha256, size FROM blobs")}

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from ..caches import AVAILABLE, FAILED
+from ..caches.catalog import CacheCatalog
 from ..errors import NotFoundError, UnauthorizedError
 from ..fetch import Landing
 from ..fetch.pieces import PieceList, PieceLists
@@ -72,6 +72,7 @@ class BlobShare:
 
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
+        self._catalog = CacheCatalog(store.db)
         token = settings.cluster.token
         self._token = hashlib.sha256(token.encode()).digest() if token else None
         self.fault = settings.cluster.peer_fault
@@ -107,18 +108,12 @@ class BlobShare:
 
     def _may_read(self, sha256: str, tokens: Sequence[str]) -> bool:
         buckets = self.store.buckets
-        rows = self.store.db.query(
-            "SELECT DISTINCT c.bucket FROM files f JOIN caches c ON c.name = f.cache"
-            " WHERE f.sha256 = ?", (sha256,))
-        holders = [r["bucket"] for r in rows]
+        holders = self._catalog.blob_buckets(sha256)
         if holders:
             return any(not buckets.is_protected(b) or buckets.opens(b, tokens)
                        for b in holders)
-        pulling = self.store.db.query(
-            "SELECT DISTINCT bucket FROM caches WHERE status NOT IN (?, ?)",
-            (AVAILABLE, FAILED))
-        return all(not buckets.is_protected(r["bucket"]) or buckets.opens(r["bucket"], tokens)
-                   for r in pulling)
+        return all(not buckets.is_protected(b) or buckets.opens(b, tokens)
+                   for b in self._catalog.pulling_buckets())
 
     # -- what it gets ---------------------------------------------------------------------
 
