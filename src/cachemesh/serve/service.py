@@ -44,7 +44,7 @@ from ..errors import (
 from ..runtimes import InferenceRequest, InferenceResponse
 from .copies import CopyScaler
 from .deployments import Deployments
-from .documents import ModelDoc
+from .documents import DEFAULT_VERSION, ModelDoc
 from .loading import Loader
 from .loadqueue import REQUEST
 from .messages import Generate, Infer, Stats, Stream
@@ -251,6 +251,31 @@ class ModelService:
                         "platform": v.resolved.runtime if v.resolved else "",
                         "inputs": [], "outputs": []}
 
+    def statistics(self, name: str = "", version: str | None = None) -> list[dict[str, Any]]:
+        """Each version's tally (every model's when ``name`` is empty), in the terms of
+        Triton's statistics extension."""
+        if name:
+            dep = self.deployments.get(name, version)
+            deps = [dep]
+            if version is not None:
+                dep.router.choose(version)  # an unknown version is not found
+        else:
+            deps = [d for _, d in sorted(self.deployments.by_name.items())
+                    if not d.removed and self.deployments.visible(d)]
+        out = []
+        for dep in deps:
+            for v in dep.versions.values():
+                if version is not None and v.label != dep.router.choose(version).version:
+                    continue
+                t = v.tally
+                label = "" if v.label == DEFAULT_VERSION else v.label
+                out.append({"name": dep.name, "version": label,
+                            "last_inference": t.last_ms,
+                            "inference_count": t.success, "execution_count": t.success,
+                            "success": (t.success, t.success_ns), "fail": (t.fail, t.fail_ns),
+                            "queue": (t.queued, t.queue_ns)})
+        return out
+
     def memory(self) -> dict[str, Any]:
         return self.pool.memory()
 
@@ -308,11 +333,14 @@ class ModelService:
         if copy is None:
             series.misses.inc()
             v.waiting += 1
+            waited = time.perf_counter_ns()
             try:
                 with llm.waiting.track_inprogress() if llm else contextlib.nullcontext():
                     copy = await self.loader.ensure_loaded(v, REQUEST, deadline)
             finally:
                 v.waiting -= 1
+                v.tally.queued += 1
+                v.tally.queue_ns += time.perf_counter_ns() - waited
         else:
             series.hits.inc()
         copy.inflight += 1
@@ -327,10 +355,10 @@ class ModelService:
             self.pool.notify()
 
     @contextlib.contextmanager
-    def _counted(self, name: str, dep: Deployment) -> Iterator[Series]:
+    def _counted(self, name: str, dep: Deployment, v: Version) -> Iterator[Series]:
         """One answered request of any protocol in the request counters and latencies
-        (a stream's latency is its whole length)."""
-        started = time.perf_counter()
+        (a stream's latency is its whole length), and in its version's tally."""
+        started = time.perf_counter_ns()
         series = dep.series or self._series(dep)
         series.inflight.inc()
         outcome = "error"
@@ -353,9 +381,12 @@ class ModelService:
             outcome = "cancelled"  # the client went away
             raise
         finally:
+            elapsed = time.perf_counter_ns() - started
             series.inflight.dec()
             (series.ok if outcome == "ok" else self.metrics.requests.labels(name, outcome)).inc()
-            series.latency.observe(time.perf_counter() - started)
+            series.latency.observe(elapsed / 1e9)
+            if outcome != "cancelled":
+                v.tally.answered(outcome == "ok", elapsed)
 
     async def infer(self, name: str, version: str | None, request: InferenceRequest, *,
                     headers: Mapping[str, str] | None = None) -> InferenceResponse:
@@ -365,7 +396,7 @@ class ModelService:
         dep, v = self._admit(name, version, headers, request.parameters)
         copy: Copy | None = None
         try:
-            with self._counted(name, dep) as series:
+            with self._counted(name, dep, v) as series:
                 try:
                     async with asyncio.timeout(self.cfg.request_timeout_s):
                         copy = await self._copy_for(
@@ -397,7 +428,7 @@ class ModelService:
         llm = self.metrics.llm(name) if payload.get("kind") != "embedding" else None
         copy: Copy | None = None
         try:
-            with self._counted(name, dep) as series:
+            with self._counted(name, dep, v) as series:
                 copy = await self._copy_for(v, series, time.monotonic()
                                             + self.cfg.request_timeout_s, llm)
                 if not v.capabilities.get("generate"):
@@ -424,7 +455,7 @@ class ModelService:
         admitted = time.perf_counter()
         copy: Copy | None = None
         try:
-            with self._counted(name, dep) as series:
+            with self._counted(name, dep, v) as series:
                 copy = await self._copy_for(v, series, time.monotonic()
                                             + self.cfg.request_timeout_s, llm)
                 if not v.capabilities.get("stream"):

@@ -52,6 +52,30 @@ class Series:
     latency: Any
 
 
+@dataclass(slots=True)
+class Tally:
+    """A version's answered requests, as Triton's statistics count them (gRPC
+    ``ModelStatistics``): successes and failures with their summed durations, and
+    the waits for a load."""
+
+    success: int = 0
+    success_ns: int = 0
+    fail: int = 0
+    fail_ns: int = 0
+    queued: int = 0
+    queue_ns: int = 0
+    last_ms: int = 0  # the last answer, ms since the epoch
+
+    def answered(self, ok: bool, ns: int) -> None:
+        if ok:
+            self.success += 1
+            self.success_ns += ns
+        else:
+            self.fail += 1
+            self.fail_ns += ns
+        self.last_ms = time.time_ns() // 1_000_000
+
+
 @dataclass(eq=False)
 class Copy:
     version: Version
@@ -115,6 +139,7 @@ class Version:
     scaling: str = ""  # the copy scaler's last word on it
     errors: deque[str] = field(default_factory=lambda: deque(maxlen=5))
     routed: Any = None  # its cachemesh_version_requests_total series
+    tally: Tally = field(default_factory=Tally)
 
     @property
     def id(self) -> str:
