@@ -8,7 +8,8 @@
   layers, not FastAPI's eight (measured: docs/benchmarks.md, section "serve");
 - a FastAPI app mounted under them, holding the control API (``/api/v1/...``:
   ``control.py``, ``datacaches.py``), the OpenAI API (``openai.py``) and the
-  OpenAPI documentation (``/docs``).
+  OpenAPI document (``/openapi.json``), whose pages, ``/docs`` and ``/redoc``, are
+  served offline by ``api_docs.py``.
 
 Other routers are FastAPI routers too: pass them as ``routers=`` or add them
 with ``app.state.api.include_router``. Two middleware layers on the root app see
@@ -41,7 +42,7 @@ from starlette.routing import Match, Mount, Route
 from .. import __version__
 from ..access import CONTROL, Keyring
 from ..errors import CachemeshError
-from . import blobs, control, datacaches, openai, ui, v2_rest
+from . import api_docs, blobs, control, datacaches, openai, ui, v2_rest
 from .auth import Authenticate, access_of
 from .datacache_service import DataCacheService
 from .http_errors import encodable
@@ -54,9 +55,10 @@ from .service import ModelService
 def create_api(service: ModelService, caches_service: DataCacheService,
                routers: Sequence[Any] = ()) -> FastAPI:
     """The FastAPI part: control API routers, OpenAPI docs, error bodies."""
-    api = FastAPI(title="cachemesh", version=__version__,
-                  description="Control API of the cachemesh model server. Inference speaks"
-                  " KServe V2 (Open Inference Protocol) under /v2 on the same port.")
+    api = FastAPI(title="cachemesh", version=__version__, docs_url=None, redoc_url=None,
+                  description="The cachemesh model server: KServe V2 (Open Inference"
+                  " Protocol) under /v2, the OpenAI API under /v1, the control API under"
+                  " /api/v1.")
     api.state.service = service
     api.state.datacaches = caches_service
     api.include_router(control.router)
@@ -148,7 +150,8 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
     api = create_api(service, caches_service, routers)
     blobs.install(api, service)  # the peer route; it checks the cluster token itself
     app = Starlette(routes=[*v2_rest.routes(), Route("/metrics", metrics, methods=["GET"]),
-                            *ui.routes(), ApiMount("", app=api)], lifespan=lifespan,
+                            *ui.routes(), *api_docs.install(api), ApiMount("", app=api)],
+                    lifespan=lifespan,
                     exception_handlers={StarletteHTTPException: http_error},
                     middleware=[Middleware(Authenticate, keyring=keyring),
                                 Middleware(BodyLimit, limit_of=body_limit)])
