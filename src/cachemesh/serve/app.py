@@ -112,14 +112,20 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await service.start(list(specs))
+        try:
+            await service.start(list(specs))
+        except CachemeshError as exc:
+            app.state.startup_error = exc  # expected: server.run says it in one line
+            raise
         grpc_server = None
         try:
             if service.cfg.grpc_port:
                 from .v2_grpc import start_grpc
 
                 grpc_server = await start_grpc(service, keyring)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, CachemeshError):
+                app.state.startup_error = exc
             await service.stop()
             raise
         # Modules, routes and settings live as long as the server: keep the collector
@@ -158,5 +164,6 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
     app.state.service = service
     app.state.datacaches = caches_service
     app.state.api = api
+    app.state.startup_error = None  # a CachemeshError that stopped the start
     app.state.parse_budget = ParseBudget(cfg.parse_budget())  # inference bodies (limits.py)
     return app
