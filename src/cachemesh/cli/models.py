@@ -129,7 +129,10 @@ def models_apply(ctx: click.Context, file: Path, as_json: bool) -> None:
 @click.option("--version", "model_version", default=None)
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Runtime parameter (class=mod:Cls, trusted=false); repeatable.")
-@click.option("--eager", is_flag=True, help="Load now rather than on the first request.")
+@click.option("--eager", is_flag=True, help="Load now rather than on the first request, and"
+              " wait for the outcome: Ready, or a non-zero exit with the reason.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=600.0, show_default=True,
+              help="With --eager: seconds to wait for the model to be Ready.")
 @click.option("--bucket", default=None, help="Bucket of the model's cache (default: models)."
               " A protected bucket needs its token in $CACHEMESH_BUCKET_TOKEN.")
 @click.option("--json", "as_json", is_flag=True)
@@ -137,8 +140,11 @@ def models_apply(ctx: click.Context, file: Path, as_json: bool) -> None:
 @handle_errors
 def models_deploy(ctx: click.Context, name: str, source: str, runtime: str | None,
                   model_version: str | None, params: tuple[str, ...], eager: bool,
-                  bucket: str | None, as_json: bool) -> None:
-    """Deploy SOURCE as model NAME on the running server (kept across restarts)."""
+                  timeout: float, bucket: str | None, as_json: bool) -> None:
+    """Deploy SOURCE as model NAME on the running server (kept across restarts).
+
+    SOURCE is read by the server: a local path must exist on the server's machine,
+    under the directories of its CACHEMESH_SERVE_SOURCE_ROOTS."""
     parameters: dict[str, str] = {}
     for p in params:
         key, sep, value = p.partition("=")
@@ -148,10 +154,34 @@ def models_deploy(ctx: click.Context, name: str, source: str, runtime: str | Non
     with _client(ctx) as api:
         data = api.deploy_model(name, source, runtime=runtime, version=model_version,
                                 parameters=parameters, eager=eager, bucket=bucket)
+        if eager:
+            data = _wait_ready(api, data, timeout)
     if as_json:
         print_json(data)
     else:
         click.echo(f"deployed {data['name']} ({data['state']})")
+
+
+POLL_S = 0.25
+
+
+def _wait_ready(api: ControlClient, data: dict, timeout: float) -> dict:
+    """Follow an eager deploy until its model is Ready (its description) or Failed
+    (:class:`ModelFailedError` with the server's reason)."""
+    import time
+
+    from ..errors import ModelFailedError, RequestTimeoutError
+
+    deadline = time.monotonic() + timeout
+    while data["state"] not in ("Ready", "Failed"):
+        if time.monotonic() > deadline:
+            raise RequestTimeoutError(f"model {data['name']!r} was not Ready within"
+                                      f" {timeout:g} s (it is {data['state']})")
+        time.sleep(POLL_S)
+        data = api.get_model(data["name"])
+    if data["state"] == "Failed":
+        raise ModelFailedError(f"model {data['name']!r} failed: {data['reason']}")
+    return data
 
 
 @models.command("rm")
