@@ -140,7 +140,7 @@ class Deployments:
             except CacheNotFoundError:
                 continue
             check_cache(info, doc.bucket, source, f"model {doc.name!r} version {label!r}",
-                        "use another label")
+                        "use another label", self.shared.caches.buckets.is_protected)
 
     def _check_access(self, doc: ModelDoc, existing: Deployment | None) -> None:
         """The caller must hold the token of the document's bucket (403), and may not
