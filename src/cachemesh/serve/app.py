@@ -26,7 +26,9 @@ data caches' pulls stop with it.
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -51,6 +53,7 @@ from .metrics import CONTENT_TYPE
 from .registry import ModelSpec
 from .service import ModelService
 
+log = logging.getLogger("cachemesh.serve")
 
 def create_api(service: ModelService, caches_service: DataCacheService,
                routers: Sequence[Any] = ()) -> FastAPI:
@@ -117,6 +120,12 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
         except CachemeshError as exc:
             app.state.startup_error = exc  # expected: server.run says it in one line
             raise
+        # Data caches whose pull the last run's stop interrupted go on where they were.
+        models_caches = {v.cache for v in service.deployments.versions()}
+        try:
+            await asyncio.to_thread(caches_service.resume_interrupted, models_caches)
+        except CachemeshError as exc:  # a locked database: serve anyway
+            log.warning("resuming interrupted pulls: %s", exc)
         grpc_server = None
         try:
             if service.cfg.grpc_port:
