@@ -231,14 +231,15 @@ def gc(ctx: click.Context, max_size: int | None, tmp_age: float, as_json: bool) 
 @click.pass_context
 @handle_errors
 def du(ctx: click.Context, as_json: bool) -> None:
-    """Disk usage: logical bytes (as the views show them) against physical bytes."""
+    """Disk usage: logical bytes (as the views show them) against physical bytes.
+    EXCLUSIVE: the bytes no other cache shares (what removing the cache frees)."""
     report = caches_of(ctx).du()
     if as_json:
         print_json(report)
         return
-    for c in report["caches"]:
-        click.echo(f"{format_size(c['logical_bytes']):>12}  {c['files']:>6} files"
-                   f"  {format_size(c['exclusive_bytes']):>12} exclusive  {c['name']}")
+    print_table(("NAME", "BUCKET", "FILES", "LOGICAL", "EXCLUSIVE"),
+                [(c["name"], c["bucket"], str(c["files"]), format_size(c["logical_bytes"]),
+                  format_size(c["exclusive_bytes"])) for c in report["caches"]])
     click.echo(f"logical {format_size(report['logical_bytes'])}, physical"
                f" {format_size(report['physical_bytes'])}, saved by dedup"
                f" {format_size(report['saved_bytes'])} ({report['blobs']} blobs)")
