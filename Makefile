@@ -42,4 +42,4 @@ proto: $(STAMP)
 	PYTHONPATH=$(VENV)/protoc-tools $(BIN)/python $(PROTOS)/generate.py
 
 clean:
-	rm -rf $(VENV) .demo build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
