@@ -37,17 +37,20 @@ def two_nodes(own_etcd: EtcdServer, tmp_path: Path) -> Iterator[Cluster]:
         cluster.stop()
 
 
-def _models_in_etcd(etcd: EtcdServer) -> list[str]:
+def _in_etcd(etcd: EtcdServer, under: str) -> list[str]:
+    """The names of the keys under ``under``, read from etcd itself."""
     async def read() -> list[str]:
         kv = EtcdKV([etcd.endpoint], timeout=2.0)
         try:
-            keys = Keys(PREFIX)
-            return [keys.name_of(x.key, keys.models)
-                    for x in (await kv.get_prefix(keys.models)).kvs]
+            return [Keys(PREFIX).name_of(x.key, under) for x in (await kv.get_prefix(under)).kvs]
         finally:
             await kv.close()
 
     return asyncio.run(read())
+
+
+def _models_in_etcd(etcd: EtcdServer) -> list[str]:
+    return _in_etcd(etcd, Keys(PREFIX).models)
 
 
 def _degraded(node: ServeNode) -> bool:
@@ -95,16 +98,18 @@ def test_etcd_stopped_then_back_then_replaced_empty(own_etcd: EtcdServer,
     lost = time.monotonic()
     wait_until(lambda: sorted(_models_in_etcd(own_etcd)) == ["after", "kept", "later"], 10,
                "the declarations to be restored", every=0.2)
+    wait_until(lambda: _in_etcd(own_etcd, Keys(PREFIX).nodes) == ["a", "b"], 10,
+               "both nodes to re-register in the new etcd", every=0.2)
     for node in (a, b):
-        wait_until(lambda n=node: sorted(n.node_names()) == ["a", "b"] and not _degraded(n),
-                   10, f"{node.name} to re-register")
+        wait_until(lambda n=node: n.nodes()["cluster"]["data_losses"] >= 1
+                   and n.nodes()["cluster"]["state"] == "active" and not _degraded(n),
+                   10, f"{node.name} to know etcd lost its data, and be active again")
     assert time.monotonic() - lost < 10
     assert a.model("gone").status_code == 404 and b.model("gone").status_code == 404
     assert b.infer("kept", 4.0).json()["outputs"][0]["data"] == [4.0]
-    assert a.nodes()["cluster"]["data_losses"] >= 1
     # and the cluster works on the new etcd: a declaration on b reaches a
-    assert b.http.post("/api/v1/models",
-                       json=toy_spec(two_nodes.origin, "new-era")).status_code == 201
+    r = b.http.post("/api/v1/models", json=toy_spec(two_nodes.origin, "new-era"))
+    assert r.status_code == 201, r.text
     wait_until(lambda: a.model("new-era").status_code == 200, 10, "a to see b's declaration")
 
 
