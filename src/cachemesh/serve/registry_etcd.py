@@ -298,7 +298,9 @@ class EtcdModelRegistry(ModelRegistry):
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = self.path.with_name(f".models.json.{os.getpid()}.tmp")
-                with open(tmp, "w") as f:
+                # 0600: a source may carry a credential (a presigned URL), as in meta.db.
+                with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                               "w") as f:
                     json.dump(data, f, sort_keys=True)
                     f.flush()
                     os.fsync(f.fileno())
