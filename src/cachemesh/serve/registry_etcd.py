@@ -77,6 +77,7 @@ class EtcdModelRegistry(ModelRegistry):
         self._local: dict[str, dict[str, Any]] = {}
         self._epoch: str | None = None
         self._save_pending = False
+        self._opened = False
         self._save_lock = threading.Lock()
         self.restores = 0  # times this node wrote its local copy back into an empty etcd
 
@@ -95,6 +96,7 @@ class EtcdModelRegistry(ModelRegistry):
             await self._restore()
             await self._view.load()
         self._epoch = epoch
+        self._opened = True
         self._save()
         self._view.start()
 
@@ -293,6 +295,8 @@ class EtcdModelRegistry(ModelRegistry):
 
     def _flush(self) -> None:
         self._save_pending = False
+        if not self._opened:
+            return  # a registry that never opened must not overwrite the copy
         data = {"prefix": self.keys.prefix, "epoch": self._epoch, "models": self._local}
         with self._save_lock:
             try:
