@@ -225,11 +225,20 @@ class ServeSettings:
     # own views and hub/. Models given on the command line or in --config are not
     # checked: the operator wrote them.
     source_roots: tuple[Path, ...] = ()
+    # CACHEMESH_SERVE_TLS_CERT and CACHEMESH_SERVE_TLS_KEY: PEM certificate (chain) and key:
+    # the HTTP port speaks HTTPS (a cluster node whose advertise URL is https). Both or neither.
+    tls_cert: Path | None = None
+    tls_key: Path | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ServeSettings:
         workers = env.get("CACHEMESH_SERVE_WORKERS")
+        tls_cert, tls_key = _path(env, "CACHEMESH_SERVE_TLS_CERT"), _path(env, "CACHEMESH_SERVE_TLS_KEY")
+        if (tls_cert is None) != (tls_key is None):
+            raise InvalidInputError("CACHEMESH_SERVE_TLS_CERT and CACHEMESH_SERVE_TLS_KEY go"
+                                    " together: give both or neither")
         return cls(
+            tls_cert=tls_cert, tls_key=tls_key,
             host=env.get("CACHEMESH_SERVE_HOST") or "127.0.0.1",
             port=_int(env, "CACHEMESH_SERVE_PORT", 8008),
             grpc_port=_port(env, "CACHEMESH_SERVE_GRPC_PORT", 8033),
@@ -386,6 +395,9 @@ class ClusterSettings:
     # for an etcd started with --client-cert-auth (both or neither).
     etcd_cert: Path | None = None
     etcd_key: Path | None = field(default=None, repr=False)
+    # CACHEMESH_CLUSTER_CA: PEM of the CA that signed the nodes' HTTPS certificates, for
+    # calls between nodes whose advertise URLs are https (default: the system's CAs).
+    ca: Path | None = None
     # CACHEMESH_PEERS: NAME=URL[,NAME=URL...]: the nodes this one asks for blobs before
     # their origin (each one's advertise URL): a static list, until the blob index in
     # etcd finds them. This node's own name may be in it (one list for all): it is skipped.
@@ -424,6 +436,7 @@ class ClusterSettings:
             etcd_cacert=_path(env, "CACHEMESH_ETCD_CACERT"),
             etcd_cert=_path(env, "CACHEMESH_ETCD_CERT"),
             etcd_key=_path(env, "CACHEMESH_ETCD_KEY"),
+            ca=_path(env, "CACHEMESH_CLUSTER_CA"),
         )
         peers = env.get("CACHEMESH_PEERS")
         fault = (env.get("CACHEMESH_PEER_FAULT") or "").strip() or None
@@ -455,6 +468,8 @@ class ClusterSettings:
         for path in (self.etcd_cacert, self.etcd_cert, self.etcd_key):
             if path is not None and not path.is_file():
                 raise InvalidInputError(f"etcd TLS file not found: {path}")
+        if self.ca is not None and not self.ca.is_file():
+            raise InvalidInputError(f"CACHEMESH_CLUSTER_CA not found: {self.ca}")
 
     def name_or_host(self) -> str:
         """The node name: CACHEMESH_NODE_NAME, else this host's name, lowercased."""

@@ -51,20 +51,23 @@ def _clip(note: str) -> str:
 @click.pass_context
 @handle_errors
 def models_ls(ctx: click.Context, as_json: bool) -> None:
-    """List models: each version's share of traffic, state, the workers holding its
-    copies, the memory they hold, requests in flight and per second, last use; then
-    routes, aliases, rollouts and errors."""
+    """List models: each version's share of traffic, state, the workers (in a cluster: the
+    nodes) holding its copies, the memory they hold, requests in flight and per second,
+    last use; then routes, aliases, rollouts and errors."""
     with _client(ctx) as api:
         data = api.list_models()
     if as_json:
         print_json(data)
         return
     mem = data["memory"]
+    cluster = any("nodes" in v["status"] for m in data["models"] for v in m["versions"].values())
     rows, notes = [], []
     for m in data["models"]:
         for i, (label, v) in enumerate(m["versions"].items()):
             st = v["status"]
             workers = ",".join(str(c["worker"]) for c in st["copies"]) or "-"
+            if "nodes" in st:  # cluster mode: the nodes holding a copy, not this one's workers
+                workers = ",".join(n["node"] for n in st["nodes"]) or "-"
             held = format_size(st["size_bytes"]) if st["size_bytes"] else "-"
             rows.append((m["name"] if i == 0 else "", label, f"{m['traffic'].get(label, 0)}%",
                          st["state"], workers, held, str(st["inflight"]),
@@ -84,8 +87,8 @@ def models_ls(ctx: click.Context, as_json: bool) -> None:
         if m["rollout"]:  # in full in --json and GET /api/v1/models/NAME
             notes.append(f"{m['name']}: {_clip(m['rollout'])}")
     # MEMORY: what the copies hold in the workers (measured), not the files on disk.
-    print_table(("NAME", "VERSION", "TRAFFIC", "STATE", "WORKERS", "MEMORY", "INFLIGHT", "RATE",
-                 "LAST USED", "SOURCE"), rows)
+    print_table(("NAME", "VERSION", "TRAFFIC", "STATE", "NODES" if cluster else "WORKERS",
+                 "MEMORY", "INFLIGHT", "RATE", "LAST USED", "SOURCE"), rows)
     for note in notes:
         click.echo(note)
     click.echo(f"memory: {format_size(mem['held_bytes'])} held of"
