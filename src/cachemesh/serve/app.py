@@ -41,9 +41,10 @@ from starlette.routing import Mount, Route
 from .. import __version__
 from ..access import CONTROL, Keyring
 from ..errors import CachemeshError
-from . import blobs, control, datacaches, openai, ui, v2_rest
+from . import blobs, cluster_routes, control, datacaches, openai, ui, v2_rest
 from .auth import Authenticate, access_of
 from .datacache_service import DataCacheService
+from .forward import Forward
 from .http_errors import encodable
 from .limits import BodyLimit, ParseBudget
 from .metrics import CONTENT_TYPE
@@ -62,6 +63,7 @@ def create_api(service: ModelService, caches_service: DataCacheService,
     api.include_router(control.router)
     api.include_router(datacaches.router)
     api.include_router(openai.router)
+    api.include_router(cluster_routes.router)
     for router in routers:
         api.include_router(router)
 
@@ -133,7 +135,8 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
     app = Starlette(routes=[*v2_rest.routes(), Route("/metrics", metrics, methods=["GET"]),
                             *ui.routes(), Mount("", app=api)], lifespan=lifespan,
                     middleware=[Middleware(Authenticate, keyring=keyring),
-                                Middleware(BodyLimit, limit_of=body_limit)])
+                                Middleware(BodyLimit, limit_of=body_limit),
+                                Middleware(Forward, service=service)])
     app.state.service = service
     app.state.datacaches = caches_service
     app.state.api = api
