@@ -45,6 +45,7 @@ from . import blobs, cluster_routes, control, datacaches, openai, ui, v2_rest
 from .auth import Authenticate, access_of
 from .datacache_service import DataCacheService
 from .forward import Forward
+from .placer import placer_of
 from .http_errors import encodable
 from .limits import BodyLimit, ParseBudget
 from .metrics import CONTENT_TYPE
@@ -96,6 +97,9 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await service.start(list(specs))
+        placer = placer_of(service)
+        if placer is not None:
+            placer.start()  # the leader's copies across nodes (cluster_copies.py)
         grpc_server = None
         try:
             if service.cfg.grpc_port:

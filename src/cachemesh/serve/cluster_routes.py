@@ -19,8 +19,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..access import INTERNAL, acting_as
-from ..errors import ModelNotFoundError, UnauthorizedError
+from ..errors import DrainingError, ModelNotFoundError, UnauthorizedError
 from .loadqueue import REQUEST
+from .placer import placer_of
 
 router = APIRouter(prefix="/api/v1/cluster", tags=["cluster"])
 
@@ -38,6 +39,9 @@ async def load_here(body: LoadBody, request: Request) -> dict[str, Any]:
     if not by:
         raise UnauthorizedError("only another node of the cluster may ask for a load")
     service = request.app.state.service
+    placer = placer_of(service)
+    if placer is not None and placer.draining:
+        raise DrainingError(f"node {placer.name!r} is draining: it takes no new copies")
     with acting_as(INTERNAL):  # the claimer checked the caller; buckets open to nodes
         dep = service.deployments.get(body.model)
         v = dep.versions.get(body.version)

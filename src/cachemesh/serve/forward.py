@@ -40,12 +40,21 @@ import orjson
 
 from ..errors import (
     CachemeshError,
+    DrainingError,
     NodeLostError,
     NodeUnreachableError,
     UnauthorizedError,
 )
 from .http_errors import message_of, status_of
-from .placer import FORWARDED_BY, NODE_HEADER, TOKEN_HEADER, VERSION_HEADER, ClusterPlacer
+from .placer import (
+    FORWARDED_BY,
+    NODE_HEADER,
+    REFUSED_HEADER,
+    TOKEN_HEADER,
+    VERSION_HEADER,
+    ClusterPlacer,
+    placer_of,
+)
 
 if TYPE_CHECKING:
     from .service import ModelService
@@ -57,18 +66,6 @@ _INTERNAL = frozenset({_FORWARDED_BY, _TOKEN})
 _HOP_BY_HOP = frozenset({b"host", b"connection", b"keep-alive", b"transfer-encoding", b"te",
                          b"trailer", b"upgrade", b"proxy-connection", *_INTERNAL})
 _OPENAI_BODIES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
-
-
-def placer_of(service: ModelService) -> ClusterPlacer | None:
-    """The service's placer in cluster mode (made on first use), else None."""
-    cluster = getattr(service, "cluster", None)
-    if cluster is None:
-        return None
-    placer: ClusterPlacer | None = getattr(service, "placer", None)
-    if placer is None or placer.cluster is not cluster:
-        placer = ClusterPlacer(service, cluster)
-        service.placer = placer  # type: ignore[attr-defined]
-    return placer
 
 
 def token_ok(presented: str | None, token: str | None) -> bool:
@@ -108,6 +105,11 @@ class Forward:
                 self.service.metrics.forwards.labels("refused").inc()
                 await _answer_error(send, UnauthorizedError(
                     f"a request forwarded by {hop!r} without the cluster token"), placer.name)
+                return
+            if placer.draining and self.service.draining:
+                # Not run: the sender may send it to another copy (the retry rule).
+                await _answer_error(send, DrainingError(
+                    f"node {placer.name!r} is draining"), placer.name, refused=True)
                 return
             scope["cachemesh.forwarded_by"] = hop
             await self.app(scope, receive, tagged)
@@ -188,6 +190,10 @@ class Forward:
         except httpx.HTTPError as exc:
             raise NodeLostError(f"node {node!r} was lost while it held the request: {exc}",
                                 node) from exc
+        if reply.headers.get(REFUSED_HEADER):
+            await reply.aclose()
+            raise NodeUnreachableError(f"node {node!r} refused the request: it is draining",
+                                       node)
         outcome = "ok" if reply.status_code < 500 else "error"
         sse = reply.headers.get("content-type", "").startswith("text/event-stream")
         try:
@@ -257,11 +263,14 @@ def _tagging(send: Any, node: str) -> Any:
     return tagged
 
 
-async def _answer_error(send: Any, exc: BaseException, node: str) -> None:
+async def _answer_error(send: Any, exc: BaseException, node: str, *,
+                        refused: bool = False) -> None:
     status, extra = status_of(exc)
     body = orjson.dumps({"error": message_of(exc)})
     headers = [(b"content-type", b"application/json"),
                (b"content-length", str(len(body)).encode()), (NODE_HEADER.encode(), node.encode())]
     headers += [(k.lower().encode(), str(v).encode()) for k, v in extra.items()]
+    if refused:
+        headers.append((REFUSED_HEADER.encode(), b"draining"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

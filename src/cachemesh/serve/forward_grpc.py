@@ -29,8 +29,16 @@ from grpc import aio
 
 from ..errors import CachemeshError, NodeUnreachableError, UnauthorizedError
 from . import protos as pb
-from .forward import placer_of, token_ok
-from .placer import FORWARDED_BY, NODE_HEADER, TOKEN_HEADER, VERSION_HEADER, ClusterPlacer
+from .forward import token_ok
+from .placer import (
+    FORWARDED_BY,
+    NODE_HEADER,
+    REFUSED_HEADER,
+    TOKEN_HEADER,
+    VERSION_HEADER,
+    ClusterPlacer,
+    placer_of,
+)
 
 if TYPE_CHECKING:
     from .service import ModelService
@@ -78,6 +86,11 @@ def wrap(service: ModelService, name: str,
                 service.metrics.forwards.labels("refused").inc()
                 raise UnauthorizedError(
                     f"a call forwarded by {given[FORWARDED_BY]!r} without the cluster token")
+            if placer.draining and service.draining:
+                context.set_trailing_metadata(((NODE_HEADER, placer.name),
+                                               (REFUSED_HEADER, "draining")))
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"node {placer.name!r} is draining")
             return await fn(request, context)
         model = request.name if name != "ModelInfer" else request.model_name
         version = request.version if name != "ModelInfer" else request.model_version
@@ -137,6 +150,10 @@ async def _forward(placer: ClusterPlacer, channels: Channels, node: str, method:
         context.set_trailing_metadata(((NODE_HEADER, node),))
         return response
     except aio.AioRpcError as exc:
+        if dict(exc.trailing_metadata() or ()).get(REFUSED_HEADER):
+            outcome = "unreachable"
+            raise NodeUnreachableError(f"node {node!r} refused the call: it is draining",
+                                       node) from None
         outcome = "error"
         context.set_trailing_metadata(((NODE_HEADER, node),))
         await context.abort(exc.code() or grpc.StatusCode.UNKNOWN, exc.details() or "")

@@ -65,6 +65,19 @@ FORWARDED_BY = "cachemesh-forwarded-by"  # the hop header: the node that forward
 TOKEN_HEADER = "cachemesh-cluster-token"  # node-to-node calls; never sent to or from outside
 NODE_HEADER = "cachemesh-node"  # the node that answered
 VERSION_HEADER = "cachemesh-model-version"  # the version that answered
+REFUSED_HEADER = "cachemesh-refused"  # a forwarded request not run (draining): send it elsewhere
+
+
+def placer_of(service: ModelService) -> ClusterPlacer | None:
+    """The service's placer in cluster mode (made on first use), else None."""
+    cluster = getattr(service, "cluster", None)
+    if cluster is None:
+        return None
+    placer: ClusterPlacer | None = getattr(service, "placer", None)
+    if placer is None or placer.cluster is not cluster:
+        placer = ClusterPlacer(service, cluster)
+        service.placer = placer  # type: ignore[attr-defined]
+    return placer
 
 
 class ClusterPlacer:
@@ -83,6 +96,13 @@ class ClusterPlacer:
         self.last_failure: dict[str, str] = {}  # model@version -> why its placement failed
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=2.0))
         self.draining = False
+
+    def start(self) -> None:
+        """Start the leader's copy scaler (``cluster_copies.py``) with the service."""
+        from .cluster_copies import ClusterScaler
+
+        self.scaler = ClusterScaler(self)
+        self.service.background.start(self.scaler.run())
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -133,6 +153,8 @@ class ClusterPlacer:
     async def locate(self, model: str, label: str, *, deadline: float,
                      exclude: frozenset[str] = frozenset()) -> str:
         """The node that serves ``model@label`` now (this node's name for here)."""
+        if self.draining:
+            exclude = exclude | {self.name}
         while True:
             if self.name not in exclude and self._here(model, label):
                 return self.name
@@ -338,6 +360,19 @@ class ClusterPlacer:
                 self.finished(node)
 
     # -- drain -----------------------------------------------------------------------
+
+    async def drain(self, timeout_s: float) -> list[str]:
+        """SIGTERM in a cluster: take no new placements (the record says draining, and
+        ``locate`` leaves this node out), and load this node's hot versions elsewhere
+        before it goes. Bounded by ``timeout_s``; returns the versions moved."""
+        self.draining = True
+        self.cluster.membership.update(draining=True)
+        try:
+            return await asyncio.wait_for(
+                self.move_hot_models(time.monotonic() + timeout_s), timeout_s)
+        except TimeoutError:
+            log.warning("drain: moving hot models took longer than %.0f s", timeout_s)
+            return []
 
     async def move_hot_models(self, deadline: float) -> list[str]:
         """Before this node leaves: a copy elsewhere of every version it holds that took
