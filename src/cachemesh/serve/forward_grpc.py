@@ -151,12 +151,13 @@ async def _forward(placer: ClusterPlacer, channels: Channels, node: str, method:
         return response
     except aio.AioRpcError as exc:
         if dict(exc.trailing_metadata() or ()).get(REFUSED_HEADER):
-            outcome = "unreachable"
+            outcome = ""  # counted by with_retries
             raise NodeUnreachableError(f"node {node!r} refused the call: it is draining",
                                        node) from None
         outcome = "error"
         context.set_trailing_metadata(((NODE_HEADER, node),))
         await context.abort(exc.code() or grpc.StatusCode.UNKNOWN, exc.details() or "")
     finally:
-        metrics.forwards.labels(outcome).inc()
+        if outcome:
+            metrics.forwards.labels(outcome).inc()
         metrics.forward_latency.observe(time.perf_counter() - started)
