@@ -41,7 +41,7 @@ from starlette.routing import Mount, Route
 from .. import __version__
 from ..access import CONTROL, Keyring
 from ..errors import CachemeshError
-from . import blobs, cluster_routes, control, datacaches, openai, ui, v2_rest
+from . import blobs, cluster_routes, control, datacaches, nodes, openai, ui, v2_rest
 from .auth import Authenticate, access_of
 from .datacache_service import DataCacheService
 from .forward import Forward
@@ -62,6 +62,7 @@ def create_api(service: ModelService, caches_service: DataCacheService,
     api.state.service = service
     api.state.datacaches = caches_service
     api.include_router(control.router)
+    api.include_router(nodes.router)
     api.include_router(datacaches.router)
     api.include_router(openai.router)
     api.include_router(cluster_routes.router)
