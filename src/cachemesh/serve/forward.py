@@ -53,6 +53,7 @@ from .placer import (
     TOKEN_HEADER,
     VERSION_HEADER,
     ClusterPlacer,
+    node_tls,
     placer_of,
 )
 
@@ -79,8 +80,16 @@ class Forward:
     def __init__(self, app: Any, service: ModelService) -> None:
         self.app = app
         self.service = service
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=2.0),
-                                      limits=httpx.Limits(max_keepalive_connections=64))
+        self._http: httpx.AsyncClient | None = None
+
+    def client(self, placer: ClusterPlacer) -> httpx.AsyncClient:
+        """One client for every forward (kept-alive connections to the other nodes)."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                timeout=httpx.Timeout(None, connect=2.0), trust_env=False,
+                limits=httpx.Limits(max_keepalive_connections=64),
+                verify=node_tls(placer.cluster))
+        return self._http
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -180,10 +189,11 @@ class Forward:
         headers = [(k, v) for k, v in scope["headers"] if k not in _HOP_BY_HOP]
         headers += [(_FORWARDED_BY, placer.name.encode()),
                     (_TOKEN, placer.cluster.token.encode())]
-        request = self.http.build_request(scope["method"], url, headers=headers, content=body)
+        http = self.client(placer)
+        request = http.build_request(scope["method"], url, headers=headers, content=body)
         started = time.perf_counter()
         try:
-            reply = await self.http.send(request, stream=True)
+            reply = await http.send(request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise NodeUnreachableError(f"node {node!r} did not take the request: {exc}",
                                        node) from exc

@@ -32,12 +32,14 @@ class Candidate:
     last_used: float
 
 
-def candidates(records: Iterable[NodeRecord], *, excluded: Collection[str] = (),
+def candidates(records: Iterable[NodeRecord], *, model: str | None = None,
+               excluded: Collection[str] = (),
                has_files: Collection[str] = ()) -> list[Candidate]:
-    """The nodes that may load a copy: live records, not draining, not ``excluded``."""
+    """The nodes that may load a copy: live records, not draining, not ``excluded``, and
+    not saying they cannot load ``model`` (``cannot_load``: a local source they lack)."""
     out = []
     for r in records:
-        if r.draining or r.name in excluded:
+        if r.draining or r.name in excluded or (model and model in r.cannot_load):
             continue
         free = max(0, (r.capacity_bytes or 0) - r.memory_used_bytes)
         newest = max((c.last_used for c in r.copies), default=0.0)
@@ -45,11 +47,11 @@ def candidates(records: Iterable[NodeRecord], *, excluded: Collection[str] = (),
     return out
 
 
-def rank_for_load(records: Iterable[NodeRecord], here: str, *,
+def rank_for_load(records: Iterable[NodeRecord], here: str, *, model: str | None = None,
                   excluded: Collection[str] = (),
                   has_files: Collection[str] = ()) -> list[str]:
     """Node names best first (see the module docstring); empty if none may load it."""
-    found = candidates(records, excluded=excluded, has_files=has_files)
+    found = candidates(records, model=model, excluded=excluded, has_files=has_files)
     found.sort(key=lambda c: (not c.has_files, -c.free_bytes, c.last_used, c.name != here,
                               c.name))
     return [c.name for c in found]

@@ -80,6 +80,12 @@ def placer_of(service: ModelService) -> ClusterPlacer | None:
     return placer
 
 
+def node_tls(cluster: Any) -> Any:
+    """How node-to-node HTTPS checks the other node (the cluster's CA, if it has one)."""
+    ssl_of = getattr(cluster, "client_ssl", None)
+    return ssl_of() if ssl_of is not None else True
+
+
 class ClusterPlacer:
     """Where requests go in a cluster (see the module docstring). One per node."""
 
@@ -94,7 +100,8 @@ class ClusterPlacer:
         self._records_at = 0.0
         self._flights: dict[tuple[str, str, frozenset[str]], asyncio.Task[str]] = {}
         self.last_failure: dict[str, str] = {}  # model@version -> why its placement failed
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=2.0))
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=2.0),
+                                      verify=node_tls(cluster), trust_env=False)
         self.draining = False
 
     def start(self) -> None:
@@ -210,7 +217,7 @@ class ClusterPlacer:
         if self.cluster.can_load_here(model) is not None:
             banned.add(self.name)
         has_files = {self.name} if self._files_here(model, label) else set()
-        ranked = rank_for_load(records.values(), self.name, excluded=banned,
+        ranked = rank_for_load(records.values(), self.name, model=model, excluded=banned,
                                has_files=has_files)[:MAX_LOAD_NODES]
         if not ranked:
             raise UnavailableError(f"no node may load model {model!r} version {label!r}"
@@ -225,6 +232,7 @@ class ClusterPlacer:
                     raise
                 reasons.append(f"{node}: {exc}")
                 claim["tried"] = reasons
+                self._note(model, label, f"load on node {node} failed: {exc}")
                 log.warning("loading %s@%s on %s failed: %s", model, label, node, exc)
                 with contextlib.suppress(ClusterError):
                     revision = await self.cluster.kv.put_if(
@@ -232,6 +240,11 @@ class ClusterPlacer:
                         lease=self.cluster.membership.lease)
         raise ModelLoadError(f"model {model!r} version {label!r} could not be loaded on"
                              f" {len(reasons)} node(s): " + " | ".join(reasons))
+
+    def _note(self, model: str, label: str, message: str) -> None:
+        """Into the version's status (``errors``), where an operator looks."""
+        with contextlib.suppress(CachemeshError, KeyError):
+            self.service.deployments.get(model).versions[label].error(message)
 
     def _files_here(self, model: str, label: str) -> bool:
         try:
