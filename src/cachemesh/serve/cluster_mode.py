@@ -285,7 +285,9 @@ class ClusterContext:
         record = {"capacity_bytes": memory["budget_bytes"],
                   "memory_used_bytes": memory["held_bytes"],
                   "copies": sorted(copies.values(), key=lambda c: (c.model, c.version or "")),
-                  "draining": bool(service.draining), "cannot_load": cannot}
+                  "draining": bool(service.draining or getattr(service, "placer", None) is not None
+                                  and service.placer.draining),  # placer.drain (part B)
+                  "cannot_load": cannot}
         return copies, record
 
     async def _sync_copies(self) -> None:
