@@ -187,10 +187,12 @@ class ModelService:
         await self.deployments.deploy(spec, persist=persist)
         return self.status(spec.name)
 
-    async def apply(self, doc: ModelDoc) -> tuple[ModelStatus, bool]:
+    async def apply(self, doc: ModelDoc, *, if_match: int | None = None
+                    ) -> tuple[ModelStatus, bool]:
         """Make ``doc`` the model's document (``PUT /api/v1/models/{name}``): a new
-        model, or a rollout of a known one; True if new."""
-        created = await self.deployments.apply(doc)
+        model, or a rollout of a known one; True if new. ``if_match``: the revision the
+        caller read; another one is RevisionConflictError (409)."""
+        created = await self.deployments.apply(doc, if_match=if_match)
         return self.status(doc.name), created
 
     async def remove(self, name: str) -> None:
