@@ -196,7 +196,9 @@ class ClusterPlacer:
             revision = await kv.put_if(key, orjson.dumps(claim), mod_revision=0,
                                        lease=self.cluster.membership.lease)
         except RevisionConflictError:
+            log.info("%s@%s: following another node's placement", model, label)
             return await self._follow(model, label, key, exclude, deadline)
+        log.info("%s@%s: placing it (claim taken)", model, label)
         try:
             node = await self._load_somewhere(model, label, exclude, deadline, claim,
                                                key, revision)
@@ -205,6 +207,7 @@ class ClusterPlacer:
             self.last_failure[f"{model}@{label}"] = str(exc)
             await self._write_then_delete(key, claim, FAILED_CLAIM_S, None)
             raise
+        log.info("placed %s@%s on %s", model, label, node)
         claim.update(state="ready", node=node)
         await self._write_then_delete(key, claim, READY_CLAIM_S, (model, label, node))
         return node
@@ -284,7 +287,8 @@ class ClusterPlacer:
         found = await kv.get(key)
         if found is None:
             return ""
-        latest: dict[str, Any] = {"claim": orjson.loads(found.value)}
+        latest: dict[str, Any] = {"claim": orjson.loads(found.value),
+                                  "revision": found.mod_revision}
         changed = asyncio.Event()
 
         async def follow() -> None:
@@ -293,6 +297,7 @@ class ClusterPlacer:
                 async for event in events:
                     latest["claim"] = (orjson.loads(event.kv.value) if event.kind == "put"
                                        else None)
+                    latest["revision"] = event.kv.mod_revision
                     changed.set()
 
         watcher = asyncio.ensure_future(follow())
@@ -304,8 +309,14 @@ class ClusterPlacer:
                 claim = latest["claim"]
                 if claim is None or watcher.done():
                     return ""
-                if claim.get("state") == "ready" and claim.get("node") not in exclude:
-                    return str(claim["node"])
+                if claim.get("state") == "ready":
+                    if claim.get("node") not in exclude:
+                        return str(claim["node"])
+                    # A placement that is over, on a node this request may not use (it
+                    # drains, or refused the connection): end it, and place again.
+                    with contextlib.suppress(ClusterError):
+                        await kv.delete(key, mod_revision=latest["revision"])
+                    return ""
                 if claim.get("state") == "failed":
                     raise ModelLoadError(claim.get("reason") or "the load failed elsewhere")
                 remaining = deadline - time.monotonic()
@@ -335,7 +346,10 @@ class ClusterPlacer:
         async def later() -> None:
             until = time.monotonic() + keep_s
             while time.monotonic() < until:
-                if ready is not None and ready[2] in self.copies(*ready[:2], "ready"):
+                if ready is not None and any(
+                        node == ready[2] and (version or "default") == ready[1]
+                        and copy.state == "ready"
+                        for node, version, copy in self.cluster.copies_of(ready[0])):
                     break
                 await asyncio.sleep(0.1)
             with contextlib.suppress(ClusterError):
