@@ -147,11 +147,20 @@ def test_failed_load_is_tried_on_another_node(nodes: Cluster) -> None:
     deploy(nodes, "f1", load_fail_under=bad)
     wait_until(lambda: nodes["a"].model("f1").json()["versions"]["default"]["status"]
                .get("runtime"), 10, "f1 pulled on a")
+    # c answered last: with free memory alike, the least recently used nodes (a, b)
+    # rank first, so the load fails at least once before it reaches c.
+    deploy(nodes, "f0")
+    r = httpx.post(f"{nodes['c'].url}/v2/models/f0/infer", json=X, timeout=10, headers={
+        "cachemesh-forwarded-by": "test", "cachemesh-cluster-token": TOKEN})
+    assert r.headers["cachemesh-node"] == "c"
+    wait_until(lambda: any(c["model"] == "f0" and c["last_used"] for n in
+                           nodes["a"].nodes()["nodes"] if n["name"] == "c"
+                           for c in n["copies"]), 8, "c's record to carry that use")
     r = nodes["a"].http.post("/v2/models/f1/infer", json=X)
     assert r.status_code == 200, r.text
     assert r.headers["cachemesh-node"] == "c"
     errors = nodes["a"].model("f1").json()["versions"]["default"]["status"]["errors"]
-    assert any("refuses to load" in e for e in errors), errors
+    assert any("refuses to load" in e for e in errors), errors  # the reasons, in status
 
 
 def test_min_copies(nodes: Cluster) -> None:

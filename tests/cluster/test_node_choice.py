@@ -25,7 +25,8 @@ def node(name: str, free: int = GiB, last_used: float = 0.0, **fields: object) -
 def test_rank_files_then_memory_then_lru_then_here() -> None:
     records = [node("a", free=GiB), node("b", free=2 * GiB), node("c", free=2 * GiB,
                                                                    last_used=100.0)]
-    assert rank_for_load(records, "a") == ["b", "c", "a"]
+    assert rank_for_load(records, "a", grain=1) == ["b", "c", "a"]
+    assert rank_for_load(records, "a", grain=4 * GiB) == ["a", "b", "c"]  # all alike: LRU
     assert rank_for_load(records, "a", has_files={"a"}) == ["a", "b", "c"]
     tie = [node("a"), node("b")]
     assert rank_for_load(tie, "b") == ["b", "a"]  # no hop on a tie

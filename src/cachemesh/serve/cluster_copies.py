@@ -6,7 +6,8 @@ never add the same copy. Every :data:`INTERVAL_S` the leader looks at each versi
 that takes traffic, from the copies watch (``ClusterContext.copies_of``), and wants:
 
 - at least ``scaling.min_copies`` copies (one per node), whatever the rate;
-- one more than it has while the copies' summed rate (``CopyState.rate``) is above
+- one more than it has while the copies' summed rate (``CopyState.rate`` in the node
+  records) is above
   ``copy_rate`` per copy, up to ``max_copies`` (``CopyPolicy``: the document's
   scaling, else the server's settings); a node record with no rate adds nothing.
 
@@ -81,8 +82,12 @@ class ClusterScaler:
         loading = placer.copies(dep.name, label, "loading")
         if placer._here(dep.name, label):
             ready = [*ready, placer.name]
-        rate = sum(c.rate for node, version, c in placer.cluster.copies_of(dep.name)
-                   if (version or "default") == label and c.state == "ready")
+        # Rates from the node records (rewritten every few seconds while they change;
+        # the copy records change with a copy's state only).
+        records = await placer.records()
+        rate = sum(c.rate for r in records.values() for c in r.copies
+                   if c.model == dep.name and (c.version or "default") == label
+                   and c.state == "ready")
         want = wanted(policy.copy_rate, policy.max_copies if scaling.max_copies else 0,
                       scaling.min_copies or 0, len(ready), rate)
         if len(ready) + len(loading) >= want:

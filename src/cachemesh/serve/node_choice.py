@@ -9,9 +9,11 @@ Two decisions, over the node records (``cluster/records.py``) and nothing else:
   best first. The order is the one of ``placement.py`` for workers, raised to nodes:
   not draining and able to load it (``excluded`` lists the others: draining, refused,
   already tried); then a node that already has the model's files on disk; then the most
-  free memory (capacity less what it holds); then the least recently used (the node
-  whose newest request is oldest); then this node (no hop); then the name, so every
-  node that ranks the same records gets the same order.
+  free memory (capacity less what it holds), counted in ``grain`` steps (the model's
+  predicted size: two nodes whose free memory differs by less than one copy are as
+  good, rather than ranked by the noise of their RSS); then the least recently used
+  (the node whose newest request is oldest); then this node (no hop); then the name,
+  so every node that ranks the same records gets the same order.
 """
 
 from __future__ import annotations
@@ -48,12 +50,13 @@ def candidates(records: Iterable[NodeRecord], *, model: str | None = None,
 
 
 def rank_for_load(records: Iterable[NodeRecord], here: str, *, model: str | None = None,
-                  excluded: Collection[str] = (),
-                  has_files: Collection[str] = ()) -> list[str]:
+                  excluded: Collection[str] = (), has_files: Collection[str] = (),
+                  grain: int = 64 << 20) -> list[str]:
     """Node names best first (see the module docstring); empty if none may load it."""
     found = candidates(records, model=model, excluded=excluded, has_files=has_files)
-    found.sort(key=lambda c: (not c.has_files, -c.free_bytes, c.last_used, c.name != here,
-                              c.name))
+    step = max(1, grain)
+    found.sort(key=lambda c: (not c.has_files, -(c.free_bytes // step), c.last_used,
+                              c.name != here, c.name))
     return [c.name for c in found]
 
 

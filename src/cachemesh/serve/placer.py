@@ -59,7 +59,8 @@ MAX_LOAD_NODES = 3  # a copy that fails to load on this many nodes fails the req
 FAILED_CLAIM_S = 5.0  # a failed claim stays this long: its waiters read the reasons
 READY_CLAIM_S = 10.0  # a ready claim goes once the copy record says ready, at most this late
 RECORDS_MAX_AGE_S = 1.0  # node records are read again after this long
-WAIT_STEP_S = 0.05  # how often a waiter looks at the in-memory copies
+WAIT_STEP_S = 0.05
+GRAIN_BYTES = 64 << 20  # free memory closer than this (or one copy) ranks alike  # how often a waiter looks at the in-memory copies
 
 FORWARDED_BY = "cachemesh-forwarded-by"  # the hop header: the node that forwarded it
 TOKEN_HEADER = "cachemesh-cluster-token"  # node-to-node calls; never sent to or from outside
@@ -219,9 +220,11 @@ class ClusterPlacer:
         banned = set(exclude)
         if self.cluster.can_load_here(model) is not None:
             banned.add(self.name)
-        has_files = {self.name} if self._files_here(model, label) else set()
+        # Files on disk: every node pulls each declared version when it is declared, so
+        # they are a tie today; the blob index (keys.py: blobs/) is what will tell them
+        # apart. Not this node alone: that would load every first request where it lands.
         ranked = rank_for_load(records.values(), self.name, model=model, excluded=banned,
-                               has_files=has_files)[:MAX_LOAD_NODES]
+                               grain=self._grain(model, label))[:MAX_LOAD_NODES]
         if not ranked:
             raise UnavailableError(f"no node may load model {model!r} version {label!r}"
                                    f" (excluded: {', '.join(sorted(banned)) or 'none'})")
@@ -249,12 +252,14 @@ class ClusterPlacer:
         with contextlib.suppress(CachemeshError, KeyError):
             self.service.deployments.get(model).versions[label].error(message)
 
-    def _files_here(self, model: str, label: str) -> bool:
+    def _grain(self, model: str, label: str) -> int:
+        """The version's predicted size, at least 64 MiB (a worker's RSS moves by that much
+        on its own): free memory is compared in these steps (node_choice.rank_for_load)."""
         try:
             v = self.service.deployments.get(model).versions[label]
         except (CachemeshError, KeyError):
-            return False
-        return v.resolved is not None
+            return GRAIN_BYTES
+        return max(v.predicted, v.size(), GRAIN_BYTES)
 
     async def _load_on(self, node: str, model: str, label: str, deadline: float) -> None:
         if node == self.name:
