@@ -169,14 +169,13 @@ class ClusterContext:
 
     async def nodes(self) -> list[NodeRecord]:
         """The live nodes (this one included), by name, as last seen (from a watch)."""
-        out = []
-        for kv in sorted(self._nodes.items.values(), key=lambda kv: kv.key):
+        out = [self.membership.record]  # this node's own, fresher than etcd's copy
+        for kv in self._nodes.items.values():
             with contextlib.suppress(ValueError):
-                out.append(NodeRecord.from_bytes(kv.value))
-        if not any(r.name == self.name for r in out):
-            out.append(self.membership.record)  # etcd down, or not seen yet
-            out.sort(key=lambda r: r.name)
-        return out
+                record = NodeRecord.from_bytes(kv.value)
+                if record.name != self.name:
+                    out.append(record)
+        return sorted(out, key=lambda r: r.name)
 
     def node(self, name: str) -> NodeRecord | None:
         kv = self._nodes.items.get(self.keys.node(name))
