@@ -6,6 +6,7 @@ and SIGTERM (the node drains: its hot model is loaded elsewhere before it exits)
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import pytest
 
 from tests.cluster.etcd_server import EtcdServer
 from tests.cluster.nodes import Cluster, wait_until
-from tests.cluster.test_forwarding import X, deploy
+from tests.cluster.test_forwarding import X, deploy, holders, loads
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,20 +38,40 @@ def nodes(etcd: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def test_sigkill_failover(nodes: Cluster) -> None:
-    deploy(nodes, "m1", load_delay=0.3)
+    """The holder dies: what it held fails (5xx, an error event), never replayed; the
+    next requests load the model elsewhere."""
+    marks = deploy(nodes, "m1", load_delay=0.3)
     holder = nodes["a"].http.post("/v2/models/m1/infer", json=X).headers["cachemesh-node"]
     survivor = next(n for n in ("a", "b", "c") if n != holder)
-    nodes[holder].kill()
-    started = time.monotonic()
+    url = nodes[survivor].url
+    wait_until(lambda: holders(nodes, survivor, "m1") == [holder], 5, "m1's copy record")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool, httpx.stream(
+            "POST", f"{url}/v1/chat/completions", timeout=15, json={
+                "model": "m1", "stream": True, "messages": [
+                    {"role": "user", "content": "slow " + " ".join(["w"] * 60)}]}) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert "choices" in first
+        # A request the holder took and runs for 3 s.
+        running = pool.submit(httpx.post, f"{url}/v2/models/m1/infer", timeout=15,
+                              json={**X, "parameters": {"delay": 3}})
+        time.sleep(0.5)
+        nodes[holder].kill()
+        killed = time.monotonic()
+        rest = [line for line in lines if line.startswith("data: ")]
+        cut = running.result()
+    assert cut.status_code >= 500 and cut.status_code != 504, cut.text  # not replayed
+    assert rest and "[DONE]" not in rest and "node_lost" in rest[-1], rest[-3:]
     failed = 0
     while True:
-        r = httpx.post(f"{nodes[survivor].url}/v2/models/m1/infer", json=X, timeout=15)
+        r = httpx.post(f"{url}/v2/models/m1/infer", json=X, timeout=15)
         if r.status_code == 200:
             break
         failed += 1
-        assert time.monotonic() - started < 10, r.text
+        assert time.monotonic() - killed < 10, r.text
     assert r.headers["cachemesh-node"] != holder
     assert failed <= 1  # a node that refuses connections is retried elsewhere
+    assert loads(marks) == 2  # loaded again once, not once per request
     nodes.nodes.pop(holder)
 
 
