@@ -9,9 +9,10 @@ the tests do), 2 s leases, one worker per node. Models are a benchmark runtime w
 into each model's folder: it allocates ``size`` bytes at load (real memory, reported as
 its size) and echoes V2 inputs.
 
-1. Forwarding: one model loaded on one node; V2 REST requests (one connection, one at a
-   time) to that node (answered locally) and to another node (forwarded once),
-   alternated request by request in the same run: p50 and p99 of each, and the ratio.
+1. Forwarding: one model loaded on one node (copy_rate 0: no second copy); V2 REST
+   requests (one connection, one at a time) to that node (answered locally) and to
+   another node (forwarded once), alternated request by request in the same run: p50
+   and p99 of each, and the ratio.
 2. Density: 60 models; 3 nodes, each with a budget for 10, against one node with a
    budget for 30 (a one-node cluster: the same code path, nothing to forward to). Zipf
    traffic (s = 1.1) from 8 client threads, each request to a random node: hit rate
@@ -90,9 +91,10 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def start_cluster(root: Path, etcd: EtcdServer, names: list[str], budget: int) -> Cluster:
+def start_cluster(root: Path, etcd: EtcdServer, names: list[str], budget: int,
+                  **env: str) -> Cluster:
     cluster = Cluster(root, etcd.url, f"/bench-{uuid.uuid4().hex[:12]}/",
-                      CACHEMESH_SERVE_MEMORY=str(budget))
+                      CACHEMESH_SERVE_MEMORY=str(budget), **env)
     for name in names:
         cluster.start(name, wait=False)
     for name in names:
@@ -269,7 +271,10 @@ def main() -> None:
     etcd = EtcdServer(work / "etcd")
     etcd.start()
     try:
-        cluster = start_cluster(work / "three", etcd, ["a", "b", "c"], 1 << 30)
+        # One copy per model here (copy_rate 0): the leader would otherwise add a copy on
+        # the forwarding node as soon as the rate passes 50/s, and nothing would be forwarded.
+        cluster = start_cluster(work / "three", etcd, ["a", "b", "c"], 1 << 30,
+                                CACHEMESH_SERVE_COPY_RATE="0")
         try:
             fwd = forwarding(cluster, args.requests)
             print("forwarding", json.dumps(fwd))
