@@ -122,6 +122,8 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
             if grpc_server is not None:
                 await grpc_server.stop(service.cfg.drain_timeout_s)
             await service.stop()
+            if placer is not None:
+                await placer.close()
             caches_service.stop()  # background pulls: stopped, resumable
 
     async def metrics(request: Request) -> Response:

@@ -80,7 +80,7 @@ class ClusterScaler:
         policy = dep.policy
         ready = placer.copies(dep.name, label, "ready")
         loading = placer.copies(dep.name, label, "loading")
-        if placer._here(dep.name, label):
+        if placer.here(dep.name, label):
             ready = [*ready, placer.name]
         # Rates from the node records (rewritten every few seconds while they change;
         # the copy records change with a copy's state only).

@@ -145,8 +145,8 @@ class Forward:
                 model = None
             load = True
         if model:
-            try:
-                label = label or self.service.route(model, None, headers=_text(scope)).version
+            try:  # a label, an alias, or the routes' and traffic's choice
+                label = self.service.route(model, label, headers=_text(scope)).version
             except CachemeshError:
                 model = None  # unknown here: the route answers (404)
         if not model:
@@ -155,15 +155,15 @@ class Forward:
         assert label is not None
         if not load:
             ready = [n for n in placer.copies(model, label, "ready")]
-            if placer._here(model, label) or not ready:
+            if placer.here(model, label) or not ready:
                 await self.app(scope, receive, tagged)
                 return
         if body is None:
             body = await _read_body(receive)
-        if path.startswith("/v2/models/") and parts[4:5] != ["versions"] and label != "default":
-            rest = "/".join(parts[4:])
-            scope = dict(scope, path=f"/v2/models/{model}/versions/{label}/{rest}",
-                         raw_path=None)
+        if path.startswith("/v2/models/") and label != "default":
+            rest = "/".join(parts[6:] if parts[4:5] == ["versions"] else parts[4:])
+            pinned = f"/v2/models/{model}/versions/{label}" + (f"/{rest}" if rest else "")
+            scope = dict(scope, path=pinned, raw_path=None)
 
         async def serve(node: str) -> None:
             if node == placer.name:

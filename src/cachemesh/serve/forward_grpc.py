@@ -96,12 +96,12 @@ def wrap(service: ModelService, name: str,
         version = request.version if name != "ModelInfer" else request.model_version
         outside = [(k, v) for k, v in metadata if k.lower() not in _INTERNAL]
         try:
-            label = version or service.route(model, None, headers=dict(outside)).version
+            label = service.route(model, version or None, headers=dict(outside)).version
         except CachemeshError:
             return await fn(request, context)  # unknown here: the servicer answers
         if name != "ModelInfer":
             ready = placer.copies(model, label, "ready")
-            if placer._here(model, label) or not ready:
+            if placer.here(model, label) or not ready:
                 return await fn(request, context)
 
         async def serve(node: str) -> Any:
@@ -128,7 +128,7 @@ async def _forward(placer: ClusterPlacer, channels: Channels, node: str, method:
         raise NodeUnreachableError(
             f"node {node!r} did not take the call: no gRPC connection to {record.grpc}",
             node) from exc
-    if method.endswith("/ModelInfer") and not request.model_version and label != "default":
+    if method.endswith("/ModelInfer") and label != "default" and request.model_version != label:
         pinned = request_cls()
         pinned.CopyFrom(request)
         pinned.model_version = label  # the other node does not draw from the split again

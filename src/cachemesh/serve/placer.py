@@ -139,7 +139,7 @@ class ClusterPlacer:
                 if node != self.name and (version or "default") == label
                 and copy.state == state]
 
-    def _here(self, model: str, label: str) -> bool:
+    def here(self, model: str, label: str) -> bool:
         """A copy ready or on its way in on this node."""
         try:
             v = self.service.deployments.get(model).versions[label]
@@ -164,7 +164,7 @@ class ClusterPlacer:
         if self.draining:
             exclude = exclude | {self.name}
         while True:
-            if self.name not in exclude and self._here(model, label):
+            if self.name not in exclude and self.here(model, label):
                 return self.name
             await self.records()
             ready = [n for n in self.copies(model, label, "ready") if n not in exclude]
@@ -309,7 +309,7 @@ class ClusterPlacer:
         try:
             while True:
                 ready = [n for n in self.copies(model, label, "ready") if n not in exclude]
-                if ready or (self.name not in exclude and self._here(model, label)):
+                if ready or (self.name not in exclude and self.here(model, label)):
                     return ""  # locate picks it
                 claim = latest["claim"]
                 if claim is None or watcher.done():
