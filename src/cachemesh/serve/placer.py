@@ -59,8 +59,8 @@ MAX_LOAD_NODES = 3  # a copy that fails to load on this many nodes fails the req
 FAILED_CLAIM_S = 5.0  # a failed claim stays this long: its waiters read the reasons
 READY_CLAIM_S = 10.0  # a ready claim goes once the copy record says ready, at most this late
 RECORDS_MAX_AGE_S = 1.0  # node records are read again after this long
-WAIT_STEP_S = 0.05
-GRAIN_BYTES = 64 << 20  # free memory closer than this (or one copy) ranks alike  # how often a waiter looks at the in-memory copies
+WAIT_STEP_S = 0.05  # how often a waiter looks at the in-memory copies
+GRAIN_BYTES = 64 << 20  # free memory closer than this (or one copy) ranks alike
 
 FORWARDED_BY = "cachemesh-forwarded-by"  # the hop header: the node that forwarded it
 TOKEN_HEADER = "cachemesh-cluster-token"  # node-to-node calls; never sent to or from outside
