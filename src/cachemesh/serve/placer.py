@@ -40,6 +40,7 @@ import orjson
 from ..errors import (
     CachemeshError,
     ClusterError,
+    ClusterUnavailableError,
     ModelLoadError,
     NodeUnreachableError,
     RequestTimeoutError,
@@ -199,6 +200,12 @@ class ClusterPlacer:
         except RevisionConflictError:
             log.info("%s@%s: following another node's placement", model, label)
             return await self._follow(model, label, key, exclude, deadline)
+        except ClusterUnavailableError:
+            # etcd down: no claim can be taken; degrade to one node's rule, load it here.
+            if self.name in exclude or self.cluster.can_load_here(model) is not None:
+                raise
+            await self._load_on(self.name, model, label, deadline)
+            return self.name
         log.info("%s@%s: placing it (claim taken)", model, label)
         try:
             node = await self._load_somewhere(model, label, exclude, deadline, claim,
