@@ -95,6 +95,14 @@ def test_same_document_from_every_node_is_one_write(three_nodes: Cluster) -> Non
     assert three_nodes["b"].http.post("/api/v1/models", json=spec).status_code == 201
     wait_until(lambda: three_nodes["c"].model("daemonset-s").status_code == 200, 10, "c")
     assert three_nodes["c"].http.post("/api/v1/models", json=spec).status_code == 200
+    # the V2 repository extension declares through the same registry: loaded on c, known on a
+    repo = toy_spec(three_nodes.origin, "daemonset-r")
+    r = three_nodes["c"].http.post("/v2/repository/models/daemonset-r/load", json={
+        "parameters": {"source": repo["source"], "runtime": "custom",
+                       "config": repo["parameters"]}})
+    assert r.status_code == 200, r.text
+    wait_until(lambda: three_nodes["a"].model("daemonset-r").status_code == 200, 10,
+               "a to know the model c's repository extension declared")
 
 
 def test_conflicting_writes_on_one_revision(three_nodes: Cluster) -> None:
