@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +177,22 @@ def test_min_copies(nodes: Cluster) -> None:
         "scaling": {"min_copies": 2}})
     assert r.status_code in (200, 201), r.text
     wait_until(lambda: len(holders(nodes, "b", "mc1")) == 2, 15, "2 copies of mc1")
+
+
+def test_a_hot_model_gets_a_copy_on_another_node(nodes: Cluster) -> None:
+    spec = toy_spec(nodes.origin, "hot1")
+    r = nodes["b"].http.put("/api/v1/models/hot1", json={
+        "name": "hot1", "versions": {"v1": {"source": spec["source"], "runtime": "custom",
+                                           "parameters": spec["parameters"]}},
+        "scaling": {"copy_rate": 5, "max_copies": 2}})
+    assert r.status_code in (200, 201), r.text
+    wait_until(lambda: all(n.model("hot1").status_code == 200 for n in nodes.nodes.values()),
+               10, "hot1 declared everywhere")
+    with httpx.Client(base_url=nodes["b"].url, timeout=10) as client:
+        deadline = time.monotonic() + 15
+        while len(holders(nodes, "b", "hot1")) < 2:  # ~50 req/s, 10 times the copy rate
+            assert time.monotonic() < deadline, holders(nodes, "b", "hot1")
+            for _ in range(5):
+                assert client.post("/v2/models/hot1/infer", json=X).status_code == 200
+            time.sleep(0.1)
+    assert len(holders(nodes, "b", "hot1")) == 2  # max_copies holds it there
