@@ -153,9 +153,12 @@ class Forward:
             await self.app(scope, _replay(body, receive) if body is not None else receive, tagged)
             return
         assert label is not None
+        if not placer.draining and placer.here(model, label):  # the common case: no hop
+            await self.app(scope, _replay(body, receive) if body is not None else receive,
+                           tagged)
+            return
         if not load:
-            ready = [n for n in placer.copies(model, label, "ready")]
-            if placer.here(model, label) or not ready:
+            if not placer.copies(model, label, "ready"):
                 await self.app(scope, receive, tagged)
                 return
         if body is None:
