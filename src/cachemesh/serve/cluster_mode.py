@@ -286,8 +286,8 @@ class ClusterContext:
         record = {"capacity_bytes": memory["budget_bytes"],
                   "memory_used_bytes": memory["held_bytes"],
                   "copies": sorted(copies.values(), key=lambda c: (c.model, c.version or "")),
-                  "draining": bool(service.draining or getattr(service, "placer", None) is not None
-                                  and service.placer.draining),  # placer.drain (part B)
+                  "draining": bool(service.draining or getattr(  # placer.drain (part B)
+                      getattr(service, "placer", None), "draining", False)),
                   "cannot_load": cannot}
         return copies, record
 
