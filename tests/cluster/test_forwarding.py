@@ -98,6 +98,9 @@ def test_grpc_v2_forwarded(nodes: Cluster) -> None:
         t.contents.fp32_contents.extend([1, 2, 3, 4])
         _, call = stub.ModelInfer.with_call(request, timeout=10)
         assert dict(call.trailing_metadata())["cachemesh-node"] == holder
+        with pytest.raises(grpc.RpcError) as refused:  # posing as a node, without the token
+            stub.ModelInfer(request, timeout=10, metadata=[("cachemesh-forwarded-by", "x")])
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_openai_stream_forwarded(nodes: Cluster) -> None:
