@@ -77,7 +77,7 @@ def test_grpc_v2_forwarded(nodes: Cluster) -> None:
     import tritonclient.grpc as triton
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-    deploy(nodes, "g1")
+    marks = deploy(nodes, "g1")
     first = nodes["b"].http.post("/v2/models/g1/infer", json=X)
     holder = first.headers["cachemesh-node"]
     other = next(n for n in ("a", "b", "c") if n != holder)
@@ -98,9 +98,14 @@ def test_grpc_v2_forwarded(nodes: Cluster) -> None:
         t.contents.fp32_contents.extend([1, 2, 3, 4])
         _, call = stub.ModelInfer.with_call(request, timeout=10)
         assert dict(call.trailing_metadata())["cachemesh-node"] == holder
+        missing = service_pb2.ModelInferRequest(model_name="no-such-model")
+        streamed = list(stub.ModelStreamInfer(iter([request, missing, request]), timeout=10))
+        assert [bool(r.error_message) for r in streamed] == [False, True, False]
+        assert list(streamed[2].infer_response.outputs[0].shape) == [1, 4]
         with pytest.raises(grpc.RpcError) as refused:  # posing as a node, without the token
             stub.ModelInfer(request, timeout=10, metadata=[("cachemesh-forwarded-by", "x")])
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert loads(marks) == 1  # every call above went to the one copy
 
 
 def test_openai_stream_forwarded(nodes: Cluster) -> None:

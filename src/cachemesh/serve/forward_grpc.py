@@ -1,5 +1,6 @@
-"""Any node answers any gRPC V2 call: ``ModelInfer``, ``ModelMetadata`` and ``ModelReady``
-go to the node that holds the model, as ``forward.py`` does for HTTP.
+"""Any node answers any gRPC V2 call: ``ModelInfer``, ``ModelMetadata``, ``ModelReady`` and
+each request of ``ModelStreamInfer`` go to the node that holds the model, as
+``forward.py`` does for HTTP.
 
 :func:`wrap` wraps those servicer methods (``v2_grpc.generic_handler``). The same rules:
 a call from another node (metadata ``cachemesh-forwarded-by``) needs the cluster token
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -66,7 +67,9 @@ class Channels:
 
 def wrap(service: ModelService, name: str,
          fn: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
-    """``fn`` (a unary servicer method), forwarded in cluster mode; itself otherwise."""
+    """``fn`` (a servicer method), forwarded in cluster mode; itself otherwise."""
+    if name == "ModelStreamInfer":
+        return wrap_stream(service, fn)  # type: ignore[arg-type,return-value]
     if name not in FORWARDED:
         return fn
     request_cls, response_cls, _, _ = pb.methods()[name]
@@ -115,9 +118,73 @@ def wrap(service: ModelService, name: str,
     return handler
 
 
+def wrap_stream(service: ModelService, fn: Callable[[Any, Any], AsyncIterator[Any]]
+                ) -> Callable[[Any, Any], AsyncIterator[Any]]:
+    """``ModelStreamInfer``: each request of the stream goes where its model is, as a
+    ``ModelInfer`` call to that node; its answer (or its error, as ``error_message``, the
+    stream going on) comes back in the stream's order."""
+    request_cls, response_cls, _, _ = pb.methods()["ModelInfer"]
+    method = f"/{pb.SERVICE_NAME}/ModelInfer"
+    channels = Channels()
+
+    async def one(request: Any) -> AsyncIterator[Any]:
+        yield request
+
+    async def handler(requests: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        placer = placer_of(service)
+        metadata = [(k, v) for k, v in (context.invocation_metadata() or ())
+                    if isinstance(v, str)]
+        given = {k.lower(): v for k, v in metadata if k.lower() in _INTERNAL}
+        if placer is None or FORWARDED_BY in given:
+            if placer is not None and not token_ok(given.get(TOKEN_HEADER),
+                                                   placer.cluster.token):
+                service.metrics.forwards.labels("refused").inc()
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    "a stream forwarded without the cluster token")
+            async for out in fn(requests, context):
+                yield out
+            return
+        outside = [(k, v) for k, v in metadata if k.lower() not in _INTERNAL]
+        async for request in requests:
+            try:
+                label = service.route(request.model_name, request.model_version or None,
+                                      headers=dict(outside)).version
+            except CachemeshError:
+                label = None  # the servicer answers (not found)
+            response = None
+            if label is not None and (placer.draining
+                                      or not placer.here(request.model_name, label)):
+
+                async def serve(node: str, request: Any = request, label: str = label) -> Any:
+                    if node == placer.name:
+                        return None
+                    return await _forward(placer, channels, node, method, request_cls,
+                                          response_cls, request, label, outside, None)
+
+                try:
+                    response = await placer.with_retries(request.model_name, label, serve)
+                except CachemeshError as exc:
+                    yield pb.ModelStreamInferResponse(error_message=str(exc))
+                    continue
+                except aio.AioRpcError as exc:
+                    yield pb.ModelStreamInferResponse(error_message=exc.details() or "")
+                    continue
+            if response is None:
+                async for out in fn(one(request), context):
+                    yield out
+            else:
+                yield pb.ModelStreamInferResponse(infer_response=response)
+
+    return handler
+
+
 async def _forward(placer: ClusterPlacer, channels: Channels, node: str, method: str,
                    request_cls: Any, response_cls: Any, request: Any, label: str,
-                   outside: list[tuple[str, str]], context: aio.ServicerContext) -> Any:
+                   outside: list[tuple[str, str]],
+                   context: aio.ServicerContext | None) -> Any:
+    """One unary call on ``node``. With ``context`` (a unary call of a client), the
+    answer's metadata and status are the call's; without (one request of a stream), an
+    error is raised for the stream to report."""
     record = await placer.record(node)
     if not record.grpc:
         raise NodeUnreachableError(f"node {node!r} serves no gRPC", node)
@@ -142,6 +209,8 @@ async def _forward(placer: ClusterPlacer, channels: Channels, node: str, method:
     try:
         rpc = call(request, metadata=metadata)
         response = await rpc
+        if context is None:
+            return response
         initial = dict(await rpc.initial_metadata() or ())
         version = initial.get("x-model-version")
         if version:
@@ -155,6 +224,8 @@ async def _forward(placer: ClusterPlacer, channels: Channels, node: str, method:
             raise NodeUnreachableError(f"node {node!r} refused the call: it is draining",
                                        node) from None
         outcome = "error"
+        if context is None:
+            raise
         context.set_trailing_metadata(((NODE_HEADER, node),))
         await context.abort(exc.code() or grpc.StatusCode.UNKNOWN, exc.details() or "")
     finally:
