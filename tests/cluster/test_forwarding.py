@@ -69,6 +69,8 @@ def test_rest_v2_forwarded_and_one_load_for_concurrent_first_requests(nodes: Clu
     assert r.status_code == 200 and r.headers["cachemesh-node"] == holder
     assert r.json()["outputs"][0]["data"] == [1, 2, 3, 4]
     assert TOKEN not in str(r.headers) and "cachemesh-cluster-token" not in r.headers
+    stats = nodes[other].http.get("/api/v1/models/m1/stats")  # a control read, forwarded
+    assert stats.json()["loaded"] and stats.headers["cachemesh-node"] == holder
     meta = nodes[other].http.get("/metrics").text
     assert 'cachemesh_forwards_total{outcome="ok"}' in meta
 

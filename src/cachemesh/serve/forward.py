@@ -16,8 +16,9 @@ internal headers below and passes the request on. In a cluster, for each request
   as it comes (SSE included), with the caller's own credentials.
   A V2 path without a version gets the chosen one (``/versions/{v}``), so that the
   other node does not draw again from the traffic split.
-  Metadata and readiness reads go to a ready copy elsewhere if there is one, and never
-  start a load.
+  Metadata and readiness reads, and the control API's runtime stats
+  (``GET /api/v1/models/{m}/stats``), go to a ready copy elsewhere if there is one, and
+  never start a load.
 
 Every answer carries ``cachemesh-node`` (the node that answered) and, where the answer
 names a version (``x-model-version``), ``cachemesh-model-version``.
@@ -136,6 +137,9 @@ class Forward:
             model = parts[3]
             label = parts[5] if len(parts) >= 6 and parts[4] == "versions" else None
             load = method == "POST" and parts[-1] == "infer"
+        elif (method == "GET" and len(parts) == 6 and parts[:4] == ["", "api", "v1", "models"]
+              and parts[5] == "stats"):
+            model = parts[4]  # a control read of the loaded copies: where they are
         elif method == "POST" and path in _OPENAI_BODIES:
             body = await _read_body(receive)
             try:
