@@ -178,7 +178,8 @@ class ClusterPlacer:
                 key = (model, label, exclude)
                 flight = self._flights.get(key)
                 if flight is None:
-                    flight = asyncio.ensure_future(self._place(model, label, exclude, deadline))
+                    flight = self.service.background.start(
+                        self._place(model, label, exclude, deadline))
                     self._flights[key] = flight
                     flight.add_done_callback(lambda _: self._flights.pop(key, None))
                 node = await asyncio.shield(flight)
@@ -207,22 +208,24 @@ class ClusterPlacer:
             await self._load_on(self.name, model, label, deadline)
             return self.name
         log.info("%s@%s: placing it (claim taken)", model, label)
+        written = [revision]  # the claim's revision, as each write moves it
         try:
-            node = await self._load_somewhere(model, label, exclude, deadline, claim,
-                                               key, revision)
+            node = await self._load_somewhere(model, label, exclude, deadline, claim, key,
+                                               written)
         except BaseException as exc:
             claim.update(state="failed", reason=str(exc))
             self.last_failure[f"{model}@{label}"] = str(exc)
-            await self._write_then_delete(key, claim, FAILED_CLAIM_S, None)
+            await self._write_then_delete(key, claim, written[0], FAILED_CLAIM_S, None)
             raise
         log.info("placed %s@%s on %s", model, label, node)
         claim.update(state="ready", node=node)
-        await self._write_then_delete(key, claim, READY_CLAIM_S, (model, label, node))
+        await self._write_then_delete(key, claim, written[0], READY_CLAIM_S,
+                                      (model, label, node))
         return node
 
     async def _load_somewhere(self, model: str, label: str, exclude: frozenset[str],
                               deadline: float, claim: dict[str, Any], key: str,
-                              revision: int) -> str:
+                              written: list[int]) -> str:
         records = await self.records(fresh=True)
         banned = set(exclude)
         if self.cluster.can_load_here(model) is not None:
@@ -248,8 +251,8 @@ class ClusterPlacer:
                 self._note(model, label, f"load on node {node} failed: {exc}")
                 log.warning("loading %s@%s on %s failed: %s", model, label, node, exc)
                 with contextlib.suppress(ClusterError):
-                    revision = await self.cluster.kv.put_if(
-                        key, orjson.dumps(claim), mod_revision=revision,
+                    written[0] = await self.cluster.kv.put_if(
+                        key, orjson.dumps(claim), mod_revision=written[0],
                         lease=self.cluster.membership.lease)
         raise ModelLoadError(f"model {model!r} version {label!r} could not be loaded on"
                              f" {len(reasons)} node(s): " + " | ".join(reasons))
@@ -344,13 +347,15 @@ class ClusterPlacer:
             with contextlib.suppress(BaseException):
                 await watcher
 
-    async def _write_then_delete(self, key: str, claim: dict[str, Any], keep_s: float,
-                                 ready: tuple[str, str, str] | None) -> None:
-        """Put the claim's outcome, then delete it in the background: at once when the
-        copy record says ready (``ready``), else after ``keep_s``."""
+    async def _write_then_delete(self, key: str, claim: dict[str, Any], revision: int,
+                                 keep_s: float, ready: tuple[str, str, str] | None) -> None:
+        """Put the claim's outcome (on the revision this node last wrote), then delete it
+        in the background: at once when the copy record says ready (``ready``), else after
+        ``keep_s``."""
         kv = self.cluster.kv
         try:
-            revision = await kv.put(key, orjson.dumps(claim), lease=self.cluster.membership.lease)
+            revision = await kv.put_if(key, orjson.dumps(claim), mod_revision=revision,
+                                       lease=self.cluster.membership.lease)
         except ClusterError as exc:  # the lease bounds the claim's life anyway
             log.warning("could not write the outcome of %s: %s", key, exc)
             return
