@@ -323,6 +323,11 @@ def report(fwd: dict[str, Any], dens: list[dict[str, Any]], fail: dict[str, Any]
         return
     _report.save_results("cluster", {"forwarding": fwd, "density": dens, "failover": fail,
                                      "worker_base_bytes": base, "model_bytes": size})
+    over = [(d["nodes"], max(d["peak_held"].values()) / d["budget"]) for d in dens]
+    over_note = ("Peak held memory (the larger of the workers' RSS and what their models"
+                 " account for) against the budget: " + ", ".join(
+                     f"{n} node(s) {100 * (r - 1):+.0f} %" for n, r in over)
+                 + "; not investigated further here.")
     body = f"""Three `cachemesh serve --cluster` nodes on loopback over one real etcd (2 s leases),
 one worker each; the client shares the same 2 cores. Models allocate {size // MiB} MiB at load.
 
@@ -338,6 +343,8 @@ Hit rate: requests answered by a copy already in memory (the answering node's
 memory ({base / MiB:.0f} MiB, measured) + 10.5 (or 30.5) models.
 
 {t2}
+
+{over_note}
 
 ### Failover: SIGKILL of the node holding a hot model
 
