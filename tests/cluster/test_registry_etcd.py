@@ -51,6 +51,7 @@ def test_compare_and_put_idempotence_watch_and_local_copy(
             await asyncio.sleep(0.2)
             local = json.loads(one.path.read_text())
             assert local["prefix"] == cluster_keys.prefix and local["models"]["m"]["doc"] is None
+            assert one.path.stat().st_mode & 0o077 == 0  # sources may carry credentials
             # degraded: refused at once, with what to expect
             down["now"] = True
             with pytest.raises(ClusterUnavailableError, match="cannot be reached"):
