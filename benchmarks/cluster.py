@@ -14,7 +14,7 @@ its size) and echoes V2 inputs.
    another node (forwarded once), alternated request by request in the same run: p50
    and p99 of each, and the ratio.
 2. Density: 60 models; 3 nodes, each with a budget for 10, against one node with a
-   budget for 30 (a one-node cluster: the same code path, nothing to forward to). Zipf
+   budget for 30, alternated over ``--rounds`` (a one-node cluster: the same code path, nothing to forward to). Zipf
    traffic (s = 1.1) from 8 client threads, each request to a random node: hit rate
    (requests answered by a copy already in memory, summed over nodes), loads, errors,
    and the peak of each node's held memory (``/api/v1/models`` memory.held_bytes, every
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import random
 import re
 import shutil
@@ -259,11 +260,23 @@ def failover(cluster: Cluster) -> dict[str, Any]:
             "killed": holder}
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The setup's figures: medians over its runs (each run kept under ``runs``)."""
+    out = dict(runs[0])
+    for key in ("rate", "errors", "hit_rate", "loads", "evictions", "forwards",
+                "remote_loads", "p50_ms", "p99_ms"):
+        out[key] = statistics.median(d[key] for d in runs)
+    out["peak_held"] = {n: max(d["peak_held"][n] for d in runs) for n in runs[0]["peak_held"]}
+    out["runs"] = runs
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--size-mb", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2, help="density runs per setup")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     size = args.size_mb * MiB
@@ -284,12 +297,14 @@ def main() -> None:
             print("failover", json.dumps(fail))
         finally:
             stop(cluster)
-        dens = []
-        for nodes, hold in ((3, 10), (1, 30)):
-            d = density(work / f"density-{nodes}", etcd, nodes, hold, 60, size, args.duration,
-                        base)
+        runs: list[dict[str, Any]] = []
+        setups = [(3, 10), (1, 30)]
+        for r, (nodes, hold) in _report.rotating(setups, args.rounds):  # alternated
+            d = density(work / f"density-{nodes}-{r}", etcd, nodes, hold, 60, size,
+                        args.duration, base)
             print("density", json.dumps(d))
-            dens.append(d)
+            runs.append(d)
+        dens = [median_run([d for d in runs if d["nodes"] == n]) for n, _ in setups]
     finally:
         etcd.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -309,7 +324,7 @@ def report(fwd: dict[str, Any], dens: list[dict[str, Any]], fail: dict[str, Any]
         peaks = ", ".join(f"{n} {v / MiB:.0f}" for n, v in sorted(d["peak_held"].items()))
         rows.append([f"{d['nodes']} node(s) × budget for {d['hold_per_node']}",
                      f"{d['rate']:.0f}", f"{100 * d['hit_rate']:.1f}%", f"{d['loads']:.0f}",
-                     f"{d['evictions']:.0f}", f"{d['forwards']:.0f}", d["errors"],
+                     f"{d['evictions']:.0f}", f"{d['forwards']:.0f}", f"{d['errors']:.0f}",
                      f"{d['p50_ms']:.1f} / {d['p99_ms']:.0f}",
                      f"{peaks} (budget {d['budget'] / MiB:.0f} each)"])
     t2 = _report.table(["setup (60 models, Zipf s=1.1)", "req/s", "hit rate", "loads",
@@ -323,6 +338,7 @@ def report(fwd: dict[str, Any], dens: list[dict[str, Any]], fail: dict[str, Any]
         return
     _report.save_results("cluster", {"forwarding": fwd, "density": dens, "failover": fail,
                                      "worker_base_bytes": base, "model_bytes": size})
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     over = [(d["nodes"], max(d["peak_held"].values()) / d["budget"]) for d in dens]
     over_note = ("Peak held memory (the larger of the workers' RSS and what their models"
                  " account for) against the budget: " + ", ".join(
@@ -337,7 +353,9 @@ one worker each; the client shares the same 2 cores. Models allocate {size // Mi
 
 ### Density: 60 models over 3 nodes (budget for 10 each) vs one node (budget for 30)
 
-{args.duration:g} s of Zipf traffic from 8 client threads, each request to a random node.
+{args.duration:g} s of Zipf traffic from 8 client threads, each request to a random node;
+{args.rounds} run(s) of each setup, alternated; medians (peak memory: the highest seen).
+Load average when the report was written: {load}.
 Hit rate: requests answered by a copy already in memory (the answering node's
 `cachemesh_model_hits_total` / hits + misses, summed over nodes). Budget: the worker's own
 memory ({base / MiB:.0f} MiB, measured) + 10.5 (or 30.5) models.
