@@ -206,3 +206,26 @@ def test_a_hot_model_gets_a_copy_on_another_node(nodes: Cluster) -> None:
                 assert client.post("/v2/models/hot1/infer", json=X).status_code == 200
             time.sleep(0.1)
     assert len(holders(nodes, "b", "hot1")) == 2  # max_copies holds it there
+
+
+def test_a_traffic_split_is_drawn_once(nodes: Cluster) -> None:
+    marks = nodes.root / "marks" / "split1"
+    spec = toy_spec(nodes.origin, "split1", marks=marks)
+    version = {"source": spec["source"], "runtime": "custom", "parameters": spec["parameters"]}
+    r = nodes["a"].http.put("/api/v1/models/split1", json={
+        "name": "split1", "versions": {"v1": version, "v2": version},
+        "traffic": {"v1": 50, "v2": 50}})
+    assert r.status_code in (200, 201), r.text
+    wait_until(lambda: all(n.model("split1").status_code == 200 for n in nodes.nodes.values()),
+               10, "split1 declared everywhere")
+    seen = set()
+    for i in range(24):
+        r = nodes["abc"[i % 3]].http.post("/v2/models/split1/infer", json=X)
+        assert r.status_code == 200, r.text
+        assert r.headers["cachemesh-model-version"] == r.headers["x-model-version"]
+        seen.add(r.headers["x-model-version"])
+    assert seen == {"v1", "v2"}
+    # One load per version in the whole cluster: a forwarded request keeps the version
+    # its first node drew (without that, the answering node would draw again, and load
+    # the other version where it lands).
+    assert loads(marks) == 2

@@ -14,8 +14,9 @@ internal headers below and passes the request on. In a cluster, for each request
   picks it), ``ClusterPlacer.locate`` says which node serves it, and the request is
   served here or sent there once, its body as received and the answer streamed back
   as it comes (SSE included), with the caller's own credentials.
-  A V2 path without a version gets the chosen one (``/versions/{v}``), so that the
-  other node does not draw again from the traffic split.
+  A V2 inference path gets the chosen version (``/versions/{v}``), here or there, so
+  that the traffic split is drawn once (an OpenAI body has no place for it: the node
+  that answers draws again).
   Metadata and readiness reads, and the control API's runtime stats
   (``GET /api/v1/models/{m}/stats``), go to a ready copy elsewhere if there is one, and
   never start a load.
@@ -157,6 +158,12 @@ class Forward:
             await self.app(scope, _replay(body, receive) if body is not None else receive, tagged)
             return
         assert label is not None
+        if load and path.startswith("/v2/models/") and label != "default":
+            # The version chosen here is the one that answers, here or there: the split
+            # is drawn once (a metadata or readiness read keeps its model-level path).
+            rest = "/".join(parts[6:] if parts[4:5] == ["versions"] else parts[4:])
+            scope = dict(scope, path=f"/v2/models/{model}/versions/{label}/{rest}",
+                         raw_path=None)
         if not placer.draining and placer.here(model, label):  # the common case: no hop
             await self.app(scope, _replay(body, receive) if body is not None else receive,
                            tagged)
@@ -167,10 +174,6 @@ class Forward:
                 return
         if body is None:
             body = await _read_body(receive)
-        if path.startswith("/v2/models/") and label != "default":
-            rest = "/".join(parts[6:] if parts[4:5] == ["versions"] else parts[4:])
-            pinned = f"/v2/models/{model}/versions/{label}" + (f"/{rest}" if rest else "")
-            scope = dict(scope, path=pinned, raw_path=None)
 
         async def serve(node: str) -> None:
             if node == placer.name:
