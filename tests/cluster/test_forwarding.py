@@ -225,6 +225,11 @@ def test_a_traffic_split_is_drawn_once(nodes: Cluster) -> None:
         assert r.headers["cachemesh-model-version"] == r.headers["x-model-version"]
         seen.add(r.headers["x-model-version"])
     assert seen == {"v1", "v2"}
+    for i in range(24):  # OpenAI: the body has no version; the forwarded request names it
+        r = nodes["abc"[i % 3]].http.post("/v1/chat/completions", json={
+            "model": "split1", "messages": [{"role": "user", "content": "a b"}]})
+        assert r.status_code == 200, r.text
+        assert r.headers["cachemesh-model-version"] == r.headers["x-model-version"]
     # One load per version in the whole cluster: a forwarded request keeps the version
     # its first node drew (without that, the answering node would draw again, and load
     # the other version where it lands).

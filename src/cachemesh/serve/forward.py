@@ -14,9 +14,10 @@ internal headers below and passes the request on. In a cluster, for each request
   picks it), ``ClusterPlacer.locate`` says which node serves it, and the request is
   served here or sent there once, its body as received and the answer streamed back
   as it comes (SSE included), with the caller's own credentials.
-  A V2 inference path gets the chosen version (``/versions/{v}``), here or there, so
-  that the traffic split is drawn once (an OpenAI body has no place for it: the node
-  that answers draws again).
+  The version chosen here is the one that answers, here or there, so that a traffic
+  split is drawn once: a V2 inference path gets it (``/versions/{v}``), and every
+  forwarded request carries it (``cachemesh-forwarded-version``, read by
+  ``ModelService.route``; dropped from requests from outside, like the other two).
   Metadata and readiness reads, and the control API's runtime stats
   (``GET /api/v1/models/{m}/stats``), go to a ready copy elsewhere if there is one, and
   never start a load.
@@ -58,13 +59,15 @@ from .placer import (
     node_tls,
     placer_of,
 )
+from .service import PINNED_VERSION
 
 if TYPE_CHECKING:
     from .service import ModelService
 
 _FORWARDED_BY = FORWARDED_BY.encode()
 _TOKEN = TOKEN_HEADER.encode()
-_INTERNAL = frozenset({_FORWARDED_BY, _TOKEN})
+_PINNED = PINNED_VERSION.encode()
+_INTERNAL = frozenset({_FORWARDED_BY, _TOKEN, _PINNED})
 # Not passed on, either way: they describe one connection, not the request.
 _HOP_BY_HOP = frozenset({b"host", b"connection", b"keep-alive", b"transfer-encoding", b"te",
                          b"trailer", b"upgrade", b"proxy-connection", *_INTERNAL})
@@ -99,12 +102,15 @@ class Forward:
             return
         headers = scope["headers"]
         hop = token = None
+        pinned: bytes | None = None
         if any(k in _INTERNAL for k, _ in headers):
             for k, v in headers:
                 if k == _FORWARDED_BY:
                     hop = v.decode("latin-1")
                 elif k == _TOKEN:
                     token = v.decode("latin-1")
+                elif k == _PINNED:
+                    pinned = v
             scope = dict(scope, headers=[(k, v) for k, v in headers if k not in _INTERNAL])
         placer = placer_of(self.service)
         if placer is None:
@@ -123,6 +129,8 @@ class Forward:
                     f"node {placer.name!r} is draining"), placer.name, refused=True)
                 return
             scope["cachemesh.forwarded_by"] = hop
+            if pinned is not None:  # the version the sending node drew (service.route)
+                scope["headers"] = [*scope["headers"], (_PINNED, pinned)]
             await self.app(scope, receive, tagged)
             return
         await self._route(scope, receive, send, tagged, placer)
@@ -158,12 +166,13 @@ class Forward:
             await self.app(scope, _replay(body, receive) if body is not None else receive, tagged)
             return
         assert label is not None
-        if load and path.startswith("/v2/models/") and label != "default":
+        if load:
             # The version chosen here is the one that answers, here or there: the split
             # is drawn once (a metadata or readiness read keeps its model-level path).
-            rest = "/".join(parts[6:] if parts[4:5] == ["versions"] else parts[4:])
-            scope = dict(scope, path=f"/v2/models/{model}/versions/{label}/{rest}",
-                         raw_path=None)
+            scope = dict(scope, headers=[*scope["headers"], (_PINNED, label.encode())])
+            if path.startswith("/v2/models/") and label != "default":
+                rest = "/".join(parts[6:] if parts[4:5] == ["versions"] else parts[4:])
+                scope.update(path=f"/v2/models/{model}/versions/{label}/{rest}", raw_path=None)
         if not placer.draining and placer.here(model, label):  # the common case: no hop
             await self.app(scope, _replay(body, receive) if body is not None else receive,
                            tagged)
@@ -179,7 +188,7 @@ class Forward:
             if node == placer.name:
                 await self.app(scope, _replay(body, receive), tagged)
             else:
-                await self._forward(scope, body, node, send, placer)
+                await self._forward(scope, body, node, label, send, placer)
 
         try:
             await placer.with_retries(model, label, serve)
@@ -188,7 +197,7 @@ class Forward:
                 self.service.metrics.forwards.labels("lost").inc()
             await _answer_error(send, exc, placer.name)
 
-    async def _forward(self, scope: Any, body: bytes, node: str, send: Any,
+    async def _forward(self, scope: Any, body: bytes, node: str, label: str, send: Any,
                        placer: ClusterPlacer) -> None:
         """Send the request to ``node`` and stream its answer back (see the docstring)."""
         record = await placer.record(node)
@@ -198,7 +207,7 @@ class Forward:
             url += "?" + scope["query_string"].decode("latin-1")
         headers = [(k, v) for k, v in scope["headers"] if k not in _HOP_BY_HOP]
         headers += [(_FORWARDED_BY, placer.name.encode()),
-                    (_TOKEN, placer.cluster.token.encode())]
+                    (_TOKEN, placer.cluster.token.encode()), (_PINNED, label.encode())]
         http = self.client(placer)
         request = http.build_request(scope["method"], url, headers=headers, content=body)
         started = time.perf_counter()
