@@ -163,11 +163,14 @@ def density(root: Path, etcd: EtcdServer, nodes: int, hold: int, models: int, si
     try:
         specs = [model_spec(cluster.origin, f"d{i:02d}", size) for i in range(models)]
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda s: cluster[names[0]].http.post("/api/v1/models", json=s),
-                          specs))
+            replies = list(pool.map(
+                lambda s: cluster[names[0]].http.post("/api/v1/models", json=s), specs))
+        refused = [r.text for r in replies if r.status_code not in (200, 201)]
+        if refused:
+            raise RuntimeError(f"{len(refused)} declarations refused, e.g. {refused[0]}")
         for node in cluster.nodes.values():
             wait_until(lambda n=node: len(n.http.get("/api/v1/models").json()["models"])
-                       == models, 60, f"every model declared on {node.name}")
+                       == models, 120, f"every model declared on {node.name}")
         weights = zipf_weights(models, 1.1)
         peaks = {n: 0 for n in names}
         done = threading.Event()
