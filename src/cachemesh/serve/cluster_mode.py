@@ -286,7 +286,9 @@ class ClusterContext:
         record = {"capacity_bytes": memory["budget_bytes"],
                   "memory_used_bytes": memory["held_bytes"],
                   "copies": sorted(copies.values(), key=lambda c: (c.model, c.version or "")),
-                  "draining": bool(service.draining), "cannot_load": cannot}
+                  "draining": bool(service.draining or getattr(  # placer.drain (part B)
+                      getattr(service, "placer", None), "draining", False)),
+                  "cannot_load": cannot}
         return copies, record
 
     async def _sync_copies(self) -> None:

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from .cluster_mode import ClusterContext
 
 log = logging.getLogger("cachemesh.serve")
+PINNED_VERSION = "cachemesh-forwarded-version"
 
 
 class ModelService:
@@ -237,6 +238,10 @@ class ModelService:
 
     def _route(self, name: str, version: str | None, headers: Mapping[str, str] | None,
                parameters: Mapping[str, Any] | None) -> tuple[Decision, Deployment, Version]:
+        if version is None and headers:
+            # The version another node of the cluster drew for this request (forward.py
+            # passes it, and drops the header from every request from outside).
+            version = headers.get(PINNED_VERSION) or None
         dep = self.deployments.get(name, version)
         decision = dep.router.choose(version, headers, parameters)
         return decision, dep, dep.versions[decision.version]
