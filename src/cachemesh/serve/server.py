@@ -19,8 +19,8 @@ import uvicorn
 from ..config import Settings
 from ..sources.redact import redact_log_handlers
 from .app import create_app
-from .ports import Ports, take_ports
 from .placer import placer_of
+from .ports import Ports, take_ports
 from .registry import ModelSpec
 from .service import ModelService
 from .workers import Launched
