@@ -3,6 +3,7 @@ nodes (the ``ui_cluster`` fixture), chromium on node a's page."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from typing import Any
 
@@ -13,6 +14,7 @@ from tests.cluster.nodes import Cluster, ServeNode, toy_spec, wait_until
 from tests.ui.conftest import HOSTILE_LABEL
 from tests.ui.test_ui import INTERVAL_MS, wait_for
 
+HOSTILE_DIR = "<img src=x onerror=window.__pwned=5>"  # a folder name: no '/'
 NODE_HEALTH = """(want) => Object.entries(want).every(([node, health]) => {
     const badge = document.querySelector(`tr[data-node="${node}"] .state`);
     return badge && badge.textContent === health;
@@ -37,6 +39,13 @@ def test_nodes_their_health_memory_and_copies(page: Any,
     a, b = cluster["a"], cluster["b"]
     r = a.http.post("/api/v1/models", json=toy_spec(cluster.origin, "toy"))
     assert r.status_code == 201, r.text
+    # A model whose local source then goes: every node says it cannot load it, and why
+    # (the path, markup in it, is user input).
+    ghost = toy_spec(cluster.origin, HOSTILE_DIR)
+    ghost["name"] = "ghost"
+    r = a.http.post("/api/v1/models", json=ghost)
+    assert r.status_code == 201, r.text
+    shutil.rmtree(ghost["source"])
     wait_until(lambda: b.model("toy").status_code == 200, 10, "b to know toy")
     assert b.infer("toy").status_code == 200  # a copy on b only
 
@@ -57,7 +66,9 @@ def test_nodes_their_health_memory_and_copies(page: Any,
         const row = document.querySelector('tr[data-model="toy"]');
         const held = document.querySelector('tr[data-node="b"] li[data-model="toy"]');
         return row && row.querySelector('td.nodes li[data-node="b"]') && held
-            && held.textContent.includes('ready');
+            && held.textContent.includes('ready')
+            && document.querySelector('tr[data-node="b"] > td:nth-child(8)')
+                .textContent.includes('ghost');
     }""", timeout=20_000)
     model_nodes = page.locator('tr[data-model="toy"] td.nodes li').all_inner_texts()
     assert model_nodes == ["b"], model_nodes
@@ -65,9 +76,12 @@ def test_nodes_their_health_memory_and_copies(page: Any,
     assert "toy" not in node_cell(page, "a", 7)
     assert page.locator("#model-nodes").is_visible()
     assert page.locator("#caches h2").inner_text().startswith("Caches on node a")
-    # The hostile label, as text; a few more renders, then nothing has run.
+    # The hostile label and reason, as text; a few more renders, then nothing has run.
     labels = page.locator('tr[data-node="b"] ul.labels li').all_inner_texts()
     assert sorted(labels) == [f"note={HOSTILE_LABEL}", "zone=eu-1"], labels
+    for name in ("a", "b"):
+        assert f"ghost: version default: local source {ghost['source']} does not exist" \
+            in node_cell(page, name, 8)
     time.sleep(3 * INTERVAL_MS / 1000)
     assert page.evaluate("window.__pwned") is None
     assert page.locator("img").count() == 0
