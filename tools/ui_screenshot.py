@@ -7,11 +7,12 @@ Starts, over fresh stores in a temporary folder, a real etcd and three real
 (tests/cluster/: EtcdServer, Cluster), or with ``--lone`` one server without a cluster
 (tests/serve/conftest.py's RunningServer). On the node the page is taken from (``a``):
 the demo's digits classifier (alone: as two caches of the same files in two buckets,
-deduplicated; in a cluster, each node caches every declared version), a model with two versions and a 90/10 traffic split that answers a
-stream of requests, a second model, loaded on ``b`` by a request there (nowhere, alone),
-and a pull from a slow local origin (tests/emulators/http_origin.py) still running when
-the picture is taken. Then chromium (tests/ui/browser.py) opens /ui and saves a
-screenshot. Nothing leaves the machine. Takes about 30 s.
+deduplicated; in a cluster, each node caches every declared version), a model with two
+versions and a 90/10 traffic split that answers a stream of requests, a second model
+(in a cluster, loaded on ``b`` by a request there), and a pull from a slow local origin
+(tests/emulators/http_origin.py) still running when the picture is taken. Then chromium
+(tests/ui/browser.py) opens /ui and saves a screenshot. Nothing leaves the machine.
+Takes about 25 s.
 """
 
 from __future__ import annotations

@@ -393,7 +393,7 @@
         el("td", "", labels),
         el("td", "", health(n)),
         el("td", "", meter),
-        el("td", "num", bytes(used) + " of " + (cap ? bytes(cap) : "–")),
+        el("td", "num", cap ? bytes(used) + " of " + bytes(cap) : "not reported yet"),
         el("td", "", holds),
         el("td", "", cannot.childNodes.length ? cannot : "–"));
       row.dataset.node = n.name;
