@@ -11,6 +11,7 @@ import pytest
 
 from tests.cluster.etcd_server import EtcdServer
 from tests.cluster.nodes import Cluster, ServeNode, toy_spec, wait_until
+from tests.ui import browser as ui_browser
 from tests.ui.conftest import HOSTILE_LABEL
 from tests.ui.test_ui import INTERVAL_MS, wait_for
 
@@ -99,6 +100,8 @@ def test_a_node_without_etcd_shows_itself_degraded_and_the_others_stale(
         wait_for(page, NODE_HEALTH, {"a": "degraded", "b": "stale record"})
         warning = page.locator("#cluster-warning")
         assert warning.is_visible() and "Node a cannot reach etcd" in warning.inner_text()
+        ui_browser.ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ui_browser.ARTIFACTS / "cluster-degraded.png"), full_page=True)
     finally:
         etcd.start()
     # etcd is back: a resyncs by itself, and the page follows.

@@ -389,7 +389,7 @@
       }
       const row = el("tr", n.stale ? "dead" : "",
         el("td", "", el("code", "", n.name), n.self ? el("div", "note", "this node") : null),
-        el("td", "path", n.advertise),
+        el("td", "addr", n.advertise),
         el("td", "", labels),
         el("td", "", health(n)),
         el("td", "", meter),
