@@ -95,7 +95,7 @@ class ClusterScaler:
         records = await placer.records(fresh=True)
         excluded = {*ready, *loading}
         ranked = rank_for_load(records.values(), placer.name, model=dep.name,
-                               excluded=excluded)
+                               version=label, excluded=excluded)
         if not ranked:
             self.last[f"{dep.name}@{label}"] = f"wants {want} copies, no other node can take one"
             return

@@ -1,8 +1,8 @@
 """``GET /api/v1/nodes``: the nodes of the cluster, as the control API shows them.
 
     GET /api/v1/nodes   {"nodes": [{name, advertise, http, grpc, labels, capacity_bytes,
-                         memory_used_bytes, copies: [...], draining, cannot_load, healthy,
-                         degraded, stale, updated_at, self}], "cluster": {...} | null}
+                         memory_used_bytes, copies: [...], draining, cannot_load, prepared,
+                         healthy, degraded, stale, updated_at, self}], "cluster": {...} | null}
 
 In cluster mode the list comes from this node's watch of ``nodes/`` (every live node);
 this node's own entry says whether it is degraded (etcd unreachable). While it is, the
@@ -13,7 +13,9 @@ it changed: an old one is no sign of trouble (the lease, not the record, says a 
 alive). On a lone node the list has one entry, the node itself, so that the operator and
 the UI need no second code path; ``cluster`` is null there.
 
-A node's ``copies`` and ``cannot_load`` name models: those the caller may not see (a
+``prepared``: model -> the versions whose files the node's store holds (in cluster mode a
+node pulls a version only when it is to load it). A node's ``copies``, ``cannot_load``
+and ``prepared`` name models: those the caller may not see (a
 protected bucket without its token, access.py) are left out, as ``GET /api/v1/models``
 leaves them out; so is a model this node has not applied yet (its bucket is unknown here).
 The memory figures stay whole: they say how full a node is, not what fills it.
@@ -59,6 +61,7 @@ def _visible(service: ModelService, node: dict[str, Any]) -> dict[str, Any]:
 
     node["copies"] = [c for c in node["copies"] if seen(c["model"])]
     node["cannot_load"] = {m: why for m, why in node["cannot_load"].items() if seen(m)}
+    node["prepared"] = {m: labels for m, labels in node.get("prepared", {}).items() if seen(m)}
     return node
 
 

@@ -230,11 +230,12 @@ class ClusterPlacer:
         banned = set(exclude)
         if self.cluster.can_load_here(model) is not None:
             banned.add(self.name)
-        # Files on disk: every node pulls each declared version when it is declared, so
-        # they are a tie today; the blob index (keys.py: blobs/) is what will tell them
-        # apart. Not this node alone: that would load every first request where it lands.
-        ranked = rank_for_load(records.values(), self.name, model=model, excluded=banned,
-                               grain=self._grain(model, label))[:MAX_LOAD_NODES]
+        # Files on disk: a node pulls a version only when it is to load it (Deployments),
+        # and its record's ``prepared`` says which it holds; a node that has them loads
+        # without a pull. Ties fall to memory, then LRU, then this node.
+        ranked = rank_for_load(records.values(), self.name, model=model, version=label,
+                               excluded=banned, grain=self._grain(model, label)
+                               )[:MAX_LOAD_NODES]
         if not ranked:
             raise UnavailableError(f"no node may load model {model!r} version {label!r}"
                                    f" (excluded: {', '.join(sorted(banned)) or 'none'})")

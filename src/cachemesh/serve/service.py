@@ -93,7 +93,9 @@ class ModelService:
         models: dict[str, Deployment] = {}
         self.pool = WorkerPool(shared, lambda: versions_of(models), launched)
         self.loader = Loader(shared, self.pool, models)
-        self.deployments = Deployments(shared, registry, self.loader, models)
+        # In a cluster a node pulls a version's files only when it is to load it.
+        self.deployments = Deployments(shared, registry, self.loader, models,
+                                       pull_on_declare=self.cluster is None)
         self.scaler = CopyScaler(models, self.loader, self.pool, lambda: self.draining)
         self.inflight = 0
         self.started = False
