@@ -8,6 +8,7 @@ SIGTERM) are in test_failover.py, on nodes of their own.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -49,6 +50,65 @@ def holders(cluster: Cluster, via: str, model: str) -> list[str]:
     body = cluster[via].model(model).json()
     return sorted(n["node"] for v in body["versions"].values() for n in v["status"]["nodes"]
                   if n["state"] == "ready")
+
+
+def pulled(cluster: Cluster, node: str, model: str) -> bool:
+    """Whether ``node``'s store holds the blob of the toy model's weights."""
+    digest = hashlib.sha256((cluster.origin / model / "weights.bin").read_bytes()).hexdigest()
+    return (cluster.root / node / "home" / "blobs" / "sha256" / digest[:2] / digest).exists()
+
+
+def status(cluster: Cluster, via: str, model: str) -> dict[str, Any]:
+    version: dict[str, Any] = cluster[via].model(model).json()["versions"]["default"]["status"]
+    return version
+
+
+NOT_HERE = "not on this node; files are pulled when placed here"
+
+
+def test_a_node_pulls_a_model_only_when_it_is_placed_there(nodes: Cluster) -> None:
+    deploy(nodes, "lz1")  # declared on a, known on every node
+    for name in ("a", "b", "c"):  # no pull at declaration: status says why
+        found = status(nodes, name, "lz1")
+        assert (found["state"], found["reason"], found["view"]) == ("Unloaded", NOT_HERE,
+                                                                    None), found
+    r = nodes["c"].infer("lz1", 2.0)  # loaded nowhere: one load, on one node
+    assert r.status_code == 200, r.text
+    holder = r.headers["cachemesh-node"]
+    assert wait_until(lambda: holders(nodes, "a", "lz1") == [holder], 5, "lz1's copy")
+    assert [n for n in ("a", "b", "c") if pulled(nodes, n, "lz1")] == [holder]
+    assert status(nodes, holder, "lz1")["view"]
+    for name in {"a", "b", "c"} - {holder}:
+        assert status(nodes, name, "lz1")["reason"] == NOT_HERE
+    # V2 metadata of a version pulled nowhere, asked of a node without its files: placed
+    # like an inference (one node pulls and loads it) and answered from there.
+    deploy(nodes, "lz2")
+    meta = nodes["b"].http.get("/v2/models/lz2")
+    assert meta.status_code == 200, meta.text
+    assert meta.json()["name"] == "lz2" and meta.json()["platform"] == "blackbox-toy"
+    holder = meta.headers["cachemesh-node"]
+    assert [n for n in ("a", "b", "c") if pulled(nodes, n, "lz2")] == [holder]
+
+
+def test_placement_prefers_the_node_that_has_the_files(nodes: Cluster) -> None:
+    a, b, c = nodes["a"], nodes["b"], nodes["c"]
+    deploy(nodes, "lz3")
+    # Loaded on b (the repository extension loads where it is asked), then unloaded:
+    # b keeps the files, and its record says so.
+    assert b.http.post("/v2/repository/models/lz3/load").status_code == 200
+    assert b.http.post("/v2/repository/models/lz3/unload").status_code == 200
+
+    def b_has_files_and_no_copy() -> bool:
+        (record,) = [n for n in c.nodes()["nodes"] if n["name"] == "b"]
+        return (record["prepared"].get("lz3") == ["default"]
+                and not any(x["model"] == "lz3" for x in record["copies"])
+                and not holders(nodes, "c", "lz3"))
+
+    wait_until(b_has_files_and_no_copy, 12, "b's record: lz3's files, no copy")
+    r = c.infer("lz3")  # loaded nowhere: b, which has the files, over a and c
+    assert r.status_code == 200, r.text
+    assert r.headers["cachemesh-node"] == "b"
+    assert not pulled(nodes, "a", "lz3") and not pulled(nodes, "c", "lz3")
 
 
 def test_rest_v2_forwarded_and_one_load_for_concurrent_first_requests(nodes: Cluster) -> None:

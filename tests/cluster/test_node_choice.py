@@ -32,6 +32,38 @@ def test_rank_files_then_memory_then_lru_then_here() -> None:
     assert rank_for_load(tie, "b") == ["b", "a"]  # no hop on a tie
 
 
+def test_rank_prefers_the_node_whose_record_has_the_files() -> None:
+    # b has the version's files (its record's ``prepared``) but the least free memory and
+    # the newest use: files first, then memory, then LRU, as the issue orders them.
+    records = [node("a", free=3 * GiB), node("b", free=GiB, last_used=100.0,
+                                             prepared={"m": ["v1"]}),
+               node("c", free=2 * GiB, prepared={"m": ["v2"], "other": ["v1"]})]
+    assert rank_for_load(records, "a", model="m", version="v1", grain=1) == ["b", "a", "c"]
+    assert rank_for_load(records, "a", model="m", version="v2", grain=1) == ["c", "a", "b"]
+    # another version, or another model, of the same name: no files anywhere
+    assert rank_for_load(records, "a", model="m", version="v3", grain=1) == ["a", "c", "b"]
+    assert rank_for_load(records, "a", model="n", version="v1", grain=1) == ["a", "c", "b"]
+    assert rank_for_load(records, "a", grain=1) == ["a", "c", "b"]  # no model: no files
+    # the default version, named or not
+    assert rank_for_load([node("a"), node("b", prepared={"m": ["default"]})], "a",
+                         model="m") == ["b", "a"]
+    # a draining node with the files is still left out
+    assert rank_for_load([node("a"), node("b", draining=True, prepared={"m": ["default"]})],
+                         "a", model="m") == ["a"]
+
+
+def test_record_hint_is_read_by_older_and_newer_readers() -> None:
+    record = node("a", prepared={"m": ["v1"]})
+    data = record.to_bytes()
+    assert NodeRecord.from_bytes(data).has_files("m", "v1")
+    # a record without the field (an older node) has no files: placement ranks it on memory
+    old = record.model_dump(mode="json")
+    del old["prepared"]
+    assert not NodeRecord.model_validate(old).has_files("m", "v1")
+    # an unknown field from a newer node is ignored
+    assert NodeRecord.model_validate({**old, "later": 1}).name == "a"
+
+
 def test_rank_leaves_out_draining_excluded_and_unable() -> None:
     records = [node("a", draining=True), node("b"), node("c", cannot_load={"m": "no source"}),
                node("d")]

@@ -19,8 +19,10 @@ internal headers below and passes the request on. In a cluster, for each request
   forwarded request carries it (``cachemesh-forwarded-version``, read by
   ``ModelService.route``; dropped from requests from outside, like the other two).
   Metadata and readiness reads, and the control API's runtime stats
-  (``GET /api/v1/models/{m}/stats``), go to a ready copy elsewhere if there is one, and
-  never start a load.
+  (``GET /api/v1/models/{m}/stats``), go to a ready copy elsewhere if there is one;
+  else they are answered here and never start a load, except a metadata read on a node
+  that has not pulled the version's files (cluster mode pulls on placement): it is
+  placed like an inference (one load in the cluster) and answered where it loaded.
 
 Every answer carries ``cachemesh-node`` (the node that answered) and, where the answer
 names a version (``x-model-version``), ``cachemesh-model-version``.
@@ -140,12 +142,14 @@ class Forward:
         path, method = scope["path"], scope["method"]
         body: bytes | None = None
         model = label = None
-        load = False
+        load = describe = False
         parts = path.split("/")
         if path.startswith("/v2/models/") and len(parts) >= 4:
             model = parts[3]
             label = parts[5] if len(parts) >= 6 and parts[4] == "versions" else None
             load = method == "POST" and parts[-1] == "infer"
+            describe = method == "GET" and (len(parts) == 4 or (
+                len(parts) == 6 and parts[4] == "versions"))  # V2 model metadata
         elif (method == "GET" and len(parts) == 6 and parts[:4] == ["", "api", "v1", "models"]
               and parts[5] == "stats"):
             model = parts[4]  # a control read of the loaded copies: where they are
@@ -178,7 +182,11 @@ class Forward:
                            tagged)
             return
         if not load:
-            if not placer.copies(model, label, "ready"):
+            # Served here without a ready copy elsewhere: a readiness read always; a
+            # metadata read when this node has the version's files (read from them, or
+            # from a load here). One without them is placed like an inference.
+            if not placer.copies(model, label, "ready") and (
+                    not describe or placer.has_files(model, label)):
                 await self.app(scope, receive, tagged)
                 return
         if body is None:

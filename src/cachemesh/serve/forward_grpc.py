@@ -8,7 +8,8 @@ a call from another node (metadata ``cachemesh-forwarded-by``) needs the cluster
 outside loses any inbound copies of both, and goes where ``ClusterPlacer.locate`` says,
 once, over a ``grpc.aio`` channel to the node's gRPC address (its record's ``grpc``), with
 the caller's metadata. Metadata and readiness calls go to a ready copy elsewhere if there
-is one and never start a load. The node that answered is named in the trailing metadata
+is one and never start a load, except ``ModelMetadata`` on a node without the version's
+files (cluster mode pulls on placement): placed like an inference. The node that answered is named in the trailing metadata
 (``cachemesh-node``); the version, in the initial metadata (``x-model-version`` and
 ``cachemesh-model-version``).
 
@@ -104,7 +105,9 @@ def wrap(service: ModelService, name: str,
             return await fn(request, context)  # unknown here: the servicer answers
         if name != "ModelInfer":
             ready = placer.copies(model, label, "ready")
-            if placer.here(model, label) or not ready:
+            # As forward.py: metadata without the files here is placed like an inference.
+            if placer.here(model, label) or (not ready and (
+                    name == "ModelReady" or placer.has_files(model, label))):
                 return await fn(request, context)
 
         async def serve(node: str) -> Any:

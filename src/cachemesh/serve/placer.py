@@ -148,6 +148,14 @@ class ClusterPlacer:
             return False
         return bool(v.ready_copies()) or v.load_task is not None or v.copy_task is not None
 
+    def has_files(self, model: str, label: str) -> bool:
+        """This node has prepared ``model@label`` (its files are in the store)."""
+        try:
+            v = self.service.deployments.get(model).versions[label]
+        except (CachemeshError, KeyError):
+            return False
+        return v.resolved is not None
+
     def _pick(self, nodes: list[str]) -> str | None:
         draining = {n for n, r in self._records.items() if r.draining}
         chosen = pick_copy([n for n in nodes if n not in draining] or nodes,
