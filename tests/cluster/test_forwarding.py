@@ -90,6 +90,14 @@ def test_a_node_pulls_a_model_only_when_it_is_placed_there(nodes: Cluster) -> No
     assert [n for n in ("a", "b", "c") if pulled(nodes, n, "lz2")] == [holder]
 
 
+def test_eager_loads_on_every_node(nodes: Cluster) -> None:
+    spec = {**toy_spec(nodes.origin, "lz4"), "eager": True}
+    assert nodes["c"].http.post("/api/v1/models", json=spec).status_code == 201
+    # In a cluster, eager means every node: each pulls and loads it, with no request.
+    wait_until(lambda: holders(nodes, "a", "lz4") == ["a", "b", "c"], 10, "lz4 everywhere")
+    assert all(pulled(nodes, n, "lz4") for n in ("a", "b", "c"))
+
+
 def test_placement_prefers_the_node_that_has_the_files(nodes: Cluster) -> None:
     a, b, c = nodes["a"], nodes["b"], nodes["c"]
     deploy(nodes, "lz3")
