@@ -10,7 +10,8 @@ the lease); a key without a lease is shared state that outlives every node.
 
     P
     ├── epoch                           random id of this etcd's data; no lease
-    ├── nodes/{node}                    NodeRecord: one per live node; the node's lease
+    ├── nodes/{node}                    NodeRecord: one per live node (memory, copies, versions
+    │                                   on disk); the node's lease
     ├── leader/{lease:016x}             election candidate, value = node name; the node's lease
     ├── models/{model}                  ModelDoc: versions, traffic, routes, scaling; no lease
     ├── buckets/{bucket}                a protected bucket's token hashes; no lease
@@ -34,8 +35,10 @@ key                   written by, when                                          
 lease keep-alive      every node, every ``lease_ttl_s / 3`` (3.3 s by default)     30 (no log)
 epoch                 the first node that finds none (create-if-absent)            ~0
 nodes/{node}          its node: on join, then at most once per                     20
-                      ``RECORD_MIN_INTERVAL_S`` (5 s) while memory, copies or
-                      rates changed
+                      ``RECORD_MIN_INTERVAL_S`` (5 s) while memory, copies,
+                      rates or ``prepared`` (the versions whose files its store
+                      holds: changes only when it pulls one, which a node does
+                      only to load it) changed: no write beyond the record's
 leader/{lease}        each node once per lease (at join, after a lease loss)       ~0 (100 at
                                                                                    a cold start)
 models/{model}        any node, on a declaration; compare-and-put on the mod       <= 1
