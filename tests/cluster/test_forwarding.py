@@ -80,14 +80,33 @@ def test_a_node_pulls_a_model_only_when_it_is_placed_there(nodes: Cluster) -> No
     assert status(nodes, holder, "lz1")["view"]
     for name in {"a", "b", "c"} - {holder}:
         assert status(nodes, name, "lz1")["reason"] == NOT_HERE
-    # V2 metadata of a version pulled nowhere, asked of a node without its files: placed
-    # like an inference (one node pulls and loads it) and answered from there.
+    # V2 metadata of a version pulled nowhere, asked of every node at once (none has its
+    # files): placed like an inference, one node pulls and loads it, all answer from there.
     deploy(nodes, "lz2")
-    meta = nodes["b"].http.get("/v2/models/lz2")
-    assert meta.status_code == 200, meta.text
-    assert meta.json()["name"] == "lz2" and meta.json()["platform"] == "blackbox-toy"
-    holder = meta.headers["cachemesh-node"]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        metas = list(pool.map(lambda n: httpx.get(f"{nodes[n].url}/v2/models/lz2", timeout=20),
+                              ["a", "b", "c"]))
+    assert [m.status_code for m in metas] == [200] * 3, [m.text for m in metas]
+    assert {(m.json()["name"], m.json()["platform"]) for m in metas} == {("lz2", "blackbox-toy")}
+    (holder,) = {m.headers["cachemesh-node"] for m in metas}
     assert [n for n in ("a", "b", "c") if pulled(nodes, n, "lz2")] == [holder]
+    # The same over gRPC (ModelMetadata), the answering node in the trailing metadata.
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    deploy(nodes, "lz5")
+
+    def grpc_metadata(node: str) -> tuple[str, str]:
+        with grpc.insecure_channel(f"127.0.0.1:{nodes[node].grpc_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            answer, call = stub.ModelMetadata.with_call(
+                service_pb2.ModelMetadataRequest(name="lz5"), timeout=20)
+        return answer.platform, dict(call.trailing_metadata())["cachemesh-node"]
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = set(pool.map(grpc_metadata, ["a", "b", "c"]))
+    ((platform, holder),) = answers
+    assert platform == "blackbox-toy"
+    assert [n for n in ("a", "b", "c") if pulled(nodes, n, "lz5")] == [holder]
 
 
 def test_eager_loads_on_every_node(nodes: Cluster) -> None:

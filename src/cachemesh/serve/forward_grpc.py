@@ -9,9 +9,9 @@ outside loses any inbound copies of both, and goes where ``ClusterPlacer.locate`
 once, over a ``grpc.aio`` channel to the node's gRPC address (its record's ``grpc``), with
 the caller's metadata. Metadata and readiness calls go to a ready copy elsewhere if there
 is one and never start a load, except ``ModelMetadata`` on a node without the version's
-files (cluster mode pulls on placement): placed like an inference. The node that answered is named in the trailing metadata
-(``cachemesh-node``); the version, in the initial metadata (``x-model-version`` and
-``cachemesh-model-version``).
+files (cluster mode pulls on placement): placed like an inference. The node that answered
+is named in the trailing metadata (``cachemesh-node``); the version, in the initial
+metadata (``x-model-version`` and ``cachemesh-model-version``).
 
 The retry rule is ``placer.with_retries``'s: a node whose channel does not connect within
 :data:`CONNECT_S` never got the call, and the next copy is tried; an error after that is

@@ -80,7 +80,10 @@ def lone_record(service: ModelService) -> NodeRecord:
     cfg = service.cfg
     memory = service.pool.memory()
     copies = []
+    prepared: dict[str, list[str]] = {}
     for v in service.deployments.versions():
+        if v.resolved is not None:
+            prepared.setdefault(v.model, []).append(v.label)
         held = [c for c in v.copies if c.state in (LOADING, READY, UNLOADING)]
         if held:
             states = {c.state for c in held}
@@ -94,4 +97,5 @@ def lone_record(service: ModelService) -> NodeRecord:
         name=socket.gethostname().lower(), node_id="", advertise=f"http://{host}:{cfg.port}",
         http=f"{host}:{cfg.port}", grpc=f"{host}:{cfg.grpc_port}" if cfg.grpc_port else None,
         capacity_bytes=memory["budget_bytes"], memory_used_bytes=memory["held_bytes"],
-        copies=copies, draining=service.draining, version=__version__, updated_at=now)
+        copies=copies, draining=service.draining, version=__version__, updated_at=now,
+        prepared={m: sorted(labels) for m, labels in sorted(prepared.items())})
