@@ -52,8 +52,8 @@ from ..errors import (
 from .copies import CopyPolicy
 from .documents import ModelDoc, VersionSpec, cache_name, doc_from_spec, unredact
 from .loading import Loader
-from .prepare import check_cache
 from .loadqueue import BACKGROUND
+from .prepare import check_cache
 from .registry import ModelRegistry, ModelSpec
 from .routing import Router
 from .shared import Shared
