@@ -2,10 +2,10 @@
 
 Four real ``cachemesh serve`` nodes, each in a namespace with a 400 Mbit/s link and no
 default route, and the Hugging Face emulator as the origin behind an 80 Mbit/s link
-(tbf), all on one bridge (``net.py``, ``fleet.py``). Peers are a static list
-(``CACHEMESH_PEERS``) until cluster mode's blob index; the cluster-wide single flight is
-the static rule of ``fetch/peers.py`` (the lowest-named node fetching a blob goes to the
-origin). Every assertion is about what a user would check: bytes the origin served,
+(tbf), all on one bridge (``net.py``, ``fleet.py``), with a real etcd on a host of its
+own. Peers are found through the blob index in etcd (cluster mode,
+``cluster/blob_index.py``); the cluster-wide single flight is the lease-bound claim
+``fetching/{sha256}``. Every assertion is about what a user would check: bytes the origin served,
 ``cache verify``, the files in the view, ``/metrics``.
 """
 
@@ -44,7 +44,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def fleet(netns: None, models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("fleet")
-    fleet = Fleet(work, nodes=4, origin_mbit=80, node_mbit=400, repos=models)
+    fleet = Fleet(work, nodes=4, origin_mbit=80, node_mbit=400, repos=models, etcd=True)
     try:
         fleet.start()
         yield fleet
@@ -81,6 +81,15 @@ def test_four_nodes_at_once_cost_the_origin_one_copy(fleet: Fleet, models: dict[
         report = fleet.verify(node)
         assert report["ok"], (node.name, report)
         assert _sha(_view(node, "default", repo) / "model.safetensors") == _sha(weights)
+    # The index in etcd: every node holds the blob; the claim is given back; the node that
+    # fetched it from the origin published its piece hashes.
+    sha = _sha(weights)
+    keys = fleet.etcd_keys()
+    holders = {v["node"]: v["state"] for k, v in keys.items()
+               if k.startswith(f"/cachemesh/v1/blobs/{sha}/")}
+    assert holders == {n.name: "held" for n in fleet.nodes}, holders
+    assert f"/cachemesh/v1/fetching/{sha}" not in keys
+    assert keys[f"/cachemesh/v1/pieces/{sha}"]["size"] == MODELS[repo]
     # The pieces spread between the followers too, not only from the first node.
     taken = {node.name: metric(fleet.metrics(node), "cachemesh_peer_served_bytes_total")
              for node in fleet.nodes}

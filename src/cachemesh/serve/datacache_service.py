@@ -25,12 +25,16 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..access import can_use
 from ..caches import AVAILABLE, FAILED, PENDING, CacheInfo, Caches, CacheSpec, Event
 from ..errors import CacheNotFoundError, ConflictError, ForbiddenError
 from ..sources import parse_source
 from .pull_child import PULL_FAILED
+
+if TYPE_CHECKING:
+    from .datacache_cluster import DataCacheCluster
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,9 @@ class DataCacheService:
         self._max_pulls = max_pulls
         self._puller: Puller | None = None  # made on the first pull: it holds threads
         self._lock = threading.Lock()
+        # Cluster mode: this node in the blob index, and the caches declared cluster-wide
+        # (datacache_cluster.py); set by the server once it joined, else None.
+        self.cluster: DataCacheCluster | None = None
 
     def create(self, spec: CacheSpec) -> CacheInfo:
         """Declare a cache and start pulling it. The same declaration again is accepted
