@@ -374,7 +374,7 @@ class ControlClient(_Base):
         return self._do(_Call("GET", f"/api/v1/jobs/{_seg(job_id, 'job id')}"))
 
     def list_nodes(self) -> list[dict[str, Any]]:
-        """The nodes of the cluster (cluster mode; a lone server has none to list)."""
+        """The nodes of the cluster (a lone server lists itself, the one node there is)."""
         return self._do(_Call("GET", "/api/v1/nodes"))["nodes"]
 
 

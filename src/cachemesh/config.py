@@ -386,6 +386,9 @@ class ClusterSettings:
     # for an etcd started with --client-cert-auth (both or neither).
     etcd_cert: Path | None = None
     etcd_key: Path | None = field(default=None, repr=False)
+    # CACHEMESH_CLUSTER_CA: PEM of the CA that signed the nodes' HTTPS certificates, for
+    # calls between nodes whose advertise URLs are https (default: the system's CAs).
+    ca: Path | None = None
     # CACHEMESH_PEERS: NAME=URL[,NAME=URL...]: the nodes this one asks for blobs before
     # their origin (each one's advertise URL): a static list, until the blob index in
     # etcd finds them. This node's own name may be in it (one list for all): it is skipped.
@@ -424,6 +427,7 @@ class ClusterSettings:
             etcd_cacert=_path(env, "CACHEMESH_ETCD_CACERT"),
             etcd_cert=_path(env, "CACHEMESH_ETCD_CERT"),
             etcd_key=_path(env, "CACHEMESH_ETCD_KEY"),
+            ca=_path(env, "CACHEMESH_CLUSTER_CA"),
         )
         peers = env.get("CACHEMESH_PEERS")
         fault = (env.get("CACHEMESH_PEER_FAULT") or "").strip() or None
@@ -455,6 +459,8 @@ class ClusterSettings:
         for path in (self.etcd_cacert, self.etcd_cert, self.etcd_key):
             if path is not None and not path.is_file():
                 raise InvalidInputError(f"etcd TLS file not found: {path}")
+        if self.ca is not None and not self.ca.is_file():
+            raise InvalidInputError(f"CACHEMESH_CLUSTER_CA not found: {self.ca}")
 
     def name_or_host(self) -> str:
         """The node name: CACHEMESH_NODE_NAME, else this host's name, lowercased."""

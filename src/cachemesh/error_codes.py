@@ -42,6 +42,8 @@ TABLE: tuple[tuple[type[BaseException], Codes], ...] = (
     (e.ConflictError, Codes(409, "FAILED_PRECONDITION", 4)),  # in use, taken with another spec
     (e.OverloadedError, Codes(429, "RESOURCE_EXHAUSTED", 1)),
     (e.RequestTimeoutError, Codes(504, "DEADLINE_EXCEEDED", 1)),
+    # etcd unreachable in cluster mode: declarations wait, serving goes on.
+    (e.ClusterUnavailableError, Codes(503, "UNAVAILABLE", 1)),
     (e.UnavailableError, Codes(503, "UNAVAILABLE", 1)),  # draining, load queue full
     (e.ModelFailedError, Codes(503, "UNAVAILABLE", 1)),
     (e.CapacityError, Codes(507, "RESOURCE_EXHAUSTED", 5)),  # ModelTooLargeError too

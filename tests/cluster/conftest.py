@@ -4,6 +4,8 @@ prefix of one test, and the settings a node of the cluster reads.
 - ``etcd``: one etcd for the whole session; each test works under its own prefix
   (``cluster_keys``), so tests do not see each other's keys.
 - ``own_etcd``: an etcd of the test's own, for tests that stop, restart or replace it.
+- ``three_nodes``: three real ``cachemesh serve --cluster`` processes on the shared etcd,
+  one set per test module (see its docstring; ``nodes.py`` starts them).
 
 Without the ``etcd`` binary (Debian's ``etcd-server``, listed in tools/system-packages.txt)
 the tests skip, saying so; under ``CI=true`` they fail instead: CI must run them.
@@ -27,8 +29,8 @@ import pytest
 
 from cachemesh.cluster.keys import Keys
 from tests.cluster.etcd_server import EtcdServer, etcd_binary
+from tests.cluster.nodes import TOKEN, Cluster, wait_until
 
-TOKEN = "test-cluster-token-0123456789abcdef"
 
 
 def require_etcd() -> None:
@@ -128,3 +130,29 @@ def node_process(etcd: EtcdServer, cluster_keys: Keys) -> Iterator[Callable[...,
     yield start
     for node in started:
         node.kill()
+
+
+@pytest.fixture(scope="module")
+def three_nodes(etcd: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Three real ``cachemesh serve --cluster`` nodes, ``a``, ``b`` and ``c``, shared by a
+    test module: the session's etcd, a key prefix of the module's own, 2 s leases, one
+    worker and a 1 GiB budget each, every node listing the three (tests/cluster/nodes.py).
+
+    Use: ``def test_x(three_nodes): a, b = three_nodes["a"], three_nodes["b"]``; each node
+    has ``url``, ``http`` (an httpx client), ``infer``, ``model``, ``nodes``; make models
+    with ``toy_spec(three_nodes.origin, "name")`` (deployable from every node), each test
+    under names of its own. A test may start more nodes in the same cluster with
+    ``three_nodes.start("d", ...)`` (stopped with the module); it must not stop a, b or c.
+    """
+    require_etcd()
+    root = tmp_path_factory.mktemp("three-nodes")
+    cluster = Cluster(root, etcd.url, f"/test-{uuid.uuid4().hex[:12]}/")
+    try:
+        for name in ("a", "b", "c"):  # the three start at once
+            cluster.start(name, wait=False)
+        for name in ("a", "b", "c"):
+            wait_until(cluster[name].live, 60, f"node {name} to listen")
+        cluster.wait_members(["a", "b", "c"])
+        yield cluster
+    finally:
+        cluster.stop()

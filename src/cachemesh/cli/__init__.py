@@ -12,6 +12,7 @@ Progress goes to stderr so that stdout carries only results (a path, or JSON wit
     jobs.py     jobs ls|logs
     serve.py    serve
     models.py   models ls|deploy|rm|apply (over the control API)
+    nodes.py    nodes ls (over the control API)
     demo.py     demo
     common.py   what they share: error handling, the store, sizes, times, JSON
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 import click
 
 from ..config import Settings
-from . import bucket, cache, convert, demo, jobs, models, serve
+from . import bucket, cache, convert, demo, jobs, models, nodes, serve
 from .common import handle_errors
 
 __all__ = ["main"]
@@ -42,5 +43,5 @@ def main(ctx: click.Context, home: Path | None) -> None:
 
 
 for _command in (cache.pull, cache.cache, cache.gc, cache.du, convert.convert, jobs.jobs,
-                 demo.demo, bucket.bucket, serve.serve, models.models):
+                 demo.demo, bucket.bucket, serve.serve, models.models, nodes.nodes):
     main.add_command(_command)

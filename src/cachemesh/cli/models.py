@@ -52,19 +52,23 @@ def _clip(note: str) -> str:
 @handle_errors
 def models_ls(ctx: click.Context, as_json: bool) -> None:
     """List models: each version's share of traffic, state, the workers holding its
-    copies, size, requests in flight and per second, last use; routes and errors."""
+    copies (in a cluster: the nodes), size, requests in flight and per second, last use; routes and errors."""
     with _client(ctx) as api:
         data = api.list_models()
     if as_json:
         print_json(data)
         return
     mem = data["memory"]
-    click.echo(f"{'NAME':<20} {'VERSION':<10} {'TRAFFIC':>7} {'STATE':<9} {'WORKERS':<8}"
+    cluster = any("nodes" in v["status"] for m in data["models"] for v in m["versions"].values())
+    held_by = "NODES" if cluster else "WORKERS"
+    click.echo(f"{'NAME':<20} {'VERSION':<10} {'TRAFFIC':>7} {'STATE':<9} {held_by:<8}"
                f" {'SIZE':>9} {'INFLIGHT':>8} {'RATE':>7} {'LAST USED':>9}  SOURCE")
     for m in data["models"]:
         for i, (label, v) in enumerate(m["versions"].items()):
             st = v["status"]
             workers = ",".join(str(c["worker"]) for c in st["copies"]) or "-"
+            if "nodes" in st:  # cluster mode: the nodes holding a copy, not this one's workers
+                workers = ",".join(n["node"] for n in st["nodes"]) or "-"
             size = format_size(st["size_bytes"]) if st["size_bytes"] else "-"
             share = f"{m['traffic'].get(label, 0)}%"
             click.echo(f"{m['name'] if i == 0 else '':<20} {label:<10} {share:>7}"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
+from ..config import Settings
 from ..errors import InvalidInputError
 from .common import SIZE, handle_errors, settings_of
 
@@ -55,6 +57,21 @@ from .common import SIZE, handle_errors, settings_of
 @click.option("--max-body", type=SIZE, default=None,
               help="Largest inference request body, e.g. 256MiB (default 64MiB); more is 413."
               " $CACHEMESH_SERVE_MAX_BODY")
+@click.option("--cluster", default=None, metavar="etcd://HOST:PORT[,HOST:PORT...]",
+              help="Join the cluster whose state is in this etcd (needs"
+              " $CACHEMESH_CLUSTER_TOKEN). $CACHEMESH_CLUSTER")
+@click.option("--node-name", default=None, metavar="NAME",
+              help="This node's name in the cluster (default: the host name)."
+              " $CACHEMESH_NODE_NAME")
+@click.option("--advertise", default=None, metavar="http(s)://ADDR:PORT",
+              help="Where the other nodes reach this one (default: --host and --port)."
+              " $CACHEMESH_ADVERTISE")
+@click.option("--etcd-cacert", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="CA of etcd's certificate (etcd over HTTPS). $CACHEMESH_ETCD_CACERT")
+@click.option("--etcd-cert", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Client certificate for etcd. $CACHEMESH_ETCD_CERT")
+@click.option("--etcd-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Key of the client certificate. $CACHEMESH_ETCD_KEY")
 @click.pass_context
 @handle_errors
 def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int | None,
@@ -62,7 +79,9 @@ def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int
           memory: int | None, worker_memory_limit: int | None, models: tuple[str, ...],
           config_file: Path | None, api_token: str | None, inference_token: str | None,
           metrics_token: str | None, max_body: int | None, copy_rate: float | None,
-          max_copies: int | None, copy_cooldown: float | None) -> None:
+          max_copies: int | None, copy_cooldown: float | None, cluster: str | None,
+          node_name: str | None, advertise: str | None, etcd_cacert: Path | None,
+          etcd_cert: Path | None, etcd_key: Path | None) -> None:
     """Serve models over KServe V2 REST and the OpenAI API (/v1), with the control API
     and /metrics, on one port, and over KServe V2 gRPC on --grpc-port.
 
@@ -74,6 +93,9 @@ def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int
 
     With a control token, the control API needs it; with an inference token,
     inference does too; health probes stay open. See docs/security.md.
+
+    With --cluster, the server joins a cluster of nodes coordinated through etcd:
+    declarations are shared, every node lists the others (docs/cluster.md).
     """
     import dataclasses
 
@@ -91,6 +113,9 @@ def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int
         "metrics_token": metrics_token}.items() if v is not None and v.strip()}
     settings = dataclasses.replace(settings, serve=dataclasses.replace(settings.serve, **overrides),
                                    **tokens)
+    settings = with_cluster_flags(settings, cluster=cluster, node_name=node_name,
+                                  advertise=advertise, etcd_cacert=etcd_cacert,
+                                  etcd_cert=etcd_cert, etcd_key=etcd_key)
     specs = list(read_config(config_file)) if config_file else []
     specs += [parse_model_option(m) for m in models]
     names = [s.name for s in specs]
@@ -98,6 +123,13 @@ def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int
     if dupes:
         raise InvalidInputError(f"model(s) declared twice: {', '.join(dupes)}")
     cfg = settings.serve
+    if settings.cluster.enabled:
+        import asyncio
+
+        from ..serve.cluster_mode import preflight
+
+        # A clear refusal (no token, etcd unreachable, the name taken) before anything starts.
+        asyncio.run(preflight(settings))
     # The workers start now, and import the frameworks of local models, while this
     # process imports the web stack (a cold start is mostly imports on both sides).
     from ..serve.workers import launch_workers
@@ -111,3 +143,28 @@ def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int
                    f"{grpc} ({cfg.worker_count()} worker(s)); Ctrl-C or SIGTERM to stop", err=True)
 
     run(settings, specs, on_started=started, launched=launched)
+
+
+def with_cluster_flags(settings: Settings, **flags: Any) -> Settings:
+    """The settings with the cluster flags given on the command line over the environment's."""
+    import dataclasses
+
+    from ..config import parse_advertise_url, parse_cluster_url, parse_node_name
+
+    cluster = settings.cluster
+    changes: dict[str, Any] = {}
+    if flags.get("cluster"):
+        changes["endpoints"] = parse_cluster_url(flags["cluster"].strip())
+    if flags.get("node_name"):
+        changes["node_name"] = parse_node_name(flags["node_name"])
+    if flags.get("advertise"):
+        changes["advertise"] = parse_advertise_url(flags["advertise"])
+    for name in ("etcd_cacert", "etcd_cert", "etcd_key"):
+        if flags.get(name) is not None:
+            changes[name] = flags[name]
+    if not changes:
+        return settings
+    cluster = dataclasses.replace(cluster, **changes)
+    if (cluster.etcd_cert is None) != (cluster.etcd_key is None):
+        raise InvalidInputError("--etcd-cert and --etcd-key go together: give both or neither")
+    return dataclasses.replace(settings, cluster=cluster)

@@ -126,6 +126,8 @@ class Membership:
         self._rejoins = 0
         self._data_losses = 0
         self._listeners: list[Listener] = []
+        self.renewals = 0  # lease keep-alives that succeeded (for metrics)
+        self.errors = 0  # calls to etcd that failed (for metrics)
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -347,6 +349,7 @@ class Membership:
                     self._set_state(State.ACTIVE)
                 if time.monotonic() >= next_renewal:
                     await self.kv.keep_alive(self._lease)
+                    self.renewals += 1
                     next_renewal = time.monotonic() + interval
                     if self._state is State.DEGRADED:
                         await self._claim(self._lease)  # bring back what changed meanwhile
@@ -363,11 +366,13 @@ class Membership:
                 self._set_state(State.REFUSED, exc)
                 return
             except LeaseLostError as exc:
+                self.errors += 1
                 self._lease = 0
                 self._set_state(State.DEGRADED, exc)
                 await asyncio.sleep(backoff.next())
                 continue
             except ClusterError as exc:
+                self.errors += 1
                 self._set_state(State.DEGRADED, exc)
                 next_renewal = 0.0  # on return, renew first
                 await asyncio.sleep(backoff.next())

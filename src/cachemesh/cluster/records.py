@@ -57,6 +57,9 @@ class NodeRecord(_Record):
     devices: list[DeviceMemory] = Field(default_factory=list)
     copies: list[CopyState] = Field(default_factory=list)
     draining: bool = False
+    cannot_load: dict[str, str] = Field(
+        default_factory=dict, description="models this node cannot load, and why (a local"
+        " source it lacks); placement skips it for them")
     version: str = Field(default="", description="cachemesh version of the node")
     started_at: float = 0.0
     updated_at: float = 0.0

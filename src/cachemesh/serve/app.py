@@ -41,7 +41,7 @@ from starlette.routing import Mount, Route
 from .. import __version__
 from ..access import CONTROL, Keyring
 from ..errors import CachemeshError
-from . import blobs, control, datacaches, openai, ui, v2_rest
+from . import blobs, control, datacaches, nodes, openai, ui, v2_rest
 from .auth import Authenticate, access_of
 from .datacache_cluster import start_cluster
 from .datacache_service import DataCacheService
@@ -61,6 +61,7 @@ def create_api(service: ModelService, caches_service: DataCacheService,
     api.state.service = service
     api.state.datacaches = caches_service
     api.include_router(control.router)
+    api.include_router(nodes.router)
     api.include_router(datacaches.router)
     api.include_router(openai.router)
     for router in routers:

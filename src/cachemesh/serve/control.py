@@ -3,9 +3,13 @@
     GET    /api/v1/models            every model: document, versions, copies, workers; memory
                                      (models of a protected bucket only with its token)
     POST   /api/v1/models            deploy a model (body: ModelSpec); kept across restarts
-    GET    /api/v1/models/{name}     one model: its document (documents.py) and status
+    GET    /api/v1/models/{name}     one model: its document (documents.py) and status;
+                                     ``ETag: "<revision>"`` (and ``revision`` in the body)
     PUT    /api/v1/models/{name}     set its document: deploys a new model (201), or rolls
-                                     out a change (200, once the new versions serve)
+                                     out a change (200, once the new versions serve); the
+                                     same document again is 200 and writes nothing.
+                                     ``If-Match: <revision>`` (from GET; 0 or ``"0"``: the
+                                     model must be new): another revision is 409
     GET    /api/v1/models/{name}/stats  the loaded model's runtime counters (tokens generated,
                                      load phases); loads nothing
     DELETE /api/v1/models/{name}     unload it, forget it
@@ -40,17 +44,64 @@ async def list_models(request: Request) -> dict[str, Any]:
         # A copy is named MODEL or MODEL@VERSION (state.py); '@' is in no model name.
         worker["models"] = [name for name in worker["models"]
                             if name.partition("@")[0] in shown]
-    return {"models": [s.to_dict() for s in models], "memory": memory}
+    return {"models": [_with_nodes(service, s.to_dict()) for s in models], "memory": memory}
+
+
+def _with_nodes(service: ModelService, body: dict[str, Any]) -> dict[str, Any]:
+    """In cluster mode, each version's status names the nodes holding a copy of it
+    (``copies/`` in etcd, as this node's watch last saw it)."""
+    cluster = service.cluster
+    if cluster is None:
+        return body
+    held = cluster.copies_of(body["name"])
+    for label, version in body.get("versions", {}).items():
+        version["status"]["nodes"] = [
+            {"node": node, "state": state.state, "bytes": state.bytes}
+            for node, v, state in held if v == label]
+    return body
 
 
 @router.post("/models", status_code=201)
-async def deploy_model(spec: ModelSpec, request: Request) -> dict[str, Any]:
-    return (await _service(request).deploy(spec)).to_dict()
+async def deploy_model(spec: ModelSpec, request: Request, response: Response) -> dict[str, Any]:
+    service = _service(request)
+    existed = _revision(service, spec.name) is not None
+    status = await service.deploy(spec)
+    if existed:  # the same spec again (another would be 409): nothing was written
+        response.status_code = 200
+    return _with_revision(service, status.to_dict(), response)
 
 
 @router.get("/models/{name}")
-async def get_model(name: str, request: Request) -> dict[str, Any]:
-    return _service(request).status(name).to_dict()
+async def get_model(name: str, request: Request, response: Response) -> dict[str, Any]:
+    service = _service(request)
+    return _with_revision(service, _with_nodes(service, service.status(name).to_dict()),
+                          response)
+
+
+def _revision(service: ModelService, name: str) -> int | None:
+    dep = service.deployments.by_name.get(name)
+    return None if dep is None or dep.removed else dep.revision
+
+
+def _with_revision(service: ModelService, body: dict[str, Any],
+                   response: Response) -> dict[str, Any]:
+    """The document's revision in the body and as the ETag (for If-Match)."""
+    revision = _revision(service, body["name"])
+    if revision is not None:
+        body["revision"] = revision
+        response.headers["etag"] = f'"{revision}"'
+    return body
+
+
+def _if_match(request: Request) -> int | None:
+    raw = request.headers.get("if-match")
+    if raw is None:
+        return None
+    text = raw.strip().removeprefix("W/").strip('"')
+    if not text.isdigit():
+        raise InvalidInputError(f"If-Match must be a model revision (a number, as the ETag"
+                                f" of GET /api/v1/models/NAME), got {raw!r}")
+    return int(text)
 
 
 _EXAMPLE = {"versions": {"v1": {"source": "s3://models/digits/1", "runtime": "sklearn"},
@@ -76,9 +127,10 @@ async def put_model(name: str, request: Request, response: Response) -> dict[str
     except orjson.JSONDecodeError as exc:
         raise InvalidInputError(f"the body is not a JSON document: {exc}") from None
     doc = make_document(document, name)
-    status, created = await _service(request).apply(doc)
+    service = _service(request)
+    status, created = await service.apply(doc, if_match=_if_match(request))
     response.status_code = 201 if created else 200
-    return status.to_dict()
+    return _with_revision(service, status.to_dict(), response)
 
 
 @router.delete("/models/{name}", status_code=204)

@@ -39,6 +39,7 @@ from ..errors import (
     ForbiddenError,
     ModelLoadError,
     ModelNotFoundError,
+    RevisionConflictError,
 )
 from .copies import CopyPolicy
 from .documents import ModelDoc, VersionSpec, cache_name, doc_from_spec, unredact
@@ -179,7 +180,7 @@ class Deployments:
             for label in dep.doc.serving():
                 self.shared.background.start(self.loader.load_quietly(dep.versions[label]))
 
-    async def apply(self, doc: ModelDoc) -> bool:
+    async def apply(self, doc: ModelDoc, *, if_match: int | None = None) -> bool:
         """Make ``doc`` the model's document (``PUT /api/v1/models/{name}``); True if new.
 
         A new model is declared as :meth:`deploy` does. For an existing one this is a
@@ -188,10 +189,17 @@ class Deployments:
         that starts after); then versions it no longer lists finish the requests they
         have and are unloaded. If a version fails to load, the old document stays and
         the error is raised. One rollout per model at a time (409 otherwise).
+
+        ``if_match``: the revision the caller read (HTTP ``If-Match``; 0: the model must be
+        new); another one is 409 (RevisionConflictError), whatever the document.
         """
         async with self._name_lock(doc.name):
             dep = self.by_name.get(doc.name)
             await asyncio.to_thread(self._check_access, doc, dep)
+            if if_match is not None:
+                found = dep.revision if dep is not None and not dep.removed else 0
+                if found != if_match:
+                    raise RevisionConflictError(f"model {doc.name!r}", if_match, found)
             if dep is None or dep.removed:
                 await asyncio.to_thread(self._check_sources, doc, {})
                 revision = await asyncio.to_thread(self.registry.put_if, doc, revision=0)
@@ -208,13 +216,16 @@ class Deployments:
             await asyncio.to_thread(self._check_sources, doc, dep.versions)
             if dep.doc == doc:
                 return False
-            dep.rollout = task = self.shared.background.start(self._rollout(dep, doc))
+            # The registry write names the revision this rollout started from: a change
+            # another node made meanwhile makes it lose (409), not be overwritten.
+            dep.rollout = task = self.shared.background.start(
+                self._rollout(dep, doc, dep.revision))
         await asyncio.shield(task)  # the rollout goes on if the client gives up
         return False
 
-    async def _rollout(self, dep: Deployment, doc: ModelDoc) -> None:
+    async def _rollout(self, dep: Deployment, doc: ModelDoc, base: int) -> None:
         try:
-            await self._roll(dep, doc)
+            await self._roll(dep, doc, base)
         except asyncio.CancelledError:
             if dep.removed:  # DELETE cancelled it
                 raise ModelNotFoundError(doc.name) from None
@@ -222,7 +233,7 @@ class Deployments:
         finally:
             dep.rollout = None
 
-    async def _roll(self, dep: Deployment, doc: ModelDoc) -> None:
+    async def _roll(self, dep: Deployment, doc: ModelDoc, base: int) -> None:
         old = dep.doc
         added = {label: self._new_version(doc, label, spec)
                  for label, spec in doc.versions.items() if label not in dep.versions}
@@ -246,8 +257,7 @@ class Deployments:
             async with self._name_lock(doc.name):  # a DELETE writes the registry too
                 if dep.removed:
                     raise ModelNotFoundError(doc.name)
-                revision = await asyncio.to_thread(self.registry.put_if, doc,
-                                                   revision=dep.revision)
+                revision = await asyncio.to_thread(self.registry.put_if, doc, revision=base)
         except BaseException as exc:
             text = str(exc)
             dep.rollout_note = (text if text.startswith("rollout") else
@@ -293,6 +303,10 @@ class Deployments:
             # (Revision 0: declared at start, never written; whatever is there goes.)
             await asyncio.to_thread(self.registry.remove_if, name, revision=dep.revision or None)
             dep.removed = True
+        await self._forget(name, dep)
+
+    async def _forget(self, name: str, dep: Deployment) -> None:
+        """Retire a removed deployment's versions and let it go."""
         if dep.rollout is not None:
             rollout = dep.rollout
             rollout.cancel()
@@ -303,6 +317,49 @@ class Deployments:
             del self.by_name[name]
         with contextlib.suppress(KeyError):
             self.shared.metrics.model_bytes.remove(name)
+
+    async def follow(self, name: str, doc: ModelDoc | None, revision: int) -> None:
+        """Apply a change of the shared registry that another node made (cluster mode):
+        a new model is declared here, a changed document takes effect (its new versions
+        load on demand here), a removed model goes. Nothing is written back. A change
+        this node made itself finds its document in place and only notes the revision."""
+        async with self._name_lock(name):
+            dep = self.by_name.get(name)
+            live = dep is not None and not dep.removed
+            if doc is None:
+                if not live:
+                    return
+                assert dep is not None
+                dep.removed = True
+            elif not live:
+                self.eager(self.add(doc, origin="api", revision=revision))
+                return
+            else:
+                assert dep is not None
+                if dep.doc == doc:
+                    dep.revision = revision
+                    return
+                dropped = self._switch(dep, doc, revision)
+        if doc is None:
+            assert dep is not None
+            log.info("model %s: removed by another node", name)
+            await self._forget(name, dep)
+            return
+        log.info("model %s: document changed by another node (%s)", name, _shares(doc))
+        await asyncio.gather(*(self.retire(v, "dropped by a rollout") for v in dropped))
+
+    def _switch(self, dep: Deployment, doc: ModelDoc, revision: int) -> list[Version]:
+        """Make ``doc`` the deployment's document at once; returns the versions it drops."""
+        for label, spec in doc.versions.items():
+            old = dep.versions.get(label)
+            if old is None or old.spec != spec:
+                if old is not None:
+                    self.shared.background.start(self.retire(old, "replaced"))
+                dep.versions[label] = self._new_version(doc, label, spec)
+        dep.doc, dep.router, dep.origin, dep.revision = doc, Router(doc), "api", revision
+        dep.policy = CopyPolicy.of(self.cfg, doc.scaling)
+        return [dep.versions.pop(label) for label in list(dep.versions)
+                if label not in doc.versions]
 
     def visible(self, dep: Deployment) -> bool:
         """Whether the caller of the current request may see the model (access.py)."""

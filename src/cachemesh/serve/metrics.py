@@ -21,6 +21,9 @@ in one process, as in the tests, do not collide). Names::
     cachemesh_worker_recycles_total                 idle workers restarted to free leaked memory
     cachemesh_version_requests_total{model,version} requests by the version that took them
     cachemesh_model_copies{model,version}           ready copies of each version
+    cachemesh_cluster_lease_renewals_total          keep-alives of this node's lease (cluster mode)
+    cachemesh_cluster_etcd_errors_total             calls to etcd that failed (cluster mode)
+    cachemesh_cluster_degraded                      1 while etcd cannot be reached (cluster mode)
 """
 
 from __future__ import annotations
@@ -78,6 +81,25 @@ class Metrics:
                               ["model", "version"], registry=r)
         self.copies = Gauge("cachemesh_model_copies", "Ready copies of a model version.",
                             ["model", "version"], registry=r)
+
+        self.cluster_renewals = Counter("cachemesh_cluster_lease_renewals",
+                                        "Keep-alives of this node's lease.", registry=r)
+        self.cluster_errors = Counter("cachemesh_cluster_etcd_errors",
+                                      "Calls to etcd that failed.", registry=r)
+        self.cluster_degraded = Gauge("cachemesh_cluster_degraded",
+                                      "1 while etcd cannot be reached (serving goes on).",
+                                      registry=r)
+        self._cluster_seen = (0, 0)
+
+    def observe_cluster(self, renewals: int, errors: int, degraded: bool) -> None:
+        """Bring the cluster series up to the membership's own counts."""
+        seen_renewals, seen_errors = self._cluster_seen
+        if renewals > seen_renewals:
+            self.cluster_renewals.inc(renewals - seen_renewals)
+        if errors > seen_errors:
+            self.cluster_errors.inc(errors - seen_errors)
+        self._cluster_seen = (max(renewals, seen_renewals), max(errors, seen_errors))
+        self.cluster_degraded.set(1 if degraded else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
 from ..errors import (
@@ -56,6 +56,9 @@ from .shared import Background, Shared
 from .state import Copy, Deployment, ModelStatus, Series, Version, versions_of
 from .workers import Launched, WorkerHandle
 
+if TYPE_CHECKING:
+    from .cluster_mode import ClusterContext
+
 log = logging.getLogger("cachemesh.serve")
 
 
@@ -71,6 +74,13 @@ class ModelService:
         self.settings = settings
         self.cfg = settings.serve
         self.caches = caches or Caches(settings)
+        # Cluster mode (``cluster_mode.py``): declarations live in etcd, shared by the nodes.
+        self.cluster: ClusterContext | None = None
+        if registry is None and settings.cluster.enabled:
+            from .cluster_mode import ClusterContext
+
+            self.cluster = ClusterContext(settings)
+            registry = self.cluster.registry
         if registry is None:
             from .registry import SqliteModelRegistry
 
@@ -120,9 +130,17 @@ class ModelService:
             await asyncio.to_thread(self.caches.recover)
         except CachemeshError as exc:  # a locked database: serve anyway, gc repairs later
             log.warning("store recovery at start failed: %s", exc)
+        if self.cluster is not None:
+            # Join first: a node refused (its name taken) starts nothing. The models given
+            # at start become the cluster's declarations (idempotent across nodes).
+            await self.cluster.start(self)
+            await self.cluster.declare(specs)
+            specs = []
         await self.pool.start()
         self.started = True
         eager = self.deployments.restore(specs)
+        if self.cluster is not None:
+            self.background.start(self.cluster.follow())  # subscribed now: nothing missed
         self.background.start(self._warm_up(eager))
         self.background.start(self.scaler.run())
 
@@ -134,6 +152,8 @@ class ModelService:
         self.stopping = self.pool.stopping = True  # a worker that dies now is not replaced
         self.draining = True
         await self.background.cancel_all()
+        if self.cluster is not None:
+            await self.cluster.stop()  # the lease goes: the others forget this node's copies
         await self.pool.stop()
         for v in self.deployments.versions():
             self.loader.release_hold(v)
@@ -167,10 +187,12 @@ class ModelService:
         await self.deployments.deploy(spec, persist=persist)
         return self.status(spec.name)
 
-    async def apply(self, doc: ModelDoc) -> tuple[ModelStatus, bool]:
+    async def apply(self, doc: ModelDoc, *, if_match: int | None = None
+                    ) -> tuple[ModelStatus, bool]:
         """Make ``doc`` the model's document (``PUT /api/v1/models/{name}``): a new
-        model, or a rollout of a known one; True if new."""
-        created = await self.deployments.apply(doc)
+        model, or a rollout of a known one; True if new. ``if_match``: the revision the
+        caller read; another one is RevisionConflictError (409)."""
+        created = await self.deployments.apply(doc, if_match=if_match)
         return self.status(doc.name), created
 
     async def remove(self, name: str) -> None:
@@ -247,6 +269,9 @@ class ModelService:
         self.metrics.loaded.set(sum(1 for v in self.deployments.versions() if v.ready_copies()))
         for v in self.deployments.versions():
             self.metrics.copies.labels(v.model, v.label).set(len(v.ready_copies()))
+        if self.cluster is not None:
+            self.metrics.observe_cluster(self.cluster.membership.renewals,
+                                         self.cluster.etcd_errors, self.cluster.degraded)
 
     # -- inference -------------------------------------------------------------------
 

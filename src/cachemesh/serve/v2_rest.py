@@ -71,8 +71,13 @@ async def live(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
-    ok = _service(request).ready
-    return json_response({"ready": ok}, 200 if ok else 503)
+    service = _service(request)
+    ok = service.ready
+    body: dict[str, Any] = {"ready": ok}
+    if service.cluster is not None:
+        # etcd lost: the node still serves what it has, so it stays ready, and says so.
+        body["degraded"] = service.cluster.degraded
+    return json_response(body, 200 if ok else 503)
 
 
 async def model_metadata(request: Request) -> Response:
