@@ -104,8 +104,7 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
 
                 grpc_server = await start_grpc(service, keyring)
             # Cluster mode: this node's blobs in the index, caches declared cluster-wide.
-            node = await start_cluster(service, service.caches)
-            caches_service.cluster = node
+            node = await start_cluster(service, caches_service)
         except BaseException:
             if grpc_server is not None:
                 await grpc_server.stop(0)

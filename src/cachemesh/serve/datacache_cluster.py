@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ..cluster.kv import KV
     from ..cluster.membership import Membership, Rejoin
     from ..config import Settings
+    from .datacache_service import DataCacheService
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,10 @@ class DataCacheCluster:
         await self.announce_store()
 
 
-async def start_cluster(service: Any, caches: Caches) -> DataCacheCluster | None:
-    """The data caches' cluster half of a server, or None when cluster mode is off."""
+async def start_cluster(service: Any, datacaches: DataCacheService) -> DataCacheCluster | None:
+    """The data caches' cluster half of a server, or None when cluster mode is off; set
+    as ``datacaches.cluster`` once started."""
+    caches = datacaches.caches
     settings: Settings = service.settings
     if not settings.cluster.enabled:
         return None
@@ -113,4 +116,6 @@ async def start_cluster(service: Any, caches: Caches) -> DataCacheCluster | None
         with contextlib.suppress(Exception):
             await node.stop()
         raise
+    node.preheat.service = datacaches
+    datacaches.cluster = node
     return node

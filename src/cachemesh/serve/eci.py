@@ -64,6 +64,10 @@ class EciCreateDataCache(BaseModel):
     Size: float = Field(default=ECI_DEFAULT_SIZE_GIB, gt=0, le=MAX_SIZE_LIMIT_GIB,
                         description="GiB; the cache's quota")
     RetentionDays: float | None = Field(default=None, gt=0, le=MAX_RETENTION_DAYS)
+    # Cluster mode (ours, in ECI's casing): which nodes pull it ("all", a count, names)
+    # and how many copies eviction keeps cluster-wide (serve/preheat.py).
+    Nodes: str | int | list[str] | None = None
+    MinCopies: int | None = Field(default=None, ge=1)
     # Accepted for compatibility, without meaning on a single node.
     RegionId: str | None = None
     SecurityGroupId: str | None = None
