@@ -58,11 +58,9 @@ class Fleet:
             self.origin_host = self.net.add("origin", up_mbit=origin_mbit)
             self.etcd_host = self.net.add("etcd") if etcd else None
             self.nodes = []
+            self.node_mbit = node_mbit
             for i in range(1, nodes + 1):
-                host = self.net.add(f"n{i}", up_mbit=node_mbit, down_mbit=node_mbit)
-                home = workdir / f"n{i}"
-                home.mkdir(parents=True, exist_ok=True)
-                self.nodes.append(Node(f"n{i}", host, home, f"http://{host.ip}:{PORT}"))
+                self.nodes.append(self._make_node(f"n{i}"))
         except BaseException:
             self.net.close()
             raise
@@ -73,19 +71,35 @@ class Fleet:
         self._origin: subprocess.Popen | None = None
         self._etcd: subprocess.Popen | None = None
         self.etcd_url = f"etcd://{self.etcd_host.ip}:2379" if self.etcd_host else None
-        peer_list = ",".join(f"{n.name}={n.url}" for n in self.nodes)
+        self.lease_ttl_s = lease_ttl_s
         for node in self.nodes:
-            node.env = {
-                "PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(node.home),
-                "PYTHONPATH": str(ROOT), "CACHEMESH_HOME": str(node.home / "store"),
-                "CACHEMESH_NODE_NAME": node.name, "CACHEMESH_CLUSTER_TOKEN": TOKEN,
-                "HF_ENDPOINT": self.endpoint, "CACHEMESH_RETRY_BACKOFF": "0.2",
-            }
-            if peers and self.etcd_url:
-                node.env["CACHEMESH_CLUSTER"] = self.etcd_url
-                node.env["CACHEMESH_CLUSTER_LEASE_TTL"] = str(lease_ttl_s)
-            elif peers:
-                node.env["CACHEMESH_PEERS"] = peer_list
+            self._set_env(node)
+
+    def _make_node(self, name: str) -> Node:
+        host = self.net.add(name, up_mbit=self.node_mbit, down_mbit=self.node_mbit)
+        home = self.workdir / name
+        home.mkdir(parents=True, exist_ok=True)
+        return Node(name, host, home, f"http://{host.ip}:{PORT}")
+
+    def _set_env(self, node: Node) -> None:
+        node.env = {
+            "PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(node.home),
+            "PYTHONPATH": str(ROOT), "CACHEMESH_HOME": str(node.home / "store"),
+            "CACHEMESH_NODE_NAME": node.name, "CACHEMESH_CLUSTER_TOKEN": TOKEN,
+            "HF_ENDPOINT": self.endpoint, "CACHEMESH_RETRY_BACKOFF": "0.2",
+            "CACHEMESH_URL": node.url,
+        }
+        if self.peers and self.etcd_url:
+            node.env["CACHEMESH_CLUSTER"] = self.etcd_url
+            node.env["CACHEMESH_CLUSTER_LEASE_TTL"] = str(self.lease_ttl_s)
+        elif self.peers:
+            node.env["CACHEMESH_PEERS"] = ",".join(f"{n.name}={n.url}" for n in self.nodes)
+
+    def add_node(self, name: str) -> Node:
+        """A node that joins later (cluster mode: peers find it through etcd); not started."""
+        node = self._make_node(name)
+        self._set_env(node)
+        return node
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -182,9 +196,11 @@ class Fleet:
         return json.loads(done.stdout)
 
     def call(self, node: Node, url: str, *, headers: Mapping[str, str] | None = None,
-             method: str = "GET") -> dict:
+             method: str = "GET", body: object = None) -> dict:
         """An HTTP call made from inside ``node``'s namespace: status, headers, body size."""
         argv = [sys.executable, "-m", "tests.netns.call", "--method", method, url]
+        if body is not None:
+            argv += ["--json", json.dumps(body)]
         for k, v in (headers or {}).items():
             argv += ["--header", f"{k}: {v}"]
         done = node.host.run(argv, node.env, 60)

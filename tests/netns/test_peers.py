@@ -12,6 +12,7 @@ own. Peers are found through the blob index in etcd (cluster mode,
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ MIB = 1024 * 1024
 SECRET = "secret-bucket-token-0123456789"
 # (repo, bytes of its weights file); each test has a model of its own.
 MODELS = {"org/together": 40 * MIB, "org/secret": 16 * MIB, "org/flipped": 24 * MIB,
-          "org/killed": 48 * MIB}
+          "org/killed": 48 * MIB, "org/warm": 12 * MIB, "org/pair": 4 * MIB}
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +171,59 @@ def test_a_peer_killed_mid_transfer_the_others_finish(fleet: Fleet, models: dict
         assert _sha(_view(node, "default", repo) / "model.safetensors") == _sha(weights)
     # n1 is gone with what it had landed; another node fetched the rest, once.
     assert fleet.origin_served() - before <= 2 * size
+
+
+def _api(fleet: Fleet, node, path: str, **kw) -> dict:
+    answer = fleet.call(node, f"{node.url}/api/v1/{path}", **kw)
+    return {**answer, "json": json.loads(answer["text"]) if answer["text"] else None}
+
+
+def test_preheat_to_all_nodes_a_late_joiner_and_min_copies(fleet: Fleet,
+                                                           models: dict[str, Path]):
+    """Last in the module: it adds a node and evicts caches from n1."""
+    n1, n2, n3, _ = fleet.nodes
+    repo, size = "org/warm", MODELS["org/warm"]
+    weights = _sha(models[repo] / "model.safetensors")
+    before = fleet.origin_served()
+    # `cachemesh pull --nodes all` on n1: declared through n1's API, pulled by every node.
+    done = fleet.cli(n1, "pull", f"hf://{repo}", "--name", "warm", "--nodes", "all",
+                     "--min-copies", "2", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert fleet.origin_served() - before <= 1.1 * size + MIB
+    for node in fleet.nodes:
+        assert _sha(_view(node, "default", "warm") / "model.safetensors") == weights
+
+    # The same declaration on another node: 2xx; another one under the name: 409.
+    body = {"name": "warm", "source": f"hf://{repo}", "nodes": "all", "min_copies": 2}
+    assert _api(fleet, n2, "datacaches", method="POST", body=body)["status"] == 202
+    other = {**body, "nodes": 1}
+    assert _api(fleet, n3, "datacaches", method="POST", body=other)["status"] == 409
+    seen = _api(fleet, n2, "datacaches/warm")["json"]
+    assert seen["node"] == "n2"
+    assert {n: (p["state"], p["progress"]) for n, p in seen["nodes"].items()} == {
+        n.name: ("Available", 1.0) for n in fleet.nodes}
+
+    # A node that joins later pulls it too, from its peers.
+    n5 = fleet.add_node("n5")
+    fleet.start_server(n5)
+    deadline = time.monotonic() + 30
+    while _api(fleet, n2, "datacaches/warm")["json"]["nodes"].get("n5", {}).get(
+            "state") != "Available":
+        assert time.monotonic() < deadline, "n5 never pulled the cache declared for all"
+        time.sleep(0.3)
+    assert _sha(_view(n5, "default", "warm") / "model.safetensors") == weights
+    assert fleet.origin_served() - before <= 1.1 * size + MIB
+
+    # min_copies: on n1, gc down to nothing keeps the cache only two nodes hold, and
+    # evicts the one five nodes hold (its entry in etcd goes with it).
+    done = fleet.cli(n1, "pull", "hf://org/pair", "--name", "pair", "--nodes", "n1,n2",
+                     "--min-copies", "2", timeout=60)
+    assert done.returncode == 0, done.stderr
+    done = fleet.cli(n1, "gc", "--max-size", "1", "--json", timeout=60)
+    assert done.returncode == 0, done.stderr
+    removed = json.loads(done.stdout)["removed_caches"]
+    assert "warm" in removed and "pair" not in removed, removed
+    assert (_view(n1, "default", "pair") / "model.safetensors").exists()
+    keys = fleet.etcd_keys()
+    assert "/cachemesh/v1/prewarm/warm/n1" not in keys
+    assert keys["/cachemesh/v1/prewarm/pair/n1"]["state"] == "Available"
