@@ -182,6 +182,9 @@ def test_preheat_to_all_nodes_a_late_joiner_and_min_copies(fleet: Fleet,
                                                            models: dict[str, Path]):
     """Last in the module: it adds a node and evicts caches from n1."""
     n1, n2, n3, _ = fleet.nodes
+    for node in fleet.nodes:
+        if node.server is None:  # stopped by an earlier test (the peer killed)
+            fleet.start_server(node)
     repo, size = "org/warm", MODELS["org/warm"]
     weights = _sha(models[repo] / "model.safetensors")
     before = fleet.origin_served()
