@@ -32,7 +32,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, StrictStr, Tag
 
 from ..caches import AVAILABLE, FAILED, MAX_RETENTION_DAYS, MAX_SIZE_LIMIT_GIB, CacheInfo, make_spec
 from .datacache_service import DataCacheService
@@ -67,7 +67,7 @@ class DataCacheRequest(BaseModel):
     options: dict[str, str | bool | int] = Field(
         default_factory=dict, description="source options: endpoint_url (s3), sha256 (https),"
                                           " follow_symlinks (file)")
-    nodes: str | int | list[str] | None = Field(
+    nodes: StrictStr | StrictInt | list[StrictStr] | None = Field(
         default=None, description="cluster mode: the nodes that pull it: 'all' (and every"
                                   " node that joins later), a count, or node names")
     min_copies: int | None = Field(default=None, ge=1, description="cluster mode: eviction"
