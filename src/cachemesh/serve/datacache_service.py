@@ -90,7 +90,8 @@ class DataCacheService:
 
         cluster = self.cluster
         if cluster is None or cluster.preheat is None:
-            raise InvalidInputError("nodes and min_copies need cluster mode (serve --cluster)")
+            raise InvalidInputError("nodes and min_copies (ECI: Nodes, MinCopies) need cluster"
+                                    " mode (serve --cluster); this node runs alone")
         chosen = parse_nodes("all" if nodes is None else nodes)
         self._check_create(spec)
         cluster.preheat.declare_sync(spec, chosen, min_copies)
