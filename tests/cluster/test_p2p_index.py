@@ -186,3 +186,89 @@ def test_etcd_down_degrades_to_the_origin(tmp_path, cluster_keys: Keys) -> None:
         assert gone.resolve("id", 1) is None
     finally:
         gone.close()
+
+
+# -- the origin mapping through the fetcher ----------------------------------------------
+
+
+def _fetch_setup(tmp_path, name: str):  # type: ignore[no-untyped-def]
+    from cachemesh.config import Settings
+    from cachemesh.store import Store
+
+    settings = Settings.from_env({"CACHEMESH_HOME": str(tmp_path / name)}, retry_backoff_s=0.01,
+                                 range_concurrency=4, chunk_size=64 * 1024)
+    return Store(settings.home), settings
+
+
+def test_an_s3_like_file_is_mapped_once_and_found_by_the_next_node(
+        etcd: EtcdServer, cluster_keys: Keys, tmp_path) -> None:
+    """No sha256 from the origin (an ETag = md5): the node that fetched it writes the mapping
+    (checked: md5); the next node resolves it, fetches peer-first (it takes the claim, and
+    publishes the piece list), and a wrong mapping costs a second attempt, not bad bytes."""
+    import os
+
+    from cachemesh.fetch import Fetcher
+    from tests.fetch.conftest import FakeObject
+
+    data = os.urandom(300 * 1024)
+    obj = FakeObject(data)
+    md5 = hashlib.md5(data).hexdigest()
+    identity = "s3|http://minio.test:9000|bucket|weights.bin|" + md5
+    sha = hashlib.sha256(data).hexdigest()
+    a = EtcdPeers("a", cluster_keys, lambda: kv_of(etcd), lease_ttl_s=2)
+    b = EtcdPeers("b", cluster_keys, lambda: kv_of(etcd), lease_ttl_s=2)
+    c = EtcdPeers("c", cluster_keys, lambda: kv_of(etcd), lease_ttl_s=2)
+    try:
+        store_a, settings = _fetch_setup(tmp_path, "a")
+        ref = Fetcher(store_a, settings, peers=a).fetch(obj.request(identity, md5=md5))
+        assert ref.sha256 == sha
+        found = b.resolve(identity, len(data))
+        assert found is not None and (found.sha256, found.checked, found.node) == (
+            sha, ("md5",), "a")
+        assert b.resolve(identity, len(data) + 1) is None  # another size: not this file
+
+        store_b, settings_b = _fetch_setup(tmp_path, "b")
+        ref = Fetcher(store_b, settings_b, peers=b).fetch(obj.request(identity, md5=md5))
+        assert ref.sha256 == sha
+        assert b.piece_list(sha, len(data)) is not None  # b took the turn: a swarm ran
+
+        # A mapping that lies (first writer wins, so write it under a fresh identity).
+        liar = identity + "-2"
+        c.record_origin(liar, "0" * 64, len(data), ["md5"])
+        store_c, settings_c = _fetch_setup(tmp_path, "c")
+        served = obj.served
+        ref = Fetcher(store_c, settings_c, peers=c).fetch(obj.request(liar, md5=md5))
+        assert ref.sha256 == sha and store_c.blobs.path(sha).read_bytes() == data
+        assert obj.served - served == 2 * len(data)  # fetched twice: the lie cost time
+        # A size-only origin: recorded as such, and only from a fetch wholly from it.
+        plain = "https://files.test/x.bin|no-etag"
+        Fetcher(store_c, settings_c, peers=c).fetch(FakeObject(data).request(plain))
+        assert c.resolve(plain, len(data)).checked == ("size",)
+    finally:
+        for p in (a, b, c):
+            p.close()
+
+
+def test_pick_nodes_spreads_across_zones_by_free_disk() -> None:
+    from cachemesh.cluster.cache_decls import CacheDecl, parse_nodes, pick_nodes
+    from cachemesh.errors import InvalidInputError
+
+    def node(name: str, zone: str, draining: bool = False) -> NodeRecord:
+        return NodeRecord(name=name, node_id=name, advertise=f"http://{name}:1",
+                          labels={"zone": zone}, draining=draining)
+
+    nodes = [node("a1", "a"), node("a2", "a"), node("a3", "a"), node("b1", "b"),
+             node("c1", "c", draining=True)]
+    free = {"a1": 50, "a2": 90, "a3": 10, "b1": 20, "c1": 999}
+    assert pick_nodes(nodes, 1, free) == ["a2"]  # the most free disk
+    assert pick_nodes(nodes, 2, free) == ["a2", "b1"]  # then the other zone
+    assert pick_nodes(nodes, 3, free) == ["a1", "a2", "b1"]
+    assert pick_nodes(nodes, 9, free) == ["a1", "a2", "a3", "b1"]  # never a draining node
+    assert parse_nodes("all") == "all" and parse_nodes("3") == 3
+    assert parse_nodes("n2,n1") == ["n1", "n2"] and parse_nodes(["b", "a"]) == ["a", "b"]
+    for bad in (0, -1, True, "", "Not_A_Name", [], [1]):
+        with pytest.raises(InvalidInputError):
+            parse_nodes(bad)
+    decl = CacheDecl(name="m", spec={}, nodes=2, assigned=["a1", "b1"])
+    assert decl.selects("b1") and not decl.selects("a2")
+    assert CacheDecl(name="m", spec={}, nodes="all").selects("anyone")
