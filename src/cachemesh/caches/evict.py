@@ -73,13 +73,15 @@ def gc(caches: Caches, *, max_bytes: int | None = None,
     deleting = caches.catalog.names(DELETING)
     recover(caches)
     report.removed_caches.extend(deleting)
-    for info in caches.list():
-        days = info.retention_days
-        if days is None or info.pinned or info.in_use or caches.pull_running(info.name):
-            continue
-        if now - info.last_access > days * 86400:
-            remove(caches, info.name, collect=False)
-            report.removed_caches.append(info.name)
+    expired = [info.name for info in caches.list()
+               if info.retention_days is not None
+               and not (info.pinned or info.in_use or caches.pull_running(info.name))
+               and now - info.last_access > info.retention_days * 86400]
+    kept = kept_for_cluster(caches, expired)  # the last min_copies copies stay
+    for name in expired:
+        if name not in kept:
+            _evict(caches, name)
+            report.removed_caches.append(name)
     count, freed = caches.store.collect_blobs()
     report.blobs_removed += count
     report.bytes_freed += freed
