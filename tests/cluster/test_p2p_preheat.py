@@ -5,9 +5,24 @@ and the declarations refused where they cannot mean anything."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
 
+from cachemesh.cluster import EtcdKV, Keys
+from cachemesh.cluster.blob_index import BlobIndex
+from tests.cluster.etcd_server import EtcdServer
 from tests.cluster.nodes import Cluster, wait_until
+
+
+def _holders(etcd: EtcdServer, prefix: str, sha: str) -> dict[str, str]:
+    async def read() -> dict[str, str]:
+        kv = EtcdKV([etcd.endpoint], timeout=2.0)
+        try:
+            return {h.node: h.state for h in await BlobIndex(kv, Keys(prefix)).holders(sha)}
+        finally:
+            await kv.close()
+    return asyncio.run(read())
 
 
 def _eci(name: str, folder: str, **extra: object) -> dict[str, object]:
@@ -15,11 +30,13 @@ def _eci(name: str, folder: str, **extra: object) -> dict[str, object]:
         "server": "localhost", "path": folder}}, **extra}
 
 
-def test_eci_nodes_n_picks_nodes_once_and_reports_each(three_nodes: Cluster) -> None:
+def test_eci_nodes_n_picks_nodes_once_and_reports_each(three_nodes: Cluster,
+                                                        etcd: EtcdServer) -> None:
     a, b, c = three_nodes["a"], three_nodes["b"], three_nodes["c"]
     folder = three_nodes.origin / "preheat-two"
     folder.mkdir()
-    (folder / "weights.bin").write_bytes(os.urandom(64 * 1024))
+    weights = os.urandom(64 * 1024)
+    (folder / "weights.bin").write_bytes(weights)
     body = _eci("preheat-two", str(folder), Nodes=2, MinCopies=1)
     first = a.http.post("/api/v1/datacaches", json=body)
     assert first.status_code == 202, first.text
@@ -45,6 +62,18 @@ def test_eci_nodes_n_picks_nodes_once_and_reports_each(three_nodes: Cluster) -> 
     # Another declaration under the name: 409.
     other = b.http.post("/api/v1/datacaches", json=_eci("preheat-two", str(folder), Nodes=1))
     assert other.status_code == 409, other.text
+
+    # The blob index follows each store: the picked nodes are announced as holders of the
+    # weights (a local source: no fetch wrote them), and a node that removes the cache
+    # and collects its blobs is withdrawn.
+    sha, prefix = hashlib.sha256(weights).hexdigest(), three_nodes.extra_env[
+        "CACHEMESH_CLUSTER_PREFIX"]
+    wait_until(lambda: _holders(etcd, prefix, sha) == {n: "held" for n in assigned}, 15,
+               "the picked nodes announced as holders", every=0.3)
+    gone = three_nodes[assigned[0]]
+    assert gone.http.delete("/api/v1/datacaches/preheat-two").status_code == 204
+    wait_until(lambda: _holders(etcd, prefix, sha) == {assigned[1]: "held"}, 15,
+               "the node that removed the cache withdrawn", every=0.3)
 
 
 def test_bad_nodes_are_refused(three_nodes: Cluster) -> None:

@@ -1,10 +1,14 @@
 """The data caches' side of cluster mode on a server: what this node offers its peers in
 the blob index, and (``preheat.py`` beside it) the caches declared cluster-wide.
 
-On start, and again after each new lease (etcd lost it, or a partition outlived it), the
-server announces every blob of its store as held (``blobs/{sha256}/{node}``, on its node
-lease: the server is what serves them, so the entries live and die with it). Pulls write
-their own entries as they go (``fetch/etcd_peers.py``).
+In the background from start, and again after each new lease (etcd lost it, or a
+partition outlived it), the server announces every blob of its store as held
+(``blobs/{sha256}/{node}``, on its node lease: the server is what serves them, so the
+entries live and die with it). Pulls write their own entries as they go
+(``fetch/etcd_peers.py``). Every :data:`RECONCILE_S` the server lists its store again
+(a scan of ``blobs/``, no etcd read): a blob gone since (removed, collected by gc) is
+withdrawn, so peers stop asking for it; one that appeared without its entry (a pull
+whose write failed) is announced.
 
 The node's membership (its lease-bound record, ``cluster/membership.py``) is the one the
 server already holds when ``serve --cluster`` runs it (``ModelService.cluster``); where
@@ -32,6 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Seconds between two comparisons of the store's blobs with what this node announced.
+RECONCILE_S = 5.0
+
 
 class DataCacheCluster:
     """This server in the blob index (see the module docstring)."""
@@ -47,6 +54,9 @@ class DataCacheCluster:
         self.index = BlobIndex(kv, keys)
         self._owned = owned  # this module joined the cluster: it leaves it too
         self.preheat: Any = None
+        self._announced: dict[str, int] = {}  # sha256 -> size, as of the last reconcile
+        self._announced_lease = 0
+        self._reconciler: asyncio.Task[None] | None = None
 
     @property
     def advertise(self) -> str:
@@ -54,36 +64,63 @@ class DataCacheCluster:
 
     async def start(self) -> None:
         self.membership.on_rejoin(self._rejoined)
-        await self.announce_store()
+        self._reconciler = asyncio.create_task(self._reconcile(), name="cachemesh-blob-index")
         from .preheat import Preheat
 
         self.preheat = Preheat(self)
         await self.preheat.start()
 
     async def stop(self) -> None:
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconciler
         if self.preheat is not None:
             await self.preheat.stop()
         if self._owned:
             await self.membership.stop()
             await self.kv.close()
 
-    async def announce_store(self) -> int:
-        """Every blob of the store, as held by this node, on its current lease."""
+    async def reconcile_once(self) -> tuple[int, int]:
+        """Announce the blobs not announced on the current lease, withdraw those gone;
+        returns (announced, withdrawn)."""
         lease = self.membership.lease
         if not lease:
-            return 0
-        blobs = await asyncio.to_thread(self.caches.store.blobs.files_on_disk)
+            return 0, 0
+        blobs = {sha: size for sha, size in
+                 (await asyncio.to_thread(self.caches.store.blobs.files_on_disk)).items()
+                 if _is_sha256(sha)}  # not a stray file under blobs/
+        if lease != self._announced_lease:  # a new lease: the old one took every entry
+            self._announced, self._announced_lease = {}, lease
+        new = sorted((sha, size) for sha, size in blobs.items() if sha not in self._announced)
+        gone = sorted(sha for sha in self._announced if sha not in blobs)
+        announced = withdrawn = 0
         try:
-            n = await self.index.announce_all(self.name, self.advertise, lease,
-                                              sorted(blobs.items()))
+            for sha, size in new:
+                await self.index.announce_all(self.name, self.advertise, lease, [(sha, size)])
+                self._announced[sha] = size
+                announced += 1
+            for sha in gone:
+                await self.index.withdraw(sha, self.name)
+                del self._announced[sha]
+                withdrawn += 1
         except ClusterError as exc:
-            log.warning("could not announce this node's %d blobs: %s", len(blobs), exc)
-            return 0
-        log.info("announced %d blobs to the cluster's blob index", n)
-        return n
+            log.info("the blob index: %s (again in %g s)", exc, RECONCILE_S)
+        if announced or withdrawn:
+            log.info("blob index: %d announced, %d withdrawn", announced, withdrawn)
+        return announced, withdrawn
+
+    async def _reconcile(self) -> None:
+        while True:
+            await self.reconcile_once()
+            await asyncio.sleep(RECONCILE_S)
 
     async def _rejoined(self, event: Rejoin) -> None:
-        await self.announce_store()
+        await self.reconcile_once()
+
+
+def _is_sha256(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
 
 
 async def start_cluster(service: Any, datacaches: DataCacheService) -> DataCacheCluster | None:
