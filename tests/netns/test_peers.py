@@ -155,22 +155,30 @@ def test_a_peer_that_flips_bytes_costs_time_not_correctness(fleet: Fleet,
 def test_a_peer_killed_mid_transfer_the_others_finish(fleet: Fleet, models: dict[str, Path]):
     repo = "org/killed"
     size = MODELS[repo]
-    n1 = fleet.nodes[0]  # the lowest name: the node that fetches from the origin
+    sha = _sha(models[repo] / "model.safetensors")
     before = fleet.origin_served()
     procs = {node: fleet.pull(node, repo) for node in fleet.nodes}
     deadline = time.monotonic() + 30
     while fleet.origin_served() - before < size // 3:
         assert time.monotonic() < deadline, "the origin never served a third of the model"
         time.sleep(0.05)
-    n1.host.kill(procs.pop(n1))
-    fleet.stop_server(n1)
+    # The node that holds the origin's turn (its claim in etcd) dies, server and pull.
+    claim = fleet.etcd_keys().get(f"/cachemesh/v1/fetching/{sha}")
+    assert claim is not None, "nobody holds the origin's turn mid-transfer"
+    seed = next(n for n in fleet.nodes if n.name == claim["node"])
+    seed.host.kill(procs.pop(seed))
+    fleet.stop_server(seed)
     _finish(fleet, procs)
     weights = models[repo] / "model.safetensors"
-    for node in fleet.nodes[1:]:
+    for node in procs:
         assert fleet.verify(node)["ok"]
         assert _sha(_view(node, "default", repo) / "model.safetensors") == _sha(weights)
-    # n1 is gone with what it had landed; another node fetched the rest, once.
+    # The seed is gone with what it had landed; its claim went with its lease, another
+    # node took it and fetched the rest, once.
     assert fleet.origin_served() - before <= 2 * size
+    keys = fleet.etcd_keys()
+    assert f"/cachemesh/v1/fetching/{sha}" not in keys
+    assert f"/cachemesh/v1/blobs/{sha}/{seed.name}" not in keys  # its server's lease went
 
 
 def _api(fleet: Fleet, node, path: str, **kw) -> dict:
