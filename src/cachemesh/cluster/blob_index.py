@@ -7,7 +7,7 @@ The keys (``keys.py`` draws the whole key space; ``P`` is the cluster prefix)::
                                                the node's lease (its server's membership), so
                                                that a node that leaves or dies takes its
                                                entries with it. "fetching" at a pull's start,
-                                               its landed bytes at most every
+                                               its landed ranges at most every
                                                HOLDER_INTERVAL_S, "held" at its end.
     P/fetching/{sha256}         FetchClaim     create-if-absent (put_if rev 0) by the node that
                                                fetches the blob from its origin: the cluster-wide
@@ -61,6 +61,8 @@ class HolderRecord(_Record):
     state: Literal["fetching", "held"]
     size: int = Field(ge=0)
     landed: int = Field(default=0, ge=0, description="bytes landed (fetching)")
+    ranges: list[tuple[int, int]] = Field(
+        default_factory=list, description="[start, end) landed, the first few (fetching)")
     updated_at: float = 0.0
 
     @classmethod

@@ -60,6 +60,8 @@ CALL_TIMEOUT_S = 5.0
 # How long an answer about a blob's holders, or someone else's claim, is reused.
 CANDIDATES_TTL_S = 0.3
 CLAIM_RETRY_S = 0.3
+# Landed ranges written in a holder entry at most (the rest: the peer's watch stream).
+MAX_RANGES = 64
 # With etcd unreachable, a node goes to the origin itself after this long.
 DEGRADED_GRACE_S = 2.0
 
@@ -226,14 +228,14 @@ class EtcdPeers(Peers):
 
     def started(self, sha256: str, size: int) -> None:
         self._last_landed[sha256] = time.monotonic()
-        self._spawn(self._announce(sha256, "fetching", size, 0))
+        self._spawn(self._announce(sha256, "fetching", size, []))
 
-    def landed(self, sha256: str, size: int, landed: int) -> None:
+    def landed(self, sha256: str, size: int, ranges: Sequence[tuple[int, int]]) -> None:
         now = time.monotonic()
         if now - self._last_landed.get(sha256, 0.0) < HOLDER_INTERVAL_S:
             return
         self._last_landed[sha256] = now
-        self._spawn(self._announce(sha256, "fetching", size, landed))
+        self._spawn(self._announce(sha256, "fetching", size, list(ranges)))
 
     def finished(self, sha256: str, size: int, *, ok: bool,
                  pieces: PieceList | None = None) -> None:
@@ -243,17 +245,20 @@ class EtcdPeers(Peers):
         except ClusterError as exc:
             log.warning("could not record the end of the fetch of %s in etcd: %s", sha256, exc)
 
-    async def _announce(self, sha256: str, state: str, size: int, landed: int) -> None:
+    async def _announce(self, sha256: str, state: str, size: int,
+                        ranges: list[tuple[int, int]]) -> None:
         node = await self._node()
         if node is None:
             return  # no server here to offer it
         lease, url = node
-        await self.index.announce(sha256, HolderRecord(node=self.me, url=url, state=state,
-                                                       size=size, landed=landed), lease)
+        ranges = ranges[:MAX_RANGES]  # a summary: the peer's watch stream has them all
+        await self.index.announce(sha256, HolderRecord(
+            node=self.me, url=url, state=state, size=size,
+            landed=sum(e - s for s, e in ranges), ranges=ranges), lease)
 
     async def _finish(self, sha256: str, size: int, ok: bool, pieces: PieceList | None) -> None:
         if ok:
-            await self._announce(sha256, "held", size, size)
+            await self._announce(sha256, "held", size, [(0, size)])
             if pieces is not None and sha256 in self._claimed:
                 await self.index.record_pieces(sha256, PieceRecord(
                     size=pieces.size, piece_size=pieces.piece_size, digests=pieces.digests,

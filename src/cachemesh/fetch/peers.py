@@ -79,8 +79,9 @@ class Peers(ABC):
     def started(self, sha256: str, size: int) -> None:
         """A fetch of the blob starts on this node."""
 
-    def landed(self, sha256: str, size: int, landed: int) -> None:
-        """``landed`` bytes of it are here (called at every checkpoint; throttle inside)."""
+    def landed(self, sha256: str, size: int, ranges: Sequence[tuple[int, int]]) -> None:
+        """These ``[start, end)`` ranges of it are here (called at every checkpoint;
+        throttle inside)."""
 
     def finished(self, sha256: str, size: int, *, ok: bool,
                  pieces: PieceList | None = None) -> None:

@@ -146,7 +146,9 @@ class SwarmTransfer(Transfer):
 
     def checkpoint(self, *, force: bool = False) -> None:
         super().checkpoint(force=force)
-        self.peers.landed(self.sha, self.req.size, self.landed.total())
+        with self.lock:
+            ranges = self.landed.intervals()
+        self.peers.landed(self.sha, self.req.size, ranges)
 
     def _tell_finished(self, ok: bool) -> None:
         """The index learns the end; the node that fetched from the origin publishes the
