@@ -75,6 +75,15 @@ def test_eci_nodes_n_picks_nodes_once_and_reports_each(three_nodes: Cluster,
     wait_until(lambda: _holders(etcd, prefix, sha) == {assigned[1]: "held"}, 15,
                "the node that removed the cache withdrawn", every=0.3)
 
+    # The declaration itself goes with ?cluster=true; the other copy stays where it is.
+    assert three_nodes[left_out].http.delete(
+        "/api/v1/datacaches/preheat-two", params={"cluster": "true"}).status_code == 204
+    assert three_nodes[left_out].http.get("/api/v1/datacaches/preheat-two").status_code == 404
+    kept = three_nodes[assigned[1]].http.get("/api/v1/datacaches/preheat-two").json()
+    assert kept["status"] == "Available" and "nodes" not in kept
+    again = a.http.post("/api/v1/datacaches", json=_eci("preheat-two", str(folder), Nodes=1))
+    assert again.status_code == 202, again.text  # the name is free cluster-wide again
+
 
 def test_bad_nodes_are_refused(three_nodes: Cluster) -> None:
     a = three_nodes["a"]

@@ -117,6 +117,11 @@ class DataCacheCluster:
 
     async def _rejoined(self, event: Rejoin) -> None:
         await self.reconcile_once()
+        if self.preheat is not None:
+            try:
+                await self.preheat.resync()
+            except ClusterError as exc:
+                log.info("preheat entries after a new lease: %s", exc)
 
 
 def _is_sha256(name: str) -> bool:

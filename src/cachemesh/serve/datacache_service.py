@@ -144,9 +144,29 @@ class DataCacheService:
     def events(self, name: str, after: int = 0) -> list[Event]:
         return self.caches.events(name, after=after)
 
-    def delete(self, name: str) -> None:
-        """Remove a cache (409 while it is in use or pulled)."""
-        self.caches.rm(get_visible_cache(self.caches, name).name)
+    def delete(self, name: str, *, cluster: bool = False) -> None:
+        """Remove a cache (409 while it is in use or pulled); with ``cluster``, its
+        cluster-wide declaration too (404 if there is neither)."""
+        if not cluster:
+            self.caches.rm(get_visible_cache(self.caches, name).name)
+            return
+        node = self.cluster
+        if node is None or node.preheat is None:
+            raise InvalidInputError("cluster=true needs cluster mode (serve --cluster)")
+        try:
+            info = get_visible_cache(self.caches, name)
+        except CacheNotFoundError:
+            info = None
+        view = node.preheat.cluster_view_sync(name)
+        if view is not None and not can_use(self.caches.buckets,
+                                            str(view["declaration"].spec.get("bucket"))):
+            raise CacheNotFoundError(f"cache {name!r} not found")
+        if info is None and view is None:
+            raise CacheNotFoundError(f"cache {name!r} not found")
+        if info is not None:
+            self.caches.rm(info.name)
+        if view is not None:
+            node.preheat.undeclare_sync(name)
 
     def usage(self, infos: Sequence[CacheInfo]
               ) -> tuple[dict[str, dict[str, int]], dict[str, int]]:

@@ -5,7 +5,8 @@ a thin adapter over :class:`~.datacache_service.DataCacheService`.
     GET    /api/v1/datacaches[?bucket=b]      every cache, with status and progress
                                               (``usage=true``: and its logical bytes)
     GET    /api/v1/datacaches/{name}          one cache, with its events
-    DELETE /api/v1/datacaches/{name}          remove it (409 while it is in use or pulled)
+    DELETE /api/v1/datacaches/{name}          remove it (409 while it is in use or pulled;
+                                              ``?cluster=true``: its cluster-wide declaration too)
     GET    /api/v1/datacaches/{name}/events   server-sent events until Available or Failed
 
 A POST body is either our own shape (:class:`DataCacheRequest`: ``name``,
@@ -159,8 +160,13 @@ def get_datacache(name: str, request: Request) -> dict[str, Any]:
 
 
 @router.delete("/datacaches/{name}", status_code=204)
-def delete_datacache(name: str, request: Request) -> Response:
-    _service(request).delete(name)
+def delete_datacache(name: str, request: Request,
+                     cluster: Annotated[bool, Query(description="cluster mode: also remove the"
+                                                    " cluster-wide declaration (the other"
+                                                    " nodes keep their copies)")] = False
+                     ) -> Response:
+    """Remove the cache from this node (and, with ``cluster=true``, its declaration)."""
+    _service(request).delete(name, cluster=cluster)
     return Response(status_code=204)
 
 

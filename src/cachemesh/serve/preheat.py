@@ -119,6 +119,17 @@ class Preheat:
         """:meth:`declare` from a thread of the server (the API's handlers)."""
         return self._sync(self.declare(spec, nodes, min_copies))
 
+    def undeclare_sync(self, name: str) -> bool:
+        """Remove the cluster-wide declaration (nodes keep what they pulled)."""
+        return bool(self._sync(self.kv.delete(self.keys.cache(name))))
+
+    async def resync(self) -> None:
+        """After a new lease (the entries on the old one are gone): report every
+        declaration that selects this node again."""
+        snapshot = await self.kv.get_prefix(f"{self.keys.prefix}caches/")
+        for kv in snapshot.kvs:
+            self._consider(kv.value)
+
     async def declaration(self, name: str) -> CacheDecl | None:
         found = await self.kv.get(self.keys.cache(name))
         return CacheDecl.from_bytes(found.value) if found else None
