@@ -62,6 +62,8 @@ CANDIDATES_TTL_S = 0.3
 CLAIM_RETRY_S = 0.3
 # Landed ranges written in a holder entry at most (the rest: the peer's watch stream).
 MAX_RANGES = 64
+# After a failed call, etcd is not asked again for this long.
+DOWN_S = 2.0
 # With etcd unreachable, a node goes to the origin itself after this long.
 DEGRADED_GRACE_S = 2.0
 
@@ -80,6 +82,7 @@ class EtcdPeers(Peers):
                                         name="cachemesh-etcd-peers")
         self._thread.start()
         self._lock = threading.Lock()
+        self._down_until = 0.0
         self.kv: KV = self._call(_made(make_kv))
         self.index = BlobIndex(self.kv, keys)
         self._own_lease = 0
@@ -111,12 +114,22 @@ class EtcdPeers(Peers):
     # -- the loop ---------------------------------------------------------------------
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float = CALL_TIMEOUT_S) -> T:
+        """Run ``coro`` on the loop and wait. After a failure, calls fail at once for
+        :data:`DOWN_S`, so that an unreachable etcd costs a fetch one timeout, not one
+        per question."""
+        if time.monotonic() < self._down_until:
+            coro.close()
+            raise ClusterError("etcd did not answer a moment ago")
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
             return future.result(timeout)
         except TimeoutError as exc:
             future.cancel()
+            self._down_until = time.monotonic() + DOWN_S
             raise ClusterError(f"etcd did not answer in {timeout} s") from exc
+        except ClusterError:
+            self._down_until = time.monotonic() + DOWN_S
+            raise
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` on the loop without waiting (writes nobody must wait for)."""
@@ -128,6 +141,7 @@ class EtcdPeers(Peers):
         if self._closed:
             return
         self._closed = True
+        self._down_until = 0.0  # one last try: give the lease back
         with contextlib.suppress(ClusterError, RuntimeError):
             self._call(self._close(), timeout=3.0)
         self._loop.call_soon_threadsafe(self._loop.stop)
