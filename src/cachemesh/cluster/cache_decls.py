@@ -36,8 +36,11 @@ from pydantic import Field, field_validator
 from ..store.names import check_name
 from .records import NodeRecord, _Record
 
-# Least seconds between two progress writes of one node's prewarm entry.
-PREWARM_INTERVAL_S = 1.0
+# Least seconds between two progress writes of one node's prewarm entry (keys.py's write
+# budget); a change of state is written at once.
+PREWARM_INTERVAL_S = 5.0
+# How often a node looks at its own pull of a prewarm (its store, not etcd).
+PREWARM_LOOK_S = 0.5
 
 NodesSpec = Literal["all"] | int | list[str]
 

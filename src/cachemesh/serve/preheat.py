@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from ..caches import AVAILABLE, FAILED, CacheSpec
 from ..cluster.cache_decls import (
     PREWARM_INTERVAL_S,
+    PREWARM_LOOK_S,
     CacheDecl,
     NodesSpec,
     PrewarmRecord,
@@ -207,6 +208,7 @@ class Preheat:
                                                         error=str(exc)))
             return
         last: PrewarmRecord | None = None
+        written = 0.0
         while True:
             try:
                 info = await asyncio.to_thread(service.current, decl.name)
@@ -220,13 +222,15 @@ class Preheat:
                 progress=1.0 if info.status == AVAILABLE else (
                     min(1.0, p.bytes_done / total) if total else 0.0),
                 bytes_done=p.bytes_done, bytes_total=total, error=info.error)
-            if last is None or (record.state, record.bytes_done) != (last.state, last.bytes_done):
+            now = time.monotonic()
+            if last is None or record.state != last.state or (
+                    record.bytes_done != last.bytes_done and now - written >= PREWARM_INTERVAL_S):
                 await self._report(decl.name, record)
-                last = record
+                last, written = record, now
             if info.status in (AVAILABLE, FAILED):
                 self.node.membership.update(disk_free_bytes=self._free_disk())
                 return
-            await asyncio.sleep(PREWARM_INTERVAL_S)
+            await asyncio.sleep(PREWARM_LOOK_S)
 
     async def _report(self, cache: str, record: PrewarmRecord) -> None:
         lease = self.node.membership.lease
