@@ -17,8 +17,8 @@ does, and each is a method here, so that the answer's source can change:
     waits up to :data:`STATIC_GRACE_S` for lower-named live nodes that do not fetch the
     blob yet (they may be starting), then takes its turn. A node that dies drops out of
     ``seen`` (it no longer answers) and the next one takes over. In cluster mode this is
-    an etcd lease: ``P/fetching/{sha256}`` created if absent by the node that fetches, bound
-    to its lease, so that it goes with the node.
+    an etcd claim (``etcd_peers.py``): ``P/fetching/{sha256}`` created if absent by the node
+    that fetches, bound to the lease of its pull process, so that it goes with the pull.
 
 What this node tells the others (no-ops with a static list, where every peer is asked
 directly; writes of the blob index in cluster mode, ``etcd_peers.py``): ``started``,
