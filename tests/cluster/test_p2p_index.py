@@ -272,3 +272,18 @@ def test_pick_nodes_spreads_across_zones_by_free_disk() -> None:
     decl = CacheDecl(name="m", spec={}, nodes=2, assigned=["a1", "b1"])
     assert decl.selects("b1") and not decl.selects("a2")
     assert CacheDecl(name="m", spec={}, nodes="all").selects("anyone")
+
+
+def test_a_claim_after_the_pulls_lease_was_lost_takes_a_new_lease(etcd: EtcdServer,
+                                                                 cluster_keys: Keys) -> None:
+    peers = EtcdPeers("a", cluster_keys, lambda: kv_of(etcd), lease_ttl_s=30)
+    try:
+        first = hashlib.sha256(b"first").hexdigest()
+        assert peers.origin_turn(first, {}, 0.0)
+        lost = peers._own_lease
+        once(etcd, lambda kv: kv.revoke_lease(lost))  # etcd forgot it (or it expired)
+        second = hashlib.sha256(b"second").hexdigest()
+        assert peers.origin_turn(second, {}, 0.0)
+        assert peers._own_lease not in (0, lost)
+    finally:
+        peers.close()

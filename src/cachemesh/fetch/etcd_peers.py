@@ -227,7 +227,12 @@ class EtcdPeers(Peers):
         return who == self.me
 
     async def _claim(self, sha256: str) -> str | None:
-        who = await self.index.claim(sha256, self.me, await self._lease())
+        try:
+            who = await self.index.claim(sha256, self.me, await self._lease())
+        except LeaseLostError:  # expired before the keeper noticed: a new one, once
+            self._own_lease = 0
+            self._claimed.clear()
+            who = await self.index.claim(sha256, self.me, await self._lease())
         if who == self.me:
             self._claimed.add(sha256)
         return who
