@@ -225,11 +225,20 @@ class ServeSettings:
     # own views and hub/. Models given on the command line or in --config are not
     # checked: the operator wrote them.
     source_roots: tuple[Path, ...] = ()
+    # CACHEMESH_SERVE_TLS_CERT and CACHEMESH_SERVE_TLS_KEY: PEM certificate (chain) and key:
+    # the HTTP port speaks HTTPS (a cluster node whose advertise URL is https). Both or neither.
+    tls_cert: Path | None = None
+    tls_key: Path | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ServeSettings:
         workers = env.get("CACHEMESH_SERVE_WORKERS")
+        tls_cert, tls_key = _path(env, "CACHEMESH_SERVE_TLS_CERT"), _path(env, "CACHEMESH_SERVE_TLS_KEY")
+        if (tls_cert is None) != (tls_key is None):
+            raise InvalidInputError("CACHEMESH_SERVE_TLS_CERT and CACHEMESH_SERVE_TLS_KEY go"
+                                    " together: give both or neither")
         return cls(
+            tls_cert=tls_cert, tls_key=tls_key,
             host=env.get("CACHEMESH_SERVE_HOST") or "127.0.0.1",
             port=_int(env, "CACHEMESH_SERVE_PORT", 8008),
             grpc_port=_port(env, "CACHEMESH_SERVE_GRPC_PORT", 8033),

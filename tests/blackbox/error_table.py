@@ -84,9 +84,9 @@ NOT_PROVOKED: dict[type[e.CachemeshError], str] = {
                       " streams them (Python API only)",
     e.SourceChangedError: "needs an object that changes at the origin during a pull; not"
                           " reproducible from outside without a race",
-    # The cluster's errors (cachemesh/cluster/) exist before the server and the CLI
-    # use them; cluster mode's own tests give them rows once a node can join (issue 17).
-    **{cls: "cluster mode is not wired into serve or the CLI yet" for cls in (
+    # The cluster's errors need a real etcd: tests/cluster provokes them against one
+    # (a node name taken: exit 4; etcd stopped: declarations 503; If-Match: 409).
+    **{cls: "needs a real etcd: provoked by tests/cluster (issue 17)" for cls in (
         e.ClusterError, e.ClusterUnavailableError, e.NodeNameTakenError, e.LeaseLostError,
         e.RevisionConflictError, e.HistoryLostError)},
 }

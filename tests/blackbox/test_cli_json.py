@@ -33,7 +33,7 @@ JOB_KEYS = {"id", "kind", "key", "status", "spec", "result", "error", "progress"
 MODEL_KEYS = {"name", "version", "source", "runtime", "state", "reason", "eager", "origin",
               "bucket", "worker", "workers", "size_bytes", "predicted_bytes", "inflight", "loads",
               "evictions", "last_used", "view", "rollout", "versions", "traffic", "routes",
-              "aliases", "scaling"}
+              "aliases", "scaling", "revision"}
 SHARED = random.Random(16).randbytes(64 * 1024)  # in both local caches: stored once
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -69,11 +70,14 @@ class ServeNode:
     """``cachemesh serve --cluster ...`` in a process of its own."""
 
     def __init__(self, home: Path, name: str, cluster_url: str, env: dict[str, str],
-                 *args: str, wait: bool = True) -> None:
+                 *args: str, wait: bool = True, https_ca: Path | None = None) -> None:
+        """``https_ca``: the node serves HTTPS (``args`` carry --tls-cert/--tls-key) with a
+        certificate this CA signed; its advertise URL is https."""
         self.home = home
         self.name = name
         self.port, self.grpc_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if https_ca is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.log_path = home.parent / f"serve-{name}-{self.port}.log"
         home.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
@@ -83,7 +87,9 @@ class ServeNode:
                  "--cluster", cluster_url, "--node-name", name, "--advertise", self.url,
                  *args],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        self.http = httpx.Client(base_url=self.url, timeout=30, trust_env=False)
+        self.http = httpx.Client(base_url=self.url, timeout=30, trust_env=False,
+                                 verify=ssl.create_default_context(cafile=str(https_ca))
+                                 if https_ca is not None else True)
         if wait:
             wait_until(self.live, 60, f"node {name} to listen")
 
@@ -149,9 +155,10 @@ class Cluster:
     def env(self, name: str, **extra: str) -> dict[str, str]:
         return node_env(self.root / name / "home", **{**self.extra_env, **extra})
 
-    def start(self, name: str, *args: str, wait: bool = True, **extra: str) -> ServeNode:
+    def start(self, name: str, *args: str, wait: bool = True, https_ca: Path | None = None,
+              **extra: str) -> ServeNode:
         node = ServeNode(self.root / name / "home", name, self.etcd_url, self.env(name, **extra),
-                         *args, wait=wait)
+                         *args, wait=wait, https_ca=https_ca)
         self.nodes[name] = node
         return node
 

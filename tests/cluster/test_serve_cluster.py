@@ -44,12 +44,15 @@ def test_nodes_listing_cli_and_metrics(three_nodes: Cluster) -> None:
     table = subprocess.run([*cli(), "nodes", "ls"], env=env, capture_output=True, text=True,
                            timeout=60)
     assert table.returncode == 0 and "c*" in table.stdout and a.url in table.stdout
-    metrics = a.http.get("/metrics").text
-    assert "cachemesh_cluster_degraded 0.0" in metrics
-    renewals = [line for line in metrics.splitlines()
-                if line.startswith("cachemesh_cluster_lease_renewals_total ")]
-    assert renewals and float(renewals[0].split()[1]) >= 1
-    assert "cachemesh_cluster_etcd_errors_total" in metrics
+    def renewals() -> float:
+        metrics = a.http.get("/metrics").text
+        assert "cachemesh_cluster_degraded 0.0" in metrics
+        assert "cachemesh_cluster_etcd_errors_total" in metrics
+        (line,) = [line for line in metrics.splitlines()
+                   if line.startswith("cachemesh_cluster_lease_renewals_total ")]
+        return float(line.split()[1])
+
+    wait_until(lambda: renewals() >= 1, 5, "a lease renewal (every TTL/3 = 0.7 s)")
 
 
 def test_declared_on_a_loads_and_answers_on_b(three_nodes: Cluster) -> None:
@@ -92,6 +95,14 @@ def test_same_document_from_every_node_is_one_write(three_nodes: Cluster) -> Non
     assert three_nodes["b"].http.post("/api/v1/models", json=spec).status_code == 201
     wait_until(lambda: three_nodes["c"].model("daemonset-s").status_code == 200, 10, "c")
     assert three_nodes["c"].http.post("/api/v1/models", json=spec).status_code == 200
+    # the V2 repository extension declares through the same registry: loaded on c, known on a
+    repo = toy_spec(three_nodes.origin, "daemonset-r")
+    r = three_nodes["c"].http.post("/v2/repository/models/daemonset-r/load", json={
+        "parameters": {"source": repo["source"], "runtime": "custom",
+                       "config": repo["parameters"]}})
+    assert r.status_code == 200, r.text
+    wait_until(lambda: three_nodes["a"].model("daemonset-r").status_code == 200, 10,
+               "a to know the model c's repository extension declared")
 
 
 def test_conflicting_writes_on_one_revision(three_nodes: Cluster) -> None:

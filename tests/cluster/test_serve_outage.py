@@ -7,6 +7,7 @@ Then etcd over TLS with client certificates from a CA the test makes."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import trustme
 from cachemesh.cluster import EtcdKV, Keys
 from tests.cluster.conftest import require_etcd
 from tests.cluster.etcd_server import EtcdServer, TLSFiles
-from tests.cluster.nodes import Cluster, ServeNode, toy_spec, wait_until
+from tests.cluster.nodes import Cluster, ServeNode, cli, toy_spec, wait_until
 
 PREFIX = "/outage/"
 
@@ -36,17 +37,20 @@ def two_nodes(own_etcd: EtcdServer, tmp_path: Path) -> Iterator[Cluster]:
         cluster.stop()
 
 
-def _models_in_etcd(etcd: EtcdServer) -> list[str]:
+def _in_etcd(etcd: EtcdServer, under: str) -> list[str]:
+    """The names of the keys under ``under``, read from etcd itself."""
     async def read() -> list[str]:
         kv = EtcdKV([etcd.endpoint], timeout=2.0)
         try:
-            keys = Keys(PREFIX)
-            return [keys.name_of(x.key, keys.models)
-                    for x in (await kv.get_prefix(keys.models)).kvs]
+            return [Keys(PREFIX).name_of(x.key, under) for x in (await kv.get_prefix(under)).kvs]
         finally:
             await kv.close()
 
     return asyncio.run(read())
+
+
+def _models_in_etcd(etcd: EtcdServer) -> list[str]:
+    return _in_etcd(etcd, Keys(PREFIX).models)
 
 
 def _degraded(node: ServeNode) -> bool:
@@ -94,17 +98,26 @@ def test_etcd_stopped_then_back_then_replaced_empty(own_etcd: EtcdServer,
     lost = time.monotonic()
     wait_until(lambda: sorted(_models_in_etcd(own_etcd)) == ["after", "kept", "later"], 10,
                "the declarations to be restored", every=0.2)
+    wait_until(lambda: _in_etcd(own_etcd, Keys(PREFIX).nodes) == ["a", "b"], 10,
+               "both nodes to re-register in the new etcd", every=0.2)
     for node in (a, b):
-        wait_until(lambda n=node: sorted(n.node_names()) == ["a", "b"] and not _degraded(n),
-                   10, f"{node.name} to re-register")
+        wait_until(lambda n=node: n.nodes()["cluster"]["data_losses"] >= 1
+                   and n.nodes()["cluster"]["state"] == "active" and not _degraded(n),
+                   10, f"{node.name} to know etcd lost its data, and be active again")
     assert time.monotonic() - lost < 10
     assert a.model("gone").status_code == 404 and b.model("gone").status_code == 404
     assert b.infer("kept", 4.0).json()["outputs"][0]["data"] == [4.0]
-    assert a.nodes()["cluster"]["data_losses"] >= 1
     # and the cluster works on the new etcd: a declaration on b reaches a
-    assert b.http.post("/api/v1/models",
-                       json=toy_spec(two_nodes.origin, "new-era")).status_code == 201
+    r = b.http.post("/api/v1/models", json=toy_spec(two_nodes.origin, "new-era"))
+    assert r.status_code == 201, r.text
     wait_until(lambda: a.model("new-era").status_code == 200, 10, "a to see b's declaration")
+
+    # every node stopped, etcd emptied meanwhile: the first node back restores from its store
+    time.sleep(0.2)  # (the local copy is written 50 ms after a change)
+    two_nodes.stop()
+    own_etcd.replace()
+    two_nodes.start("a")
+    assert sorted(_models_in_etcd(own_etcd)) == ["after", "kept", "later", "new-era"]
 
 
 @pytest.fixture
@@ -120,6 +133,9 @@ def tls_etcd(tmp_path: Path) -> Iterator[tuple[EtcdServer, Path]]:
     client = ca.issue_cert("node-a")
     client.private_key_pem.write_to_path(str(certs / "node-key.pem"))
     client.cert_chain_pems[0].write_to_path(str(certs / "node.pem"))
+    https = ca.issue_cert("127.0.0.1")  # the node's own HTTPS listener
+    https.private_key_pem.write_to_path(str(certs / "https-key.pem"))
+    https.cert_chain_pems[0].write_to_path(str(certs / "https.pem"))
     server = EtcdServer(tmp_path / "etcd", tls=TLSFiles(
         cert=certs / "server.pem", key=certs / "server-key.pem", client_ca=certs / "ca.pem"))
     try:
@@ -129,18 +145,31 @@ def tls_etcd(tmp_path: Path) -> Iterator[tuple[EtcdServer, Path]]:
         server.stop()
 
 
-def test_node_joins_etcd_over_tls_with_client_certificate(
+def test_node_joins_etcd_over_tls_and_serves_https(
         tls_etcd: tuple[EtcdServer, Path], tmp_path: Path) -> None:
     server, certs = tls_etcd
-    cluster = Cluster(tmp_path / "nodes", server.url, "/tls/")
+    cluster = Cluster(tmp_path / "nodes", server.url, "/tls/",
+                      CACHEMESH_CLUSTER_CA=str(certs / "ca.pem"))
     try:
         node = cluster.start("a", "--etcd-cacert", str(certs / "ca.pem"),
                              "--etcd-cert", str(certs / "node.pem"),
-                             "--etcd-key", str(certs / "node-key.pem"))
+                             "--etcd-key", str(certs / "node-key.pem"),
+                             "--tls-cert", str(certs / "https.pem"),
+                             "--tls-key", str(certs / "https-key.pem"),
+                             https_ca=certs / "ca.pem")
         body = node.nodes()
-        assert [n["name"] for n in body["nodes"]] == ["a"]
+        assert [n["advertise"] for n in body["nodes"]] == [node.url]
+        assert node.url.startswith("https://")
         assert body["cluster"]["etcd"].startswith("https://")
         assert node.http.post("/api/v1/models",
                               json=toy_spec(cluster.origin, "over-tls")).status_code == 201
+        # without the client certificate etcd refuses the node: one line, no traceback
+        env = cluster.env("b")
+        out = subprocess.run([*cli(), "serve", "--port", "0", "--cluster", server.url,
+                              "--node-name", "b", "--advertise", "http://127.0.0.1:9",
+                              "--etcd-cacert", str(certs / "ca.pem")],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0 and "TLS" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     finally:
         cluster.stop()

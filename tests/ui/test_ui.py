@@ -119,7 +119,7 @@ def test_model_state_changes_after_a_request(page: Any, server: RunningServer):
     wait_for(page, "(w) => document.querySelector(`tr[data-worker=\"${w}\"]`)"
                    ".textContent.includes('echo')", worker_id)
     assert page.locator("#budget").inner_text().endswith("of a budget of 512.0 MiB")
-    assert page.locator("#nodes").is_hidden()  # one node: the server reports no nodes
+    assert page.locator("#nodes").is_hidden()  # one node: no cluster, no nodes section
     assert page.evaluate("window.__csp") == []
     assert not page.errors
 

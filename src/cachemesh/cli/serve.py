@@ -72,6 +72,11 @@ from .common import SIZE, handle_errors, settings_of
               help="Client certificate for etcd. $CACHEMESH_ETCD_CERT")
 @click.option("--etcd-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Key of the client certificate. $CACHEMESH_ETCD_KEY")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None, help="Serve HTTPS with this certificate (PEM chain), e.g. for an"
+              " https --advertise URL. $CACHEMESH_SERVE_TLS_CERT")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              default=None, help="Key of --tls-cert. $CACHEMESH_SERVE_TLS_KEY")
 @click.pass_context
 @handle_errors
 def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int | None,
@@ -81,7 +86,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int
           metrics_token: str | None, max_body: int | None, copy_rate: float | None,
           max_copies: int | None, copy_cooldown: float | None, cluster: str | None,
           node_name: str | None, advertise: str | None, etcd_cacert: Path | None,
-          etcd_cert: Path | None, etcd_key: Path | None) -> None:
+          etcd_cert: Path | None, etcd_key: Path | None, tls_cert: Path | None,
+          tls_key: Path | None) -> None:
     """Serve models over KServe V2 REST and the OpenAI API (/v1), with the control API
     and /metrics, on one port, and over KServe V2 gRPC on --grpc-port.
 
@@ -106,6 +112,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int
         "host": host, "port": port, "grpc_port": grpc_port, "workers": workers, "memory": memory,
         "worker_memory_limit": worker_memory_limit, "max_body": max_body,
         "copy_rate": copy_rate, "max_copies": max_copies, "copy_cooldown_s": copy_cooldown,
+        "tls_cert": tls_cert, "tls_key": tls_key,
     }.items()
         if v is not None}
     tokens = {k: v.strip() for k, v in {
@@ -113,6 +120,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int
         "metrics_token": metrics_token}.items() if v is not None and v.strip()}
     settings = dataclasses.replace(settings, serve=dataclasses.replace(settings.serve, **overrides),
                                    **tokens)
+    if (settings.serve.tls_cert is None) != (settings.serve.tls_key is None):
+        raise InvalidInputError("--tls-cert and --tls-key go together: give both or neither")
     settings = with_cluster_flags(settings, cluster=cluster, node_name=node_name,
                                   advertise=advertise, etcd_cacert=etcd_cacert,
                                   etcd_cert=etcd_cert, etcd_key=etcd_key)
@@ -139,7 +148,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int
 
     def started() -> None:
         grpc = f", gRPC {cfg.host}:{cfg.grpc_port}" if cfg.grpc_port else ""
-        click.echo(f"cachemesh serving {len(specs)} model(s) on http://{cfg.host}:{cfg.port}"
+        scheme = "https" if cfg.tls_cert else "http"
+        click.echo(f"cachemesh serving {len(specs)} model(s) on {scheme}://{cfg.host}:{cfg.port}"
                    f"{grpc} ({cfg.worker_count()} worker(s)); Ctrl-C or SIGTERM to stop", err=True)
 
     run(settings, specs, on_started=started, launched=launched)

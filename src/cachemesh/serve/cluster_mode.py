@@ -32,16 +32,18 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
 
 from ..cluster.election import Election
 from ..cluster.etcd import EtcdKV
-from ..cluster.keys import Keys
+from ..cluster.keys import Keys, part
 from ..cluster.kv import KV
 from ..cluster.membership import Membership, Rejoin
 from ..cluster.records import CopyState, NodeRecord
 from ..cluster.view import PrefixView
 from ..config import Settings
 from ..errors import ClusterError, InvalidInputError, RevisionConflictError
+from ..sources import scheme_of
 from .documents import ModelDoc, doc_from_spec
 from .registry import Change, ModelSpec
 from .registry_etcd import EtcdModelRegistry
@@ -169,14 +171,13 @@ class ClusterContext:
 
     async def nodes(self) -> list[NodeRecord]:
         """The live nodes (this one included), by name, as last seen (from a watch)."""
-        out = []
-        for kv in sorted(self._nodes.items.values(), key=lambda kv: kv.key):
+        out = [self.membership.record]  # this node's own, fresher than etcd's copy
+        for kv in self._nodes.items.values():
             with contextlib.suppress(ValueError):
-                out.append(NodeRecord.from_bytes(kv.value))
-        if not any(r.name == self.name for r in out):
-            out.append(self.membership.record)  # etcd down, or not seen yet
-            out.sort(key=lambda r: r.name)
-        return out
+                record = NodeRecord.from_bytes(kv.value)
+                if record.name != self.name:
+                    out.append(record)
+        return sorted(out, key=lambda r: r.name)
 
     def node(self, name: str) -> NodeRecord | None:
         kv = self._nodes.items.get(self.keys.node(name))
@@ -189,7 +190,7 @@ class ClusterContext:
 
     def copies_of(self, model: str) -> list[tuple[str, str | None, CopyState]]:
         """Where the copies of ``model`` are: (node, version label, state), from a watch."""
-        under = f"{self.keys.copies}{_part(model)}/"
+        under = f"{self.keys.copies}{part(model)}/"
         out = []
         for key, kv in self._copies.items.items():
             if not key.startswith(under):
@@ -324,26 +325,16 @@ class ClusterContext:
 def missing_local_source(doc: ModelDoc) -> str | None:
     """Why a node cannot load ``doc`` from here: a local source (``file://`` or a path)
     that does not exist on this node. None when every local source exists."""
-    from ..sources import scheme_of
-
     for label, spec in doc.versions.items():
         if scheme_of(spec.source) != "file":
             continue
         raw = spec.source
         if raw.startswith("file:"):
-            from urllib.parse import unquote, urlparse
-
             raw = unquote(urlparse(raw).path)
         path = os.path.abspath(os.path.expanduser(raw))
         if not os.path.exists(path):
             return f"version {label}: local source {path} does not exist on this node"
     return None
-
-
-def _part(value: str) -> str:
-    from ..cluster.keys import part
-
-    return part(value)
 
 
 def _same_copy(a: CopyState, b: CopyState) -> bool:

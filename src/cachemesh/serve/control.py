@@ -85,10 +85,9 @@ def _revision(service: ModelService, name: str) -> int | None:
 
 def _with_revision(service: ModelService, body: dict[str, Any],
                    response: Response) -> dict[str, Any]:
-    """The document's revision in the body and as the ETag (for If-Match)."""
+    """The document's revision (``revision`` in the body) as the ETag too (for If-Match)."""
     revision = _revision(service, body["name"])
     if revision is not None:
-        body["revision"] = revision
         response.headers["etag"] = f'"{revision}"'
     return body
 

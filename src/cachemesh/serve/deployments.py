@@ -263,7 +263,10 @@ class Deployments:
             dep.rollout_note = (text if text.startswith("rollout") else
                                 f"rollout failed: {text or type(exc).__name__}")[:2000]
             for label, v in added.items():
-                dep.versions.pop(label, None)
+                if label in dep.doc.versions and dep.versions.get(label) is v:
+                    continue  # the document another node wrote meanwhile uses it (follow)
+                if dep.versions.get(label) is v:
+                    del dep.versions[label]
                 self.shared.background.start(self.retire(v, "its rollout failed"))
             raise
         # The switch: one assignment each, no await in between.

@@ -72,7 +72,7 @@ _HEADER = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP token (RFC 911
 STATUS_FIELDS = frozenset({
     "state", "reason", "origin", "worker", "workers", "size_bytes", "predicted_bytes",
     "inflight", "loads", "evictions", "last_used", "view", "version", "source", "runtime",
-    "parameters", "status", "rollout", "copies"})
+    "parameters", "status", "rollout", "copies", "revision"})
 
 
 def check_label(value: str, what: str = "version") -> str:

@@ -77,6 +77,7 @@ class EtcdModelRegistry(ModelRegistry):
         self._local: dict[str, dict[str, Any]] = {}
         self._epoch: str | None = None
         self._save_pending = False
+        self._opened = False
         self._save_lock = threading.Lock()
         self.restores = 0  # times this node wrote its local copy back into an empty etcd
 
@@ -95,6 +96,7 @@ class EtcdModelRegistry(ModelRegistry):
             await self._restore()
             await self._view.load()
         self._epoch = epoch
+        self._opened = True
         self._save()
         self._view.start()
 
@@ -293,12 +295,16 @@ class EtcdModelRegistry(ModelRegistry):
 
     def _flush(self) -> None:
         self._save_pending = False
+        if not self._opened:
+            return  # a registry that never opened must not overwrite the copy
         data = {"prefix": self.keys.prefix, "epoch": self._epoch, "models": self._local}
         with self._save_lock:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = self.path.with_name(f".models.json.{os.getpid()}.tmp")
-                with open(tmp, "w") as f:
+                # 0600: a source may carry a credential (a presigned URL), as in meta.db.
+                with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                               "w") as f:
                     json.dump(data, f, sort_keys=True)
                     f.flush()
                     os.fsync(f.fileno())

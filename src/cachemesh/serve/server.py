@@ -76,6 +76,8 @@ def make_server(settings: Settings, specs: Sequence[ModelSpec] = (), *,
         http="httptools" if _has("httptools") else "h11",
         lifespan="on", timeout_graceful_shutdown=cfg.drain_timeout_s,
         timeout_keep_alive=30, backlog=2048, proxy_headers=False,
+        ssl_certfile=str(cfg.tls_cert) if cfg.tls_cert else None,
+        ssl_keyfile=str(cfg.tls_key) if cfg.tls_key else None,
     )
     return DrainingServer(config, service)
 

@@ -134,7 +134,11 @@ class ModelService:
             # Join first: a node refused (its name taken) starts nothing. The models given
             # at start become the cluster's declarations (idempotent across nodes).
             await self.cluster.start(self)
-            await self.cluster.declare(specs)
+            try:
+                await self.cluster.declare(specs)
+            except BaseException:
+                await self.cluster.stop()  # leave at once rather than a lease later
+                raise
             specs = []
         await self.pool.start()
         self.started = True

@@ -215,7 +215,8 @@ class Deployment:
             loads=sum(v.loads for v in versions.values()),
             evictions=sum(v.evictions for v in versions.values()),
             last_used=max((v.last_used for v in versions.values() if v.last_used), default=None),
-            view=pv.view, document=self.doc, versions=versions, rollout=self.rollout_note)
+            view=pv.view, document=self.doc, versions=versions, rollout=self.rollout_note,
+            revision=self.revision)
 
 
 def versions_of(models: Mapping[str, Deployment]) -> list[Version]:
@@ -282,6 +283,9 @@ class ModelStatus:
     document: ModelDoc
     versions: dict[str, VersionStatus]
     rollout: str | None
+    # The document's revision in the registry (0: declared at start, never written): the
+    # ETag that a PUT's If-Match names.
+    revision: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         doc = self.document.to_json()

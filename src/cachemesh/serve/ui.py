@@ -3,7 +3,7 @@
 Three files shipped in the package (``ui_static/``: ``index.html``, ``ui.js``,
 ``ui.css``), no build step and nothing fetched from elsewhere. The page reads
 the same APIs any client reads (``/api/v1/datacaches?usage=true``,
-``/api/v1/models``, ``/metrics``, ``/api/v1/nodes`` when a server has nodes)
+``/api/v1/models``, ``/metrics``, ``/api/v1/nodes`` in cluster mode)
 and follows pulls through ``/api/v1/datacaches/{name}/events`` with
 ``fetch()``, which, unlike ``EventSource``, can send a bearer token.
 

@@ -303,18 +303,25 @@
   }
 
   function renderNodes(nodes) {
+    // Cluster mode only: a lone server lists just itself, which the page shows already.
     const section = $("nodes");
     section.hidden = !nodes.length;
     if (!nodes.length) return;
-    // Cluster mode will name its fields; until then, show whatever scalars a node has.
-    const keys = [];
-    for (const n of nodes) for (const k of Object.keys(n)) if (!keys.includes(k)) keys.push(k);
-    const shown = keys.slice(0, 10);
-    $("node-head").replaceChildren(el("tr", "", ...shown.map((k) => el("th", "", k))));
-    $("node-rows").replaceChildren(...nodes.map((n) => el("tr", "", ...shown.map((k) => {
-      const v = n[k];
-      return el("td", "", v !== null && typeof v === "object" ? JSON.stringify(v) : v);
-    }))));
+    const head = ["node", "advertise", "health", "memory", "copies", "cannot load"];
+    $("node-head").replaceChildren(el("tr", "", ...head.map((k) => el("th", "", k))));
+    $("node-rows").replaceChildren(...nodes.map((n) => {
+      const health = n.degraded ? "degraded" : n.draining ? "draining" : "healthy";
+      const memory = bytes(n.memory_used_bytes || 0) + " of " +
+        (n.capacity_bytes ? bytes(n.capacity_bytes) : "-");
+      const copies = (n.copies || []).map((c) =>
+        c.model + "@" + c.version + (c.state === "ready" ? "" : " (" + c.state + ")")).join(", ");
+      const cannot = Object.entries(n.cannot_load || {}).map(([m, why]) => m + ": " + why)
+        .join("; ");
+      const row = el("tr", "", ...[n.name + (n.self ? " (this node)" : ""), n.advertise, health,
+                                  memory, copies || "-", cannot || "-"].map((v) => el("td", "", v)));
+      row.dataset.node = n.name;
+      return row;
+    }));
   }
 
   function sample(count) {
@@ -464,7 +471,8 @@
       if (count) sample(count);
       if (polls++ % NODES_EVERY === 0) {
         const r = await call("api/v1/nodes");
-        renderNodes(r.ok ? ((await r.json()).nodes || []) : []);
+        const body = r.ok ? await r.json() : {};
+        renderNodes(body.cluster ? (body.nodes || []) : []);
       }
       $("status").textContent = "updated " + new Date().toLocaleTimeString() + note;
       $("status").className = "";
