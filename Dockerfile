@@ -1,13 +1,14 @@
 # The cachemesh image: the node (`cachemesh serve`) and the operator
 # (`python -m cachemesh.operator`), as the Helm chart runs them.
 #
-#   docker build -t cachemesh/cachemesh:0.1.0 \
-#       --build-arg TORCH_INDEX_URL=<PyTorch's CPU wheel index> .
+#   docker build -t cachemesh/cachemesh:0.1.0 .
 #
-# constraints.txt pins torch; TORCH_INDEX_URL is where pip finds its CPU build (without
-# it, pip takes the default build, which on x86_64 brings several GB of CUDA libraries).
+# constraints.txt pins torch's version; TORCH_INDEX_URL is where pip finds its build. The
+# default is PyTorch's CPU index (an image of about 1 GB); for GPU nodes build with
+# --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126, which brings the
+# CUDA libraries (several GB). An empty value takes PyPI's default build (CUDA on x86_64).
 FROM python:3.11-slim AS build
-ARG TORCH_INDEX_URL=""
+ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./

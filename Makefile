@@ -33,8 +33,8 @@ $(HELM): tools/k8s_tools.py | $(STAMP)
 test: $(STAMP) $(HELM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The gRPC protocol's descriptor (serve/protos/inference_descriptor.py, committed)
-# from inference.proto. grpcio-tools goes into a folder of its own: it wants a
+# The gRPC protocols' descriptors (serve/protos/*_descriptor.py, committed)
+# from inference.proto and health.proto. grpcio-tools goes into a folder of its own: it wants a
 # newer protobuf than the packages of the venv allow.
 PROTOS := src/cachemesh/serve/protos
 proto: $(STAMP)
@@ -42,4 +42,4 @@ proto: $(STAMP)
 	PYTHONPATH=$(VENV)/protoc-tools $(BIN)/python $(PROTOS)/generate.py
 
 clean:
-	rm -rf $(VENV) .demo build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -98,13 +98,15 @@ def main() -> None:
     runs: list[dict] = []
     for r in range(args.rounds):
         order = ("before", "after") if r % 2 == 0 else ("after", "before")
-        row: dict = {"round": r + 1, "order": list(order)}
+        row: dict = {"round": r + 1, "order": list(order),
+                     "load_before": os.getloadavg()[0]}
         for side in order:
             row[side] = {"serve": throughput(work / side, trees[side], args.duration,
                                              args.workers)}
             if not args.skip_soak:
                 row[side]["soak"] = short_soak(work / side, trees[side])
             print(f"round {r + 1} {side}: {json.dumps(row[side])}", flush=True)
+        row["load_after"] = os.getloadavg()[0]
         runs.append(row)
 
     def ratios(part: str, key: str) -> list[float]:
@@ -132,7 +134,11 @@ def main() -> None:
             + _report.table(["measure", "before (median)", "after (median)",
                              "paired ratio after/before (median)", "range of ratios"], rows)
             + f"\n\nErrors (non-2xx and soak errors, all rounds): before {errors['before']},"
-            f" after {errors['after']}.")
+            f" after {errors['after']}.\n\nEach round's req/s ratio, and the machine's 1-minute"
+            " load average at its start and end (other work on the shared cores shows here): "
+            + ", ".join(f"{row['after']['serve']['rate'] / row['before']['serve']['rate']:.2f}"
+                        f" ({row['load_before']:.1f}-{row['load_after']:.1f})"
+                        for row in runs if row['before']['serve']['rate']) + ".")
     print(text)
     data = {"before": args.before, "after": args.after, "rounds": runs, "ratios": summary,
             "errors": errors, "command": _report.command_line(), "machine": _report.machine(),
@@ -140,8 +146,7 @@ def main() -> None:
     _report.save_results("ab_serve", data)
     if args.write_doc:
         _report.write_section(
-            "ab_serve", "Serving before and after a change (paired, alternated)",
-            f"Command: `{_report.command_line()}`\n\nMachine: {_report.machine()}.\n\n{text}")
+            "ab_serve", "Serving before and after a change (paired, alternated)", text)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ write them (every file also carries ``benchmark``, ``command``, ``run`` and
                   "results": {"checkpoint|tool|cold|warm": [{"seconds": s, ...}, ...]}}
     serve.json   {"throughput": [{"label": "...", "system": "cachemesh"|"mlserver",
                                   "workers": n, "runs": [{"rate": req/s, "p50": ms,
-                                                          "p99": ms, ...}, ...]}, ...]}
+                                                          "p99": ms, ...}, ...],
+                                  "medians": {"p50": ms, "p99": ms} (optional)}, ...]}
+
+A file with ``"from_table"`` was read back from the report's tables by
+``tables_to_results.py`` (runs made before results were saved).
     fetch*.json  {"total_bytes": n, "baseline": tool, "tools": {tool: [{"seconds": s,
                                                                       "cpu": s}, ...]}}
     fleet.json   {"total_bytes": n, "loopback_mb_s": [...], "runs": [{"nodes": n,
@@ -113,11 +117,14 @@ def plot_serve(data: dict[str, Any]) -> Any:
     fig, (rate_ax, p99_ax) = plt.subplots(1, 2, figsize=(10, 0.45 * len(configs) + 1.6))
     for ax, key, unit, fmt in ((rate_ax, "rate", "requests/s", "{:.0f}"),
                                (p99_ax, "p99", "p99 latency, ms", "{:.1f}")):
-        medians = [statistics.median(r[key] for r in c["runs"]) for c in configs]
+        # A file read back from the report's table has each round's rate, and the
+        # latencies as medians only ("medians"); then no dots are drawn for them.
+        medians = [c.get("medians", {}).get(key)
+                   or statistics.median(r[key] for r in c["runs"]) for c in configs]
         bars = ax.barh(range(len(configs)), medians, color=colours, height=0.6)
         for i, c in enumerate(configs):  # each round, over its median
-            ax.plot([r[key] for r in c["runs"]], [i] * len(c["runs"]), "o", ms=3,
-                    color=LIMIT, alpha=0.6)
+            points = [r[key] for r in c["runs"] if key in r]
+            ax.plot(points, [i] * len(points), "o", ms=3, color=LIMIT, alpha=0.6)
         ax.margins(x=0.05)
         _label_bars(ax, bars, fmt)
         ax.set_yticks(range(len(configs)), labels if ax is rate_ax else [""] * len(labels),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -131,14 +132,20 @@ def test_demo_serves_what_it_prints(demo: Demo, smollm2: Converted):
 
     # KServe V2: the printed request holds a digit, and the answer names it.
     label = int(demo.wait_for(r"the answer says (\d+)\)").group(1))
-    namespace: dict = {}
-    assert run_python(demo.block_after("From Python:"), namespace).strip() == f"[{label}]"
+    # Each snippet runs on its own (a fresh namespace), with the input name the model's
+    # metadata gives.
+    assert run_python(demo.block_after("From Python:")).strip() == f"[{label}]"
     triton = demo.block_after("or with Triton's client, unchanged:")
-    assert run_python(triton, namespace).strip() == f"[{label}]"
+    assert run_python(triton).strip() == f"[{label}]"
     # The same request over the gRPC address it prints, through Triton's gRPC client.
     grpc_address = demo.wait_for(r"KServe V2 gRPC on (127\.0\.0\.1:\d+)").group(1)
     assert run_python(triton.replace("tritonclient.http", "tritonclient.grpc").replace(
-        "127.0.0.1:" + url.rsplit(":", 1)[1], grpc_address), namespace).strip() == f"[{label}]"
+        "127.0.0.1:" + url.rsplit(":", 1)[1], grpc_address)).strip() == f"[{label}]"
+    request_file = re.search(r"-d @(\S+)", demo.text).group(1)
+    sent = {t["name"] for t in json.loads(Path(request_file).read_text())["inputs"]}
+    meta = json.loads(run_curl(f"curl -sf {url}/v2/models/{DEMO_NAME}"))
+    assert sent == {t["name"] for t in meta["inputs"]} == {"input-0"}
+    assert 'InferInput("input-0"' in triton
 
     # The printed curl commands, as a shell runs them.
     commands = re.findall(r"^  (curl .*)$", demo.text.replace("\\\n", ""), re.MULTILINE)

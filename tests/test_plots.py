@@ -108,3 +108,25 @@ def test_results_are_saved_where_the_plots_read_them(tmp_path: Path, monkeypatch
     assert path == tmp_path / "serve.json"
     assert saved["throughput"] == SERVE["throughput"]
     assert saved["benchmark"] == "serve" and saved["command"].endswith("serve.py --rounds 2")
+
+
+def test_every_plot_the_report_embeds_has_its_results() -> None:
+    """An image the report shows is drawn from a results file that exists, and the
+    files read back from the tables (tables_to_results.py) hold the tables' medians."""
+    docs = BENCHMARKS.parent / "docs"
+    report = (docs / "benchmarks.md").read_text()
+    embedded = sorted(set(__import__("re").findall(r"\(benchmark-([\w-]+)\.png\)", report)))
+    assert embedded, "the report embeds no plot"
+    for name in embedded:
+        assert (docs / "results" / f"{name}.json").exists(), name
+    tables = _module("tables_to_results")
+    section = tables.section(report, "fetch")
+    fetch = tables.fetch("fetch", section)
+    for cells in tables.rows(section, "tool"):
+        runs = fetch["tools"][cells[0]]
+        rate = fetch["total_bytes"] / statistics.median(r["seconds"] for r in runs) / 1e6
+        assert abs(rate - float(cells[1])) < 1, cells  # the table's median MB/s
+    load = tables.load(tables.section(report, "load"))
+    assert {"synthetic", "llama"} <= set(load["plan"])
+    assert all(load["results"][f"{c}|{t}|{m}"] for c, tools in load["plan"].items()
+               for t in tools for m in ("cold", "warm"))

@@ -48,7 +48,7 @@ def wait_available(client: httpx.Client, name: str) -> None:
 
 
 def traffic(url: str, stop: threading.Event) -> None:
-    body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": DIGIT}]}
+    body = {"inputs": [{"name": "input-0", "shape": [1, 64], "datatype": "FP32", "data": DIGIT}]}
     with httpx.Client(base_url=url, timeout=30) as client:
         while not stop.is_set():
             client.post("/v2/models/digits/infer", json=body)

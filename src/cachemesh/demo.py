@@ -177,7 +177,9 @@ def write_demo_request(origin: Path) -> tuple[Path, int]:
     digits = datasets.load_digits()
     index = 1000
     pixels = (digits.images[index].reshape(-1) / 16.0).round(4).tolist()
-    body = {"inputs": [{"name": "predict", "shape": [1, 64], "datatype": "FP32", "data": pixels}]}
+    from .runtimes.sklearn import INPUT
+
+    body = {"inputs": [{"name": INPUT, "shape": [1, 64], "datatype": "FP32", "data": pixels}]}
     path = origin / "request.json"
     path.write_text(json.dumps(body) + "\n")
     return path, int(digits.target[index])
@@ -257,11 +259,12 @@ From Python:
 
 or with Triton's client, unchanged:
 
-  import numpy as np, tritonclient.http as th
+  import json, numpy as np, tritonclient.http as th
+  pixels = json.load(open("{request}"))["inputs"][0]["data"]
   c = th.InferenceServerClient("127.0.0.1:{port}")
-  x = th.InferInput("predict", [1, 64], "FP32")
-  x.set_data_from_numpy(np.array([body["inputs"][0]["data"]], dtype=np.float32))
-  print(c.infer("{DEMO_NAME}", [x]).as_numpy("predict"))
+  x = th.InferInput("input-0", [1, 64], "FP32")
+  x.set_data_from_numpy(np.array([pixels], dtype=np.float32))
+  print(c.infer("{DEMO_NAME}", [x]).as_numpy("predict"))   # [{label}]
 
 The chat model, SmolLM2-135M-Instruct (converted from its GGUF file), over the
 OpenAI API. Greedy decoding (temperature 0) gives the same answer every time:

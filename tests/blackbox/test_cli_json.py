@@ -207,7 +207,10 @@ def test_du_counts_what_dedup_saves(store: Store):
     assert du["blobs"] == len(sizes)
     assert du["saved_bytes"] == du["logical_bytes"] - du["physical_bytes"] >= len(SHARED)
 
-    last = cm(store.env, "du").stdout.splitlines()[-1]
+    text = cm(store.env, "du").stdout.splitlines()
+    assert text[0].split() == ["NAME", "BUCKET", "FILES", "LOGICAL", "EXCLUSIVE"]
+    assert [line.split()[0] for line in text[1:-1]] == [c["name"] for c in du["caches"]]
+    last = text[-1]
     assert re.fullmatch(r"logical .+, physical .+, saved by dedup .+ \(\d+ blobs\)", last)
     assert last.endswith(f"({du['blobs']} blobs)")
 
@@ -385,7 +388,7 @@ def test_models_deploy_apply_ls_and_rm(server: Server, origins: Path):
         assert set(w) == {"id", "pid", "alive", "rss_bytes", "base_bytes", "held_bytes",
                           "inflight", "models"}
     text = cm(env, "models", "ls").stdout.splitlines()
-    assert text[0].split() == ["NAME", "VERSION", "TRAFFIC", "STATE", "WORKERS", "SIZE",
+    assert text[0].split() == ["NAME", "VERSION", "TRAFFIC", "STATE", "WORKERS", "MEMORY",
                                "INFLIGHT", "RATE", "LAST", "USED", "SOURCE"]
     assert re.fullmatch(r"memory: .+ held of 2\.0 GiB by 2 worker\(s\)", text[-1])
     rows = [line.split() for line in text]

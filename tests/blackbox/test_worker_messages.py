@@ -72,7 +72,7 @@ def test_load_and_unload_through_the_repository(server: Server, origins: Path):
     assert (status["state"], status["size_bytes"], status["loads"]) == ("Ready", 123456, 1)
     assert len(status["workers"]) == 1
     meta = server.http.get("/v2/models/msg-load", headers=server.infer).json()
-    assert meta == {"name": "msg-load", "versions": [], "platform": "blackbox-toy",
+    assert meta == {"name": "msg-load", "versions": ["default"], "platform": "blackbox-toy",
                     "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
                     "outputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]}
     ready = server.http.get("/v2/models/msg-load/ready", headers=server.infer)

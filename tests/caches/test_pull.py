@@ -63,10 +63,37 @@ def test_identical_files_across_caches_are_stored_once(caches, make_tree, settin
 
 def test_include_and_exclude(caches, make_tree, settings):
     origin = make_tree("m", model_files())
-    view = cachemesh.pull(str(origin), include=["*.json", "weights/*"], exclude=["shard-01*"],
+    view = cachemesh.pull(str(origin), include=["*.json", "weights/*"], exclude=["weights/shard-01*"],
                           settings=settings)
     assert sorted(tree_of(view)) == ["config.json", "tokenizer.json", "weights/shard-00.bin",
                                      "weights/shard-02.bin"]
+
+
+def test_include_and_exclude_match_as_huggingface_hub_does():
+    """Users copy these lists from snapshot_download(allow_patterns=..., ignore_patterns=...):
+    the full path only, and a pattern ending in "/" takes the folder's files."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from cachemesh.caches import select_files
+    from cachemesh.sources.base import RemoteFile
+
+    paths = ["config.json", "1_Pooling/config.json", "1_Pooling/extra/x.bin",
+             "model.safetensors", "onnx/model.onnx", "onnx/model_O4.onnx", "README.md",
+             "tokenizer.json", "2_Dense/config.json", "1_Pooling"]
+    cases = [(["config.json"], []), (["1_Pooling/"], []), (["1_Pooling"], []),
+             (["*.json"], ["1_Pooling/*"]), (["*"], ["onnx/"]), ([], ["*.onnx"]),
+             (["onnx/*.onnx"], ["*O4*"]), (["*/config.json"], []), (["[12]_*/"], ["*/extra/"]),
+             (["?_Pooling/config.json", "README.md"], []), ([], [])]
+    files = [RemoteFile(path=p, size=1) for p in paths]
+    for include, exclude in cases:
+        ours = [f.path for f in select_files(files, include, exclude)]
+        theirs = list(filter_repo_objects(paths, allow_patterns=include or None,
+                                          ignore_patterns=exclude or None))
+        assert ours == theirs, (include, exclude)
+    # What the old rule (also the file name) took, and no longer does.
+    assert [f.path for f in select_files(files, ["config.json"], [])] == ["config.json"]
+    assert [f.path for f in select_files(files, ["1_Pooling/"], [])] == [
+        "1_Pooling/config.json", "1_Pooling/extra/x.bin"]
 
 
 def test_missing_and_unreadable_sources(caches, tmp_path, settings):

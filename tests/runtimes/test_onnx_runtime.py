@@ -256,3 +256,27 @@ def test_model_files_and_parameters(onnx_svm: Converted, tmp_path: Path,
     (tmp_path / "broken" / "model.onnx").write_bytes(b"not a graph")
     with pytest.raises(ModelLoadError, match="onnxruntime cannot load model.onnx"):
         load(tmp_path / "broken")
+
+
+def test_metadata_is_read_from_the_file_before_any_load(tmp_path: Path, onnx_svm: Converted,
+                                                        onnx_bert: Converted):
+    """V2 metadata before the first load (issue 21): read from the graph without
+    onnxruntime, and the same as what the loaded model says (stable across the load)."""
+    from cachemesh.runtimes.onnx_signature import read_signature
+
+    graphs = handmade_graphs(tmp_path / "graphs")
+    cls = runtime_class("onnx")
+    for view in (onnx_svm.view, onnx_bert.view, *graphs.values()):
+        settings = ModelSettings(name="m", path=view)
+        before = cls.describe(settings)
+        runtime = cls(settings)
+        runtime.load()
+        assert before == runtime.metadata(), view
+    assert cls.describe(ModelSettings(name="m", path=onnx_svm.view))["inputs"] == [
+        {"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+    # Not an ONNX file, or a cut one: no signature (the load says why).
+    (tmp_path / "junk.onnx").write_bytes(b"\xff" * 64)
+    assert read_signature(tmp_path / "junk.onnx") is None
+    whole = (onnx_bert.view / "model.onnx").read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(whole[: len(whole) // 2])
+    assert read_signature(tmp_path / "cut.onnx") is None

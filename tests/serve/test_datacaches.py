@@ -336,7 +336,8 @@ def test_event_stream_resumes_after_last_event_id(server: RunningServer, tmp_pat
 def test_a_server_that_stops_stops_its_pulls_and_the_next_one_resumes(
         http_origin: HttpOrigin, tmp_path: Path):
     """Pulls run in child processes: stopping the server stops them at once (a
-    thread would have gone on pulling, and kept a stopped server from exiting)."""
+    thread would have gone on pulling, and kept a stopped server from exiting); the
+    next server resumes them when it starts, where they stopped."""
     size = 8 * 1024 * 1024
     http_origin.files["/big.bin"] = random.Random(3).randbytes(size)
     http_origin.delay_s = 0.05  # 64 KiB each: about 6 s for the whole file
@@ -360,9 +361,9 @@ def test_a_server_that_stops_stops_its_pulls_and_the_next_one_resumes(
     assert caches.get("big").status == "Failed"
 
     http_origin.delay_s = 0.0
-    with RunningServer(settings, []) as running:
-        assert running.client.post("/api/v1/datacaches", json=body).status_code == 202
+    with RunningServer(settings, []) as running:  # it resumes the pull by itself
         assert watch(running, "big")[-1][1]["status"] == "Available"
+        assert "resumed" in [e.kind for e in caches.events("big")]
     assert (Path(caches.get("big").view) / "big.bin").read_bytes() == http_origin.files["/big.bin"]
     assert http_origin.served["/big.bin"] < 1.5 * size  # resumed, not fetched again
 

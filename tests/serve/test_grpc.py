@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tg
+from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
 from click.testing import CliRunner
@@ -109,8 +110,17 @@ def _fields(desc: Any) -> dict[str, tuple]:
             for f in desc.fields}
 
 
+# Triton's configuration and statistics messages have many fields cachemesh has no
+# value for: ours declare a subset, each field as theirs.
+PARTIAL = {"ModelConfig", "ModelInput", "ModelOutput", "ModelStatistics", "InferStatistics"}
+
+
 def _compare(ours: Any, theirs: Any) -> None:
-    assert _fields(ours) == _fields(theirs), ours.full_name
+    mine, their_fields = _fields(ours), _fields(theirs)
+    if ours.name in PARTIAL:
+        assert mine == {k: their_fields[k] for k in mine}, ours.full_name
+    else:
+        assert mine == their_fields, ours.full_name
     for name, nested in ours.nested_types_by_name.items():
         _compare(nested, theirs.nested_types_by_name[name])
 
@@ -120,7 +130,12 @@ def test_the_protocol_matches_tritonclients_field_by_field():
     of the one tritonclient compiled, and every RPC the same messages and streaming."""
     theirs = triton_pb2.DESCRIPTOR
     for name, desc in protos.FILE.message_types_by_name.items():
-        _compare(desc, theirs.message_types_by_name[name])
+        their = (theirs.message_types_by_name.get(name)
+                 or model_config_pb2.DESCRIPTOR.message_types_by_name[name])
+        _compare(desc, their)
+    their_types = model_config_pb2.DESCRIPTOR.enum_types_by_name["DataType"]
+    assert ({v.name: v.number for v in protos.FILE.enum_types_by_name["DataType"].values}
+            == {v.name: v.number for v in their_types.values})
     their_service = theirs.services_by_name["GRPCInferenceService"]
     assert protos.SERVICE_NAME == their_service.full_name == "inference.GRPCInferenceService"
     for m in protos.SERVICE.methods:
@@ -145,6 +160,62 @@ def test_health_metadata_and_readiness(client: tg.InferenceServerClient):
     with pytest.raises(InferenceServerException) as exc:
         client.is_model_ready("nope")
     assert status(exc.value) == "StatusCode.NOT_FOUND"
+
+
+def test_model_config_comes_from_the_metadata(client: tg.InferenceServerClient):
+    config = client.get_model_config("digits", as_json=True)["config"]
+    assert config["name"] == "digits" and config["platform"] == "sklearn"
+    assert config["input"] == [{"name": "input-0", "data_type": "TYPE_FP64",
+                                "dims": ["-1", "64"]}]
+    assert config["output"][0]["data_type"] == "TYPE_INT64"
+    with pytest.raises(InferenceServerException) as exc:
+        client.get_model_config("nope")
+    assert status(exc.value) == "StatusCode.NOT_FOUND"
+
+
+def test_model_statistics_count_answers_and_failures(client: tg.InferenceServerClient):
+    def stats() -> dict[str, Any]:
+        (row,) = client.get_inference_statistics("echo", as_json=True)["model_stats"]
+        return row
+
+    before = stats()
+    ok_before = int(before["inference_stats"].get("success", {}).get("count", 0))
+    fail_before = int(before["inference_stats"].get("fail", {}).get("count", 0))
+    x = tg.InferInput("x", [1, 2], "FP32")
+    x.set_data_from_numpy(np.ones((1, 2), np.float32))
+    client.infer("echo", [x])
+    with pytest.raises(InferenceServerException):
+        client.infer("echo", [x], parameters={"fail": "input"})
+    with pytest.raises(InferenceServerException):  # refused before it reached the model
+        client.infer("echo", [x], model_version="no-such-version")
+    after = stats()
+    assert int(after["inference_stats"]["success"]["count"]) == ok_before + 1
+    assert int(after["inference_stats"]["success"]["ns"]) > 0
+    assert int(after["inference_stats"]["fail"]["count"]) == fail_before + 1
+    assert int(after["inference_count"]) == ok_before + 1
+    assert int(after["last_inference"]) >= int(before.get("last_inference", 0))
+    every = client.get_inference_statistics(as_json=True)["model_stats"]
+    assert {"digits", "echo"} <= {row["name"] for row in every}
+
+
+def test_grpc_health_service_for_kubernetes_probes(g: GrpcServer):
+    """What a Kubernetes gRPC probe calls: grpc.health.v1.Health/Check, no token."""
+    check = protos.methods(protos.HEALTH)["Check"]
+    with grpc.insecure_channel(g.address) as channel:
+        call = channel.unary_unary("/grpc.health.v1.Health/Check",
+                                   request_serializer=check[0].SerializeToString,
+                                   response_deserializer=check[1].FromString)
+        for name in ("", "inference.GRPCInferenceService"):
+            assert call(check[0](service=name), timeout=10).status == protos.SERVING
+        with pytest.raises(grpc.RpcError) as exc:
+            call(check[0](service="nope"), timeout=10)
+        assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch",
+                                     request_serializer=check[0].SerializeToString,
+                                     response_deserializer=check[1].FromString)
+        stream = watch(check[0](service=""), timeout=10)
+        assert next(stream).status == protos.SERVING
+        stream.cancel()
 
 
 def test_digits_predictions_with_fp32_raw_inputs(client: tg.InferenceServerClient, digits_data):

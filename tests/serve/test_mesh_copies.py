@@ -183,15 +183,17 @@ def test_serve_flags_set_the_copy_thresholds(tmp_path: Path, monkeypatch: pytest
     from cachemesh.serve.documents import doc_from_spec
 
     seen: dict[str, Any] = {}
-    def run(settings, specs, on_started=None, launched=()) -> None:
+    def run(settings, specs, on_started=None, launched=(), ports=None) -> None:
         seen.update(cfg=settings.serve, specs=specs)
+        ports.http.close()
         for worker in launched:  # started ahead by the command: let them go
             worker.sock.close()
             worker.proc.wait(30)
 
     monkeypatch.setattr("cachemesh.serve.server.run", run)
     env = {"CACHEMESH_HOME": str(tmp_path / "home")}
-    r = CliRunner().invoke(main, ["serve", "--copy-rate", "7.5", "--max-copies", "3",
+    r = CliRunner().invoke(main, ["serve", "--port", "0", "--grpc-port", "0",
+                                  "--copy-rate", "7.5", "--max-copies", "3",
                                   "--copy-cooldown", "12", "--model", "a=/models/a",
                                   "--model", "b=/models/b,copy_rate=2,cooldown_s=0"], env=env)
     assert r.exit_code == 0, r.output

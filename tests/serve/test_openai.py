@@ -301,3 +301,54 @@ def test_an_adapters_base_is_a_source_under_the_same_rules(llm_server: RunningSe
     r = c.post("/api/v1/models", json=spec)
     assert r.status_code == 400, r.text
     assert c.get("/api/v1/models/sneaky").status_code == 404
+
+
+def metric(server: RunningServer, name: str, **labels: str) -> float:
+    """One sample of /metrics (0 when the series does not exist yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(server.client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v
+                                           for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def test_metrics_count_openai_traffic_under_vllm_names(client: openai.OpenAI,
+                                                        llm_server: RunningServer):
+    before = {
+        "ok": metric(llm_server, "cachemesh_requests_total", model="chatty", outcome="ok"),
+        "latency": metric(llm_server, "cachemesh_request_duration_seconds_count", model="chatty"),
+        "prompt": metric(llm_server, "vllm:prompt_tokens_total", model_name="chatty"),
+        "generated": metric(llm_server, "vllm:generation_tokens_total", model_name="chatty"),
+        "ttft": metric(llm_server, "vllm:time_to_first_token_seconds_count",
+                       model_name="chatty"),
+        "tpot": metric(llm_server, "vllm:time_per_output_token_seconds_count",
+                       model_name="chatty"),
+    }
+    done = client.completions.create(model="chatty", prompt=PROMPT, max_tokens=5, temperature=0)
+    chunks = list(client.chat.completions.create(
+        model="chatty", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+        temperature=0, stream=True, stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert metric(llm_server, "cachemesh_requests_total", model="chatty",
+                  outcome="ok") == before["ok"] + 2
+    assert metric(llm_server, "cachemesh_request_duration_seconds_count",
+                  model="chatty") == before["latency"] + 2
+    assert metric(llm_server, "vllm:prompt_tokens_total", model_name="chatty") == (
+        before["prompt"] + done.usage.prompt_tokens + usage.prompt_tokens)
+    assert metric(llm_server, "vllm:generation_tokens_total", model_name="chatty") == (
+        before["generated"] + done.usage.completion_tokens + usage.completion_tokens)
+    # time to first token and per output token: the streamed request only
+    assert metric(llm_server, "vllm:time_to_first_token_seconds_count",
+                  model_name="chatty") == before["ttft"] + 1
+    assert metric(llm_server, "vllm:time_per_output_token_seconds_count",
+                  model_name="chatty") == before["tpot"] + 1
+    assert metric(llm_server, "vllm:num_requests_running", model_name="chatty") == 0
+    assert metric(llm_server, "vllm:num_requests_waiting", model_name="chatty") == 0
+    # an embedding request counts as a request, not as generated tokens
+    generated = metric(llm_server, "vllm:generation_tokens_total", model_name="embedder")
+    client.embeddings.create(model="embedder", input="hello")
+    assert metric(llm_server, "cachemesh_requests_total", model="embedder", outcome="ok") >= 1
+    assert metric(llm_server, "vllm:generation_tokens_total", model_name="embedder") == generated

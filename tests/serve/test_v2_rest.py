@@ -49,6 +49,35 @@ def test_server_metadata_health_and_model_metadata(v2: RunningServer):
     assert v2.client.get("/docs").status_code == 200
 
 
+def test_docs_pages_load_nothing_from_elsewhere_and_describe_v2(v2: RunningServer):
+    """/docs and /redoc work offline: every file they load is served here."""
+    import re
+
+    from starlette.routing import Route
+
+    from cachemesh.serve import v2_rest
+
+    for page in ("/docs", "/redoc"):
+        html = v2.client.get(page).text
+        urls = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html)
+        urls += re.findall(r"""url: ?["']([^"']+)["']""", html)
+        assert urls, html
+        for url in urls:
+            assert url.startswith("/") and not url.startswith("//"), (page, url)
+            assert v2.client.get(url).status_code == 200, url
+        assert "cdn" not in html.lower() and "http://" not in html and "https://" not in html
+    doc = v2.client.get("/openapi.json").json()
+    for route in v2_rest.routes():
+        assert isinstance(route, Route)
+        described = doc["paths"].get(route.path)
+        assert described, route.path
+        assert {m.lower() for m in route.methods} - {"head"} <= set(described), route.path
+    infer = doc["paths"]["/v2/models/{model}/infer"]["post"]
+    ref = infer["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    schema = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert {"inputs", "outputs", "id", "parameters"} <= set(schema["properties"])
+
+
 def test_digits_predictions_are_right(v2: RunningServer, digits_data):
     x, y = digits_data
     body = {"id": "r-1", "inputs": [{"name": "predict", "shape": [8, 64], "datatype": "FP32",

@@ -104,13 +104,21 @@ def pull_running(caches: Caches, name: str) -> bool:
     return is_locked(caches.store.locks_dir / "pull" / f"{name}.lock")
 
 
+def _patterns(patterns: list[str]) -> list[str]:
+    # As huggingface_hub's allow_patterns/ignore_patterns (users copy these lists from
+    # snapshot_download): "dir/" means everything below dir.
+    return [p + "*" if p.endswith("/") else p for p in patterns]
+
+
 def _matches(path: str, patterns: list[str]) -> bool:
-    name = path.rsplit("/", 1)[-1]
-    return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+    return any(fnmatch.fnmatchcase(path, p) for p in patterns)
 
 
 def select_files(files: list[RemoteFile], include: list[str], exclude: list[str]) -> list[RemoteFile]:
-    """Apply include/exclude globs (matched against the path and the file name)."""
+    """Apply include/exclude globs as huggingface_hub's ``allow_patterns`` and
+    ``ignore_patterns``: matched against the full path only (``*`` crosses ``/``), and a
+    pattern ending in ``/`` takes everything below that folder. No include: every file."""
+    include, exclude = _patterns(include), _patterns(exclude)
     return [
         f for f in files
         if (not include or _matches(f.path, include)) and not (exclude and _matches(f.path, exclude))

@@ -7,7 +7,7 @@ import sys
 import click
 
 from ..errors import InvalidInputError
-from .common import caches_of, handle_errors, print_json
+from .common import caches_of, handle_errors, print_json, print_table
 
 
 @click.group("bucket")
@@ -39,9 +39,8 @@ def bucket_ls(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         print_json(rows)
         return
-    click.echo(f"{'BUCKET':<32} {'PROTECTED':<10} CACHES")
-    for row in rows:
-        click.echo(f"{row['name']:<32} {'yes' if row['protected'] else '':<10} {row['caches']}")
+    print_table(("BUCKET", "PROTECTED", "CACHES"),
+                [(r["name"], "yes" if r["protected"] else "", str(r["caches"])) for r in rows])
 
 
 @bucket.command("protect")

@@ -17,8 +17,8 @@ def _spec_options(fn: F) -> F:
         click.option("--bucket", default="default", show_default=True, help="Bucket of the view."),
         click.option("--path", "view_path", default=None,
                      help="Path of the view inside the bucket (default: the cache name)."),
-        click.option("--include", multiple=True, help="Only files matching this glob (repeatable)."),
-        click.option("--exclude", multiple=True, help="Skip files matching this glob (repeatable)."),
+        click.option("--include", multiple=True, help="Only files whose path matches this glob (repeatable; as huggingface_hub's allow_patterns: the full path, DIR/ for a folder)."),
+        click.option("--exclude", multiple=True, help="Skip files whose path matches this glob (repeatable; as ignore_patterns)."),
         click.option("--size-limit", "size_limit_gib", type=click.FloatRange(min=0, min_open=True),
                      default=None, help="Fail if the cache would exceed this many GiB."),
         click.option("--retention-days", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -300,14 +300,15 @@ def gc(ctx: click.Context, max_size: int | None, tmp_age: float, as_json: bool) 
 @click.pass_context
 @handle_errors
 def du(ctx: click.Context, as_json: bool) -> None:
-    """Disk usage: logical bytes (as the views show them) against physical bytes."""
+    """Disk usage: logical bytes (as the views show them) against physical bytes.
+    EXCLUSIVE: the bytes no other cache shares (what removing the cache frees)."""
     report = caches_of(ctx).du()
     if as_json:
         print_json(report)
         return
-    for c in report["caches"]:
-        click.echo(f"{format_size(c['logical_bytes']):>12}  {c['files']:>6} files"
-                   f"  {format_size(c['exclusive_bytes']):>12} exclusive  {c['name']}")
+    print_table(("NAME", "BUCKET", "FILES", "LOGICAL", "EXCLUSIVE"),
+                [(c["name"], c["bucket"], str(c["files"]), format_size(c["logical_bytes"]),
+                  format_size(c["exclusive_bytes"])) for c in report["caches"]])
     click.echo(f"logical {format_size(report['logical_bytes'])}, physical"
                f" {format_size(report['physical_bytes'])}, saved by dedup"
                f" {format_size(report['saved_bytes'])} ({report['blobs']} blobs)")

@@ -11,7 +11,7 @@ import click
 
 from ..config import format_size
 from ..errors import InvalidInputError
-from .common import handle_errors, print_json, settings_of
+from .common import handle_errors, print_json, print_table, settings_of
 
 if TYPE_CHECKING:
     from ..client import ControlClient
@@ -51,8 +51,9 @@ def _clip(note: str) -> str:
 @click.pass_context
 @handle_errors
 def models_ls(ctx: click.Context, as_json: bool) -> None:
-    """List models: each version's share of traffic, state, the workers holding its
-    copies (in a cluster: the nodes), size, requests in flight and per second, last use; routes and errors."""
+    """List models: each version's share of traffic, state, the workers (in a cluster: the
+    nodes) holding its copies, the memory they hold, requests in flight and per second,
+    last use; then routes, aliases, rollouts and errors."""
     with _client(ctx) as api:
         data = api.list_models()
     if as_json:
@@ -60,35 +61,38 @@ def models_ls(ctx: click.Context, as_json: bool) -> None:
         return
     mem = data["memory"]
     cluster = any("nodes" in v["status"] for m in data["models"] for v in m["versions"].values())
-    held_by = "NODES" if cluster else "WORKERS"
-    click.echo(f"{'NAME':<20} {'VERSION':<10} {'TRAFFIC':>7} {'STATE':<9} {held_by:<8}"
-               f" {'SIZE':>9} {'INFLIGHT':>8} {'RATE':>7} {'LAST USED':>9}  SOURCE")
+    rows, notes = [], []
     for m in data["models"]:
         for i, (label, v) in enumerate(m["versions"].items()):
             st = v["status"]
             workers = ",".join(str(c["worker"]) for c in st["copies"]) or "-"
             if "nodes" in st:  # cluster mode: the nodes holding a copy, not this one's workers
                 workers = ",".join(n["node"] for n in st["nodes"]) or "-"
-            size = format_size(st["size_bytes"]) if st["size_bytes"] else "-"
-            share = f"{m['traffic'].get(label, 0)}%"
-            click.echo(f"{m['name'] if i == 0 else '':<20} {label:<10} {share:>7}"
-                       f" {st['state']:<9} {workers:<8} {size:>9} {st['inflight']:>8}"
-                       f" {st['rate']:>5.1f}/s {_ago(st['last_used']):>9}  {v['source']}")
-            notes = ([st["reason"]] if st["reason"] and st["state"] != "Ready" else [])
-            notes += st["errors"][-1:]
-            for note in notes:
-                click.echo(f"{'':<20} {_clip(note)}")
+            held = format_size(st["size_bytes"]) if st["size_bytes"] else "-"
+            rows.append((m["name"] if i == 0 else "", label, f"{m['traffic'].get(label, 0)}%",
+                         st["state"], workers, held, str(st["inflight"]),
+                         f"{st['rate']:.1f}/s", _ago(st["last_used"]), v["source"]))
+            reasons = [st["reason"]] if st["reason"] and st["state"] != "Ready" else []
+            notes += [f"{m['name']}@{label}: {_clip(n)}" for n in reasons + st["errors"][-1:]]
         for route in m["routes"]:
             test = (f"={route['value']}" if route["value"] is not None else
                     f" starts with {route['prefix']!r}" if route["prefix"] is not None else
                     f" matches {route['pattern']!r}")
-            what = f"header {route['header']}" if route["header"] else f"parameter {route['parameter']}"
-            click.echo(f"{'':<20} route: {what}{test} -> {route['version']}")
+            what = (f"header {route['header']}" if route["header"]
+                    else f"parameter {route['parameter']}")
+            notes.append(f"{m['name']}: route: {what}{test} -> {route['version']}")
         if m["aliases"]:
-            click.echo(f"{'':<20} aliases: " + ", ".join(f"{a} -> {t}" for a, t in m["aliases"].items()))
+            notes.append(f"{m['name']}: aliases: "
+                         + ", ".join(f"{a} -> {t}" for a, t in m["aliases"].items()))
         if m["rollout"]:  # in full in --json and GET /api/v1/models/NAME
-            click.echo(f"{'':<20} {_clip(m['rollout'])}")
-    click.echo(f"memory: {format_size(mem['held_bytes'])} held of {format_size(mem['budget_bytes'])}"
+            notes.append(f"{m['name']}: {_clip(m['rollout'])}")
+    # MEMORY: what the copies hold in the workers (measured), not the files on disk.
+    print_table(("NAME", "VERSION", "TRAFFIC", "STATE", "NODES" if cluster else "WORKERS",
+                 "MEMORY", "INFLIGHT", "RATE", "LAST USED", "SOURCE"), rows)
+    for note in notes:
+        click.echo(note)
+    click.echo(f"memory: {format_size(mem['held_bytes'])} held of"
+               f" {format_size(mem['budget_bytes'])}"
                f" by {sum(1 for w in mem['workers'] if w['alive'])} worker(s)")
 
 
@@ -133,7 +137,10 @@ def models_apply(ctx: click.Context, file: Path, as_json: bool) -> None:
 @click.option("--version", "model_version", default=None)
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Runtime parameter (class=mod:Cls, trusted=false); repeatable.")
-@click.option("--eager", is_flag=True, help="Load now rather than on the first request.")
+@click.option("--eager", is_flag=True, help="Load now rather than on the first request, and"
+              " wait for the outcome: Ready, or a non-zero exit with the reason.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=600.0, show_default=True,
+              help="With --eager: seconds to wait for the model to be Ready.")
 @click.option("--bucket", default=None, help="Bucket of the model's cache (default: models)."
               " A protected bucket needs its token in $CACHEMESH_BUCKET_TOKEN.")
 @click.option("--json", "as_json", is_flag=True)
@@ -141,8 +148,11 @@ def models_apply(ctx: click.Context, file: Path, as_json: bool) -> None:
 @handle_errors
 def models_deploy(ctx: click.Context, name: str, source: str, runtime: str | None,
                   model_version: str | None, params: tuple[str, ...], eager: bool,
-                  bucket: str | None, as_json: bool) -> None:
-    """Deploy SOURCE as model NAME on the running server (kept across restarts)."""
+                  timeout: float, bucket: str | None, as_json: bool) -> None:
+    """Deploy SOURCE as model NAME on the running server (kept across restarts).
+
+    SOURCE is read by the server: a local path must exist on the server's machine,
+    under the directories of its CACHEMESH_SERVE_SOURCE_ROOTS."""
     parameters: dict[str, str] = {}
     for p in params:
         key, sep, value = p.partition("=")
@@ -152,10 +162,34 @@ def models_deploy(ctx: click.Context, name: str, source: str, runtime: str | Non
     with _client(ctx) as api:
         data = api.deploy_model(name, source, runtime=runtime, version=model_version,
                                 parameters=parameters, eager=eager, bucket=bucket)
+        if eager:
+            data = _wait_ready(api, data, timeout)
     if as_json:
         print_json(data)
     else:
         click.echo(f"deployed {data['name']} ({data['state']})")
+
+
+POLL_S = 0.25
+
+
+def _wait_ready(api: ControlClient, data: dict, timeout: float) -> dict:
+    """Follow an eager deploy until its model is Ready (its description) or Failed
+    (:class:`ModelFailedError` with the server's reason)."""
+    import time
+
+    from ..errors import ModelFailedError, RequestTimeoutError
+
+    deadline = time.monotonic() + timeout
+    while data["state"] not in ("Ready", "Failed"):
+        if time.monotonic() > deadline:
+            raise RequestTimeoutError(f"model {data['name']!r} was not Ready within"
+                                      f" {timeout:g} s (it is {data['state']})")
+        time.sleep(POLL_S)
+        data = api.get_model(data["name"])
+    if data["state"] == "Failed":
+        raise ModelFailedError(f"model {data['name']!r} failed: {data['reason']}")
+    return data
 
 
 @models.command("rm")

@@ -131,6 +131,12 @@ def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise InvalidInputError(f"model(s) declared twice: {', '.join(dupes)}")
+    # Both ports first: one taken is one line, before any worker or import.
+    from ..serve.ports import take_ports
+
+    ports = take_ports(settings.serve)
+    settings = dataclasses.replace(settings, serve=dataclasses.replace(
+        settings.serve, port=ports.http_port))
     cfg = settings.serve
     if settings.cluster.enabled:
         import asyncio
@@ -152,7 +158,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int
         click.echo(f"cachemesh serving {len(specs)} model(s) on {scheme}://{cfg.host}:{cfg.port}"
                    f"{grpc} ({cfg.worker_count()} worker(s)); Ctrl-C or SIGTERM to stop", err=True)
 
-    run(settings, specs, on_started=started, launched=launched)
+    run(settings, specs, on_started=started, launched=launched, ports=ports)
 
 
 def with_cluster_flags(settings: Settings, **flags: Any) -> Settings:

@@ -47,6 +47,7 @@ __all__ = [
     "runtime_class",
     "resolve",
     "Resolved",
+    "describe",
 ]
 
 ENTRY_POINT_GROUP = "cachemesh.runtimes"
@@ -102,11 +103,22 @@ class Resolved:
     inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
     reason: str = ""
+    # V2 metadata read from the files before any load (Runtime.describe); None: a load
+    # must tell.
+    metadata: dict[str, Any] | None = None
 
     def settings(self, name: str, path: Path) -> ModelSettings:
         return ModelSettings(name=name, path=path, version=self.version,
                              parameters=dict(self.parameters), inputs=list(self.inputs),
                              outputs=list(self.outputs))
+
+
+def describe(resolved: Resolved, name: str, path: Path) -> dict[str, Any] | None:
+    """The model's V2 metadata without loading it (``Runtime.describe``), or None."""
+    try:
+        return runtime_class(resolved.runtime).describe(resolved.settings(name, path))
+    except Exception:  # a plugin's describe that fails: the load will tell
+        return None
 
 
 def read_model_settings(path: Path) -> dict[str, Any] | None:

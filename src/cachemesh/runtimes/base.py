@@ -16,7 +16,7 @@ predictions on its own threads, and the server never calls a runtime directly.
 Optional hooks: ``generate`` (one JSON-like payload in, one out) and ``stream``
 (an iterator of chunks) for generative models (payloads: ``generation.py``; a
 stream is closed when its client goes away); ``stats`` for running counts; ``metadata`` for V2 model
-metadata; ``memory_bytes`` when the runtime knows its size better than the
+metadata, and ``describe`` for the same before a load; ``memory_bytes`` when the runtime knows its size better than the
 worker's RSS does (memory mapped or GPU weights).
 
 Runtimes are found through the entry-point group ``cachemesh.runtimes``
@@ -99,6 +99,15 @@ class Runtime:
     def metadata(self) -> dict[str, Any]:
         """V2 model metadata: ``{"inputs": [...], "outputs": [...], "platform": ...}``."""
         return {"inputs": self.settings.inputs, "outputs": self.settings.outputs}
+
+    @classmethod
+    def describe(cls, settings: ModelSettings) -> dict[str, Any] | None:
+        """V2 model metadata read from the files without loading the model (an ONNX
+        graph, a config file), for clients that ask before the first request; None
+        when only a load can tell (the server then loads the model to answer). It
+        runs in the server's own process: read files, never run code from them. What
+        it returns must be what :meth:`metadata` says once loaded."""
+        return None
 
     # -- optional hooks for generative models (issue 7 builds on these) --------
 

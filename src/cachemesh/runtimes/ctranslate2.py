@@ -189,11 +189,15 @@ class CTranslate2Runtime(Runtime):
         return weights.stat().st_size if weights.is_file() else None
 
     def metadata(self) -> dict[str, Any]:
+        return self.describe(self.settings)
+
+    @classmethod
+    def describe(cls, settings: Any) -> dict[str, Any]:
         return {
             "platform": "ctranslate2",
-            "inputs": self.settings.inputs or [
+            "inputs": settings.inputs or [
                 {"name": "text_input", "datatype": "BYTES", "shape": [-1]}],
-            "outputs": self.settings.outputs or [
+            "outputs": settings.outputs or [
                 {"name": OUTPUT, "datatype": "BYTES", "shape": [-1]}],
         }
 

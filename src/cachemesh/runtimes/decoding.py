@@ -14,6 +14,8 @@ each token as it is made (the runtime counts them).
 
 from __future__ import annotations
 
+import inspect
+
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -38,6 +40,18 @@ def pick_token(logits: torch.Tensor, temperature: float, top_p: float,
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def cache_argument(model: Any) -> str:
+    """The name under which the model's forward takes and returns its key/value cache:
+    ``cache`` from transformers 5.2x on, ``past_key_values`` before (where the old name
+    still works, it warns on every call: a FutureWarning in the server's console)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def sample_tokens(model: Any, prompt_ids: Sequence[int], *, max_new_tokens: int,
                   temperature: float = 0.0, top_p: float = 1.0,
                   eos_ids: frozenset[int] = frozenset(), seed: int | None = None,
@@ -60,11 +74,12 @@ def sample_tokens(model: Any, prompt_ids: Sequence[int], *, max_new_tokens: int,
     ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     past = None
     guard = step or nullcontext
+    cache = cache_argument(model)
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             with guard():
-                out = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+                out = model(input_ids=ids, use_cache=True, **{cache: past})
+            past = out[cache] if cache in out else None
             token = pick_token(out.logits[0, -1], temperature, top_p, generator)
             del out
             yield token

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..config import worker_threads
-from ..errors import InferenceInputError, ModelLoadError
+from ..errors import InferenceInputError, InvalidInputError, ModelLoadError
 from .base import ModelSettings, Runtime
 from .files import (
     conversion_runtime,
@@ -41,6 +41,7 @@ from .files import (
     single_file,
     uri_file,
 )
+from .onnx_signature import PLATFORM
 from .types import DATATYPES, InferenceRequest, InferenceResponse, Tensor, as_bytes_array
 
 # onnxruntime's element type names -> KServe V2 datatypes.
@@ -159,9 +160,19 @@ class OnnxRuntime(Runtime):
     def unload(self) -> None:
         self.session = None
 
+    @classmethod
+    def describe(cls, settings: ModelSettings) -> dict[str, Any] | None:
+        from .onnx_signature import read_signature
+
+        try:
+            file = model_file(Path(settings.path), settings.parameters.get("uri"))
+        except (ModelLoadError, InvalidInputError):
+            return None
+        return read_signature(file)
+
     def metadata(self) -> dict[str, Any]:
         return {
-            "platform": "onnxruntime_onnx",
+            "platform": PLATFORM,
             "inputs": [s.v2() for s in self.inputs],
             "outputs": [s.v2() for s in self.outputs if s.datatype],
         }

@@ -12,7 +12,9 @@ needs anything else is refused with the list of what it needs.
 
 Outputs: ``predict`` (the default), ``predict_proba``, ``decision_function``,
 ``transform``, asked for by name in the request's ``outputs``. Inputs: one
-tensor ``[N, features]`` (several inputs are stacked as columns). What sklearn
+tensor ``[N, features]``, named ``input-0`` (FP64) in the metadata, as KServe's
+sklearn server names it; a request may use another name, and several inputs are
+stacked as columns in their order. What sklearn
 rejects with ValueError (a wrong number of features, NaN) is the request's fault.
 """
 
@@ -31,6 +33,9 @@ from .types import InferenceRequest, InferenceResponse, Tensor, datatype_of
 SUFFIXES = (".joblib", ".pkl", ".pickle", ".skops")
 DEFAULT_FILES = ("model.joblib", "model.pkl", "model.pickle", "model.skops")
 METHODS = ("predict", "predict_proba", "decision_function", "transform")
+# The name V2 metadata gives the input (KServe's sklearn server's convention). A request
+# may name its input anything: the features are taken by position.
+INPUT = "input-0"
 
 
 def model_file(path: Path, uri: str | None = None) -> Path:
@@ -128,12 +133,22 @@ class SKLearnRuntime(Runtime):
         inputs, outputs = self.settings.inputs, self.settings.outputs
         if not inputs:
             n = getattr(self.model, "n_features_in_", None)
-            inputs = [{"name": "input-0", "datatype": "FP64", "shape": [-1, n if n else -1]}]
+            inputs = [{"name": INPUT, "datatype": "FP64", "shape": [-1, n if n else -1]}]
         if not outputs:
             classes = getattr(self.model, "classes_", None)
             dt = datatype_of(np.asarray(classes)) if classes is not None else "FP64"
             outputs = [{"name": "predict", "datatype": dt, "shape": [-1]}]
         return {"platform": "sklearn", "inputs": inputs, "outputs": outputs}
+
+    @classmethod
+    def describe(cls, settings: Any) -> dict[str, Any] | None:
+        # The number of features (n_features_in_) is inside the pickle, which runs code
+        # when read: only a load (in a worker) may read it, unless model-settings.json
+        # declares both sides.
+        if settings.inputs and settings.outputs:
+            return {"platform": "sklearn", "inputs": settings.inputs,
+                    "outputs": settings.outputs}
+        return None
 
 
 def _load_skops(file: Path, trusted: bool, trusted_types: list[str]) -> Any:

@@ -57,6 +57,26 @@ def task_of(config: dict[str, Any]) -> str:
     return "embed"
 
 
+def _task_of(model: str, config: dict[str, Any], named: Any) -> str:
+    task = str(named) if named else task_of(config)
+    if task not in TASKS:
+        raise InvalidInputError(f"model {model!r}: task {task!r} is not one of {', '.join(TASKS)}")
+    return task
+
+
+def _signature(task: str, settings: Any) -> dict[str, Any]:
+    """V2 metadata of a model of ``task``, whether loaded or not."""
+    text = [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    outputs = {
+        "generate": [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}],
+        "classify": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
+                     {"name": "scores", "datatype": "FP32", "shape": [-1, -1]}],
+        "embed": [{"name": "embedding", "datatype": "FP32", "shape": [-1, -1]}],
+    }[task]
+    return {"platform": "transformers", "task": task,
+            "inputs": settings.inputs or text, "outputs": settings.outputs or outputs}
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
@@ -155,11 +175,7 @@ class TransformersRuntime(Runtime):
         self.eos_ids = self._eos_ids(config)
 
     def _task(self, config: dict[str, Any], named: Any) -> str:
-        task = str(named) if named else task_of(config)
-        if task not in TASKS:
-            raise InvalidInputError(
-                f"model {self.settings.name!r}: task {task!r} is not one of {', '.join(TASKS)}")
-        return task
+        return _task_of(self.settings.name, config, named)
 
     def _build(self, path: Path, device: str, dtype: str, task: Any) -> Any:
         from ..load import load_pretrained
@@ -202,15 +218,23 @@ class TransformersRuntime(Runtime):
                 **self.timings}
 
     def metadata(self) -> dict[str, Any]:
-        text = [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
-        outputs = {
-            "generate": [{"name": "text_output", "datatype": "BYTES", "shape": [-1]}],
-            "classify": [{"name": "label", "datatype": "BYTES", "shape": [-1]},
-                         {"name": "scores", "datatype": "FP32", "shape": [-1, -1]}],
-            "embed": [{"name": "embedding", "datatype": "FP32", "shape": [-1, -1]}],
-        }[self.task]
-        return {"platform": "transformers", "task": self.task,
-                "inputs": self.settings.inputs or text, "outputs": self.settings.outputs or outputs}
+        return _signature(self.task, self.settings)
+
+    @classmethod
+    def describe(cls, settings: Any) -> dict[str, Any] | None:
+        # The task comes from config.json (an adapter's: its base's, pulled already).
+        path = Path(settings.path)
+        params = settings.parameters
+        if adapters.is_adapter(path):
+            base = params.get("base")
+            path = Path(base) if isinstance(base, str) and Path(base).is_dir() else None
+        if path is None or not (path / "config.json").is_file():
+            return None
+        try:
+            task = _task_of(settings.name, _read_json(path / "config.json"), params.get("task"))
+        except (LoadError, InvalidInputError):
+            return None  # the load says what is wrong
+        return _signature(task, settings)
 
     # -- generation (runtimes/generation.py) --------------------------------------------
 

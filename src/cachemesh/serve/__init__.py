@@ -4,11 +4,14 @@ OpenAI over REST, and the control API.
 Protocol adapters (they parse, call the core, and answer; none imports another):
 
     v2_rest.py      KServe V2 REST (v2_codec.py: bodies <-> messages; json_tensors.py)
-    v2_grpc.py      KServe V2 gRPC (protos/: inference.proto and its descriptor)
+    v2_grpc.py      KServe V2 gRPC (protos/: inference.proto and its descriptor),
+                    Triton's ModelConfig and ModelStatistics
+    grpc_health.py  grpc.health.v1.Health on the gRPC port (protos/health.proto)
     openai.py       OpenAI /v1 (completions, chat, embeddings; SSE streaming)
     control.py      /api/v1/models
     datacaches.py   /api/v1/datacaches (eci.py: Alibaba Cloud ECI's shape, translated)
     ui.py           /ui: the read-only web page (ui_static/: its HTML, script and style)
+    api_docs.py     /docs and /redoc offline, and the V2 routes in /openapi.json
     repository.py   the V2 repository extension, shared by REST and gRPC
 
 The protocol-free core:
@@ -44,7 +47,8 @@ Worker processes:
 HTTP plumbing: app.py (the ASGI app factory), auth.py (tokens per path),
 limits.py (body size, tensor shapes, parsing memory), jsonshape.py (JSON depth and
 size), http_errors.py (errors -> status codes), metrics.py (Prometheus),
-server.py (uvicorn with a draining SIGTERM).
+server.py (uvicorn with a draining SIGTERM), ports.py (both ports taken before
+anything starts).
 """
 
 from __future__ import annotations

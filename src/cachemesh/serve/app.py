@@ -8,7 +8,8 @@
   layers, not FastAPI's eight (measured: docs/benchmarks.md, section "serve");
 - a FastAPI app mounted under them, holding the control API (``/api/v1/...``:
   ``control.py``, ``datacaches.py``), the OpenAI API (``openai.py``) and the
-  OpenAPI documentation (``/docs``).
+  OpenAPI document (``/openapi.json``), whose pages, ``/docs`` and ``/redoc``, are
+  served offline by ``api_docs.py``.
 
 Other routers are FastAPI routers too: pass them as ``routers=`` or add them
 with ``app.state.api.include_router``. Two middleware layers on the root app see
@@ -25,7 +26,9 @@ data caches' pulls stop with it.
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,12 +39,12 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.responses import Response
-from starlette.routing import Mount, Route
+from starlette.routing import Match, Mount, Route
 
 from .. import __version__
 from ..access import CONTROL, Keyring
 from ..errors import CachemeshError
-from . import blobs, control, datacaches, nodes, openai, ui, v2_rest
+from . import api_docs, blobs, control, datacaches, nodes, openai, ui, v2_rest
 from .auth import Authenticate, access_of
 from .datacache_cluster import start_cluster
 from .datacache_service import DataCacheService
@@ -51,13 +54,15 @@ from .metrics import CONTENT_TYPE
 from .registry import ModelSpec
 from .service import ModelService
 
+log = logging.getLogger("cachemesh.serve")
 
 def create_api(service: ModelService, caches_service: DataCacheService,
                routers: Sequence[Any] = ()) -> FastAPI:
     """The FastAPI part: control API routers, OpenAPI docs, error bodies."""
-    api = FastAPI(title="cachemesh", version=__version__,
-                  description="Control API of the cachemesh model server. Inference speaks"
-                  " KServe V2 (Open Inference Protocol) under /v2 on the same port.")
+    api = FastAPI(title="cachemesh", version=__version__, docs_url=None, redoc_url=None,
+                  description="The cachemesh model server: KServe V2 (Open Inference"
+                  " Protocol) under /v2, the OpenAI API under /v1, the control API under"
+                  " /api/v1.")
     api.state.service = service
     api.state.datacaches = caches_service
     api.include_router(control.router)
@@ -88,6 +93,23 @@ def create_api(service: ModelService, caches_service: DataCacheService,
     return api
 
 
+class ApiMount(Mount):
+    """The FastAPI app under the root routes. It matches every path, but only as a
+    fallback: a root route whose path matches with another method (GET on ``.../infer``)
+    comes first, so that the answer is 405 with ``Allow``, not the API's 404."""
+
+    def matches(self, scope: Any) -> tuple[Match, dict[str, Any]]:
+        match, child = super().matches(scope)
+        return (Match.PARTIAL if match is Match.FULL else match), child
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals on the root routes (405) in the server's error body."""
+    assert isinstance(exc, StarletteHTTPException)
+    return v2_rest.json_response({"error": encodable(str(exc.detail))}, exc.status_code,
+                                 dict(exc.headers or {}))
+
+
 def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
                routers: Sequence[Any] = (),
                on_started: Callable[[], None] | None = None) -> Starlette:
@@ -95,7 +117,17 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await service.start(list(specs))
+        try:
+            await service.start(list(specs))
+        except CachemeshError as exc:
+            app.state.startup_error = exc  # expected: server.run says it in one line
+            raise
+        # Data caches whose pull the last run's stop interrupted go on where they were.
+        models_caches = {v.cache for v in service.deployments.versions()}
+        try:
+            await asyncio.to_thread(caches_service.resume_interrupted, models_caches)
+        except CachemeshError as exc:  # a locked database: serve anyway
+            log.warning("resuming interrupted pulls: %s", exc)
         grpc_server = None
         node = None
         try:
@@ -105,7 +137,9 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
                 grpc_server = await start_grpc(service, keyring)
             # Cluster mode: this node's blobs in the index, caches declared cluster-wide.
             node = await start_cluster(service, caches_service)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, CachemeshError):
+                app.state.startup_error = exc
             if grpc_server is not None:
                 await grpc_server.stop(0)
             await service.stop()
@@ -140,11 +174,14 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
     api = create_api(service, caches_service, routers)
     blobs.install(api, service)  # the peer route; it checks the cluster token itself
     app = Starlette(routes=[*v2_rest.routes(), Route("/metrics", metrics, methods=["GET"]),
-                            *ui.routes(), Mount("", app=api)], lifespan=lifespan,
+                            *ui.routes(), *api_docs.install(api), ApiMount("", app=api)],
+                    lifespan=lifespan,
+                    exception_handlers={StarletteHTTPException: http_error},
                     middleware=[Middleware(Authenticate, keyring=keyring),
                                 Middleware(BodyLimit, limit_of=body_limit)])
     app.state.service = service
     app.state.datacaches = caches_service
     app.state.api = api
+    app.state.startup_error = None  # a CachemeshError that stopped the start
     app.state.parse_budget = ParseBudget(cfg.parse_budget())  # inference bodies (limits.py)
     return app

@@ -48,7 +48,7 @@ RULES: list[tuple[str, str, frozenset[str] | None, str]] = [
     ("/v2/health/ready", "exact", None, OPEN),
     ("/openapi.json", "exact", frozenset({"GET", "HEAD"}), OPEN),  # the API's shape, no data
     ("/docs", "exact", frozenset({"GET", "HEAD"}), OPEN),
-    ("/docs/oauth2-redirect", "exact", frozenset({"GET", "HEAD"}), OPEN),
+    ("/docs/assets", "prefix", frozenset({"GET", "HEAD"}), OPEN),  # Swagger UI's files
     ("/redoc", "exact", frozenset({"GET", "HEAD"}), OPEN),
     ("/ui", "prefix", frozenset({"GET", "HEAD"}), OPEN),  # the page's own files: no data (ui.py)
     ("/metrics", "exact", None, METRICS),  # names every model: a scraper's token

@@ -22,13 +22,14 @@ import pickle
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..access import can_use
 from ..caches import AVAILABLE, FAILED, PENDING, CacheInfo, Caches, CacheSpec, Event
+from ..caches.spec import INTERRUPTED
 from ..errors import CacheNotFoundError, ConflictError, ForbiddenError, InvalidInputError
 from ..sources import parse_source
 from ..sources.redact import redact_source
@@ -199,6 +200,21 @@ class DataCacheService:
                 self._puller = Puller(self.caches, self._max_pulls)
             return self._puller
 
+    def resume_interrupted(self, skip: Collection[str] = ()) -> list[str]:
+        """Pull again every cache whose pull a stopped process left (Failed,
+        "interrupted": this server's last run, or a pull killed with it), from where it
+        stopped; called when the server starts. ``skip``: caches pulled by another
+        part of the server (the models' own, by their preparation). Returns the names."""
+        names = [i.name for i in self.caches.list()
+                 if i.status == FAILED and i.error == INTERRUPTED and i.name not in skip]
+        for name in names:
+            self.caches.catalog.add_event(
+                name, "resumed", "the server started: resuming the interrupted pull")
+            self.puller().submit(name)
+        if names:
+            log.info("resuming interrupted pulls: %s", ", ".join(names))
+        return names
+
     def stop(self) -> None:
         """Stop the pulls (the server stops): the caches read as interrupted, resumable."""
         with self._lock:
@@ -235,7 +251,8 @@ class Puller:
     for: the pull lock goes with the process, the cache then reads as Failed
     ("the pull was interrupted; pull again to resume it"), and what was verified
     or partly downloaded stays for the next pull, which declaring the cache again
-    starts. The child (``pull_child.py``) gets the server's settings, pickled on
+    starts, and so does the server's next start (:meth:`DataCacheService.resume_interrupted`).
+    The child (``pull_child.py``) gets the server's settings, pickled on
     its stdin, and writes progress and events to the store.
     """
 

@@ -30,6 +30,8 @@ import logging
 import time
 import weakref
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 from ..access import can_use
 from ..errors import (
@@ -37,6 +39,7 @@ from ..errors import (
     CacheNotFoundError,
     ConflictError,
     ForbiddenError,
+    InvalidInputError,
     ModelLoadError,
     ModelNotFoundError,
     RevisionConflictError,
@@ -125,18 +128,20 @@ class Deployments:
             # roots fails here, as 400, before anything is kept.
             source = parse_source(spec.source, {}, self.shared.settings)
             self.shared.caches.check_source(source, doc.bucket, roots)
+            _check_exists(source, persist)
             base = (spec.parameters or {}).get("base")
             if isinstance(base, str) and base.strip():
                 # An adapter's base model (runtimes/adapters.py) is pulled by the worker:
                 # a source like any other, under the same rules.
-                self.shared.caches.check_source(
-                    parse_source(base, {}, self.shared.settings), doc.bucket, roots)
+                base_source = parse_source(base, {}, self.shared.settings)
+                self.shared.caches.check_source(base_source, doc.bucket, roots)
+                _check_exists(base_source, persist)
             try:
                 info = self.shared.caches.get(cache_name(doc.name, label))
             except CacheNotFoundError:
                 continue
             check_cache(info, doc.bucket, source, f"model {doc.name!r} version {label!r}",
-                        "use another label")
+                        "use another label", self.shared.caches.buckets.is_protected)
 
     def _check_access(self, doc: ModelDoc, existing: Deployment | None) -> None:
         """The caller must hold the token of the document's bucket (403), and may not
@@ -373,6 +378,15 @@ class Deployments:
         if dep is None or dep.removed or not self.visible(dep):
             raise ModelNotFoundError(name, version)
         return dep
+
+
+def _check_exists(source: Any, persist: bool) -> None:
+    """A local path given over the API that is not there is the request's fault, said at
+    once (400), not a pull that fails later (the command line's --model keeps its old
+    way: a mount may come after the server)."""
+    root = getattr(source, "root", None)
+    if persist and isinstance(root, Path) and not root.exists():
+        raise InvalidInputError(f"local source {root} does not exist on this server")
 
 
 def _shares(doc: ModelDoc) -> str:

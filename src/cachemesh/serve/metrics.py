@@ -24,14 +24,33 @@ in one process, as in the tests, do not collide). Names::
     cachemesh_cluster_lease_renewals_total          keep-alives of this node's lease (cluster mode)
     cachemesh_cluster_etcd_errors_total             calls to etcd that failed (cluster mode)
     cachemesh_cluster_degraded                      1 while etcd cannot be reached (cluster mode)
+
+Requests of every protocol count in the first three (V2 inference, and the OpenAI
+routes: completions, chat, embeddings; a stream's duration is its whole length).
+Generative requests also export the figures LLM servers do, under vLLM's names
+and label, so that dashboards and autoscalers made for vLLM read them unchanged::
+
+    vllm:prompt_tokens_total{model_name}              prompt tokens of answered requests
+    vllm:generation_tokens_total{model_name}          tokens generated
+    vllm:time_to_first_token_seconds{model_name}      streamed requests: admission to first text
+    vllm:time_per_output_token_seconds{model_name}    streamed requests: between tokens, averaged
+    vllm:num_requests_running{model_name}             generating now
+    vllm:num_requests_waiting{model_name}             waiting for their model to load
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+         7.5, 10.0, 20.0, 40.0, 80.0)
+_TPOT = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
 _LOAD = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -82,6 +101,23 @@ class Metrics:
         self.copies = Gauge("cachemesh_model_copies", "Ready copies of a model version.",
                             ["model", "version"], registry=r)
 
+        label = ["model_name"]
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of answered requests.",
+                                     label, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", label,
+                                         registry=r)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds",
+                              "Streamed requests: from admission to the first text.", label,
+                              buckets=_TTFT, registry=r)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds",
+                              "Streamed requests: time between output tokens, averaged.",
+                              label, buckets=_TPOT, registry=r)
+        self.running = Gauge("vllm:num_requests_running", "Generative requests generating now.",
+                             label, registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting",
+                             "Generative requests waiting for their model to load.", label,
+                             registry=r)
+
         self.cluster_renewals = Counter("cachemesh_cluster_lease_renewals",
                                         "Keep-alives of this node's lease.", registry=r)
         self.cluster_errors = Counter("cachemesh_cluster_etcd_errors",
@@ -90,6 +126,18 @@ class Metrics:
                                       "1 while etcd cannot be reached (serving goes on).",
                                       registry=r)
         self._cluster_seen = (0, 0)
+
+        self._llm: dict[str, LLMSeries] = {}
+
+    def llm(self, model: str) -> LLMSeries:
+        """The vLLM-named series of one model, looked up once."""
+        series = self._llm.get(model)
+        if series is None:
+            series = self._llm[model] = LLMSeries(
+                self.prompt_tokens.labels(model), self.generation_tokens.labels(model),
+                self.ttft.labels(model), self.tpot.labels(model), self.running.labels(model),
+                self.waiting.labels(model))
+        return series
 
     def observe_cluster(self, renewals: int, errors: int, degraded: bool) -> None:
         """Bring the cluster series up to the membership's own counts."""
@@ -103,3 +151,24 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass(eq=False)
+class LLMSeries:
+    prompt: Any
+    generated: Any
+    ttft: Any
+    tpot: Any
+    running: Any
+    waiting: Any
+
+    def tokens(self, result: dict[str, Any], first_text_at: float | None = None) -> None:
+        """Count an answer's tokens (``prompt_tokens``, ``completion_tokens``, as the
+        runtimes report them); a stream whose first text came at ``first_text_at``
+        (``time.perf_counter``) also gives the time per output token after it."""
+        prompt = int(result.get("prompt_tokens") or 0)
+        generated = int(result.get("completion_tokens") or 0)
+        self.prompt.inc(prompt)
+        self.generated.inc(generated)
+        if first_text_at is not None and generated > 1:
+            self.tpot.observe((time.perf_counter() - first_text_at) / (generated - 1))

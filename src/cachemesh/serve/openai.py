@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -46,6 +47,7 @@ from starlette.responses import Response, StreamingResponse
 from ..errors import InvalidInputError, ModelNotFoundError
 from .http_errors import encodable, message_of, status_of
 from .service import ModelService
+from .v2_codec import json_object
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                403: "permission_error", 404: "not_found_error", 409: "conflict_error",
@@ -73,6 +75,8 @@ class OpenAIRoute(APIRoute):
 
         async def route(request: Request) -> Response:
             try:
+                if request.method == "POST":
+                    await _json_body(request)
                 return await handler(request)
             except RequestValidationError as exc:
                 problems = "; ".join(
@@ -87,6 +91,20 @@ class OpenAIRoute(APIRoute):
                 return error_response(exc)
 
         return route
+
+
+async def _json_body(request: Request) -> None:
+    """Read the body as JSON whatever its Content-Type says (a plain ``curl -d`` sends
+    form encoding), with the V2 routes' words for one that is not a JSON object. FastAPI
+    then takes it as JSON: the body is kept on the request, the header says so."""
+    json_object(await request.body())
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        request.scope["headers"] = [
+            *((k, v) for k, v in request.scope["headers"] if k.lower() != b"content-type"),
+            (b"content-type", b"application/json")]
+        with contextlib.suppress(AttributeError):
+            del request._headers  # Starlette caches them
 
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"], route_class=OpenAIRoute)

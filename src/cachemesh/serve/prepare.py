@@ -3,8 +3,8 @@
 Each version's source is pulled once (``Caches.ensure``: a cache per version, in
 the model's bucket), in the background from the moment it is declared; a load
 waits for it (``loading.py``). A cache of the version's name that already exists
-is reused only when it holds the same source in the same bucket
-(:func:`check_cache`). An adapter's base model is pulled into a cache of the
+is reused when it holds the same source, in the model's bucket or in another one
+that is not protected (:func:`check_cache`). An adapter's base model is pulled into a cache of the
 model's own bucket too, and the worker gets its view as a local path.
 
 Meanwhile a slow runtime's framework is imported in every worker ahead of the first
@@ -19,12 +19,12 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CachemeshError, ConflictError
-from ..runtimes import Resolved, resolve
+from ..runtimes import Resolved, describe, resolve
 from .documents import DEFAULT_VERSION
 from .messages import Preload
 from .pool import WorkerPool
@@ -106,11 +106,14 @@ class Preparer:
         if view is None:
             check_cache(self.shared.caches.get(v.cache), v.bucket,
                         parse_source(spec.source, {}, self.shared.settings),
-                        f"model {v.display!r}", "name the model differently")
+                        f"model {v.display!r}", "name the model differently",
+                        self.shared.caches.buckets.is_protected)
             view = self.shared.caches.pull(v.cache).view
         label = None if v.label == DEFAULT_VERSION else v.label
         resolved = resolve(view, spec.runtime, spec.parameters, label)
         self._pull_base(v, view, resolved)
+        # V2 metadata before any load, where the files tell (an ONNX graph, a config).
+        resolved.metadata = describe(resolved, v.model, view)
         disk = sum(p.stat().st_size for p in view.rglob("*") if p.is_file())
         return view, resolved, disk
 
@@ -140,12 +143,19 @@ class Preparer:
         resolved.parameters["base"] = str(self.shared.caches.ensure(spec).view)
 
 
-def check_cache(info: CacheInfo, bucket: str, source: Source, what: str, instead: str) -> None:
+def check_cache(info: CacheInfo, bucket: str, source: Source, what: str, instead: str,
+                is_protected: Callable[[str], bool]) -> None:
     """Refuse a cache of a version's name that holds what the version does not: another
-    bucket's files (never served), or another source's (409)."""
-    if info.bucket != bucket:
-        raise ConflictError(f"{what}: cache {info.name!r} is in another bucket; remove it or"
-                            " name the model differently")
+    source's (409), or a protected bucket other than the model's (never served from).
+
+    The same source in another open bucket is the cache to use: ``cachemesh pull
+    ./model --name smol`` (bucket ``default``), then ``cachemesh serve --model
+    smol=./model``, serves what the pull fetched; the user never has to know that the
+    server's own caches go to bucket ``models``."""
     if info.spec.get("source") != source.uri:  # (info.source is the shown form)
         raise ConflictError(f"{what}: cache {info.name!r} already holds {info.source}, not"
                             f" {source.display_uri}; remove that cache or {instead}")
+    if info.bucket != bucket and is_protected(info.bucket):
+        # (the bucket is not named: the caller may not hold its token)
+        raise ConflictError(f"{what}: cache {info.name!r} is in another bucket, a protected"
+                            f" one; remove it or {instead}")

@@ -19,6 +19,7 @@ import uvicorn
 from ..config import Settings
 from ..sources.redact import redact_log_handlers
 from .app import create_app
+from .ports import Ports, take_ports
 from .registry import ModelSpec
 from .service import ModelService
 from .workers import Launched
@@ -82,15 +83,44 @@ def make_server(settings: Settings, specs: Sequence[ModelSpec] = (), *,
     return DrainingServer(config, service)
 
 
+class _QuietStartup(logging.Filter):
+    """An expected start-up failure (a :class:`CachemeshError`: a port lost, a model
+    refused) is said once, by :func:`run`, without Starlette's traceback of it and
+    uvicorn's "Application startup failed" after it."""
+
+    def __init__(self, app: Any) -> None:
+        super().__init__()
+        self.app = app
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.app.state.startup_error is None or record.levelno < logging.ERROR
+
+
 def run(settings: Settings, specs: Sequence[ModelSpec] = (), *,
-        on_started: Callable[[], None] | None = None, launched: Sequence[Launched] = ()
-        ) -> None:
+        on_started: Callable[[], None] | None = None, launched: Sequence[Launched] = (),
+        ports: Ports | None = None) -> None:
     """Serve until SIGTERM or Ctrl-C (what ``cachemesh serve`` runs). ``launched``:
-    the workers, started before this module was imported (``workers.launch_workers``)."""
+    the workers, started before this module was imported (``workers.launch_workers``).
+    ``ports``: taken already (``ports.take_ports``); else taken here. An expected
+    start-up failure raises its :class:`CachemeshError` once the server has stopped."""
+    if ports is None:
+        ports = take_ports(settings.serve)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = make_server(settings, specs, on_started=on_started, launched=launched)
     # After make_server: uvicorn's config installs its own handlers. httpx logs each
     # request's URL at INFO, a presigned signature included.
     redact_log_handlers(logging.getLogger(), logging.getLogger("uvicorn"),
                         logging.getLogger("uvicorn.access"))
-    server.run()
+    app = server.config.app
+    quiet = _QuietStartup(app)
+    logging.getLogger("uvicorn.error").addFilter(quiet)
+    try:
+        server.run(sockets=[ports.http])
+    except SystemExit:  # uvicorn's exit after a failed start
+        if app.state.startup_error is None:
+            raise
+    finally:
+        logging.getLogger("uvicorn.error").removeFilter(quiet)
+        ports.http.close()
+    if app.state.startup_error is not None:
+        raise app.state.startup_error

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
@@ -44,11 +44,11 @@ from ..errors import (
 from ..runtimes import InferenceRequest, InferenceResponse
 from .copies import CopyScaler
 from .deployments import Deployments
-from .documents import ModelDoc
+from .documents import DEFAULT_VERSION, ModelDoc
 from .loading import Loader
 from .loadqueue import REQUEST
 from .messages import Generate, Infer, Stats, Stream
-from .metrics import Metrics
+from .metrics import LLMSeries, Metrics
 from .pool import USES_HALF_LIFE_S, WorkerPool
 from .registry import ModelRegistry, ModelSpec
 from .routing import Decision
@@ -254,13 +254,53 @@ class ModelService:
         return self.deployments.get(name, version).is_ready(version)
 
     async def metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """V2 model metadata. A model that is not loaded answers from what it declares."""
+        """V2 model metadata, the same before and after the first load: read from the
+        files where their format tells (``Runtime.describe``), else from a load, which
+        this starts (and waits for) as a request would."""
         dep = self.deployments.get(name, version)
         v = dep.versions[dep.router.choose(version).version if version else dep.doc.primary()]
         if v.resolved is None and v.prepare_task is not None:
             with contextlib.suppress(CachemeshError, asyncio.CancelledError):
                 await asyncio.shield(v.prepare_task)
-        return dep.metadata(v)
+        meta = dep.metadata(v)
+        if meta is None:
+            deadline = time.monotonic() + self.cfg.request_timeout_s
+            try:
+                async with asyncio.timeout(self.cfg.request_timeout_s):
+                    await self.loader.ensure_loaded(v, REQUEST, deadline)
+            except TimeoutError:
+                raise RequestTimeoutError(
+                    f"model {name!r} did not load within {self.cfg.request_timeout_s:g}s"
+                ) from None
+            meta = dep.metadata(v)
+        return meta or {"name": name, "versions": list(dep.doc.versions),
+                        "platform": v.resolved.runtime if v.resolved else "",
+                        "inputs": [], "outputs": []}
+
+    def statistics(self, name: str = "", version: str | None = None) -> list[dict[str, Any]]:
+        """Each version's tally (every model's when ``name`` is empty), in the terms of
+        Triton's statistics extension."""
+        if name:
+            dep = self.deployments.get(name, version)
+            deps = [dep]
+            if version is not None:
+                dep.router.choose(version)  # an unknown version is not found
+        else:
+            deps = [d for _, d in sorted(self.deployments.by_name.items())
+                    if not d.removed and self.deployments.visible(d)]
+        out = []
+        for dep in deps:
+            for v in dep.versions.values():
+                if version is not None and v.label != dep.router.choose(version).version:
+                    continue
+                t = v.tally
+                label = "" if v.label == DEFAULT_VERSION else v.label
+                out.append({"name": dep.name, "version": label,
+                            "last_inference": t.last_ms,
+                            "inference_count": t.success, "execution_count": t.success,
+                            "success": (t.success, t.success_ns), "fail": (t.fail, t.fail_ns),
+                            "queue": (t.queued, t.queue_ns)})
+        return out
 
     def memory(self) -> dict[str, Any]:
         return self.pool.memory()
@@ -316,17 +356,21 @@ class ModelService:
         if self.inflight == 0:
             self._idle.set()
 
-    async def _copy_for(self, v: Version, series: Series | None, deadline: float) -> Copy:
+    async def _copy_for(self, v: Version, series: Series, deadline: float,
+                        llm: LLMSeries | None = None) -> Copy:
         copy = self.loader.ready_copy(v)
         if copy is None:
-            if series is not None:
-                series.misses.inc()
+            series.misses.inc()
             v.waiting += 1
+            waited = time.perf_counter_ns()
             try:
-                copy = await self.loader.ensure_loaded(v, REQUEST, deadline)
+                with llm.waiting.track_inprogress() if llm else contextlib.nullcontext():
+                    copy = await self.loader.ensure_loaded(v, REQUEST, deadline)
             finally:
                 v.waiting -= 1
-        elif series is not None:
+                v.tally.queued += 1
+                v.tally.queue_ns += time.perf_counter_ns() - waited
+        else:
             series.hits.inc()
         copy.inflight += 1
         self._tick += 1
@@ -339,35 +383,17 @@ class ModelService:
         if copy.inflight == 0:
             self.pool.notify()
 
-    async def infer(self, name: str, version: str | None, request: InferenceRequest, *,
-                    headers: Mapping[str, str] | None = None) -> InferenceResponse:
-        """Answer a V2 request. ``version``: one the request names (path); else the
-        model's routes and traffic choose, from ``headers`` (lower-case names) and
-        the request's parameters. ``response.model_version`` is the version that answered."""
-        dep, v = self._admit(name, version, headers, request.parameters)
-        started = time.perf_counter()
-        outcome = "error"
+    @contextlib.contextmanager
+    def _counted(self, name: str, dep: Deployment, v: Version) -> Iterator[Series]:
+        """One answered request of any protocol in the request counters and latencies
+        (a stream's latency is its whole length), and in its version's tally."""
+        started = time.perf_counter_ns()
         series = dep.series or self._series(dep)
         series.inflight.inc()
-        copy: Copy | None = None
+        outcome = "error"
         try:
-            try:
-                async with asyncio.timeout(self.cfg.request_timeout_s):
-                    copy = await self._copy_for(
-                        v, series, time.monotonic() + self.cfg.request_timeout_s)
-                    response: InferenceResponse = await copy.slot.call(
-                        Infer(copy.key, request))
-            except TimeoutError:
-                raise RequestTimeoutError(
-                    f"model {name!r} did not answer within {self.cfg.request_timeout_s:g}s"
-                ) from None
-            response.model_name = name
-            # "default" stands for no version (the simple forms): the body says none, as it
-            # always did; the adapter's x-model-version header still names it.
-            response.model_version = v.label
-            response.id = request.id
+            yield series
             outcome = "ok"
-            return response
         except (InvalidInputError, ModelNotFoundError):
             outcome = "client_error"
             raise
@@ -380,28 +406,69 @@ class ModelService:
         except ModelFailedError:
             outcome = "failed"
             raise
+        except (GeneratorExit, asyncio.CancelledError):
+            outcome = "cancelled"  # the client went away
+            raise
+        finally:
+            elapsed = time.perf_counter_ns() - started
+            series.inflight.dec()
+            (series.ok if outcome == "ok" else self.metrics.requests.labels(name, outcome)).inc()
+            series.latency.observe(elapsed / 1e9)
+            if outcome != "cancelled":
+                v.tally.answered(outcome == "ok", elapsed)
+
+    async def infer(self, name: str, version: str | None, request: InferenceRequest, *,
+                    headers: Mapping[str, str] | None = None) -> InferenceResponse:
+        """Answer a V2 request. ``version``: one the request names (path); else the
+        model's routes and traffic choose, from ``headers`` (lower-case names) and
+        the request's parameters. ``response.model_version`` is the version that answered."""
+        dep, v = self._admit(name, version, headers, request.parameters)
+        copy: Copy | None = None
+        try:
+            with self._counted(name, dep, v) as series:
+                try:
+                    async with asyncio.timeout(self.cfg.request_timeout_s):
+                        copy = await self._copy_for(
+                            v, series, time.monotonic() + self.cfg.request_timeout_s)
+                        response: InferenceResponse = await copy.slot.call(
+                            Infer(copy.key, request))
+                except TimeoutError:
+                    raise RequestTimeoutError(
+                        f"model {name!r} did not answer within {self.cfg.request_timeout_s:g}s"
+                    ) from None
+                response.model_name = name
+                # "default" stands for no version (the simple forms): the body says none,
+                # as it always did; the adapter's x-model-version header still names it.
+                response.model_version = v.label
+                response.id = request.id
+                return response
         finally:
             if copy is not None:
                 self._release(copy)
-            series.inflight.dec()
             self._done(v)
-            (series.ok if outcome == "ok" else self.metrics.requests.labels(name, outcome)).inc()
             (v.routed or self._routed(v)).inc()
-            series.latency.observe(time.perf_counter() - started)
 
     async def generate(self, name: str, payload: dict[str, Any], *, version: str | None = None,
                        headers: Mapping[str, str] | None = None,
                        parameters: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The optional ``generate`` hook of a runtime (issue 7's OpenAI adapter calls this).
         ``version``, ``headers`` and ``parameters`` choose the version as :meth:`route`."""
-        _, v = self._admit(name, version, headers, parameters)
+        dep, v = self._admit(name, version, headers, parameters)
+        llm = self.metrics.llm(name) if payload.get("kind") != "embedding" else None
         copy: Copy | None = None
         try:
-            copy = await self._copy_for(v, None, time.monotonic() + self.cfg.request_timeout_s)
-            if not v.capabilities.get("generate"):
-                raise InferenceInputError(f"model {name!r} does not generate")
-            async with asyncio.timeout(self.cfg.request_timeout_s):
-                return await copy.slot.call(Generate(copy.key, payload))
+            with self._counted(name, dep, v) as series:
+                copy = await self._copy_for(v, series, time.monotonic()
+                                            + self.cfg.request_timeout_s, llm)
+                if not v.capabilities.get("generate"):
+                    raise InferenceInputError(f"model {name!r} does not generate")
+                with llm.running.track_inprogress() if llm else contextlib.nullcontext():
+                    async with asyncio.timeout(self.cfg.request_timeout_s):
+                        result: dict[str, Any] = await copy.slot.call(
+                            Generate(copy.key, payload))
+                if llm:
+                    llm.tokens(result)
+                return result
         finally:
             if copy is not None:
                 self._release(copy)
@@ -412,14 +479,25 @@ class ModelService:
                      parameters: Mapping[str, Any] | None = None) -> AsyncIterator[Any]:
         """The optional ``stream`` hook: chunks as the worker yields them. The version
         is chosen (as :meth:`route`) when the first chunk is asked for."""
-        _, v = self._admit(name, version, headers, parameters)
+        dep, v = self._admit(name, version, headers, parameters)
+        llm = self.metrics.llm(name)
+        admitted = time.perf_counter()
         copy: Copy | None = None
         try:
-            copy = await self._copy_for(v, None, time.monotonic() + self.cfg.request_timeout_s)
-            if not v.capabilities.get("stream"):
-                raise InferenceInputError(f"model {name!r} does not stream")
-            async for chunk in copy.slot.stream(Stream(copy.key, payload)):
-                yield chunk
+            with self._counted(name, dep, v) as series:
+                copy = await self._copy_for(v, series, time.monotonic()
+                                            + self.cfg.request_timeout_s, llm)
+                if not v.capabilities.get("stream"):
+                    raise InferenceInputError(f"model {name!r} does not stream")
+                first: float | None = None
+                with llm.running.track_inprogress():
+                    async for chunk in copy.slot.stream(Stream(copy.key, payload)):
+                        if first is None and chunk.get("text"):
+                            first = time.perf_counter()
+                            llm.ttft.observe(first - admitted)
+                        if "finish_reason" in chunk:
+                            llm.tokens(chunk, first)
+                        yield chunk
         finally:
             if copy is not None:
                 self._release(copy)

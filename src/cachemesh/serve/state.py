@@ -52,6 +52,30 @@ class Series:
     latency: Any
 
 
+@dataclass(slots=True)
+class Tally:
+    """A version's answered requests, as Triton's statistics count them (gRPC
+    ``ModelStatistics``): successes and failures with their summed durations, and
+    the waits for a load."""
+
+    success: int = 0
+    success_ns: int = 0
+    fail: int = 0
+    fail_ns: int = 0
+    queued: int = 0
+    queue_ns: int = 0
+    last_ms: int = 0  # the last answer, ms since the epoch
+
+    def answered(self, ok: bool, ns: int) -> None:
+        if ok:
+            self.success += 1
+            self.success_ns += ns
+        else:
+            self.fail += 1
+            self.fail_ns += ns
+        self.last_ms = time.time_ns() // 1_000_000
+
+
 @dataclass(eq=False)
 class Copy:
     version: Version
@@ -115,6 +139,7 @@ class Version:
     scaling: str = ""  # the copy scaler's last word on it
     errors: deque[str] = field(default_factory=lambda: deque(maxlen=5))
     routed: Any = None  # its cachemesh_version_requests_total series
+    tally: Tally = field(default_factory=Tally)
 
     @property
     def id(self) -> str:
@@ -183,14 +208,16 @@ class Deployment:
                   else self.doc.serving())
         return all(self.versions[label].ready_copies() for label in labels)
 
-    def metadata(self, v: Version) -> dict[str, Any]:
-        """V2 metadata of ``v``: what its load reported, else what it declares."""
-        meta = dict(v.metadata) if v.metadata else {}
-        if not meta and v.resolved is not None:
-            meta = {"inputs": v.resolved.inputs, "outputs": v.resolved.outputs}
+    def metadata(self, v: Version) -> dict[str, Any] | None:
+        """V2 metadata of ``v``: what its load reported, else what its files say
+        (``Runtime.describe``); None when only a load can tell. ``versions``: every
+        version label of the model (``default`` for one that names none)."""
+        meta = v.metadata or (v.resolved.metadata if v.resolved is not None else None)
+        if not meta:
+            return None
         return {
             "name": self.name,
-            "versions": [label for label in self.doc.versions if label != DEFAULT_VERSION],
+            "versions": list(self.doc.versions),
             "platform": meta.get("platform") or (v.resolved.runtime if v.resolved else ""),
             "inputs": meta.get("inputs") or [],
             "outputs": meta.get("outputs") or [],

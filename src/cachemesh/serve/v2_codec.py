@@ -295,14 +295,21 @@ def parse_request(body: bytes, header_length: int | None = None,
         return _parse(head, binary, max_elements, {})
 
 
-def _parse(head: bytes, binary: memoryview, max_elements: int,
-           spans: dict[int, json_tensors.Span]) -> tuple[InferenceRequest, Form]:
+def json_object(body: bytes | str) -> dict[str, Any]:
+    """A request body that must be a JSON object, with the words every JSON route of the
+    server uses for one that is not (V2 inference, the OpenAI routes)."""
     try:
-        doc = orjson.loads(head)
+        doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise _fail(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise _fail("the request body must be a JSON object")
+    return doc
+
+
+def _parse(head: bytes, binary: memoryview, max_elements: int,
+           spans: dict[int, json_tensors.Span]) -> tuple[InferenceRequest, Form]:
+    doc = json_object(head)
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise _fail("the request needs a non-empty list 'inputs'")

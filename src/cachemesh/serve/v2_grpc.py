@@ -8,7 +8,8 @@ starts and stops it with the app's lifespan), on ``ServeSettings.grpc_port``
     ServerLive, ServerReady            open, like the REST health probes
     ServerMetadata, ModelMetadata,     inference token (when one is configured)
     ModelReady, ModelInfer,
-    ModelStreamInfer
+    ModelStreamInfer, ModelConfig,     (Triton's configuration: derived from the
+    ModelStatistics                    metadata; statistics: the versions' tallies)
     RepositoryIndex,                   control token (when one is configured), as
     RepositoryModelLoad | Unload       /v2/repository is over REST
 
@@ -23,6 +24,9 @@ tritonclient sends); the answer uses ``raw_output_contents`` when the request
 used raw inputs, as Triton does, and typed ``contents`` otherwise (raw for all
 outputs when one has no typed field, FP16). The datatype work is v2_codec.py's,
 shared with REST.
+
+The same port serves gRPC's health service (``grpc_health.py``), which
+Kubernetes' gRPC probes call.
 
 Credentials come from the call's metadata, the same two as over HTTP
 (``auth.py``): ``authorization: Bearer <token>`` and
@@ -51,6 +55,7 @@ from ..runtimes.types import InferenceRequest, InferenceResponse, RequestedOutpu
 from . import protos as pb
 from .auth import credentials
 from .documents import DEFAULT_VERSION
+from .grpc_health import health_handler
 from .http_errors import message_of, status_of
 from .limits import MAX_TENSOR_ELEMENTS
 from .repository import EXTENSIONS, index, load_model, unload_model
@@ -204,6 +209,35 @@ class InferenceServicer:
                                       shape=[int(d) for d in t.get("shape") or []])
         return out
 
+    async def ModelConfig(self, request: Any, context: aio.ServicerContext) -> Any:
+        """Triton's configuration, derived from the V2 metadata: no batching of its own
+        (``max_batch_size`` 0: the first dimension is part of ``dims``)."""
+        meta = await self.service.metadata(request.name, request.version or None)
+        out = pb.ModelConfigResponse()
+        config = out.config
+        config.name = meta["name"]
+        config.platform = meta["platform"] or ""
+        config.backend = meta["platform"] or ""
+        for key, field in (("inputs", config.input), ("outputs", config.output)):
+            for t in meta[key]:
+                field.add(name=t["name"], data_type=_config_type(t["datatype"]),
+                          dims=[int(d) for d in t.get("shape") or []])
+        return out
+
+    async def ModelStatistics(self, request: Any, context: aio.ServicerContext) -> Any:
+        out = pb.ModelStatisticsResponse()
+        for row in self.service.statistics(request.name, request.version or None):
+            stats = out.model_stats.add(
+                name=row["name"], version=row["version"],
+                last_inference=row["last_inference"],
+                inference_count=row["inference_count"],
+                execution_count=row["execution_count"])
+            for key in ("success", "fail", "queue"):
+                count, ns = row[key]
+                getattr(stats.inference_stats, key).MergeFrom(
+                    pb.message("StatisticDuration")(count=count, ns=ns))
+        return out
+
     async def ModelInfer(self, request: Any, context: aio.ServicerContext) -> Any:
         response, raw = await self._infer(request, context)
         if response.model_version:
@@ -258,6 +292,11 @@ class InferenceServicer:
         return pb.RepositoryModelUnloadResponse()
 
 
+def _config_type(datatype: str) -> str:
+    """A V2 datatype as Triton's configuration names it (BYTES is TYPE_STRING)."""
+    return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+
+
 def _repository_parameters(request: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, param in request.parameters.items():
@@ -275,6 +314,7 @@ ACCESS = {
     "ServerLive": OPEN, "ServerReady": OPEN,
     "ServerMetadata": INFERENCE, "ModelMetadata": INFERENCE, "ModelReady": INFERENCE,
     "ModelInfer": INFERENCE, "ModelStreamInfer": INFERENCE,
+    "ModelConfig": INFERENCE, "ModelStatistics": INFERENCE,
     "RepositoryIndex": CONTROL, "RepositoryModelLoad": CONTROL, "RepositoryModelUnload": CONTROL,
 }
 
@@ -352,7 +392,8 @@ async def start_grpc(service: ModelService, keyring: Keyring) -> aio.Server:
         # A port another process holds must fail here, not be shared with it.
         ("grpc.so_reuseport", 0),
     ])
-    server.add_generic_rpc_handlers((generic_handler(service, keyring),))
+    server.add_generic_rpc_handlers((generic_handler(service, keyring),
+                                     health_handler(service)))
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     try:
         port = server.add_insecure_port(f"{host}:{cfg.grpc_port}")

@@ -1,7 +1,8 @@
-"""The KServe V2 gRPC messages (package ``inference``), built at import time.
+"""The KServe V2 gRPC messages (package ``inference``) and gRPC's health service
+(``grpc.health.v1``), built at import time.
 
-``inference.proto`` is the source; ``inference_descriptor.py`` is its compiled
-descriptor (generated, committed; ``make proto`` rewrites it). The message
+``inference.proto`` and ``health.proto`` are the sources; ``*_descriptor.py`` are
+their compiled descriptors (generated, committed; ``make proto`` rewrites it). The message
 classes are made from it here, in a descriptor pool of cachemesh's own rather
 than protobuf's default one: tritonclient declares the same ``inference.*``
 names in the default pool, and a process holding both (a test, an app that
@@ -16,12 +17,15 @@ from typing import Any
 
 from google.protobuf import descriptor_pool, message_factory
 
-from .inference_descriptor import FILE_DESCRIPTOR
+from . import health_descriptor, inference_descriptor
 
 POOL = descriptor_pool.DescriptorPool()
-FILE = POOL.AddSerializedFile(FILE_DESCRIPTOR)
+FILE = POOL.AddSerializedFile(inference_descriptor.FILE_DESCRIPTOR)
 SERVICE = FILE.services_by_name["GRPCInferenceService"]
 SERVICE_NAME = SERVICE.full_name  # "inference.GRPCInferenceService"
+HEALTH_FILE = POOL.AddSerializedFile(health_descriptor.FILE_DESCRIPTOR)
+HEALTH = HEALTH_FILE.services_by_name["Health"]
+HEALTH_NAME = HEALTH.full_name  # "grpc.health.v1.Health"
 
 
 def message(name: str) -> Any:
@@ -40,10 +44,17 @@ ModelStreamInferResponse = message("ModelStreamInferResponse")
 RepositoryIndexResponse = message("RepositoryIndexResponse")
 RepositoryModelLoadResponse = message("RepositoryModelLoadResponse")
 RepositoryModelUnloadResponse = message("RepositoryModelUnloadResponse")
+ModelConfigResponse = message("ModelConfigResponse")
+ModelStatisticsResponse = message("ModelStatisticsResponse")
+HealthCheckResponse = message_factory.GetMessageClass(
+    POOL.FindMessageTypeByName("grpc.health.v1.HealthCheckResponse"))
+SERVING = HealthCheckResponse.SERVING
+NOT_SERVING = HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = HealthCheckResponse.SERVICE_UNKNOWN
 
 
-def methods() -> dict[str, tuple[Any, Any, bool, bool]]:
-    """Each RPC of the service: (request class, response class, client streams, server streams)."""
+def methods(service: Any = SERVICE) -> dict[str, tuple[Any, Any, bool, bool]]:
+    """Each RPC of a service: (request class, response class, client streams, server streams)."""
     return {m.name: (message_factory.GetMessageClass(m.input_type),
                      message_factory.GetMessageClass(m.output_type),
-                     m.client_streaming, m.server_streaming) for m in SERVICE.methods}
+                     m.client_streaming, m.server_streaming) for m in service.methods}
