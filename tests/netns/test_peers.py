@@ -25,8 +25,8 @@ from tests.netns.net import leftovers
 MIB = 1024 * 1024
 SECRET = "secret-bucket-token-0123456789"
 # (repo, bytes of its weights file); each test has a model of its own.
-MODELS = {"org/together": 40 * MIB, "org/secret": 16 * MIB, "org/flipped": 24 * MIB,
-          "org/killed": 48 * MIB, "org/warm": 12 * MIB, "org/pair": 4 * MIB}
+MODELS = {"org/together": 32 * MIB, "org/secret": 16 * MIB, "org/flipped": 16 * MIB,
+          "org/killed": 32 * MIB, "org/warm": 8 * MIB, "org/pair": 4 * MIB}
 
 
 @pytest.fixture(scope="module")
