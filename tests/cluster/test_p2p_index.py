@@ -287,3 +287,24 @@ def test_a_claim_after_the_pulls_lease_was_lost_takes_a_new_lease(etcd: EtcdServ
         assert peers._own_lease not in (0, lost)
     finally:
         peers.close()
+
+
+def test_a_claim_left_by_an_earlier_pull_of_the_same_node_is_taken_over(
+        etcd: EtcdServer, cluster_keys: Keys) -> None:
+    """Trusting it by name would make two fetchers once its lease ran out."""
+    async def scenario() -> None:
+        kv = kv_of(etcd)
+        index = BlobIndex(kv, cluster_keys)
+        old, new, other = [await kv.grant_lease(30) for _ in range(3)]
+        assert await index.claim(SHA, "a", old) == "a"
+        assert await index.claim(SHA, "a", new) == "a"  # taken over from the old lease
+        found = await kv.get(cluster_keys.fetching(SHA))
+        assert found is not None and found.lease == new
+        assert await index.claim(SHA, "b", other) == "a"
+        assert not await index.release(SHA, "a", old)  # not the old lease's any more
+        assert await index.release(SHA, "a", new)
+        for lease in (old, new, other):
+            await kv.revoke_lease(lease)
+        await kv.close()
+
+    asyncio.run(scenario())

@@ -175,25 +175,39 @@ class BlobIndex:
         """Try to become the one node fetching the blob from its origin.
 
         Returns the name of the node that holds the claim now (``node`` if this call or
-        an earlier one of this node won it), or None if the claim vanished between the
-        conflict and the read (try again)."""
+        an earlier one on the same ``lease`` won it), or None if the claim vanished between
+        the conflict and the read (try again).
+
+        A claim of this node's name on another lease was left by an earlier pull of this
+        node (its process ended without giving it back, and its lease has not run out
+        yet): one node fetches a blob once at a time (the store's fetch lock), so it is
+        taken over, compare-and-delete at the revision read, rather than trusted: trusting
+        it would make two fetchers once the old lease ran out and another node claimed."""
         if not lease:
             raise ValueError("a fetch claim must hang on a lease")
         key = self.keys.fetching(sha256)
-        try:
-            await self.kv.put_if(key, FetchClaim(node=node, since=time.time()).to_bytes(),
-                                 mod_revision=0, lease=lease)
-            return node
-        except RevisionConflictError:
-            pass
-        found = await self.kv.get(key)
-        if found is None:
-            return None
-        try:
-            return FetchClaim.from_bytes(found.value).node
-        except ValidationError:
-            log.warning("a malformed fetch claim at %s: taken as someone else's", key)
-            return ""
+        for _ in range(3):
+            try:
+                await self.kv.put_if(key, FetchClaim(node=node, since=time.time()).to_bytes(),
+                                     mod_revision=0, lease=lease)
+                return node
+            except RevisionConflictError:
+                pass
+            found = await self.kv.get(key)
+            if found is None:
+                return None
+            try:
+                holder = FetchClaim.from_bytes(found.value).node
+            except ValidationError:
+                log.warning("a malformed fetch claim at %s: taken as someone else's", key)
+                return ""
+            if holder != node or found.lease == lease:
+                return holder
+            try:  # our node's, on an earlier lease: stale
+                await self.kv.delete(key, mod_revision=found.mod_revision)
+            except RevisionConflictError:
+                pass
+        return None
 
     async def claimant(self, sha256: str) -> str | None:
         found = await self.kv.get(self.keys.fetching(sha256))
@@ -204,11 +218,14 @@ class BlobIndex:
         except ValidationError:
             return ""
 
-    async def release(self, sha256: str, node: str) -> bool:
-        """Give the claim back if this node holds it (compare on the revision read)."""
+    async def release(self, sha256: str, node: str, lease: int | None = None) -> bool:
+        """Give the claim back if this node (on ``lease``, when given) holds it (compare
+        on the revision read)."""
         key = self.keys.fetching(sha256)
         found = await self.kv.get(key)
         if found is None:
+            return False
+        if lease is not None and found.lease != lease:
             return False
         try:
             if FetchClaim.from_bytes(found.value).node != node:

@@ -295,15 +295,17 @@ class EtcdPeers(Peers):
             landed=sum(e - s for s, e in ranges), ranges=ranges), lease)
 
     async def _finish(self, sha256: str, size: int, ok: bool, pieces: PieceList | None) -> None:
-        if ok:
-            await self._announce(sha256, "held", size, [(0, size)])
-            if pieces is not None and sha256 in self._claimed:
-                await self.index.record_pieces(sha256, PieceRecord(
-                    size=pieces.size, piece_size=pieces.piece_size, digests=pieces.digests,
-                    node=self.me))
-        if sha256 in self._claimed:
-            self._claimed.discard(sha256)
-            await self.index.release(sha256, self.me)
+        try:
+            if ok:
+                await self._announce(sha256, "held", size, [(0, size)])
+                if pieces is not None and sha256 in self._claimed:
+                    await self.index.record_pieces(sha256, PieceRecord(
+                        size=pieces.size, piece_size=pieces.piece_size,
+                        digests=pieces.digests, node=self.me))
+        finally:  # the claim goes back whatever failed above
+            if sha256 in self._claimed:
+                self._claimed.discard(sha256)
+                await self.index.release(sha256, self.me, self._own_lease or None)
 
     def claimed(self, sha256: str) -> bool:
         """Whether this process fetched (some of) the blob from its origin."""
