@@ -95,6 +95,7 @@ class EtcdPeers(Peers):
         self._claimant: dict[str, tuple[float, str | None]] = {}
         self._candidates: dict[str, tuple[float, list[Peer]]] = {}
         self._last_landed: dict[str, float] = {}
+        self._writes: dict[str, asyncio.Lock] = {}  # per blob: holder writes in order
         self._closed = False
 
     @classmethod
@@ -285,6 +286,14 @@ class EtcdPeers(Peers):
 
     async def _announce(self, sha256: str, state: str, size: int,
                         ranges: list[tuple[int, int]]) -> None:
+        # One write of an entry at a time, in the order asked (asyncio.Lock is FIFO, and
+        # this is the first await): a slow "fetching" must not land after "held".
+        lock = self._writes.setdefault(sha256, asyncio.Lock())
+        async with lock:
+            await self._write_holder(sha256, state, size, ranges)
+
+    async def _write_holder(self, sha256: str, state: str, size: int,
+                            ranges: list[tuple[int, int]]) -> None:
         node = await self._node()
         if node is None:
             return  # no server here to offer it
