@@ -322,8 +322,8 @@ def dd_reference(nginx: Nginx, total: int, out: Path) -> Run:
 def worker(variant: str, source: str) -> None:
     t_start = time.perf_counter()
     import cachemesh.fetch.fetcher as fetcher_mod
-    import cachemesh.fetch.transfer as transfer_mod
     import cachemesh.fetch.http as fetch_http
+    import cachemesh.fetch.transfer as transfer_mod
     import cachemesh.store.blobs as blobs_mod
     from cachemesh.caches import Caches, make_spec
     from cachemesh.config import Settings

@@ -48,6 +48,9 @@ Credentials never appear in a message.
         ├── ClusterUnavailableError    etcd cannot be reached (also an UnavailableError)
         ├── RevisionConflictError      a compare-and-put lost: the key moved (also a ConflictError)
         ├── NodeNameTakenError         a live node holds this name or store (also a ConflictError)
+        ├── ForwardError               a forwarded request got no answer (also an UnavailableError)
+        │   ├── NodeUnreachableError       the node never took it: sent to another copy
+        │   └── NodeLostError              the node died while it held it: not replayed
         ├── LeaseLostError             a lease expired or was revoked; its keys are gone
         └── HistoryLostError           a watch cannot resume: history compacted, or etcd replaced
 """
@@ -285,6 +288,24 @@ class RevisionConflictError(ClusterError, ConflictError):
         self.key = key
         self.expected = expected
         self.actual = actual
+
+
+class ForwardError(ClusterError, UnavailableError):
+    """A request forwarded to another node of the cluster got no answer from it."""
+
+    def __init__(self, message: str, node: str, retry_after: float | None = 1.0) -> None:
+        super().__init__(message, retry_after)
+        self.node = node
+
+
+class NodeUnreachableError(ForwardError):
+    """The node never took the request (connection refused, the node gone before it
+    accepted): the one case a forwarded request is sent to another copy."""
+
+
+class NodeLostError(ForwardError):
+    """The node died, or the connection broke, while it held the request: it may have
+    run, so it is not replayed (the same rule as for a worker, WorkerCrashedError)."""
 
 
 class NodeNameTakenError(ClusterError, ConflictError):

@@ -24,8 +24,16 @@ import pytest
 
 from cachemesh import errors as e
 from tests.blackbox.conftest import (
-    CONTROL_TOKEN, INFERENCE_TOKEN, Server, cm, environ, free_port, toy_model, toy_spec,
-    wait_until)
+    CONTROL_TOKEN,
+    INFERENCE_TOKEN,
+    Server,
+    cm,
+    environ,
+    free_port,
+    toy_model,
+    toy_spec,
+    wait_until,
+)
 from tests.blackbox.error_table import NOT_PROVOKED, TABLE
 from tests.emulators.http_origin import HttpOrigin
 

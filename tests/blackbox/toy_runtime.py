@@ -39,6 +39,10 @@ class Toy(Runtime):
             raise RuntimeError("the toy refuses to load")
         if how == "exit":
             os._exit(3)
+        under = str(params.get("load_fail_under", ""))
+        if under and any(os.environ.get("CACHEMESH_HOME", "").startswith(d)
+                         for d in under.split(",")):
+            raise RuntimeError("the toy refuses to load on this node")  # one node's fault
         self.predictions = 0
         _mark(params, "load")
 

@@ -32,7 +32,6 @@ from tests.cluster.etcd_server import EtcdServer, etcd_binary
 from tests.cluster.nodes import TOKEN, Cluster, wait_until
 
 
-
 def require_etcd() -> None:
     if etcd_binary() is not None:
         return

@@ -42,3 +42,51 @@ def test_missing_local_source(tmp_path: Path) -> None:
     why = missing_local_source(doc(str(tmp_path / "elsewhere")))
     assert why is not None and "v1" in why and "does not exist on this node" in why
     assert missing_local_source(doc((tmp_path / "gone").as_uri())) is not None
+
+
+def test_a_declared_version_adopts_files_an_earlier_pull_left(tmp_path: Path) -> None:
+    """Cluster mode prepares a version at declaration only when its files are already in
+    this node's store (a node restarted after it served the model): no download, and the
+    node record's ``prepared`` says so. Other versions stay unpulled."""
+    import asyncio
+    import shutil
+
+    from cachemesh.caches import Caches
+    from cachemesh.serve.documents import VersionSpec, cache_name
+    from cachemesh.serve.metrics import Metrics
+    from cachemesh.serve.prepare import Preparer
+    from cachemesh.serve.shared import Background, Shared
+    from cachemesh.serve.state import NOT_HERE, UNLOADED, Version
+
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "blackbox" / "toy_runtime.py", origin / "toy.py")
+    (origin / "weights.bin").write_bytes(b"\0" * 1024)
+    settings = Settings.from_env({"CACHEMESH_HOME": str(tmp_path / "home")})
+    caches = Caches(settings)
+    spec = VersionSpec(source=str(origin), runtime="custom", parameters={"class": "toy:Toy"})
+
+    def version(model: str) -> Version:
+        v = Version(model=model, label="default", spec=spec, cache=cache_name(model, "default"),
+                    bucket="models")
+        v.phase, v.reason = UNLOADED, NOT_HERE  # as Deployments declares it in a cluster
+        return v
+
+    class NoWorkers:
+        workers: list[object] = []
+        budget = 1 << 30
+
+    async def run() -> tuple[Version, Version]:
+        preparer = Preparer(Shared(settings, caches, Metrics(), Background()),
+                            NoWorkers(), {})  # type: ignore[arg-type]
+        await preparer.prepare(version("m"))  # the earlier pull, on this node
+        again, other = version("m"), version("n")
+        await preparer.prepare_if_present(again)
+        await preparer.prepare_if_present(other)
+        return again, other
+
+    again, other = asyncio.run(run())
+    assert again.resolved is not None and again.view is not None
+    assert (again.phase, again.reason) == (UNLOADED, None)
+    assert other.resolved is None and (other.phase, other.reason) == (UNLOADED, NOT_HERE)
+    assert not caches.exists("n")  # nothing pulled, no cache made for it

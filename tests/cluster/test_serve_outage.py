@@ -79,8 +79,10 @@ def test_etcd_stopped_then_back_then_replaced_empty(own_etcd: EtcdServer,
     assert refused.status_code == 503, refused.text
     assert "etcd" in refused.json()["error"]
     assert a.http.delete("/api/v1/models/later").status_code == 503
-    me = [n for n in a.nodes()["nodes"] if n["self"]][0]
-    assert me["degraded"] and not me["healthy"]
+    me, other = sorted(a.nodes()["nodes"], key=lambda n: not n["self"])
+    assert me["degraded"] and not me["healthy"] and not me["stale"]
+    # what a last saw of b, which nobody can confirm now
+    assert other["name"] == "b" and other["stale"] and not other["healthy"]
     assert "cachemesh_cluster_degraded 1.0" in a.http.get("/metrics").text
 
     # back with its data: resync by itself within 10 s

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from cachemesh.config import parse_size
-from tests.deploy.crds import ROOT, load_crds, structural_problems, schema_of
+from tests.deploy.crds import ROOT, load_crds, schema_of, structural_problems
 
 CHART = ROOT / "deploy" / "helm" / "cachemesh"
 KUBERNETES = "1.37.0"

@@ -7,8 +7,8 @@ import yaml
 
 from cachemesh.errors import InvalidInputError
 from cachemesh.operator import mapping as m
-from cachemesh.serve.eci import EciCreateDataCache, eci_to_spec_fields
 from cachemesh.serve.documents import make_document
+from cachemesh.serve.eci import EciCreateDataCache, eci_to_spec_fields
 from tests.deploy.crds import ROOT
 
 EXAMPLES = ROOT / "deploy" / "examples"

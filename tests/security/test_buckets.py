@@ -247,6 +247,14 @@ def test_the_control_api_does_not_show_a_protected_bucket_without_its_token(secu
     listed = c.get("/api/v1/models", headers=both).json()
     assert "secret" in [m["name"] for m in listed["models"]]
     assert next(m for m in listed["models"] if m["name"] == "secret")["bucket"] == PROTECTED
+    # The nodes listing names the copies a node holds: not this one either.
+    (node,) = c.get("/api/v1/nodes", headers=AS_CONTROL).json()["nodes"]
+    held = [copy["model"] for copy in node["copies"]]
+    assert "secret" not in held and "echo" in held
+    assert "secret" not in node["prepared"] and "echo" in node["prepared"]  # files on disk
+    (node,) = c.get("/api/v1/nodes", headers=both).json()["nodes"]
+    assert "secret" in [copy["model"] for copy in node["copies"]]
+    assert "secret" in node["prepared"]
 
     # Describe and delete answer exactly as for a model that does not exist.
     hidden = c.get("/api/v1/models/secret", headers=AS_CONTROL)

@@ -15,12 +15,12 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tg
-from tritonclient.grpc import model_config_pb2
-from tritonclient.grpc import service_pb2 as triton_pb2
-from tritonclient.grpc import service_pb2_grpc as triton_grpc
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tritonclient.grpc import model_config_pb2
+from tritonclient.grpc import service_pb2 as triton_pb2
+from tritonclient.grpc import service_pb2_grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
 from cachemesh.access import Keyring

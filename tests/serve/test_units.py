@@ -16,9 +16,9 @@ from cachemesh.config import Settings
 from cachemesh.errors import InferenceInputError, InvalidInputError, UnavailableError
 from cachemesh.runtimes import InferenceResponse, Tensor
 from cachemesh.serve import ipc
-from cachemesh.serve.messages import End, Infer
 from cachemesh.serve.loadqueue import BACKGROUND, REQUEST, LoadQueue
 from cachemesh.serve.memory import container_limit, default_budget, physical_memory
+from cachemesh.serve.messages import End, Infer
 from cachemesh.serve.registry import parse_model_option, read_config
 from cachemesh.serve.v2_codec import Form, encode_response, parse_request
 

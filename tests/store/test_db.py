@@ -72,7 +72,6 @@ def test_processes_creating_one_database_at_once_all_succeed(tmp_path: Path) -> 
     # Several processes opening a store that does not exist yet race to create the
     # file and switch it to WAL; none may fail with "database is locked".
     import multiprocessing
-
     import time
 
     ctx = multiprocessing.get_context("fork")

@@ -13,6 +13,9 @@ from typing import Any
 
 import pytest
 
+from tests.cluster.conftest import require_etcd
+from tests.cluster.etcd_server import EtcdServer
+from tests.cluster.nodes import Cluster, wait_until
 from tests.serve.conftest import RunningServer, serve_settings
 from tests.ui import browser as ui_browser
 
@@ -61,6 +64,32 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
                               memory=512 * 1024**2)
     with RunningServer(settings, specs) as running:
         yield running
+
+
+# A node label is user input too (CACHEMESH_NODE_LABELS: no comma, at most 63 characters).
+HOSTILE_LABEL = "<img src=x onerror=window.__pwned=4>"
+
+
+@pytest.fixture(scope="module")
+def ui_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EtcdServer, Cluster]]:
+    """A real etcd of the module's own (a test stops it) and two real ``cachemesh serve
+    --cluster`` nodes on it, ``a`` and ``b`` (tests/cluster/nodes.py: 2 s leases, 1 GiB
+    each); ``b`` carries the labels ``zone=eu-1`` and ``note=<hostile markup>``."""
+    require_etcd()
+    root = tmp_path_factory.mktemp("ui-cluster")
+    etcd = EtcdServer(root / "etcd")
+    etcd.start()
+    cluster = Cluster(root, etcd.url, "/ui-test/")
+    try:
+        cluster.start("a", wait=False)
+        cluster.start("b", wait=False, CACHEMESH_NODE_LABELS=f"zone=eu-1,note={HOSTILE_LABEL}")
+        for name in ("a", "b"):
+            wait_until(cluster[name].live, 60, f"node {name} to listen")
+        cluster.wait_members(["a", "b"])
+        yield etcd, cluster
+    finally:
+        cluster.stop()
+        etcd.stop()
 
 
 @pytest.fixture

@@ -119,7 +119,10 @@ def test_model_state_changes_after_a_request(page: Any, server: RunningServer):
     wait_for(page, "(w) => document.querySelector(`tr[data-worker=\"${w}\"]`)"
                    ".textContent.includes('echo')", worker_id)
     assert page.locator("#budget").inner_text().endswith("of a budget of 512.0 MiB")
-    assert page.locator("#nodes").is_hidden()  # one node: no cluster, no nodes section
+    # One node, no cluster: no nodes section, no nodes column, no "on node" in headings.
+    assert page.locator("#nodes").is_hidden() and page.locator("#model-nodes").is_hidden()
+    assert page.locator(f"{row} > td").count() == 11
+    assert "on node" not in page.locator("main").inner_text()
     assert page.evaluate("window.__csp") == []
     assert not page.errors
 

@@ -14,13 +14,27 @@ The names below are what the rest of cachemesh imports from here.
 from __future__ import annotations
 
 from .facade import Caches
+
 # Binds the function over the submodule of the same name: ``cachemesh.caches.pull``
 # is cachemesh.pull(), as it was before the package; import the module's other
 # names with ``from cachemesh.caches.pull import ...``.
 from .pull import check_listing, pull, select_files
-from .spec import (AVAILABLE, DELETING, FAILED, LOADING, MAX_RETENTION_DAYS,
-                   MAX_SIZE_LIMIT_GIB, PENDING, CacheInfo, CacheSpec, Event, GcReport,
-                   Progress, PullResult, make_spec)
+from .spec import (
+                   AVAILABLE,
+                   DELETING,
+                   FAILED,
+                   LOADING,
+                   MAX_RETENTION_DAYS,
+                   MAX_SIZE_LIMIT_GIB,
+                   PENDING,
+                   CacheInfo,
+                   CacheSpec,
+                   Event,
+                   GcReport,
+                   Progress,
+                   PullResult,
+                   make_spec,
+)
 
 __all__ = [
     "AVAILABLE", "DELETING", "FAILED", "LOADING", "MAX_RETENTION_DAYS", "MAX_SIZE_LIMIT_GIB",

@@ -37,8 +37,8 @@ def nodes_ls(ctx: click.Context, as_json: bool) -> None:
         return
     click.echo(f"{'NAME':<16} {'ADVERTISE':<28} {'HEALTH':<9} {'MEMORY':>19}  COPIES")
     for n in found:
-        health = ("degraded" if n.get("degraded") else "draining" if n.get("draining")
-                  else "healthy")
+        health = ("degraded" if n.get("degraded") else "stale" if n.get("stale")
+                  else "draining" if n.get("draining") else "healthy")
         cap = n.get("capacity_bytes")
         memory = (f"{format_size(n.get('memory_used_bytes') or 0)}/"
                   f"{format_size(cap) if cap else '-'}")

@@ -10,11 +10,14 @@ the lease); a key without a lease is shared state that outlives every node.
 
     P
     ├── epoch                           random id of this etcd's data; no lease
-    ├── nodes/{node}                    NodeRecord: one per live node; the node's lease
+    ├── nodes/{node}                    NodeRecord: one per live node (memory, copies, versions
+    │                                   on disk); the node's lease
     ├── leader/{lease:016x}             election candidate, value = node name; the node's lease
     ├── models/{model}                  ModelDoc: versions, traffic, routes, scaling; no lease
     ├── buckets/{bucket}                a protected bucket's token hashes; no lease
     ├── copies/{model}/{version}/{node} where a copy lives, and its state; the node's lease
+    ├── placing/{model}/{version}       the one load of a copy loaded nowhere: who places it where;
+    │                                   the claiming node's lease
     ├── caches/{cache}                  a data cache declared cluster-wide (prewarm); no lease
     ├── prewarm/{cache}/{node}          one node's progress on a prewarm; the node's lease
     ├── blobs/{sha256}/{node}           a node holds this blob, or is fetching it; the node's lease
@@ -33,8 +36,10 @@ key                   written by, when                                          
 lease keep-alive      every node, every ``lease_ttl_s / 3`` (3.3 s by default)     30 (no log)
 epoch                 the first node that finds none (create-if-absent)            ~0
 nodes/{node}          its node: on join, then at most once per                     20
-                      ``RECORD_MIN_INTERVAL_S`` (5 s) while memory, copies or
-                      rates changed
+                      ``RECORD_MIN_INTERVAL_S`` (5 s) while memory, copies,
+                      rates or ``prepared`` (the versions whose files its store
+                      holds: changes only when it pulls one, which a node does
+                      only to load it) changed: no write beyond the record's
 leader/{lease}        each node once per lease (at join, after a lease loss)       ~0 (100 at
                                                                                    a cold start)
 models/{model}        any node, on a declaration; compare-and-put on the mod       <= 1
@@ -43,6 +48,10 @@ buckets/{bucket}      any node, when a protected bucket or its tokens change    
 copies/{m}/{v}/{node} the node holding the copy, on each state change              <= 30
                       (loading -> ready -> draining -> gone: 3 per load; at most
                       one load per 10 s per node on average)
+placing/{m}/{v}       create-if-absent by the node that got the first request of a     <= 3 per
+                      copy loaded nowhere (or by the leader adding a copy); put on     load
+                      each outcome (ready, failed: the reasons); deleted once the
+                      copy record says ready, or 5 s after a failure
 caches/{cache}        any node, on a cluster-wide declaration                      <= 0.1
 prewarm/{cache}/{n}   the node pulling it, at most once per 5 s while pulling      <= 20
 blobs/{sha256}/{n}    the node, one transaction per pull at its start and one at   <= 100
@@ -125,6 +134,13 @@ class Keys:
 
     def copy(self, model: str, version: str, node: str) -> str:
         return f"{self.copies}{part(model)}/{part(version)}/{part(node)}"
+
+    @property
+    def placings(self) -> str:
+        return f"{self.prefix}placing/"
+
+    def placing(self, model: str, version: str) -> str:
+        return f"{self.placings}{part(model)}/{part(version)}"
 
     def cache(self, name: str) -> str:
         return f"{self.prefix}caches/{part(name)}"

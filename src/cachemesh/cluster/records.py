@@ -62,6 +62,9 @@ class NodeRecord(_Record):
     cannot_load: dict[str, str] = Field(
         default_factory=dict, description="models this node cannot load, and why (a local"
         " source it lacks); placement skips it for them")
+    prepared: dict[str, list[str]] = Field(
+        default_factory=dict, description="model -> the version labels whose files are in"
+        " this node's store (pulled): a hint placement prefers; a stale one costs a pull")
     version: str = Field(default="", description="cachemesh version of the node")
     started_at: float = 0.0
     updated_at: float = 0.0
@@ -69,6 +72,10 @@ class NodeRecord(_Record):
     @classmethod
     def from_bytes(cls, data: bytes) -> NodeRecord:
         return cls.model_validate_json(data)
+
+    def has_files(self, model: str, version: str | None) -> bool:
+        """Whether this node's store holds the files of ``model@version`` (the hint)."""
+        return (version or "default") in self.prepared.get(model, ())
 
 
 class Candidate(_Record):

@@ -66,8 +66,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .iterate import iter_tensors as iter_tensors
     from .pretrained import load_pretrained as load_pretrained
     from .state_dict import LoadedStateDict as LoadedStateDict
     from .state_dict import load_state_dict as load_state_dict
     from .stream import TensorStream as TensorStream
-    from .iterate import iter_tensors as iter_tensors

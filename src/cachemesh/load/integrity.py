@@ -35,7 +35,6 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import TypeVar
 
 from ..errors import IntegrityError

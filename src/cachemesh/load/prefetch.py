@@ -33,8 +33,15 @@ from pathlib import Path
 
 from . import memory
 from .checkpoint import Checkpoint, read_checkpoint
-from .reader import DEFAULT_CHUNK_BYTES, Chunk, FileLayout, FileReader, ReadCounts, default_threads
-from .reader import plan_chunks
+from .reader import (
+    DEFAULT_CHUNK_BYTES,
+    Chunk,
+    FileLayout,
+    FileReader,
+    ReadCounts,
+    default_threads,
+    plan_chunks,
+)
 from .residency import _load_libc
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -10,9 +10,9 @@ import torch
 
 from ..errors import RefetchedError
 from .checkpoint import Checkpoint, read_checkpoint
+from .iterate import iter_tensors
 from .origin import OriginStream
 from .stats import LoadStats
-from .iterate import iter_tensors
 from .stream import TensorStream
 
 

@@ -55,6 +55,7 @@ from .reader import (
 from .stats import LoadStats
 from .tensors import CASTABLE, resolve_dtype, torch_dtype, torch_shape
 
+
 class ChunkReader(Protocol):
     """What the stream reads chunks with: a :class:`FileReader`, or a stand-in."""
 

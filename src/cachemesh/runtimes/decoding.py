@@ -15,7 +15,6 @@ each token as it is made (the runtime counts them).
 from __future__ import annotations
 
 import inspect
-
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext

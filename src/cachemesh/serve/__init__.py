@@ -22,7 +22,7 @@ The protocol-free core:
     loading.py      the life of a copy: load, adopt, unload; a lost slot (prepare.py:
                     a version's files pulled and its runtime decided)
     pool.py         the worker processes: spawn, death, recycle, replace; memory
-    slot.py         what placement and routing see of a worker (a node, later)
+    slot.py         what placement and routing see of a worker
     copies.py       copies of busy versions: when to add or drop one, which answers
     placement.py    where a copy loads and what is evicted (a pure function over slots)
     routing.py      which version answers a request (a pure decision)
@@ -37,6 +37,16 @@ The protocol-free core:
                     (pull_child.py: the process that pulls one)
     datacache_cluster.py  cluster mode: this node's blobs in the blob index, preheat
     preheat.py            caches declared cluster-wide, pulled onto the nodes they name
+
+Cluster mode (any node answers any request; cluster_mode.py: the node's ClusterContext):
+
+    forward.py      HTTP requests served here or sent once to the node that holds the model
+    forward_grpc.py the same for gRPC V2 (ModelInfer, ModelMetadata, ModelReady)
+    placer.py       where a request goes: here, a ready copy elsewhere, or the one load in
+                    the cluster (the placing/ claim); the retry rule; the drain's moves
+    node_choice.py  which node loads a copy, which copy answers (pure)
+    cluster_copies.py  the leader's copies across nodes: min_copies, hot models
+    cluster_routes.py  node-only routes (/api/v1/cluster/load)
 
 Worker processes:
 

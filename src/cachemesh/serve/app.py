@@ -44,13 +44,15 @@ from starlette.routing import Match, Mount, Route
 from .. import __version__
 from ..access import CONTROL, Keyring
 from ..errors import CachemeshError
-from . import api_docs, blobs, control, datacaches, nodes, openai, ui, v2_rest
+from . import api_docs, blobs, cluster_routes, control, datacaches, nodes, openai, ui, v2_rest
 from .auth import Authenticate, access_of
 from .datacache_cluster import start_cluster
 from .datacache_service import DataCacheService
+from .forward import Forward
 from .http_errors import encodable
 from .limits import BodyLimit, ParseBudget
 from .metrics import CONTENT_TYPE
+from .placer import placer_of
 from .registry import ModelSpec
 from .service import ModelService
 
@@ -69,6 +71,7 @@ def create_api(service: ModelService, caches_service: DataCacheService,
     api.include_router(nodes.router)
     api.include_router(datacaches.router)
     api.include_router(openai.router)
+    api.include_router(cluster_routes.router)
     for router in routers:
         api.include_router(router)
 
@@ -122,6 +125,9 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
         except CachemeshError as exc:
             app.state.startup_error = exc  # expected: server.run says it in one line
             raise
+        placer = placer_of(service)
+        if placer is not None:
+            placer.start()  # the leader's copies across nodes (cluster_copies.py)
         # Data caches whose pull the last run's stop interrupted go on where they were.
         models_caches = {v.cache for v in service.deployments.versions()}
         try:
@@ -158,6 +164,8 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
             if node is not None:
                 await node.stop()
             await service.stop()
+            if placer is not None:
+                await placer.close()
             caches_service.stop()  # background pulls: stopped, resumable
 
     async def metrics(request: Request) -> Response:
@@ -178,7 +186,8 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
                     lifespan=lifespan,
                     exception_handlers={StarletteHTTPException: http_error},
                     middleware=[Middleware(Authenticate, keyring=keyring),
-                                Middleware(BodyLimit, limit_of=body_limit)])
+                                Middleware(BodyLimit, limit_of=body_limit),
+                                Middleware(Forward, service=service)])
     app.state.service = service
     app.state.datacaches = caches_service
     app.state.api = api

@@ -57,6 +57,8 @@ RULES: list[tuple[str, str, frozenset[str] | None, str]] = [
     ("/v2/models", "prefix", None, INFERENCE),
     ("/v1", "prefix", None, INFERENCE),  # OpenAI
     ("/api/v1/blobs", "prefix", frozenset({"GET", "HEAD"}), OPEN),  # peers: serve/blobs.py
+    # node-to-node: the cluster token, checked by forward.py (cluster_routes.py)
+    ("/api/v1/cluster", "prefix", frozenset({"POST"}), OPEN),
     ("/api", "prefix", None, CONTROL),
 ]
 

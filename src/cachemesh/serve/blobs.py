@@ -39,12 +39,12 @@ from ..errors import InvalidInputError, NotFoundError
 from ..fetch.ledger import PeerLedger
 from ..fetch.peer_http import (
     BUSY_HEADER,
-    Availability,
     RANGES_HEADER,
     SIZE_HEADER,
     STATE_HEADER,
     WATCH_HEARTBEAT_S,
     WATCH_MAX_S,
+    Availability,
     format_ranges,
     watch_line,
 )

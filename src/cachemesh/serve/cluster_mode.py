@@ -17,7 +17,10 @@ set, and held as ``service.cluster`` (None on a lone node). It owns:
   that changes a copy: loading, pool and placement stay free of cluster code, and a
   write that failed (etcd down) or a lease that was lost is made good by the next diff.
 
-Node-local, never in etcd: the store, data caches, conversions. A ``file://`` model source
+Node-local, never in etcd: the store, data caches, conversions. The node record's
+``prepared`` names the versions whose files this node's store holds (a hint placement
+prefers: ``node_choice.py``); in cluster mode a node pulls a version's files only when it
+is to load it (``deployments.py``). A ``file://`` model source
 exists or not on each node: :meth:`can_load_here` says why this node cannot load a model,
 and the node record's ``cannot_load`` tells the other nodes.
 """
@@ -262,6 +265,7 @@ class ClusterContext:
         service = self._service
         copies: dict[tuple[str, str], CopyState] = {}
         cannot: dict[str, str] = {}
+        prepared: dict[str, list[str]] = {}
         now_mono, now_wall = time.monotonic(), time.time()
         for dep in list(service.deployments.by_name.values()):
             if dep.removed:
@@ -270,6 +274,8 @@ class ClusterContext:
             if why is not None:
                 cannot[dep.name] = why
             for v in list(dep.versions.values()):
+                if v.resolved is not None and not v.removed:  # its files are in the store
+                    prepared.setdefault(v.model, []).append(v.label)
                 held = [c for c in v.copies if c.state in (LOADING, READY, UNLOADING)]
                 if not held:
                     continue
@@ -286,7 +292,10 @@ class ClusterContext:
         record = {"capacity_bytes": memory["budget_bytes"],
                   "memory_used_bytes": memory["held_bytes"],
                   "copies": sorted(copies.values(), key=lambda c: (c.model, c.version or "")),
-                  "draining": bool(service.draining), "cannot_load": cannot}
+                  "draining": bool(service.draining or getattr(  # placer.drain (part B)
+                      getattr(service, "placer", None), "draining", False)),
+                  "cannot_load": cannot,
+                  "prepared": {m: sorted(labels) for m, labels in sorted(prepared.items())}}
         return copies, record
 
     async def _sync_copies(self) -> None:
@@ -348,7 +357,8 @@ def _comparable(record: dict[str, Any]) -> Any:
         return None
     return (record["capacity_bytes"], record["memory_used_bytes"] // (1 << 20),
             [(c.model, c.version, c.state, c.bytes, round(c.rate)) for c in record["copies"]],
-            record["draining"], sorted(record["cannot_load"].items()))
+            record["draining"], sorted(record["cannot_load"].items()),
+            list(record["prepared"].items()))
 
 
 async def preflight(settings: Settings) -> None:

@@ -9,7 +9,12 @@ survive a restart; models given on the command line are declared at each start.
   everything that would fail later is refused first (a source nobody understands,
   400; a changed version or a cache holding something else, 409; a protected
   bucket without its token, 403), then the document is written and each version's
-  pull starts in the background (``Loader.prepare``).
+  pull starts in the background (``Loader.prepare``). In cluster mode
+  (``pull_on_declare`` False) a node pulls a version only when it is to load it (placed
+  here, a request loads it here, or ``eager``: every node), so that a declaration costs
+  the cluster no pull and a node's disk holds what it serves; a version whose files
+  are already in this node's store (an earlier pull) is prepared at once, with no
+  download, so that the node record's ``prepared`` says so.
 - Roll out (:meth:`Deployments.apply` on a known model): the versions the new
   document sends traffic to are loaded first; then the switch, one assignment (no
   request sees half a document); then the versions it dropped are retired: the
@@ -47,12 +52,12 @@ from ..errors import (
 from .copies import CopyPolicy
 from .documents import ModelDoc, VersionSpec, cache_name, doc_from_spec, unredact
 from .loading import Loader
-from .prepare import check_cache
 from .loadqueue import BACKGROUND
+from .prepare import check_cache
 from .registry import ModelRegistry, ModelSpec
 from .routing import Router
 from .shared import Shared
-from .state import Deployment, Version, versions_of
+from .state import NOT_HERE, UNLOADED, Deployment, Version, versions_of
 
 log = logging.getLogger("cachemesh.serve")
 
@@ -61,8 +66,11 @@ class Deployments:
     """The models this server serves, by name."""
 
     def __init__(self, shared: Shared, registry: ModelRegistry, loader: Loader,
-                 by_name: dict[str, Deployment]) -> None:
-        """``by_name``: the deployments, shared with the loader (which only reads it)."""
+                 by_name: dict[str, Deployment], *, pull_on_declare: bool = True) -> None:
+        """``by_name``: the deployments, shared with the loader (which only reads it).
+        ``pull_on_declare``: pull every version when declared (a lone node); False in
+        cluster mode, where a node pulls what it is to load."""
+        self.pull_on_declare = pull_on_declare
         self.shared = shared
         self.cfg = shared.cfg
         self.registry = registry
@@ -103,7 +111,11 @@ class Deployments:
     def _new_version(self, doc: ModelDoc, label: str, spec: VersionSpec) -> Version:
         v = Version(model=doc.name, label=label, spec=spec, cache=cache_name(doc.name, label),
                     bucket=doc.bucket)
-        v.prepare_task = self.shared.background.start(self.loader.prepare(v))
+        if self.pull_on_declare:
+            v.prepare_task = self.shared.background.start(self.loader.prepare(v))
+        else:
+            v.phase, v.reason = UNLOADED, NOT_HERE
+            v.prepare_task = self.shared.background.start(self.loader.prepare_if_present(v))
         return v
 
     def _check_sources(self, doc: ModelDoc, known: Mapping[str, Version], *,

@@ -18,7 +18,7 @@ the registry keeps it across restarts, and ``--config`` may list them::
       "aliases": {"canary": "v2", "stable": "v1"},       # more names for versions
       "eager": false,                                    # load at start, not on first use
       "bucket": "models",                                # of every version's cache
-      "scaling": {"copy_rate": 50, "max_copies": 3, "cooldown_s": 60}
+      "scaling": {"copy_rate": 50, "max_copies": 3, "min_copies": 1, "cooldown_s": 60}
     }
 
 A route matches a request header (names are case-insensitive) or a key of the
@@ -160,6 +160,17 @@ class Scaling(BaseModel):
     max_copies: int | None = Field(default=None, ge=1, description="at most this many copies")
     cooldown_s: float | None = Field(default=None, ge=0, description=(
         "seconds the rate must stay low before an extra copy goes"))
+    min_copies: int | None = Field(default=None, ge=0, le=1000, description=(
+        "in a cluster: copies kept loaded across the nodes, one per node, whatever the"
+        " rate (the leader places them); not above max_copies"))
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Scaling:
+        if (self.min_copies is not None and self.max_copies is not None
+                and self.min_copies > self.max_copies):
+            raise ValueError(f"scaling: min_copies ({self.min_copies}) is above max_copies"
+                             f" ({self.max_copies})")
+        return self
 
 
 Percent = Annotated[int, Field(ge=0, le=100, strict=True)]

@@ -1,7 +1,8 @@
 """The life of a copy: a version prepared, a copy loaded on a slot and adopted, unloaded.
 
 - Prepare (``prepare.py``): each version's source is pulled through the cache
-  once, in the background, and its runtime decided; a load waits for that.
+  once, in the background, and its runtime decided; a load waits for that (and, in
+  cluster mode, where a node pulls only what it is to load, starts it).
 - Load: one on-demand load per version at a time (a single shared task that every
   request waiting on it awaits, :meth:`Loader.ensure_loaded`), through the load
   queue (bounded, ``load_concurrency`` at once, request-driven loads first). The
@@ -82,7 +83,9 @@ class Loader:
         self.queue = LoadQueue(self.cfg.load_concurrency, self.cfg.load_queue)
         self._keys = itertools.count(1)
         # A version's files and runtime (prepare.py); a load waits for them.
-        self.prepare = Preparer(shared, pool, models).prepare
+        preparer = Preparer(shared, pool, models)
+        self.prepare = preparer.prepare
+        self.prepare_if_present = preparer.prepare_if_present
         pool.on_lost = self.slot_lost
 
     def versions(self) -> list[Version]:
@@ -136,7 +139,7 @@ class Loader:
         try:
             if v.prepare_task is not None and not v.prepare_task.done():
                 await asyncio.shield(v.prepare_task)
-            elif v.resolved is None:  # the pull failed earlier; try again
+            if v.resolved is None:  # not pulled here yet (cluster mode), or it failed
                 v.prepare_task = self.shared.background.start(self.prepare(v))
                 await asyncio.shield(v.prepare_task)
             v.phase, v.reason = LOADING, None

@@ -21,6 +21,14 @@ in one process, as in the tests, do not collide). Names::
     cachemesh_worker_recycles_total                 idle workers restarted to free leaked memory
     cachemesh_version_requests_total{model,version} requests by the version that took them
     cachemesh_model_copies{model,version}           ready copies of each version
+    cachemesh_forwards_total{outcome}               requests sent to another node (ok, error:
+                                                    it answered 5xx, unreachable: retried
+                                                    elsewhere, lost: it died holding it,
+                                                    refused: a forwarded request came without
+                                                    the cluster token)
+    cachemesh_forward_duration_seconds              forwarded requests, from here to the end
+                                                    of the other node's answer
+    cachemesh_remote_loads_total                    loads this node asked another node to do
     cachemesh_cluster_lease_renewals_total          keep-alives of this node's lease (cluster mode)
     cachemesh_cluster_etcd_errors_total             calls to etcd that failed (cluster mode)
     cachemesh_cluster_degraded                      1 while etcd cannot be reached (cluster mode)
@@ -117,6 +125,13 @@ class Metrics:
         self.waiting = Gauge("vllm:num_requests_waiting",
                              "Generative requests waiting for their model to load.", label,
                              registry=r)
+        self.forwards = Counter("cachemesh_forwards", "Requests sent to another node.",
+                                ["outcome"], registry=r)
+        self.forward_latency = Histogram("cachemesh_forward_duration_seconds",
+                                         "Forwarded requests, to the end of the answer.",
+                                         buckets=_LATENCY, registry=r)
+        self.remote_loads = Counter("cachemesh_remote_loads",
+                                    "Loads this node asked another node to do.", registry=r)
 
         self.cluster_renewals = Counter("cachemesh_cluster_lease_renewals",
                                         "Keep-alives of this node's lease.", registry=r)

@@ -1,13 +1,24 @@
 """``GET /api/v1/nodes``: the nodes of the cluster, as the control API shows them.
 
     GET /api/v1/nodes   {"nodes": [{name, advertise, http, grpc, labels, capacity_bytes,
-                         memory_used_bytes, copies: [...], draining, cannot_load, healthy,
-                         degraded, updated_at, self}], "cluster": {...} | null}
+                         memory_used_bytes, copies: [...], draining, cannot_load, prepared,
+                         healthy, degraded, stale, updated_at, self}], "cluster": {...} | null}
 
 In cluster mode the list comes from this node's watch of ``nodes/`` (every live node);
-this node's own entry says whether it is degraded (etcd unreachable). On a lone node the
-list has one entry, the node itself, so that the operator and the UI need no second code
-path; ``cluster`` is null there.
+this node's own entry says whether it is degraded (etcd unreachable). While it is, the
+other entries are ``stale``: what the watch last saw, which no one can confirm now (a
+node that died meanwhile is still listed), so they are not called healthy either.
+``updated_at`` is when a node last wrote its record, which it does only when something in
+it changed: an old one is no sign of trouble (the lease, not the record, says a node is
+alive). On a lone node the list has one entry, the node itself, so that the operator and
+the UI need no second code path; ``cluster`` is null there.
+
+``prepared``: model -> the versions whose files the node's store holds (in cluster mode a
+node pulls a version only when it is to load it). A node's ``copies``, ``cannot_load``
+and ``prepared`` name models: those the caller may not see (a
+protected bucket without its token, access.py) are left out, as ``GET /api/v1/models``
+leaves them out; so is a model this node has not applied yet (its bucket is unknown here).
+The memory figures stay whole: they say how full a node is, not what fills it.
 """
 
 from __future__ import annotations
@@ -31,18 +42,35 @@ async def list_nodes(request: Request) -> dict[str, Any]:
     service: ModelService = request.app.state.service
     cluster = service.cluster
     if cluster is None:
-        return {"nodes": [_shown(lone_record(service), degraded=False, me=True)],
-                "cluster": None}
+        return {"nodes": [_visible(service, _shown(lone_record(service), degraded=False,
+                                                   me=True))], "cluster": None}
     records = await cluster.nodes()
-    return {"nodes": [_shown(r, degraded=cluster.degraded if r.name == cluster.name else False,
-                             me=r.name == cluster.name) for r in records],
+    blind = cluster.degraded
+    return {"nodes": [_visible(service, _shown(r, degraded=blind, me=True)
+                               if r.name == cluster.name
+                               else _shown(r, degraded=False, me=False, stale=blind))
+                      for r in records],
             "cluster": cluster.status()}
 
 
-def _shown(record: NodeRecord, *, degraded: bool, me: bool) -> dict[str, Any]:
+def _visible(service: ModelService, node: dict[str, Any]) -> dict[str, Any]:
+    """The node's entry without the models the caller may not see."""
+    def seen(model: str) -> bool:
+        dep = service.deployments.by_name.get(model)
+        return dep is not None and not dep.removed and service.deployments.visible(dep)
+
+    node["copies"] = [c for c in node["copies"] if seen(c["model"])]
+    node["cannot_load"] = {m: why for m, why in node["cannot_load"].items() if seen(m)}
+    node["prepared"] = {m: labels for m, labels in node.get("prepared", {}).items() if seen(m)}
+    return node
+
+
+def _shown(record: NodeRecord, *, degraded: bool, me: bool,
+           stale: bool = False) -> dict[str, Any]:
     data = record.model_dump(mode="json", exclude={"node_id"})
-    data["healthy"] = not degraded and not record.draining
+    data["healthy"] = not degraded and not stale and not record.draining
     data["degraded"] = degraded
+    data["stale"] = stale
     data["self"] = me
     return data
 
@@ -52,7 +80,10 @@ def lone_record(service: ModelService) -> NodeRecord:
     cfg = service.cfg
     memory = service.pool.memory()
     copies = []
+    prepared: dict[str, list[str]] = {}
     for v in service.deployments.versions():
+        if v.resolved is not None:
+            prepared.setdefault(v.model, []).append(v.label)
         held = [c for c in v.copies if c.state in (LOADING, READY, UNLOADING)]
         if held:
             states = {c.state for c in held}
@@ -66,4 +97,5 @@ def lone_record(service: ModelService) -> NodeRecord:
         name=socket.gethostname().lower(), node_id="", advertise=f"http://{host}:{cfg.port}",
         http=f"{host}:{cfg.port}", grpc=f"{host}:{cfg.grpc_port}" if cfg.grpc_port else None,
         capacity_bytes=memory["budget_bytes"], memory_used_bytes=memory["held_bytes"],
-        copies=copies, draining=service.draining, version=__version__, updated_at=now)
+        copies=copies, draining=service.draining, version=__version__, updated_at=now,
+        prepared={m: sorted(labels) for m, labels in sorted(prepared.items())})

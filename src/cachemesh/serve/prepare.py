@@ -1,8 +1,10 @@
 """Preparing a version: its files pulled through the cache, its runtime decided.
 
 Each version's source is pulled once (``Caches.ensure``: a cache per version, in
-the model's bucket), in the background from the moment it is declared; a load
-waits for it (``loading.py``). A cache of the version's name that already exists
+the model's bucket), in the background from the moment it is declared on a lone
+node, and in cluster mode only when this node is to load it (``deployments.py``;
+:meth:`Preparer.prepare_if_present` adopts files an earlier pull left); a load waits
+for it (``loading.py``). A cache of the version's name that already exists
 is reused when it holds the same source, in the model's bucket or in another one
 that is not protected (:func:`check_cache`). An adapter's base model is pulled into a cache of the
 model's own bucket too, and the worker gets its view as a local path.
@@ -29,7 +31,7 @@ from .documents import DEFAULT_VERSION
 from .messages import Preload
 from .pool import WorkerPool
 from .shared import Shared
-from .state import FAILED, PULLING, UNLOADED, Deployment, Version, versions_of
+from .state import FAILED, NOT_HERE, PULLING, UNLOADED, Deployment, Version, versions_of
 
 if TYPE_CHECKING:
     from ..caches import CacheInfo
@@ -63,6 +65,27 @@ class Preparer:
         if v.phase == PULLING:
             v.phase = UNLOADED
         self.shared.background.start(self._warm_workers(v))
+
+    async def prepare_if_present(self, v: Version) -> None:
+        """Cluster mode, at declaration: prepare ``v`` only if its cache is already
+        Available in this node's store (an earlier pull: no download, a view check), so
+        that the node record says it has the files. Otherwise nothing: the version's
+        files are pulled when it is to load here (``Loader._load``)."""
+        from ..caches import AVAILABLE
+
+        def present() -> bool:
+            try:
+                return self.shared.caches.get(v.cache).status == AVAILABLE
+            except CachemeshError:  # none (CacheNotFoundError), or the database is busy
+                return False
+
+        if not await asyncio.to_thread(present):
+            return
+        try:
+            await self.prepare(v)
+        except CachemeshError as exc:  # a load pulls (and says why) when it comes
+            log.info("%s: files in the store not usable as they are: %s", v.display, exc)
+            v.phase, v.reason, v.failed_until = UNLOADED, NOT_HERE, 0.0
 
     async def _warm_workers(self, v: Version) -> None:
         """Import a slow runtime's framework in every worker ahead of the first request

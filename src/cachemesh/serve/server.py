@@ -19,6 +19,7 @@ import uvicorn
 from ..config import Settings
 from ..sources.redact import redact_log_handlers
 from .app import create_app
+from .placer import placer_of
 from .ports import Ports, take_ports
 from .registry import ModelSpec
 from .service import ModelService
@@ -53,10 +54,16 @@ class DrainingServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(self._start_drain)
 
     def _start_drain(self) -> None:
-        self.service.begin_drain()
+        if placer_of(self.service) is None:
+            self.service.begin_drain()
         self._loop.create_task(self._drain())  # type: ignore[union-attr]
 
     async def _drain(self) -> None:
+        placer = placer_of(self.service)
+        if placer is not None:  # a cluster: hot models go elsewhere first (placer.drain)
+            moved = await placer.drain(self.service.cfg.drain_timeout_s)
+            log.warning("drain: %d hot model version(s) now served elsewhere", len(moved))
+        self.service.begin_drain()
         done = await self.service.wait_idle(self.service.cfg.drain_timeout_s)
         if not done:
             log.warning("drain timeout: %d request(s) still in flight", self.service.inflight)

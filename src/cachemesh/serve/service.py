@@ -9,6 +9,7 @@ is done by its parts:
     deployments.py  declare, apply (roll out), retire, remove; their checks
     loading.py      the life of a copy: load, adopt, unload; a slot lost
     prepare.py      a version's files pulled through the cache, its runtime decided
+    introspect.py   V2 metadata, Triton-style statistics, the runtime's own counters
     pool.py         the worker processes: spawn, death, recycle, replace; memory
     copies.py       the copy scaler: more copies of a busy version, fewer after
     placement.py    where a copy loads and what is evicted (pure)
@@ -26,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
@@ -34,20 +35,18 @@ from ..errors import (
     CachemeshError,
     DrainingError,
     InferenceInputError,
-    InvalidInputError,
-    ModelFailedError,
-    ModelNotFoundError,
     OverloadedError,
     RequestTimeoutError,
-    UnavailableError,
 )
 from ..runtimes import InferenceRequest, InferenceResponse
+from .accounting import counted, refresh_gauges, routed_of
 from .copies import CopyScaler
 from .deployments import Deployments
-from .documents import DEFAULT_VERSION, ModelDoc
+from .documents import ModelDoc
+from .introspect import Introspection
 from .loading import Loader
 from .loadqueue import REQUEST
-from .messages import Generate, Infer, Stats, Stream
+from .messages import Generate, Infer, Stream
 from .metrics import LLMSeries, Metrics
 from .pool import USES_HALF_LIFE_S, WorkerPool
 from .registry import ModelRegistry, ModelSpec
@@ -60,6 +59,7 @@ if TYPE_CHECKING:
     from .cluster_mode import ClusterContext
 
 log = logging.getLogger("cachemesh.serve")
+PINNED_VERSION = "cachemesh-forwarded-version"
 
 
 class ModelService:
@@ -92,8 +92,11 @@ class ModelService:
         models: dict[str, Deployment] = {}
         self.pool = WorkerPool(shared, lambda: versions_of(models), launched)
         self.loader = Loader(shared, self.pool, models)
-        self.deployments = Deployments(shared, registry, self.loader, models)
+        # In a cluster a node pulls a version's files only when it is to load it.
+        self.deployments = Deployments(shared, registry, self.loader, models,
+                                       pull_on_declare=self.cluster is None)
         self.scaler = CopyScaler(models, self.loader, self.pool, lambda: self.draining)
+        self.introspect = Introspection(self.cfg, self.deployments, self.loader)
         self.inflight = 0
         self.started = False
         self.warm = False
@@ -237,6 +240,10 @@ class ModelService:
 
     def _route(self, name: str, version: str | None, headers: Mapping[str, str] | None,
                parameters: Mapping[str, Any] | None) -> tuple[Decision, Deployment, Version]:
+        if version is None and headers:
+            # The version another node of the cluster drew for this request (forward.py
+            # passes it, and drops the header from every request from outside).
+            version = headers.get(PINNED_VERSION) or None
         dep = self.deployments.get(name, version)
         decision = dep.router.choose(version, headers, parameters)
         return decision, dep, dep.versions[decision.version]
@@ -254,68 +261,23 @@ class ModelService:
         return self.deployments.get(name, version).is_ready(version)
 
     async def metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """V2 model metadata, the same before and after the first load: read from the
-        files where their format tells (``Runtime.describe``), else from a load, which
-        this starts (and waits for) as a request would."""
-        dep = self.deployments.get(name, version)
-        v = dep.versions[dep.router.choose(version).version if version else dep.doc.primary()]
-        if v.resolved is None and v.prepare_task is not None:
-            with contextlib.suppress(CachemeshError, asyncio.CancelledError):
-                await asyncio.shield(v.prepare_task)
-        meta = dep.metadata(v)
-        if meta is None:
-            deadline = time.monotonic() + self.cfg.request_timeout_s
-            try:
-                async with asyncio.timeout(self.cfg.request_timeout_s):
-                    await self.loader.ensure_loaded(v, REQUEST, deadline)
-            except TimeoutError:
-                raise RequestTimeoutError(
-                    f"model {name!r} did not load within {self.cfg.request_timeout_s:g}s"
-                ) from None
-            meta = dep.metadata(v)
-        return meta or {"name": name, "versions": list(dep.doc.versions),
-                        "platform": v.resolved.runtime if v.resolved else "",
-                        "inputs": [], "outputs": []}
+        """V2 model metadata, the same before and after the first load (``introspect.py``)."""
+        return await self.introspect.metadata(name, version)
 
     def statistics(self, name: str = "", version: str | None = None) -> list[dict[str, Any]]:
-        """Each version's tally (every model's when ``name`` is empty), in the terms of
-        Triton's statistics extension."""
-        if name:
-            dep = self.deployments.get(name, version)
-            deps = [dep]
-            if version is not None:
-                dep.router.choose(version)  # an unknown version is not found
-        else:
-            deps = [d for _, d in sorted(self.deployments.by_name.items())
-                    if not d.removed and self.deployments.visible(d)]
-        out = []
-        for dep in deps:
-            for v in dep.versions.values():
-                if version is not None and v.label != dep.router.choose(version).version:
-                    continue
-                t = v.tally
-                label = "" if v.label == DEFAULT_VERSION else v.label
-                out.append({"name": dep.name, "version": label,
-                            "last_inference": t.last_ms,
-                            "inference_count": t.success, "execution_count": t.success,
-                            "success": (t.success, t.success_ns), "fail": (t.fail, t.fail_ns),
-                            "queue": (t.queued, t.queue_ns)})
-        return out
+        """Each version's tally in Triton's statistics terms (``introspect.py``)."""
+        return self.introspect.statistics(name, version)
+
+    async def runtime_stats(self, name: str) -> dict[str, Any]:
+        """The runtime's own counters of each loaded copy (``introspect.py``)."""
+        return await self.introspect.runtime_stats(name)
 
     def memory(self) -> dict[str, Any]:
         return self.pool.memory()
 
     def refresh_gauges(self) -> None:
-        mem = self.memory()
-        self.metrics.held.set(mem["held_bytes"])
-        for w in mem["workers"]:
-            self.metrics.worker_rss.labels(str(w["id"])).set(w["rss_bytes"])
-        self.metrics.loaded.set(sum(1 for v in self.deployments.versions() if v.ready_copies()))
-        for v in self.deployments.versions():
-            self.metrics.copies.labels(v.model, v.label).set(len(v.ready_copies()))
-        if self.cluster is not None:
-            self.metrics.observe_cluster(self.cluster.membership.renewals,
-                                         self.cluster.etcd_errors, self.cluster.degraded)
+        """The gauges /metrics reads, from the state now (``accounting.py``)."""
+        refresh_gauges(self.metrics, self.memory(), self.deployments.versions(), self.cluster)
 
     # -- inference -------------------------------------------------------------------
 
@@ -332,16 +294,6 @@ class ModelService:
         v.inflight += 1
         self._idle.clear()
         return dep, v
-
-    def _series(self, dep: Deployment) -> Series:
-        m, name = self.metrics, dep.name
-        dep.series = Series(m.inflight.labels(name), m.hits.labels(name), m.misses.labels(name),
-                            m.requests.labels(name, "ok"), m.latency.labels(name))
-        return dep.series
-
-    def _routed(self, v: Version) -> Any:
-        v.routed = self.metrics.routed.labels(v.model, v.label)
-        return v.routed
 
     def _done(self, v: Version) -> None:
         self.inflight -= 1
@@ -383,40 +335,6 @@ class ModelService:
         if copy.inflight == 0:
             self.pool.notify()
 
-    @contextlib.contextmanager
-    def _counted(self, name: str, dep: Deployment, v: Version) -> Iterator[Series]:
-        """One answered request of any protocol in the request counters and latencies
-        (a stream's latency is its whole length), and in its version's tally."""
-        started = time.perf_counter_ns()
-        series = dep.series or self._series(dep)
-        series.inflight.inc()
-        outcome = "error"
-        try:
-            yield series
-            outcome = "ok"
-        except (InvalidInputError, ModelNotFoundError):
-            outcome = "client_error"
-            raise
-        except RequestTimeoutError:
-            outcome = "timeout"
-            raise
-        except UnavailableError:
-            outcome = "unavailable"
-            raise
-        except ModelFailedError:
-            outcome = "failed"
-            raise
-        except (GeneratorExit, asyncio.CancelledError):
-            outcome = "cancelled"  # the client went away
-            raise
-        finally:
-            elapsed = time.perf_counter_ns() - started
-            series.inflight.dec()
-            (series.ok if outcome == "ok" else self.metrics.requests.labels(name, outcome)).inc()
-            series.latency.observe(elapsed / 1e9)
-            if outcome != "cancelled":
-                v.tally.answered(outcome == "ok", elapsed)
-
     async def infer(self, name: str, version: str | None, request: InferenceRequest, *,
                     headers: Mapping[str, str] | None = None) -> InferenceResponse:
         """Answer a V2 request. ``version``: one the request names (path); else the
@@ -425,7 +343,7 @@ class ModelService:
         dep, v = self._admit(name, version, headers, request.parameters)
         copy: Copy | None = None
         try:
-            with self._counted(name, dep, v) as series:
+            with counted(self.metrics, name, dep, v) as series:
                 try:
                     async with asyncio.timeout(self.cfg.request_timeout_s):
                         copy = await self._copy_for(
@@ -446,7 +364,7 @@ class ModelService:
             if copy is not None:
                 self._release(copy)
             self._done(v)
-            (v.routed or self._routed(v)).inc()
+            (v.routed or routed_of(self.metrics, v)).inc()
 
     async def generate(self, name: str, payload: dict[str, Any], *, version: str | None = None,
                        headers: Mapping[str, str] | None = None,
@@ -457,7 +375,7 @@ class ModelService:
         llm = self.metrics.llm(name) if payload.get("kind") != "embedding" else None
         copy: Copy | None = None
         try:
-            with self._counted(name, dep, v) as series:
+            with counted(self.metrics, name, dep, v) as series:
                 copy = await self._copy_for(v, series, time.monotonic()
                                             + self.cfg.request_timeout_s, llm)
                 if not v.capabilities.get("generate"):
@@ -484,7 +402,7 @@ class ModelService:
         admitted = time.perf_counter()
         copy: Copy | None = None
         try:
-            with self._counted(name, dep, v) as series:
+            with counted(self.metrics, name, dep, v) as series:
                 copy = await self._copy_for(v, series, time.monotonic()
                                             + self.cfg.request_timeout_s, llm)
                 if not v.capabilities.get("stream"):
@@ -502,18 +420,3 @@ class ModelService:
             if copy is not None:
                 self._release(copy)
             self._done(v)
-
-    async def runtime_stats(self, name: str) -> dict[str, Any]:
-        """The runtime's own counters (``Runtime.stats``: tokens generated, load phases)
-        of each loaded copy of the model; ``stats`` is the first one's. Loads nothing."""
-        dep = self.deployments.get(name)
-        copies = [c for v in dep.versions.values() for c in v.copies if c.ready]
-
-        async def ask(c: Copy) -> dict[str, Any]:
-            reply = await asyncio.wait_for(c.slot.call(Stats()), self.cfg.request_timeout_s)
-            return {"version": c.version.label, "worker": c.slot.id,
-                    "stats": reply.stats.get(c.key, {})}
-
-        found = list(await asyncio.gather(*(ask(c) for c in copies)))
-        return {"loaded": bool(found), "stats": found[0]["stats"] if found else {},
-                "copies": found}

@@ -4,8 +4,9 @@ Placement and routing see slots through this protocol only: placement decides ov
 snapshots of them (``pool.py`` takes them, ``placement.py`` decides), and a request
 goes to a ready copy (``copies.pick``) and then to that copy's slot. Today each slot
 is a worker process of this node (:class:`~.workers.WorkerHandle`, kept by
-``pool.py``); in cluster mode a remote node is one more slot, which places the copy
-on its own workers.
+``pool.py``). In cluster mode another node is not a slot: a request it serves is
+forwarded as bytes before any adapter parses it (``forward.py``, ``placer.py``; why, in
+docs/architecture.md), and that node places the copy on its own workers.
 
 A slot speaks the requests of ``messages.py``: ``call`` sends one and resolves to
 its answer (a :class:`~.messages.Loaded` for a Load, an InferenceResponse for an

@@ -39,6 +39,8 @@ from .slot import Slot
 
 PULLING, UNLOADED, LOADING, READY, UNLOADING, FAILED = (
     "Pulling", "Unloaded", "Loading", "Ready", "Unloading", "Failed")
+# The reason an Unloaded version gives on a cluster node that has not pulled its files.
+NOT_HERE = "not on this node; files are pulled when placed here"
 
 
 @dataclass(slots=True)

@@ -3,7 +3,7 @@
 Three files shipped in the package (``ui_static/``: ``index.html``, ``ui.js``,
 ``ui.css``), no build step and nothing fetched from elsewhere. The page reads
 the same APIs any client reads (``/api/v1/datacaches?usage=true``,
-``/api/v1/models``, ``/metrics``, ``/api/v1/nodes`` in cluster mode)
+``/api/v1/models``, ``/api/v1/nodes``, ``/metrics``)
 and follows pulls through ``/api/v1/datacaches/{name}/events`` with
 ``fetch()``, which, unlike ``EventSource``, can send a bearer token.
 
@@ -13,6 +13,14 @@ always does. Each answer carries a Content-Security-Policy that allows this
 origin's script, style and connections only: no inline script, no other host.
 The page puts every server string into the DOM as text (``textContent``), never
 as markup, and the policy is the second line of defence, not the first.
+
+In cluster mode (``cluster`` set in ``/api/v1/nodes``) the page adds the nodes: health
+(ok / degraded / draining / stale record, as the API says), labels, memory against each
+node's budget, the copies each holds, what it cannot load; and a column naming the nodes
+that hold each model version (``status.nodes``). Caches, workers and the chart stay this
+node's (node-local), and their headings say which node that is. A lone server lists
+itself as the one node; the page shows no nodes table there, which would repeat the
+memory section.
 
 Routes (plain Starlette, added to the root app beside ``/metrics``)::
 

@@ -52,6 +52,7 @@ from .. import errors as e
 from ..access import CONTROL, INFERENCE, OPEN, Keyring, Principal, acting_as
 from ..error_codes import codes_of
 from ..runtimes.types import InferenceRequest, InferenceResponse, RequestedOutput, Tensor
+from . import forward_grpc
 from . import protos as pb
 from .auth import credentials
 from .documents import DEFAULT_VERSION
@@ -74,6 +75,7 @@ from .v2_codec import (
 
 log = logging.getLogger("cachemesh.serve")
 VERSION_METADATA = "x-model-version"  # initial metadata: the version that answered
+CLUSTER_VERSION = "cachemesh-model-version"  # the same, under the cluster's name
 
 _INT64_MAX = 2**63 - 1
 
@@ -242,7 +244,8 @@ class InferenceServicer:
         response, raw = await self._infer(request, context)
         if response.model_version:
             # The version that answered (routing.py chose it), as REST's x-model-version.
-            await context.send_initial_metadata(((VERSION_METADATA, response.model_version),))
+            await context.send_initial_metadata(((VERSION_METADATA, response.model_version),
+                                                 (CLUSTER_VERSION, response.model_version)))
         return self._encode(response, raw)
 
     async def _infer(self, request: Any, context: aio.ServicerContext
@@ -344,6 +347,8 @@ def _wrap_unary(fn: Callable[[Any, Any], Awaitable[Any]], access: str,
             principal: Principal = keyring.authenticate(access, *credentials(_metadata(context)))
             with acting_as(principal):
                 return await fn(request, context)
+        except aio.AbortError:
+            raise  # the call already ended with its status (a forwarded call's, forward_grpc)
         except Exception as exc:
             failure = exc
         await _abort(context, failure)  # raises: the call ends with the status
@@ -370,7 +375,7 @@ def generic_handler(service: ModelService, keyring: Keyring) -> grpc.GenericRpcH
     servicer = InferenceServicer(service)
     handlers = {}
     for name, (request_cls, response_cls, client_streams, server_streams) in pb.methods().items():
-        fn = getattr(servicer, name)
+        fn = forward_grpc.wrap(service, name, getattr(servicer, name))
         kw = {"request_deserializer": request_cls.FromString,
               "response_serializer": response_cls.SerializeToString}
         if client_streams and server_streams:

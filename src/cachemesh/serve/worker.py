@@ -56,7 +56,6 @@ from typing import Any
 
 from ..runtimes import batching
 from . import ipc
-from .readahead import package_files, read_ahead, read_weights_ahead, weight_files
 from .messages import (
     Cancel,
     Chunk,
@@ -78,6 +77,7 @@ from .messages import (
     Unloaded,
     WorkerStats,
 )
+from .readahead import package_files, read_ahead, read_weights_ahead, weight_files
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 # Replies to requests read together leave together, unless predicting them takes longer.

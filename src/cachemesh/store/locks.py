@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-
 PRIVATE_DIR_MODE = 0o700
 
 

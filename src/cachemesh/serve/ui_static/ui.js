@@ -9,7 +9,6 @@
   const params = new URLSearchParams(location.search);
   // ?interval=MS polls faster (the tests use it); never below 250 ms.
   const POLL_MS = Math.max(250, Number(params.get("interval")) || 2000);
-  const NODES_EVERY = 8;           // polls between two looks at /api/v1/nodes
   const MAX_STREAMS = 3;           // event streams at once (a browser allows 6 connections)
   const KEEP_EVENTS = 3;           // events shown per cache (the latest)
   const KEEP_SAMPLES = 300;        // chart points
@@ -17,7 +16,6 @@
   const SERIES = [["requests", "#2a6fdb"], ["loads", "#1a9c5b"], ["evictions", "#d9822b"]];
 
   let token = null;
-  let polls = 0;
   let timer = null;
   let caches = new Map();          // name -> description (list API, then stream updates)
   const events = new Map();        // name -> recent events
@@ -26,6 +24,7 @@
   const streamed = new Map();      // name -> when its stream last told us something
   const samples = [];              // {t, requests, loads, evictions}: deltas
   let previous = null;             // counters at the last poll
+  let here = null;                 // this node's name in cluster mode; null on a lone server
 
   const $ = (id) => document.getElementById(id);
 
@@ -262,6 +261,7 @@
           el("td", "num", traffic),
           el("td", "", state(s.state), problems.childNodes.length ? problems : null),
           el("td", "", copies),
+          here === null ? null : el("td", "nodes", holders(s.nodes || [])),
           el("td", "", ago(s.last_used)),
           el("td", "num", s.rate.toFixed(2)),
           el("td", "num", vc === undefined ? (mc && !i ? mc.requests : "–") : vc),
@@ -276,6 +276,22 @@
     }
     $("model-rows").replaceChildren(...rows);
     $("no-models").hidden = rows.length > 0;
+    $("model-nodes").hidden = here === null;
+    $("models-note").textContent = here === null ? "" : "state, copies and counts: on node "
+      + here + "; nodes: every node holding a copy";
+  }
+
+  // The nodes holding copies of one version (cluster mode: copies/ in etcd).
+  function holders(nodes) {
+    const list = el("ul", "copies");
+    for (const n of nodes) {
+      const item = el("li", "", el("code", "", n.node),
+        n.node === here ? " (this node)" : null, n.state === "ready" ? null : " · " + n.state);
+      item.dataset.node = n.node;
+      list.append(item);
+    }
+    if (!nodes.length) list.append(el("li", "note", "none"));
+    return list;
   }
 
   function renderMemory(memory) {
@@ -302,23 +318,84 @@
     $("worker-rows").replaceChildren(...rows);
   }
 
-  function renderNodes(nodes) {
-    // Cluster mode only: a lone server lists just itself, which the page shows already.
-    const section = $("nodes");
-    section.hidden = !nodes.length;
-    if (!nodes.length) return;
-    const head = ["node", "advertise", "health", "memory", "copies", "cannot load"];
-    $("node-head").replaceChildren(el("tr", "", ...head.map((k) => el("th", "", k))));
+  const HEALTH = {
+    ok: "its lease is alive and it takes requests",
+    degraded: "it cannot reach etcd: it serves what it holds, declarations wait",
+    stale: "as this node saw it before losing etcd: nobody can confirm it now",
+    draining: "stopping: it takes no new requests",
+  };
+
+  function health(n) {
+    const kind = n.degraded ? "degraded" : n.stale ? "stale" : n.draining ? "draining" : "ok";
+    const badge = el("span", "state h-" + kind, kind === "stale" ? "stale record" : kind);
+    badge.title = HEALTH[kind] + (n.updated_at ? "; record written "
+      + new Date(n.updated_at * 1000).toLocaleTimeString() : "");
+    return badge;
+  }
+
+  function held(c) {
+    const name = c.model + (c.version && c.version !== "default" ? "@" + c.version : "");
+    const item = el("li", "", el("code", "", name), " · " + c.state + " · " + bytes(c.bytes)
+      + (c.rate ? " · " + c.rate.toFixed(2) + " req/s" : ""));
+    item.dataset.model = c.model;
+    return item;
+  }
+
+  // Cluster mode only. A lone server lists itself too, but its one row would repeat the
+  // memory section: the page shows no nodes there.
+  function renderNodes(body, cacheCount) {
+    const cluster = body.cluster;
+    here = cluster ? cluster.name : null;
+    $("nodes").hidden = !cluster;
+    document.title = cluster ? "cachemesh · " + cluster.name : "cachemesh";
+    for (const span of document.querySelectorAll("h2 .where")) {
+      span.textContent = cluster ? " on node " + cluster.name : "";
+    }
+    if (!cluster) {
+      $("node-rows").replaceChildren();
+      return;
+    }
+    const nodes = body.nodes || [];
+    $("cluster-note").textContent = nodes.length + " node" + (nodes.length === 1 ? "" : "s")
+      + " · this page: " + cluster.name + (cluster.leader ? " (leader)" : "")
+      + " · membership " + cluster.state;
+    const warning = $("cluster-warning");
+    warning.hidden = !cluster.degraded;
+    warning.textContent = cluster.degraded ? "Node " + cluster.name + " cannot reach etcd"
+      + (cluster.degraded_since ? " since " + new Date(cluster.degraded_since * 1000)
+        .toLocaleTimeString() : "") + (cluster.last_error ? " (" + cluster.last_error + ")" : "")
+      + ": it serves what it has loaded and refuses declarations; the other nodes are shown"
+      + " as it last saw them." : "";
     $("node-rows").replaceChildren(...nodes.map((n) => {
-      const health = n.degraded ? "degraded" : n.draining ? "draining" : "healthy";
-      const memory = bytes(n.memory_used_bytes || 0) + " of " +
-        (n.capacity_bytes ? bytes(n.capacity_bytes) : "-");
-      const copies = (n.copies || []).map((c) =>
-        c.model + "@" + c.version + (c.state === "ready" ? "" : " (" + c.state + ")")).join(", ");
-      const cannot = Object.entries(n.cannot_load || {}).map(([m, why]) => m + ": " + why)
-        .join("; ");
-      const row = el("tr", "", ...[n.name + (n.self ? " (this node)" : ""), n.advertise, health,
-                                  memory, copies || "-", cannot || "-"].map((v) => el("td", "", v)));
+      const labels = el("ul", "labels");
+      for (const [k, v] of Object.entries(n.labels || {})) labels.append(el("li", "", k + "=" + v));
+      const cap = n.capacity_bytes;
+      const used = n.memory_used_bytes || 0;
+      const meter = el("meter");
+      meter.min = 0;
+      meter.max = cap || 1;
+      meter.high = (cap || 1) * 0.9;
+      meter.value = cap ? used : 0;
+      meter.title = bytes(used) + " / " + (cap ? bytes(cap) : "no budget");
+      const holds = el("ul", "copies", ...(n.copies || []).map(held));
+      if (n.self && cacheCount) {
+        holds.append(el("li", "note", cacheCount + " data cache" + (cacheCount === 1 ? "" : "s")
+          + " (below)"));
+      }
+      if (!holds.childNodes.length) holds.append(el("li", "note", "nothing loaded"));
+      const cannot = el("ul", "copies");
+      for (const [m, why] of Object.entries(n.cannot_load || {})) {
+        cannot.append(el("li", "error", el("code", "", m), ": " + why));
+      }
+      const row = el("tr", n.stale ? "dead" : "",
+        el("td", "", el("code", "", n.name), n.self ? el("div", "note", "this node") : null),
+        el("td", "addr", n.advertise),
+        el("td", "", labels),
+        el("td", "", health(n)),
+        el("td", "", meter),
+        el("td", "num", cap ? bytes(used) + " of " + bytes(cap) : "not reported yet"),
+        el("td", "", holds),
+        el("td", "", cannot.childNodes.length ? cannot : "–"));
       row.dataset.node = n.name;
       return row;
     }));
@@ -437,8 +514,8 @@
   async function pollOnce() {
     const asked = performance.now();
     try {
-      const [list, models] = await Promise.all([
-        json("api/v1/datacaches?usage=true"), json("api/v1/models")]);
+      const [list, models, nodes] = await Promise.all([
+        json("api/v1/datacaches?usage=true"), json("api/v1/models"), json("api/v1/nodes")]);
       let count = null;
       let note = "";
       try {
@@ -464,16 +541,12 @@
           fetchEvents(c.name, c.status);
         }
       }
+      renderNodes(nodes, caches.size);
       renderCaches();
       renderUsage(list.usage);
       renderModels(models.models, count);
       renderMemory(models.memory);
       if (count) sample(count);
-      if (polls++ % NODES_EVERY === 0) {
-        const r = await call("api/v1/nodes");
-        const body = r.ok ? await r.json() : {};
-        renderNodes(body.cluster ? (body.nodes || []) : []);
-      }
       $("status").textContent = "updated " + new Date().toLocaleTimeString() + note;
       $("status").className = "";
     } catch (e) {
