@@ -13,11 +13,13 @@ A run starts ``cachemesh pull`` on N nodes at once and measures:
 - bytes the origin served (its own count);
 - the most bytes any one node sent to its peers (``cachemesh_peer_served_bytes_total``).
 
-Two ways, alternated in every round: ``cachemesh p2p`` (``CACHEMESH_PEERS`` lists the N
-nodes) and ``origin only`` (no peers: every node pulls from the origin, as without a
-cache mesh). The loopback ceiling, measured in the same run, is how fast the origin's
-process serves the model with no cap at all (one GET over ``lo`` in its namespace): the
-caps, far below it, are what limit the runs. Needs root (namespaces, tc).
+Two ways, alternated in every round: ``cachemesh p2p`` (``--index etcd``, the default: the
+nodes run in cluster mode against a real etcd on the bridge and find each other through
+the blob index; ``--index static``: ``CACHEMESH_PEERS`` lists the N nodes) and ``origin
+only`` (no peers: every node pulls from the origin, as without a cache mesh). The
+loopback ceiling, measured in the same run, is how fast the origin's process serves the
+model with no cap at all (one GET over ``lo`` in its namespace): the caps, far below it,
+are what limit the runs. Needs root (namespaces, tc).
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ def loopback_ceiling(fleet, size: int) -> float:  # noqa: ANN001
 
 def run_once(fleet, nodes: list, mode: str, total: int) -> dict:  # noqa: ANN001
     peers = ",".join(f"{n.name}={n.url}" for n in nodes) if mode == MODES[0] else ""
+    env = {"CACHEMESH_PEERS": peers}
+    if fleet.etcd_url:  # p2p through the index; origin only: the pull leaves the cluster
+        env = {"CACHEMESH_PEERS": ""} if mode == MODES[0] else {"CACHEMESH_CLUSTER": ""}
     uploaded_before = {n.name: _served(fleet, n) for n in nodes}
     origin_before = fleet.origin_served()
     servers_cpu = _cpu_of([n.server.pid for n in fleet.nodes])
@@ -101,7 +106,7 @@ def run_once(fleet, nodes: list, mode: str, total: int) -> dict:  # noqa: ANN001
 
     watcher = threading.Thread(target=watch_origin, daemon=True)
     watcher.start()
-    procs = {n: fleet.pull(n, REPO, env={"CACHEMESH_PEERS": peers}) for n in nodes}
+    procs = {n: fleet.pull(n, REPO, env=env) for n in nodes}
     ends: dict[str, float] = {}
     try:
         while len(ends) < len(procs):  # each pull's own end, whatever the order
@@ -176,6 +181,8 @@ def main() -> None:
     parser.add_argument("--origin-mbit", type=float, default=160.0, help="20 MB/s")
     parser.add_argument("--node-mbit", type=float, default=400.0, help="50 MB/s each way")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--index", choices=("etcd", "static"), default="etcd",
+                        help="how peers find each other: the blob index in etcd, or a list")
     parser.add_argument("--no-write", action="store_true", help="leave docs/ alone")
     parser.add_argument("--report-only", action="store_true",
                         help="write the section again from docs/results/fleet.json, no run")
@@ -196,7 +203,8 @@ def main() -> None:
     total = make_model(work / "model", parse_size(args.size))
     print(f"model: {total / 1e6:.0f} MB in {work / 'model'}", flush=True)
     fleet = Fleet(work / "fleet", nodes=max(counts), origin_mbit=args.origin_mbit,
-                  node_mbit=args.node_mbit, repos={REPO: work / "model"})
+                  node_mbit=args.node_mbit, repos={REPO: work / "model"},
+                  etcd=args.index == "etcd", lease_ttl_s=10)
     runs: list[dict] = []
     loads: list[float] = []
     try:

@@ -1,6 +1,7 @@
 """One HTTP call from inside a namespace, for tests that live outside it.
 
-    python -m tests.netns.call [--method GET] [--header 'K: V' ...] [--wait SECONDS] URL
+    python -m tests.netns.call [--method GET] [--header 'K: V' ...] [--json BODY]
+                               [--wait SECONDS] URL
 
 Prints ``{"status": ..., "headers": {...}, "size": body bytes, "text": body (if short)}``.
 ``--wait`` retries a refused connection or a 5xx until the URL answers 200 (exit 1 if
@@ -23,13 +24,15 @@ def main() -> None:
     parser.add_argument("--method", default="GET")
     parser.add_argument("--header", action="append", default=[])
     parser.add_argument("--wait", type=float, default=0.0)
+    parser.add_argument("--json", default=None, help="a JSON body to send")
     args = parser.parse_args()
     headers = dict(h.split(": ", 1) for h in args.header)
     deadline = time.monotonic() + args.wait
     while True:
         try:
             r = httpx.request(args.method, args.url, headers=headers, timeout=30,
-                              trust_env=False)
+                              trust_env=False,
+                              json=json.loads(args.json) if args.json else None)
             if not args.wait or r.status_code == 200:
                 break
         except httpx.HTTPError:

@@ -3,10 +3,14 @@
 Shared by the namespace tests (``tests/netns/``) and the fleet benchmark
 (``benchmarks/fleet.py``). Every node is a real ``cachemesh serve`` in its own namespace
 with its own store; pulls are real ``cachemesh pull`` processes in the node's namespace;
-the origin is the Hugging Face emulator (``origin.py``) behind a link capped with tbf::
+the origin is the Hugging Face emulator (``origin.py``) behind a link capped with tbf.
+With ``etcd=True`` a real etcd runs on a host of its own on the bridge (uncapped), and
+the nodes find each other through the blob index (cluster mode) instead of a static
+``CACHEMESH_PEERS`` list::
 
-    fleet = Fleet(workdir, nodes=4, origin_mbit=80, node_mbit=400, repos={"org/m": path})
-    fleet.start()                        # origin, then every node's server, in parallel
+    fleet = Fleet(workdir, nodes=4, origin_mbit=80, node_mbit=400, repos={"org/m": path},
+                  etcd=True)             # peers through the blob index in etcd (else a list)
+    fleet.start()                        # etcd, origin, then every node's server, in parallel
     procs = [fleet.pull(n, "org/m") for n in fleet.nodes]
     ...; fleet.origin_served(); fleet.verify(node); fleet.metrics(node)
     fleet.close()                        # processes, then namespaces: nothing left behind
@@ -14,6 +18,7 @@ the origin is the Hugging Face emulator (``origin.py``) behind a link capped wit
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -46,17 +51,16 @@ class Fleet:
 
     def __init__(self, workdir: Path, *, nodes: int, origin_mbit: float,
                  node_mbit: float | None, repos: Mapping[str, Path], peers: bool = True,
-                 tag: str | None = None) -> None:
+                 tag: str | None = None, etcd: bool = False, lease_ttl_s: int = 3) -> None:
         self.workdir = workdir
         self.net = Network(tag)
         try:
             self.origin_host = self.net.add("origin", up_mbit=origin_mbit)
+            self.etcd_host = self.net.add("etcd") if etcd else None
             self.nodes = []
+            self.node_mbit = node_mbit
             for i in range(1, nodes + 1):
-                host = self.net.add(f"n{i}", up_mbit=node_mbit, down_mbit=node_mbit)
-                home = workdir / f"n{i}"
-                home.mkdir(parents=True, exist_ok=True)
-                self.nodes.append(Node(f"n{i}", host, home, f"http://{host.ip}:{PORT}"))
+                self.nodes.append(self._make_node(f"n{i}"))
         except BaseException:
             self.net.close()
             raise
@@ -65,25 +69,69 @@ class Fleet:
         self.stats = workdir / "origin-stats.json"
         self.endpoint = f"http://{self.origin_host.ip}:8080"
         self._origin: subprocess.Popen | None = None
-        peer_list = ",".join(f"{n.name}={n.url}" for n in self.nodes)
+        self._etcd: subprocess.Popen | None = None
+        self.etcd_url = f"etcd://{self.etcd_host.ip}:2379" if self.etcd_host else None
+        self.lease_ttl_s = lease_ttl_s
         for node in self.nodes:
-            node.env = {
-                "PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(node.home),
-                "PYTHONPATH": str(ROOT), "CACHEMESH_HOME": str(node.home / "store"),
-                "CACHEMESH_NODE_NAME": node.name, "CACHEMESH_CLUSTER_TOKEN": TOKEN,
-                "HF_ENDPOINT": self.endpoint, "CACHEMESH_RETRY_BACKOFF": "0.2",
-            }
-            if peers:
-                node.env["CACHEMESH_PEERS"] = peer_list
+            self._set_env(node)
+
+    def _make_node(self, name: str) -> Node:
+        host = self.net.add(name, up_mbit=self.node_mbit, down_mbit=self.node_mbit)
+        home = self.workdir / name
+        home.mkdir(parents=True, exist_ok=True)
+        return Node(name, host, home, f"http://{host.ip}:{PORT}")
+
+    def _set_env(self, node: Node) -> None:
+        node.env = {
+            "PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(node.home),
+            "PYTHONPATH": str(ROOT), "CACHEMESH_HOME": str(node.home / "store"),
+            "CACHEMESH_NODE_NAME": node.name, "CACHEMESH_CLUSTER_TOKEN": TOKEN,
+            "HF_ENDPOINT": self.endpoint, "CACHEMESH_RETRY_BACKOFF": "0.2",
+            "CACHEMESH_URL": node.url,
+        }
+        if self.peers and self.etcd_url:
+            node.env["CACHEMESH_CLUSTER"] = self.etcd_url
+            node.env["CACHEMESH_CLUSTER_LEASE_TTL"] = str(self.lease_ttl_s)
+        elif self.peers:
+            node.env["CACHEMESH_PEERS"] = ",".join(f"{n.name}={n.url}" for n in self.nodes)
+
+    def add_node(self, name: str) -> Node:
+        """A node that joins later (cluster mode: peers find it through etcd); not started."""
+        node = self._make_node(name)
+        self._set_env(node)
+        return node
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self, timeout: float = 60.0, **server_env: Mapping[str, str]) -> None:
+        if self.etcd_host is not None:
+            self.start_etcd()
         self.start_origin()
         for node in self.nodes:
             self.start_server(node, server_env.get(node.name, {}), wait=False)
         for node in self.nodes:
             self.wait_ready(node, timeout)
+
+    def start_etcd(self, timeout: float = 30.0) -> None:
+        """Debian's etcd on the etcd host (its data under the work directory)."""
+        assert self.etcd_host is not None
+        ip = self.etcd_host.ip
+        client, peer = f"http://{ip}:2379", f"http://{ip}:2380"
+        argv = ["etcd", "--name", "netns", "--data-dir", str(self.workdir / "etcd-data"),
+                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"netns={peer}", "--initial-cluster-state", "new",
+                "--heartbeat-interval", "50", "--election-timeout", "500",
+                "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn"]
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        self._etcd = self.etcd_host.popen(argv, env, self.workdir / "etcd.log")
+        probe = [sys.executable, "-m", "tests.netns.call", "--wait", str(timeout),
+                 f"{client}/health"]
+        done = self.etcd_host.run(probe, {"PATH": env["PATH"], "PYTHONPATH": str(ROOT)},
+                                  timeout + 10)
+        if done.returncode != 0:
+            raise RuntimeError(f"etcd did not start: {done.stdout}{done.stderr}"
+                               f"{self._log('etcd')}")
 
     def start_origin(self) -> None:
         argv = [sys.executable, "-m", "tests.netns.origin", "--host", self.origin_host.ip,
@@ -148,9 +196,11 @@ class Fleet:
         return json.loads(done.stdout)
 
     def call(self, node: Node, url: str, *, headers: Mapping[str, str] | None = None,
-             method: str = "GET") -> dict:
+             method: str = "GET", body: object = None) -> dict:
         """An HTTP call made from inside ``node``'s namespace: status, headers, body size."""
         argv = [sys.executable, "-m", "tests.netns.call", "--method", method, url]
+        if body is not None:
+            argv += ["--json", json.dumps(body)]
         for k, v in (headers or {}).items():
             argv += ["--header", f"{k}: {v}"]
         done = node.host.run(argv, node.env, 60)
@@ -160,6 +210,23 @@ class Fleet:
 
     def metrics(self, node: Node) -> str:
         return self.call(node, f"{node.url}/metrics")["text"]
+
+    def etcd_keys(self, prefix: str = "/cachemesh/v1/") -> dict[str, dict]:
+        """The cluster's keys under ``prefix`` (values parsed as JSON), read with etcdctl."""
+        assert self.etcd_host is not None
+        done = self.etcd_host.run(
+            ["etcdctl", "--endpoints", f"{self.etcd_host.ip}:2379", "get", "--prefix", prefix,
+             "-w", "json"], {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "ETCDCTL_API": "3"}, 30)
+        if done.returncode != 0:
+            raise RuntimeError(f"etcdctl: {done.stderr}")
+        out = {}
+        for kv in json.loads(done.stdout).get("kvs", []):
+            key = base64.b64decode(kv["key"]).decode()
+            try:
+                out[key] = json.loads(base64.b64decode(kv.get("value", "")))
+            except ValueError:
+                out[key] = {"raw": base64.b64decode(kv.get("value", "")).decode(errors="replace")}
+        return out
 
     def origin_served(self) -> int:
         for _ in range(50):

@@ -2,16 +2,17 @@
 
 Four real ``cachemesh serve`` nodes, each in a namespace with a 400 Mbit/s link and no
 default route, and the Hugging Face emulator as the origin behind an 80 Mbit/s link
-(tbf), all on one bridge (``net.py``, ``fleet.py``). Peers are a static list
-(``CACHEMESH_PEERS``) until cluster mode's blob index; the cluster-wide single flight is
-the static rule of ``fetch/peers.py`` (the lowest-named node fetching a blob goes to the
-origin). Every assertion is about what a user would check: bytes the origin served,
+(tbf), all on one bridge (``net.py``, ``fleet.py``), with a real etcd on a host of its
+own. Peers are found through the blob index in etcd (cluster mode,
+``cluster/blob_index.py``); the cluster-wide single flight is the lease-bound claim
+``fetching/{sha256}``. Every assertion is about what a user would check: bytes the origin served,
 ``cache verify``, the files in the view, ``/metrics``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ MIB = 1024 * 1024
 SECRET = "secret-bucket-token-0123456789"
 # (repo, bytes of its weights file); each test has a model of its own.
 MODELS = {"org/together": 40 * MIB, "org/secret": 16 * MIB, "org/flipped": 24 * MIB,
-          "org/killed": 48 * MIB}
+          "org/killed": 48 * MIB, "org/warm": 12 * MIB, "org/pair": 4 * MIB}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def fleet(netns: None, models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("fleet")
-    fleet = Fleet(work, nodes=4, origin_mbit=80, node_mbit=400, repos=models)
+    fleet = Fleet(work, nodes=4, origin_mbit=80, node_mbit=400, repos=models, etcd=True)
     try:
         fleet.start()
         yield fleet
@@ -81,6 +82,15 @@ def test_four_nodes_at_once_cost_the_origin_one_copy(fleet: Fleet, models: dict[
         report = fleet.verify(node)
         assert report["ok"], (node.name, report)
         assert _sha(_view(node, "default", repo) / "model.safetensors") == _sha(weights)
+    # The index in etcd: every node holds the blob; the claim is given back; the node that
+    # fetched it from the origin published its piece hashes.
+    sha = _sha(weights)
+    keys = fleet.etcd_keys()
+    holders = {v["node"]: v["state"] for k, v in keys.items()
+               if k.startswith(f"/cachemesh/v1/blobs/{sha}/")}
+    assert holders == {n.name: "held" for n in fleet.nodes}, holders
+    assert f"/cachemesh/v1/fetching/{sha}" not in keys
+    assert keys[f"/cachemesh/v1/pieces/{sha}"]["size"] == MODELS[repo]
     # The pieces spread between the followers too, not only from the first node.
     taken = {node.name: metric(fleet.metrics(node), "cachemesh_peer_served_bytes_total")
              for node in fleet.nodes}
@@ -145,19 +155,86 @@ def test_a_peer_that_flips_bytes_costs_time_not_correctness(fleet: Fleet,
 def test_a_peer_killed_mid_transfer_the_others_finish(fleet: Fleet, models: dict[str, Path]):
     repo = "org/killed"
     size = MODELS[repo]
-    n1 = fleet.nodes[0]  # the lowest name: the node that fetches from the origin
+    sha = _sha(models[repo] / "model.safetensors")
     before = fleet.origin_served()
     procs = {node: fleet.pull(node, repo) for node in fleet.nodes}
     deadline = time.monotonic() + 30
     while fleet.origin_served() - before < size // 3:
         assert time.monotonic() < deadline, "the origin never served a third of the model"
         time.sleep(0.05)
-    n1.host.kill(procs.pop(n1))
-    fleet.stop_server(n1)
+    # The node that holds the origin's turn (its claim in etcd) dies, server and pull.
+    claim = fleet.etcd_keys().get(f"/cachemesh/v1/fetching/{sha}")
+    assert claim is not None, "nobody holds the origin's turn mid-transfer"
+    seed = next(n for n in fleet.nodes if n.name == claim["node"])
+    seed.host.kill(procs.pop(seed))
+    fleet.stop_server(seed)
     _finish(fleet, procs)
     weights = models[repo] / "model.safetensors"
-    for node in fleet.nodes[1:]:
+    for node in procs:
         assert fleet.verify(node)["ok"]
         assert _sha(_view(node, "default", repo) / "model.safetensors") == _sha(weights)
-    # n1 is gone with what it had landed; another node fetched the rest, once.
+    # The seed is gone with what it had landed; its claim went with its lease, another
+    # node took it and fetched the rest, once.
     assert fleet.origin_served() - before <= 2 * size
+    keys = fleet.etcd_keys()
+    assert f"/cachemesh/v1/fetching/{sha}" not in keys
+    assert f"/cachemesh/v1/blobs/{sha}/{seed.name}" not in keys  # its server's lease went
+
+
+def _api(fleet: Fleet, node, path: str, **kw) -> dict:
+    answer = fleet.call(node, f"{node.url}/api/v1/{path}", **kw)
+    return {**answer, "json": json.loads(answer["text"]) if answer["text"] else None}
+
+
+def test_preheat_to_all_nodes_a_late_joiner_and_min_copies(fleet: Fleet,
+                                                           models: dict[str, Path]):
+    """Last in the module: it adds a node and evicts caches from n1."""
+    n1, n2, n3, _ = fleet.nodes
+    for node in fleet.nodes:
+        if node.server is None:  # stopped by an earlier test (the peer killed)
+            fleet.start_server(node)
+    repo, size = "org/warm", MODELS["org/warm"]
+    weights = _sha(models[repo] / "model.safetensors")
+    before = fleet.origin_served()
+    # `cachemesh pull --nodes all` on n1: declared through n1's API, pulled by every node.
+    done = fleet.cli(n1, "pull", f"hf://{repo}", "--name", "warm", "--nodes", "all",
+                     "--min-copies", "2", timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert fleet.origin_served() - before <= 1.1 * size + MIB
+    for node in fleet.nodes:
+        assert _sha(_view(node, "default", "warm") / "model.safetensors") == weights
+
+    # The same declaration on another node: 2xx; another one under the name: 409.
+    body = {"name": "warm", "source": f"hf://{repo}", "nodes": "all", "min_copies": 2}
+    assert _api(fleet, n2, "datacaches", method="POST", body=body)["status"] == 202
+    other = {**body, "nodes": 1}
+    assert _api(fleet, n3, "datacaches", method="POST", body=other)["status"] == 409
+    seen = _api(fleet, n2, "datacaches/warm")["json"]
+    assert seen["node"] == "n2"
+    assert {n: (p["state"], p["progress"]) for n, p in seen["nodes"].items()} == {
+        n.name: ("Available", 1.0) for n in fleet.nodes}
+
+    # A node that joins later pulls it too, from its peers.
+    n5 = fleet.add_node("n5")
+    fleet.start_server(n5)
+    deadline = time.monotonic() + 30
+    while _api(fleet, n2, "datacaches/warm")["json"]["nodes"].get("n5", {}).get(
+            "state") != "Available":
+        assert time.monotonic() < deadline, "n5 never pulled the cache declared for all"
+        time.sleep(0.3)
+    assert _sha(_view(n5, "default", "warm") / "model.safetensors") == weights
+    assert fleet.origin_served() - before <= 1.1 * size + MIB
+
+    # min_copies: on n1, gc down to nothing keeps the cache only two nodes hold, and
+    # evicts the one five nodes hold (its entry in etcd goes with it).
+    done = fleet.cli(n1, "pull", "hf://org/pair", "--name", "pair", "--nodes", "n1,n2",
+                     "--min-copies", "2", timeout=60)
+    assert done.returncode == 0, done.stderr
+    done = fleet.cli(n1, "gc", "--max-size", "1", "--json", timeout=60)
+    assert done.returncode == 0, done.stderr
+    removed = json.loads(done.stdout)["removed_caches"]
+    assert "warm" in removed and "pair" not in removed, removed
+    assert (_view(n1, "default", "pair") / "model.safetensors").exists()
+    keys = fleet.etcd_keys()
+    assert "/cachemesh/v1/prewarm/warm/n1" not in keys
+    assert keys["/cachemesh/v1/prewarm/pair/n1"]["state"] == "Available"

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ..errors import CapacityError, InUseError
 from ..sources import RemoteFile
 from ..store.quota import Candidate, plan_eviction
+from .cluster_copies import forget_copy, kept_for_cluster
 from .spec import DELETING, FAILED, INTERRUPTED, LOADING, CacheInfo, GcReport
 
 if TYPE_CHECKING:
@@ -72,13 +73,15 @@ def gc(caches: Caches, *, max_bytes: int | None = None,
     deleting = caches.catalog.names(DELETING)
     recover(caches)
     report.removed_caches.extend(deleting)
-    for info in caches.list():
-        days = info.retention_days
-        if days is None or info.pinned or info.in_use or caches.pull_running(info.name):
-            continue
-        if now - info.last_access > days * 86400:
-            remove(caches, info.name, collect=False)
-            report.removed_caches.append(info.name)
+    expired = [info.name for info in caches.list()
+               if info.retention_days is not None
+               and not (info.pinned or info.in_use or caches.pull_running(info.name))
+               and now - info.last_access > info.retention_days * 86400]
+    kept = kept_for_cluster(caches, expired)  # the last min_copies copies stay
+    for name in expired:
+        if name not in kept:
+            _evict(caches, name)
+            report.removed_caches.append(name)
     count, freed = caches.store.collect_blobs()
     report.blobs_removed += count
     report.bytes_freed += freed
@@ -91,7 +94,7 @@ def gc(caches: Caches, *, max_bytes: int | None = None,
             victims = plan[0] if plan else [c.name for c in sorted(
                 _candidates(caches), key=lambda c: c.last_access)]
             for victim in victims:
-                remove(caches, victim, collect=False)
+                _evict(caches, victim)
                 report.removed_caches.append(victim)
             count, freed = caches.store.collect_blobs()
             report.blobs_removed += count
@@ -130,7 +133,7 @@ def make_room(caches: Caches, name: str, files: list[RemoteFile],
     victims, _ = plan
     for victim in victims:
         caches.catalog.add_event(name, "evicted", f"evicted cache {victim!r} to make room")
-        remove(caches, victim, collect=False)
+        _evict(caches, victim)
     store.collect_blobs()
     return victims
 
@@ -149,6 +152,15 @@ def _plan(caches: Caches, exclude: set[str], need: int,
 
 
 def _candidates(caches: Caches) -> list[CacheInfo]:
-    """Caches eviction may take: neither pinned, nor in use, nor being pulled."""
-    return [i for i in caches.list()
-            if not (i.pinned or i.in_use or caches.pull_running(i.name))]
+    """Caches eviction may take: neither pinned, nor in use, nor being pulled, nor one of
+    the last min_copies copies of a cache declared cluster-wide (cluster_copies.py)."""
+    found = [i for i in caches.list()
+             if not (i.pinned or i.in_use or caches.pull_running(i.name))]
+    kept = kept_for_cluster(caches, [i.name for i in found])
+    return [i for i in found if i.name not in kept]
+
+
+def _evict(caches: Caches, victim: str) -> None:
+    """Remove a cache to make room; in cluster mode the others stop counting this copy."""
+    remove(caches, victim, collect=False)
+    forget_copy(caches, victim)

@@ -71,16 +71,85 @@ def _do_pull(ctx: click.Context, source: str, name: str | None, bucket: str, vie
 @click.command("pull")
 @click.argument("source")
 @click.option("--name", default=None, help="Cache name (default: derived from the source).")
+@click.option("--nodes", default=None,
+              help="Cluster mode: pull it onto these nodes: all, a count, or a,b (through"
+                   " the local node's API, $CACHEMESH_URL).")
+@click.option("--min-copies", type=click.IntRange(min=1), default=None,
+              help="Cluster mode: eviction keeps it on at least this many nodes.")
+@click.option("--timeout", "wait_s", type=click.FloatRange(min=0), default=3600.0,
+              show_default=True, help="With --nodes: seconds to wait for the nodes.")
 @_spec_options
 @click.pass_context
 @handle_errors
-def pull(ctx: click.Context, source: str, name: str | None, **kw: Any) -> None:
+def pull(ctx: click.Context, source: str, name: str | None, nodes: str | None,
+         min_copies: int | None, wait_s: float, **kw: Any) -> None:
     """Pull SOURCE into the cache and print the view directory.
 
     SOURCE is hf://org/name[@rev], ms://org/name[@rev], s3://bucket/prefix,
     oss://bucket/prefix, https://host/file, file:///path or a plain path.
+
+    With $CACHEMESH_CLUSTER set, the pull asks the cluster's peers for each file before
+    its origin (the blob index in etcd). With --nodes or --min-copies, the cache is
+    declared cluster-wide through the local node, and the command waits for the nodes.
     """
+    if nodes is not None or min_copies is not None:
+        _declare_cluster_wide(ctx, source, name, nodes, min_copies, wait_s, **kw)
+        return
     _do_pull(ctx, source, name, **kw)
+
+
+def _declare_cluster_wide(ctx: click.Context, source: str, name: str | None,
+                          nodes: str | None, min_copies: int | None, wait_s: float, *,
+                          bucket: str, view_path: str | None, include: tuple[str, ...],
+                          exclude: tuple[str, ...], size_limit_gib: float | None,
+                          retention_days: float | None, endpoint_url: str | None,
+                          sha256: str | None, follow_symlinks: bool, refresh: bool,
+                          as_json: bool, quiet: bool) -> None:
+    """POST the declaration to the local node; wait until every selected node is done."""
+    import time
+
+    from ..client import ControlClient
+    from ..cluster.cache_decls import parse_nodes
+    from ..errors import CachemeshError
+    from ..sources import parse_source
+    from .common import settings_of
+
+    settings = settings_of(ctx)
+    chosen = parse_nodes(nodes) if nodes is not None else "all"
+    options = {k: v for k, v in {"endpoint_url": endpoint_url, "sha256": sha256,
+                                 "follow_symlinks": follow_symlinks or None}.items()
+               if v is not None}
+    cache_name = name or parse_source(source, options, settings).default_name()
+    client = ControlClient.from_settings(settings)
+    client.create_datacache(cache_name, source, bucket=bucket, path=view_path,
+                            include=include, exclude=exclude, size_gib=size_limit_gib,
+                            retention_days=retention_days, options=options or None,
+                            nodes=chosen, min_copies=min_copies)
+    deadline = time.monotonic() + wait_s
+    while True:
+        described = client.get_datacache(cache_name)
+        progress = described.get("nodes") or {}
+        wanted = described.get("cluster", {})
+        expect = (wanted.get("assigned") or []) if isinstance(wanted.get("nodes"), int) else (
+            wanted.get("nodes") if isinstance(wanted.get("nodes"), list) else [])
+        final = all(p.get("state") in ("Available", "Failed") for p in progress.values())
+        if progress and final and set(expect) <= set(progress):
+            break
+        if time.monotonic() > deadline:
+            raise CachemeshError(f"cache {cache_name!r}: not on every node after {wait_s} s:"
+                                 f" {progress}")
+        time.sleep(0.5)
+    if as_json:
+        print_json(described)
+    else:
+        for node, p in sorted(progress.items()):
+            click.echo(f"{node}: {p.get('state')} {100 * p.get('progress', 0):.0f}%"
+                       + (f" ({p['error']})" if p.get("error") else ""), err=not quiet)
+        if described.get("view"):
+            click.echo(described["view"])
+    failed = [n for n, p in progress.items() if p.get("state") == "Failed"]
+    if failed:
+        raise CachemeshError(f"cache {cache_name!r} failed on {', '.join(sorted(failed))}")
 
 
 @click.group("cache")

@@ -3,6 +3,8 @@
 ``kv`` is the small interface to etcd and ``etcd`` its real implementation (``memory``:
 the fake for unit tests); ``keys`` draws the key space; ``records`` holds the schemas of
 the values; ``membership`` keeps a node's lease-bound record; ``election`` picks a leader.
+``blob_index`` is who holds which blob, the single flight's claims, origin mappings and
+piece lists (peer-to-peer); ``cache_decls`` the data caches declared cluster-wide.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ the lease); a key without a lease is shared state that outlives every node.
     ├── caches/{cache}                  a data cache declared cluster-wide (prewarm); no lease
     ├── prewarm/{cache}/{node}          one node's progress on a prewarm; the node's lease
     ├── blobs/{sha256}/{node}           a node holds this blob, or is fetching it; the node's lease
-    ├── fetching/{sha256}               the one node fetching this blob from its origin; its lease
+    ├── fetching/{sha256}               the one node fetching this blob from its origin; the
+    │                                   lease of its pull process (fetch/etcd_peers.py)
     ├── pieces/{sha256}                 the blob's piece size and piece hashes; no lease
     └── origins/{sha256 of identity}    origin identity -> sha256, size, what was checked; no lease
 

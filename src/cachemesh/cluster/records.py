@@ -57,6 +57,8 @@ class NodeRecord(_Record):
     devices: list[DeviceMemory] = Field(default_factory=list)
     copies: list[CopyState] = Field(default_factory=list)
     draining: bool = False
+    disk_free_bytes: int | None = Field(default=None, ge=0,
+                                        description="free bytes where its store lives")
     cannot_load: dict[str, str] = Field(
         default_factory=dict, description="models this node cannot load, and why (a local"
         " source it lacks); placement skips it for them")

@@ -25,6 +25,7 @@ a :class:`FetchRequest` for a :class:`Fetcher`. Modules:
 Peers (other nodes) are asked before the origin for a blob whose sha256 is known:
 
     peers.py     Peers (who may hold a blob, who goes to the origin), StaticPeers
+    etcd_peers.py EtcdPeers: the cluster's blob index in etcd (cluster mode)
     swarm.py     SwarmTransfer: pieces from several peers, the origin for the rest
     pieces.py    PieceList: a sha256 per fixed-size piece, checked as pieces land
     peer_http.py the peer protocol (routes, headers) and PeerClient

@@ -107,6 +107,9 @@ class FetchRequest:
     # Who gave the expected digests, for messages: None when the origin publishes
     # them, else the user's option (``"--sha256"``).
     digests_from: str | None = None
+    # Set when ``sha256`` came from the cluster's origin mapping (cluster/blob_index.py):
+    # what the node that wrote it checked against the origin (``("md5",)``, ``("size",)``).
+    indexed: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.size < 0:
@@ -133,7 +136,11 @@ class FetchRequest:
 
     @property
     def verification(self) -> str:
-        """What the bytes are checked against: a digest kind, or only ``size``."""
+        """What the bytes are checked against: a digest kind, or only ``size``. A sha256
+        from the cluster's origin mapping counts as what its writer checked."""
+        if self.indexed is not None:
+            own = [k for k in self.published if k != "sha256"]
+            return own[0] if own else (self.indexed[0] if self.indexed else "size")
         return next(iter(self.published), "size")
 
 
@@ -167,7 +174,11 @@ class Fetcher:
         self.landing = Landing(store)
         self.dir = self.landing.dir
         self.slots = Slots(self.concurrency)
-        if peers is None and settings.cluster.peering:
+        if peers is None and settings.cluster.enabled and settings.cluster.token:
+            from .etcd_peers import EtcdPeers  # cluster mode: the blob index in etcd
+
+            peers = EtcdPeers.from_settings(settings)
+        elif peers is None and settings.cluster.peering:
             from .peers import StaticPeers
 
             peers = StaticPeers.from_settings(settings.cluster)
@@ -205,9 +216,12 @@ class Fetcher:
                     return ref
                 try:
                     # A second attempt after bad bytes asks the origin alone.
-                    transfer = self._transfer(request, files, progress, observer,
+                    transfer = self._transfer(self._resolved(request) if attempt == 1
+                                              else request, files, progress, observer,
                                               peers=attempt == 1)
-                    return transfer.run()
+                    ref = transfer.run()
+                    self._tell_peers(request, ref, transfer)
+                    return ref
                 except CorruptTransfer as exc:
                     files.discard()
                     progress.restart()
@@ -218,6 +232,36 @@ class Fetcher:
             raise AssertionError("unreachable")
         finally:
             lock.release()
+
+    def _resolved(self, request: FetchRequest) -> FetchRequest:
+        """The request with the sha256 that another node recorded for this origin file
+        (cluster mode), so that peers can give it; the request itself otherwise."""
+        if self.peers is None or request.sha256 is not None or not request.ranged:
+            return request
+        found = self.peers.resolve(request.identity, request.size)
+        if found is None:
+            return request
+        from dataclasses import replace
+
+        return replace(request, sha256=found.sha256, indexed=tuple(found.checked))
+
+    def _tell_peers(self, request: FetchRequest, ref: BlobRef, transfer: Transfer) -> None:
+        """After a verified fetch: a plain transfer offers the blob to peers (a swarm did
+        so itself), and a file checked against what its origin publishes, or fetched
+        wholly from it, gets its origin mapping (cluster/blob_index.py's trust rule)."""
+        if self.peers is None:
+            return
+        from .swarm import SwarmTransfer
+
+        swarm = isinstance(transfer, SwarmTransfer)
+        if not swarm:
+            self.peers.finished(ref.sha256, ref.size, ok=True)
+        if request.digests_from is not None:
+            return  # checked against the user's digest, not the origin's
+        checked = list(request.published)
+        if not checked and swarm:
+            return  # only a size, and bytes from peers: nothing learnt from the origin
+        self.peers.record_origin(request.identity, ref.sha256, ref.size, checked or ["size"])
 
     def _transfer(self, request: FetchRequest, files: PartialFiles, progress: Progress,
                   observer: FetchObserver | None, *, peers: bool) -> Transfer:

@@ -17,8 +17,13 @@ does, and each is a method here, so that the answer's source can change:
     waits up to :data:`STATIC_GRACE_S` for lower-named live nodes that do not fetch the
     blob yet (they may be starting), then takes its turn. A node that dies drops out of
     ``seen`` (it no longer answers) and the next one takes over. In cluster mode this is
-    an etcd lease: ``P/fetching/{sha256}`` created if absent by the node that fetches, bound
-    to its lease, so that it goes with the node.
+    an etcd claim (``etcd_peers.py``): ``P/fetching/{sha256}`` created if absent by the node
+    that fetches, bound to the lease of its pull process, so that it goes with the pull.
+
+What this node tells the others (no-ops with a static list, where every peer is asked
+directly; writes of the blob index in cluster mode, ``etcd_peers.py``): ``started``,
+``landed`` and ``finished`` of a fetch; ``record_origin`` after a file was fetched from
+its origin and checked; ``resolve`` and ``piece_list`` read what others recorded.
 
 ``seen`` is what this node learnt from asking the candidates, one :data:`PeerState` per
 peer name: ``verified`` (holds the blob), ``fetching`` (a process of that node fetches it
@@ -28,12 +33,14 @@ now), ``partial`` (landed pieces, nobody fetching), ``absent``, ``dead`` (no ans
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    from ..cluster.blob_index import OriginRecord
     from ..config import ClusterSettings
+    from .pieces import PieceList
 
 PeerState = Literal["verified", "fetching", "partial", "absent", "dead"]
 
@@ -62,6 +69,43 @@ class Peers(ABC):
     @abstractmethod
     def origin_turn(self, sha256: str, seen: Mapping[str, PeerState], waited_s: float) -> bool:
         """Whether this node may fetch the blob's missing pieces from the origin now."""
+
+    def seed(self, sha256: str, fetching: Iterable[str]) -> str | None:
+        """The other node that fetches the blob from the origin, or None (this one, or
+        nobody): by default the lowest-named of those ``fetching``, if below this one."""
+        lowest = min(fetching, default=None)
+        return lowest if lowest is not None and lowest < self.me else None
+
+    def started(self, sha256: str, size: int) -> None:
+        """A fetch of the blob starts on this node."""
+
+    def landed(self, sha256: str, size: int, ranges: Sequence[tuple[int, int]]) -> None:
+        """These ``[start, end)`` ranges of it are here (called at every checkpoint;
+        throttle inside)."""
+
+    def finished(self, sha256: str, size: int, *, ok: bool,
+                 pieces: PieceList | None = None) -> None:
+        """The fetch ended: the blob verified here (``ok``), or not."""
+
+    def claimed(self, sha256: str) -> bool:
+        """Whether this node took the origin's turn for the blob (its piece list is then
+        worth publishing)."""
+        return False
+
+    def resolve(self, identity: str, size: int) -> OriginRecord | None:
+        """What another node learnt of this origin file (its sha256), if anything."""
+        return None
+
+    def record_origin(self, identity: str, sha256: str, size: int,
+                      checked: Sequence[str]) -> None:
+        """This node fetched the file from its origin and checked ``checked`` against it."""
+
+    def piece_list(self, sha256: str, size: int) -> PieceList | None:
+        """The blob's piece hashes, if published where all can read them."""
+        return None
+
+    def close(self) -> None:
+        """Release what the peers hold (connections, leases)."""
 
 
 class StaticPeers(Peers):

@@ -79,6 +79,9 @@ RANGE_BUSY_S = 0.2
 ORIGIN_INFLIGHT_SWARM = 2
 # A peer that did not answer is asked again after this long.
 DEAD_RETRY_S = 2.0
+# How often the candidates are asked for again while a transfer runs: nodes that start
+# fetching the blob later join the swarm (a static list never changes; the index does).
+SCOUT_S = 0.5
 # Rounds of "find the bad pieces, fetch them again" after a failed sha256.
 REPAIR_ROUNDS = 2
 
@@ -116,16 +119,21 @@ class SwarmTransfer(Transfer):
         self.unverified: dict[int, str] = {}  # piece -> peer, landed before the list was known
         self.piece_list: PieceList | None = None
         self.tally = PeerTally()
+        self.known: dict[str, Peer] = {}  # candidates watched, by name
         self._t0 = time.monotonic()
         self._halt = threading.Event()
 
     # -- the transfer's hooks -----------------------------------------------------------
 
     def run(self) -> BlobRef:
+        ok = False
         try:
-            return super().run()
+            ref = super().run()
+            ok = True
+            return ref
         finally:
             self._halt.set()
+            self._tell_finished(ok)
             try:
                 self.ledger.add(self.tally)
             except OSError:
@@ -133,16 +141,34 @@ class SwarmTransfer(Transfer):
 
     def plan(self) -> None:
         self.checkpoint(force=True)  # the record: peers now see this node fetching the blob
+        self.peers.started(self.sha, self.req.size)
         self._ask_all()
+
+    def checkpoint(self, *, force: bool = False) -> None:
+        super().checkpoint(force=force)
+        with self.lock:
+            ranges = self.landed.intervals()
+        self.peers.landed(self.sha, self.req.size, ranges)
+
+    def _tell_finished(self, ok: bool) -> None:
+        """The index learns the end; the node that fetched from the origin publishes the
+        blob's piece hashes (read back from the verified blob: one more read of it)."""
+        pieces = None
+        if ok and self.peers.claimed(self.sha):
+            from .pieces import PieceLists
+
+            pieces = PieceLists(self.f.store).get(self.sha, self.req.size)
+        self.peers.finished(self.sha, self.req.size, ok=ok, pieces=pieces)
 
     def workers(self) -> int:
         return self.f.concurrency
 
     def _run_workers(self) -> None:
         self._halt = threading.Event()  # watchers of an earlier round stop with their own
-        for peer in self.peers.candidates(self.sha):
-            threading.Thread(target=self._watch, args=(peer, self._halt), daemon=True,
-                             name=f"cachemesh-peer-{peer.name}").start()
+        self.known = {}
+        self._scout(self._halt)
+        threading.Thread(target=self._scouting, args=(self._halt,), daemon=True,
+                         name="cachemesh-peer-scout").start()
         try:
             super()._run_workers()
         finally:
@@ -183,7 +209,7 @@ class SwarmTransfer(Transfer):
         copies that others can give would otherwise fill (super-seeding, from the asking
         side; serve/sharing.py does its part)."""
         now = time.monotonic()
-        live = [n for n in self.avail if n not in self.dropped]
+        live = [n for n in self.avail if n not in self.dropped and n in self.known]
         ready = {n for n in live if self.busy_until.get(n, 0.0) <= now
                  and self.inflight_to[n] < PER_PEER_INFLIGHT}
         seed = self._seed()
@@ -203,16 +229,15 @@ class SwarmTransfer(Transfer):
             return None
         _, i, usable = best
         name = min(usable, key=lambda n: (self.inflight_to[n], random.random()))
-        peer = next(p for p in self.peers.candidates(self.sha) if p.name == name)
+        peer = self.known[name]
         return self._task(i, name, self._peer_read(peer, i))
 
     def _seed(self) -> str | None:
-        """The other node that fetches the blob from the origin (the lowest-named one
-        fetching it), or None when that is this node or nobody is."""
+        """The other node that fetches the blob from the origin (Peers.seed), or None when
+        that is this node or nobody is."""
         fetching = [n for n, a in self.avail.items() if a.state == "fetching"
                     and n not in self.dropped]
-        lowest = min(fetching, default=None)
-        return lowest if lowest is not None and lowest < self.peers.me else None
+        return self.peers.seed(self.sha, fetching)
 
     def _origin_task(self, missing: list[int]) -> tuple[int, int, Read] | None:
         """The first missing piece that no peer still asked has (in order: a loader's).
@@ -344,6 +369,12 @@ class SwarmTransfer(Transfer):
         """The list from a peer that holds the blob verified, if one does. Pieces that come
         after it are checked as they land; those that came before are checked only if the
         blob's sha256 fails (reading them back costs a hash of most of the blob)."""
+        published = self.peers.piece_list(self.sha, self.req.size)
+        if published is not None and published.piece_size == PIECE_SIZE:
+            with self.cond:
+                if self.piece_list is None:
+                    self.piece_list = published
+            return
         with self.cond:
             holders = [n for n, a in self.avail.items()
                        if a.state == "verified" and n not in self.dropped]
@@ -364,6 +395,20 @@ class SwarmTransfer(Transfer):
         seen: dict[str, PeerState] = {
             n: ("dead" if n in self.dropped else a.state) for n, a in self.avail.items()}
         return self.peers.origin_turn(self.sha, seen, time.monotonic() - self._t0)
+
+    def _scouting(self, halt: threading.Event) -> None:
+        while not halt.wait(SCOUT_S):
+            self._scout(halt)
+
+    def _scout(self, halt: threading.Event) -> None:
+        """Start a watcher for every candidate not watched yet."""
+        for peer in self.peers.candidates(self.sha):
+            with self.cond:
+                if peer.name in self.known or halt.is_set():
+                    continue
+                self.known[peer.name] = peer
+            threading.Thread(target=self._watch, args=(peer, halt), daemon=True,
+                             name=f"cachemesh-peer-{peer.name}").start()
 
     def _ask_all(self) -> None:
         """Every candidate at once, answers now (no long poll): the start of the transfer."""

@@ -35,6 +35,8 @@ The protocol-free core:
     memory.py       the default memory budget (cgroup / physical memory)
     datacache_service.py  DataCacheService: caches declared and pulled over the API
                     (pull_child.py: the process that pulls one)
+    datacache_cluster.py  cluster mode: this node's blobs in the blob index, preheat
+    preheat.py            caches declared cluster-wide, pulled onto the nodes they name
 
 Worker processes:
 

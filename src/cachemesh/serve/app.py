@@ -46,6 +46,7 @@ from ..access import CONTROL, Keyring
 from ..errors import CachemeshError
 from . import api_docs, blobs, control, datacaches, nodes, openai, ui, v2_rest
 from .auth import Authenticate, access_of
+from .datacache_cluster import start_cluster
 from .datacache_service import DataCacheService
 from .http_errors import encodable
 from .limits import BodyLimit, ParseBudget
@@ -128,14 +129,19 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
         except CachemeshError as exc:  # a locked database: serve anyway
             log.warning("resuming interrupted pulls: %s", exc)
         grpc_server = None
+        node = None
         try:
             if service.cfg.grpc_port:
                 from .v2_grpc import start_grpc
 
                 grpc_server = await start_grpc(service, keyring)
+            # Cluster mode: this node's blobs in the index, caches declared cluster-wide.
+            node = await start_cluster(service, caches_service)
         except BaseException as exc:
             if isinstance(exc, CachemeshError):
                 app.state.startup_error = exc
+            if grpc_server is not None:
+                await grpc_server.stop(0)
             await service.stop()
             raise
         # Modules, routes and settings live as long as the server: keep the collector
@@ -149,6 +155,8 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
         finally:
             if grpc_server is not None:
                 await grpc_server.stop(service.cfg.drain_timeout_s)
+            if node is not None:
+                await node.stop()
             await service.stop()
             caches_service.stop()  # background pulls: stopped, resumable
 

@@ -22,16 +22,21 @@ import pickle
 import subprocess
 import sys
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..access import can_use
 from ..caches import AVAILABLE, FAILED, PENDING, CacheInfo, Caches, CacheSpec, Event
 from ..caches.spec import INTERRUPTED
-from ..errors import CacheNotFoundError, ConflictError, ForbiddenError
+from ..errors import CacheNotFoundError, ConflictError, ForbiddenError, InvalidInputError
 from ..sources import parse_source
+from ..sources.redact import redact_source
 from .pull_child import PULL_FAILED
+
+if TYPE_CHECKING:
+    from .datacache_cluster import DataCacheCluster
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,9 @@ class DataCacheService:
         self._max_pulls = max_pulls
         self._puller: Puller | None = None  # made on the first pull: it holds threads
         self._lock = threading.Lock()
+        # Cluster mode: this node in the blob index, and the caches declared cluster-wide
+        # (datacache_cluster.py); set by the server once it joined, else None.
+        self.cluster: DataCacheCluster | None = None
 
     def create(self, spec: CacheSpec) -> CacheInfo:
         """Declare a cache and start pulling it. The same declaration again is accepted
@@ -73,6 +81,56 @@ class DataCacheService:
         if info.status != AVAILABLE:
             self.puller().submit(info.name)
         return self.seen(self.caches.get(info.name))
+
+    def declare_cluster_wide(self, spec: CacheSpec, nodes: Any,
+                             min_copies: int | None) -> dict[str, Any]:
+        """Declare a cache for the nodes ``nodes`` names (preheat.py): checked here as a
+        local declaration would be, then written in etcd, idempotently; every node it
+        selects (this one too) pulls it. Returns the description as GET gives it."""
+        from ..cluster.cache_decls import parse_nodes
+
+        cluster = self.cluster
+        if cluster is None or cluster.preheat is None:
+            raise InvalidInputError("nodes and min_copies (ECI: Nodes, MinCopies) need cluster"
+                                    " mode (serve --cluster); this node runs alone")
+        chosen = parse_nodes("all" if nodes is None else nodes)
+        self._check_create(spec)
+        cluster.preheat.declare_sync(spec, chosen, min_copies)
+        return self.describe_cluster_wide(spec.name, None)
+
+    def describe_cluster_wide(self, name: str,
+                              local: Callable[[CacheInfo], dict[str, Any]] | None
+                              ) -> dict[str, Any]:
+        """GET of one cache: the local description (``local``, when this node has the
+        cache), with, in cluster mode, ``node`` (this one) and, for a cache declared
+        cluster-wide, ``nodes`` ({node: {state, progress, ...}}) and the declaration."""
+        from .datacaches import describe
+
+        view = None
+        cluster = self.cluster
+        if cluster is not None and cluster.preheat is not None:
+            view = cluster.preheat.cluster_view_sync(name)
+        try:
+            info = self.get(name)
+        except CacheNotFoundError:
+            if view is None:
+                raise
+            info = None
+        if info is not None:
+            out = local(info) if local is not None else describe(info)
+        else:
+            decl = view["declaration"]  # declared, not (yet) here
+            out = {"name": name, "bucket": decl.spec.get("bucket"), "status": PENDING,
+                   "source": redact_source(str(decl.spec.get("source", ""))),
+                   "Name": name, "Status": PENDING}
+        if cluster is not None:
+            out["node"] = cluster.name
+        if view is not None:
+            decl = view["declaration"]
+            out["nodes"] = view["nodes"]
+            out["cluster"] = {"nodes": decl.nodes, "assigned": decl.assigned,
+                              "min_copies": decl.min_copies, "declared_by": decl.declared_by}
+        return out
 
     def list(self, bucket: str | None = None) -> list[CacheInfo]:
         return [self.seen(i) for i in visible_caches(self.caches, bucket)]
@@ -87,9 +145,29 @@ class DataCacheService:
     def events(self, name: str, after: int = 0) -> list[Event]:
         return self.caches.events(name, after=after)
 
-    def delete(self, name: str) -> None:
-        """Remove a cache (409 while it is in use or pulled)."""
-        self.caches.rm(get_visible_cache(self.caches, name).name)
+    def delete(self, name: str, *, cluster: bool = False) -> None:
+        """Remove a cache (409 while it is in use or pulled); with ``cluster``, its
+        cluster-wide declaration too (404 if there is neither)."""
+        if not cluster:
+            self.caches.rm(get_visible_cache(self.caches, name).name)
+            return
+        node = self.cluster
+        if node is None or node.preheat is None:
+            raise InvalidInputError("cluster=true needs cluster mode (serve --cluster)")
+        try:
+            info = get_visible_cache(self.caches, name)
+        except CacheNotFoundError:
+            info = None
+        view = node.preheat.cluster_view_sync(name)
+        if view is not None and not can_use(self.caches.buckets,
+                                            str(view["declaration"].spec.get("bucket"))):
+            raise CacheNotFoundError(f"cache {name!r} not found")
+        if info is None and view is None:
+            raise CacheNotFoundError(f"cache {name!r} not found")
+        if info is not None:
+            self.caches.rm(info.name)
+        if view is not None:
+            node.preheat.undeclare_sync(name)
 
     def usage(self, infos: Sequence[CacheInfo]
               ) -> tuple[dict[str, dict[str, int]], dict[str, int]]:

@@ -5,7 +5,8 @@ a thin adapter over :class:`~.datacache_service.DataCacheService`.
     GET    /api/v1/datacaches[?bucket=b]      every cache, with status and progress
                                               (``usage=true``: and its logical bytes)
     GET    /api/v1/datacaches/{name}          one cache, with its events
-    DELETE /api/v1/datacaches/{name}          remove it (409 while it is in use or pulled)
+    DELETE /api/v1/datacaches/{name}          remove it (409 while it is in use or pulled;
+                                              ``?cluster=true``: its cluster-wide declaration too)
     GET    /api/v1/datacaches/{name}/events   server-sent events until Available or Failed
 
 A POST body is either our own shape (:class:`DataCacheRequest`: ``name``,
@@ -32,7 +33,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictInt, StrictStr, Tag
 
 from ..caches import AVAILABLE, FAILED, MAX_RETENTION_DAYS, MAX_SIZE_LIMIT_GIB, CacheInfo, make_spec
 from .datacache_service import DataCacheService
@@ -67,6 +68,11 @@ class DataCacheRequest(BaseModel):
     options: dict[str, str | bool | int] = Field(
         default_factory=dict, description="source options: endpoint_url (s3), sha256 (https),"
                                           " follow_symlinks (file)")
+    nodes: StrictStr | StrictInt | list[StrictStr] | None = Field(
+        default=None, description="cluster mode: the nodes that pull it: 'all' (and every"
+                                  " node that joins later), a count, or node names")
+    min_copies: int | None = Field(default=None, ge=1, description="cluster mode: eviction"
+                                   " keeps the cache on at least this many nodes")
 
 
 def _shape(body: Any) -> str:
@@ -115,14 +121,19 @@ def create_datacache(body: CreateBody, request: Request, response: Response) -> 
     """
     if isinstance(body, EciCreateDataCache):
         fields = eci_to_spec_fields(body)
+        nodes, min_copies = body.Nodes, body.MinCopies
     else:
         fields = {"name": body.name, "source": body.source, "bucket": body.bucket,
                   "path": body.path, "include": body.include, "exclude": body.exclude,
                   "size_limit_gib": body.size_gib, "retention_days": body.retention_days,
                   "options": body.options}
-    info = _service(request).create(make_spec(**fields))
-    response.headers["Location"] = f"/api/v1/datacaches/{info.name}"
-    return describe(info)
+        nodes, min_copies = body.nodes, body.min_copies
+    service = _service(request)
+    spec = make_spec(**fields)
+    response.headers["Location"] = f"/api/v1/datacaches/{spec.name}"
+    if nodes is not None or min_copies is not None:
+        return service.declare_cluster_wide(spec, nodes, min_copies)
+    return describe(service.create(spec))
 
 
 @router.get("/datacaches")
@@ -144,13 +155,18 @@ def list_datacaches(request: Request,
 @router.get("/datacaches/{name}")
 def get_datacache(name: str, request: Request) -> dict[str, Any]:
     service = _service(request)
-    info = service.get(name)
-    return describe(info, _events(service, info.name))
+    return service.describe_cluster_wide(name, lambda info: describe(
+        info, _events(service, info.name)))
 
 
 @router.delete("/datacaches/{name}", status_code=204)
-def delete_datacache(name: str, request: Request) -> Response:
-    _service(request).delete(name)
+def delete_datacache(name: str, request: Request,
+                     cluster: Annotated[bool, Query(description="cluster mode: also remove the"
+                                                    " cluster-wide declaration (the other"
+                                                    " nodes keep their copies)")] = False
+                     ) -> Response:
+    """Remove the cache from this node (and, with ``cluster=true``, its declaration)."""
+    _service(request).delete(name, cluster=cluster)
     return Response(status_code=204)
 
 

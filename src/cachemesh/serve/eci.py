@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from ..caches import AVAILABLE, MAX_RETENTION_DAYS, MAX_SIZE_LIMIT_GIB, CacheInfo
 from ..errors import InvalidInputError
@@ -64,6 +64,10 @@ class EciCreateDataCache(BaseModel):
     Size: float = Field(default=ECI_DEFAULT_SIZE_GIB, gt=0, le=MAX_SIZE_LIMIT_GIB,
                         description="GiB; the cache's quota")
     RetentionDays: float | None = Field(default=None, gt=0, le=MAX_RETENTION_DAYS)
+    # Cluster mode (ours, in ECI's casing): which nodes pull it ("all", a count, names)
+    # and how many copies eviction keeps cluster-wide (serve/preheat.py).
+    Nodes: StrictStr | StrictInt | list[StrictStr] | None = None
+    MinCopies: int | None = Field(default=None, ge=1)
     # Accepted for compatibility, without meaning on a single node.
     RegionId: str | None = None
     SecurityGroupId: str | None = None
