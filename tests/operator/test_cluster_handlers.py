@@ -106,7 +106,7 @@ def test_a_datacache_is_pulled_by_every_node_labels_each_and_is_cleaned_up_every
     asyncio.run(main())
 
 
-def test_a_datacache_for_named_nodes_labels_only_those(mesh: Cluster, hf_hub: HfHubEmulator):
+def test_a_datacache_for_named_nodes_labels_only_those_and_moves_with_its_spec(mesh: Cluster, hf_hub: HfHubEmulator):
     repo = f"org/op-{uuid.uuid4().hex[:8]}"
     hf_hub.commit(repo, {"config.json": b'{"model_type": "bert"}'})
     name = f"dc-{uuid.uuid4().hex[:8]}"
@@ -127,9 +127,23 @@ def test_a_datacache_for_named_nodes_labels_only_those(mesh: Cluster, hf_hub: Hf
                 ("node-b", "Available")]
             assert kube.labels == {"node-b": {f"cachemesh.io/cache.{name}": "true"}}
             assert not view_on(mesh, "node-a", name).exists()
+
+            # the spec moves it to node-a: the old declaration and node-b's copy go first
+            moved = kube.put({**obj, "spec": {**obj["spec"], "nodes": ["node-a"]}})
+            await reconcile(moved, declare=True)
+            assert "Replacing" in kube.reasons(name)
+            obj = await settle(reconcile, kube, moved, {"Available", "Failed"}, timeout=20)
+            assert [(n["name"], n["phase"]) for n in obj["status"]["nodes"]] == [
+                ("node-a", "Available")]
+            assert obj["status"]["observedGeneration"] == 2
+            assert kube.labels == {"node-a": {f"cachemesh.io/cache.{name}": "true"},
+                                   "node-b": {}}
+            assert not view_on(mesh, "node-b", name).exists()
+
             await handlers.delete_datacache(kube.get(obj), api, kube)
-            assert mesh["node-b"].http.get(f"/api/v1/datacaches/{name}").status_code == 404
-            assert kube.labels["node-b"] == {}
+            for node in NODES:
+                assert mesh[node].http.get(f"/api/v1/datacaches/{name}").status_code == 404
+                assert kube.labels[node] == {}
 
     asyncio.run(main())
 

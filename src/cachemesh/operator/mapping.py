@@ -169,6 +169,10 @@ def per_node(description: Mapping[str, Any], answering_node: str | None,
         entries = {answering_node: description}
     else:
         entries = {}
+    if expected and isinstance(listed, Mapping):
+        # Only the nodes the declaration selects: a node's entry outlives a DELETE of its
+        # copy (and a declaration that moved the cache elsewhere) until its lease goes.
+        entries = {k: v for k, v in entries.items() if k in expected}
     for node in expected:
         entries.setdefault(node, {"state": PENDING})
     out = []
