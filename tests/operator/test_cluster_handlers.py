@@ -106,7 +106,8 @@ def test_a_datacache_is_pulled_by_every_node_labels_each_and_is_cleaned_up_every
     asyncio.run(main())
 
 
-def test_a_datacache_for_named_nodes_labels_only_those_and_moves_with_its_spec(mesh: Cluster, hf_hub: HfHubEmulator):
+def test_a_datacache_for_named_nodes_labels_only_those_and_moves_with_its_spec(
+        mesh: Cluster, hf_hub: HfHubEmulator):
     repo = f"org/op-{uuid.uuid4().hex[:8]}"
     hf_hub.commit(repo, {"config.json": b'{"model_type": "bert"}'})
     name = f"dc-{uuid.uuid4().hex[:8]}"
