@@ -310,3 +310,21 @@ def test_the_operators_role_allows_what_the_operator_does(helm: str):
     import importlib.util
 
     assert importlib.util.find_spec("cachemesh.operator.__main__") is not None
+
+
+def test_the_image_has_what_the_chart_runs():
+    """The Dockerfile installs the extras the node (serve, cluster: gRPC health included)
+    and the operator import, and exposes the chart's default ports."""
+    import tomllib
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (extras,) = re.findall(r"'\.\[([a-z0-9,]+)\]'", dockerfile)
+    extras_set = set(extras.split(","))
+    assert {"serve", "cluster", "operator"} <= extras_set
+    defined = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert extras_set <= set(defined)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    exposed = re.search(r"^EXPOSE (.+)$", dockerfile, re.M)
+    assert exposed and set(exposed.group(1).split()) == {
+        str(values["node"]["port"]), str(values["node"]["grpcPort"])}
