@@ -169,8 +169,24 @@ def test_a_model_is_served_by_every_node_and_removed_from_all(mesh: Cluster):
                     mesh[n].infer(spec["name"], 3.0)), 20, f"{node} to serve the model",
                     every=0.1)
                 assert r.json()["outputs"][0]["data"] == [3.0]
-            status = await handlers.reconcile_model(kube.get(obj), api, kube, declare=False)
-            assert status["phase"] == "Ready" and status["versions"]["default"]["copies"] >= 1
+            # each node's copy shows in the status (the node records, through etcd)
+            async def copies() -> dict[str, Any]:
+                deadline = asyncio.get_running_loop().time() + 10
+                while True:
+                    status = await handlers.reconcile_model(kube.get(obj), api, kube,
+                                                            declare=False)
+                    nodes = status["versions"]["default"].get("nodes", [])
+                    if [n["phase"] for n in nodes] == ["Ready", "Ready"]:  # records lag
+                        return status
+                    assert asyncio.get_running_loop().time() < deadline, status
+                    await asyncio.sleep(0.2)
+
+            status = await copies()
+            assert status["phase"] == "Ready"
+            assert status["versions"]["default"]["nodes"] == [
+                {"name": "node-a", "phase": "Ready"}, {"name": "node-b", "phase": "Ready"}]
+            assert status["versions"]["default"]["copies"] == 2
+            assert kube.get(obj)["status"]["versions"] == status["versions"]  # CRD-validated
 
             await handlers.delete_model(kube.get(obj), api, kube)
             for node in NODES:

@@ -157,3 +157,17 @@ def test_the_status_of_a_model():
     assert out["versions"]["v1"] == {"phase": "Standby", "message": "not loaded yet",
                                      "copies": 0, "traffic": 100}
     assert out["inference"] == {"v2": "/v2/models/svm/infer", "openai": "svm"}
+
+
+def test_the_status_of_a_model_in_a_cluster():
+    """Each version's status names the nodes holding a copy (copies/ in etcd)."""
+    status = {"name": "svm", "state": "Ready", "traffic": {"v1": 100},
+              "versions": {"v1": {"source": "x", "status": {
+                  "state": "Ready", "copies": [{"worker": 1}],
+                  "nodes": [{"node": "b", "state": "loading", "bytes": 1},
+                            {"node": "a", "state": "ready", "bytes": 9},
+                            {"node": "a", "state": "ready", "bytes": 9}]}}}}
+    out = m.model_status(status)
+    assert out["versions"]["v1"] == {
+        "phase": "Ready", "copies": 2, "traffic": 100,
+        "nodes": [{"name": "a", "phase": "Ready"}, {"name": "b", "phase": "Loading"}]}

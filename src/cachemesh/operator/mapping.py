@@ -280,21 +280,30 @@ def model_document(obj: Mapping[str, Any]) -> dict[str, Any]:
 
 _MODEL_PHASES = {"Pulling": "Pulling", "Loading": "Loading", "Ready": "Ready",
                  "Unloaded": "Standby", "Unloading": "Standby", "Failed": "Failed"}
+# A copy's state in a node record (cluster/records.py CopyState).
+_COPY_PHASES = {"loading": "Loading", "ready": "Ready", "draining": "Draining"}
 
 
 def model_status(status: Mapping[str, Any], generation: int | None = None) -> dict[str, Any]:
     """The ``status`` of a Model from ``GET /api/v1/models/{name}``.
 
     Standby: declared and serving, loaded on its first request (a model that is not
-    eager); Ready: a copy is loaded now.
+    eager); Ready: a copy is loaded now (on the answering node). In cluster mode each
+    version lists the nodes holding a copy, and ``copies`` counts them.
     """
     versions = {}
     for label, version in (status.get("versions") or {}).items():
         st = version.get("status") or {}
+        # Cluster mode: the nodes holding a copy (copies/ in etcd), each counted once.
+        held = sorted({str(n["node"]): n for n in st.get("nodes") or []
+                       if isinstance(n, Mapping) and n.get("node")}.items())
+        nodes = [{"name": node, "phase": _COPY_PHASES.get(n.get("state"), "Pending")}
+                 for node, n in held]
         entry = {"phase": _MODEL_PHASES.get(st.get("state"), "Pending"),
                  "message": st.get("reason") if st.get("state") != "Ready" else None,
-                 "copies": len(st.get("copies") or []),
-                 "traffic": (status.get("traffic") or {}).get(label, 0)}
+                 "copies": len(nodes) if nodes else len(st.get("copies") or []),
+                 "traffic": (status.get("traffic") or {}).get(label, 0),
+                 "nodes": nodes or None}
         versions[label] = {k: v for k, v in entry.items() if v is not None}
     name = status.get("name")
     out: dict[str, Any] = {
