@@ -17,9 +17,11 @@ Which process writes what, on which lease:
 - Without a node record (no server runs here) the process only reads the index: it
   takes pieces from peers and claims origin fetches, but offers nothing.
 
-Faults: etcd unreachable makes every call here fail fast; the fetcher then behaves as
-without an index (no candidates; the origin after :data:`DEGRADED_GRACE_S`), so a pull
-never waits on etcd ("degrade, don't die").
+Faults: etcd unreachable makes every call here fail fast (for :data:`DOWN_S` after a
+failure, without asking); the fetcher then behaves as without an index (no new
+candidates; the origin once etcd has failed for :data:`DEGRADED_GRACE_S`), so a pull
+never waits on etcd ("degrade, don't die"), and one lost call does not send every node
+to the origin.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from ..cluster.blob_index import (
 )
 from ..cluster.keys import Keys
 from ..cluster.records import NodeRecord
-from ..errors import ClusterError, IntegrityError, LeaseLostError
+from ..errors import ClusterError, ClusterUnavailableError, IntegrityError, LeaseLostError
 from .peers import Peer, Peers, PeerState
 from .pieces import PieceList
 
@@ -64,7 +66,8 @@ CLAIM_RETRY_S = 0.3
 MAX_RANGES = 64
 # After a failed call, etcd is not asked again for this long.
 DOWN_S = 2.0
-# With etcd unreachable, a node goes to the origin itself after this long.
+# With etcd unreachable this long (every call failing), a node fetches what no peer has
+# from the origin itself: one failed call must not send a whole fleet there.
 DEGRADED_GRACE_S = 2.0
 
 
@@ -83,6 +86,7 @@ class EtcdPeers(Peers):
         self._thread.start()
         self._lock = threading.Lock()
         self._down_until = 0.0
+        self._failing_since: float | None = None  # etcd unreachable since (monotonic)
         self.kv: KV = self._call(_made(make_kv))
         self.index = BlobIndex(self.kv, keys)
         self._own_lease = 0
@@ -119,17 +123,25 @@ class EtcdPeers(Peers):
         per question."""
         if time.monotonic() < self._down_until:
             coro.close()
-            raise ClusterError("etcd did not answer a moment ago")
+            raise ClusterUnavailableError("etcd did not answer a moment ago")
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
-            return future.result(timeout)
+            result = future.result(timeout)
         except TimeoutError as exc:
             future.cancel()
-            self._down_until = time.monotonic() + DOWN_S
-            raise ClusterError(f"etcd did not answer in {timeout} s") from exc
-        except ClusterError:
-            self._down_until = time.monotonic() + DOWN_S
+            self._unavailable()
+            raise ClusterUnavailableError(f"etcd did not answer in {timeout} s") from exc
+        except ClusterUnavailableError:
+            self._unavailable()
             raise
+        self._failing_since = None
+        return result
+
+    def _unavailable(self) -> None:
+        now = time.monotonic()
+        self._down_until = now + DOWN_S
+        if self._failing_since is None:
+            self._failing_since = now
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` on the loop without waiting (writes nobody must wait for)."""
@@ -219,9 +231,16 @@ class EtcdPeers(Peers):
             return False
         try:
             who = self._call(self._claim(sha256))
-        except ClusterError as exc:
+        except ClusterUnavailableError as exc:
+            # Degrade, don't die: without etcd for a while, fetch what no peer has.
             log.debug("cannot claim %s: %s", sha256, exc)
-            return waited_s >= DEGRADED_GRACE_S
+            since = self._failing_since
+            return since is not None and time.monotonic() - since >= DEGRADED_GRACE_S
+        except ClusterError as exc:  # etcd answered, but not as expected: ask again soon
+            log.warning("cannot claim %s: %s", sha256, exc)
+            with self._lock:
+                self._claimant[sha256] = (now, None)
+            return False
         with self._lock:
             self._claimant[sha256] = (now, who)
         return who == self.me
