@@ -130,9 +130,9 @@ def test_default_values_render_valid_kubernetes_objects(helm: str):
     assert server["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert server["readinessProbe"]["grpc"] == {"port": 8033}
     assert {"name": "grpc", "containerPort": 8033, "protocol": "TCP"} in server["ports"]
-    # SIGTERM: the drain's three steps fit in the grace period
-    assert env["CACHEMESH_SERVE_DRAIN_TIMEOUT"]["value"] == "25"
-    assert spec["terminationGracePeriodSeconds"] >= 3 * 25
+    # SIGTERM: the drain's four waits fit in the grace period
+    assert env["CACHEMESH_SERVE_DRAIN_TIMEOUT"]["value"] == "20"
+    assert spec["terminationGracePeriodSeconds"] >= 4 * 20
     assert node["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
 
     operator = one(objects, "Deployment", "operator")
@@ -171,10 +171,10 @@ def test_http_readiness_and_the_drain_checks(helm: str):
                        "cachemesh")
     assert server["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     node = one(render(helm, "node.drainTimeoutSeconds=40",
-                      "node.terminationGracePeriodSeconds=120"), "DaemonSet", "node")
+                      "node.terminationGracePeriodSeconds=160"), "DaemonSet", "node")
     env = {e["name"]: e.get("value") for e in container(node, "cachemesh")["env"]}
     assert env["CACHEMESH_SERVE_DRAIN_TIMEOUT"] == "40"
-    for values, why in ((["node.drainTimeoutSeconds=40"], "at least 3 x"),
+    for values, why in ((["node.drainTimeoutSeconds=40"], "at least 4 x"),
                         (["node.drainTimeoutSeconds=0"], "at least 1")):
         args = [helm, "template", "mesh", str(CHART)]
         for value in values:
@@ -287,7 +287,7 @@ def test_the_nodes_environment_is_a_cluster_node_named_for_its_kubernetes_node(h
     assert cluster.name_or_host() == "worker-7.eu-1"
     assert cluster.advertise_url(settings.serve) == "http://10.4.0.17:8008"
     assert len(cluster.token or "") == 48 and cluster.token != settings.api_token
-    assert settings.serve.drain_timeout_s == 25.0
+    assert settings.serve.drain_timeout_s == 20.0
     assert str(settings.home) == "/var/lib/cachemesh"
     assert settings.api_token and settings.inference_token and settings.metrics_token
 
