@@ -7,6 +7,9 @@
 # default is PyTorch's CPU index (an image of about 1 GB); for GPU nodes build with
 # --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126, which brings the
 # CUDA libraries (several GB). An empty value takes PyPI's default build (CUDA on x86_64).
+# Extras: serve (HTTP, and gRPC with grpc.health.v1, which the chart's readiness probe
+# calls: Kubernetes' own gRPC probe, no probe binary in the image), cluster (the nodes join
+# etcd), operator (kopf), and the sources and runtimes.
 FROM python:3.11-slim AS build
 ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -17,7 +20,7 @@ RUN python -m venv /opt/cachemesh \
  && /opt/cachemesh/bin/pip install --upgrade pip \
  && /opt/cachemesh/bin/pip install -c constraints.txt \
         ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
-        '.[s3,hf,load,serve,transformers,operator]'
+        '.[s3,hf,load,serve,cluster,transformers,operator]'
 
 FROM python:3.11-slim
 # The server's user owns the store on the hostPath (the chart's init container hands a

@@ -202,6 +202,7 @@ class _Base:
         self.timeout = timeout
         self._token_sent = bool(token)
         self._unauthorized_hint = unauthorized_hint
+        self._credentials = (token, tuple(bucket_tokens))  # for a client of another node
         self._headers = {"Accept": "application/json"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
@@ -386,8 +387,17 @@ class AsyncControlClient(_Base):
                  verify: Any = True, transport: httpx.AsyncBaseTransport | None = None,
                  unauthorized_hint: str | None = None) -> None:
         super().__init__(url, token, bucket_tokens, timeout, unauthorized_hint)
+        self._verify = verify
         self._http = httpx.AsyncClient(base_url=self.url, headers=self._headers,
                                        timeout=timeout, verify=verify, transport=transport)
+
+    def at(self, url: str) -> AsyncControlClient:
+        """A client of another node (``url``: its advertise address), with these
+        credentials; the caller closes it."""
+        token, bucket_tokens = self._credentials
+        return AsyncControlClient(url, token=token, bucket_tokens=bucket_tokens,
+                                  timeout=self.timeout, verify=self._verify,
+                                  unauthorized_hint=self._unauthorized_hint)
 
     @classmethod
     def from_settings(cls, settings: Any, url: str | None = None,
@@ -432,8 +442,11 @@ class AsyncControlClient(_Base):
                               ) -> list[dict[str, Any]]:
         return (await self._do(_list_datacaches(bucket, usage)))["datacaches"]
 
-    async def delete_datacache(self, name: str) -> None:
-        await self._do(_Call("DELETE", f"/api/v1/datacaches/{_seg(name, 'cache name')}"))
+    async def delete_datacache(self, name: str, *, cluster: bool = False) -> None:
+        """Remove the cache from the node; ``cluster``: its cluster-wide declaration too
+        (the other nodes keep their copies)."""
+        await self._do(_Call("DELETE", f"/api/v1/datacaches/{_seg(name, 'cache name')}",
+                             params={"cluster": "true"} if cluster else {}))
 
     async def datacache_events(self, name: str, last_event_id: int | None = None
                                ) -> AsyncIterator[ServerEvent]:
@@ -463,6 +476,10 @@ class AsyncControlClient(_Base):
             if deadline is not None and time.monotonic() > deadline:
                 raise e.RequestTimeoutError(f"cache {name!r} was not final within {timeout} s")
         return await self.get_datacache(name)
+
+    async def get_nodes(self) -> dict[str, Any]:
+        """``GET /api/v1/nodes`` whole: ``nodes``, and ``cluster`` (None on a lone node)."""
+        return await self._do(_Call("GET", "/api/v1/nodes"))
 
     async def list_models(self) -> dict[str, Any]:
         return await self._do(_Call("GET", "/api/v1/models"))

@@ -124,9 +124,15 @@ def test_default_values_render_valid_kubernetes_objects(helm: str):
     assert store["hostPath"] == {"path": "/var/lib/cachemesh", "type": "DirectoryOrCreate"}
     mount = next(m for m in server["volumeMounts"] if m["name"] == "store")
     assert mount["mountPath"] == env["CACHEMESH_HOME"]["value"] == "/var/lib/cachemesh"
+    # both ports probed: HTTP liveness and startup, readiness through gRPC health (SERVING
+    # when started and not draining, serve/grpc_health.py)
     assert server["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    assert server["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert server["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert server["readinessProbe"]["grpc"] == {"port": 8033}
+    assert {"name": "grpc", "containerPort": 8033, "protocol": "TCP"} in server["ports"]
+    # SIGTERM: the drain's four waits fit in the grace period
+    assert env["CACHEMESH_SERVE_DRAIN_TIMEOUT"]["value"] == "20"
+    assert spec["terminationGracePeriodSeconds"] >= 4 * 20
     assert node["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
 
     operator = one(objects, "Deployment", "operator")
@@ -142,7 +148,7 @@ def test_an_external_etcd_and_a_podmonitor(helm: str):
                      "cluster.externalEtcd.tlsSecret=etcd-client",
                      "cluster.externalEtcd.clientCert=true",
                      "metrics.podMonitor.enabled=true", "node.labels.zone=eu-1a",
-                     "tokens.existingSecret=mine", "node.grpcHealthProbe=true")
+                     "tokens.existingSecret=mine")
     kinds = validate_all(objects)
     assert "StatefulSet" not in kinds and "NetworkPolicy" not in kinds and "Secret" not in kinds
     node = one(objects, "DaemonSet", "node")
@@ -152,12 +158,29 @@ def test_an_external_etcd_and_a_podmonitor(helm: str):
     assert env["CACHEMESH_ETCD_CACERT"] == "/etc/cachemesh/etcd/ca.crt"
     assert env["CACHEMESH_ETCD_KEY"] == "/etc/cachemesh/etcd/tls.key"
     assert env["CACHEMESH_NODE_LABELS"] == "zone=eu-1a"
-    assert server["startupProbe"]["grpc"] == {"port": 8033}
+    assert server["readinessProbe"]["grpc"] == {"port": 8033}
     monitor = one(objects, "PodMonitor")
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["port"] in {p["name"] for p in server["ports"]}
     assert endpoint["authorization"]["credentials"] == {"name": "mine", "key": "metrics-token"}
     assert monitor["spec"]["selector"]["matchLabels"] == node["spec"]["selector"]["matchLabels"]
+
+
+def test_http_readiness_and_the_drain_checks(helm: str):
+    server = container(one(render(helm, "node.grpcHealthProbe=false"), "DaemonSet", "node"),
+                       "cachemesh")
+    assert server["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    node = one(render(helm, "node.drainTimeoutSeconds=40",
+                      "node.terminationGracePeriodSeconds=160"), "DaemonSet", "node")
+    env = {e["name"]: e.get("value") for e in container(node, "cachemesh")["env"]}
+    assert env["CACHEMESH_SERVE_DRAIN_TIMEOUT"] == "40"
+    for values, why in ((["node.drainTimeoutSeconds=40"], "at least 4 x"),
+                        (["node.drainTimeoutSeconds=0"], "at least 1")):
+        args = [helm, "template", "mesh", str(CHART)]
+        for value in values:
+            args += ["--set", value]
+        failed = subprocess.run(args, capture_output=True, text=True)
+        assert failed.returncode != 0 and why in failed.stderr, failed.stderr
 
 
 def test_the_validation_can_fail(helm: str):
@@ -227,6 +250,48 @@ def test_every_variable_the_chart_sets_is_one_cachemesh_reads(helm: str):
     assert {n for n in names if f'"{n}"' not in config} == set()
 
 
+def kubelet_env(c: dict[str, Any], secret: dict[str, str], node: str, pod_ip: str
+                ) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: downward API fields, Secret
+    keys, the memory limit in MiB, and $(VAR) of variables defined above."""
+    import base64
+
+    env: dict[str, str] = {}
+    for e in c["env"]:
+        ref = e.get("valueFrom", {})
+        if "value" in e:
+            env[e["name"]] = expand(e["value"], env)
+        elif "fieldRef" in ref:
+            env[e["name"]] = {"spec.nodeName": node, "status.podIP": pod_ip}[
+                ref["fieldRef"]["fieldPath"]]
+        elif "secretKeyRef" in ref:
+            env[e["name"]] = base64.b64decode(secret[ref["secretKeyRef"]["key"]]).decode()
+        elif "resourceFieldRef" in ref:
+            env[e["name"]] = str(parse_size(c["resources"]["limits"]["memory"]) // 1024**2)
+        else:
+            raise AssertionError(f"unhandled env entry {e}")
+    return env
+
+
+def test_the_nodes_environment_is_a_cluster_node_named_for_its_kubernetes_node(helm: str):
+    from cachemesh.config import Settings
+
+    objects = render(helm)
+    server = container(one(objects, "DaemonSet", "node"), "cachemesh")
+    env = kubelet_env(server, one(objects, "Secret")["data"], "worker-7.eu-1", "10.4.0.17")
+    settings = Settings.from_env(env)
+    cluster = settings.cluster
+    cluster.check()  # what serve --cluster checks at start
+    assert cluster.enabled and cluster.endpoints == tuple(
+        f"mesh-etcd-{i}.mesh-etcd-peers.ai.svc:2379" for i in range(3))
+    assert cluster.name_or_host() == "worker-7.eu-1"
+    assert cluster.advertise_url(settings.serve) == "http://10.4.0.17:8008"
+    assert len(cluster.token or "") == 48 and cluster.token != settings.api_token
+    assert settings.serve.drain_timeout_s == 20.0
+    assert str(settings.home) == "/var/lib/cachemesh"
+    assert settings.api_token and settings.inference_token and settings.metrics_token
+
+
 def test_the_operators_role_allows_what_the_operator_does(helm: str):
     role = one(render(helm), "ClusterRole")
 
@@ -245,3 +310,21 @@ def test_the_operators_role_allows_what_the_operator_does(helm: str):
     import importlib.util
 
     assert importlib.util.find_spec("cachemesh.operator.__main__") is not None
+
+
+def test_the_image_has_what_the_chart_runs():
+    """The Dockerfile installs the extras the node (serve, cluster: gRPC health included)
+    and the operator import, and exposes the chart's default ports."""
+    import tomllib
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (extras,) = re.findall(r"'\.\[([a-z0-9,]+)\]'", dockerfile)
+    extras_set = set(extras.split(","))
+    assert {"serve", "cluster", "operator"} <= extras_set
+    defined = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert extras_set <= set(defined)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    exposed = re.search(r"^EXPOSE (.+)$", dockerfile, re.M)
+    assert exposed and set(exposed.group(1).split()) == {
+        str(values["node"]["port"]), str(values["node"]["grpcPort"])}

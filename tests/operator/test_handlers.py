@@ -2,8 +2,9 @@
 fed the objects an API server would send, with a RecordingKube (conftest.py) in place of
 the Kubernetes API server.
 
-Cluster mode is not in the server yet, so the node is a lone node: its per-node state is
-the node the API answers for (``lone_node``), and no etcd is involved.
+The node is a lone node (no cluster mode, as ``cachemesh serve`` runs by default): its
+per-node state is the node the API answers for (``lone_node``), and no etcd is involved.
+The same reconcilers against a cluster: test_cluster_handlers.py.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def test_a_datacache_the_node_refuses_is_failed_with_the_nodes_reason(
 
     async def main() -> None:
         async with AsyncControlClient(node.url, token=TOKEN) as api:
-            # nodes: the CRD takes it; today's API does not (cluster mode is not in yet)
+            # nodes: the CRD takes it; a lone node does not (it needs cluster mode)
             obj = kube.put(datacache(f"dc-{uuid.uuid4().hex[:8]}", "org/x", nodes="all"))
             with pytest.raises(e.InvalidInputError, match="Nodes"):
                 await handlers.reconcile_datacache(obj, api, kube, lone_node=NODE)

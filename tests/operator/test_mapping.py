@@ -84,6 +84,33 @@ def test_the_status_of_a_description():
         "Pending", "Pulling", "Available", "Failed", "Pending"]
 
 
+def test_the_status_of_a_cluster_wide_cache():
+    """GET in cluster mode (serve/preheat.py): ``nodes`` maps each node to its pull, and
+    ``cluster`` is the declaration; the answering node may hold no copy (Pending)."""
+    described = {"name": "q", "status": "Pending", "bucket": "models", "node": "c",
+                 "cluster": {"nodes": "all", "assigned": None, "min_copies": None},
+                 "nodes": {"a": {"state": "Available", "progress": 1.0, "bytes_done": 200,
+                                 "bytes_total": 200, "error": None},
+                           "b": {"state": "Loading", "progress": 0.5, "bytes_done": 100,
+                                 "bytes_total": 200, "error": None},
+                           "gone": {"state": "Available", "progress": 1.0}}}
+    status = m.datacache_status(described, "c", expected=["a", "b", "c"], view="/s/v")
+    assert status["nodes"] == [{"name": "a", "phase": "Available", "percent": 100},
+                               {"name": "b", "phase": "Pulling", "percent": 50},
+                               {"name": "c", "phase": "Pending", "percent": 0}]
+    assert status["phase"] == "Pulling" and status["view"] == "/s/v"
+    assert status["progress"] == {"percent": 50, "bytesDone": 300, "bytesTotal": 400,
+                                  "filesDone": 0, "filesTotal": 0}
+    assert status["availableNodes"] == 1 and status["message"] is None
+    done = {**described, "nodes": {n: {"state": "Available", "progress": 1.0} for n in "ab"}}
+    assert m.datacache_status(done, "c", expected=["a", "b"])["phase"] == "Available"
+    failed = {**described, "nodes": {"a": {"state": "Available"},
+                                     "b": {"state": "Failed", "error": "disk full"}}}
+    status = m.datacache_status(failed, "c", expected=["a", "b"])
+    assert status["phase"] == "Failed" and status["message"] == "b: disk full"
+    assert m.datacache_status({**described, "nodes": {}}, "c")["phase"] == "Pending"
+
+
 def test_node_label():
     assert m.node_label("qwen2.5-0.5b") == "cachemesh.io/cache.qwen2.5-0.5b"
     assert m.node_label("x" * 57)
@@ -130,3 +157,17 @@ def test_the_status_of_a_model():
     assert out["versions"]["v1"] == {"phase": "Standby", "message": "not loaded yet",
                                      "copies": 0, "traffic": 100}
     assert out["inference"] == {"v2": "/v2/models/svm/infer", "openai": "svm"}
+
+
+def test_the_status_of_a_model_in_a_cluster():
+    """Each version's status names the nodes holding a copy (copies/ in etcd)."""
+    status = {"name": "svm", "state": "Ready", "traffic": {"v1": 100},
+              "versions": {"v1": {"source": "x", "status": {
+                  "state": "Ready", "copies": [{"worker": 1}],
+                  "nodes": [{"node": "b", "state": "loading", "bytes": 1},
+                            {"node": "a", "state": "ready", "bytes": 9},
+                            {"node": "a", "state": "ready", "bytes": 9}]}}}}
+    out = m.model_status(status)
+    assert out["versions"]["v1"] == {
+        "phase": "Ready", "copies": 2, "traffic": 100,
+        "nodes": [{"name": "a", "phase": "Ready"}, {"name": "b", "phase": "Loading"}]}

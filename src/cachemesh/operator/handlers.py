@@ -13,6 +13,11 @@ DataCache::
                                   cachemesh.io/cache.<name>="true" (removed when it is not)
     delete (finalizer)        ──▶ delete_datacache                     DELETE, unlabel
 
+In cluster mode (``GET /api/v1/nodes`` says so) a DataCache is a cluster-wide
+declaration (``Nodes: all`` unless the spec names nodes); its status is summed over the
+nodes' pulls, each node labelled as its own copy becomes Available; deleting it removes
+the declaration, then each node's copy (through the node's advertise address).
+
 Model::
 
     create / update / resume ──▶ reconcile_model(declare=True)        PUT the document
@@ -61,18 +66,48 @@ async def _fail(obj: Mapping[str, Any], kube: Kube, exc: CachemeshError) -> None
 # -- DataCache ----------------------------------------------------------------------------------
 
 
+async def cluster_members(api: AsyncControlClient) -> list[dict[str, Any]] | None:
+    """The nodes of the cluster the API belongs to (``GET /api/v1/nodes``); None when the
+    API is a lone node's."""
+    answer = await api.get_nodes()
+    if answer.get("cluster") is None:
+        return None
+    return [n for n in answer.get("nodes") or [] if isinstance(n, Mapping)]
+
+
+def _expected(description: Mapping[str, Any], members: list[dict[str, Any]] | None
+              ) -> list[str]:
+    """The nodes a cluster-wide cache selects: its names, the N picked, or every live
+    node that is not draining (``all``)."""
+    decl = description.get("cluster")
+    if not isinstance(decl, Mapping):
+        return []
+    if isinstance(decl.get("nodes"), list):
+        return [str(n) for n in decl["nodes"]]
+    if decl.get("assigned"):
+        return [str(n) for n in decl["assigned"]]
+    if decl.get("nodes") == "all" and members:
+        return [str(n["name"]) for n in members if n.get("name") and not n.get("draining")]
+    return []
+
+
 async def reconcile_datacache(obj: Mapping[str, Any], api: AsyncControlClient, kube: Kube, *,
                               declare: bool = True, lone_node: str | None = None
                               ) -> dict[str, Any]:
     """Declare the object's cache (or look at it), write its status, label its nodes.
 
-    ``lone_node``: the Kubernetes node of the one cachemesh node the API reaches, for a
-    server that does not say which node answered. Returns the status written.
+    In cluster mode a spec without ``nodes`` is declared for every node (``Nodes: all``):
+    a cache on whichever node the Service picked would be found on no other. ``lone_node``:
+    the Kubernetes node of the one cachemesh node the API reaches, for a server that does
+    not say which node answered. Returns the status written.
     """
     name = m.name_of(obj)
     try:
         label = m.node_label(name)
         body = m.datacache_request(obj)
+        members = await cluster_members(api)
+        if members is not None:
+            body.setdefault("Nodes", "all")
         description = None
         if not declare:
             try:
@@ -81,14 +116,18 @@ async def reconcile_datacache(obj: Mapping[str, Any], api: AsyncControlClient, k
                 log.info("%s: its cache is gone from the node; declaring it again",
                          m.kind_name(obj))
         # Declaring is idempotent, and queues the pull again of a Pending cache whose
-        # pull the node lost (a restart, or a pull submitted as the last one ended).
-        if description is None or description.get("status") == "Pending":
-            description = await _declare_cache(obj, api, kube, body)
+        # pull the node lost (a restart, or a pull submitted as the last one ended). A
+        # cluster-wide cache's nodes follow its declaration themselves (serve/preheat.py).
+        if description is None or (description.get("status") == "Pending"
+                                   and "cluster" not in description):
+            description = await _declare_cache(obj, api, kube, body, members)
     except InvalidInputError as exc:
         await _fail(obj, kube, exc)
         raise
     answering = description.get("node") or lone_node
-    status = m.datacache_status(description, answering, _generation(obj))
+    status = m.datacache_status(description, answering, _generation(obj),
+                                expected=_expected(description, members),
+                                view=_previous(obj).get("view"))
     await _label_nodes(obj, kube, label, status["nodes"])
     before = _previous(obj).get("phase")
     if status["phase"] != before:
@@ -105,23 +144,54 @@ async def reconcile_datacache(obj: Mapping[str, Any], api: AsyncControlClient, k
 
 
 async def _declare_cache(obj: Mapping[str, Any], api: AsyncControlClient, kube: Kube,
-                         body: dict[str, Any]) -> dict[str, Any]:
+                         body: dict[str, Any], members: list[dict[str, Any]] | None
+                         ) -> dict[str, Any]:
     """POST the declaration; one that differs from the node's (the spec changed) replaces it."""
     try:
         description = await api.create_datacache_eci(body)
     except ConflictError:
         # Caches are immutable on a node: the old one goes first (refused while in use
-        # or still pulling: retried).
-        await kube.event(obj, "Normal", "Replacing", "the spec changed: removing the node's"
+        # or still pulling: retried), from every node in a cluster.
+        await kube.event(obj, "Normal", "Replacing", "the spec changed: removing the"
                          " cache of the old spec, then pulling the new one")
-        await api.delete_datacache(body["Name"])
+        await _remove(api, body["Name"], members)
         description = await api.create_datacache_eci(body)
     if _previous(obj).get("observedGeneration") != _generation(obj):
         source = body["DataSource"]
+        where = f" on {'every node' if body.get('Nodes') == 'all' else body['Nodes']}" \
+            if "Nodes" in body else ""
         await kube.event(obj, "Normal", "Declared",
                          f"{source['Type']} {_describe_options(source['Options'])} into"
-                         f" {description.get('Bucket')}{description.get('Path')}")
+                         f" {description.get('Bucket') or description.get('bucket')}"
+                         f"{description.get('Path') or body.get('Path') or ''}{where}")
     return description
+
+
+async def _remove(api: AsyncControlClient, name: str,
+                  members: list[dict[str, Any]] | None) -> None:
+    """Remove a cache: from the node (lone), or its declaration and then every node's
+    copy (a cluster; DELETE ?cluster=true leaves the other nodes' copies). A node still
+    pulling or using it answers 409: raised, so kopf retries."""
+    if members is None:
+        try:
+            await api.delete_datacache(name)
+        except NotFoundError:
+            pass
+        return
+    try:
+        await api.delete_datacache(name, cluster=True)  # no node pulls it any more
+    except NotFoundError:
+        pass
+    for member in members:
+        if not member.get("advertise"):
+            continue
+        node_api = api.at(str(member["advertise"]))
+        try:
+            await node_api.delete_datacache(name)
+        except NotFoundError:
+            pass
+        finally:
+            await node_api.aclose()
 
 
 def _describe_options(options: Mapping[str, Any]) -> str:
@@ -145,9 +215,7 @@ async def delete_datacache(obj: Mapping[str, Any], api: AsyncControlClient, kube
     """Remove the cache from the node and the label from every node that held it."""
     name = m.name_of(obj)
     try:
-        await api.delete_datacache(name)
-    except NotFoundError:
-        pass
+        await _remove(api, name, await cluster_members(api))
     except ConflictError as exc:
         await kube.event(obj, "Warning", "DeleteRefused", str(exc))
         raise

@@ -29,9 +29,11 @@ The description the API answers -> ``status``::
     view, error                                view, message
     nodes [{node, status, progress, view, error}]  nodes [{name, phase, percent, view, message}]
 
-``nodes`` in a description is what a cluster-wide cache (peer-to-peer issue) will report
-per node; a description without it is the answering node's own cache, reported as one
-node (see :func:`per_node`).
+A cluster-wide cache (one declared with ``nodes``; in cluster mode the operator declares
+``nodes: all`` when the spec says none) is described with ``nodes`` (each node's pull,
+``{node: {state, progress, ...}}``) and ``cluster`` (the declaration): its phase and
+progress are summed over the nodes it selects. A description without them is the
+answering node's own cache, reported as one node (see :func:`per_node`).
 
 Model (``spec``: the model document in camelCase) -> ``PUT /api/v1/models/{name}``::
 
@@ -46,7 +48,7 @@ Model (``spec``: the model document in camelCase) -> ``PUT /api/v1/models/{name}
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import InvalidInputError
@@ -147,45 +149,94 @@ def phase_of(api_status: str | None) -> str:
     return _PHASES.get(api_status or "", PENDING)
 
 
-def per_node(description: Mapping[str, Any], answering_node: str | None
-             ) -> list[dict[str, Any]]:
-    """Each node's state of a cache. A description with ``nodes`` (a cluster-wide
-    cache) lists them; otherwise it is the cache of the node that answered, named
-    ``answering_node`` (unknown: no per-node state)."""
+def per_node(description: Mapping[str, Any], answering_node: str | None,
+             expected: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Each node's state of a cache, sorted by node.
+
+    A cluster-wide cache's description has ``nodes``, ``{node: {state, progress (0..1),
+    bytes_done, bytes_total, error}}`` (each node's prewarm entry, serve/preheat.py; a
+    list of ``{node, status, ...}`` is read too); a node in ``expected`` without an entry
+    has not started: Pending. Otherwise the description is the answering node's own cache,
+    reported as ``answering_node`` (unknown: no per-node state).
+    """
     listed = description.get("nodes")
-    if isinstance(listed, list):
-        entries = [(str(n.get("node") or n.get("name")), n) for n in listed
-                   if isinstance(n, Mapping)]
+    if isinstance(listed, Mapping):
+        entries = {str(k): v for k, v in listed.items() if isinstance(v, Mapping)}
+    elif isinstance(listed, list):
+        entries = {str(n.get("node") or n.get("name")): n for n in listed
+                   if isinstance(n, Mapping)}
     elif answering_node:
-        entries = [(answering_node, description)]
+        entries = {answering_node: description}
     else:
-        entries = []
+        entries = {}
+    if expected and isinstance(listed, Mapping):
+        # Only the nodes the declaration selects: a node's entry outlives a DELETE of its
+        # copy (and a declaration that moved the cache elsewhere) until its lease goes.
+        entries = {k: v for k, v in entries.items() if k in expected}
+    for node in expected:
+        entries.setdefault(node, {"state": PENDING})
     out = []
-    for node, d in sorted(entries, key=lambda e: e[0]):
-        status = str(d.get("status") or d.get("Status") or "")
-        entry = {"name": node, "phase": phase_of(status),
-                 "percent": _progress(d.get("progress"), status)["percent"],
+    for node, d in sorted(entries.items()):
+        status = str(d.get("status") or d.get("Status") or d.get("state") or "")
+        fraction = d.get("progress")
+        if isinstance(fraction, (int, float)) and not isinstance(fraction, bool):
+            percent = 100 if status == AVAILABLE else min(100, int(fraction * 100))
+        else:
+            percent = _progress(fraction, status)["percent"]
+        entry = {"name": node, "phase": phase_of(status), "percent": percent,
                  "view": d.get("view"), "message": d.get("error")}
         # A list is replaced whole by a merge patch: a null in it would stay a null.
         out.append({k: v for k, v in entry.items() if v is not None})
     return out
 
 
+def _overall(nodes: Sequence[Mapping[str, Any]]) -> str:
+    """A cluster-wide cache's phase: Available once every node holds it, Failed once
+    none is still on its way and one failed, Pulling while any pulls or holds it."""
+    phases = {n["phase"] for n in nodes}
+    if not phases:
+        return PENDING
+    if phases == {AVAILABLE}:
+        return AVAILABLE
+    if FAILED in phases and not phases & {PENDING, PULLING}:
+        return FAILED
+    return PULLING if phases & {PULLING, AVAILABLE} else PENDING
+
+
 def datacache_status(description: Mapping[str, Any], answering_node: str | None,
-                     generation: int | None = None) -> dict[str, Any]:
-    """The ``status`` of a DataCache from the API's description of its cache."""
+                     generation: int | None = None, *, expected: Sequence[str] = (),
+                     view: str | None = None) -> dict[str, Any]:
+    """The ``status`` of a DataCache from the API's description of its cache.
+
+    A cluster-wide cache (``cluster`` in the description) is summed over its nodes
+    (``expected``: the nodes it selects); ``view`` stands in for the view path when the
+    answering node holds no copy (the path is the same on every node of the chart).
+    """
     status = str(description.get("status") or description.get("Status") or "")
-    nodes = per_node(description, answering_node)
+    nodes = per_node(description, answering_node, expected)
     out: dict[str, Any] = {
         "phase": phase_of(status),
         "message": description.get("error"),
         "progress": _progress(description.get("progress"), status),
-        "view": description.get("view"),
+        "view": description.get("view") or view,
         "bucket": description.get("bucket") or description.get("Bucket"),
         "path": description.get("Path"),
         "nodes": nodes,
         "availableNodes": sum(1 for n in nodes if n["phase"] == AVAILABLE),
     }
+    if isinstance(description.get("cluster"), Mapping):
+        out["phase"] = _overall(nodes)
+        failed = [f"{n['name']}: {n['message']}" for n in nodes if n["phase"] == FAILED
+                  and n.get("message")]
+        out["message"] = "; ".join(failed) or None
+        raw = description.get("nodes")
+        entries = [v for v in raw.values() if isinstance(v, Mapping)] \
+            if isinstance(raw, Mapping) else []
+        out["progress"] = {
+            "percent": sum(n["percent"] for n in nodes) // len(nodes) if nodes else 0,
+            "bytesDone": sum(int(e.get("bytes_done") or 0) for e in entries),
+            "bytesTotal": sum(int(e.get("bytes_total") or 0) for e in entries),
+            "filesDone": 0, "filesTotal": 0}
     if generation is not None:
         out["observedGeneration"] = generation
     return out
@@ -229,21 +280,30 @@ def model_document(obj: Mapping[str, Any]) -> dict[str, Any]:
 
 _MODEL_PHASES = {"Pulling": "Pulling", "Loading": "Loading", "Ready": "Ready",
                  "Unloaded": "Standby", "Unloading": "Standby", "Failed": "Failed"}
+# A copy's state in a node record (cluster/records.py CopyState).
+_COPY_PHASES = {"loading": "Loading", "ready": "Ready", "draining": "Draining"}
 
 
 def model_status(status: Mapping[str, Any], generation: int | None = None) -> dict[str, Any]:
     """The ``status`` of a Model from ``GET /api/v1/models/{name}``.
 
     Standby: declared and serving, loaded on its first request (a model that is not
-    eager); Ready: a copy is loaded now.
+    eager); Ready: a copy is loaded now (on the answering node). In cluster mode each
+    version lists the nodes holding a copy, and ``copies`` counts them.
     """
     versions = {}
     for label, version in (status.get("versions") or {}).items():
         st = version.get("status") or {}
+        # Cluster mode: the nodes holding a copy (copies/ in etcd), each counted once.
+        held = sorted({str(n["node"]): n for n in st.get("nodes") or []
+                       if isinstance(n, Mapping) and n.get("node")}.items())
+        nodes = [{"name": node, "phase": _COPY_PHASES.get(n.get("state"), "Pending")}
+                 for node, n in held]
         entry = {"phase": _MODEL_PHASES.get(st.get("state"), "Pending"),
                  "message": st.get("reason") if st.get("state") != "Ready" else None,
-                 "copies": len(st.get("copies") or []),
-                 "traffic": (status.get("traffic") or {}).get(label, 0)}
+                 "copies": len(nodes) if nodes else len(st.get("copies") or []),
+                 "traffic": (status.get("traffic") or {}).get(label, 0),
+                 "nodes": nodes or None}
         versions[label] = {k: v for k, v in entry.items() if v is not None}
     name = status.get("name")
     out: dict[str, Any] = {
