@@ -113,8 +113,9 @@ def discover(app: Any) -> list[Endpoint]:
             sub = route.app
             if hasattr(sub, "openapi"):
                 found += _from_openapi(sub.openapi())
-            else:
+            elif hasattr(sub, "routes"):
                 found += discover(sub)
+            # else: static files (the /docs assets): no parameters to fuzz
         elif isinstance(route, Route):
             for method in sorted(route.methods or {"GET"}):
                 if method != "HEAD":
