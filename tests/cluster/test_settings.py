@@ -1,4 +1,4 @@
-"""Cluster settings: read from the environment in config.py, checked before joining."""
+"""Cluster settings: read from the environment in the config package (config/cluster.py), checked before joining."""
 
 from __future__ import annotations
 

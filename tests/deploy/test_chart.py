@@ -3,7 +3,7 @@ a PodMonitor), and every rendered object validated against the schemas of Kubern
 (kubernetes-validate, strict: unknown fields are errors).
 
 Also what a cluster would find out only at run time: the node's command line is one that
-`cachemesh serve` parses, every CACHEMESH_* variable is one config.py reads, and the
+`cachemesh serve` parses, every CACHEMESH_* variable is one the config package reads, and the
 operator's role allows the calls operator/kube.py makes.
 """
 
@@ -238,7 +238,7 @@ def test_the_init_container_hands_a_new_store_to_the_servers_user(helm: str, tmp
 
 
 def test_every_variable_the_chart_sets_is_one_cachemesh_reads(helm: str):
-    config = (ROOT / "src" / "cachemesh" / "config.py").read_text()
+    config = "".join(p.read_text() for p in (ROOT / "src" / "cachemesh" / "config").glob("*.py"))
     objects = render(helm, "cluster.externalEtcd.endpoints={e:2379}",
                      "cluster.externalEtcd.tlsSecret=t", "cluster.externalEtcd.clientCert=true",
                      "node.labels.zone=a")
