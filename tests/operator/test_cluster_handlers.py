@@ -155,7 +155,10 @@ def test_a_model_is_served_by_every_node_and_removed_from_all(mesh: Cluster):
     obj = kube.put({"apiVersion": API_VERSION, "kind": "Model",
                     "metadata": {"name": spec["name"], "namespace": "team"},
                     "spec": {"source": spec["source"], "runtime": "custom",
-                             "parameters": spec["parameters"]}})
+                             "parameters": spec["parameters"],
+                             # a node pulls and loads only when placed (cluster mode):
+                             # two copies are kept so that both nodes hold one
+                             "scaling": {"minCopies": 2, "maxCopies": 2}}})
 
     async def main() -> None:
         async with AsyncControlClient(mesh["node-b"].url, token=TOKEN) as api:
@@ -169,7 +172,7 @@ def test_a_model_is_served_by_every_node_and_removed_from_all(mesh: Cluster):
                     mesh[n].infer(spec["name"], 3.0)), 20, f"{node} to serve the model",
                     every=0.1)
                 assert r.json()["outputs"][0]["data"] == [3.0]
-            # each node's copy shows in the status (the node records, through etcd)
+            # each node's copy (min_copies 2) shows in the status (node records, via etcd)
             async def copies() -> dict[str, Any]:
                 deadline = asyncio.get_running_loop().time() + 10
                 while True:

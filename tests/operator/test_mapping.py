@@ -171,3 +171,17 @@ def test_the_status_of_a_model_in_a_cluster():
     assert out["versions"]["v1"] == {
         "phase": "Ready", "copies": 2, "traffic": 100,
         "nodes": [{"name": "a", "phase": "Ready"}, {"name": "b", "phase": "Loading"}]}
+
+
+def test_a_status_patch_removes_what_the_new_status_lacks():
+    """A Model that was Standby ("not on this node") and is now Ready loses its message:
+    a merge patch only removes a field it names as null."""
+    from cachemesh.operator.kube import replacing
+
+    old = {"phase": "Standby", "message": "pulled when placed",
+           "versions": {"default": {"phase": "Standby", "message": "x", "copies": 0}}}
+    new = {"phase": "Ready", "versions": {"default": {"phase": "Ready", "copies": 2}}}
+    assert replacing(old, new) == {
+        "phase": "Ready", "message": None,
+        "versions": {"default": {"phase": "Ready", "copies": 2, "message": None}}}
+    assert replacing(None, new) == new

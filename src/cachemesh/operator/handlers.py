@@ -38,7 +38,7 @@ from typing import Any
 from ..client import AsyncControlClient
 from ..errors import CachemeshError, ConflictError, InvalidInputError, NotFoundError
 from . import mapping as m
-from .kube import Kube
+from .kube import Kube, replacing
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ async def reconcile_datacache(obj: Mapping[str, Any], api: AsyncControlClient, k
             await kube.event(obj, "Warning", "Failed", status["message"] or "the pull failed")
         elif status["phase"] == m.PULLING:
             await kube.event(obj, "Normal", "Pulling", f"{status['progress']['percent']}%")
-    await kube.patch_status(obj, status)
+    await kube.patch_status(obj, replacing(obj.get("status"), status))
     return status
 
 
@@ -259,7 +259,7 @@ async def reconcile_model(obj: Mapping[str, Any], api: AsyncControlClient, kube:
         kind = "Normal" if status["phase"] == "Ready" else "Warning"
         await kube.event(obj, kind, status["phase"], status["message"] or
                          f"{name} answers at {status['inference']['v2']}")
-    await kube.patch_status(obj, status)
+    await kube.patch_status(obj, replacing(obj.get("status"), status))
     return status
 
 

@@ -5,6 +5,7 @@ run in tests with no API server (a recording :class:`Kube`) and in a cluster wit
 :class:`InClusterKube`:
 
     patch_status(obj, status)        merge-patch the object's status subresource
+                                     (``replacing`` makes the patch that replaces it whole)
     label_node(node, key, value)     set (value) or remove (None) one label of a node
     event(obj, type, reason, msg)    record an Event about the object (core/v1)
 
@@ -54,6 +55,19 @@ def _path(obj: Mapping[str, Any]) -> str:
         raise InvalidInputError("a namespaced custom object needs apiVersion, namespace and name")
     return (f"/apis/{group}/{version}/namespaces/{quote(meta['namespace'], safe='')}/"
             f"{_plural(obj)}/{quote(meta['name'], safe='')}")
+
+
+def replacing(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """The merge patch (RFC 7386) that turns ``old`` into ``new``: a field ``new`` lacks is
+    sent as null, which removes it, so a message or a node that no longer applies does not
+    stay in the status forever. Nested objects are compared the same way; lists replace."""
+    patch: dict[str, Any] = dict(new)
+    for key, value in (old or {}).items():
+        if key not in new:
+            patch[key] = None
+        elif isinstance(value, Mapping) and isinstance(new[key], Mapping):
+            patch[key] = replacing(value, new[key])
+    return patch
 
 
 def event_body(obj: Mapping[str, Any], type: EventType, reason: str, message: str,
