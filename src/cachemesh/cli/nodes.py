@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from ..config import format_size
-from .common import handle_errors, print_json, settings_of
+from .common import handle_errors, print_json, print_table, settings_of
 from .models import TOKEN_HINT
 
 
@@ -35,7 +35,7 @@ def nodes_ls(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         print_json(found)
         return
-    click.echo(f"{'NAME':<16} {'ADVERTISE':<28} {'HEALTH':<9} {'MEMORY':>19}  COPIES")
+    rows, notes = [], []
     for n in found:
         health = ("degraded" if n.get("degraded") else "stale" if n.get("stale")
                   else "draining" if n.get("draining") else "healthy")
@@ -45,7 +45,10 @@ def nodes_ls(ctx: click.Context, as_json: bool) -> None:
         copies = ", ".join(f"{c['model']}@{c['version']}" + ("" if c["state"] == "ready"
                                                              else f" ({c['state']})")
                            for c in n.get("copies") or []) or "-"
-        me = "*" if n.get("self") else ""
-        click.echo(f"{n['name'] + me:<16} {n['advertise']:<28} {health:<9} {memory:>19}  {copies}")
-        for model, why in sorted((n.get("cannot_load") or {}).items()):
-            click.echo(f"{'':<16} cannot load {model}: {why}")
+        me = "*" if n.get("self") else ""  # the node that answered
+        rows.append((n["name"] + me, n["advertise"], health, memory, copies))
+        notes += [f"{n['name']}: cannot load {model}: {why}"
+                  for model, why in sorted((n.get("cannot_load") or {}).items())]
+    print_table(("NAME", "ADVERTISE", "HEALTH", "MEMORY USED/BUDGET", "COPIES"), rows)
+    for note in notes:
+        click.echo(note)
