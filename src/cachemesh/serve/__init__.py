@@ -70,19 +70,19 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:
     if name == "ModelService":
-        from .service import ModelService
+        from .core.service import ModelService
 
         return ModelService
     if name == "ModelSpec":
-        from .registry import ModelSpec
+        from .core.registry import ModelSpec
 
         return ModelSpec
     if name == "create_app":
-        from .app import create_app
+        from .adapters.app import create_app
 
         return create_app
     if name in ("make_server", "run"):
-        from . import server
+        from .adapters import server
 
         return getattr(server, name)
     raise AttributeError(name)
