@@ -1,10 +1,10 @@
 """The model service: the protocol-free core every adapter calls, and a facade.
 
 It knows models, slots and memory; it knows nothing of HTTP or gRPC: the
-adapters (``v2_rest.py``, ``v2_grpc.py``, ``openai.py``, ``control.py``)
-translate their wire formats into calls here, and errors from
+adapters (``serve/adapters/``: ``v2_rest.py``, ``v2_grpc.py``, ``openai.py``,
+``control.py``) translate their wire formats into calls here, and errors from
 :mod:`cachemesh.errors` back. What it holds is drawn in ``state.py``; the work
-is done by its parts:
+is done by its parts, all beside it in ``serve/core/``:
 
     deployments.py  declare, apply (roll out), retire, remove; their checks
     loading.py      the life of a copy: load, adopt, unload; a slot lost
@@ -14,6 +14,11 @@ is done by its parts:
     copies.py       the copy scaler: more copies of a busy version, fewer after
     placement.py    where a copy loads and what is evicted (pure)
     routing.py      which version answers a request (pure)
+    accounting.py   what a request and the state leave in /metrics
+
+The worker processes themselves are ``serve/workers/`` (``workers.py``'s
+``WorkerHandle`` is the slot the pool holds); cluster mode (``serve/cluster/``)
+reaches the service only through the ClusterContext it is given.
 
 Here: start, stop and drain; :meth:`ModelService.route`, the one place that
 picks the version a request goes to (path, then routes, then traffic);
