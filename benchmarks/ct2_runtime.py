@@ -179,8 +179,8 @@ def start_server(view: Path):
     import httpx
 
     from cachemesh.config import Settings
-    from cachemesh.serve.registry import ModelSpec
-    from cachemesh.serve.server import make_server
+    from cachemesh.serve.adapters.server import make_server
+    from cachemesh.serve.core.registry import ModelSpec
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

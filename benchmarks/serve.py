@@ -277,8 +277,8 @@ def ipc_costs(work: Path) -> str:
 
     sys.path.insert(0, str(ROOT / "src"))
     from cachemesh.runtimes import InferenceRequest, Tensor, resolve
-    from cachemesh.serve.messages import Infer, Load
-    from cachemesh.serve.workers import WorkerHandle
+    from cachemesh.serve.workers.messages import Infer, Load
+    from cachemesh.serve.workers.workers import WorkerHandle
 
     d = work / "noop"
     d.mkdir(exist_ok=True)

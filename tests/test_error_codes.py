@@ -12,8 +12,8 @@ import pytest
 from cachemesh import errors as e
 from cachemesh.client import ERRORS
 from cachemesh.error_codes import OTHER, TABLE, codes_of
-from cachemesh.serve.http_errors import status_of
-from cachemesh.serve.v2_grpc import code_of
+from cachemesh.serve.adapters.http_errors import status_of
+from cachemesh.serve.adapters.v2_grpc import code_of
 
 
 def test_every_row_names_a_real_grpc_code_and_rows_go_most_specific_first():

@@ -1,7 +1,7 @@
 """Who is asking, and what they may do: tokens, scopes and protected buckets.
 
-Protocol-free. A transport (the HTTP middleware in ``serve/auth.py``; the
-gRPC adapter, ``serve/v2_grpc.py``, for each call) hands the credentials of a request to
+Protocol-free. A transport (the HTTP middleware in ``serve/adapters/auth.py``; the
+gRPC adapter, ``serve/adapters/v2_grpc.py``, for each call) hands the credentials of a request to
 :meth:`Keyring.authenticate`, which checks them against the server's tokens for
 the kind of operation asked (:data:`CONTROL`, :data:`INFERENCE`,
 :data:`METRICS`, or :data:`OPEN`) and returns a :class:`Principal`. The

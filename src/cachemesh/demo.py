@@ -215,8 +215,8 @@ def serve_demo(settings: Settings, origin: Path | None = None, port: int | None 
     import dataclasses
     import threading
 
-    from .serve.registry import ModelSpec
-    from .serve.server import run
+    from .serve.adapters.server import run
+    from .serve.core.registry import ModelSpec
 
     origin = origin or default_origin(settings)
     models = make_demo_models(settings, origin)  # built and converted already: lookups

@@ -3,8 +3,8 @@
 The core raises :mod:`cachemesh.errors` and knows no status codes; the adapters
 answer with the row of the first class below that the error is an instance of
 (most specific first), or with :data:`OTHER`. Who reads it: the HTTP adapters
-through ``serve/http_errors.py`` (KServe V2 REST, the control API, the OpenAI
-API), the gRPC adapter (``serve/v2_grpc.py``), and the command line (``cli/``).
+through ``serve/adapters/http_errors.py`` (KServe V2 REST, the control API, the OpenAI
+API), the gRPC adapter (``serve/adapters/v2_grpc.py``), and the command line (``cli/``).
 The gRPC code is kept as its name, which the gRPC adapter resolves to
 ``grpc.StatusCode``: the command line reads this table without importing grpc.
 

@@ -65,8 +65,8 @@ def test_a_grpc_port_lost_after_the_check_is_one_line_too(tmp_path: Path):
         import dataclasses, socket, sys
         from cachemesh.config import Settings
         from cachemesh.errors import CachemeshError
-        from cachemesh.serve.ports import take_ports
-        from cachemesh.serve.server import run
+        from cachemesh.serve.adapters.ports import take_ports
+        from cachemesh.serve.adapters.server import run
         s = Settings.from_env({{"CACHEMESH_HOME": {str(tmp_path)!r}}})
         s = dataclasses.replace(s, serve=dataclasses.replace(
             s.serve, host="127.0.0.1", port=0, grpc_port={free_port()}, workers=1))

@@ -10,8 +10,8 @@ import pytest
 from cachemesh.cli.serve import with_cluster_flags
 from cachemesh.config import Settings
 from cachemesh.errors import InvalidInputError
-from cachemesh.serve.cluster_mode import missing_local_source
-from cachemesh.serve.documents import make_document
+from cachemesh.serve.cluster.cluster_mode import missing_local_source
+from cachemesh.serve.core.documents import make_document
 
 
 def test_flags_win_over_the_environment(tmp_path: Path) -> None:
@@ -52,11 +52,11 @@ def test_a_declared_version_adopts_files_an_earlier_pull_left(tmp_path: Path) ->
     import shutil
 
     from cachemesh.caches import Caches
-    from cachemesh.serve.documents import VersionSpec, cache_name
-    from cachemesh.serve.metrics import Metrics
-    from cachemesh.serve.prepare import Preparer
-    from cachemesh.serve.shared import Background, Shared
-    from cachemesh.serve.state import NOT_HERE, UNLOADED, Version
+    from cachemesh.serve.core.documents import VersionSpec, cache_name
+    from cachemesh.serve.core.metrics import Metrics
+    from cachemesh.serve.core.prepare import Preparer
+    from cachemesh.serve.core.shared import Background, Shared
+    from cachemesh.serve.core.state import NOT_HERE, UNLOADED, Version
 
     origin = tmp_path / "origin"
     origin.mkdir()

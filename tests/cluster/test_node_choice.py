@@ -1,5 +1,5 @@
 """The pure decisions of cluster placement: which node loads a copy, which copy answers,
-how many copies a version wants across nodes (serve/node_choice.py, cluster_copies.py),
+how many copies a version wants across nodes (serve/cluster/node_choice.py, cluster_copies.py),
 and the scaling document's bounds."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import pytest
 from pydantic import ValidationError
 
 from cachemesh.cluster.records import CopyState, NodeRecord
-from cachemesh.serve.cluster_copies import wanted
-from cachemesh.serve.documents import Scaling
-from cachemesh.serve.node_choice import pick_copy, rank_for_load
+from cachemesh.serve.cluster.cluster_copies import wanted
+from cachemesh.serve.cluster.node_choice import pick_copy, rank_for_load
+from cachemesh.serve.core.documents import Scaling
 
 GiB = 1 << 30
 

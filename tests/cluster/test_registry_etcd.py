@@ -1,4 +1,4 @@
-"""The model registry of cluster mode (serve/registry_etcd.py) against a real etcd: two
+"""The model registry of cluster mode (serve/cluster/registry_etcd.py) against a real etcd: two
 registries stand for two nodes sharing one prefix."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 
 from cachemesh.cluster import EtcdKV, Keys
 from cachemesh.errors import ClusterUnavailableError, RevisionConflictError
-from cachemesh.serve.documents import make_document
-from cachemesh.serve.registry_etcd import EtcdModelRegistry
+from cachemesh.serve.cluster.registry_etcd import EtcdModelRegistry
+from cachemesh.serve.core.documents import make_document
 from tests.cluster.etcd_server import EtcdServer
 
 

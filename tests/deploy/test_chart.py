@@ -125,7 +125,7 @@ def test_default_values_render_valid_kubernetes_objects(helm: str):
     mount = next(m for m in server["volumeMounts"] if m["name"] == "store")
     assert mount["mountPath"] == env["CACHEMESH_HOME"]["value"] == "/var/lib/cachemesh"
     # both ports probed: HTTP liveness and startup, readiness through gRPC health (SERVING
-    # when started and not draining, serve/grpc_health.py)
+    # when started and not draining, serve/adapters/grpc_health.py)
     assert server["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert server["startupProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert server["readinessProbe"]["grpc"] == {"port": 8033}

@@ -93,8 +93,8 @@ def test_worker_counts_the_adopted_prefetch_in_the_model_size(wide_llama) -> Non
     """The prefetched bytes are in the worker's RSS before the load: they are still
     the model's size, not the worker's base."""
     from cachemesh.runtimes.base import ModelSettings
-    from cachemesh.serve.messages import Load, Preload
-    from cachemesh.serve.worker import Worker, read_weights_ahead
+    from cachemesh.serve.workers.messages import Load, Preload
+    from cachemesh.serve.workers.worker import Worker, read_weights_ahead
 
     a, b = socket.socketpair()
     try:

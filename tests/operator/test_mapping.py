@@ -7,8 +7,8 @@ import yaml
 
 from cachemesh.errors import InvalidInputError
 from cachemesh.operator import mapping as m
-from cachemesh.serve.documents import make_document
-from cachemesh.serve.eci import EciCreateDataCache, eci_to_spec_fields
+from cachemesh.serve.adapters.eci import EciCreateDataCache, eci_to_spec_fields
+from cachemesh.serve.core.documents import make_document
 from tests.deploy.crds import ROOT
 
 EXAMPLES = ROOT / "deploy" / "examples"
@@ -85,7 +85,7 @@ def test_the_status_of_a_description():
 
 
 def test_the_status_of_a_cluster_wide_cache():
-    """GET in cluster mode (serve/preheat.py): ``nodes`` maps each node to its pull, and
+    """GET in cluster mode (serve/datacache/preheat.py): ``nodes`` maps each node to its pull, and
     ``cluster`` is the declaration; the answering node may hold no copy (Pending)."""
     described = {"name": "q", "status": "Pending", "bucket": "models", "node": "c",
                  "cluster": {"nodes": "all", "assigned": None, "min_copies": None},

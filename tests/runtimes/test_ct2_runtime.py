@@ -18,7 +18,7 @@ import pytest
 
 from cachemesh.errors import InferenceInputError, ModelLoadError
 from cachemesh.runtimes import ModelSettings, resolve, runtime_class
-from cachemesh.serve.registry import ModelSpec
+from cachemesh.serve.core.registry import ModelSpec
 from tests.convert.models import PROMPTS
 from tests.runtimes.conftest import Converted
 from tests.serve.conftest import RunningServer, serve_settings
@@ -319,8 +319,9 @@ def test_v2_text_input_through_a_server(llm_server: RunningServer, loaded_ct2):
 
 @pytest.mark.slow
 def test_openai_client_end_to_end(llm_server: RunningServer, loaded_ct2):
-    """The OpenAI endpoints (serve/openai.py) serve this runtime unchanged."""
-    pytest.importorskip("cachemesh.serve.openai", reason="the OpenAI endpoints have not landed")
+    """The OpenAI endpoints (serve/adapters/openai.py) serve this runtime unchanged."""
+    pytest.importorskip("cachemesh.serve.adapters.openai",
+                        reason="the OpenAI endpoints have not landed")
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{llm_server.url}/v1", api_key="unused", max_retries=0)
     assert "llama" in [m.id for m in client.models.list()]

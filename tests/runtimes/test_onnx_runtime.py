@@ -18,7 +18,7 @@ import pytest
 
 from cachemesh.errors import InvalidInputError, ModelLoadError
 from cachemesh.runtimes import ModelSettings, resolve, runtime_class
-from cachemesh.serve.registry import ModelSpec
+from cachemesh.serve.core.registry import ModelSpec
 from tests.runtimes.conftest import Converted, ort_session
 from tests.serve.conftest import RunningServer, serve_settings
 

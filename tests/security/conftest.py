@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from cachemesh.caches import Caches
-from cachemesh.serve.registry import MemoryModelRegistry, ModelSpec
+from cachemesh.serve.core.registry import MemoryModelRegistry, ModelSpec
 from tests.serve.conftest import RunningServer, digits_data, digits_dir, serve_settings
 
 __all__ = ["digits_data", "digits_dir"]  # the session fixtures of tests/serve, shared here

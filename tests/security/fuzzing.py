@@ -49,7 +49,7 @@ from hypothesis import strategies as st
 from starlette.routing import Mount, Route
 
 from cachemesh.access import CONTROL, OPEN
-from cachemesh.serve.auth import access_of
+from cachemesh.serve.adapters.auth import access_of
 
 DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
              "FP16", "FP32", "FP64", "BYTES"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cachemesh.caches import Caches, make_spec
-from cachemesh.serve.registry import MemoryModelRegistry
+from cachemesh.serve.core.registry import MemoryModelRegistry
 from tests.emulators.hf_hub import HfHubEmulator
 from tests.runtimes.llms import TinyLLMs, tiny_llms
 from tests.security.conftest import BUCKET_TOKEN, PROTECTED, WITH_BUCKET

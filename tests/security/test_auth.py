@@ -14,10 +14,10 @@ from cachemesh.access import CONTROL, INFERENCE, METRICS, OPEN, Keyring, Princip
 from cachemesh.cli import main
 from cachemesh.config import Settings
 from cachemesh.errors import ForbiddenError, InvalidInputError, UnauthorizedError
-from cachemesh.serve.app import create_app
-from cachemesh.serve.auth import access_of, credentials
-from cachemesh.serve.registry import MemoryModelRegistry
-from cachemesh.serve.service import ModelService
+from cachemesh.serve.adapters.app import create_app
+from cachemesh.serve.adapters.auth import access_of, credentials
+from cachemesh.serve.core.registry import MemoryModelRegistry
+from cachemesh.serve.core.service import ModelService
 from tests.security.conftest import (
     AS_CONTROL,
     AS_INFERENCE,

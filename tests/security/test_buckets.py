@@ -19,8 +19,8 @@ from cachemesh.caches import Caches, make_spec
 from cachemesh.cli import main
 from cachemesh.config import Settings
 from cachemesh.errors import CacheNotFoundError, ConflictError, StoreError
-from cachemesh.serve.datacache_service import get_visible_cache, visible_caches
-from cachemesh.serve.registry import MemoryModelRegistry
+from cachemesh.serve.core.registry import MemoryModelRegistry
+from cachemesh.serve.datacache.datacache_service import get_visible_cache, visible_caches
 from cachemesh.store.buckets import REFRESH_S
 from tests.conftest import model_files
 from tests.emulators.hf_hub import HfHubEmulator
@@ -479,7 +479,7 @@ def test_a_rollout_checks_the_deploy_roots_for_new_versions_only(secured, digits
         assert c.put("/api/v1/models/digits", headers=both, json=doc).status_code == 200
 
 
-# -- the datacache API (serve/datacaches.py) on the shared secured server -------------
+# -- the datacache API (serve/adapters/datacaches.py) on the shared secured server -------------
 
 def _datacache_events(c, name: str, headers: dict) -> list[tuple[str, dict]]:
     from tests.serve.test_datacaches import sse

@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 
 from cachemesh.access import CONTROL, INFERENCE, METRICS
 from cachemesh.config import Settings
-from cachemesh.serve.registry import MemoryModelRegistry
-from cachemesh.serve.server import make_server
-from cachemesh.serve.service import ModelService
+from cachemesh.serve.adapters.server import make_server
+from cachemesh.serve.core.registry import MemoryModelRegistry
+from cachemesh.serve.core.service import ModelService
 from tests.security.conftest import (
     AS_CONTROL,
     AS_INFERENCE,

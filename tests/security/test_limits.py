@@ -19,8 +19,8 @@ import pytest
 
 from cachemesh.config import Settings
 from cachemesh.errors import RequestTooLargeError
-from cachemesh.serve.jsonshape import MAX_JSON_DEPTH, MAX_JSON_ITEMS, check_json
-from cachemesh.serve.limits import DRAIN_MAX
+from cachemesh.serve.adapters.limits import DRAIN_MAX
+from cachemesh.serve.core.jsonshape import MAX_JSON_DEPTH, MAX_JSON_ITEMS, check_json
 from tests.security.conftest import AS_CONTROL, AS_INFERENCE, INFERENCE_TOKEN
 
 LIMIT = 4 * 1024**2

@@ -16,7 +16,7 @@ import pytest
 from cachemesh.caches import Caches, make_spec
 from cachemesh.config import Settings
 from cachemesh.errors import ForbiddenError
-from cachemesh.serve.registry import MemoryModelRegistry
+from cachemesh.serve.core.registry import MemoryModelRegistry
 from tests.security.conftest import toy
 from tests.serve.conftest import RunningServer, serve_settings
 

@@ -1,6 +1,6 @@
 """The OpenAI endpoints behind the server's tokens, through the real ``openai`` client.
 
-``/v1`` is inference-class (``serve/auth.py``): the client's ``api_key`` is its
+``/v1`` is inference-class (``serve/adapters/auth.py``): the client's ``api_key`` is its
 bearer token; a protected bucket's models are seen with that bucket's token in
 ``X-Cachemesh-Bucket-Token`` (the client's ``default_headers``).
 """

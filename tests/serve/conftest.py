@@ -22,9 +22,9 @@ import pytest
 
 from cachemesh.config import Settings
 from cachemesh.demo import make_demo_model
-from cachemesh.serve.registry import MemoryModelRegistry, ModelRegistry, ModelSpec
-from cachemesh.serve.server import make_server
-from cachemesh.serve.service import ModelService
+from cachemesh.serve.adapters.server import make_server
+from cachemesh.serve.core.registry import MemoryModelRegistry, ModelRegistry, ModelSpec
+from cachemesh.serve.core.service import ModelService
 
 TOY = Path(__file__).with_name("toy_models.py")
 

@@ -1,4 +1,4 @@
-"""The peer route of a real server: /api/v1/blobs/sha256/{hex} (serve/blobs.py).
+"""The peer route of a real server: /api/v1/blobs/sha256/{hex} (serve/adapters/blobs.py).
 
 What another node sees: the cluster token on every call, verified blobs by range, the
 landed ranges of a blob still fetching (and 416 for the rest), piece lists, protected
@@ -21,7 +21,7 @@ from cachemesh.errors import UnauthorizedError
 from cachemesh.fetch import Fetcher, FetchRequest, content_identity
 from cachemesh.fetch.peer_http import Availability, parse_watch_line
 from cachemesh.fetch.pieces import PIECE_SIZE, PieceList
-from cachemesh.serve.sharing import BlobShare
+from cachemesh.serve.adapters.sharing import BlobShare
 from cachemesh.store import Store
 from cachemesh.store.buckets import REFRESH_S
 from tests.serve.conftest import RunningServer, serve_settings

@@ -16,8 +16,8 @@ import orjson
 import pytest
 
 from cachemesh.caches import Caches
-from cachemesh.serve.documents import DEFAULT_VERSION
-from cachemesh.serve.registry import SqliteModelRegistry
+from cachemesh.serve.core.documents import DEFAULT_VERSION
+from cachemesh.serve.core.registry import SqliteModelRegistry
 from tests.serve.conftest import RunningServer, free_port, serve_settings, toy_model
 
 BODY = orjson.dumps({"inputs": [{"name": "t", "shape": [1], "datatype": "FP32", "data": [1]}]})

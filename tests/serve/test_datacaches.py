@@ -17,7 +17,7 @@ import pytest
 from cachemesh.caches import Caches
 from cachemesh.config import Settings
 from cachemesh.errors import CacheNotFoundError, InvalidInputError
-from cachemesh.serve.eci import nas_path as _nas_path
+from cachemesh.serve.adapters.eci import nas_path as _nas_path
 from tests.emulators.hf_hub import HfHubEmulator
 from tests.emulators.http_origin import HttpOrigin
 from tests.emulators.modelscope import ModelScopeEmulator
@@ -410,7 +410,7 @@ def test_a_cache_removed_and_declared_again_as_its_last_pull_ends_is_pulled(
     import threading
 
     from cachemesh.caches import AVAILABLE, PENDING, make_spec
-    from cachemesh.serve.datacache_service import DataCacheService
+    from cachemesh.serve.datacache.datacache_service import DataCacheService
 
     origin = tmp_path / "origin"
     origin.mkdir()

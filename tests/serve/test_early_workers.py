@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cachemesh.serve.registry import parse_model_option
-from cachemesh.serve.workers import launch, local_models
+from cachemesh.serve.core.registry import parse_model_option
+from cachemesh.serve.workers.workers import launch, local_models
 
 
 def test_local_models_are_the_local_directories(tmp_path: Path) -> None:

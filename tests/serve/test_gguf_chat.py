@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from cachemesh.serve.registry import ModelSpec
+from cachemesh.serve.core.registry import ModelSpec
 from tests.convert.gguf_models import Converted, smollm2
 from tests.runtimes.llms import spelling_llama
 from tests.serve.conftest import RunningServer, serve_settings

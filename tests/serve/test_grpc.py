@@ -29,9 +29,9 @@ from cachemesh.cli import main
 from cachemesh.config import Settings
 from cachemesh.errors import ConflictError, InvalidInputError
 from cachemesh.serve import protos
-from cachemesh.serve.registry import MemoryModelRegistry, ModelSpec
-from cachemesh.serve.service import ModelService
-from cachemesh.serve.v2_grpc import decode_request, start_grpc
+from cachemesh.serve.adapters.v2_grpc import decode_request, start_grpc
+from cachemesh.serve.core.registry import MemoryModelRegistry, ModelSpec
+from cachemesh.serve.core.service import ModelService
 from tests.serve.conftest import RunningServer, free_port, serve_settings, toy_model
 
 MAX_BODY = 2 * 1024**2

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from cachemesh.load.integrity import MTIME_SLACK_S
-from cachemesh.serve.registry import ModelSpec
+from cachemesh.serve.core.registry import ModelSpec
 from tests.serve.conftest import TOY, RunningServer, free_port, serve_settings
 
 X = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}

@@ -15,8 +15,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from cachemesh.errors import InferenceInputError
-from cachemesh.serve import json_tensors as jt
-from cachemesh.serve.v2_codec import parse_request
+from cachemesh.serve.adapters import json_tensors as jt
+from cachemesh.serve.adapters.v2_codec import parse_request
 
 
 @pytest.fixture(autouse=True)

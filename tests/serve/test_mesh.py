@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from cachemesh.caches import Caches
-from cachemesh.serve.registry import ModelSpec, SqliteModelRegistry
+from cachemesh.serve.core.registry import ModelSpec, SqliteModelRegistry
 from tests.serve.conftest import RunningServer, serve_settings
 from tests.serve.test_control import cm
 

@@ -179,8 +179,8 @@ def test_serve_flags_set_the_copy_thresholds(tmp_path: Path, monkeypatch: pytest
     from click.testing import CliRunner
 
     from cachemesh.cli import main
-    from cachemesh.serve.copies import CopyPolicy
-    from cachemesh.serve.documents import doc_from_spec
+    from cachemesh.serve.core.copies import CopyPolicy
+    from cachemesh.serve.core.documents import doc_from_spec
 
     seen: dict[str, Any] = {}
     def run(settings, specs, on_started=None, launched=(), ports=None) -> None:
@@ -190,7 +190,7 @@ def test_serve_flags_set_the_copy_thresholds(tmp_path: Path, monkeypatch: pytest
             worker.sock.close()
             worker.proc.wait(30)
 
-    monkeypatch.setattr("cachemesh.serve.server.run", run)
+    monkeypatch.setattr("cachemesh.serve.adapters.server.run", run)
     env = {"CACHEMESH_HOME": str(tmp_path / "home")}
     r = CliRunner().invoke(main, ["serve", "--port", "0", "--grpc-port", "0",
                                   "--copy-rate", "7.5", "--max-copies", "3",

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from cachemesh.caches import Caches
-from cachemesh.serve.registry import ModelSpec
+from cachemesh.serve.core.registry import ModelSpec
 from tests.runtimes.llms import TinyLLMs, tiny_llms
 from tests.serve.conftest import RunningServer, serve_settings
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from cachemesh.serve.registry import parse_model_option
+from cachemesh.serve.core.registry import parse_model_option
 from tests.emulators.hf_hub import HfHubEmulator
 from tests.runtimes.llms import TinyLLMs, tiny_llms
 from tests.serve.conftest import RunningServer, serve_settings

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from cachemesh.serve.copies import CopyPolicy, RateMeter, decide, pick
-from cachemesh.serve.placement import Resident, held, place
-from cachemesh.serve.placement import SlotState as Slot
+from cachemesh.serve.core.copies import CopyPolicy, RateMeter, decide, pick
+from cachemesh.serve.core.placement import Resident, held, place
+from cachemesh.serve.core.placement import SlotState as Slot
 
 MB = 1024 * 1024
 GB = 1024 * MB

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from cachemesh.caches import Caches
 from cachemesh.cli import main
-from cachemesh.serve.registry import parse_model_option
+from cachemesh.serve.core.registry import parse_model_option
 from tests.serve.conftest import RunningServer, serve_settings
 
 

@@ -13,8 +13,8 @@ import pytest
 from cachemesh.caches import Caches
 from cachemesh.config import Settings
 from cachemesh.errors import ConflictError, HistoryLostError, RevisionConflictError
-from cachemesh.serve.documents import ModelDoc, make_document
-from cachemesh.serve.registry import (
+from cachemesh.serve.core.documents import ModelDoc, make_document
+from cachemesh.serve.core.registry import (
     Change,
     MemoryModelRegistry,
     ModelRegistry,

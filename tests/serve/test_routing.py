@@ -7,9 +7,9 @@ import math
 import pytest
 
 from cachemesh.errors import InvalidInputError, ModelNotFoundError
-from cachemesh.serve.documents import ModelDoc, cache_name, doc_from_spec, make_document
-from cachemesh.serve.registry import ModelSpec, parse_model_option, read_config
-from cachemesh.serve.routing import Router
+from cachemesh.serve.core.documents import ModelDoc, cache_name, doc_from_spec, make_document
+from cachemesh.serve.core.registry import ModelSpec, parse_model_option, read_config
+from cachemesh.serve.core.routing import Router
 
 V = {"v1": {"source": "/m/1", "runtime": "sklearn"}, "v2": {"source": "/m/2"}}
 

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 
 from cachemesh.runtimes import InferenceRequest, InferenceResponse, Tensor
-from cachemesh.serve.copies import CopyPolicy
-from cachemesh.serve.documents import doc_from_spec
-from cachemesh.serve.messages import Generate, Infer, Request, Stream
-from cachemesh.serve.registry import MemoryModelRegistry, ModelSpec
-from cachemesh.serve.routing import Router
-from cachemesh.serve.service import ModelService
-from cachemesh.serve.slot import Slot
-from cachemesh.serve.state import READY, UNLOADED, Copy, Deployment, Version
-from cachemesh.serve.workers import WorkerHandle
+from cachemesh.serve.core.copies import CopyPolicy
+from cachemesh.serve.core.documents import doc_from_spec
+from cachemesh.serve.core.registry import MemoryModelRegistry, ModelSpec
+from cachemesh.serve.core.routing import Router
+from cachemesh.serve.core.service import ModelService
+from cachemesh.serve.core.slot import Slot
+from cachemesh.serve.core.state import READY, UNLOADED, Copy, Deployment, Version
+from cachemesh.serve.workers.messages import Generate, Infer, Request, Stream
+from cachemesh.serve.workers.workers import WorkerHandle
 from tests.serve.conftest import serve_settings
 
 MB = 1024 * 1024

@@ -15,12 +15,12 @@ import pytest
 from cachemesh.config import Settings
 from cachemesh.errors import InferenceInputError, InvalidInputError, UnavailableError
 from cachemesh.runtimes import InferenceResponse, Tensor
-from cachemesh.serve import ipc
-from cachemesh.serve.loadqueue import BACKGROUND, REQUEST, LoadQueue
-from cachemesh.serve.memory import container_limit, default_budget, physical_memory
-from cachemesh.serve.messages import End, Infer
-from cachemesh.serve.registry import parse_model_option, read_config
-from cachemesh.serve.v2_codec import Form, encode_response, parse_request
+from cachemesh.serve.adapters.v2_codec import Form, encode_response, parse_request
+from cachemesh.serve.core.loadqueue import BACKGROUND, REQUEST, LoadQueue
+from cachemesh.serve.core.memory import container_limit, default_budget, physical_memory
+from cachemesh.serve.core.registry import parse_model_option, read_config
+from cachemesh.serve.workers import ipc
+from cachemesh.serve.workers.messages import End, Infer
 
 MB = 1024 * 1024
 

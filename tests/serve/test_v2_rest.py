@@ -55,7 +55,7 @@ def test_docs_pages_load_nothing_from_elsewhere_and_describe_v2(v2: RunningServe
 
     from starlette.routing import Route
 
-    from cachemesh.serve import v2_rest
+    from cachemesh.serve.adapters import v2_rest
 
     for page in ("/docs", "/redoc"):
         html = v2.client.get(page).text

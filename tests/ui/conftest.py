@@ -55,7 +55,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     (broken / "hostile.py").write_text(HOSTILE_RUNTIME)
     (broken / "message.txt").write_text(f"refused: {payload(3)}")
     (broken / "weights.bin").write_bytes(b"\0" * 1024)
-    from cachemesh.serve.registry import ModelSpec
+    from cachemesh.serve.core.registry import ModelSpec
 
     specs = [toy_model(root, "echo"),
              ModelSpec(name="broken", source=str(broken), runtime="custom",

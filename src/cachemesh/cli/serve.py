@@ -105,7 +105,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int
     """
     import dataclasses
 
-    from ..serve.registry import parse_model_option, read_config
+    from ..serve.core.registry import parse_model_option, read_config
 
     settings = settings_of(ctx)
     overrides = {k: v for k, v in {
@@ -132,7 +132,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int
     if dupes:
         raise InvalidInputError(f"model(s) declared twice: {', '.join(dupes)}")
     # Both ports first: one taken is one line, before any worker or import.
-    from ..serve.ports import take_ports
+    from ..serve.adapters.ports import take_ports
 
     ports = take_ports(settings.serve)
     settings = dataclasses.replace(settings, serve=dataclasses.replace(
@@ -141,16 +141,16 @@ def serve(ctx: click.Context, host: str | None, port: int | None, grpc_port: int
     if settings.cluster.enabled:
         import asyncio
 
-        from ..serve.cluster_mode import preflight
+        from ..serve.cluster.cluster_mode import preflight
 
         # A clear refusal (no token, etcd unreachable, the name taken) before anything starts.
         asyncio.run(preflight(settings))
     # The workers start now, and import the frameworks of local models, while this
     # process imports the web stack (a cold start is mostly imports on both sides).
-    from ..serve.workers import launch_workers
+    from ..serve.workers.workers import launch_workers
 
     launched = launch_workers(settings, specs)
-    from ..serve.server import run
+    from ..serve.adapters.server import run
 
     def started() -> None:
         grpc = f", gRPC {cfg.host}:{cfg.grpc_port}" if cfg.grpc_port else ""

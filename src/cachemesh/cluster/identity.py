@@ -10,7 +10,7 @@
                     node, for as long as it runs; holds that process's pid, for messages.
                     The kernel drops the lock when the process dies, even by SIGKILL.
         models.json the declarations this node last saw in etcd, deletions included: what
-                    it restores when etcd loses its data (serve/registry_etcd.py draws it)
+                    it restores when etcd loses its data (serve/cluster/registry_etcd.py draws it)
 
 The id is not a secret: it tells a node's restart (same store) from another node that
 took the same name (another store), which must be refused.

@@ -138,7 +138,7 @@ def default_home(environ: Mapping[str, str]) -> Path:
 
 def worker_threads(environ: Mapping[str, str] | None = None) -> int:
     """A worker's thread budget: OMP_NUM_THREADS, which the server sets in each worker's
-    environment from ``ServeSettings.worker_threads`` (serve/workers.py); read in the
+    environment from ``ServeSettings.worker_threads`` (serve/workers/workers.py); read in the
     worker, where runtimes pass it to libraries with pools of their own (onnxruntime,
     CTranslate2) that do not all read it. 0 when unset or malformed: the library picks."""
     raw = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "0")

@@ -4,7 +4,7 @@ A fetch writes an object's bytes into a partial file and says which ranges are g
 a record beside it (the files and their format: ``ranges.py``). Code outside the
 fetcher reads that through this module, never through the files' names or format: a
 loader streaming tensors out of a file still being pulled (``load/origin.py``), the
-route that serves landed pieces to peers (``serve/blobs.py``)::
+route that serves landed pieces to peers (``serve/adapters/blobs.py``)::
 
     landing = Landing(store)
     spot = landing.spot(identity)       # or landing.spot_of_sha256(hex): a content-named object

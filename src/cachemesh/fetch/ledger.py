@@ -1,7 +1,7 @@
 """What peers did for this store's fetches, counted across the processes that fetch.
 
 Pulls run in their own processes (``cachemesh pull``, the server's pull children), and
-the server's ``/metrics`` shows their peer counts (``serve/blobs.py``), so the counts
+the server's ``/metrics`` shows their peer counts (``serve/adapters/blobs.py``), so the counts
 live in the store, in one small file that every fetch adds to under a lock::
 
     cluster/peer-counters.json   {"format": 1,

@@ -1,7 +1,7 @@
 """The peer protocol over HTTP: what a node serves to the others, and the client that asks.
 
 A node serves the blobs it holds, and the landed pieces of those it is fetching, on its
-one HTTP port (``serve/blobs.py``)::
+one HTTP port (``serve/adapters/blobs.py``)::
 
     HEAD /api/v1/blobs/sha256/{hex}          what it has, in headers only
     GET  /api/v1/blobs/sha256/{hex}          Range: bytes=a-b -> 206 with those bytes
@@ -30,7 +30,7 @@ of a fetch (running now, or stopped), **not verified**: the asker checks every b
 the headers above; a blob the node does not hold, or holds only for protected buckets
 whose token the asker lacks, answers 404; a node with as many uploads running as it
 allows, or asked for a range it is sending to another peer right now, answers 503 with
-``Retry-After`` and ``X-Cachemesh-Busy: node | range`` (serve/sharing.py).
+``Retry-After`` and ``X-Cachemesh-Busy: node | range`` (serve/adapters/sharing.py).
 
 :class:`PeerClient` is the asking side, one per fetcher. Its errors are the fetcher's
 own: :class:`~cachemesh.errors.SourceNotFoundError` (not there, or not landed),

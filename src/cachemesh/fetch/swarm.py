@@ -26,7 +26,7 @@ peers (``peers.py``)::
            checked again; otherwise the attempt fails, and the fetcher's next attempt
            asks the origin alone.
 
-Pieces that land here are served to the other peers at once (``serve/blobs.py`` reads
+Pieces that land here are served to the other peers at once (``serve/adapters/blobs.py`` reads
 the record, checkpointed every PEER_CHECKPOINT_S), so a model spreads as a swarm, not
 as a star from the first node. Nothing here is visible before the blob's sha256 passed:
 the partial lives under ``tmp/`` as for every fetch.
@@ -207,7 +207,7 @@ class SwarmTransfer(Transfer):
         A piece that other peers have too is not asked of the node fetching the blob from
         the origin (the seed): every new piece must leave by its upload link, which the
         copies that others can give would otherwise fill (super-seeding, from the asking
-        side; serve/sharing.py does its part)."""
+        side; serve/adapters/sharing.py does its part)."""
         now = time.monotonic()
         live = [n for n in self.avail if n not in self.dropped and n in self.known]
         ready = {n for n in live if self.busy_until.get(n, 0.0) <= now

@@ -117,7 +117,7 @@ async def reconcile_datacache(obj: Mapping[str, Any], api: AsyncControlClient, k
                          m.kind_name(obj))
         # Declaring is idempotent, and queues the pull again of a Pending cache whose
         # pull the node lost (a restart, or a pull submitted as the last one ended). A
-        # cluster-wide cache's nodes follow its declaration themselves (serve/preheat.py).
+        # cluster-wide cache's nodes follow its declaration themselves (serve/datacache/preheat.py).
         if description is None or (description.get("status") == "Pending"
                                    and "cluster" not in description):
             description = await _declare_cache(obj, api, kube, body, members)

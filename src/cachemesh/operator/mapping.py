@@ -19,7 +19,7 @@ DataCache (``spec`` in ECI's names) -> ``POST /api/v1/datacaches`` in ECI's shap
     spec.minCopies              MinCopies         K                          only when set
     metadata.name               Name
 
-The node, not the operator, turns a data source into a source URI (serve/eci.py):
+The node, not the operator, turns a data source into a source URI (serve/adapters/eci.py):
 a NAS share is looked up in the mounts of the node that pulls it.
 
 The description the API answers -> ``status``::
@@ -154,7 +154,7 @@ def per_node(description: Mapping[str, Any], answering_node: str | None,
     """Each node's state of a cache, sorted by node.
 
     A cluster-wide cache's description has ``nodes``, ``{node: {state, progress (0..1),
-    bytes_done, bytes_total, error}}`` (each node's prewarm entry, serve/preheat.py; a
+    bytes_done, bytes_total, error}}`` (each node's prewarm entry, serve/datacache/preheat.py; a
     list of ``{node, status, ...}`` is read too); a node in ``expected`` without an entry
     has not started: Pending. Otherwise the description is the answering node's own cache,
     reported as ``answering_node`` (unknown: no per-node state).

@@ -1,6 +1,6 @@
 """The runtime base class: how a kind of model is loaded and asked.
 
-A runtime runs inside a worker process (``serve/worker.py``), one instance per
+A runtime runs inside a worker process (``serve/workers/worker.py``), one instance per
 loaded model. Its methods are plain blocking calls; the worker runs loads and
 predictions on its own threads, and the server never calls a runtime directly.
 

@@ -2,9 +2,9 @@
 
 A runtime that generates text (``transformers``, ``ctranslate2``) implements the
 optional ``generate`` and ``stream`` hooks of :class:`~.base.Runtime` with the
-payloads below; ``serve/openai.py`` turns OpenAI requests into them and their
+payloads below; ``serve/adapters/openai.py`` turns OpenAI requests into them and their
 answers back into OpenAI responses. Payloads are plain dicts so that they cross
-the worker's socket (``serve/ipc.py``) as they are.
+the worker's socket (``serve/workers/ipc.py``) as they are.
 
 One request, :class:`GenerateRequest`::
 

@@ -2,7 +2,7 @@
 
 These are the only shapes that cross from the server into a worker process and
 back, so they stay small: dataclasses with slots, numpy arrays for tensor data
-(they pickle out of band, see ``serve/ipc.py``). Protocol adapters (V2 REST,
+(they pickle out of band, see ``serve/workers/ipc.py``). Protocol adapters (V2 REST,
 later V2 gRPC and OpenAI) translate their wire formats into these and back.
 
 Tensor data is always a numpy array shaped like ``shape``. ``BYTES`` tensors

@@ -39,7 +39,7 @@ Version 3 adds::
       parameters, eager), created_at, updated_at
 
       ``spec`` now holds the model's whole document (versions, traffic,
-      routes, aliases, eager, scaling: serve/documents.py, PUT
+      routes, aliases, eager, scaling: serve/core/documents.py, PUT
       /api/v1/models/{name}); a row from before documents holds the simple
       spec above and is read as a one-version document. Same column, same
       table: no migration.
