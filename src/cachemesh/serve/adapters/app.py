@@ -188,7 +188,9 @@ def create_app(service: ModelService, specs: Sequence[ModelSpec] = (), *,
                     exception_handlers={StarletteHTTPException: http_error},
                     middleware=[Middleware(Authenticate, keyring=keyring),
                                 Middleware(BodyLimit, limit_of=body_limit),
-                                Middleware(Forward, service=service)])
+                                # one node forwards nowhere: no layer to cross per request
+                                *([Middleware(Forward, service=service)]
+                                  if service.cluster is not None else [])])
     app.state.service = service
     app.state.datacaches = caches_service
     app.state.api = api
