@@ -231,6 +231,8 @@ def check_route_function(s: RunningServer) -> None:
 
     service = s.service
     assert service.route("m").version == "v1"
+    # the cluster's pinned-version header means nothing to a lone node (no forwarding)
+    assert service.route("m", headers={"cachemesh-forwarded-version": "v2"}).version == "v1"
     d = service.route("m", headers={"x-model-version": "v2"})
     assert (d.version, d.reason) == ("v2", "route 0: header x-model-version=v2")
     assert service.route("m", parameters={"cohort": "exp-1"}).version == "v3"

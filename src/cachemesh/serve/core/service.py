@@ -245,9 +245,10 @@ class ModelService:
 
     def _route(self, name: str, version: str | None, headers: Mapping[str, str] | None,
                parameters: Mapping[str, Any] | None) -> tuple[Decision, Deployment, Version]:
-        if version is None and headers:
+        if version is None and headers and self.cluster is not None:
             # The version another node of the cluster drew for this request (forward.py
-            # passes it, and drops the header from every request from outside).
+            # passes it, and drops the header from every request from outside; a lone
+            # node runs no forward.py, so it never reads the header).
             version = headers.get(PINNED_VERSION) or None
         dep = self.deployments.get(name, version)
         decision = dep.router.choose(version, headers, parameters)
