@@ -45,7 +45,7 @@ from pydantic import Field, ValidationError
 from ..errors import RevisionConflictError
 from .keys import Keys
 from .kv import KV
-from .records import _Record
+from .records import _Record, parse_each
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +132,7 @@ class BlobIndex:
     async def holders(self, sha256: str) -> list[HolderRecord]:
         """Every node that holds or fetches the blob, by name (malformed entries skipped)."""
         snapshot = await self.kv.get_prefix(self.keys.blob_holders(sha256))
-        out = []
-        for kv in snapshot.kvs:
-            try:
-                out.append(HolderRecord.from_bytes(kv.value))
-            except ValidationError:
-                log.warning("ignoring a malformed holder record at %s", kv.key)
-        return out
+        return parse_each(snapshot.kvs, HolderRecord, "holder record")
 
     async def announce(self, sha256: str, record: HolderRecord, lease: int) -> int:
         """Write this node's entry (it alone writes it); ``lease``: its node's lease."""

@@ -56,7 +56,7 @@ from ..errors import (
 from .identity import StoreLock, node_id
 from .keys import RECORD_MIN_INTERVAL_S, Keys
 from .kv import KV, Backoff
-from .records import NodeRecord
+from .records import NodeRecord, parse_each
 
 log = logging.getLogger(__name__)
 
@@ -172,13 +172,7 @@ class Membership:
     async def nodes(self) -> list[NodeRecord]:
         """Every live node's record, this one included, by name."""
         snapshot = await self.kv.get_prefix(self.keys.nodes)
-        out = []
-        for kv in snapshot.kvs:
-            try:
-                out.append(NodeRecord.from_bytes(kv.value))
-            except ValidationError:
-                log.warning("ignoring a malformed node record at %s", kv.key)
-        return out
+        return parse_each(snapshot.kvs, NodeRecord, "node record")
 
     async def wait_state(self, *states: State) -> State:
         """Wait until the state is one of ``states``; returns it."""

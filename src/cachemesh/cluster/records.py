@@ -8,9 +8,15 @@ a new prefix (``/cachemesh/v2/``) instead.
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+from collections.abc import Iterable
+from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .kv import KeyValue
+
+log = logging.getLogger(__name__)
 
 
 class _Record(BaseModel):
@@ -87,3 +93,18 @@ class Candidate(_Record):
     @classmethod
     def from_bytes(cls, data: bytes) -> Candidate:
         return cls.model_validate_json(data)
+
+
+R = TypeVar("R", bound=_Record)
+
+
+def parse_each(kvs: Iterable[KeyValue], record: type[R], what: str) -> list[R]:
+    """The values of a prefix read as ``record``; a malformed one is logged and skipped
+    (a node of a later version, or a hand edit, must not stop the others reading)."""
+    out = []
+    for kv in kvs:
+        try:
+            out.append(record.model_validate_json(kv.value))
+        except ValidationError:
+            log.warning("ignoring a malformed %s at %s", what, kv.key)
+    return out
