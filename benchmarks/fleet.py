@@ -88,6 +88,7 @@ def run_once(fleet, nodes: list, mode: str, total: int) -> dict:  # noqa: ANN001
     if fleet.etcd_url:  # p2p through the index; origin only: the pull leaves the cluster
         env = {"CACHEMESH_PEERS": ""} if mode == MODES[0] else {"CACHEMESH_CLUSTER": ""}
     uploaded_before = {n.name: _served(fleet, n) for n in nodes}
+    taken_before = {n.name: _from_peers(fleet, n) for n in nodes}
     origin_before = fleet.origin_served()
     servers_cpu = _cpu_of([n.server.pid for n in fleet.nodes])
     pulls_cpu = _children_cpu()
@@ -125,6 +126,10 @@ def run_once(fleet, nodes: list, mode: str, total: int) -> dict:  # noqa: ANN001
     cpu_servers = _cpu_of([n.server.pid for n in fleet.nodes]) - servers_cpu
     origin = fleet.origin_served() - origin_before
     uploaded = {n.name: _served(fleet, n) - uploaded_before[n.name] for n in nodes}
+    taken = {n.name: _from_peers(fleet, n) for n in nodes}
+    # What each node did not take from a peer came from the origin (or was a retry).
+    from_origin = {n: total - (taken[n][0] - taken_before[n][0]) for n in taken}
+    faults = {n: taken[n][1] - taken_before[n][1] for n in taken}
     for node in nodes:  # verified by the pull; the store's own check too
         report = fleet.verify(node)
         if not report["ok"]:
@@ -136,7 +141,8 @@ def run_once(fleet, nodes: list, mode: str, total: int) -> dict:  # noqa: ANN001
             "cpu_pulls_s": cpu_pulls, "cpu_servers_s": cpu_servers,
             "max_uploaded_bytes": max(uploaded.values()),
             "max_uploaded_copies": max(uploaded.values()) / total, "per_node_s": ends,
-            "uploaded_bytes": uploaded}
+            "uploaded_bytes": uploaded, "not_from_peers_bytes": from_origin,
+            "peer_faults": faults}
 
 
 def _children_cpu() -> float:
@@ -161,6 +167,17 @@ def _served(fleet, node) -> float:  # noqa: ANN001
     from tests.netns.fleet import metric
 
     return metric(fleet.metrics(node), "cachemesh_peer_served_bytes_total")
+
+
+def _from_peers(fleet, node) -> tuple[float, float]:  # noqa: ANN001
+    """Bytes the node's pulls took from peers, and the peer faults they counted."""
+    text = fleet.metrics(node)
+
+    def summed(name: str) -> float:
+        return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+                   if line.startswith(name + "{") or line.startswith(name + " "))
+    return (summed("cachemesh_peer_fetched_bytes_total"),
+            summed("cachemesh_peer_faults_total"))
 
 
 def reset(fleet, nodes: list) -> None:  # noqa: ANN001
@@ -226,7 +243,9 @@ def main() -> None:
                           f"  origin {run['origin_copies']:.2f} copies"
                           f"  max upload {run['max_uploaded_copies']:.2f} copies"
                           f"  cpu {run['cpu_pulls_s']:5.1f}+{run['cpu_servers_s']:4.1f} s  ends {sorted(round(v, 1) for v in run['per_node_s'].values())}"
-                          f"  up {[round(v / total, 1) for v in run['uploaded_bytes'].values()]}",
+                          f"  up {[round(v / total, 1) for v in run['uploaded_bytes'].values()]}"
+                          f"  not from peers {[round(v / total, 2) for v in run['not_from_peers_bytes'].values()]}"
+                          f"  faults {sum(run['peer_faults'].values()):.0f}",
                           flush=True)
             ceiling.append(loopback_ceiling(fleet, total - len('{"model_type": "fleet-benchmark"}')))
     finally:

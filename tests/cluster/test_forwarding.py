@@ -118,7 +118,7 @@ def test_eager_loads_on_every_node(nodes: Cluster) -> None:
 
 
 def test_placement_prefers_the_node_that_has_the_files(nodes: Cluster) -> None:
-    a, b, c = nodes["a"], nodes["b"], nodes["c"]
+    b, c = nodes["b"], nodes["c"]
     deploy(nodes, "lz3")
     # Loaded on b (the repository extension loads where it is asked), then unloaded:
     # b keeps the files, and its record says so.

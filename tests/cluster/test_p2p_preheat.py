@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import os
 
+from cachemesh.client import ControlClient
 from cachemesh.cluster import EtcdKV, Keys
 from cachemesh.cluster.blob_index import BlobIndex
 from tests.cluster.etcd_server import EtcdServer
@@ -59,6 +60,20 @@ def test_eci_nodes_n_picks_nodes_once_and_reports_each(three_nodes: Cluster,
     left_out = ({"a", "b", "c"} - set(assigned)).pop()
     out = three_nodes[left_out].http.get("/api/v1/datacaches/preheat-two").json()
     assert out["status"] == "Pending" and out["node"] == left_out  # declared, not here
+    assert out["cluster"]["expected"] == sorted(assigned) and out["cluster"]["done"]
+    # The event stream shows each node's progress, on a node that does not hold the cache
+    # too, and ends once every expected node is done.
+    client = ControlClient(three_nodes[left_out].url, timeout=30)
+    stream = list(client.datacache_events("preheat-two"))
+    assert {e.kind for e in stream} == {"nodes"}, stream  # nothing local to report
+    last = stream[-1].data
+    assert last["done"] and last["expected"] == sorted(assigned)
+    assert {n: p["state"] for n, p in last["nodes"].items()} == dict.fromkeys(
+        assigned, "Available")
+    # On a node that holds it: its own events, progress and status, then the nodes.
+    kinds = [e.kind for e in ControlClient(three_nodes[assigned[0]].url, timeout=30)
+             .datacache_events("preheat-two")]
+    assert {"event", "progress", "status", "nodes"} <= set(kinds), kinds
     # Another declaration under the name: 409.
     other = b.http.post("/api/v1/datacaches", json=_eci("preheat-two", str(folder), Nodes=1))
     assert other.status_code == 409, other.text
@@ -74,6 +89,9 @@ def test_eci_nodes_n_picks_nodes_once_and_reports_each(three_nodes: Cluster,
     assert gone.http.delete("/api/v1/datacaches/preheat-two").status_code == 204
     wait_until(lambda: _holders(etcd, prefix, sha) == {assigned[1]: "held"}, 15,
                "the node that removed the cache withdrawn", every=0.3)
+    # Its preheat entry went with its copy: the others count one copy now.
+    after = a.http.get("/api/v1/datacaches/preheat-two").json()
+    assert set(after["nodes"]) == {assigned[1]} and not after["cluster"]["done"], after
 
     # The declaration itself goes with ?cluster=true; the other copy stays where it is.
     assert three_nodes[left_out].http.delete(

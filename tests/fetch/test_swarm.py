@@ -219,3 +219,32 @@ def test_without_a_published_sha256_the_origin_is_used(store, fetch_settings):
     a = FakePeer("a", data)
     fetcher_for(store, fetch_settings, "b", a).fetch(obj.request())
     assert a.reads == [] and obj.served == len(data)
+
+
+def test_a_stale_answer_does_not_send_the_follower_to_the_origin(store, fetch_settings):
+    """The seed says "absent" for a moment as its fetch commits (its last watch line),
+    and the follower's turn comes at once: the peers are asked again first, and the
+    pieces come from the seed, which holds the blob whole by then."""
+    data = os.urandom(8 * PIECE)
+    obj = FakeObject(data)
+    a = FakePeer("a", data, ranges=[(0, 2 * PIECE)], state="fetching")
+    client = FakeClient(a)
+    watched = [0]
+
+    def watch(peer, sha256):
+        watched[0] += 1
+        if watched[0] == 1:
+            yield Availability("fetching", len(data), ((0, 2 * PIECE),))
+            time.sleep(0.1)
+            a.state, a.ranges = "verified", [(0, len(data))]  # the commit...
+            yield Availability("absent")  # ...seen mid-way by the watch
+            return
+        time.sleep(1.0)  # the next watch line comes late
+        yield client.probe(peer, sha256)
+
+    client.watch = watch  # type: ignore[method-assign]
+    static = StaticPeers("b", [a.peer], grace_s=0.0)
+    ref = Fetcher(store, fetch_settings, peers=static, peer_client=client).fetch(
+        obj.request(sha256=obj.sha256))
+    assert store.blobs.path(ref.sha256).read_bytes() == data
+    assert obj.served == 0 and a.served == len(data)

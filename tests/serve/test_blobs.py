@@ -156,3 +156,26 @@ def test_a_node_without_a_cluster_token_shares_nothing(tmp_path: Path):
     share = BlobShare(Store(settings.home), settings)
     with pytest.raises(UnauthorizedError):
         share.authenticate([TOKEN])
+
+
+def test_a_fetch_that_commits_between_the_two_looks_is_offered_verified(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """find() looks for the blob, then reads the fetch's record. A fetch that commits in
+    between has its record marked committed by then: the blob is looked for again, not
+    answered "absent" (which sent peers to the origin for what this node had)."""
+    from tests.fetch.conftest import FakeObject
+
+    settings = serve_settings(tmp_path / "n")
+    store = Store(settings.home)
+    obj = FakeObject(os.urandom(5000))
+    Fetcher(store, settings).fetch(obj.request(sha256=obj.sha256))
+    share = BlobShare(store, settings)
+    real, looks = share._verified, [0]
+
+    def first_look_misses(sha: str):
+        looks[0] += 1
+        return None if looks[0] == 1 else real(sha)
+
+    monkeypatch.setattr(share, "_verified", first_look_misses)
+    found = share.find(obj.sha256)
+    assert looks[0] == 2 and found is not None and found.state == "verified"

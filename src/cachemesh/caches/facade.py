@@ -24,6 +24,7 @@ from ..store.hub_layout import HubLayout
 from ..store.names import check_name
 from . import evict, guard
 from .catalog import CacheCatalog
+from .cluster_copies import forget_copy
 from .hub_sync import HubSync
 from .pull import ensure, pull_running, run_pull
 from .spec import (
@@ -220,8 +221,11 @@ class Caches:
     # -- removing (evict.py) -----------------------------------------------------
 
     def rm(self, name: str, *, force: bool = False, collect: bool = True) -> None:
-        """Remove a cache: its view, its rows, and blobs nobody else references."""
+        """Remove a cache: its view, its rows, and blobs nobody else references. In
+        cluster mode this node's prewarm entry of it goes too (the others stop counting
+        this copy, and a cache declared again under the name shows no stale entry)."""
         evict.remove(self, name, force=force, collect=collect)
+        forget_copy(self, name)
 
     def recover(self) -> None:
         """Repair what a crashed process left: adopt verified blob files that

@@ -126,14 +126,17 @@ def _declare_cluster_wide(ctx: click.Context, source: str, name: str | None,
                             retention_days=retention_days, options=options or None,
                             nodes=chosen, min_copies=min_copies)
     deadline = time.monotonic() + wait_s
+    shown: dict[str, str] = {}
     while True:
         described = client.get_datacache(cache_name)
         progress = described.get("nodes") or {}
-        wanted = described.get("cluster", {})
-        expect = (wanted.get("assigned") or []) if isinstance(wanted.get("nodes"), int) else (
-            wanted.get("nodes") if isinstance(wanted.get("nodes"), list) else [])
-        final = all(p.get("state") in ("Available", "Failed") for p in progress.values())
-        if progress and final and set(expect) <= set(progress):
+        if not as_json and not quiet:  # each node's news as it comes
+            for node, p in sorted(progress.items()):
+                line = _node_line(node, p)
+                if shown.get(node) != line:
+                    shown[node] = line
+                    click.echo(line, err=True)
+        if progress and described.get("cluster", {}).get("done"):
             break
         if time.monotonic() > deadline:
             raise CachemeshError(f"cache {cache_name!r}: not on every node after {wait_s} s:"
@@ -142,14 +145,18 @@ def _declare_cluster_wide(ctx: click.Context, source: str, name: str | None,
     if as_json:
         print_json(described)
     else:
-        for node, p in sorted(progress.items()):
-            click.echo(f"{node}: {p.get('state')} {100 * p.get('progress', 0):.0f}%"
-                       + (f" ({p['error']})" if p.get("error") else ""), err=not quiet)
         if described.get("view"):
             click.echo(described["view"])
     failed = [n for n, p in progress.items() if p.get("state") == "Failed"]
     if failed:
         raise CachemeshError(f"cache {cache_name!r} failed on {', '.join(sorted(failed))}")
+
+
+def _node_line(node: str, p: dict) -> str:
+    done, total = p.get("bytes_done") or 0, p.get("bytes_total") or 0
+    sizes = f" {format_size(done)}/{format_size(total)}" if total else ""
+    return (f"{node}: {p.get('state')} {100 * (p.get('progress') or 0):.0f}%{sizes}"
+            + (f" ({p['error']})" if p.get("error") else ""))
 
 
 @click.group("cache")

@@ -122,6 +122,7 @@ class SwarmTransfer(Transfer):
         self.known: dict[str, Peer] = {}  # candidates watched, by name
         self._t0 = time.monotonic()
         self._halt = threading.Event()
+        self._turn_asked: str | None = None  # None, "asking", "done" (_first_turn)
 
     # -- the transfer's hooks -----------------------------------------------------------
 
@@ -184,6 +185,8 @@ class SwarmTransfer(Transfer):
                     return None
                 task = self._peer_task(missing) if missing else None
                 if task is None and missing and self._origin_turn():
+                    if self._first_turn():
+                        continue  # the peers were asked again: choose with their answers
                     task = self._origin_task(missing)
                 if task is not None:
                     return task
@@ -292,8 +295,12 @@ class SwarmTransfer(Transfer):
                         self.busy_until[peer.name] = time.monotonic() + BUSY_BACKOFF_S
                 return
             except SourceNotFoundError:
-                with self.cond:  # not (or no longer) there: wait for its next answer
-                    self.avail.pop(peer.name, None)
+                # Not (or no longer) there: what does it have now? (A 404 may also be a
+                # look taken as its fetch committed; its answer now says.) Not this piece
+                # from it again for a moment, whatever it says.
+                with self.cond:
+                    self.busy_until[(peer.name, i)] = time.monotonic() + RANGE_BUSY_S
+                self._learn(peer, self.client.probe(peer, self.sha))
                 return
             except TooSlow:
                 self._drop(peer.name, "slow")
@@ -396,6 +403,33 @@ class SwarmTransfer(Transfer):
             n: ("dead" if n in self.dropped else a.state) for n, a in self.avail.items()}
         return self.peers.origin_turn(self.sha, seen, time.monotonic() - self._t0)
 
+    def _first_turn(self) -> bool:
+        """The first time this transfer may use the origin, while it knows peers: ask
+        them all again before a byte comes from the origin; True while that is under way
+        or just done (the caller looks again).
+
+        The turn comes to a node that waited when the node fetching from the origin let
+        its claim go, which it does once it holds the blob whole. What this node last
+        heard from that peer may be a moment old (its answer at the commit, a watch
+        between two lines), and the origin would be asked for pieces the peer now has.
+        Called with the lock held; released while the peers answer (the other workers
+        wait for the answers)."""
+        if self._turn_asked == "done" or not self.known:
+            return False
+        if self._turn_asked == "asking":
+            self.cond.wait(POLL_S)
+            return True
+        self._turn_asked = "asking"
+        peers = [p for n, p in self.known.items() if n not in self.dropped]
+        self.cond.release()
+        try:
+            self._probe(peers)
+        finally:
+            self.cond.acquire()
+            self._turn_asked = "done"
+            self.cond.notify_all()
+        return True
+
     def _scouting(self, halt: threading.Event) -> None:
         while not halt.wait(SCOUT_S):
             self._scout(halt)
@@ -412,13 +446,15 @@ class SwarmTransfer(Transfer):
 
     def _ask_all(self) -> None:
         """Every candidate at once, answers now (no long poll): the start of the transfer."""
-        candidates = list(self.peers.candidates(self.sha))
-        if not candidates:
+        self._probe(list(self.peers.candidates(self.sha)))
+
+    def _probe(self, peers: list[Peer]) -> None:
+        """Ask ``peers`` what they have, in parallel, and learn their answers."""
+        if not peers:
             return
-        with ThreadPoolExecutor(min(8, len(candidates)),
-                                thread_name_prefix="cachemesh-probe") as pool:
-            answers = list(pool.map(lambda p: self.client.probe(p, self.sha), candidates))
-        for peer, answer in zip(candidates, answers, strict=True):
+        with ThreadPoolExecutor(min(8, len(peers)), thread_name_prefix="cachemesh-probe") as pool:
+            answers = list(pool.map(lambda p: self.client.probe(p, self.sha), peers))
+        for peer, answer in zip(peers, answers, strict=True):
             self._learn(peer, answer)
 
     def _watch(self, peer: Peer, halt: threading.Event) -> None:

@@ -123,12 +123,11 @@ async def get_blob(hex_: str, request: Request) -> Response:
         share.count(f"busy_{busy}")
         return Response(status_code=503, headers={**headers, BUSY_HEADER: busy,
                                                   "Retry-After": "1"})
-    try:
-        fd = os.open(offer.path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+    fd = await anyio.to_thread.run_sync(_open, share, sha, offer)
+    if fd is None:
         share.end_upload(sha, start, end, 0)
         share.count("not_found")
-        raise NotFoundError(f"blob sha256:{sha} is not on this node") from None
+        raise NotFoundError(f"blob sha256:{sha} is not on this node")
     share.count("ok" if offer.state == "verified" else "partial")
     headers["Content-Length"] = str(end - start)
     status = 200
@@ -138,6 +137,23 @@ async def get_blob(hex_: str, request: Request) -> Response:
     return StreamingResponse(_body(share, sha, fd, start, end), status_code=status,
                              headers=headers,
                              media_type="application/octet-stream")
+
+
+def _open(share: BlobShare, sha: str, offer: Offer) -> int | None:
+    """The offer's file, open; a partial that went since the offer was made (its fetch
+    committed the blob) is read from the blob instead. None if neither is there."""
+    try:
+        return os.open(offer.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        if offer.state == "verified":
+            return None
+    again = share.find(sha)
+    if again is None or again.state != "verified":
+        return None
+    try:
+        return os.open(again.path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 @router.get("/api/v1/blobs/sha256/{hex_}/watch", include_in_schema=False)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -43,6 +44,7 @@ from ...caches import (
     CacheInfo,
     make_spec,
 )
+from ...errors import CacheNotFoundError, ClusterError
 from ..datacache.datacache_service import DataCacheService
 from .eci import EciCreateDataCache, eci_fields, eci_to_spec_fields, iso, percent
 
@@ -50,6 +52,9 @@ router = APIRouter(prefix="/api/v1", tags=["datacaches"])
 
 #: How often the event stream looks for news.
 POLL_S = 0.2
+#: How often it reads the nodes' progress of a cluster-wide cache from etcd (each node
+#: writes its own at most every PREWARM_INTERVAL_S, and at once when its state changes).
+NODES_POLL_S = 1.0
 FINAL = (AVAILABLE, FAILED)
 
 
@@ -179,13 +184,17 @@ def delete_datacache(name: str, request: Request,
 
 @router.get("/datacaches/{name}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}},
-                             "description": "event: event (one cache event), progress, status"}})
+                             "description": "event: event (one cache event), progress,"
+                                            " status, nodes (cluster-wide caches)"}})
 async def stream_datacache_events(name: str, request: Request) -> StreamingResponse:
     """Server-sent events: the cache's events (``event: event``, with ids, so that
     ``Last-Event-ID`` resumes), its progress while it changes (``event: progress``)
-    and its status (``event: status``); the stream ends once the status is final."""
+    and its status (``event: status``). For a cache declared cluster-wide, also every
+    node's progress as it changes (``event: nodes``: ``{node: {state, progress, ...}}``
+    and the nodes expected), on this node even where the cache is not pulled here. The
+    stream ends once this node's status is final and every expected node is done."""
     service = _service(request)
-    info = await asyncio.to_thread(service.get, name)
+    local, view = await asyncio.to_thread(_local_and_view, service, name)
     try:
         after = int(request.headers.get("Last-Event-ID", "0"))
     except ValueError:
@@ -194,33 +203,63 @@ async def stream_datacache_events(name: str, request: Request) -> StreamingRespo
         after = 0
 
     async def stream() -> AsyncIterator[str]:
-        nonlocal after
+        nonlocal after, view
         last_progress: tuple | None = None
         last_status = None
+        last_nodes: dict[str, Any] | None = None
+        view_read = time.monotonic()
         while True:
-            current = await asyncio.to_thread(service.current, info.name)
-            news = await asyncio.to_thread(_events, service, info.name, after)
-            for event in news:
-                after = event["id"]
-                yield _sse("event", event, event["id"])
-            progress = (current.progress.bytes_done, current.progress.files_done,
-                        current.progress.bytes_total)
-            if progress != last_progress:
-                last_progress = progress
-                yield _sse("progress", {"name": info.name, "percent": percent(current),
-                                        **current.to_dict()["progress"]})
-            if current.status != last_status:
-                last_status = current.status
-                yield _sse("status", {"name": info.name, "status": current.status,
-                                      "error": current.error})
-            if current.status in FINAL:
+            local_done = True
+            if local is not None:
+                current = await asyncio.to_thread(service.current, local)
+                news = await asyncio.to_thread(_events, service, local, after)
+                for event in news:
+                    after = event["id"]
+                    yield _sse("event", event, event["id"])
+                progress = (current.progress.bytes_done, current.progress.files_done,
+                            current.progress.bytes_total)
+                if progress != last_progress:
+                    last_progress = progress
+                    yield _sse("progress", {"name": local, "percent": percent(current),
+                                            **current.to_dict()["progress"]})
+                if current.status != last_status:
+                    last_status = current.status
+                    yield _sse("status", {"name": local, "status": current.status,
+                                          "error": current.error})
+                local_done = current.status in FINAL
+            if view is not None:
+                nodes = {"name": name, "nodes": view["nodes"], "expected": view["expected"],
+                         "done": view["done"]}
+                if nodes != last_nodes:
+                    last_nodes = nodes
+                    yield _sse("nodes", nodes)
+            if local_done and (view is None or view["done"]):
                 return
             if await request.is_disconnected():
                 return
             await asyncio.sleep(POLL_S)
+            if view is not None and time.monotonic() - view_read >= NODES_POLL_S:
+                view_read = time.monotonic()
+                try:
+                    view = await asyncio.to_thread(service.cluster_view, name)
+                except (ClusterError, TimeoutError):
+                    pass  # etcd is away: the nodes' news when it is back
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _local_and_view(service: DataCacheService, name: str
+                    ) -> tuple[str | None, dict[str, Any] | None]:
+    """The cache's name here (None if it is not here) and its cluster-wide view (None if
+    not declared so); a 404 when neither exists for this caller."""
+    view = service.cluster_view(name)
+    try:
+        return service.get(name).name, view
+    except CacheNotFoundError:
+        if view is None:
+            raise
+        return None, view
 
 
 def _sse(kind: str, data: dict[str, Any], event_id: int | None = None) -> str:

@@ -125,20 +125,32 @@ class BlobShare:
         return found
 
     def find(self, sha256: str) -> Offer | None:
-        """What this node has of the blob, whoever asks (``offer`` checks who)."""
+        """What this node has of the blob, whoever asks (``offer`` checks who).
+
+        The blob is looked for again after its fetch's record: a fetch that commits
+        between the two looks has its record marked committed (and its partial gone) by
+        the time the record is read, and the blob is then in the store. Without the
+        second look a peer would be told "absent" at the very moment the blob became
+        whole here, and go to the origin for what this node had."""
+        found = self._verified(sha256)
+        if found is not None:
+            return found
+        spot = self.landing.spot_of_sha256(sha256)
+        landed = spot.read()
+        if landed is None or landed.sha256 is not None:
+            # No fetch of it; one that committed since the first look; or one that
+            # committed a blob gc removed since.
+            return self._verified(sha256)
+        state: Literal["fetching", "partial"] = "fetching" if spot.fetching() else "partial"
+        return Offer(state, landed.size, landed.ranges, spot.partial)
+
+    def _verified(self, sha256: str) -> Offer | None:
         blob = self.store.blobs.path(sha256)
         try:
             size = blob.stat().st_size
         except FileNotFoundError:
-            pass
-        else:
-            return Offer("verified", size, ((0, size),) if size else (), blob)
-        spot = self.landing.spot_of_sha256(sha256)
-        landed = spot.read()
-        if landed is None or landed.sha256 is not None:
-            return None  # no fetch of it, or one that committed a blob gc removed since
-        state: Literal["fetching", "partial"] = "fetching" if spot.fetching() else "partial"
-        return Offer(state, landed.size, landed.ranges, spot.partial)
+            return None
+        return Offer("verified", size, ((0, size),) if size else (), blob)
 
     def stamp(self, sha256: str) -> tuple[object, ...]:
         """Changes whenever what :meth:`find` says may have changed (a stat or two)."""

@@ -128,9 +128,9 @@ def decode_request(msg: Any, max_elements: int = MAX_TENSOR_ELEMENTS
             f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs;"
             " it needs one per input, in order")
     tensors = []
-    for index, item in enumerate(msg.inputs):
+    for position, item in enumerate(msg.inputs):
         if not item.name:
-            raise e.InferenceInputError(f"input #{index + 1} needs a name")
+            raise e.InferenceInputError(f"input #{position + 1} needs a name")
         where = f"input {item.name!r}"
         datatype = check_datatype(item.datatype, where)
         shape = check_shape(list(item.shape), where, max_elements)
@@ -140,7 +140,7 @@ def decode_request(msg: Any, max_elements: int = MAX_TENSOR_ELEMENTS
             if has_contents and item.contents.ListFields():
                 raise e.InferenceInputError(
                     f"{where} has both contents and raw_input_contents; send one")
-            array = decode_raw(raw[index], datatype, shape, where)
+            array = decode_raw(raw[position], datatype, shape, where)
         elif has_contents:
             field = contents_field(datatype, where)
             values = getattr(item.contents, field)

@@ -106,10 +106,8 @@ class DataCacheService:
         cluster-wide, ``nodes`` ({node: {state, progress, ...}}) and the declaration."""
         from ..adapters.datacaches import describe
 
-        view = None
         cluster = self.cluster
-        if cluster is not None and cluster.preheat is not None:
-            view = cluster.preheat.cluster_view_sync(name)
+        view = self.cluster_view(name)
         try:
             info = self.get(name)
         except CacheNotFoundError:
@@ -129,8 +127,23 @@ class DataCacheService:
             decl = view["declaration"]
             out["nodes"] = view["nodes"]
             out["cluster"] = {"nodes": decl.nodes, "assigned": decl.assigned,
-                              "min_copies": decl.min_copies, "declared_by": decl.declared_by}
+                              "min_copies": decl.min_copies, "declared_by": decl.declared_by,
+                              "expected": view["expected"], "done": view["done"]}
         return out
+
+    def cluster_view(self, name: str) -> dict[str, Any] | None:
+        """A cache declared cluster-wide, as the current caller may see it: its
+        declaration, each node's progress (``nodes``), the nodes expected to pull it and
+        whether all of them are done; None when not declared (or not in cluster mode).
+        A protected bucket's declaration is not found without that bucket's token."""
+        cluster = self.cluster
+        if cluster is None or cluster.preheat is None:
+            return None
+        view = cluster.preheat.cluster_view_sync(name)
+        if view is not None and not can_use(self.caches.buckets,
+                                            str(view["declaration"].spec.get("bucket"))):
+            raise CacheNotFoundError(f"cache {name!r} not found")
+        return view
 
     def list(self, bucket: str | None = None) -> list[CacheInfo]:
         return [self.seen(i) for i in visible_caches(self.caches, bucket)]
@@ -158,10 +171,7 @@ class DataCacheService:
             info = get_visible_cache(self.caches, name)
         except CacheNotFoundError:
             info = None
-        view = node.preheat.cluster_view_sync(name)
-        if view is not None and not can_use(self.caches.buckets,
-                                            str(view["declaration"].spec.get("bucket"))):
-            raise CacheNotFoundError(f"cache {name!r} not found")
+        view = self.cluster_view(name)
         if info is None and view is None:
             raise CacheNotFoundError(f"cache {name!r} not found")
         if info is not None:

@@ -148,13 +148,26 @@ class Preheat:
             out[record.node] = record.model_dump(exclude={"node"})
         return out
 
+    async def expected(self, decl: CacheDecl) -> list[str]:
+        """The nodes that should pull ``decl`` now: those it names or was assigned, or,
+        for ``all``, every live node."""
+        if decl.nodes == "all":
+            return sorted(r.name for r in await self.node.membership.nodes())
+        if isinstance(decl.nodes, list):
+            return sorted(decl.nodes)
+        return sorted(decl.assigned or [])
+
     def cluster_view_sync(self, name: str) -> dict[str, Any] | None:
-        """For GET: the declaration and the nodes' progress; None if not declared."""
+        """For GET and the event stream: the declaration, each node's progress, the nodes
+        expected and whether every one of them is done (Available or Failed); None if
+        not declared."""
         async def view() -> dict[str, Any] | None:
             decl = await self.declaration(name)
             if decl is None:
                 return None
-            return {"declaration": decl, "nodes": await self.progress(name)}
+            nodes, expected = await self.progress(name), await self.expected(decl)
+            done = all(nodes.get(n, {}).get("state") in (AVAILABLE, FAILED) for n in expected)
+            return {"declaration": decl, "nodes": nodes, "expected": expected, "done": done}
         return self._sync(view())
 
     def _sync(self, coro: Any) -> Any:
