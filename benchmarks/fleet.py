@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -259,8 +260,9 @@ def rerender() -> None:
     """The section from the saved results, under the command that measured them."""
     saved = json.loads((_report.RESULTS / "fleet.json").read_text())
     sys.argv = [sys.argv[0], *shlex.split(saved["command"])[2:]]
+    index = saved.get("index") or ("static" if "--index static" in saved["command"] else "etcd")
     args = argparse.Namespace(origin_mbit=saved["origin_mbit"], node_mbit=saved["node_mbit"],
-                              no_write=False, results_saved=True)
+                              index=index, no_write=False, results_saved=True)
     report(args, saved["total_bytes"], saved["runs"], saved["loopback_mb_s"], saved["load_avg"],
            run_at=saved["run"])
 
@@ -273,7 +275,7 @@ def report(args: argparse.Namespace, total: int, runs: list[dict], ceiling: list
     med = statistics.median
     origin_mbs = args.origin_mbit / 8
     data = {"total_bytes": total, "origin_mbit": args.origin_mbit, "node_mbit": args.node_mbit,
-            "loopback_mb_s": ceiling, "load_avg": loads, "runs": runs}
+            "index": args.index, "loopback_mb_s": ceiling, "load_avg": loads, "runs": runs}
     rows = []
     counts = sorted({r["nodes"] for r in runs})
     one = {m: med([r["seconds"] for r in runs if r["system"] == m and r["nodes"] == counts[0]])
@@ -289,10 +291,12 @@ def report(args: argparse.Namespace, total: int, runs: list[dict], ceiling: list
                 f"{med([r['origin_first_byte_s'] for r in mine]):.1f}"
                 f"–{med([r['origin_last_byte_s'] for r in mine]):.1f}",
                 f"{med([r['origin_copies'] for r in mine]):.2f}",
+                f"{max(r['origin_copies'] for r in mine):.2f}",
                 f"{med([r['max_uploaded_copies'] for r in mine]):.2f}",
                 f"{med([r['cpu_s'] for r in mine]):.1f}", len(mine)])
     table = _report.table(["nodes", "system", "seconds (median)", f"× N={counts[0]}",
                            "origin sent, from–to (s)", "origin bytes (copies)",
+                           "origin bytes, worst run (copies)",
                            "most sent by one node (copies)", "CPU s, all nodes", "runs"], rows)
     print(table)
     if args.no_write:
@@ -303,6 +307,16 @@ def report(args: argparse.Namespace, total: int, runs: list[dict], ceiling: list
     top = max(counts)
     p2p = [r for r in runs if r["system"] == MODES[0] and r["nodes"] == top]
     cpu_share = med([r["cpu_s"] / r["seconds"] for r in p2p]) if p2p else 0.0
+    how = ("`cachemesh p2p` runs the nodes in cluster mode against a real etcd on the"
+           " bridge: they find each other through the blob index, one node at a time (the"
+           " holder of the blob's claim in etcd) fetches it from the origin, and the others"
+           " take its pieces and each other's as they land."
+           if args.index == "etcd" else
+           "`cachemesh p2p` lists the N nodes as static peers (the lowest-named node"
+           " fetching the blob goes to the origin, the others take its pieces and each"
+           " other's).")
+    how = textwrap.fill(f"{how} `origin only` is every node pulling from the origin alone."
+                        " The two alternate in every round.", 90)
     body = f"""
 N nodes start the same model ({total / 1e6:.0f} MB) at once: `cachemesh pull` on every
 node, each node a real `cachemesh serve` in its own network namespace with its own store
@@ -311,15 +325,14 @@ node, each node a real `cachemesh serve` in its own network namespace with its o
 time until all N pulls have the model verified; when the origin sent its first and last
 byte; the bytes it served (its own count); the most bytes one node sent to its peers
 (`cachemesh_peer_served_bytes_total`); the CPU time of every node's pull and server
-processes. `cachemesh p2p` lists the N nodes as static peers (the lowest-named node fetching
-the blob goes to the origin, the others take its pieces and each other's); `origin only` is
-every node pulling from the origin alone. The two alternate in every round.
+processes.
+{how}
 
 Loopback ceiling in the same run (one uncapped GET of the weights from the origin's
 process, inside its namespace): {med(ceiling):.0f} MB/s (median of {len(ceiling)}), far above
 the caps. The 2 cores are shared by all N nodes here (and by the machine's other work: load
 average median {med(loads):.1f}): at N={top} peer-to-peer the nodes' processes used
-{cpu_share:.1f} core-seconds per second, close to the 2 cores, and the origin's first byte
+{cpu_share:.1f} core-seconds per second of the 2 cores, and the origin's first byte
 came about a second later than at N=1 (N processes starting at once). On separate machines
 the N=1 time is the floor, and these start-up costs are not shared.
 

@@ -34,8 +34,11 @@ def payload(n: int) -> str:
     return f'<img src=x onerror="window.__pwned=(window.__pwned||[]).concat({n})">'
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """Per module: Playwright's sync API runs an event loop on this thread while it is
+    open, and a test after it that calls asyncio.run would fail; it closes with the
+    module."""
     why = ui_browser.missing()
     if why is not None:
         if os.environ.get("CI") == "true":

@@ -42,15 +42,17 @@ def kept_for_cluster(caches: Caches, names: Sequence[str]) -> dict[str, str]:
         return {n: f"etcd unreachable ({exc})" for n in names}
 
 
-def forget_copy(caches: Caches, name: str) -> None:
-    """This node no longer holds ``name``: its prewarm entry goes (best effort)."""
+def forget_copy(caches: Caches, name: str, collected: Sequence[str] = ()) -> None:
+    """This node no longer holds ``name``: its prewarm entry goes, and its holder entries
+    of the blobs ``collected`` with it (best effort: the server's reconcile withdraws
+    what it announced within a few seconds anyway, but not what a pull announced)."""
     cluster = caches.settings.cluster
     if not cluster.enabled:
         return
     try:
-        _run(_forget(caches, name))
+        _run(_forget(caches, name, list(collected)))
     except ClusterError as exc:
-        log.info("could not remove this node's entry of %s from etcd: %s", name, exc)
+        log.info("could not remove this node's entries of %s from etcd: %s", name, exc)
 
 
 async def _kept(caches: Caches, names: list[str]) -> dict[str, str]:
@@ -83,10 +85,12 @@ async def _kept(caches: Caches, names: list[str]) -> dict[str, str]:
     return out
 
 
-async def _forget(caches: Caches, name: str) -> None:
+async def _forget(caches: Caches, name: str, collected: list[str]) -> None:
     kv, keys, me = _client(caches)
     try:
         await kv.delete(keys.prewarm(name, me))
+        for sha in collected:
+            await kv.delete(keys.blob_holder(sha, me))
     finally:
         await kv.close()
 

@@ -223,9 +223,12 @@ class Caches:
     def rm(self, name: str, *, force: bool = False, collect: bool = True) -> None:
         """Remove a cache: its view, its rows, and blobs nobody else references. In
         cluster mode this node's prewarm entry of it goes too (the others stop counting
-        this copy, and a cache declared again under the name shows no stale entry)."""
+        this copy, and a cache declared again under the name shows no stale entry), and
+        so do its entries in the blob index for the blobs removed (peers stop asking)."""
+        cluster = self.settings.cluster.enabled
+        held = {sha for sha, _, _ in self.catalog.integrity(name).values()} if cluster else set()
         evict.remove(self, name, force=force, collect=collect)
-        forget_copy(self, name)
+        forget_copy(self, name, collected=[s for s in held if not self.store.blobs.has(s)])
 
     def recover(self) -> None:
         """Repair what a crashed process left: adopt verified blob files that
