@@ -1,6 +1,6 @@
 """What a request and the service's state leave in ``/metrics``.
 
-``counted`` wraps one answered request of any protocol (V2, OpenAI, streams): the request
+``Counted`` wraps one answered request of any protocol (V2, OpenAI, streams): the request
 counters and latencies by outcome, and its version's tally (Triton's statistics).
 ``refresh_gauges`` sets the gauges from the state now, before each scrape. The label
 children a model uses are looked up once and kept on its deployment and version.
@@ -9,9 +9,8 @@ children a model uses are looked up once and kept on its deployment and version.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ...errors import (
@@ -43,39 +42,55 @@ def routed_of(metrics: Metrics, v: Version) -> Any:
     return v.routed
 
 
-@contextlib.contextmanager
-def counted(metrics: Metrics, name: str, dep: Deployment, v: Version) -> Iterator[Series]:
+class Counted:
     """One answered request of any protocol in the request counters and latencies
-    (a stream's latency is its whole length), and in its version's tally."""
-    started = time.perf_counter_ns()
-    series = dep.series or series_of(metrics, dep)
-    series.inflight.inc()
-    outcome = "error"
-    try:
-        yield series
-        outcome = "ok"
-    except (InvalidInputError, ModelNotFoundError):
-        outcome = "client_error"
-        raise
-    except RequestTimeoutError:
-        outcome = "timeout"
-        raise
-    except UnavailableError:
-        outcome = "unavailable"
-        raise
-    except ModelFailedError:
-        outcome = "failed"
-        raise
-    except (GeneratorExit, asyncio.CancelledError):
-        outcome = "cancelled"  # the client went away
-        raise
-    finally:
-        elapsed = time.perf_counter_ns() - started
+    (a stream's latency is its whole length), and in its version's tally::
+
+        with Counted(metrics, name, dep, v) as series:
+            ...
+
+    A class, not a generator context manager: it runs on every request, and this form
+    costs a fraction of that one's enter and exit."""
+
+    __slots__ = ("metrics", "name", "series", "started", "version")
+
+    def __init__(self, metrics: Metrics, name: str, dep: Deployment, v: Version) -> None:
+        self.metrics = metrics
+        self.name = name
+        self.version = v
+        self.series = dep.series or series_of(metrics, dep)
+        self.started = 0
+
+    def __enter__(self) -> Series:
+        self.started = time.perf_counter_ns()
+        self.series.inflight.inc()
+        return self.series
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: Any) -> None:
+        elapsed = time.perf_counter_ns() - self.started
+        series = self.series
         series.inflight.dec()
-        (series.ok if outcome == "ok" else metrics.requests.labels(name, outcome)).inc()
+        outcome = "ok" if kind is None else _outcome(kind)
+        (series.ok if kind is None else self.metrics.requests.labels(self.name, outcome)).inc()
         series.latency.observe(elapsed / 1e9)
         if outcome != "cancelled":
-            v.tally.answered(outcome == "ok", elapsed)
+            self.version.tally.answered(kind is None, elapsed)
+
+
+def _outcome(kind: type[BaseException]) -> str:
+    """The outcome label of a request that raised ``kind``."""
+    if issubclass(kind, (InvalidInputError, ModelNotFoundError)):
+        return "client_error"
+    if issubclass(kind, RequestTimeoutError):
+        return "timeout"
+    if issubclass(kind, UnavailableError):
+        return "unavailable"
+    if issubclass(kind, ModelFailedError):
+        return "failed"
+    if issubclass(kind, (GeneratorExit, asyncio.CancelledError)):
+        return "cancelled"  # the client went away
+    return "error"
 
 
 def refresh_gauges(metrics: Metrics, memory: dict[str, Any], versions: Iterable[Version],

@@ -46,7 +46,7 @@ from ...errors import (
 from ...runtimes import InferenceRequest, InferenceResponse
 from ..workers.messages import Generate, Infer, Stream
 from ..workers.workers import Launched, WorkerHandle
-from .accounting import counted, refresh_gauges, routed_of
+from .accounting import Counted, refresh_gauges, routed_of
 from .copies import CopyScaler
 from .deployments import Deployments
 from .documents import ModelDoc
@@ -349,7 +349,7 @@ class ModelService:
         dep, v = self._admit(name, version, headers, request.parameters)
         copy: Copy | None = None
         try:
-            with counted(self.metrics, name, dep, v) as series:
+            with Counted(self.metrics, name, dep, v) as series:
                 try:
                     async with asyncio.timeout(self.cfg.request_timeout_s):
                         copy = await self._copy_for(
@@ -381,7 +381,7 @@ class ModelService:
         llm = self.metrics.llm(name) if payload.get("kind") != "embedding" else None
         copy: Copy | None = None
         try:
-            with counted(self.metrics, name, dep, v) as series:
+            with Counted(self.metrics, name, dep, v) as series:
                 copy = await self._copy_for(v, series, time.monotonic()
                                             + self.cfg.request_timeout_s, llm)
                 if not v.capabilities.get("generate"):
@@ -408,7 +408,7 @@ class ModelService:
         admitted = time.perf_counter()
         copy: Copy | None = None
         try:
-            with counted(self.metrics, name, dep, v) as series:
+            with Counted(self.metrics, name, dep, v) as series:
                 copy = await self._copy_for(v, series, time.monotonic()
                                             + self.cfg.request_timeout_s, llm)
                 if not v.capabilities.get("stream"):
