@@ -62,11 +62,20 @@ def throughput(work: Path, src: Path, duration: float, workers: int) -> dict:
         url = f"http://127.0.0.1:{port}"
         serve_bench.wait_ready(url, "digits", proc)
         serve_bench.wrk(f"{url}/v2/models/digits/infer", script, 2)  # warm up
+        pids = serve_bench.process_tree(proc.pid)
+        cpu_before = serve_bench.cpu_seconds(pids)
         res = serve_bench.wrk(f"{url}/v2/models/digits/infer", script, duration)
+        cpu_after = serve_bench.cpu_seconds(pids)
     finally:
         serve_bench.stop(proc)
         os.environ.pop("PYTHONPATH", None)
-    return {"rate": res["rate"], "p99_ms": res["p99"], "non2xx": res["non2xx"]}
+    answered = max(1.0, res["rate"] * duration)
+    used = {pid: cpu_after[pid] - cpu_before.get(pid, 0.0) for pid in cpu_after}
+    # CPU per request: steadier than req/s on a shared machine (what the cores did, not
+    # how fast the other work let them do it). The server's own process, and all of them.
+    return {"rate": res["rate"], "p99_ms": res["p99"], "non2xx": res["non2xx"],
+            "server_cpu_us": used.get(proc.pid, 0.0) / answered * 1e6,
+            "all_cpu_us": sum(used.values()) / answered * 1e6}
 
 
 def short_soak(work: Path, src: Path) -> dict:
@@ -115,7 +124,9 @@ def main() -> None:
 
     rows = []
     summary = {}
-    measures = [("serve", "rate", "req/s"), ("serve", "p99_ms", "p99")]
+    measures = [("serve", "rate", "req/s"), ("serve", "p99_ms", "p99"),
+                ("serve", "server_cpu_us", "server CPU µs/request"),
+                ("serve", "all_cpu_us", "CPU µs/request, server and workers")]
     if not args.skip_soak:
         measures += [("soak", "capacity_rps", "soak capacity"), ("soak", "p99_ms", "soak p99")]
     for part, key, label in measures:
