@@ -89,6 +89,27 @@ def test_nodes_their_health_memory_and_copies(page: Any,
     assert not page.errors
 
 
+def test_a_cache_declared_for_every_node_shows_each_nodes_pull(
+        page: Any, ui_cluster: tuple[EtcdServer, Cluster]):
+    _, cluster = ui_cluster
+    a, b = cluster["a"], cluster["b"]
+    folder = cluster.origin / "spread"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(b"w" * 300_000)
+    r = b.http.post("/api/v1/datacaches", json={"name": "spread", "source": str(folder),
+                                                "nodes": "all"})
+    assert r.status_code == 202, r.text
+    open_ui(page, a)  # declared on b: a pulls it too, and its page shows both pulls
+    wait_for(page, """() => {
+        const items = [...document.querySelectorAll('tr[data-cache="spread"] ul.nodes li')];
+        return items.length === 2 && items.every((li) => li.textContent.endsWith('Available 100%'));
+    }""", timeout=20_000)
+    names = page.locator('tr[data-cache="spread"] ul.nodes li code').all_inner_texts()
+    assert names == ["a", "b"], names
+    assert page.evaluate("window.__csp") == []
+    assert not page.errors
+
+
 def test_a_node_without_etcd_shows_itself_degraded_and_the_others_stale(
         page: Any, ui_cluster: tuple[EtcdServer, Cluster]):
     etcd, cluster = ui_cluster

@@ -22,6 +22,7 @@
   const eventsFor = new Map();     // name -> status whose events were fetched
   const streams = new Map();       // name -> AbortController
   const streamed = new Map();      // name -> when its stream last told us something
+  const spread = new Map();        // name -> {nodes, expected, done}: a cluster-wide cache
   const samples = [];              // {t, requests, loads, evictions}: deltas
   let previous = null;             // counters at the last poll
   let here = null;                 // this node's name in cluster mode; null on a lone server
@@ -126,6 +127,8 @@
     streamed.set(name, performance.now());
     if (kind === "event") {
       remember(name, [data]);
+    } else if (kind === "nodes") {
+      spread.set(name, {nodes: data.nodes || {}, expected: data.expected || [], done: data.done});
     } else if (kind === "progress" && info) {
       info.progress = {...info.progress, ...data};
       delete info.progress.name;
@@ -151,6 +154,10 @@
     try {
       const d = await json("api/v1/datacaches/" + encodeURIComponent(name));
       remember(name, d.events || []);
+      if (d.nodes && d.cluster) {
+        spread.set(name, {nodes: d.nodes, expected: d.cluster.expected || [],
+                          done: d.cluster.done});
+      }
       renderCaches();
     } catch (e) {
       if (e instanceof AuthError) locked(e.message);
@@ -216,7 +223,7 @@
         el("td", "", c.bucket),
         el("td", "path", c.source),
         el("td", "", state(c.status), c.error ? el("div", "error", c.error) : null),
-        el("td", "progress", bar, el("div", "note", detail)),
+        el("td", "progress", bar, el("div", "note", detail), spreadOf(c.name)),
         el("td", "num", bytes(p.bytes_total)),
         el("td", "num", u ? bytes(u.logical_bytes) + " / " + bytes(u.exclusive_bytes) : "–"),
         el("td", "path", el("code", "", c.view)),
@@ -226,6 +233,23 @@
     }
     $("cache-rows").replaceChildren(...rows);
     $("no-caches").hidden = rows.length > 0;
+  }
+
+  // Each node's pull of a cache declared cluster-wide (prewarm/ in etcd).
+  function spreadOf(name) {
+    const s = spread.get(name);
+    if (!s) return null;
+    const list = el("ul", "copies nodes");
+    const names = [...new Set([...s.expected, ...Object.keys(s.nodes)])].sort();
+    for (const node of names) {
+      const p = s.nodes[node];
+      const item = el("li", "", el("code", "", node), " · " + (p ? p.state + " "
+        + Math.round(100 * (p.progress || 0)) + "%" : "not started"),
+        p && p.error ? el("div", "error", p.error) : null);
+      item.dataset.node = node;
+      list.append(item);
+    }
+    return list;
   }
 
   function renderUsage(usage) {
@@ -535,10 +559,12 @@
       }));
       for (const name of streamed.keys()) if (!caches.has(name)) streamed.delete(name);
       for (const name of events.keys()) if (!caches.has(name)) events.delete(name);
+      for (const name of spread.keys()) if (!caches.has(name)) spread.delete(name);
       for (const c of caches.values()) {
         if (!FINAL.has(c.status)) follow(c.name);
-        else if (eventsFor.get(c.name) !== c.status && !streams.has(c.name)) {
-          fetchEvents(c.name, c.status);
+        else if (!streams.has(c.name) && (eventsFor.get(c.name) !== c.status
+                 || (spread.has(c.name) && !spread.get(c.name).done))) {
+          fetchEvents(c.name, c.status);  // its events; other nodes may still be pulling
         }
       }
       renderNodes(nodes, caches.size);
