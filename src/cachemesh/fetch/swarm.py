@@ -336,6 +336,10 @@ class SwarmTransfer(Transfer):
         fail the piece list (asked for now if need be); whether there were any."""
         if self.piece_list is None:
             self._refresh()  # a peer may hold the blob verified by now (and give the list)
+        if self.piece_list is None:
+            # One already known verified is not asked again by _refresh: its watcher learnt
+            # it, and that watcher's own ask for the list may not have come back yet.
+            self._fetch_piece_list()
         with self.cond:
             pieces, suspects = self.piece_list, dict(self.unverified)
             self.unverified.clear()
