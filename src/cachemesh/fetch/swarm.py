@@ -295,9 +295,8 @@ class SwarmTransfer(Transfer):
                         self.busy_until[peer.name] = time.monotonic() + BUSY_BACKOFF_S
                 return
             except SourceNotFoundError:
-                # Not (or no longer) there: what does it have now? (A 404 may also be a
-                # look taken as its fetch committed; its answer now says.) Not this piece
-                # from it again for a moment, whatever it says.
+                # Not (or no longer) there, or a look taken as it committed: ask what it
+                # has now, and not this piece from it again for a moment.
                 with self.cond:
                     self.busy_until[(peer.name, i)] = time.monotonic() + RANGE_BUSY_S
                 self._learn(peer, self.client.probe(peer, self.sha))
@@ -408,16 +407,11 @@ class SwarmTransfer(Transfer):
         return self.peers.origin_turn(self.sha, seen, time.monotonic() - self._t0)
 
     def _first_turn(self) -> bool:
-        """The first time this transfer may use the origin, while it knows peers: ask
-        them all again before a byte comes from the origin; True while that is under way
-        or just done (the caller looks again).
-
-        The turn comes to a node that waited when the node fetching from the origin let
-        its claim go, which it does once it holds the blob whole. What this node last
-        heard from that peer may be a moment old (its answer at the commit, a watch
-        between two lines), and the origin would be asked for pieces the peer now has.
-        Called with the lock held; released while the peers answer (the other workers
-        wait for the answers)."""
+        """The first time this transfer may use the origin, while it knows peers: ask them
+        all again first (True while that is under way or just done: look again). The turn
+        comes when the seed lets its claim go, once it holds the blob whole; what this node
+        last heard from it may be a moment old. Called with the lock held; released while
+        the peers answer (the other workers wait)."""
         if self._turn_asked == "done" or not self.known:
             return False
         if self._turn_asked == "asking":
