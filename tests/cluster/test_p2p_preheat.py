@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import subprocess
+import time
 
 from cachemesh.client import ControlClient
 from cachemesh.cluster import EtcdKV, Keys
 from cachemesh.cluster.blob_index import BlobIndex
+from cachemesh.store.buckets import REFRESH_S
 from tests.cluster.etcd_server import EtcdServer
-from tests.cluster.nodes import Cluster, wait_until
+from tests.cluster.nodes import Cluster, cli, wait_until
 
 
 def _holders(etcd: EtcdServer, prefix: str, sha: str) -> dict[str, str]:
@@ -113,3 +116,28 @@ def test_bad_nodes_are_refused(three_nodes: Cluster) -> None:
             "name": "preheat-bad", "source": str(folder), "nodes": nodes})
         assert answer.status_code in (400, 422), (nodes, answer.text)
     assert a.http.get("/api/v1/datacaches/preheat-bad").status_code == 404
+
+
+def test_a_protected_buckets_declaration_needs_its_token(three_nodes: Cluster) -> None:
+    """On a node where the bucket is protected, a cache declared cluster-wide in it is
+    described (and streamed) only to a caller with the bucket's token, as a local cache
+    of that bucket is: not even its declaration shows without it."""
+    a = three_nodes["a"]
+    secret = "vault-token-0123456789abcdef"
+    done = subprocess.run([*cli(), "bucket", "protect", "vault", "--token-stdin"],
+                          input=secret, env=three_nodes.env("a"), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    time.sleep(REFRESH_S + 0.2)  # how long a server may trust its copy of the bucket table
+    folder = three_nodes.origin / "vaulted"
+    folder.mkdir()
+    (folder / "w.bin").write_bytes(os.urandom(1000))
+    token = {"X-Cachemesh-Bucket-Token": secret}
+    body = {"name": "vaulted", "source": str(folder), "bucket": "vault", "nodes": ["b"]}
+    assert a.http.post("/api/v1/datacaches", json=body).status_code == 403
+    created = a.http.post("/api/v1/datacaches", json=body, headers=token)
+    assert created.status_code == 202, created.text
+    assert a.http.get("/api/v1/datacaches/vaulted").status_code == 404
+    assert a.http.get("/api/v1/datacaches/vaulted/events").status_code == 404
+    seen = a.http.get("/api/v1/datacaches/vaulted", headers=token)
+    assert seen.status_code == 200 and seen.json()["cluster"]["expected"] == ["b"]
