@@ -29,7 +29,7 @@ import pytest
 
 from cachemesh.cluster.keys import Keys
 from tests.cluster.etcd_server import EtcdServer, etcd_binary
-from tests.cluster.nodes import TOKEN, Cluster, wait_until
+from tests.cluster.nodes import TOKEN, Cluster
 
 
 def require_etcd() -> None:
@@ -147,11 +147,7 @@ def three_nodes(etcd: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> I
     root = tmp_path_factory.mktemp("three-nodes")
     cluster = Cluster(root, etcd.url, f"/test-{uuid.uuid4().hex[:12]}/")
     try:
-        for name in ("a", "b", "c"):  # the three start at once
-            cluster.start(name, wait=False)
-        for name in ("a", "b", "c"):
-            wait_until(cluster[name].live, 60, f"node {name} to listen")
-        cluster.wait_members(["a", "b", "c"])
+        cluster.start_all(["a", "b", "c"])
         yield cluster
     finally:
         cluster.stop()

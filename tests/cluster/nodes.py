@@ -162,6 +162,18 @@ class Cluster:
         self.nodes[name] = node
         return node
 
+    def start_all(self, names: list[str], headers: dict[str, str] | None = None,
+                  **extra_of: dict[str, str]) -> None:
+        """Start the nodes at once (``extra_of[name]``: more environment for one; each
+        node's client sends ``headers``), then wait until each listens and every one
+        lists them all."""
+        for name in names:
+            self.start(name, wait=False, **extra_of.get(name, {})).http.headers.update(
+                headers or {})
+        for name in names:
+            wait_until(self.nodes[name].live, 60, f"node {name} to listen")
+        self.wait_members(names)
+
     def __getitem__(self, name: str) -> ServeNode:
         return self.nodes[name]
 

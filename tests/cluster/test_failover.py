@@ -26,11 +26,7 @@ def nodes(etcd: EtcdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     cluster = Cluster(tmp_path_factory.mktemp("faults"), etcd.url,
                       f"/test-{uuid.uuid4().hex[:12]}/")
     try:
-        for name in ("a", "b", "c"):
-            cluster.start(name, wait=False)
-        for name in ("a", "b", "c"):
-            wait_until(cluster[name].live, 60, f"node {name} to listen")
-        cluster.wait_members(["a", "b", "c"])
+        cluster.start_all(["a", "b", "c"])
         yield cluster
     finally:
         for node in cluster.nodes.values():

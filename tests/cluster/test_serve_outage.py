@@ -27,11 +27,7 @@ PREFIX = "/outage/"
 def two_nodes(own_etcd: EtcdServer, tmp_path: Path) -> Iterator[Cluster]:
     cluster = Cluster(tmp_path / "nodes", own_etcd.url, PREFIX)
     try:
-        for name in ("a", "b"):
-            cluster.start(name, wait=False)
-        for name in ("a", "b"):
-            wait_until(cluster[name].live, 60, f"node {name} to listen")
-        cluster.wait_members(["a", "b"])
+        cluster.start_all(["a", "b"])
         yield cluster
     finally:
         cluster.stop()

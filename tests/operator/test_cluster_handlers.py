@@ -42,12 +42,7 @@ def mesh(etcd: EtcdServer, hf_hub: HfHubEmulator,  # noqa: F811
                       f"/test-{uuid.uuid4().hex[:12]}/", CACHEMESH_API_TOKEN=TOKEN,
                       HF_ENDPOINT=hf_hub.url)
     try:
-        for name in NODES:
-            cluster.start(name, wait=False)
-        for name in NODES:
-            wait_until(cluster[name].live, 60, f"node {name} to listen")
-            cluster[name].http.headers["Authorization"] = f"Bearer {TOKEN}"
-        cluster.wait_members(list(NODES))
+        cluster.start_all(list(NODES), headers={"Authorization": f"Bearer {TOKEN}"})
         yield cluster
     finally:
         cluster.stop()

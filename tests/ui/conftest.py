@@ -15,7 +15,7 @@ import pytest
 
 from tests.cluster.conftest import require_etcd
 from tests.cluster.etcd_server import EtcdServer
-from tests.cluster.nodes import Cluster, wait_until
+from tests.cluster.nodes import Cluster
 from tests.serve.conftest import RunningServer, serve_settings
 from tests.ui import browser as ui_browser
 
@@ -84,11 +84,8 @@ def ui_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[EtcdS
     etcd.start()
     cluster = Cluster(root, etcd.url, "/ui-test/")
     try:
-        cluster.start("a", wait=False)
-        cluster.start("b", wait=False, CACHEMESH_NODE_LABELS=f"zone=eu-1,note={HOSTILE_LABEL}")
-        for name in ("a", "b"):
-            wait_until(cluster[name].live, 60, f"node {name} to listen")
-        cluster.wait_members(["a", "b"])
+        cluster.start_all(["a", "b"], b={
+            "CACHEMESH_NODE_LABELS": f"zone=eu-1,note={HOSTILE_LABEL}"})
         yield etcd, cluster
     finally:
         cluster.stop()
